@@ -1,0 +1,3 @@
+"""normopt: exact norm rewrites for ONNX graphs."""
+
+__version__ = "0.1.0"

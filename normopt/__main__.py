@@ -1,0 +1,3 @@
+from normopt.cli import main
+
+main()

@@ -1,0 +1,288 @@
+"""normopt command line: inspect, rewrite, verify, passes.
+
+Results (tables, --json) go to stdout; progress, warnings and errors go to stderr. Exit codes are
+in normopt.errors. User errors print one line and never a traceback (--debug shows it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from normopt import __version__
+from normopt.errors import BadInput, NormoptError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Exact norm rewrites for ONNX graphs.",
+)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+_state = {"debug": False}
+INTERNAL_ERROR = 4
+
+
+def _command(fn: Callable) -> Callable:
+    """Register a command whose NormoptErrors become one line on stderr and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except NormoptError as exc:
+            if _state["debug"]:
+                raise
+            err.print(f"normopt: error: {exc}", markup=False, highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("normopt: interrupted")
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:
+            if _state["debug"]:
+                raise
+            err.print(
+                f"normopt: internal error: {type(exc).__name__}: {exc} "
+                "(a bug in normopt; rerun with --debug for the traceback)",
+                markup=False,
+                highlight=False,
+            )
+            raise typer.Exit(INTERNAL_ERROR) from None
+
+    return app.command()(wrapper)
+
+
+@contextlib.contextmanager
+def _progress(first: str) -> Iterator[Callable[[str], None]]:
+    """A spinner on stderr naming the current step (only on a terminal)."""
+    if not err.is_terminal:
+        yield lambda _msg: None
+        return
+    with err.status(first) as status:
+        yield lambda msg: status.update(msg)
+
+
+def _parse_dims(items: list[str] | None) -> dict[str, int]:
+    dims = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value.strip().isdigit():
+            raise BadInput(f"--dim takes NAME=VALUE with a whole number, got '{item}'")
+        dims[name.strip()] = int(value)
+    return dims
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Atomic: a reader never sees half a report."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _verify_table(report) -> Table:
+    table = Table(title=f"{report.model_a}  vs  {report.model_b}")
+    for col in ("output", "dtype", "shape", "max abs", "max rel", "cosine", "tol (rtol, atol)", "ok"):
+        table.add_column(col)
+    for o in report.outputs:
+        tol = "exact" if o.rtol is None else f"{o.rtol:g}, {o.atol:g}"
+        status = "[green]ok[/]" if o.ok else f"[red]FAIL[/] {o.problem or ''}"
+        table.add_row(o.name, o.dtype, str(o.shape), _fmt(o.max_abs), _fmt(o.max_rel),
+                      _fmt(o.cosine), tol, status)
+    return table
+
+
+@app.callback(invoke_without_command=True)
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+) -> None:
+    _state["debug"] = debug
+    if version:
+        out.print(f"normopt {__version__}")
+        raise typer.Exit(0)
+
+
+DimOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--dim", help="Symbolic dim size, NAME=VALUE (repeatable)."),
+]
+InputsOpt = Annotated[Optional[Path], typer.Option("--inputs", help="Inputs by name in an .npz file.")]
+RtolOpt = Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance (x output scale).")]
+AtolOpt = Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random inputs.")]
+
+
+@_command
+def passes(json_out: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False) -> None:
+    """List the passes, one line each."""
+    from normopt.rewriter.pass_base import registered
+    from normopt.rewriter.pipeline import DEFAULT_PIPELINE, FINAL_PASSES
+
+    known = registered()
+    if json_out:
+        out.print_json(data={
+            "passes": {n: cls.summary for n, cls in sorted(known.items())},
+            "default_pipeline": list(DEFAULT_PIPELINE),
+            "always_after": list(FINAL_PASSES),
+        })
+        return
+    table = Table(title="normopt passes")
+    table.add_column("pass")
+    table.add_column("in default pipeline")
+    table.add_column("what it does")
+    for name, cls in sorted(known.items()):
+        where = "yes" if name in DEFAULT_PIPELINE else "always last" if name in FINAL_PASSES else "no"
+        table.add_row(name, where, cls.summary)
+    out.print(table)
+
+
+@_command
+def inspect(
+    model: Annotated[Path, typer.Argument(help="ONNX model.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+) -> None:
+    """Describe a model and say which passes apply to it and why not."""
+    from normopt.inspect import inspect_model
+
+    with _progress(f"loading {model.name}"):
+        info = inspect_model(model)
+    if json_out:
+        out.print_json(data=info)
+        return
+    summary = Table(title=str(model), show_header=False)
+    for key, value in info["model"].items():
+        summary.add_row(key, str(value))
+    out.print(summary)
+    ops = Table(title="operators")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, count in info["operators"].items():
+        ops.add_row(op, str(count))
+    out.print(ops)
+    table = Table(title="passes")
+    for col in ("pass", "applies", "reason"):
+        table.add_column(col)
+    for name, p in info["passes"].items():
+        table.add_row(name, "[green]yes[/]" if p["applies"] else "no", p["reason"])
+    out.print(table)
+
+
+@_command
+def rewrite(
+    src: Annotated[Path, typer.Argument(metavar="IN", help="Input ONNX model (never modified).")],
+    dst: Annotated[Path, typer.Argument(metavar="OUT", help="Output path (written only on success).")],
+    passes: Annotated[Optional[str], typer.Option("--passes", help="Comma-separated pass names (default pipeline if omitted).")] = None,
+    target: Annotated[str, typer.Option("--target", help="onnx | ort | tensorrt: which fused ops to emit.")] = "onnx",
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write a JSON report here (also on failure).")] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the onnxruntime equivalence check.")] = False,
+    explain: Annotated[bool, typer.Option("--explain", help="Print every refusal with its reason.")] = False,
+    in_place: Annotated[bool, typer.Option("--in-place", help="Allow OUT to be IN (replaced atomically).")] = False,
+    dim: DimOpt = None,
+    inputs: InputsOpt = None,
+    rtol: RtolOpt = None,
+    atol: AtolOpt = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Rewrite IN into OUT. Exit 0 written; 1 verification failed; 2 bad input; 3 a requested pass applied nowhere."""
+    from normopt.rewriter.pass_base import Options
+    from normopt.rewriter.rewrite import RewriteReport, rewrite as run_rewrite
+
+    if target not in ("onnx", "ort", "tensorrt"):
+        raise BadInput(f"--target must be onnx, ort or tensorrt, not '{target}'")
+    if report is not None and not report.parent.resolve().is_dir():
+        raise BadInput(f"report folder '{report.parent}' does not exist")
+    names = [n.strip() for n in passes.split(",") if n.strip()] if passes is not None else None
+    result = RewriteReport(str(src), str(dst))
+    verify_kwargs = {"dims": _parse_dims(dim), "inputs": inputs, "rtol": rtol, "atol": atol, "seed": seed}
+    try:
+        with _progress(f"loading {src.name}") as step:
+            run_rewrite(src, dst, passes=names, options=Options(target=target), check=not no_verify,
+                        in_place=in_place, verify_kwargs=verify_kwargs, on_step=step, report=result)
+    except NormoptError as exc:
+        result.error, result.exit_code = str(exc), exc.exit_code
+        raise
+    finally:
+        if result.passes:
+            _print_rewrite(result, explain)
+        if result.verification is not None:
+            out.print(_verify_table(result.verification))
+        if report is not None:
+            _write_json(report, result.to_json())
+    err.print(f"wrote {dst}", highlight=False)
+
+
+def _print_rewrite(result, explain: bool) -> None:
+    table = Table(title=f"rewrite {result.input} -> {result.output}")
+    for col in ("pass", "applied", "what changed / why not"):
+        table.add_column(col)
+    for p in result.passes:
+        if p.modified:
+            table.add_row(p.name, "[green]yes[/]", "\n".join(p.changes))
+        else:
+            first = p.refusals[0] if p.refusals else None
+            table.add_row(p.name, "no", f"{first.candidate}: {first.reason}" if first else "nothing to do")
+    out.print(table)
+    before, after = sum(result.nodes_before.values()), sum(result.nodes_after.values())
+    out.print(f"nodes: {before} -> {after}")
+    if explain:
+        refusals = Table(title="refusals")
+        for col in ("pass", "candidate", "reason"):
+            refusals.add_column(col)
+        for p in result.passes:
+            for r in p.refusals:
+                refusals.add_row(p.name, r.candidate, r.reason)
+        out.print(refusals if refusals.row_count else "no refusals")
+
+
+@_command
+def verify(
+    model_a: Annotated[Path, typer.Argument(metavar="A", help="Reference model.")],
+    model_b: Annotated[Path, typer.Argument(metavar="B", help="Model to check against A.")],
+    dim: DimOpt = None,
+    inputs: InputsOpt = None,
+    rtol: RtolOpt = None,
+    atol: AtolOpt = None,
+    seed: SeedOpt = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+) -> None:
+    """Run A and B in onnxruntime (CPU, no graph optimizations) on the same inputs and compare
+    outputs. Exit 0 all within tolerance; 1 not; 2 bad input."""
+    from normopt.rewriter.verify import verify as run_verify
+
+    with _progress(f"loading {model_a.name}") as step:
+        report = run_verify(model_a, model_b, inputs=inputs, dims=_parse_dims(dim), rtol=rtol,
+                            atol=atol, seed=seed, on_step=step)
+    if json_out:
+        out.print_json(data=report.to_json())
+    else:
+        out.print(_verify_table(report))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app(prog_name="normopt")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

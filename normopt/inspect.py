@@ -1,0 +1,57 @@
+"""What `normopt inspect` reports: the model, its operators, and which passes would apply.
+
+Analysis only: each pass is asked for its plan, never run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx_ir as ir
+
+from normopt.rewriter import io
+from normopt.rewriter.pass_base import registered
+from normopt.rewriter.rewrite import op_histogram
+
+
+def _shape(value: ir.Value) -> str:
+    if value.shape is None:
+        return "?"
+    return "[" + ", ".join(str(d) if isinstance(d, int) else (d.value or "?") for d in value.shape) + "]"
+
+
+def _io(values) -> list[dict]:
+    return [{"name": v.name, "dtype": str(v.dtype) if v.dtype else "?", "shape": _shape(v)} for v in values]
+
+
+def inspect_model(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    model = io.load(path)
+    subgraphs = sum(1 for node in model.graph.all_nodes() for a in node.attributes.values()
+                    if a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS))
+    info = {
+        "model": {
+            "path": str(path),
+            "ir_version": model.ir_version,
+            "opsets": dict(model.opset_imports),
+            "producer": f"{model.producer_name or '?'} {model.producer_version or ''}".strip(),
+            "inputs": _io(v for v in model.graph.inputs if not v.is_initializer()),
+            "outputs": _io(model.graph.outputs),
+            "nodes": sum(1 for _ in model.graph.all_nodes()),
+            "initializers": len(model.graph.initializers),
+            "initializer_bytes": io.initializer_bytes(model),
+            "external_data": io.uses_external_data(model),
+            "functions": len(model.functions),
+            "nodes_with_subgraphs": subgraphs,
+        },
+        "operators": op_histogram(model),
+        "passes": {},
+    }
+    for name, cls in sorted(registered().items()):
+        plan = cls().plan(model)
+        info["passes"][name] = {
+            "applies": plan.applies,
+            "reason": "; ".join(map(str, plan.actions)) if plan.applies else plan.why_not(),
+        }
+    return info

@@ -1,0 +1,109 @@
+"""`cleanup`: remove dead nodes and unused initializers, sort topologically.
+
+Before: nodes whose outputs reach no graph output; initializers nothing reads; nodes out of
+        topological order; unused trailing optional outputs.
+After:  the same function with only the nodes that contribute to an output, in a stable
+        topological order (independent nodes keep their relative order).
+Conditions: graph inputs and outputs are never removed (the model's signature is kept);
+values read inside subgraphs (If/Loop/Scan bodies) count as used; model-local functions are
+cleaned the same way. Runs after every pipeline.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+
+from normopt.rewriter.pass_base import Pass, Plan, Refusal, register
+
+
+def _dead_nodes(graph: ir.Graph) -> list[ir.Node]:
+    """Nodes none of whose outputs reaches a graph output, found in one reverse sweep."""
+    outputs = set(graph.outputs)
+    dead: set[ir.Node] = set()
+    for node in reversed(list(graph)):
+        if all(
+            out not in outputs and all(use.node in dead for use in out.uses())
+            for out in node.outputs
+        ):
+            dead.add(node)
+    return [n for n in graph if n in dead]
+
+
+def _unused_initializers(graph: ir.Graph, dead: list[ir.Node]) -> list[str]:
+    dead_set = set(dead)
+    keep = set(graph.inputs) | set(graph.outputs)
+    return [
+        name
+        for name, v in graph.initializers.items()
+        if v not in keep and all(use.node in dead_set for use in v.uses())
+    ]
+
+
+def _is_sorted(graph: ir.Graph) -> bool:
+    seen: set[ir.Value] = set(graph.inputs) | set(graph.initializers.values())
+    for node in graph:
+        for value in node.inputs:
+            if value is not None and value.producer() is not None and value not in seen:
+                if value.producer().graph is graph:
+                    return False
+        seen.update(node.outputs)
+    return True
+
+
+def _signature(model: ir.Model) -> dict:
+    return {
+        "nodes": {id(n): n for n in model.graph},
+        "outputs": {id(n): len(n.outputs) for n in model.graph},
+        "initializers": set(model.graph.initializers),
+        "function_nodes": sum(len(f) for f in model.functions.values()),
+    }
+
+
+@register
+class Cleanup(Pass):
+    name = "cleanup"
+    summary = "remove dead nodes and unused initializers, sort nodes topologically"
+
+    def plan(self, model: ir.Model) -> Plan:
+        graph = model.graph
+        dead = _dead_nodes(graph)
+        actions: list[str] = []
+        if dead:
+            actions.append(f"remove {len(dead)} dead node(s)")
+        unused = _unused_initializers(graph, dead)
+        if unused:
+            actions.append(f"remove {len(unused)} unused initializer(s)")
+        if not _is_sorted(graph):
+            actions.append("sort nodes topologically")
+        if any(_dead_nodes(f) for f in model.functions.values()):
+            actions.append("remove dead nodes in model-local functions")
+        refusals = [] if actions else [Refusal("model", "no dead nodes, unused initializers or unsorted nodes")]
+        return Plan(actions, refusals)
+
+    def apply(self, model: ir.Model, plan: Plan) -> list[str]:
+        before = _signature(model)
+        TopologicalSortPass()(model)
+        RemoveUnusedNodesPass()(model)
+        after = _signature(model)
+        changes = []
+        removed = [n for k, n in before["nodes"].items() if k not in after["nodes"]]
+        if removed:
+            names = ", ".join(n.name or n.op_type for n in removed[:5])
+            more = f" (+{len(removed) - 5} more)" if len(removed) > 5 else ""
+            changes.append(f"removed {len(removed)} dead node(s): {names}{more}")
+        gone = sorted(before["initializers"] - after["initializers"])
+        if gone:
+            more = f" (+{len(gone) - 5} more)" if len(gone) > 5 else ""
+            changes.append(f"removed {len(gone)} unused initializer(s): {', '.join(gone[:5])}{more}")
+        if before["function_nodes"] != after["function_nodes"]:
+            changes.append(
+                f"removed {before['function_nodes'] - after['function_nodes']} dead node(s) "
+                "in model-local functions"
+            )
+        trimmed = sum(before["outputs"][k] - count for k, count in after["outputs"].items())
+        if trimmed > 0:
+            changes.append(f"dropped {trimmed} unused optional node output(s)")
+        if "sort nodes topologically" in plan.actions:
+            changes.append("sorted nodes topologically")
+        return changes

@@ -1,0 +1,275 @@
+"""Check that two models compute the same function, by running both in onnxruntime.
+
+Both run on CPU with ORT_DISABLE_ALL, so ORT's own fusions can neither hide nor cause a
+difference, one session at a time (never two copies of the weights in memory), on the same
+inputs: the user's `.npz`, or random ones generated from the first model's input specs.
+
+An output passes when `max|a - b| <= atol + rtol * max|a|`: the error is measured against the
+output's own scale, with (rtol, atol) chosen per dtype unless given. Integer, bool and string
+outputs must match exactly; NaN and Inf must sit in the same places.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from normopt.errors import BadInput
+from normopt.rewriter.io import check_readable_file
+
+# (rtol against the output's max |value|, atol), per output dtype.
+TOLERANCES: dict[np.dtype, tuple[float, float]] = {
+    np.dtype(np.float64): (1e-10, 1e-12),
+    np.dtype(np.float32): (1e-5, 1e-6),
+    np.dtype(np.float16): (1e-2, 1e-3),
+    np.dtype(ml_dtypes.bfloat16): (5e-2, 1e-2),
+}
+DEFAULT_SEED = 0
+# Ops through which an integer input reaches a Gather index unchanged in value.
+_INDEX_PASS_THROUGH = {
+    "Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand",
+    "Transpose", "Slice", "Concat", "Tile",
+}
+
+
+def default_dim(name: str | None) -> int:
+    """Size for a symbolic dimension the user did not set with --dim."""
+    if name is None:
+        return 1
+    lowered = name.lower()
+    if "batch" in lowered:
+        return 2
+    if re.search(r"height|width|(^|_)(h|w)$", lowered):
+        return 64
+    return 16
+
+
+def _gather_bound(value: ir.Value) -> int | None:
+    """Smallest table size among the Gathers this value indexes (through shape-only ops)."""
+    bounds, stack, seen = [], [value], set()
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        for use in v.uses():
+            node = use.node
+            if node.op_type == "Gather" and use.idx == 1:
+                shape = node.inputs[0].shape
+                axis = node.attributes.get_int("axis", 0)
+                if shape is not None and isinstance(shape[axis], int):
+                    bounds.append(shape[axis])
+            elif node.op_type in _INDEX_PASS_THROUGH and (use.idx == 0 or node.op_type == "Concat"):
+                stack.append(node.outputs[0])
+    return min(bounds) if bounds else None
+
+
+def _resolve_shape(value: ir.Value, dims: Mapping[str, int]) -> tuple[int, ...]:
+    if value.shape is None:
+        raise BadInput(f"input '{value.name}' has no shape; pass --inputs FILE.npz")
+    out = []
+    for d in value.shape:
+        if isinstance(d, int):
+            out.append(d)
+        else:
+            out.append(dims[d.value] if d.value in dims else default_dim(d.value))
+    return tuple(out)
+
+
+def model_inputs(model: ir.Model) -> list[ir.Value]:
+    """The inputs a caller must feed (initializers listed as inputs have defaults)."""
+    return [v for v in model.graph.inputs if not v.is_initializer()]
+
+
+def make_inputs(
+    model: ir.Model, dims: Mapping[str, int] | None = None, seed: int = DEFAULT_SEED
+) -> dict[str, np.ndarray]:
+    """Random inputs for `model`: floats ~ N(0, 1); integer ids inside the tables they index;
+    integer/bool inputs named like masks all ones; symbolic dims from `dims` or defaults."""
+    dims = dict(dims or {})
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in model_inputs(model):
+        if not isinstance(value.type, ir.TensorType):
+            raise BadInput(f"input '{value.name}' is a {value.type}, not a tensor; pass --inputs")
+        shape = _resolve_shape(value, dims)
+        dtype = value.dtype.numpy()
+        if np.issubdtype(dtype, np.floating) or dtype == ml_dtypes.bfloat16:
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_ or np.issubdtype(dtype, np.integer):
+            if "mask" in value.name.lower():
+                feeds[value.name] = np.ones(shape, dtype)
+            else:
+                high = 2 if dtype == np.bool_ else (_gather_bound(value) or 2)
+                feeds[value.name] = rng.integers(0, high, shape).astype(dtype)
+        else:
+            raise BadInput(f"cannot generate input '{value.name}' of type {value.dtype}; pass --inputs")
+    return feeds
+
+
+def load_inputs(path: str | os.PathLike, model: ir.Model) -> dict[str, np.ndarray]:
+    path = check_readable_file(path, "inputs file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"cannot read inputs file '{path}': {exc}") from None
+    missing = [v.name for v in model_inputs(model) if v.name not in arrays]
+    if missing:
+        raise BadInput(f"inputs file '{path}' lacks input(s): {', '.join(missing)}")
+    return {v.name: arrays[v.name] for v in model_inputs(model)}
+
+
+def run_ort(path: str | os.PathLike, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run a model once on ORT CPU without graph optimizations; outputs by name."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types, all one-line worthy
+        raise BadInput(f"onnxruntime cannot load '{path}': {_first_line(exc)}") from None
+    try:
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, dict(feeds))))
+    except Exception as exc:
+        raise BadInput(
+            f"onnxruntime failed to run '{path}': {_first_line(exc)} "
+            "(set symbolic dims with --dim NAME=VALUE or pass --inputs FILE.npz)"
+        ) from None
+
+
+def _first_line(exc: Exception) -> str:
+    """ORT's message without its status prefix and C++ source location."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    line = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", line)
+    return re.sub(r"\S*onnxruntime_src\S* (\S+\(.*?\) )?", "", line)
+
+
+@dataclass
+class OutputCheck:
+    name: str
+    dtype: str
+    shape: list[int]
+    ok: bool
+    max_abs: float | None = None
+    max_rel: float | None = None
+    cosine: float | None = None
+    rtol: float | None = None
+    atol: float | None = None
+    problem: str | None = None
+
+
+def compare_output(
+    name: str, ref: np.ndarray, got: np.ndarray | None, rtol: float | None, atol: float | None
+) -> OutputCheck:
+    check = OutputCheck(name, str(ref.dtype), list(ref.shape), ok=False)
+    if got is None:
+        check.problem = "missing from the second model"
+        return check
+    if got.shape != ref.shape or got.dtype != ref.dtype:
+        check.problem = f"second model gives {got.dtype}{list(got.shape)}"
+        return check
+    is_float = np.issubdtype(ref.dtype, np.floating) or ref.dtype == ml_dtypes.bfloat16
+    if not is_float:
+        mismatches = int(np.count_nonzero(ref != got))
+        check.ok = mismatches == 0
+        check.max_abs = 0.0 if check.ok else float(mismatches)
+        if not check.ok:
+            check.problem = f"{mismatches} element(s) differ (exact match required)"
+        return check
+    a, b = ref.astype(np.float64), got.astype(np.float64)
+    default_rtol, default_atol = TOLERANCES.get(ref.dtype, TOLERANCES[np.dtype(np.float32)])
+    check.rtol = default_rtol if rtol is None else rtol
+    check.atol = default_atol if atol is None else atol
+    finite = np.isfinite(a)
+    if not np.array_equal(finite, np.isfinite(b)) or not np.array_equal(a[~finite], b[~finite], equal_nan=True):
+        check.problem = "NaN/Inf in different places"
+        return check
+    diff = np.abs(a[finite] - b[finite])
+    scale = float(np.abs(a[finite]).max()) if diff.size else 0.0
+    check.max_abs = float(diff.max()) if diff.size else 0.0
+    check.max_rel = check.max_abs / scale if scale else (0.0 if check.max_abs == 0 else float("inf"))
+    norms = np.linalg.norm(a[finite]) * np.linalg.norm(b[finite])
+    check.cosine = float(np.dot(a[finite], b[finite]) / norms) if norms else 1.0
+    check.ok = check.max_abs <= check.atol + check.rtol * scale
+    if not check.ok:
+        check.problem = (
+            f"max abs error {check.max_abs:.3g} > {check.atol:g} + {check.rtol:g} x scale {scale:.3g}"
+        )
+    return check
+
+
+@dataclass
+class VerifyReport:
+    model_a: str
+    model_b: str
+    inputs: dict[str, dict] = field(default_factory=dict)
+    outputs: list[OutputCheck] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outputs)
+
+    def failures(self) -> list[OutputCheck]:
+        return [o for o in self.outputs if not o.ok]
+
+    def to_json(self) -> dict:
+        return {
+            "model_a": self.model_a,
+            "model_b": self.model_b,
+            "ok": self.ok,
+            "inputs": self.inputs,
+            "outputs": [vars(o) for o in self.outputs],
+        }
+
+
+def verify(
+    model_a: str | os.PathLike,
+    model_b: str | os.PathLike,
+    *,
+    spec: ir.Model | None = None,
+    inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+    dims: Mapping[str, int] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    seed: int = DEFAULT_SEED,
+    on_step: Callable[[str], None] | None = None,
+) -> VerifyReport:
+    """Run A then B on the same inputs and compare every output of A by name.
+
+    `spec` is A already loaded (its input specs drive input generation); `inputs` is a mapping
+    or an .npz path. Raises BadInput when A cannot be loaded or run.
+    """
+    from normopt.rewriter.io import load
+
+    model_a, model_b = Path(model_a), Path(model_b)
+    check_readable_file(model_b)
+    spec = spec if spec is not None else load(model_a)
+    if inputs is None:
+        feeds = make_inputs(spec, dims, seed)
+    elif isinstance(inputs, Mapping):
+        feeds = dict(inputs)
+    else:
+        feeds = load_inputs(inputs, spec)
+    del spec
+    report = VerifyReport(str(model_a), str(model_b))
+    report.inputs = {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in feeds.items()}
+    if on_step:
+        on_step(f"running {model_a.name}")
+    ref = run_ort(model_a, feeds)
+    if on_step:
+        on_step(f"running {model_b.name}")
+    got = run_ort(model_b, feeds)
+    report.outputs = [compare_output(n, r, got.get(n), rtol, atol) for n, r in ref.items()]
+    return report
