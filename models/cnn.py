@@ -1,0 +1,91 @@
+"""ResNet-18 and MobileNetV2 in plain torch (torchvision cannot run on CPU torch here).
+
+Same topology as torchvision's, narrower (base width 16 / width multiplier 0.5) so they export
+in seconds. Exported with BatchNorm kept (`keep_bn`): exporters fold Conv+BN by default.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.common import Built
+
+IMAGE = 64
+
+
+def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*_conv_bn(cin, cout, 3, stride), nn.ReLU(), *_conv_bn(cout, cout, 3))
+        self.down = nn.Sequential(*_conv_bn(cin, cout, 1, stride)) if stride != 1 or cin != cout else nn.Identity()
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + self.down(x))
+
+
+class ResNet18(nn.Module):
+    def __init__(self, width: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        layers = [*_conv_bn(3, width, 7, 2), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+        cin = width
+        for i, cout in enumerate([width, 2 * width, 4 * width, 8 * width]):
+            layers += [BasicBlock(cin, cout, 1 if i == 0 else 2), BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        layers = [*_conv_bn(cin, hidden, 1), nn.ReLU6()] if expand != 1 else []
+        layers += [*_conv_bn(hidden, hidden, 3, stride, groups=hidden), nn.ReLU6(), *_conv_bn(hidden, cout, 1)]
+        self.body = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        return x + self.body(x) if self.residual else self.body(x)
+
+
+class MobileNetV2(nn.Module):
+    # (expansion, channels, repeats, stride) as in the paper, channels scaled by `width`
+    SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+
+    def __init__(self, width: float = 0.5, classes: int = 10) -> None:
+        super().__init__()
+        cin = int(32 * width)
+        layers = [*_conv_bn(3, cin, 3, 2), nn.ReLU6()]
+        for t, c, n, s in self.SETTINGS:
+            cout = max(8, int(c * width))
+            for i in range(n):
+                layers.append(InvertedResidual(cin, cout, s if i == 0 else 1, t))
+                cin = cout
+        layers += [*_conv_bn(cin, 1280 // 4, 1), nn.ReLU6()]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(1280 // 4, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def _image(module: nn.Module) -> Built:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, IMAGE, IMAGE, generator=g)
+    return Built(module.eval(), {"image": x}, ["logits"], {"image": {0: "batch"}, "logits": {0: "batch"}}, keep_bn=True)
+
+
+def resnet18() -> Built:
+    return _image(ResNet18())
+
+
+def mobilenetv2() -> Built:
+    return _image(MobileNetV2())

@@ -1,0 +1,136 @@
+"""The corpus of real exported models: which ones exist, and building them into a cache.
+
+Each entry is one family exported one way (`gpt2-ts14`, `llama-dyn23`, ...). Building it writes
+`model.onnx`, the example `inputs.npz` and onnxruntime's `reference.npz` (ORT_DISABLE_ALL) into
+`<cache>/<name>-<key>/`, where the key hashes the builders' source and the library versions, so
+a change to a builder rebuilds it. The cache lives outside git: $NORMOPT_MODEL_CACHE, or
+~/.cache/normopt/models. A freshly exported model must match torch's own output, or the build
+fails: a broken export is not a test model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent
+# (exporter, opset) per suffix. TorchScript decomposes LayerNorm at opset <= 16; dynamo at 23
+# emits native RMSNormalization, so -dyn23 is built only where that changes the graph.
+EXPORTS = {"ts14": ("ts", 14), "ts17": ("ts", 17), "dyn18": ("dynamo", 18), "dyn23": ("dynamo", 23)}
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    family: str
+    exporter: str
+    opset: int
+    large: bool = False  # benchmark-size config, built only on request
+
+    def builder(self) -> Callable:
+        from models import cnn, hf, transformer
+
+        families = {
+            "gpt2": hf.gpt2, "opt": hf.opt, "gptneox": hf.gptneox, "vit": hf.vit, "bert": hf.bert,
+            "llama": hf.llama, "preln": transformer.preln, "repbn": transformer.repbn,
+            "unifiednorm": transformer.unifiednorm, "resnet18": cnn.resnet18,
+            "mobilenetv2": cnn.mobilenetv2,
+        }
+        build = families[self.family]
+        return (lambda: build(large=True)) if self.large else build
+
+
+@dataclass(frozen=True)
+class Paths:
+    model: Path
+    inputs: Path
+    reference: Path
+
+    def load_inputs(self) -> dict[str, np.ndarray]:
+        with np.load(self.inputs) as f:
+            return {k: f[k] for k in f.files}
+
+    def load_reference(self) -> dict[str, np.ndarray]:
+        with np.load(self.reference) as f:
+            return {k: f[k] for k in f.files}
+
+
+FAMILIES = ["gpt2", "opt", "gptneox", "vit", "bert", "llama", "preln", "repbn", "unifiednorm",
+            "resnet18", "mobilenetv2"]
+CORPUS: dict[str, Entry] = {}
+for _family in FAMILIES:
+    for _suffix in ("ts14", "ts17", "dyn18") + (("dyn23",) if _family == "llama" else ()):
+        CORPUS[f"{_family}-{_suffix}"] = Entry(f"{_family}-{_suffix}", _family, *EXPORTS[_suffix])
+LARGE = {
+    "gpt2-768x12-ts17": Entry("gpt2-768x12-ts17", "gpt2", "ts", 17, large=True),
+    "gpt2-768x12-dyn18": Entry("gpt2-768x12-dyn18", "gpt2", "dynamo", 18, large=True),
+    "vit-b16-dyn18": Entry("vit-b16-dyn18", "vit", "dynamo", 18, large=True),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("NORMOPT_MODEL_CACHE", Path.home() / ".cache" / "normopt" / "models"))
+
+
+def cache_key() -> str:
+    h = hashlib.sha256()
+    for src in sorted(HERE.glob("*.py")):
+        h.update(src.name.encode())
+        h.update(src.read_bytes())
+    for dist in ("torch", "transformers", "onnx", "onnxscript"):
+        h.update(f"{dist}={importlib.metadata.version(dist)}".encode())
+    return h.hexdigest()[:12]
+
+
+def get(name: str) -> Entry:
+    entry = CORPUS.get(name) or LARGE.get(name)
+    if entry is None:
+        raise KeyError(f"unknown corpus model {name!r}; known: {', '.join([*CORPUS, *LARGE])}")
+    return entry
+
+
+def build(name: str) -> Paths:
+    """Build (or reuse from the cache) one corpus model; returns its file paths."""
+    entry = get(name)
+    folder = cache_root() / f"{name}-{cache_key()}"
+    paths = Paths(folder / "model.onnx", folder / "inputs.npz", folder / "reference.npz")
+    if paths.reference.exists():
+        return paths
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
+    try:
+        _build_into(entry, tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return paths
+
+
+def _build_into(entry: Entry, folder: Path) -> None:
+    import torch
+
+    from models.common import export, randomize_norms_and_biases
+    from normopt.rewriter.verify import compare_output, run_ort
+
+    torch.manual_seed(0)
+    built = entry.builder()()
+    randomize_norms_and_biases(built.module, seed=1)
+    export(built, folder / "model.onnx", exporter=entry.exporter, opset=entry.opset)
+    feeds = {k: v.numpy() for k, v in built.inputs.items()}
+    reference = run_ort(folder / "model.onnx", feeds)
+    with torch.no_grad():
+        expected = built.module(*built.inputs.values()).numpy()
+    check = compare_output("torch", expected, reference[built.outputs[0]], rtol=1e-4, atol=1e-5)
+    if not check.ok:
+        raise RuntimeError(f"{entry.name}: ONNX export disagrees with torch: {check.problem}")
+    np.savez(folder / "inputs.npz", **feeds)
+    np.savez(folder / "reference.npz", **reference)

@@ -1,0 +1,126 @@
+"""transformers models from small configs (random weights): GPT-2, OPT, GPT-NeoX, ViT, BERT, LLaMA.
+
+Each returns a `Built` whose module returns one tensor (logits, or hidden states for BERT).
+Eager attention, no KV cache, explicit attention_mask (transformers 5 needs it to export).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import models._torchvision_shim  # noqa: F401  (before transformers imports torchvision)
+from models.common import Built
+
+VOCAB, POSITIONS, BATCH, SEQ = 128, 64, 2, 16
+TEXT_AXES = {0: "batch", 1: "sequence"}
+
+
+class _TextModel(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, output: str, extra: str | None) -> None:
+        super().__init__()
+        self.model, self.output, self.extra = model, output, extra
+
+    def forward(self, input_ids, attention_mask, extra=None):
+        kwargs = {self.extra: extra} if self.extra else {}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return getattr(out, self.output)
+
+
+def _small(config):
+    config.use_cache = False
+    config._attn_implementation = "eager"
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
+    return config
+
+
+def _text(model: torch.nn.Module, output: str = "logits", extra: str | None = None) -> Built:
+    """`extra`: a third input, token_type_ids (BERT) or position_ids (LLaMA: without it HF
+    derives batch-1 positions, which the opset-23 RotaryEmbedding fusion mis-shapes)."""
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "input_ids": torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),
+        "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long),
+    }
+    if extra == "token_type_ids":
+        inputs[extra] = torch.randint(0, 2, (BATCH, SEQ), generator=g)
+    elif extra == "position_ids":
+        inputs[extra] = torch.arange(SEQ).expand(BATCH, SEQ).contiguous()
+    dynamic = {name: TEXT_AXES for name in inputs} | {output: TEXT_AXES}
+    return Built(_TextModel(model, output, extra).eval(), inputs, [output], dynamic)
+
+
+def gpt2(large: bool = False) -> Built:
+    """Pre-LN, learned positions, LM head tied to the token embedding."""
+    import transformers as T
+
+    d, layers, heads = (768, 12, 12) if large else (64, 2, 4)
+    vocab = 50257 if large else VOCAB
+    cfg = _small(T.GPT2Config(n_embd=d, n_layer=layers, n_head=heads, vocab_size=vocab,
+                              n_positions=1024 if large else POSITIONS))
+    return _text(T.GPT2LMHeadModel(cfg))
+
+
+def opt() -> Built:
+    """Pre-LN (do_layer_norm_before), learned positions with offset 2, tied LM head."""
+    import transformers as T
+
+    cfg = _small(T.OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                             vocab_size=VOCAB, max_position_embeddings=POSITIONS,
+                             word_embed_proj_dim=64, do_layer_norm_before=True))
+    return _text(T.OPTForCausalLM(cfg))
+
+
+def gptneox() -> Built:
+    """Parallel residual: x + attn(LN1(x)) + mlp(LN2(x)); rotary positions; untied head."""
+    import transformers as T
+
+    cfg = _small(T.GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=128, vocab_size=VOCAB,
+                                 max_position_embeddings=POSITIONS, use_parallel_residual=True,
+                                 rotary_pct=0.25, tie_word_embeddings=False))
+    return _text(T.GPTNeoXForCausalLM(cfg))
+
+
+def bert() -> Built:
+    """Post-LN encoder (embedding LN, LN after each residual add); hidden states out."""
+    import transformers as T
+
+    cfg = _small(T.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=128, vocab_size=VOCAB,
+                              max_position_embeddings=POSITIONS, type_vocab_size=2))
+    return _text(T.BertModel(cfg, add_pooling_layer=False), "last_hidden_state", "token_type_ids")
+
+
+def llama() -> Built:
+    """Pre-RMSNorm, rotary positions, grouped-query attention, untied head."""
+    import transformers as T
+
+    cfg = _small(T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                               max_position_embeddings=POSITIONS, tie_word_embeddings=False))
+    return _text(T.LlamaForCausalLM(cfg), extra="position_ids")
+
+
+class _ImageModel(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values=pixel_values).logits
+
+
+def vit(large: bool = False) -> Built:
+    """Pre-LN ViT: patch Conv, cls token, learned positions, classification head."""
+    import transformers as T
+
+    if large:
+        cfg = T.ViTConfig(num_labels=1000)  # ViT-B/16 at 224x224
+    else:
+        cfg = T.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=128, image_size=32, patch_size=8, num_labels=10)
+    cfg._attn_implementation = "eager"
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(1 if large else BATCH, 3, cfg.image_size, cfg.image_size, generator=g)
+    return Built(_ImageModel(T.ViTForImageClassification(cfg)).eval(), {"pixel_values": pixels},
+                 ["logits"], {"pixel_values": {0: "batch"}, "logits": {0: "batch"}})

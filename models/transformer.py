@@ -1,0 +1,133 @@
+"""Hand-written transformers: Pre-LN (text), RepBN (SLAB-style, vision), Unified-Norm (vision).
+
+Same block everywhere, x = x + attn(norm1(x)); x = x + mlp(norm2(x)); only the norm differs:
+- "ln":      nn.LayerNorm over the hidden axis;
+- "repbn":   SLAB's RepBN on token features, BN1d(x^T)^T + alpha*x (BatchNorm normalizes axis 1,
+             so it sits between two Transposes);
+- "unified": Unified-Norm-style inference norm, w*x/sqrt(running_var+eps)+b per channel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.common import Built
+
+D, HEADS, LAYERS, VOCAB, SEQ, PATCH, IMAGE = 64, 4, 2, 128, 16, 8, 32
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5, dim=-1)
+        return self.proj((att @ v).transpose(1, 2).reshape(b, n, d))
+
+
+class RepBN(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(d)
+        self.alpha = nn.Parameter(torch.tensor([0.5]))
+
+    def forward(self, x):
+        return (self.bn(x.transpose(1, 2)) + self.alpha * x.transpose(1, 2)).transpose(1, 2)
+
+
+class UnifiedNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d))
+        self.register_buffer("running_var", torch.ones(d))
+
+    def forward(self, x):
+        return x / torch.sqrt(self.running_var + self.eps) * self.weight + self.bias
+
+
+NORMS = {"ln": nn.LayerNorm, "repbn": RepBN, "unified": UnifiedNorm}
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int, norm: str) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = NORMS[norm](d), NORMS[norm](d)
+        self.attn = Attention(d, heads)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, norm: str) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(VOCAB, D)
+        self.positions = nn.Parameter(torch.randn(1, 64, D) * 0.02)
+        self.blocks = nn.Sequential(*[Block(D, HEADS, norm) for _ in range(LAYERS)])
+        self.norm = NORMS[norm](D)
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, input_ids):
+        x = self.tokens(input_ids) + self.positions[:, : input_ids.shape[1]]
+        return self.head(self.norm(self.blocks(x)))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, norm: str, classes: int = 10) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, D, PATCH, PATCH)
+        self.cls = nn.Parameter(torch.randn(1, 1, D) * 0.02)
+        self.positions = nn.Parameter(torch.randn(1, (IMAGE // PATCH) ** 2 + 1, D) * 0.02)
+        self.blocks = nn.Sequential(*[Block(D, HEADS, norm) for _ in range(LAYERS)])
+        self.norm = NORMS[norm](D)
+        self.head = nn.Linear(D, classes)
+
+    def forward(self, image):
+        x = self.patch(image).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.positions
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+def _randomize_custom_norms(module: nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, RepBN):
+                sub.alpha.copy_(torch.rand(1, generator=g) + 0.25)
+            elif isinstance(sub, UnifiedNorm):
+                sub.running_var.copy_(0.5 + torch.rand(sub.running_var.shape, generator=g))
+
+
+def preln() -> Built:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=g)
+    axes = {0: "batch", 1: "sequence"}
+    return Built(TextTransformer("ln").eval(), {"input_ids": ids}, ["logits"],
+                 {"input_ids": axes, "logits": axes})
+
+
+def _vision(norm: str) -> Built:
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(2, 3, IMAGE, IMAGE, generator=g)
+    module = VisionTransformer(norm).eval()
+    _randomize_custom_norms(module, seed=1)
+    return Built(module, {"image": image}, ["logits"],
+                 {"image": {0: "batch"}, "logits": {0: "batch"}}, keep_bn=True)
+
+
+def repbn() -> Built:
+    return _vision("repbn")
+
+
+def unifiednorm() -> Built:
+    return _vision("unified")
