@@ -26,6 +26,13 @@ class _TextModel(torch.nn.Module):
         return getattr(out, self.output)
 
 
+def _transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # random-weight configs trip token-id warnings
+    return transformers
+
+
 def _small(config):
     config.use_cache = False
     config._attn_implementation = "eager"
@@ -51,7 +58,7 @@ def _text(model: torch.nn.Module, output: str = "logits", extra: str | None = No
 
 def gpt2(large: bool = False) -> Built:
     """Pre-LN, learned positions, LM head tied to the token embedding."""
-    import transformers as T
+    T = _transformers()
 
     d, layers, heads = (768, 12, 12) if large else (64, 2, 4)
     vocab = 50257 if large else VOCAB
@@ -62,7 +69,7 @@ def gpt2(large: bool = False) -> Built:
 
 def opt() -> Built:
     """Pre-LN (do_layer_norm_before), learned positions with offset 2, tied LM head."""
-    import transformers as T
+    T = _transformers()
 
     cfg = _small(T.OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
                              vocab_size=VOCAB, max_position_embeddings=POSITIONS,
@@ -72,7 +79,7 @@ def opt() -> Built:
 
 def gptneox() -> Built:
     """Parallel residual: x + attn(LN1(x)) + mlp(LN2(x)); rotary positions; untied head."""
-    import transformers as T
+    T = _transformers()
 
     cfg = _small(T.GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                  intermediate_size=128, vocab_size=VOCAB,
@@ -83,7 +90,7 @@ def gptneox() -> Built:
 
 def bert() -> Built:
     """Post-LN encoder (embedding LN, LN after each residual add); hidden states out."""
-    import transformers as T
+    T = _transformers()
 
     cfg = _small(T.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                               intermediate_size=128, vocab_size=VOCAB,
@@ -93,7 +100,7 @@ def bert() -> Built:
 
 def llama() -> Built:
     """Pre-RMSNorm, rotary positions, grouped-query attention, untied head."""
-    import transformers as T
+    T = _transformers()
 
     cfg = _small(T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
@@ -112,7 +119,7 @@ class _ImageModel(torch.nn.Module):
 
 def vit(large: bool = False) -> Built:
     """Pre-LN ViT: patch Conv, cls token, learned positions, classification head."""
-    import transformers as T
+    T = _transformers()
 
     if large:
         cfg = T.ViTConfig(num_labels=1000)  # ViT-B/16 at 224x224

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the models/ package lives beside normopt/, not inside it
+
+
+@pytest.fixture(scope="session")
+def corpus():
+    """corpus(name) -> Paths of a built corpus model (built once, then cached on disk)."""
+    from models.corpus import build
+
+    return build
+
+
+@pytest.fixture
+def cli_env():
+    """Environment for running `normopt` in a subprocess (no terminal spinner, wide output)."""
+    return {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}

@@ -1,0 +1,52 @@
+"""Hand-built ONNX graphs for tests (small, exact, every case written out)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+IR_VERSION = 10  # onnx's helper defaults to the newest IR, newer than onnxruntime loads
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset=17, **kwargs) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              ir_version=IR_VERSION, **kwargs)
+    onnx.checker.check_model(model)
+    return model
+
+
+def tensor(name: str, dtype=TensorProto.FLOAT, shape=(2, 8)):
+    return helper.make_tensor_value_info(name, dtype, list(shape))
+
+
+def const(name: str, array) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def mlp(seed: int = 0, d: int = 8, dtype=np.float32) -> onnx.ModelProto:
+    """y = relu(x W1 + b1) W2: two MatMuls, an Add, a Relu."""
+    rng = np.random.default_rng(seed)
+    onnx_dtype = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+        helper.make_node("Add", ["h", "b1"], ["hb"], name="add1"),
+        helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
+    ]
+    inits = [const("w1", rng.standard_normal((d, d)).astype(dtype)),
+             const("b1", rng.standard_normal(d).astype(dtype)),
+             const("w2", rng.standard_normal((d, d)).astype(dtype))]
+    return make_model(nodes, [tensor("x", onnx_dtype, ("batch", d))], [tensor("y", onnx_dtype, ("batch", d))], inits)
+
+
+def save(model: onnx.ModelProto, path: Path, external: bool = False) -> Path:
+    if external:
+        onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data",
+                  size_threshold=0, all_tensors_to_one_file=True)
+    else:
+        onnx.save(model, str(path))
+    return path

@@ -1,0 +1,60 @@
+"""Every real exported model goes through `rewrite` (cleanup only at this stage) unharmed."""
+
+import collections
+import hashlib
+
+import onnx
+import pytest
+
+from models.corpus import CORPUS
+from normopt.rewriter.rewrite import rewrite
+from normopt.rewriter.verify import compare_output, run_ort
+
+LN_FAMILIES = {"gpt2", "opt", "gptneox", "vit", "bert", "preln"}
+BN_COUNTS = {"resnet18": 20, "mobilenetv2": 52, "repbn": 5}
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def ops(path):
+    return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_export_has_the_structure_it_claims(corpus, name):
+    """The corpus is only useful if each export really has the form it is named for."""
+    entry, count = CORPUS[name], ops(corpus(name).model)
+    assert onnx.load(str(corpus(name).model)).opset_import[0].version == entry.opset
+    if entry.family in LN_FAMILIES:
+        # TorchScript decomposes LayerNorm below opset 17 (two ReduceMeans per LN).
+        assert (count["LayerNormalization"], count["ReduceMean"]) == ((0, 10) if entry.opset < 17 else (5, 0))
+    elif entry.family == "llama":
+        assert (count["RMSNormalization"], count["ReduceMean"]) == ((5, 0) if entry.opset >= 23 else (0, 5))
+    elif entry.family in BN_COUNTS:
+        assert count["BatchNormalization"] == BN_COUNTS[entry.family]  # kept, not folded into Conv
+    else:
+        assert entry.family == "unifiednorm"
+        assert count["Sqrt"] == 5 and not count["LayerNormalization"] and not count["BatchNormalization"]
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_rewrite_is_valid_equivalent_and_deterministic(corpus, tmp_path, name):
+    paths = corpus(name)
+    inputs, reference = paths.load_inputs(), paths.load_reference()
+    before = digest(paths.model)
+    first, second = tmp_path / "a" / "out.onnx", tmp_path / "b" / "out.onnx"
+    first.parent.mkdir()
+    second.parent.mkdir()
+    report = rewrite(paths.model, first, verify_kwargs={"inputs": inputs})
+    assert report.written and report.verification.ok
+    rewrite(paths.model, second, check=False)
+
+    assert digest(paths.model) == before, "the input model was modified"
+    assert digest(first) == digest(second), "two runs wrote different bytes"
+    onnx.checker.check_model(str(first), full_check=True)
+    got = run_ort(first, inputs)
+    for output, expected in reference.items():
+        check = compare_output(output, expected, got.get(output), None, None)
+        assert check.ok, check

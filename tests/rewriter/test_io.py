@@ -1,0 +1,155 @@
+import hashlib
+import os
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from normopt.errors import BadInput
+from normopt.rewriter import io
+from normopt.rewriter.verify import run_ort
+from tests.helpers import mlp, save
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_load_keeps_external_data_memory_mapped(tmp_path):
+    path = save(mlp(), tmp_path / "m.onnx", external=True)
+    model = io.load(path)
+    tensors = [v.const_value for v in model.graph.initializers.values()]
+    assert tensors and all(isinstance(t, ir.ExternalTensor) for t in tensors)
+    assert all(t.raw is None for t in tensors), "weights were read at load time"
+    assert io.uses_external_data(model)
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_save_round_trip_keeps_storage_kind_and_function(tmp_path, external):
+    src = save(mlp(), tmp_path / "m.onnx", external=external)
+    model = io.load(src)
+    dst = tmp_path / "out" / "r.onnx"
+    dst.parent.mkdir()
+    io.save(model, dst, external_data=io.uses_external_data(model))
+    assert (dst.parent / "r.onnx.data").exists() == external
+    assert sorted(os.listdir(dst.parent)) == (["r.onnx", "r.onnx.data"] if external else ["r.onnx"])
+    x = {"x": np.ones((3, 8), np.float32)}
+    np.testing.assert_array_equal(run_ort(src, x)["y"], run_ort(dst, x)["y"])
+
+
+def test_large_models_are_written_with_external_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(io, "EMBEDDED_LIMIT_BYTES", 100)
+    model = io.load(save(mlp(), tmp_path / "m.onnx"))
+    io.save(model, tmp_path / "big.onnx", external_data=False)
+    assert (tmp_path / "big.onnx.data").exists()
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    model = io.load(save(mlp(), tmp_path / "m.onnx"))
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ir, "save", broken)
+    with pytest.raises(OSError):
+        io.save(model, tmp_path / "out.onnx", external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_discarded_stage_leaves_destination_untouched(tmp_path):
+    model = io.load(save(mlp(), tmp_path / "m.onnx"))
+    dst = tmp_path / "out.onnx"
+    dst.write_bytes(b"previous")
+    staged = io.stage(model, dst, external_data=True)
+    assert staged.path.exists() and dst.read_bytes() == b"previous"
+    staged.discard()
+    assert dst.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "out.onnx"]
+
+
+def test_in_place_save_over_memory_mapped_external_data(tmp_path):
+    """Replacing the data file the model is mapped from must not corrupt what gets written."""
+    path = save(mlp(), tmp_path / "m.onnx", external=True)
+    x = {"x": np.ones((3, 8), np.float32)}
+    before = run_ort(path, x)["y"]
+    # The helper names the data file m.onnx.data, the name `stage` writes: this really replaces it.
+    model = io.load(path)
+    io.save(model, path, external_data=True)
+    np.testing.assert_array_equal(run_ort(path, x)["y"], before)
+
+
+BAD = {
+    "missing": lambda p: None,
+    "directory": lambda p: p.mkdir(),
+    "empty": lambda p: p.write_bytes(b""),
+    "text": lambda p: p.write_text("this is not an onnx model\n"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_files_raise_one_line(tmp_path, case):
+    path = tmp_path / "bad.onnx"
+    BAD[case](path)
+    with pytest.raises(BadInput) as info:
+        io.load(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9, 0.99])
+def test_truncated_file(tmp_path, fraction):
+    data = onnx.load_model_from_string(mlp().SerializeToString()).SerializeToString()
+    path = tmp_path / "t.onnx"
+    path.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(BadInput, match="not a valid ONNX|not an ONNX model|fails onnx.checker|opset"):
+        io.load(path)
+
+
+def test_missing_external_data_file(tmp_path):
+    path = save(mlp(), tmp_path / "m.onnx", external=True)
+    (tmp_path / "m.onnx.data").unlink()
+    with pytest.raises(BadInput, match="external data file .* missing"):
+        io.load(path)
+
+
+def test_truncated_external_data_file(tmp_path):
+    path = save(mlp(), tmp_path / "m.onnx", external=True)
+    data = tmp_path / "m.onnx.data"
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(BadInput, match="truncated"):
+        io.load(path)
+
+
+@pytest.mark.parametrize("opset,message", [(11, "opset 11.*13-26.*convert"), (27, "opset 27")])
+def test_unsupported_opset(tmp_path, opset, message):
+    model = mlp()
+    model.opset_import[0].version = opset
+    path = save(model, tmp_path / "m.onnx")
+    with pytest.raises(BadInput, match=message):
+        io.load(path)
+
+
+@pytest.mark.parametrize("version", [3, 14])
+def test_unsupported_ir_version(tmp_path, version):
+    model = mlp()
+    model.ir_version = version
+    path = save(model, tmp_path / "m.onnx")
+    with pytest.raises(BadInput, match=f"IR version {version}"):
+        io.load(path)
+
+
+def test_checker_invalid_model(tmp_path):
+    model = mlp()
+    model.graph.node[0].input[0] = "undefined_value"
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(BadInput, match="fails onnx.checker"):
+        io.load(path)
+
+
+def test_load_never_writes_the_input(tmp_path):
+    path = save(mlp(), tmp_path / "m.onnx", external=True)
+    before = {p.name: digest(p) for p in tmp_path.iterdir()}
+    model = io.load(path)
+    io.save(model, tmp_path / "o.onnx", external_data=True)
+    assert {p.name: digest(p) for p in tmp_path.iterdir() if p.name.startswith("m.")} == before

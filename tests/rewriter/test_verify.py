@@ -1,0 +1,123 @@
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+from normopt.errors import BadInput
+from normopt.rewriter.verify import compare_output, default_dim, load_inputs, make_inputs, verify
+from tests.helpers import const, make_model, mlp, save, tensor
+
+
+def _embedding_model():
+    """ids -> Reshape -> Gather(table[50, 8]); mask and position ids alongside."""
+    nodes = [
+        helper.make_node("Reshape", ["ids", "shape"], ["ids2"]),
+        helper.make_node("Gather", ["table", "ids2"], ["emb"]),
+        helper.make_node("Gather", ["pos_table", "positions"], ["pos"]),
+        helper.make_node("Add", ["emb", "pos"], ["sum"]),
+        helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["maskf", "axis"], ["mask3"]),
+        helper.make_node("Mul", ["sum", "mask3"], ["y"]),
+    ]
+    inits = [const("table", np.ones((50, 8), np.float32)), const("pos_table", np.ones((7, 8), np.float32)),
+             const("shape", np.array([0, -1], np.int64)), const("axis", np.array([2], np.int64))]
+    inputs = [tensor("ids", TensorProto.INT64, ("batch", "seq")),
+              tensor("positions", TensorProto.INT64, ("batch", "seq")),
+              tensor("attention_mask", TensorProto.INT64, ("batch", "seq"))]
+    return make_model(nodes, inputs, [tensor("y", shape=("batch", "seq", 8))], inits)
+
+
+def test_generated_ids_stay_inside_their_tables():
+    model = ir.serde.deserialize_model(_embedding_model())
+    feeds = make_inputs(model, {"seq": 300}, seed=3)
+    assert feeds["ids"].shape == (2, 300) and feeds["ids"].dtype == np.int64
+    assert feeds["ids"].max() < 50 and feeds["ids"].max() > 7  # through the Reshape, table of 50
+    assert feeds["positions"].max() < 7
+    assert (feeds["attention_mask"] == 1).all()
+
+
+def test_same_symbolic_dim_gets_same_size_and_defaults():
+    model = ir.serde.deserialize_model(_embedding_model())
+    feeds = make_inputs(model)
+    assert {v.shape for v in feeds.values()} == {(default_dim("batch"), default_dim("seq"))}
+    assert default_dim(None) == 1 and default_dim("height") == 64 and default_dim("s0") == 16
+
+
+def test_inputs_are_reproducible_and_seeded():
+    model = ir.serde.deserialize_model(mlp())
+    a, b, c = make_inputs(model, seed=1), make_inputs(model, seed=1), make_inputs(model, seed=2)
+    assert np.array_equal(a["x"], b["x"]) and not np.array_equal(a["x"], c["x"])
+
+
+def test_fp16_inputs():
+    model = ir.serde.deserialize_model(mlp(dtype=np.float16))
+    assert make_inputs(model)["x"].dtype == np.float16
+
+
+@pytest.mark.parametrize(
+    "dtype,error,ok",
+    [
+        (np.float32, 5e-6, True),   # 5e-6 of scale 1: inside fp32's 1e-5
+        (np.float32, 1e-3, False),
+        (np.float16, 1e-3, True),   # fp16 rounding-sized: inside fp16's 1e-2
+        (np.float16, 5e-2, False),
+        (np.float64, 1e-8, False),
+        (ml_dtypes.bfloat16, 2e-2, True),
+    ],
+)
+def test_tolerance_is_per_dtype_and_relative_to_scale(dtype, error, ok):
+    ref = np.linspace(-1, 1, 64).astype(dtype)
+    got = (ref.astype(np.float64) + error * (np.arange(64) % 2)).astype(dtype)
+    check = compare_output("y", ref, got, None, None)
+    assert check.ok is ok, check
+    assert (check.problem is None) is ok
+
+
+def test_scale_relative_error_on_large_outputs():
+    ref = np.linspace(-1000, 1000, 64).astype(np.float32)
+    got = ref + np.float32(5e-3)  # 5e-6 of the output scale
+    assert compare_output("y", ref, got, None, None).ok
+    assert not compare_output("y", ref, got, 1e-7, 0.0).ok
+
+
+def test_exact_outputs_nan_and_structure():
+    ints = np.arange(6)
+    assert compare_output("i", ints, ints.copy(), None, None).ok
+    bad = compare_output("i", ints, ints + (ints == 3), None, None)
+    assert not bad.ok and "1 element(s) differ" in bad.problem
+    nan = np.array([1.0, np.nan, np.inf], np.float32)
+    assert compare_output("f", nan, nan.copy(), None, None).ok
+    assert "NaN/Inf" in compare_output("f", nan, np.array([1.0, 2.0, np.inf], np.float32), None, None).problem
+    assert "missing" in compare_output("f", nan, None, None, None).problem
+    assert "gives float32[4]" in compare_output("f", nan, np.zeros(4, np.float32), None, None).problem
+    assert "gives float64" in compare_output("f", nan, nan.astype(np.float64), None, None).problem
+
+
+def test_verify_same_model_and_perturbed_copy(tmp_path):
+    a = save(mlp(), tmp_path / "a.onnx")
+    assert verify(a, a).ok
+    perturbed = mlp()
+    w = onnx.numpy_helper.to_array(perturbed.graph.initializer[0]).copy()
+    w[0, 0] += 0.5
+    perturbed.graph.initializer[0].CopyFrom(const("w1", w))
+    report = verify(a, save(perturbed, tmp_path / "b.onnx"))
+    assert not report.ok and report.failures()[0].name == "y"
+
+
+def test_verify_with_inputs_file(tmp_path):
+    a = save(mlp(), tmp_path / "a.onnx")
+    np.savez(tmp_path / "in.npz", x=np.ones((5, 8), np.float32))
+    report = verify(a, a, inputs=tmp_path / "in.npz")
+    assert report.ok and report.inputs["x"]["shape"] == [5, 8]
+    np.savez(tmp_path / "wrong.npz", z=np.ones((5, 8), np.float32))
+    with pytest.raises(BadInput, match="lacks input.*x"):
+        load_inputs(tmp_path / "wrong.npz", ir.serde.deserialize_model(mlp()))
+
+
+def test_verify_run_failure_is_bad_input(tmp_path):
+    a = save(mlp(), tmp_path / "a.onnx")
+    np.savez(tmp_path / "in.npz", x=np.ones((5, 3), np.float32))
+    with pytest.raises(BadInput, match="failed to run .*--dim"):
+        verify(a, a, inputs=tmp_path / "in.npz")

@@ -1,0 +1,234 @@
+"""The CLI contract: exit codes, one-line errors, no output unless success, JSON shapes."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import helper
+from typer.testing import CliRunner
+
+from normopt.cli import app
+from normopt.rewriter import pass_base
+from tests.helpers import const, mlp, save
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "normopt", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def assert_one_line_error(proc, code, pattern=""):
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("normopt: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert pattern in lines[0], lines[0]
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def model(tmp_path):
+    return save(mlp(), tmp_path / "m.onnx")
+
+
+@pytest.fixture
+def dead_model(tmp_path):
+    proto = mlp()
+    proto.graph.node.append(helper.make_node("Neg", ["x"], ["dead"], name="dead"))
+    return save(proto, tmp_path / "dead.onnx", external=True)
+
+
+def test_version_and_passes(cli_env):
+    assert run("--version", env=cli_env).stdout.startswith("normopt ")
+    listing = run("passes", env=cli_env)
+    assert listing.returncode == 0 and "cleanup" in listing.stdout
+    data = json.loads(run("passes", "--json", env=cli_env).stdout)
+    assert "cleanup" in data["passes"] and data["always_after"] == ["cleanup"]
+
+
+def test_verify_same_model_exits_0_and_perturbed_exits_1(tmp_path, model, cli_env):
+    proc = run("verify", model, model, env=cli_env)
+    assert proc.returncode == 0 and "ok" in proc.stdout
+    perturbed = mlp()
+    w = onnx.numpy_helper.to_array(perturbed.graph.initializer[2]).copy()
+    w[3, 1] *= 1.01
+    perturbed.graph.initializer[2].CopyFrom(const("w2", w))
+    other = save(perturbed, tmp_path / "p.onnx")
+    proc = run("verify", model, other, "--json", env=cli_env)
+    assert proc.returncode == 1
+    report = json.loads(proc.stdout)
+    assert report["ok"] is False and report["outputs"][0]["max_abs"] > 0
+    assert report["outputs"][0]["cosine"] < 1
+
+
+def test_verify_options(tmp_path, model, cli_env):
+    np.savez(tmp_path / "in.npz", x=np.ones((3, 8), np.float32))
+    proc = run("verify", model, model, "--inputs", tmp_path / "in.npz", "--json", env=cli_env)
+    assert json.loads(proc.stdout)["inputs"]["x"]["shape"] == [3, 8]
+    proc = run("verify", model, model, "--dim", "batch=5", "--rtol", "0", "--atol", "0", "--json", env=cli_env)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["inputs"]["x"]["shape"] == [5, 8]
+
+
+def test_rewrite_writes_and_reports(tmp_path, dead_model, cli_env):
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    before = {p.name: digest(p) for p in tmp_path.iterdir()}
+    proc = run("rewrite", dead_model, out, "--report", report, env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    assert "removed 1 dead node(s): dead" in proc.stdout
+    assert out.exists() and (tmp_path / "out.onnx.data").exists()  # input had external data
+    data = json.loads(report.read_text())
+    assert data["written"] and data["exit_code"] == 0 and data["verification"]["ok"]
+    assert data["passes"][0]["name"] == "cleanup" and data["passes"][0]["modified"]
+    assert data["nodes_before"]["Neg"] == 1 and "Neg" not in data["nodes_after"]
+    assert {k: v for k, v in ((p.name, digest(p)) for p in tmp_path.iterdir()) if k in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "out.onnx", "out.onnx.data", "r.json"])
+
+
+def test_rewrite_requested_pass_that_applies_nowhere_exits_3(tmp_path, model, cli_env):
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    proc = run("rewrite", model, out, "--passes", "cleanup", "--explain", "--report", report, env=cli_env)
+    assert proc.returncode == 3
+    assert "applied nowhere" in proc.stderr and "no dead nodes" in proc.stderr
+    assert "no dead nodes" in proc.stdout  # --explain table
+    assert not out.exists()
+    data = json.loads(report.read_text())
+    assert data["exit_code"] == 3 and not data["written"]
+
+
+def test_rewrite_in_place(tmp_path, dead_model, cli_env):
+    assert_one_line_error(run("rewrite", dead_model, dead_model, env=cli_env), 2, "--in-place")
+    proc = run("rewrite", dead_model, dead_model, "--in-place", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Neg" not in {n.op_type for n in onnx.load(str(dead_model)).graph.node}
+    assert run("verify", dead_model, dead_model, env=cli_env).returncode == 0
+
+
+def _truncated(tmp_path):
+    data = mlp().SerializeToString()
+    (tmp_path / "t.onnx").write_bytes(data[: len(data) // 2])
+    return tmp_path / "t.onnx"
+
+
+def _no_data(tmp_path):
+    path = save(mlp(), tmp_path / "e.onnx", external=True)
+    (tmp_path / "e.onnx.data").unlink()
+    return path
+
+
+def _old_opset(tmp_path):
+    proto = mlp()
+    proto.opset_import[0].version = 9
+    return save(proto, tmp_path / "old.onnx")
+
+
+def _new_ir(tmp_path):
+    proto = mlp()
+    proto.ir_version = 14
+    return save(proto, tmp_path / "new.onnx")
+
+
+BAD_INPUTS = {
+    "missing file": (lambda t: t / "nope.onnx", "does not exist"),
+    "not onnx": (lambda t: (t / "x.onnx").write_text("hello") and t / "x.onnx", "not a valid ONNX"),
+    "truncated": (_truncated, "not a valid ONNX"),
+    "missing external data": (_no_data, "missing"),
+    "old opset": (_old_opset, "opset 9; normopt supports opsets 13-26"),
+    "new IR version": (_new_ir, "IR version 14"),
+    "directory": (lambda t: (t / "d").mkdir() or t / "d", "is a directory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+@pytest.mark.parametrize("command", ["rewrite", "verify", "inspect"])
+def test_bad_input_exits_2_with_one_line(tmp_path, cli_env, case, command):
+    make, message = BAD_INPUTS[case]
+    bad = make(tmp_path)
+    out = tmp_path / "out.onnx"
+    args = {"rewrite": [bad, out], "verify": [bad, bad], "inspect": [bad]}[command]
+    proc = run(command, *args, env=cli_env)
+    assert_one_line_error(proc, 2, message)
+    assert not out.exists() and not list(tmp_path.glob(".out.onnx*"))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--passes", "nope"], "unknown pass 'nope'"),
+        (["--target", "gpu"], "--target must be"),
+        (["--dim", "batch"], "--dim takes NAME=VALUE"),
+    ],
+)
+def test_bad_options_exit_2(tmp_path, model, cli_env, args, message):
+    proc = run("rewrite", model, tmp_path / "o.onnx", *args, env=cli_env)
+    assert_one_line_error(proc, 2, message)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_output_folder_missing_or_directory(tmp_path, model, cli_env):
+    assert_one_line_error(run("rewrite", model, tmp_path / "no" / "o.onnx", env=cli_env), 2, "does not exist")
+    assert_one_line_error(run("rewrite", model, tmp_path, env=cli_env), 2, "is a directory")
+
+
+def test_inspect_json(model, cli_env):
+    proc = run("inspect", model, "--json", env=cli_env)
+    data = json.loads(proc.stdout)
+    assert data["model"]["nodes"] == 4 and data["operators"] == {"Add": 1, "MatMul": 2, "Relu": 1}
+    assert data["passes"]["cleanup"] == {"applies": False, "reason": "model: no dead nodes, unused initializers or unsorted nodes"}
+    human = run("inspect", model, env=cli_env)
+    assert human.returncode == 0 and "MatMul" in human.stdout
+
+
+class _Corrupt(pass_base.Pass):
+    """Before: a model. After: the first initializer doubled (wrong on purpose)."""
+
+    name = "corrupt"
+    summary = "test-only: changes the function"
+
+    def plan(self, model):
+        return pass_base.Plan(actions=["double a weight"])
+
+    def apply(self, model, plan):
+        value = next(iter(model.graph.initializers.values()))
+        value.const_value = ir.tensor(value.const_value.numpy() * 2, name=value.name)
+        return ["doubled " + value.name]
+
+
+class _Crash(_Corrupt):
+    name = "crash"
+
+    def apply(self, model, plan):
+        raise RuntimeError("boom")
+
+
+@pytest.fixture
+def broken_passes(monkeypatch):
+    pass_base.registered()
+    monkeypatch.setitem(pass_base._REGISTRY, "corrupt", _Corrupt)
+    monkeypatch.setitem(pass_base._REGISTRY, "crash", _Crash)
+
+
+def test_verification_failure_exits_1_and_writes_nothing(tmp_path, model, broken_passes):
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    result = CliRunner().invoke(app, ["rewrite", str(model), str(out), "--passes", "corrupt", "--report", str(report)])
+    assert result.exit_code == 1, result.output
+    assert "differs from the original" in result.output and "FAIL" in result.output
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "r.json"]
+    assert json.loads(report.read_text())["verification"]["ok"] is False
+    skipped = CliRunner().invoke(app, ["rewrite", str(model), str(out), "--passes", "corrupt", "--no-verify"])
+    assert skipped.exit_code == 0 and out.exists()
+
+
+def test_internal_error_is_one_line_exit_4_and_debug_shows_traceback(tmp_path, model, broken_passes):
+    result = CliRunner().invoke(app, ["rewrite", str(model), str(tmp_path / "o.onnx"), "--passes", "crash"])
+    assert result.exit_code == 4 and "internal error: RuntimeError: boom" in result.output
+    assert "Traceback" not in result.output
+    debug = CliRunner().invoke(app, ["--debug", "rewrite", str(model), str(tmp_path / "o.onnx"), "--passes", "crash"])
+    assert isinstance(debug.exception, RuntimeError)
