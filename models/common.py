@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +54,13 @@ def export(built: Built, path: Path, *, exporter: str, opset: int) -> None:
     names = list(built.inputs)
     args = tuple(built.inputs.values())
     quiet = io.StringIO()
-    with torch.no_grad(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+    with (
+        torch.no_grad(),
+        contextlib.redirect_stdout(quiet),
+        contextlib.redirect_stderr(quiet),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore")  # the TorchScript exporter is used on purpose (opsets 14/17)
         if exporter == "ts":
             torch.onnx.export(
                 module, args, str(path), dynamo=False, opset_version=opset,

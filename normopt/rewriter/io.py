@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,12 +166,19 @@ class StagedModel:
         shutil.rmtree(self.path.parent, ignore_errors=True)
 
 
-def stage(model: ir.Model, destination: str | os.PathLike, *, external_data: bool) -> StagedModel:
+def stage(
+    model: ir.Model,
+    destination: str | os.PathLike,
+    *,
+    external_data: bool,
+    progress: Callable[[int, int], None] | None = None,
+) -> StagedModel:
     """Write `model` next to `destination` without touching it; `commit()` publishes it.
 
     With `external_data`, every initializer over EXTERNAL_THRESHOLD_BYTES goes to
     `<destination name>.data` (all tensors are rewritten, so nothing points at the input's data
     file). Without it the model is embedded, which protobuf allows only up to 2 GiB.
+    `progress(done, total)` is called after each external tensor is written.
     """
     destination = Path(destination)
     if not external_data and initializer_bytes(model) > EMBEDDED_LIMIT_BYTES:
@@ -185,6 +193,7 @@ def stage(model: ir.Model, destination: str | os.PathLike, *, external_data: boo
             staged.path,
             external_data=staged.data_name,
             size_threshold_bytes=EXTERNAL_THRESHOLD_BYTES,
+            callback=(lambda _t, info: progress(info.index + 1, info.total)) if progress else None,
         )
     except BaseException:
         staged.discard()

@@ -111,7 +111,8 @@ def rewrite(
             raise NotApplied(f"requested pass(es) applied nowhere: {reasons}")
 
     step(f"saving {dst.name}")
-    staged = io.stage(model, dst, external_data=external)
+    staged = io.stage(model, dst, external_data=external,
+                      progress=lambda i, n: step(f"saving {dst.name}: tensor {i}/{n}"))
     del model
     try:
         try:

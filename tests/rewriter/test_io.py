@@ -153,3 +153,11 @@ def test_load_never_writes_the_input(tmp_path):
     model = io.load(path)
     io.save(model, tmp_path / "o.onnx", external_data=True)
     assert {p.name: digest(p) for p in tmp_path.iterdir() if p.name.startswith("m.")} == before
+
+
+def test_stage_reports_progress_per_external_tensor(tmp_path):
+    model = io.load(save(mlp(d=64), tmp_path / "m.onnx"))
+    calls = []
+    io.stage(model, tmp_path / "o.onnx", external_data=True, progress=lambda i, n: calls.append((i, n))).commit()
+    # w1 and w2 (16 KiB each) go external; the 256-byte bias stays under the 1 KiB threshold.
+    assert calls == [(1, 2), (2, 2)]

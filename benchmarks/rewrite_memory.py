@@ -1,0 +1,138 @@
+"""Rewrite cost on a large external-data model: wall time and peak RSS of `normopt rewrite`
+next to a plain onnx-ir load+save round trip of the same model, in the same run.
+
+    python benchmarks/rewrite_memory.py                 # 3.2 GB model, 3 rounds
+    python benchmarks/rewrite_memory.py --gb 1 --rounds 1
+
+Each variant runs in a fresh subprocess (so its peak RSS is its own), in alternating order
+every round; the table shows medians. Goal (issue "Foundation"): rewrite peak RSS <= 1.3x the
+model's bytes and wall time <= 1.5x the plain round trip. RSS counts the memory-mapped weight
+pages a process touched, so reading every weight once costs up to 1x the model's bytes.
+The model: a chain of [d, d] fp32 MatMuls written straight to the data file (never held in
+memory whole), plus a dead branch for cleanup to remove.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+RESULTS = Path(__file__).parent / "results"
+D = 4096
+
+
+def make_model(folder: Path, gigabytes: float) -> Path:
+    layers = max(2, int(gigabytes * 1e9 / (D * D * 4)))
+    path, data = folder / "big.onnx", folder / "big.onnx.data"
+    rng = np.random.default_rng(0)
+    inits, nodes, offset = [], [], 0
+    with open(data, "wb") as f:
+        for i in range(layers):
+            w = (rng.standard_normal((D, D), dtype=np.float32) / np.sqrt(D)).astype(np.float32)
+            f.write(w.tobytes())
+            t = helper.make_tensor_value_info(f"w{i}", TensorProto.FLOAT, [D, D])
+            tensor = TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=[D, D],
+                                 data_location=TensorProto.EXTERNAL)
+            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(w.nbytes))):
+                tensor.external_data.add(key=key, value=value)
+            offset += w.nbytes
+            inits.append(tensor)
+            del t
+            nodes.append(helper.make_node("MatMul", [f"h{i}" if i else "x", f"w{i}"], [f"h{i + 1}"], name=f"mm{i}"))
+    nodes.append(helper.make_node("Neg", ["x"], ["dead"], name="dead"))
+    nodes.append(helper.make_node("Identity", [f"h{layers}"], ["y"], name="out"))
+    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, D])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, D])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    onnx.save(model, str(path))
+    return path
+
+
+def child(variant: str, src: str, dst: str) -> None:
+    """Runs in a subprocess: one variant, then prints its wall time and peak RSS as JSON."""
+    t = time.perf_counter()
+    if variant == "plain":
+        import onnx_ir as ir
+
+        ir.save(ir.load(src), dst, external_data=Path(dst).name + ".data")
+        code = 0
+    else:
+        from normopt.cli import app
+
+        args = ["rewrite", src, dst] + (["--no-verify"] if variant == "rewrite-no-verify" else [])
+        try:
+            app(args, prog_name="normopt", standalone_mode=False)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+    seconds = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"variant": variant, "seconds": seconds, "peak_rss": peak, "exit": code}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gb", type=float, default=3.2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/normopt-bench-memory"))
+    parser.add_argument("--verify", action="store_true", help="also time rewrite with verification")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    args.dir.mkdir(parents=True, exist_ok=True)
+    src = args.dir / "big.onnx"
+    if not src.exists() or (args.dir / "big.onnx.data").stat().st_size < args.gb * 0.95e9:
+        make_model(args.dir, args.gb)
+    model_bytes = src.stat().st_size + (args.dir / "big.onnx.data").stat().st_size
+    variants = ["plain", "rewrite-no-verify"] + (["rewrite"] if args.verify else [])
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for r in range(args.rounds):
+        for v in variants if r % 2 == 0 else reversed(variants):
+            dst = args.dir / f"out-{v}.onnx"
+            proc = subprocess.run([sys.executable, __file__, "--child", v, str(src), str(dst)],
+                                  capture_output=True, text=True, check=False)
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            if result["exit"] != 0:
+                print(proc.stderr, file=sys.stderr)
+                return 1
+            runs[v].append(result)
+            (args.dir / f"out-{v}.onnx").unlink()
+            (args.dir / f"out-{v}.onnx.data").unlink()
+    plain_s = statistics.median(x["seconds"] for x in runs["plain"])
+    table = Table(title=f"rewrite cost, {model_bytes / 1e9:.2f} GB external-data model, {args.rounds} rounds (medians)")
+    for col in ("variant", "wall s", "x plain", "peak RSS GB", "RSS / model bytes"):
+        table.add_column(col, justify="right")
+    summary = {}
+    for v in variants:
+        s = statistics.median(x["seconds"] for x in runs[v])
+        rss = statistics.median(x["peak_rss"] for x in runs[v])
+        summary[v] = {"seconds": s, "x_plain": s / plain_s, "peak_rss": rss, "rss_over_model": rss / model_bytes}
+        table.add_row(v, f"{s:.2f}", f"{s / plain_s:.2f}", f"{rss / 1e9:.2f}", f"{rss / model_bytes:.2f}")
+    Console().print(table)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "rewrite_memory.json"
+    out.write_text(json.dumps({"model_bytes": model_bytes, "rounds": args.rounds, "summary": summary,
+                               "runs": runs, "machine": platform.machine(), "python": platform.python_version(),
+                               "cpu_count": __import__("os").cpu_count()}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
