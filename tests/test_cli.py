@@ -232,3 +232,20 @@ def test_internal_error_is_one_line_exit_4_and_debug_shows_traceback(tmp_path, m
     assert "Traceback" not in result.output
     debug = CliRunner().invoke(app, ["--debug", "rewrite", str(model), str(tmp_path / "o.onnx"), "--passes", "crash"])
     assert isinstance(debug.exception, RuntimeError)
+
+
+def test_bf16_model_cannot_be_verified_on_cpu_but_rewrites_without_verification(tmp_path, cli_env):
+    proto = mlp()
+    for init in proto.graph.initializer:
+        array = onnx.numpy_helper.to_array(init).astype(np.float32)
+        init.CopyFrom(onnx.helper.make_tensor(init.name, onnx.TensorProto.BFLOAT16, array.shape,
+                                              array.flatten().tolist()))
+    for value in [*proto.graph.input, *proto.graph.output]:
+        value.type.tensor_type.elem_type = onnx.TensorProto.BFLOAT16
+    proto.graph.node.append(helper.make_node("Neg", ["x"], ["dead"], name="dead"))
+    src, out = save(proto, tmp_path / "bf16.onnx"), tmp_path / "o.onnx"
+    assert_one_line_error(run("rewrite", src, out, env=cli_env), 2, "rewrite with --no-verify")
+    assert not out.exists()
+    proc = run("rewrite", src, out, "--no-verify", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    assert {i.data_type for i in onnx.load(str(out)).graph.initializer} == {onnx.TensorProto.BFLOAT16}

@@ -137,7 +137,11 @@ def run_ort(path: str | os.PathLike, feeds: Mapping[str, np.ndarray]) -> dict[st
     try:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types, all one-line worthy
-        raise BadInput(f"onnxruntime cannot load '{path}': {_first_line(exc)}") from None
+        reason = _first_line(exc)
+        if "Could not find an implementation" in reason:
+            reason += (" (onnxruntime's CPU build has no kernel for it in this dtype, e.g. bfloat16;"
+                       " verification is impossible there: rewrite with --no-verify)")
+        raise BadInput(f"onnxruntime cannot load '{path}': {reason}") from None
     try:
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, dict(feeds))))
