@@ -46,6 +46,30 @@ def constant_value(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+_FOLDABLE = {
+    "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide,
+    "Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Neg": np.negative, "Pow": np.power,
+}
+
+
+def folded_value(value: ir.Value | None, depth: int = 6) -> np.ndarray | None:
+    """Like `constant_value`, but also evaluates small elementwise subgraphs of constants
+    (Add/Sub/Mul/Div/Sqrt/Reciprocal/Neg/Pow), e.g. the `sqrt(running_var + eps)` an exporter
+    leaves unfolded. Analysis only: nothing is written back to the graph."""
+    direct = constant_value(value)
+    if direct is not None or value is None or depth == 0:
+        return direct
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in _FOLDABLE:
+        return None
+    args = [folded_value(v, depth - 1) for v in node.inputs]
+    if not args or any(a is None for a in args):
+        return None
+    with np.errstate(all="ignore"):
+        result = _FOLDABLE[node.op_type](*args)
+    return np.asarray(result, dtype=args[0].dtype)
+
+
 def unique_name(graph: ir.Graph, base: str) -> str:
     """A value name not used anywhere in `graph` (inputs, initializers, node outputs)."""
     taken = {v.name for v in graph.inputs} | set(graph.initializers)
