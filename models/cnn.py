@@ -1,7 +1,9 @@
-"""ResNet-18 and MobileNetV2 in plain torch (torchvision cannot run on CPU torch here).
+"""ResNet-18, MobileNetV2 and a ConvNeXt in plain torch (torchvision cannot run on CPU torch).
 
 Same topology as torchvision's, narrower (base width 16 / width multiplier 0.5) so they export
-in seconds. Exported with BatchNorm kept (`keep_bn`): exporters fold Conv+BN by default.
+in seconds. ResNet and MobileNet are exported with BatchNorm kept (`keep_bn`): exporters fold
+Conv+BN by default. The ConvNeXt writes its LayerNorm by hand over the last axis of an NHWC
+tensor, as ConvNeXt code does, so every exporter leaves it decomposed.
 """
 
 from __future__ import annotations
@@ -77,10 +79,46 @@ class MobileNetV2(nn.Module):
         return self.head(self.features(x).mean((2, 3)))
 
 
-def _image(module: nn.Module) -> Built:
+class ChannelsLastLayerNorm(nn.Module):
+    """LayerNorm over the last axis, written out: mean, centred square, sqrt(var + eps)."""
+
+    def __init__(self, d: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d)), eps
+
+    def forward(self, x):
+        u = x.mean(-1, keepdim=True)
+        s = (x - u).pow(2).mean(-1, keepdim=True)
+        return self.weight * ((x - u) / torch.sqrt(s + self.eps)) + self.bias
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(d, d, 7, padding=3, groups=d)
+        self.norm = ChannelsLastLayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x):
+        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        return x + self.mlp(y).permute(0, 3, 1, 2)
+
+
+class ConvNeXt(nn.Module):
+    def __init__(self, d: int = 64, blocks: int = 2, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, d, 4, 4)
+        self.blocks = nn.Sequential(*[ConvNeXtBlock(d) for _ in range(blocks)])
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def _image(module: nn.Module, keep_bn: bool = True) -> Built:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, IMAGE, IMAGE, generator=g)
-    return Built(module.eval(), {"image": x}, ["logits"], {"image": {0: "batch"}, "logits": {0: "batch"}}, keep_bn=True)
+    return Built(module.eval(), {"image": x}, ["logits"], {"image": {0: "batch"}, "logits": {0: "batch"}}, keep_bn=keep_bn)
 
 
 def resnet18() -> Built:
@@ -89,3 +127,7 @@ def resnet18() -> Built:
 
 def mobilenetv2() -> Built:
     return _image(MobileNetV2())
+
+
+def convnext() -> Built:
+    return _image(ConvNeXt(), keep_bn=False)

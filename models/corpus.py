@@ -42,7 +42,7 @@ class Entry:
             "gpt2": hf.gpt2, "opt": hf.opt, "gptneox": hf.gptneox, "vit": hf.vit, "bert": hf.bert,
             "llama": hf.llama, "preln": transformer.preln, "repbn": transformer.repbn,
             "unifiednorm": transformer.unifiednorm, "resnet18": cnn.resnet18,
-            "mobilenetv2": cnn.mobilenetv2,
+            "mobilenetv2": cnn.mobilenetv2, "convnext": cnn.convnext,
         }
         build = families[self.family]
         return (lambda: build(large=True)) if self.large else build
@@ -64,7 +64,7 @@ class Paths:
 
 
 FAMILIES = ["gpt2", "opt", "gptneox", "vit", "bert", "llama", "preln", "repbn", "unifiednorm",
-            "resnet18", "mobilenetv2"]
+            "resnet18", "mobilenetv2", "convnext"]
 CORPUS: dict[str, Entry] = {}
 for _family in FAMILIES:
     for _suffix in ("ts14", "ts17", "dyn18") + (("dyn23",) if _family == "llama" else ()):

@@ -86,6 +86,11 @@ def _parse_dims(items: list[str] | None) -> dict[str, int]:
     return dims
 
 
+def _check_target(target: str) -> None:
+    if target not in ("onnx", "ort", "tensorrt"):
+        raise BadInput(f"--target must be onnx, ort or tensorrt, not '{target}'")
+
+
 def _write_json(path: Path, data: dict) -> None:
     """Atomic: a reader never sees half a report."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
@@ -160,12 +165,14 @@ def passes(json_out: Annotated[bool, typer.Option("--json", help="Machine-readab
 def inspect(
     model: Annotated[Path, typer.Argument(help="ONNX model.")],
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+    target: Annotated[str, typer.Option("--target", help="onnx | ort | tensorrt: for the passes' verdicts.")] = "onnx",
 ) -> None:
-    """Describe a model and say which passes apply to it and why not."""
+    """Describe a model: its norms, its architecture, and which passes apply and why not."""
     from normopt.inspect import inspect_model
 
+    _check_target(target)
     with _progress(f"loading {model.name}"):
-        info = inspect_model(model)
+        info = inspect_model(model, target)
     if json_out:
         out.print_json(data=info)
         return
@@ -179,6 +186,15 @@ def inspect(
     for op, count in info["operators"].items():
         ops.add_row(op, str(count))
     out.print(ops)
+    norms = Table(title=f"norms ({len(info['norms'])})")
+    for col in ("kind", "form", "axis", "epsilon", "dtype", "compute", "scale", "bias", "where"):
+        norms.add_column(col)
+    for n in info["norms"]:
+        eps = "-" if n["epsilon"] is None else f"{n['epsilon']:.3g}"
+        norms.add_row(n["kind"], n["form"], str(n["axis"]), eps, str(n["dtype"]), str(n["compute_dtype"]),
+                      "yes" if n["scale"] else "no", "yes" if n["bias"] else "no", n["nodes"][0])
+    out.print(norms)
+    out.print(f"architecture: [bold]{info['architecture']}[/] ({'; '.join(info['architecture_reasons'])})")
     table = Table(title="passes")
     for col in ("pass", "applies", "reason"):
         table.add_column(col)
@@ -207,8 +223,7 @@ def rewrite(
     from normopt.rewriter.pass_base import Options
     from normopt.rewriter.rewrite import RewriteReport, rewrite as run_rewrite
 
-    if target not in ("onnx", "ort", "tensorrt"):
-        raise BadInput(f"--target must be onnx, ort or tensorrt, not '{target}'")
+    _check_target(target)
     if report is not None and not report.parent.resolve().is_dir():
         raise BadInput(f"report folder '{report.parent}' does not exist")
     names = [n.strip() for n in passes.split(",") if n.strip()] if passes is not None else None

@@ -11,8 +11,10 @@ from pathlib import Path
 import onnx_ir as ir
 
 from normopt.rewriter import io
+from normopt.rewriter.norms import find_norms
 from normopt.rewriter.pass_base import registered
 from normopt.rewriter.rewrite import op_histogram
+from normopt.rewriter.stream import analyze
 
 
 def _shape(value: ir.Value) -> str:
@@ -25,9 +27,16 @@ def _io(values) -> list[dict]:
     return [{"name": v.name, "dtype": str(v.dtype) if v.dtype else "?", "shape": _shape(v)} for v in values]
 
 
-def inspect_model(path: str | os.PathLike) -> dict:
+def inspect_model(path: str | os.PathLike, target: str = "onnx") -> dict:
+    """JSON contract: `architecture` (pre-ln|post-ln|pre-rmsnorm|peri-ln|mixed|none),
+    `norms` (kind, form, axis, epsilon, nodes, ...), `passes` ({name: {applies, reason}});
+    plus `architecture_reasons`, `stream`, `model` and `operators`."""
+    from normopt.rewriter.pass_base import Options
+
     path = Path(path)
     model = io.load(path)
+    norms = find_norms(model.graph)
+    stream = analyze(model.graph, norms)
     subgraphs = sum(1 for node in model.graph.all_nodes() for a in node.attributes.values()
                     if a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS))
     info = {
@@ -45,13 +54,17 @@ def inspect_model(path: str | os.PathLike) -> dict:
             "functions": len(model.functions),
             "nodes_with_subgraphs": subgraphs,
         },
+        "architecture": stream.architecture,
+        "architecture_reasons": stream.reasons,
+        "norms": [n.to_json() for n in norms],
+        "stream": stream.to_json(),
         "operators": op_histogram(model),
         "passes": {},
     }
     for name, cls in sorted(registered().items()):
-        plan = cls().plan(model)
+        plan = cls(Options(target=target)).plan(model)
         info["passes"][name] = {
             "applies": plan.applies,
-            "reason": "; ".join(map(str, plan.actions)) if plan.applies else plan.why_not(),
+            "reason": plan.summary() if plan.applies else plan.why_not(),
         }
     return info

@@ -50,3 +50,19 @@ def save(model: onnx.ModelProto, path: Path, external: bool = False) -> Path:
     else:
         onnx.save(model, str(path))
     return path
+
+
+def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], extra_outputs=()) -> dict[str, np.ndarray]:
+    """Run an in-memory model on ORT CPU without graph optimizations (extra values as outputs)."""
+    import onnxruntime as ort
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for name in extra_outputs:
+        if name not in [o.name for o in model.graph.output]:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))

@@ -24,6 +24,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from normopt.errors import BadInput
+from normopt.rewriter import ort_ops  # noqa: F401  (checker knows ORT's contrib norm ops)
 
 # The upper bounds are what onnxruntime 1.31 (which verifies every rewrite) can load.
 MIN_OPSET = 13

@@ -44,6 +44,10 @@ class NormMatch:
     bias: ir.Value | None = None
     compute_dtype: str | None = None  # dtype the statistics are computed in
     detail: dict = field(default_factory=dict)
+    # Decomposed LN/RMSNorm: the value the core reads (after an input Cast) and the normalized
+    # value before any scale, bias or output Cast.
+    core_input: ir.Value | None = None
+    core_output: ir.Value | None = None
 
     @property
     def normalized_axes(self) -> int:
@@ -220,13 +224,13 @@ def _epilogue(y: ir.Value, k: int, with_bias: bool) -> tuple[ir.Value, list[ir.N
 def _decomposed(kind: str, first: ir.Node, x: ir.Value, axes, core: list[ir.Node], y: ir.Value,
                 eps: float, compute: str, readers: int) -> NormMatch | None:
     source, cast_in = _input_cast(x, readers)
-    k = _trailing(axes, _rank(x))
+    k = _trailing(axes, _rank(x) if _rank(x) is not None else _rank(source))  # a Cast keeps rank
     if k is None:
         return None
     output, tail, scale, bias, cast_out = _epilogue(y, -k, with_bias=kind == "layernorm")
     detail = {"output_cast": cast_out is not None} if cast_in or cast_out else {}
     return NormMatch(kind, "decomposed", source, output, [*cast_in, first, *core, *tail], k, eps,
-                     scale, bias, compute, detail)
+                     scale, bias, compute, detail, core_input=x, core_output=y)
 
 
 def _match_layernorm(mean_node: ir.Node) -> NormMatch | None:

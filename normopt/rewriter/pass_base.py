@@ -41,6 +41,11 @@ class Plan:
     def applies(self) -> bool:
         return bool(self.actions)
 
+    def summary(self) -> str:
+        """One line: what would change (actions describe themselves where they can)."""
+        described = [a.describe() if hasattr(a, "describe") else str(a) for a in self.actions]
+        return "; ".join(described[:3]) + (f" (+{len(described) - 3} more)" if len(described) > 3 else "")
+
     def why_not(self) -> str:
         """One line: why nothing would change (first refusal, and how many more)."""
         if self.applies:

@@ -10,7 +10,7 @@ from normopt.errors import BadInput
 from normopt.rewriter.pass_base import Options, PassResult, registered
 
 # The default pipeline, in order. Later rewrites add themselves here.
-DEFAULT_PIPELINE: tuple[str, ...] = ()
+DEFAULT_PIPELINE: tuple[str, ...] = ("canonicalize-norms",)
 # Run after every pipeline, whatever was asked.
 FINAL_PASSES: tuple[str, ...] = ("cleanup",)
 

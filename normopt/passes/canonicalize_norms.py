@@ -1,0 +1,165 @@
+"""`canonicalize-norms`: replace decomposed LayerNorm / RMSNorm by the fused op the target runs.
+
+Before: x -> ReduceMean -> Sub -> Pow -> ReduceMean -> Add(eps) -> Sqrt -> Div -> Mul(g) -> Add(b)
+        (and every other decomposed form `rewriter.norms` matches, Cast wrappers included)
+After:  x -> LayerNormalization(axis, epsilon, stash_type=1)(x, g, b)
+        x -> RMSNormalization(x, g)                 (RMSNorm, --target onnx|tensorrt, opset >= 23)
+        x -> SimplifiedLayerNormalization(x, g)     (RMSNorm, --target ort)
+Conditions:
+  1. the match is exact (see rewriter.norms: private intermediates, same trailing axes,
+     keepdims, epsilon inside the square root, scale/bias broadcast along normalized axes);
+  2. the op exists: LayerNormalization needs opset >= 17, RMSNormalization opset >= 23;
+  3. the normalized dims are static (the fused op's scale has their shape; a missing scale
+     becomes ones, a missing bias stays absent);
+  4. only what is computed in the compute dtype joins the fused op: an input Cast stays in
+     front of it; a scale or bias applied after a Cast to another dtype stays after it.
+Formula: LN(x) = (x - mean) / sqrt(var + eps) * g + b and RMSNorm(x) = x / sqrt(mean(x^2) +
+eps) * g, the same expressions the decomposed graph computes; stash_type=1 keeps the
+statistics in float32 as the exporters' Cast wrappers did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from normopt.rewriter import ort_ops  # noqa: F401  (the checker must know SimplifiedLayerNormalization)
+from normopt.rewriter.graph import constant_value, unique_name
+from normopt.rewriter.norms import NormMatch, find_norms
+from normopt.rewriter.pass_base import Pass, Plan, Refusal, register
+
+
+@dataclass
+class Fusion:
+    match: NormMatch
+    op: str
+    domain: str
+    replaced: ir.Value  # the value the fused op's output takes over
+    span: list[ir.Node]  # nodes the fused op replaces
+    scale: np.ndarray  # in the compute dtype, shaped like the normalized dims
+    bias: np.ndarray | None
+
+    def describe(self) -> str:
+        return f"{self.match.kind} at {self.match.where()} -> {self.op}"
+
+
+def _fused_op(kind: str, opset: int, target: str) -> tuple[str, str] | str:
+    """(op, domain) or the reason there is none."""
+    if kind == "layernorm":
+        return ("LayerNormalization", "") if opset >= 17 else f"opset {opset} has no LayerNormalization (needs >= 17)"
+    if target == "ort":
+        return "SimplifiedLayerNormalization", ""
+    if opset >= 23:
+        return "RMSNormalization", ""
+    return (f"opset {opset} has no RMSNormalization (needs >= 23); --target ort emits "
+            "onnxruntime's SimplifiedLayerNormalization instead")
+
+
+def _normalized_shape(match: NormMatch) -> tuple[int, ...] | None:
+    k = match.normalized_axes
+    for shape in (match.core_input.shape, match.input.shape):  # an input Cast keeps the shape
+        if shape is not None and len(shape) >= k and all(isinstance(d, int) for d in shape[-k:]):
+            return tuple(shape[-k:])
+    for value in (match.scale, match.bias):
+        array = constant_value(value)
+        if array is not None and array.ndim >= k and all(d > 1 for d in array.shape[-k:]):
+            return tuple(array.shape[-k:])
+    return None
+
+
+def _absorbed_epilogue(match: NormMatch):
+    """Walk from the core output through the epilogue; stop at a Cast that changes dtype.
+    Returns the last absorbed value, the absorbed scale and bias, and the epilogue nodes left
+    in place (they go on reading that value, which the fused op's output takes over)."""
+    members = set(match.nodes)
+    value, scale, bias = match.core_output, None, None
+    while True:
+        node = next((u.node for u in value.uses() if u.node in members), None)
+        if node is None:
+            return value, scale, bias, []
+        if node.op_type == "Cast" and str(ir.DataType(node.attributes.get_int("to"))) != match.compute_dtype:
+            break
+        if node.op_type == "Mul":
+            scale = match.scale
+        elif node.op_type == "Add":
+            bias = match.bias
+        value = node.outputs[0]
+    kept, cursor = [], node
+    while cursor is not None and cursor in members:
+        kept.append(cursor)
+        cursor = next((u.node for u in cursor.outputs[0].uses() if u.node in members), None)
+    return value, scale, bias, kept
+
+
+def _plan_one(match: NormMatch, opset: int, target: str) -> Fusion | str:
+    op = _fused_op(match.kind, opset, target)
+    if isinstance(op, str):
+        return op
+    shape = _normalized_shape(match)
+    if shape is None:
+        return f"the size of the last {match.normalized_axes} axis/axes is not static"
+    replaced, scale_value, bias_value, kept = _absorbed_epilogue(match)
+    dtype = ir.DataType[match.compute_dtype].numpy()
+    scale, bias = constant_value(scale_value), constant_value(bias_value)
+    scale = np.ones(shape, dtype) if scale is None else np.broadcast_to(scale, shape).astype(dtype)
+    if bias is not None:
+        bias = np.broadcast_to(bias, shape).astype(dtype)
+    input_cast = match.core_input.producer()
+    span = [n for n in match.nodes if n not in kept and n is not input_cast]
+    return Fusion(match, *op, replaced, span, scale, bias)
+
+
+def _apply_one(graph: ir.Graph, fusion: Fusion) -> None:
+    m = fusion.match
+    name = m.nodes[0].name or m.kind
+    scale = ir.Value(name=unique_name(graph, f"{name}.scale"), const_value=ir.tensor(fusion.scale))
+    scale.const_value.name = scale.name
+    graph.register_initializer(scale)
+    inputs = [m.core_input, scale]
+    if fusion.bias is not None:
+        bias = ir.Value(name=unique_name(graph, f"{name}.bias"), const_value=ir.tensor(fusion.bias))
+        bias.const_value.name = bias.name
+        graph.register_initializer(bias)
+        inputs.append(bias)
+    node = ir.node(fusion.op, inputs, {"axis": m.axis, "epsilon": float(m.epsilon), "stash_type": 1},
+                   domain=fusion.domain, name=unique_name(graph, f"{name}.{fusion.op}"))
+    out = node.outputs[0]
+    out.type, out.shape = fusion.replaced.type, fusion.replaced.shape
+    graph.insert_after(fusion.span[-1], node)
+    old_name = fusion.replaced.name
+    fusion.replaced.replace_all_uses_with(out, replace_graph_outputs=True)
+    fusion.replaced.name = unique_name(graph, f"{old_name}.replaced")
+    out.name = old_name
+    graph.remove(fusion.span, safe=True)
+
+
+@register
+class CanonicalizeNorms(Pass):
+    name = "canonicalize-norms"
+    summary = "replace decomposed LayerNorm/RMSNorm by the fused op the target supports"
+
+    def plan(self, model: ir.Model) -> Plan:
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        plan = Plan()
+        for match in find_norms(model.graph):
+            if match.kind not in ("layernorm", "rmsnorm") or match.form != "decomposed":
+                continue
+            result = _plan_one(match, opset, self.options.target)
+            if isinstance(result, str):
+                plan.refusals.append(Refusal(f"{match.kind} at {match.where()}", result))
+            else:
+                plan.actions.append(result)
+        if not plan.actions and not plan.refusals:
+            plan.refusals.append(Refusal("model", "no decomposed LayerNorm or RMSNorm"))
+        return plan
+
+    def apply(self, model: ir.Model, plan: Plan) -> list[str]:
+        for fusion in plan.actions:
+            _apply_one(model.graph, fusion)
+        counts: dict[str, int] = {}
+        for fusion in plan.actions:
+            key = f"{fusion.match.kind} -> {fusion.op}"
+            counts[key] = counts.get(key, 0) + 1
+        return [f"fused {n} decomposed {key}" for key, n in counts.items()]

@@ -1,0 +1,204 @@
+"""Residual-stream analysis: find the stream, its writers and readers, and classify the model.
+
+Graph-based, no architecture names. Analysis only; never edits.
+
+A *residual Add* is `Add(skip, branch)` where `branch` is computed from `skip` through at least
+one linear op (MatMul/Gemm/Conv): a transformer block, a ResNet block. That rules out the
+elementwise Adds inside activations (tanh-GELU's x + 0.044715 x^3) and bias or mask Adds.
+The *stream* is the chain of skip values and residual-Add outputs.
+
+Per residual Add:
+  pre   a LayerNorm/RMSNorm reads the skip and its output feeds the branch (Pre-LN);
+  post  the skip is itself a norm's output: the previous block normalized the stream (Post-LN);
+  peri  the branch ends in a norm (Peri-LN normalizes branch outputs too).
+Classification: `pre-ln` / `pre-rmsnorm` (every Add pre, none post or peri, one norm kind),
+`post-ln` (every Add post, none pre), `peri-ln` (every Add pre and peri), `mixed` (anything
+else with norms), `none` (no residual Add, or no LN/RMSNorm on them: CNNs, BN transformers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from normopt.rewriter.graph import consumers
+from normopt.rewriter.norms import NormMatch
+
+LINEAR_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinearMatMul"}
+SHAPE_ONLY = {"Shape", "Size"}
+ARCHITECTURES = ("pre-ln", "post-ln", "pre-rmsnorm", "peri-ln", "mixed", "none")
+
+
+@dataclass
+class ResidualAdd:
+    node: ir.Node
+    skip: ir.Value
+    branch: ir.Value
+    pre: list[NormMatch] = field(default_factory=list)  # norms reading the skip, feeding the branch
+    post: NormMatch | None = None  # the norm whose output is the skip
+    peri: NormMatch | None = None  # the norm that ends the branch
+
+
+@dataclass
+class StreamAnalysis:
+    architecture: str
+    reasons: list[str]
+    residual_adds: list[ResidualAdd]
+    initial: list[ir.Value]  # stream values no residual Add produced (embedding sums, ...)
+    final_norms: list[NormMatch]  # norms reading the last stream value
+    readers: dict[str, list[str]]  # other readers of stream values: op type -> node names
+
+    def writers(self) -> list[dict]:
+        """What writes into the stream: its initial values and every branch output."""
+        out = [{"value": v.name, "role": "initial", "op": _op(v)} for v in self.initial]
+        out += [{"value": r.branch.name, "role": "branch", "op": _op(r.branch)} for r in self.residual_adds]
+        return out
+
+    def to_json(self) -> dict:
+        return {
+            "architecture": self.architecture,
+            "reasons": self.reasons,
+            "residual_adds": len(self.residual_adds),
+            "writers": self.writers(),
+            "final_norms": [n.where() for n in self.final_norms],
+            "other_readers": self.readers,
+        }
+
+
+def _op(value: ir.Value) -> str:
+    node = value.producer()
+    return "graph input" if node is None else node.op_type
+
+
+# Ops the stream passes through unchanged per token (OPT reshapes it between blocks).
+_TRANSPARENT = {"Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
+
+
+def _source(value: ir.Value) -> ir.Value:
+    """`value` with Casts and reshapes peeled off: the stream value it carries."""
+    node = value.producer()
+    while node is not None and node.op_type in _TRANSPARENT and node.inputs:
+        value = node.inputs[0]
+        node = value.producer()
+    return value
+
+
+def _reaches_through_linear(source: ir.Value, target: ir.Value, order: dict[ir.Node, int]) -> bool:
+    """Is `target` computed from `source` along a path through a linear op? (backward search,
+    pruned at nodes that come before `source`'s producer)"""
+    floor = order.get(source.producer(), -1)
+    stack, seen = [(target, False)], set()
+    while stack:
+        value, linear = stack.pop()
+        if value is source:
+            if linear:
+                return True
+            continue
+        node = value.producer()
+        if node is None or (value, linear) in seen or order.get(node, -1) < floor:
+            continue
+        seen.add((value, linear))
+        passes = linear or node.op_type in LINEAR_OPS
+        stack.extend((v, passes) for v in node.inputs if v is not None)
+    return False
+
+
+def find_residual_adds(graph: ir.Graph, norm_inputs: dict[ir.Value, ir.Value] | None = None) -> list[ResidualAdd]:
+    """Residual Adds that form the stream. `norm_inputs` maps a norm's output to its input, so
+    a Post-LN stream links through its norms.
+
+    A candidate (skip reaches branch through a linear op) is kept only if it is linked into a
+    chain: its output carries on as another candidate's skip, or its skip is another one's
+    output. That drops a later layer's attention-mask Add, whose mask reaches the scores
+    through the earlier layers but never carries the stream. With no chain at all (a single
+    block), every candidate is kept.
+    """
+    order = {node: i for i, node in enumerate(graph)}
+    norm_inputs = norm_inputs or {}
+    candidates = []
+    for node in graph:
+        if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        a, b = node.inputs
+        if a is None or b is None or a is b:
+            continue
+        for skip, branch in ((a, b), (b, a)):
+            if len(consumers(skip)) > 1 and _reaches_through_linear(skip, branch, order):
+                candidates.append(ResidualAdd(node, skip, branch))
+                break
+    outputs = {r.node.outputs[0] for r in candidates}
+    fed = {_carried_from(r.skip, norm_inputs) for r in candidates}
+    linked = [r for r in candidates if r.node.outputs[0] in fed or _carried_from(r.skip, norm_inputs) in outputs]
+    return linked or candidates
+
+
+def _carried_from(skip: ir.Value, norm_inputs: dict[ir.Value, ir.Value]) -> ir.Value:
+    """The stream value a skip carries: through reshapes and casts, and through the norm
+    that a Post-LN block applies after its residual Add."""
+    value = _source(skip)
+    return _source(norm_inputs[value]) if value in norm_inputs else value
+
+
+def analyze(graph: ir.Graph, norms: list[NormMatch]) -> StreamAnalysis:
+    """Classify the residual structure of `graph` given its norms (from `find_norms`)."""
+    order = {node: i for i, node in enumerate(graph)}
+    seq_norms = [n for n in norms if n.kind in ("layernorm", "rmsnorm")]
+    by_input: dict[ir.Value, list[NormMatch]] = {}
+    by_output: dict[ir.Value, NormMatch] = {}
+    for n in seq_norms:
+        by_input.setdefault(_source(n.input), []).append(n)
+        by_output[n.output] = n
+    norm_inputs = {n.output: n.input for n in seq_norms}
+    adds = find_residual_adds(graph, norm_inputs)
+    for r in adds:
+        skip = _source(r.skip)
+        r.pre = [n for n in by_input.get(skip, []) if _reaches_through_linear(n.output, r.branch, order)
+                 or n.output is r.branch]
+        r.post = by_output.get(skip) or by_output.get(r.skip)
+        r.peri = by_output.get(r.branch)
+    outputs = {r.node.outputs[0] for r in adds}
+    carried = [_carried_from(r.skip, norm_inputs) for r in adds]
+    initial = [v for v in dict.fromkeys(carried) if v not in outputs]
+    stream = {_source(r.skip) for r in adds} | outputs
+    last = [v for v in outputs if v not in carried]
+    final_norms = [n for v in last for n in by_input.get(v, [])]
+    readers: dict[str, list[str]] = {}
+    stream_nodes = {r.node for r in adds} | {node for n in seq_norms for node in n.nodes}
+    for value in stream:
+        for node in consumers(value):
+            if node not in stream_nodes and node.op_type not in ("Cast", "Identity"):
+                readers.setdefault(node.op_type, []).append(node.name)
+    architecture, reasons = _classify(adds, seq_norms, norms)
+    return StreamAnalysis(architecture, reasons, adds, initial, final_norms,
+                          {k: sorted(v) for k, v in sorted(readers.items())})
+
+
+def _classify(adds: list[ResidualAdd], seq_norms: list[NormMatch], norms: list[NormMatch]) -> tuple[str, list[str]]:
+    if not adds:
+        return "none", ["no residual Add (an Add of a value and a branch computed from it "
+                        "through MatMul/Gemm/Conv)"]
+    n = len(adds)
+    pre = [r for r in adds if r.pre]
+    post = [r for r in adds if r.post]
+    peri = [r for r in adds if r.peri]
+    counts = f"{n} residual Adds: {len(pre)} pre-norm, {len(post)} post-norm, {len(peri)} branch-output norm"
+    if not pre and not post and not peri:
+        if seq_norms:
+            why = (f"its {len(seq_norms)} LayerNorm/RMSNorm(s) read values off the stream "
+                   "(e.g. a conv output), not the stream itself")
+        else:
+            other = sorted({m.kind for m in norms})
+            why = f"its norms are {', '.join(other)}" if other else "it has no norms"
+        return "none", [f"{n} residual Adds, none normalized by a LayerNorm or RMSNorm: {why}"]
+    if len(post) == n and not pre:
+        return "post-ln", [counts, "every block input is a norm's output (normalized after the residual Add)"]
+    kinds = {m.kind for r in pre for m in r.pre}
+    if len(pre) == n and not post:
+        if len(peri) == n:
+            return "peri-ln", [counts, "norms both before each branch and on each branch output"]
+        if not peri and len(kinds) == 1:
+            kind = kinds.pop()
+            label = "pre-ln" if kind == "layernorm" else "pre-rmsnorm"
+            return label, [counts, f"every branch reads the raw stream through a {kind}"]
+    return "mixed", [counts, f"norm kinds before branches: {', '.join(sorted(kinds)) or 'none'}"]
