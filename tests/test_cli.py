@@ -86,7 +86,9 @@ def test_rewrite_writes_and_reports(tmp_path, dead_model, cli_env):
     assert out.exists() and (tmp_path / "out.onnx.data").exists()  # input had external data
     data = json.loads(report.read_text())
     assert data["written"] and data["exit_code"] == 0 and data["verification"]["ok"]
-    assert data["passes"][0]["name"] == "cleanup" and data["passes"][0]["modified"]
+    passes = {p["name"]: p for p in data["passes"]}
+    assert list(passes) == ["canonicalize-norms", "cleanup"] and passes["cleanup"]["modified"]
+    assert passes["canonicalize-norms"]["refusals"][0]["reason"] == "no decomposed LayerNorm or RMSNorm"
     assert data["nodes_before"]["Neg"] == 1 and "Neg" not in data["nodes_after"]
     assert {k: v for k, v in ((p.name, digest(p)) for p in tmp_path.iterdir()) if k in before} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "out.onnx", "out.onnx.data", "r.json"])

@@ -9,7 +9,9 @@ The *stream* is the chain of skip values and residual-Add outputs.
 
 Per residual Add:
   pre   a LayerNorm/RMSNorm reads the skip and its output feeds the branch (Pre-LN);
-  post  the skip is itself a norm's output: the previous block normalized the stream (Post-LN);
+  post  the stream is normalized between blocks: the skip is a norm's output, or the Add's
+        output reaches the next block only through a norm (Post-LN, with or without an
+        embedding LN before the first block);
   peri  the branch ends in a norm (Peri-LN normalizes branch outputs too).
 Classification: `pre-ln` / `pre-rmsnorm` (every Add pre, none post or peri, one norm kind),
 `post-ln` (every Add post, none pre), `peri-ln` (every Add pre and peri), `mixed` (anything
@@ -36,7 +38,7 @@ class ResidualAdd:
     skip: ir.Value
     branch: ir.Value
     pre: list[NormMatch] = field(default_factory=list)  # norms reading the skip, feeding the branch
-    post: NormMatch | None = None  # the norm whose output is the skip
+    post: NormMatch | None = None  # the norm between this block and a neighbouring one
     peri: NormMatch | None = None  # the norm that ends the branch
 
 
@@ -151,12 +153,18 @@ def analyze(graph: ir.Graph, norms: list[NormMatch]) -> StreamAnalysis:
         by_output[n.output] = n
     norm_inputs = {n.output: n.input for n in seq_norms}
     adds = find_residual_adds(graph, norm_inputs)
+    by_add_output = {r.node.outputs[0]: r for r in adds}
     for r in adds:
         skip = _source(r.skip)
         r.pre = [n for n in by_input.get(skip, []) if _reaches_through_linear(n.output, r.branch, order)
                  or n.output is r.branch]
-        r.post = by_output.get(skip) or by_output.get(r.skip)
         r.peri = by_output.get(r.branch)
+        norm = by_output.get(skip)
+        if norm is not None:  # Post-LN: this block reads a normalized stream ...
+            r.post = norm
+            previous = by_add_output.get(_source(norm.input))
+            if previous is not None:  # ... which the previous block wrote through that norm
+                previous.post = previous.post or norm
     outputs = {r.node.outputs[0] for r in adds}
     carried = [_carried_from(r.skip, norm_inputs) for r in adds]
     initial = [v for v in dict.fromkeys(carried) if v not in outputs]

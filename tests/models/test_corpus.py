@@ -34,6 +34,9 @@ def test_export_has_the_structure_it_claims(corpus, name):
         assert (count["RMSNormalization"], count["ReduceMean"]) == ((5, 0) if entry.opset >= 23 else (0, 5))
     elif entry.family in BN_COUNTS:
         assert count["BatchNormalization"] == BN_COUNTS[entry.family]  # kept, not folded into Conv
+    elif entry.family == "convnext":
+        # two hand-written LNs (two ReduceMeans each) and the global average pool
+        assert count["ReduceMean"] == 5 and not count["LayerNormalization"]
     else:
         assert entry.family == "unifiednorm"
         assert count["Sqrt"] == 5 and not count["LayerNormalization"] and not count["BatchNormalization"]

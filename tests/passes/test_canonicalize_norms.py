@@ -1,0 +1,76 @@
+"""canonicalize-norms on real exports: equivalent, idempotent, refusing where it must."""
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from models.corpus import CORPUS
+from normopt.passes.canonicalize_norms import CanonicalizeNorms
+from normopt.rewriter import io
+from normopt.rewriter.pass_base import Options
+from normopt.rewriter.verify import compare_output, run_ort
+from tests.norm_graphs import Variant, build
+
+# decomposed norms per export that canonicalize can fuse, by target
+FUSED = {
+    ("convnext-ts17", "onnx"): {"LayerNormalization": 2},
+    ("convnext-dyn18", "onnx"): {"LayerNormalization": 2},
+    ("convnext-ts17", "ort"): {"LayerNormalization": 2},
+    ("convnext-dyn18", "ort"): {"LayerNormalization": 2},
+    ("llama-ts14", "ort"): {"SimplifiedLayerNormalization": 5},
+    ("llama-ts17", "ort"): {"SimplifiedLayerNormalization": 5},
+    ("llama-dyn18", "ort"): {"SimplifiedLayerNormalization": 5},
+}
+
+
+@pytest.mark.parametrize("target", ["onnx", "ort"])
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_corpus_equivalent_and_idempotent(corpus, tmp_path, name, target):
+    paths = corpus(name)
+    model = io.load(paths.model)
+    before = collections.Counter(n.op_type for n in model.graph)
+    result = CanonicalizeNorms(Options(target=target)).run(model)
+    expected = FUSED.get((name, target), {})
+    after = collections.Counter(n.op_type for n in model.graph)
+    for op, count in expected.items():
+        assert after[op] - before[op] == count
+    assert result.modified == bool(expected), result.refusals
+    assert not CanonicalizeNorms(Options(target=target)).run(model).modified
+    out = tmp_path / "out.onnx"
+    io.save(model, out, external_data=False)
+    onnx.checker.check_model(str(out), full_check=True)
+    got = run_ort(out, paths.load_inputs())
+    for output, reference in paths.load_reference().items():
+        assert compare_output(output, reference, got[output], None, None).ok
+
+
+def test_refusals_name_the_opset():
+    model = ir.serde.deserialize_model(build(Variant(kind="rmsnorm"))[0])
+    result = CanonicalizeNorms(Options(target="onnx")).run(model)
+    assert not result.modified
+    assert "opset 17 has no RMSNormalization (needs >= 23)" in result.refusals[0].reason
+    assert "--target ort" in result.refusals[0].reason
+    proto = build(Variant())[0]
+    proto.opset_import[0].version = 16
+    result = CanonicalizeNorms().run(ir.serde.deserialize_model(proto))
+    assert "opset 16 has no LayerNormalization" in result.refusals[0].reason
+
+
+def test_rmsnormalization_at_opset_23():
+    proto = build(Variant(kind="rmsnorm", axes_as_input=True))[0]
+    proto.opset_import[0].version = 23
+    model = ir.serde.deserialize_model(proto)
+    assert CanonicalizeNorms(Options(target="onnx")).run(model).modified
+    assert [n.op_type for n in model.graph].count("RMSNormalization") == 1
+    x = {"x": np.random.default_rng(0).standard_normal((2, 3, 4, 8)).astype(np.float32)}
+    from tests.helpers import ort_run
+
+    np.testing.assert_allclose(ort_run(ir.serde.serialize_model(model), x)["out"], ort_run(proto, x)["out"], rtol=1e-5, atol=1e-6)
+
+
+def test_nothing_to_do_says_so():
+    result = CanonicalizeNorms().run(ir.serde.deserialize_model(build(Variant(mutation="eps_outside"))[0]))
+    assert not result.modified and result.refusals[0].reason == "no decomposed LayerNorm or RMSNorm"

@@ -1,0 +1,103 @@
+"""Residual-stream analysis: classification of every corpus model and of hand-built blocks."""
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+from models.corpus import CORPUS
+from normopt.rewriter.io import load
+from normopt.rewriter.norms import find_norms
+from normopt.rewriter.stream import analyze
+from tests.helpers import const, make_model, tensor
+
+EXPECTED = {
+    "gpt2": "pre-ln", "opt": "pre-ln", "gptneox": "pre-ln", "vit": "pre-ln", "preln": "pre-ln",
+    "bert": "post-ln", "llama": "pre-rmsnorm", "resnet18": "none", "mobilenetv2": "none",
+    "repbn": "none", "unifiednorm": "none", "convnext": "none",
+}
+RESIDUAL_ADDS = {"gpt2": 4, "opt": 4, "gptneox": 2, "vit": 4, "preln": 4, "bert": 4, "llama": 4}
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_corpus_architecture(corpus, name):
+    graph = load(corpus(name).model).graph
+    result = analyze(graph, find_norms(graph))
+    family = CORPUS[name].family
+    assert result.architecture == EXPECTED[family], result.reasons
+    if family in RESIDUAL_ADDS:
+        assert len(result.residual_adds) == RESIDUAL_ADDS[family]  # no mask or GELU Adds
+        assert len(result.final_norms) == 1
+
+
+def _blocks(kinds: list[str], d: int = 8):
+    """A stream of blocks; each kind is pre | post | peri | plain (no norm) | rms (pre RMSNorm)."""
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    inits += [const("g", np.ones(d, np.float32)), const("b", np.zeros(d, np.float32))]
+
+    def norm(inp, out, rms=False):
+        if rms:
+            return helper.make_node("RMSNormalization", [inp, "g"], [out], axis=-1)
+        return helper.make_node("LayerNormalization", [inp, "g", "b"], [out], axis=-1)
+
+    for i, kind in enumerate(kinds):
+        inits.append(const(f"w{i}", rng.standard_normal((d, d)).astype(np.float32)))
+        if kind in ("pre", "peri", "rms"):
+            nodes.append(norm(x, f"n{i}", rms=kind == "rms"))
+            nodes.append(helper.make_node("MatMul", [f"n{i}", f"w{i}"], [f"f{i}"]))
+        else:
+            nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"f{i}"]))
+        branch = f"f{i}"
+        if kind == "peri":
+            nodes.append(norm(f"f{i}", f"p{i}"))
+            branch = f"p{i}"
+        nodes.append(helper.make_node("Add", [x, branch], [f"s{i}"]))
+        x = f"s{i}"
+        if kind == "post":
+            nodes.append(norm(x, f"ln{i}"))
+            x = f"ln{i}"
+    # a tanh-GELU style Add (x + c*x^3): not residual, no linear op between
+    nodes += [helper.make_node("Pow", [x, "three"], ["cube"]), helper.make_node("Mul", ["cube", "c"], ["cc"]),
+              helper.make_node("Add", [x, "cc"], ["y"])]
+    inits += [const("three", np.float32(3)), const("c", np.float32(0.044715))]
+    model = make_model(nodes, [tensor("x", TensorProto.FLOAT, (2, 4, d))], [tensor("y", TensorProto.FLOAT, (2, 4, d))],
+                       inits, opset=23)
+    graph = ir.serde.deserialize_model(model).graph
+    return analyze(graph, find_norms(graph))
+
+
+@pytest.mark.parametrize(
+    "kinds,expected",
+    [
+        (["pre", "pre", "pre"], "pre-ln"),
+        (["post", "post", "post"], "post-ln"),
+        (["peri", "peri"], "peri-ln"),
+        (["rms", "rms"], "pre-rmsnorm"),
+        (["pre", "post", "pre"], "mixed"),  # Mix-LN
+        (["pre", "rms"], "mixed"),
+        (["pre", "plain", "pre"], "mixed"),
+        (["plain", "plain"], "none"),
+    ],
+)
+def test_hand_built_streams(kinds, expected):
+    result = _blocks(kinds)
+    assert result.architecture == expected, result.reasons
+    assert len(result.residual_adds) == len(kinds)  # the GELU-style Add is not residual
+    assert result.reasons
+
+
+def test_no_residual_add():
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [tensor("x")], [tensor("y")])
+    graph = ir.serde.deserialize_model(model).graph
+    result = analyze(graph, find_norms(graph))
+    assert result.architecture == "none" and "no residual Add" in result.reasons[0]
+
+
+def test_stream_json_lists_writers_and_readers(corpus):
+    graph = load(corpus("gpt2-ts17").model).graph
+    data = analyze(graph, find_norms(graph)).to_json()
+    assert data["architecture"] == "pre-ln" and data["residual_adds"] == 4
+    roles = [w["role"] for w in data["writers"]]
+    assert roles.count("initial") == 1 and roles.count("branch") == 4
+    assert set(data["other_readers"]) <= {"Shape"}  # GPT-2's stream feeds only norms, Adds, Shape

@@ -1,0 +1,54 @@
+"""`normopt inspect`: finds every norm in every export and keeps its JSON contract."""
+
+import collections
+import json
+import subprocess
+import sys
+
+import pytest
+
+from models.corpus import CORPUS
+from normopt.inspect import inspect_model
+
+LN = {"gpt2", "opt", "gptneox", "vit", "bert", "preln"}
+# (kind, form) -> count, per family; form depends on the export for LN / RMSNorm
+NORMS = {
+    "llama": lambda e: {("rmsnorm", "op" if e.opset >= 23 else "decomposed"): 5},
+    "resnet18": lambda e: {("batchnorm", "op"): 20},
+    "mobilenetv2": lambda e: {("batchnorm", "op"): 52},
+    "repbn": lambda e: {("batchnorm", "op"): 5},
+    "unifiednorm": lambda e: {("affine", "decomposed"): 5},
+    "convnext": lambda e: {("layernorm", "decomposed"): 2},
+    **{f: (lambda e: {("layernorm", "decomposed" if e.opset < 17 else "op"): 5}) for f in LN},
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_inspect_finds_every_norm(corpus, name):
+    entry = CORPUS[name]
+    info = inspect_model(corpus(name).model)
+    found = collections.Counter((n["kind"], n["form"]) for n in info["norms"])
+    assert dict(found) == NORMS[entry.family](entry)
+    for n in info["norms"]:
+        assert n["nodes"] and n["dtype"] == "FLOAT"
+        if n["kind"] in ("layernorm", "rmsnorm"):
+            assert n["axis"] == -1 and 0 < n["epsilon"] < 1e-4
+    if entry.family == "repbn":
+        assert all(n["transposed"] and n["repbn_alpha"] > 0 for n in info["norms"])
+
+
+def test_json_contract(corpus):
+    proc = subprocess.run([sys.executable, "-m", "normopt", "inspect", str(corpus("gpt2-ts17").model), "--json"],
+                          capture_output=True, text=True, check=True)
+    data = json.loads(proc.stdout)
+    assert data["architecture"] == "pre-ln"
+    assert {"kind", "form", "axis", "epsilon", "nodes"} <= set(data["norms"][0])
+    assert data["passes"]["canonicalize-norms"] == {"applies": False, "reason": "model: no decomposed LayerNorm or RMSNorm"}
+    assert set(data["passes"]) >= {"canonicalize-norms", "cleanup"}
+
+
+def test_target_changes_the_verdict(corpus):
+    path = corpus("llama-dyn18").model
+    assert not inspect_model(path, "onnx")["passes"]["canonicalize-norms"]["applies"]
+    verdict = inspect_model(path, "ort")["passes"]["canonicalize-norms"]
+    assert verdict["applies"] and "SimplifiedLayerNormalization" in verdict["reason"]
