@@ -129,5 +129,5 @@ def mobilenetv2() -> Built:
     return _image(MobileNetV2())
 
 
-def convnext() -> Built:
-    return _image(ConvNeXt(), keep_bn=False)
+def convnext(large: bool = False) -> Built:
+    return _image(ConvNeXt(d=128, blocks=4) if large else ConvNeXt(), keep_bn=False)

@@ -73,6 +73,9 @@ LARGE = {
     "gpt2-768x12-ts17": Entry("gpt2-768x12-ts17", "gpt2", "ts", 17, large=True),
     "gpt2-768x12-dyn18": Entry("gpt2-768x12-dyn18", "gpt2", "dynamo", 18, large=True),
     "vit-b16-dyn18": Entry("vit-b16-dyn18", "vit", "dynamo", 18, large=True),
+    "llama-512x4-dyn18": Entry("llama-512x4-dyn18", "llama", "dynamo", 18, large=True),
+    "convnext-128x4-dyn18": Entry("convnext-128x4-dyn18", "convnext", "dynamo", 18, large=True),
+    "convnext-128x4-ts14": Entry("convnext-128x4-ts14", "convnext", "ts", 14, large=True),
 }
 
 

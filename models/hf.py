@@ -98,13 +98,15 @@ def bert() -> Built:
     return _text(T.BertModel(cfg, add_pooling_layer=False), "last_hidden_state", "token_type_ids")
 
 
-def llama() -> Built:
+def llama(large: bool = False) -> Built:
     """Pre-RMSNorm, rotary positions, grouped-query attention, untied head."""
     T = _transformers()
 
-    cfg = _small(T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                               max_position_embeddings=POSITIONS, tie_word_embeddings=False))
+    d, layers, heads = (512, 4, 8) if large else (64, 2, 4)
+    cfg = _small(T.LlamaConfig(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
+                               num_attention_heads=heads, num_key_value_heads=heads // 2,
+                               vocab_size=VOCAB, max_position_embeddings=1024 if large else POSITIONS,
+                               tie_word_embeddings=False))
     return _text(T.LlamaForCausalLM(cfg), extra="position_ids")
 
 

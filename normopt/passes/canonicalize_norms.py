@@ -2,13 +2,15 @@
 
 Before: x -> ReduceMean -> Sub -> Pow -> ReduceMean -> Add(eps) -> Sqrt -> Div -> Mul(g) -> Add(b)
         (and every other decomposed form `rewriter.norms` matches, Cast wrappers included)
-After:  x -> LayerNormalization(axis, epsilon, stash_type=1)(x, g, b)
+After:  x -> LayerNormalization(axis, epsilon, stash_type=1)(x, g, b)   (opset >= 17, or
+                                              --target ort: onnxruntime's contrib op below 17)
         x -> RMSNormalization(x, g)                 (RMSNorm, --target onnx|tensorrt, opset >= 23)
         x -> SimplifiedLayerNormalization(x, g)     (RMSNorm, --target ort)
 Conditions:
   1. the match is exact (see rewriter.norms: private intermediates, same trailing axes,
      keepdims, epsilon inside the square root, scale/bias broadcast along normalized axes);
-  2. the op exists: LayerNormalization needs opset >= 17, RMSNormalization opset >= 23;
+  2. the op exists: LayerNormalization needs opset >= 17 (any opset for --target ort),
+     RMSNormalization opset >= 23 (SimplifiedLayerNormalization: any opset, --target ort);
   3. the normalized dims are static (the fused op's scale has their shape; a missing scale
      becomes ones, a missing bias stays absent);
   4. only what is computed in the compute dtype joins the fused op: an input Cast stays in
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from normopt.rewriter import ort_ops  # noqa: F401  (the checker must know SimplifiedLayerNormalization)
+from normopt.rewriter import ort_ops  # noqa: F401  (the checker must know ORT's contrib norm ops)
 from normopt.rewriter.graph import constant_value, unique_name
 from normopt.rewriter.norms import NormMatch, find_norms
 from normopt.rewriter.pass_base import Pass, Plan, Refusal, register
@@ -48,7 +50,10 @@ class Fusion:
 def _fused_op(kind: str, opset: int, target: str) -> tuple[str, str] | str:
     """(op, domain) or the reason there is none."""
     if kind == "layernorm":
-        return ("LayerNormalization", "") if opset >= 17 else f"opset {opset} has no LayerNormalization (needs >= 17)"
+        if opset >= 17 or target == "ort":  # onnxruntime runs its contrib LayerNormalization at any opset
+            return "LayerNormalization", ""
+        return (f"opset {opset} has no LayerNormalization (needs >= 17); --target ort emits "
+                "onnxruntime's LayerNormalization, which it runs at any opset")
     if target == "ort":
         return "SimplifiedLayerNormalization", ""
     if opset >= 23:
