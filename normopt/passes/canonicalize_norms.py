@@ -40,8 +40,8 @@ class Fusion:
     domain: str
     replaced: ir.Value  # the value the fused op's output takes over
     span: list[ir.Node]  # nodes the fused op replaces
-    scale: np.ndarray  # in the compute dtype, shaped like the normalized dims
-    bias: np.ndarray | None
+    scale: ir.Value | np.ndarray  # the model's own initializer when it fits, else a new array
+    bias: ir.Value | np.ndarray | None
 
     def describe(self) -> str:
         return f"{self.match.kind} at {self.match.where()} -> {self.op}"
@@ -107,27 +107,39 @@ def _plan_one(match: NormMatch, opset: int, target: str) -> Fusion | str:
         return f"the size of the last {match.normalized_axes} axis/axes is not static"
     replaced, scale_value, bias_value, kept = _absorbed_epilogue(match)
     dtype = ir.DataType[match.compute_dtype].numpy()
-    scale, bias = constant_value(scale_value), constant_value(bias_value)
-    scale = np.ones(shape, dtype) if scale is None else np.broadcast_to(scale, shape).astype(dtype)
-    if bias is not None:
-        bias = np.broadcast_to(bias, shape).astype(dtype)
+    scale = _parameter(scale_value, shape, dtype)
+    scale = np.ones(shape, dtype) if scale is None else scale
     input_cast = match.core_input.producer()
     span = [n for n in match.nodes if n not in kept and n is not input_cast]
-    return Fusion(match, *op, replaced, span, scale, bias)
+    return Fusion(match, *op, replaced, span, scale, _parameter(bias_value, shape, dtype))
+
+
+def _parameter(value: ir.Value | None, shape: tuple[int, ...], dtype) -> ir.Value | np.ndarray | None:
+    """The initializer itself when it already has the normalized shape and compute dtype (its
+    name survives, for refit by name), else its values broadcast and cast."""
+    array = constant_value(value)
+    if array is None:
+        return None
+    if value.is_initializer() and array.shape == shape and array.dtype == dtype:
+        return value
+    return np.broadcast_to(array, shape).astype(dtype)
 
 
 def _apply_one(graph: ir.Graph, fusion: Fusion) -> None:
     m = fusion.match
     name = m.nodes[0].name or m.kind
-    scale = ir.Value(name=unique_name(graph, f"{name}.scale"), const_value=ir.tensor(fusion.scale))
-    scale.const_value.name = scale.name
-    graph.register_initializer(scale)
-    inputs = [m.core_input, scale]
+
+    def initializer(param, suffix):
+        if isinstance(param, ir.Value):
+            return param
+        value = ir.Value(name=unique_name(graph, f"{name}.{suffix}"), const_value=ir.tensor(param))
+        value.const_value.name = value.name
+        graph.register_initializer(value)
+        return value
+
+    inputs = [m.core_input, initializer(fusion.scale, "scale")]
     if fusion.bias is not None:
-        bias = ir.Value(name=unique_name(graph, f"{name}.bias"), const_value=ir.tensor(fusion.bias))
-        bias.const_value.name = bias.name
-        graph.register_initializer(bias)
-        inputs.append(bias)
+        inputs.append(initializer(fusion.bias, "bias"))
     node = ir.node(fusion.op, inputs, {"axis": m.axis, "epsilon": float(m.epsilon), "stash_type": 1},
                    domain=fusion.domain, name=unique_name(graph, f"{name}.{fusion.op}"))
     out = node.outputs[0]

@@ -76,3 +76,12 @@ def test_rmsnormalization_at_opset_23():
 def test_nothing_to_do_says_so():
     result = CanonicalizeNorms().run(ir.serde.deserialize_model(build(Variant(mutation="eps_outside"))[0]))
     assert not result.modified and result.refusals[0].reason == "no decomposed LayerNorm or RMSNorm"
+
+
+def test_fitting_parameters_keep_their_names(corpus):
+    """Refit by name keeps working: gamma/beta already shaped [d] in float32 are reused."""
+    model = io.load(corpus("llama-dyn18").model)
+    names = {n for n in model.graph.initializers if "layernorm.weight" in n or n.endswith("norm.weight")}
+    CanonicalizeNorms(Options(target="ort")).run(model)
+    fused = [n for n in model.graph if n.op_type == "SimplifiedLayerNormalization"]
+    assert {n.inputs[1].name for n in fused} == names and len(names) == 5
