@@ -11,6 +11,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from normopt.rewriter import io
+from normopt.rewriter.graph import annotate_shapes
 from normopt.rewriter.norms import find_norms
 from normopt.rewriter.pass_base import registered
 from normopt.rewriter.rewrite import op_histogram
@@ -35,6 +36,7 @@ def inspect_model(path: str | os.PathLike, target: str = "onnx") -> dict:
 
     path = Path(path)
     model = io.load(path)
+    annotate_shapes(model)
     norms = find_norms(model.graph)
     stream = analyze(model.graph, norms)
     subgraphs = sum(1 for node in model.graph.all_nodes() for a in node.attributes.values()

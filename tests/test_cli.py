@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from normopt.cli import app
 from normopt.rewriter import pass_base
+from normopt.rewriter.pipeline import DEFAULT_PIPELINE
 from tests.helpers import const, mlp, save
 
 
@@ -87,7 +88,7 @@ def test_rewrite_writes_and_reports(tmp_path, dead_model, cli_env):
     data = json.loads(report.read_text())
     assert data["written"] and data["exit_code"] == 0 and data["verification"]["ok"]
     passes = {p["name"]: p for p in data["passes"]}
-    assert list(passes) == ["canonicalize-norms", "cleanup"] and passes["cleanup"]["modified"]
+    assert list(passes) == [*DEFAULT_PIPELINE, "cleanup"] and passes["cleanup"]["modified"]
     assert passes["canonicalize-norms"]["refusals"][0]["reason"] == "no decomposed LayerNorm or RMSNorm"
     assert data["nodes_before"]["Neg"] == 1 and "Neg" not in data["nodes_after"]
     assert {k: v for k, v in ((p.name, digest(p)) for p in tmp_path.iterdir()) if k in before} == before

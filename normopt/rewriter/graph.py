@@ -46,28 +46,89 @@ def constant_value(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
-_FOLDABLE = {
+_ELEMENTWISE = {
     "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide,
     "Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Neg": np.negative, "Pow": np.power,
 }
 
 
-def folded_value(value: ir.Value | None, depth: int = 6) -> np.ndarray | None:
-    """Like `constant_value`, but also evaluates small elementwise subgraphs of constants
-    (Add/Sub/Mul/Div/Sqrt/Reciprocal/Neg/Pow), e.g. the `sqrt(running_var + eps)` an exporter
-    leaves unfolded. Analysis only: nothing is written back to the graph."""
+def _static_shape(value: ir.Value) -> np.ndarray | None:
+    shape = value.shape
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return None
+    return np.array(list(shape), np.int64)
+
+
+def _fold_node(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | None:
+    """Evaluate one node on constant inputs (None where an input is not constant)."""
+    op, attrs = node.op_type, node.attributes
+    if op in _ELEMENTWISE and args and all(a is not None for a in args):
+        with np.errstate(all="ignore"):
+            return np.asarray(_ELEMENTWISE[op](*args), dtype=args[0].dtype)
+    if op == "Shape":  # needs only the input's static shape, not its values
+        shape = _static_shape(node.inputs[0])
+        return None if shape is None else shape[attrs.get_int("start", 0):attrs.get_int("end", len(shape)) or None]
+    if any(a is None for a in args[:1]):
+        return None
+    if op == "CastLike":
+        target = args[1] if args[1] is not None else None
+        dtype = target.dtype if target is not None else (node.inputs[1].dtype.numpy() if node.inputs[1].dtype else None)
+        return None if dtype is None else args[0].astype(dtype)
+    if op == "Expand" and args[1] is not None:
+        return np.broadcast_to(args[0], np.broadcast_shapes(args[0].shape, tuple(args[1]))).copy()
+    if op == "Reshape" and args[1] is not None:
+        shape = [int(d) for d in args[1]]
+        if not attrs.get_int("allowzero", 0):  # 0 copies the input's dim unless allowzero
+            shape = [args[0].shape[i] if d == 0 else d for i, d in enumerate(shape)]
+        return args[0].reshape(shape)
+    if op in ("Unsqueeze", "Squeeze"):
+        axes = attrs.get_ints("axes") if "axes" in attrs else (tuple(args[1]) if len(args) > 1 and args[1] is not None else None)
+        if op == "Unsqueeze":
+            return None if axes is None else np.expand_dims(args[0], tuple(a if a >= 0 else a + args[0].ndim + len(axes) for a in axes))
+        return np.squeeze(args[0], axis=None if axes is None else tuple(axes))
+    if op == "Transpose":
+        perm = attrs.get_ints("perm") if "perm" in attrs else None
+        return np.transpose(args[0], perm)
+    if op == "Concat" and all(a is not None for a in args):
+        return np.concatenate(args, axis=attrs.get_int("axis", 0))
+    return None
+
+
+_FOLDABLE = set(_ELEMENTWISE) | {"Shape", "CastLike", "Expand", "Reshape", "Unsqueeze", "Squeeze", "Concat",
+                                 "Transpose"}
+
+
+def folded_value(value: ir.Value | None, depth: int = 8) -> np.ndarray | None:
+    """Like `constant_value`, but also evaluates the small constant subgraphs exporters leave
+    unfolded: elementwise math (`sqrt(running_var + eps)`), a Linear's `Transpose(W)`, and the
+    shape arithmetic dynamo uses for a conv bias (`Expand(CastLike(0, x), Shape(W)[0:1])`).
+    Analysis only: nothing is written back to the graph."""
     direct = constant_value(value)
     if direct is not None or value is None or depth == 0:
         return direct
     node = value.producer()
     if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in _FOLDABLE:
         return None
-    args = [folded_value(v, depth - 1) for v in node.inputs]
-    if not args or any(a is None for a in args):
-        return None
-    with np.errstate(all="ignore"):
-        result = _FOLDABLE[node.op_type](*args)
-    return np.asarray(result, dtype=args[0].dtype)
+    if node.op_type == "Shape":
+        return _fold_node(node, [])
+    return _fold_node(node, [folded_value(v, depth - 1) if v is not None else None for v in node.inputs])
+
+
+def annotate_shapes(model: ir.Model) -> None:
+    """Fill in value shapes and dtypes with onnx shape inference (TorchScript exports record
+    few). Reads no weights (onnx-ir hands the C++ inference a copy without large tensors);
+    on failure the model is left as it was. Metadata only: passes use it to know ranks and
+    normalized sizes; a wrong shape could only make a rewrite refuse or fail verification."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+
+
+def rank(value: ir.Value) -> int | None:
+    if value.shape is not None:
+        return len(value.shape)
+    array = constant_value(value)
+    return None if array is None else array.ndim
 
 
 def unique_name(graph: ir.Graph, base: str) -> str:

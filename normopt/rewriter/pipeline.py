@@ -7,10 +7,11 @@ from collections.abc import Callable, Sequence
 import onnx_ir as ir
 
 from normopt.errors import BadInput
+from normopt.rewriter.graph import annotate_shapes
 from normopt.rewriter.pass_base import Options, PassResult, registered
 
 # The default pipeline, in order. Later rewrites add themselves here.
-DEFAULT_PIPELINE: tuple[str, ...] = ("canonicalize-norms",)
+DEFAULT_PIPELINE: tuple[str, ...] = ("canonicalize-norms", "fold-affine-norms")
 # Run after every pipeline, whatever was asked.
 FINAL_PASSES: tuple[str, ...] = ("cleanup",)
 
@@ -37,6 +38,7 @@ def run_pipeline(
 ) -> list[PassResult]:
     """Run `names` then the final passes (each once); results in run order."""
     known = registered()
+    annotate_shapes(model)
     results = []
     for name in [*names, *(n for n in FINAL_PASSES if n not in names)]:
         if on_pass:
