@@ -115,14 +115,15 @@ class ConvNeXt(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean((2, 3)))
 
 
-def _image(module: nn.Module, keep_bn: bool = True) -> Built:
+def _image(module: nn.Module, keep_bn: bool = True, size: int = IMAGE, batch: int = 2) -> Built:
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, IMAGE, IMAGE, generator=g)
+    x = torch.randn(batch, 3, size, size, generator=g)
     return Built(module.eval(), {"image": x}, ["logits"], {"image": {0: "batch"}, "logits": {0: "batch"}}, keep_bn=keep_bn)
 
 
-def resnet18() -> Built:
-    return _image(ResNet18())
+def resnet18(large: bool = False) -> Built:
+    """Large: torchvision's width (64) at 224x224, 1000 classes."""
+    return _image(ResNet18(64, 1000), size=224, batch=1) if large else _image(ResNet18())
 
 
 def mobilenetv2() -> Built:

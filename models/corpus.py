@@ -34,6 +34,7 @@ class Entry:
     exporter: str
     opset: int
     large: bool = False  # benchmark-size config, built only on request
+    keep_bn: bool | None = None  # override the builder: False lets the exporter fold Conv+BN
 
     def builder(self) -> Callable:
         from models import cnn, hf, transformer
@@ -76,6 +77,9 @@ LARGE = {
     "llama-512x4-dyn18": Entry("llama-512x4-dyn18", "llama", "dynamo", 18, large=True),
     "convnext-128x4-dyn18": Entry("convnext-128x4-dyn18", "convnext", "dynamo", 18, large=True),
     "convnext-128x4-ts14": Entry("convnext-128x4-ts14", "convnext", "ts", 14, large=True),
+    "resnet18-full-dyn18": Entry("resnet18-full-dyn18", "resnet18", "dynamo", 18, large=True),
+    "resnet18-full-dyn18-folded": Entry("resnet18-full-dyn18-folded", "resnet18", "dynamo", 18, large=True, keep_bn=False),
+    "repbn-vits-dyn18": Entry("repbn-vits-dyn18", "repbn", "dynamo", 18, large=True),
 }
 
 
@@ -126,6 +130,8 @@ def _build_into(entry: Entry, folder: Path) -> None:
 
     torch.manual_seed(0)
     built = entry.builder()()
+    if entry.keep_bn is not None:
+        built.keep_bn = entry.keep_bn
     randomize_norms_and_biases(built.module, seed=1)
     export(built, folder / "model.onnx", exporter=entry.exporter, opset=entry.opset)
     feeds = {k: v.numpy() for k, v in built.inputs.items()}

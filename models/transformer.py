@@ -83,14 +83,15 @@ class TextTransformer(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, norm: str, classes: int = 10) -> None:
+    def __init__(self, norm: str, classes: int = 10, d: int = D, heads: int = HEADS, layers: int = LAYERS,
+                 patch: int = PATCH, image: int = IMAGE) -> None:
         super().__init__()
-        self.patch = nn.Conv2d(3, D, PATCH, PATCH)
-        self.cls = nn.Parameter(torch.randn(1, 1, D) * 0.02)
-        self.positions = nn.Parameter(torch.randn(1, (IMAGE // PATCH) ** 2 + 1, D) * 0.02)
-        self.blocks = nn.Sequential(*[Block(D, HEADS, norm) for _ in range(LAYERS)])
-        self.norm = NORMS[norm](D)
-        self.head = nn.Linear(D, classes)
+        self.patch = nn.Conv2d(3, d, patch, patch)
+        self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        self.positions = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, d) * 0.02)
+        self.blocks = nn.Sequential(*[Block(d, heads, norm) for _ in range(layers)])
+        self.norm = NORMS[norm](d)
+        self.head = nn.Linear(d, classes)
 
     def forward(self, image):
         x = self.patch(image).flatten(2).transpose(1, 2)
@@ -116,18 +117,20 @@ def preln() -> Built:
                  {"input_ids": axes, "logits": axes})
 
 
-def _vision(norm: str) -> Built:
+def _vision(norm: str, large: bool = False) -> Built:
+    """Small (64 wide, 2 layers, 32x32) or ViT-S/16 size (384 wide, 12 layers, 6 heads, 224x224)."""
     g = torch.Generator().manual_seed(0)
-    image = torch.randn(2, 3, IMAGE, IMAGE, generator=g)
-    module = VisionTransformer(norm).eval()
+    size = 224 if large else IMAGE
+    image = torch.randn(1 if large else 2, 3, size, size, generator=g)
+    module = (VisionTransformer(norm, 1000, 384, 6, 12, 16, 224) if large else VisionTransformer(norm)).eval()
     _randomize_custom_norms(module, seed=1)
     return Built(module, {"image": image}, ["logits"],
                  {"image": {0: "batch"}, "logits": {0: "batch"}}, keep_bn=True)
 
 
-def repbn() -> Built:
-    return _vision("repbn")
+def repbn(large: bool = False) -> Built:
+    return _vision("repbn", large)
 
 
-def unifiednorm() -> Built:
-    return _vision("unified")
+def unifiednorm(large: bool = False) -> Built:
+    return _vision("unified", large)

@@ -49,7 +49,7 @@ class Fold:
         return f"{self.match.kind} at {self.match.where()} into {self.side} {self.linear.op_type} {self.linear.name}"
 
 
-def _affine(match: NormMatch) -> tuple[np.ndarray, np.ndarray] | None:
+def _affine(match: NormMatch) -> tuple[np.ndarray, np.ndarray]:
     if match.kind == "batchnorm":
         bn = next(n for n in match.nodes if n.op_type == "BatchNormalization")
         gamma, beta, mean, var = (folded_value(v) for v in bn.inputs[1:5])
@@ -93,11 +93,14 @@ def _single_reader(value: ir.Value) -> ir.Node | str:
     return readers[0]
 
 
-def _is_bias_add(node: ir.Node | None, value: ir.Value) -> bool:
+def _bias_add_data(node: ir.Node | None) -> ir.Value | None:
+    """For `Add(data, constant)` (either order) the data input, else None."""
     if node is None or node.op_type != "Add" or len(node.inputs) != 2:
-        return False
-    other = node.inputs[1] if node.inputs[0] is value else node.inputs[0]
-    return other is not value and folded_value(other) is not None
+        return None
+    constant = [folded_value(v) is not None for v in node.inputs]
+    if constant.count(True) != 1:
+        return None
+    return node.inputs[constant.index(False)]
 
 
 def _expects_channel(linear: ir.Node, axis: int | None, rank: int | None, input_side: bool) -> str | None:
@@ -116,8 +119,8 @@ def _expects_channel(linear: ir.Node, axis: int | None, rank: int | None, input_
 def _plan_preceding(match: NormMatch, a, c) -> Fold | str:
     producer = match.input.producer()
     bias_add = None
-    if _is_bias_add(producer, match.input) and producer.inputs[0].producer() is not None:
-        linear_out = next(v for v in producer.inputs if folded_value(v) is None)
+    linear_out = _bias_add_data(producer)
+    if linear_out is not None and linear_out.producer() is not None and linear_out.producer().op_type == "MatMul":
         bias_add, producer = producer, linear_out.producer()
         reader = _single_reader(linear_out)
         if not isinstance(reader, ir.Node):
@@ -208,7 +211,8 @@ def _plan_following(match: NormMatch, a, c) -> Fold | str:
                     "outputs only partly (exact only with zero pads or c == 0)")
     out = reader.outputs[0]
     nxt = consumers(out)
-    bias_add = nxt[0] if reader.op_type == "MatMul" and len(nxt) == 1 and not out.is_graph_output() and _is_bias_add(nxt[0], out) else None
+    bias_add = (nxt[0] if reader.op_type == "MatMul" and len(nxt) == 1 and not out.is_graph_output()
+                and _bias_add_data(nxt[0]) is out else None)
     return Fold(match, a, c, "following", reader, bias_add, via)
 
 
@@ -322,14 +326,17 @@ class FoldAffineNorms(Pass):
 
     def plan(self, model: ir.Model) -> Plan:
         plan, used = Plan(), set()
-        for match in find_norms(model.graph):
+        matches = find_norms(model.graph)
+        matched = {n for m in matches for n in m.nodes}
+        for node in model.graph:
+            if node.op_type == "BatchNormalization" and node not in matched:
+                plan.refusals.append(Refusal(f"batchnorm {node.name}", "its parameters are not constant "
+                                             "(graph inputs or computed) or it runs in training mode"))
+        for match in matches:
             if match.kind not in ("batchnorm", "affine"):
                 continue
             where = f"{match.kind} at {match.where()}"
             affine = _affine(match)
-            if affine is None or any(x is None for x in affine):
-                plan.refusals.append(Refusal(where, "its parameters are not constant"))
-                continue
             before = _plan_preceding(match, *affine)
             fold = before if isinstance(before, Fold) else _plan_following(match, *affine)
             if isinstance(fold, Fold) and fold.linear in used:

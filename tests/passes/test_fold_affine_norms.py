@@ -1,0 +1,240 @@
+"""fold-affine-norms: every fold form exact in ORT, every precondition refused with its reason."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+from models.corpus import CORPUS
+from normopt.passes.fold_affine_norms import FoldAffineNorms
+from normopt.rewriter import io
+from normopt.rewriter.graph import annotate_shapes
+from normopt.rewriter.norms import find_norms
+from normopt.rewriter.verify import compare_output, run_ort
+from tests.helpers import const, make_model, ort_run, tensor
+
+rng = np.random.default_rng(0)
+FOLDABLE = sorted(n for n, e in CORPUS.items() if e.family in ("resnet18", "mobilenetv2", "repbn", "unifiednorm"))
+
+
+@pytest.mark.parametrize("name", FOLDABLE)
+def test_every_norm_in_the_exports_folds(corpus, tmp_path, name):
+    paths = corpus(name)
+    model = io.load(paths.model)
+    annotate_shapes(model)
+    result = FoldAffineNorms().run(model)
+    assert result.modified and not result.refusals, result.refusals
+    assert not [m for m in find_norms(model.graph) if m.kind in ("batchnorm", "affine")]
+    assert not FoldAffineNorms().run(model).modified  # idempotent
+    out = tmp_path / "out.onnx"
+    io.save(model, out, external_data=False)
+    onnx.checker.check_model(str(out), full_check=True)
+    got = run_ort(out, paths.load_inputs())
+    for output, reference in paths.load_reference().items():
+        assert compare_output(output, reference, got[output], None, None).ok
+
+
+# ------------------------------------------------------------------------ hand-built graphs
+
+
+def bn(name, inp, out, c, shift=True):
+    """A BatchNormalization with random statistics; without `shift`, mean = beta = 0, so
+    c = beta - mean * s is exactly zero (float32 rounding would make any other choice inexact)."""
+    gamma, var = rng.uniform(0.5, 1.5, c), rng.uniform(0.5, 1.5, c)
+    mean = rng.standard_normal(c) if shift else np.zeros(c)
+    beta = rng.standard_normal(c) if shift else np.zeros(c)
+    inits = [const(f"{name}_{k}", v.astype(np.float32)) for k, v in
+             (("g", gamma), ("b", beta), ("m", mean), ("v", var))]
+    node = helper.make_node("BatchNormalization", [inp, *(i.name for i in inits)], [out], name=name)
+    return node, inits
+
+
+def run_fold(model, feeds, expect_modified=True):
+    ir_model = ir.serde.deserialize_model(model)
+    annotate_shapes(ir_model)
+    result = FoldAffineNorms().run(ir_model)
+    assert result.modified == expect_modified, result.refusals
+    rewritten = ir.serde.serialize_model(ir_model)
+    onnx.checker.check_model(rewritten, full_check=True)
+    before, after = ort_run(model, feeds), ort_run(rewritten, feeds)
+    for k in before:
+        np.testing.assert_allclose(after[k], before[k], rtol=1e-5, atol=1e-5)
+    return result, ir_model
+
+
+def image(c=4, hw=6):
+    return {"x": rng.standard_normal((2, c, hw, hw)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("groups,bias", [(1, True), (2, False), (4, True)])
+def test_conv_then_bn(groups, bias):
+    nodes = [helper.make_node("Conv", ["x", "w"] + (["cb"] if bias else []), ["h"], pads=[1, 1, 1, 1], group=groups)]
+    inits = [const("w", rng.standard_normal((4, 4 // groups, 3, 3)).astype(np.float32))]
+    inits += [const("cb", rng.standard_normal(4).astype(np.float32))] if bias else []
+    node, extra = bn("bn", "h", "y", 4)
+    model = make_model(nodes + [node], [tensor("x", shape=(2, 4, 6, 6))], [tensor("y", shape=(2, 4, 6, 6))], inits + extra)
+    result, out = run_fold(model, image())
+    assert [n.op_type for n in out.graph] == ["Conv"] and "y" in [v.name for v in out.graph.outputs]
+    assert result.changes == ["folded 1 batchnorm into preceding Conv"]
+
+
+def test_conv_transpose_then_bn():
+    nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["h"], strides=[2, 2], group=2)]
+    node, extra = bn("bn", "h", "y", 6)
+    model = make_model(nodes + [node], [tensor("x", shape=(2, 4, 5, 5))], [tensor("y", shape=(2, 6, 11, 11))],
+                       [const("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32))] + extra)
+    _, out = run_fold(model, image(4, 5))
+    assert [n.op_type for n in out.graph] == ["ConvTranspose"]
+
+
+@pytest.mark.parametrize("trans_b,beta,with_c", [(0, 1.0, True), (1, 0.5, True), (1, 1.0, False)])
+def test_gemm_then_bn_and_bn_then_gemm(trans_b, beta, with_c):
+    w = rng.standard_normal((6, 5) if trans_b else (5, 6)).astype(np.float32)
+    gemm = helper.make_node("Gemm", ["x", "w"] + (["c"] if with_c else []), ["h"], transB=trans_b, alpha=0.7, beta=beta)
+    node, extra = bn("bn", "h", "y", 6)
+    inits = [const("w", w), const("c", rng.standard_normal(6).astype(np.float32))][: 2 if with_c else 1]
+    model = make_model([gemm, node], [tensor("x", shape=(3, 5))], [tensor("y", shape=(3, 6))], inits + extra)
+    _, out = run_fold(model, {"x": rng.standard_normal((3, 5)).astype(np.float32)})
+    assert [n.op_type for n in out.graph] == ["Gemm"]
+    # and the other side: BN on the Gemm's input
+    node, extra = bn("bn", "x", "xn", 5)
+    gemm = helper.make_node("Gemm", ["xn", "w"] + (["c"] if with_c else []), ["y"], transB=trans_b, alpha=0.7, beta=beta)
+    model = make_model([node, gemm], [tensor("x", shape=(3, 5))], [tensor("y", shape=(3, 6))], inits + extra)
+    result, out = run_fold(model, {"x": rng.standard_normal((3, 5)).astype(np.float32)})
+    assert [n.op_type for n in out.graph] == ["Gemm"] and "following Gemm" in result.changes[0]
+
+
+def _tokens_bn(perm_name="x"):
+    """Transpose -> BN -> Transpose on [B, N, C] token features."""
+    node, extra = bn("bn", "xt", "yt", 8)
+    return [helper.make_node("Transpose", [perm_name], ["xt"], perm=[0, 2, 1]), node,
+            helper.make_node("Transpose", ["yt"], ["yn"], perm=[0, 2, 1])], extra
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_matmul_then_token_bn_and_token_bn_then_matmul(bias):
+    tokens = {"x": rng.standard_normal((2, 5, 8)).astype(np.float32)}
+    w = const("w", rng.standard_normal((8, 8)).astype(np.float32))
+    mm = [helper.make_node("MatMul", ["x", "w"], ["h0"])]
+    mm += [helper.make_node("Add", ["h0", "b"], ["h"])] if bias else [helper.make_node("Identity", ["h0"], ["h"])]
+    norm, extra = _tokens_bn("h")
+    inits = [w] + ([const("b", rng.standard_normal(8).astype(np.float32))] if bias else [])
+    model = make_model(mm + norm + [helper.make_node("Relu", ["yn"], ["y"])], [tensor("x", shape=(2, 5, 8))],
+                       [tensor("y", shape=(2, 5, 8))], inits + extra)
+    if not bias:  # the Identity sits between MatMul and BN: preceding is refused, nothing follows
+        run_fold(model, tokens, expect_modified=False)
+    else:
+        _, out = run_fold(model, tokens)
+        assert "BatchNormalization" not in [n.op_type for n in out.graph]
+    norm, extra = _tokens_bn("x")
+    after = [helper.make_node("MatMul", ["yn", "w"], ["m"])]
+    after += [helper.make_node("Add", ["m", "b"], ["y"])] if bias else [helper.make_node("Relu", ["m"], ["y"])]
+    model = make_model(norm + after, [tensor("x", shape=(2, 5, 8))], [tensor("y", shape=(2, 5, 8))], inits + extra)
+    _, out = run_fold(model, tokens)
+    ops = [n.op_type for n in out.graph]
+    assert ops == (["MatMul", "Add"] if bias else ["MatMul", "Add", "Relu"])  # a bias Add appears where none was
+
+
+def test_affine_chain_and_fp16_parameters():
+    c = 8
+    nodes = [helper.make_node("Div", ["x", "s"], ["d"]), helper.make_node("Mul", ["d", "g"], ["e"]),
+             helper.make_node("Add", ["e", "b"], ["n"]), helper.make_node("MatMul", ["n", "w"], ["y"])]
+    inits = [const("s", rng.uniform(0.5, 2, c).astype(np.float16)), const("g", rng.uniform(0.5, 2, c).astype(np.float16)),
+             const("b", rng.standard_normal(c).astype(np.float16)), const("w", rng.standard_normal((c, 4)).astype(np.float16))]
+    model = make_model(nodes, [tensor("x", TensorProto.FLOAT16, (3, c))], [tensor("y", TensorProto.FLOAT16, (3, 4))], inits)
+    ir_model = ir.serde.deserialize_model(model)
+    assert FoldAffineNorms().run(ir_model).modified
+    assert [n.op_type for n in ir_model.graph] == ["MatMul", "Add"]
+    assert {v.const_value.dtype for v in ir_model.graph.initializers.values()} == {ir.DataType.FLOAT16}
+    x = {"x": rng.standard_normal((3, c)).astype(np.float16)}
+    np.testing.assert_allclose(ort_run(ir.serde.serialize_model(ir_model), x)["y"].astype(np.float32),
+                               ort_run(model, x)["y"].astype(np.float32), rtol=2e-2, atol=2e-2)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def refusal(model) -> str:
+    ir_model = ir.serde.deserialize_model(model)
+    annotate_shapes(ir_model)
+    result = FoldAffineNorms().run(ir_model)
+    assert not result.modified
+    return " | ".join(r.reason for r in result.refusals)
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_following_zero_padded_conv_only_without_shift(shift):
+    node, extra = bn("bn", "x", "xn", 4, shift=shift)
+    conv = helper.make_node("Conv", ["xn", "w"], ["y"], pads=[1, 1, 1, 1])
+    model = make_model([node, conv], [tensor("x", shape=(2, 4, 6, 6))], [tensor("y", shape=(2, 3, 6, 6))],
+                       [const("w", rng.standard_normal((3, 4, 3, 3)).astype(np.float32))] + extra)
+    if shift:
+        assert "zero-pads its input" in refusal(model)
+    else:  # c == 0: exact even with padding
+        _, out = run_fold(model, image())
+        assert [n.op_type for n in out.graph] == ["Conv"]
+
+
+def test_following_unpadded_conv_with_shift_folds():
+    node, extra = bn("bn", "x", "xn", 4)
+    conv = helper.make_node("Conv", ["xn", "w"], ["y"], group=2)
+    model = make_model([node, conv], [tensor("x", shape=(2, 4, 6, 6))], [tensor("y", shape=(2, 6, 4, 4))],
+                       [const("w", rng.standard_normal((6, 2, 3, 3)).astype(np.float32))] + extra)
+    run_fold(model, image())
+
+
+def test_shared_weight_is_copied_not_edited():
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], name="conv1"), helper.make_node("Conv", ["x", "w"], ["other"], name="conv2")]
+    node, extra = bn("bn", "h", "y", 4)
+    model = make_model(nodes + [node], [tensor("x", shape=(2, 4, 6, 6))], [tensor("y", shape=(2, 4, 4, 4)), tensor("other", shape=(2, 4, 4, 4))],
+                       [const("w", rng.standard_normal((4, 4, 3, 3)).astype(np.float32))] + extra)
+    _, out = run_fold(model, image())
+    conv1, conv2 = [n for n in out.graph if n.op_type == "Conv"]
+    assert conv2.inputs[1].name == "w" and conv1.inputs[1].name != "w"
+
+
+def test_graph_output_between_norm_and_linear():
+    node, extra = bn("bn", "h", "y", 4)
+    conv = helper.make_node("Conv", ["x", "w"], ["h"])
+    model = make_model([conv, node], [tensor("x", shape=(2, 4, 6, 6))], [tensor("y", shape=(2, 4, 4, 4)), tensor("h", shape=(2, 4, 4, 4))],
+                       [const("w", rng.standard_normal((4, 4, 3, 3)).astype(np.float32))] + extra)
+    assert "'h' is a graph output" in refusal(model)
+    node, extra = bn("bn", "x", "xn", 4)
+    conv = helper.make_node("Conv", ["xn", "w"], ["y"])
+    model = make_model([node, conv], [tensor("x", shape=(2, 4, 6, 6))], [tensor("y", shape=(2, 4, 4, 4)), tensor("xn", shape=(2, 4, 6, 6))],
+                       [const("w", rng.standard_normal((4, 4, 3, 3)).astype(np.float32))] + extra)
+    assert "'xn' is a graph output" in refusal(model)
+
+
+def test_non_constant_parameters():
+    node = helper.make_node("BatchNormalization", ["h", "g", "b", "m", "v"], ["y"], name="bn")
+    conv = helper.make_node("Conv", ["x", "w"], ["h"])
+    inputs = [tensor("x", shape=(2, 4, 6, 6))] + [tensor(n, shape=(4,)) for n in "gbmv"]
+    model = make_model([conv, node], inputs, [tensor("y", shape=(2, 4, 4, 4))],
+                       [const("w", rng.standard_normal((4, 4, 3, 3)).astype(np.float32))])
+    assert "parameters are not constant" in refusal(model)
+
+
+def test_activation_between_norm_and_linear():
+    node, extra = bn("bn", "r", "y", 4)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]), node]
+    model = make_model(nodes, [tensor("x", shape=(2, 4, 6, 6))], [tensor("y", shape=(2, 4, 4, 4))],
+                       [const("w", rng.standard_normal((4, 4, 3, 3)).astype(np.float32))] + extra)
+    reason = refusal(model)
+    assert "(by Relu)" in reason and "graph output" in reason
+    node, extra = bn("bn", "x", "xn", 4)
+    nodes = [node, helper.make_node("Relu", ["xn"], ["r"]), helper.make_node("Conv", ["r", "w"], ["y"])]
+    model = make_model(nodes, [tensor("x", shape=(2, 4, 6, 6))], [tensor("y", shape=(2, 4, 4, 4))],
+                       [const("w", rng.standard_normal((4, 4, 3, 3)).astype(np.float32))] + extra)
+    assert "read by Relu" in refusal(model)
+
+
+def test_channel_axis_must_map_onto_the_weight():
+    """A per-channel Mul+Add along axis 1 of [B, C, N] feeding a MatMul that contracts axis 2."""
+    nodes = [helper.make_node("Mul", ["x", "g"], ["m"]), helper.make_node("Add", ["m", "b"], ["n"]),
+             helper.make_node("MatMul", ["n", "w"], ["y"])]
+    inits = [const("g", rng.uniform(0.5, 2, (5, 1)).astype(np.float32)), const("b", rng.standard_normal((5, 1)).astype(np.float32)),
+             const("w", rng.standard_normal((8, 3)).astype(np.float32))]
+    model = make_model(nodes, [tensor("x", shape=(2, 5, 8))], [tensor("y", shape=(2, 5, 3))], inits)
+    assert "is not the last axis" in refusal(model)
