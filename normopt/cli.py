@@ -213,6 +213,7 @@ def rewrite(
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the onnxruntime equivalence check.")] = False,
     explain: Annotated[bool, typer.Option("--explain", help="Print every refusal with its reason.")] = False,
     in_place: Annotated[bool, typer.Option("--in-place", help="Allow OUT to be IN (replaced atomically).")] = False,
+    allow_hidden_state_change: Annotated[bool, typer.Option("--allow-hidden-state-change", help="Let preln-to-rmsnorm rewrite models that output residual-stream values (those outputs change).")] = False,
     dim: DimOpt = None,
     inputs: InputsOpt = None,
     rtol: RtolOpt = None,
@@ -231,7 +232,8 @@ def rewrite(
     verify_kwargs = {"dims": _parse_dims(dim), "inputs": inputs, "rtol": rtol, "atol": atol, "seed": seed}
     try:
         with _progress(f"loading {src.name}") as step:
-            run_rewrite(src, dst, passes=names, options=Options(target=target), check=not no_verify,
+            run_rewrite(src, dst, passes=names, check=not no_verify,
+                        options=Options(target=target, allow_hidden_state_change=allow_hidden_state_change),
                         in_place=in_place, verify_kwargs=verify_kwargs, on_step=step, report=result)
     except NormoptError as exc:
         result.error, result.exit_code = str(exc), exc.exit_code

@@ -21,9 +21,11 @@ Target = Literal["onnx", "ort", "tensorrt"]
 
 @dataclass(frozen=True)
 class Options:
-    """Settings every pass may read. `target` picks which fused ops a pass may emit."""
+    """Settings every pass may read. `target` picks which fused ops a pass may emit;
+    `allow_hidden_state_change` lets preln-to-rmsnorm rewrite models that output stream values."""
 
     target: Target = "onnx"
+    allow_hidden_state_change: bool = False
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from normopt.rewriter.graph import annotate_shapes
 from normopt.rewriter.pass_base import Options, PassResult, registered
 
 # The default pipeline, in order. Later rewrites add themselves here.
-DEFAULT_PIPELINE: tuple[str, ...] = ("canonicalize-norms", "fold-affine-norms")
+DEFAULT_PIPELINE: tuple[str, ...] = ("preln-to-rmsnorm", "canonicalize-norms", "fold-affine-norms")
 # Run after every pipeline, whatever was asked.
 FINAL_PASSES: tuple[str, ...] = ("cleanup",)
 
