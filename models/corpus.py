@@ -40,7 +40,7 @@ class Entry:
         from models import cnn, hf, transformer
 
         families = {
-            "gpt2": hf.gpt2, "opt": hf.opt, "gptneox": hf.gptneox, "vit": hf.vit, "bert": hf.bert,
+            "gpt2": hf.gpt2, "gpt2hidden": hf.gpt2hidden, "opt": hf.opt, "gptneox": hf.gptneox, "vit": hf.vit, "bert": hf.bert,
             "llama": hf.llama, "preln": transformer.preln, "repbn": transformer.repbn,
             "unifiednorm": transformer.unifiednorm, "resnet18": cnn.resnet18,
             "mobilenetv2": cnn.mobilenetv2, "convnext": cnn.convnext,
@@ -64,7 +64,7 @@ class Paths:
             return {k: f[k] for k in f.files}
 
 
-FAMILIES = ["gpt2", "opt", "gptneox", "vit", "bert", "llama", "preln", "repbn", "unifiednorm",
+FAMILIES = ["gpt2", "gpt2hidden", "opt", "gptneox", "vit", "bert", "llama", "preln", "repbn", "unifiednorm",
             "resnet18", "mobilenetv2", "convnext"]
 CORPUS: dict[str, Entry] = {}
 for _family in FAMILIES:
@@ -137,9 +137,10 @@ def _build_into(entry: Entry, folder: Path) -> None:
     feeds = {k: v.numpy() for k, v in built.inputs.items()}
     reference = run_ort(folder / "model.onnx", feeds)
     with torch.no_grad():
-        expected = built.module(*built.inputs.values()).numpy()
-    check = compare_output("torch", expected, reference[built.outputs[0]], rtol=1e-4, atol=1e-5)
-    if not check.ok:
-        raise RuntimeError(f"{entry.name}: ONNX export disagrees with torch: {check.problem}")
+        expected = built.module(*built.inputs.values())
+    for name, tensor in zip(built.outputs, expected if isinstance(expected, tuple) else (expected,)):
+        check = compare_output(name, tensor.numpy(), reference[name], rtol=1e-4, atol=1e-5)
+        if not check.ok:
+            raise RuntimeError(f"{entry.name}: ONNX export disagrees with torch on '{name}': {check.problem}")
     np.savez(folder / "inputs.npz", **feeds)
     np.savez(folder / "reference.npz", **reference)

@@ -67,6 +67,28 @@ def gpt2(large: bool = False) -> Built:
     return _text(T.GPT2LMHeadModel(cfg))
 
 
+class _HiddenStates(torch.nn.Module):
+    """Logits and every hidden state: embeddings, each block's output (the last after ln_f)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return (out.logits, *out.hidden_states)
+
+
+def gpt2hidden() -> Built:
+    """GPT-2 that also returns its hidden states: residual-stream values are graph outputs."""
+    built = gpt2()
+    built.module = _HiddenStates(built.module.model).eval()
+    layers = built.module.model.config.n_layer
+    built.outputs = ["logits", *(f"hidden_{i}" for i in range(layers + 1))]
+    built.dynamic = {**built.dynamic, **{name: TEXT_AXES for name in built.outputs}}
+    return built
+
+
 def opt() -> Built:
     """Pre-LN (do_layer_norm_before), learned positions with offset 2, tied LM head."""
     T = _transformers()

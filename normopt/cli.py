@@ -110,7 +110,8 @@ def _verify_table(report) -> Table:
         table.add_column(col)
     for o in report.outputs:
         tol = "exact" if o.rtol is None else f"{o.rtol:g}, {o.atol:g}"
-        status = "[green]ok[/]" if o.ok else f"[red]FAIL[/] {o.problem or ''}"
+        status = (f"[yellow]changed[/] ({o.skipped})" if o.skipped else
+                  "[green]ok[/]" if o.ok else f"[red]FAIL[/] {o.problem or ''}")
         table.add_row(o.name, o.dtype, str(o.shape), _fmt(o.max_abs), _fmt(o.max_rel),
                       _fmt(o.cosine), tol, status)
     return table

@@ -10,7 +10,7 @@ import pytest
 from models.corpus import CORPUS
 from normopt.inspect import inspect_model
 
-LN = {"gpt2", "opt", "gptneox", "vit", "bert", "preln"}
+LN = {"gpt2", "gpt2hidden", "opt", "gptneox", "vit", "bert", "preln"}
 # (kind, form) -> count, per family; form depends on the export for LN / RMSNorm
 NORMS = {
     "llama": lambda e: {("rmsnorm", "op" if e.opset >= 23 else "decomposed"): 5},

@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from normopt.rewriter import ort_ops  # noqa: F401  (the checker must know ORT's contrib norm ops)
-from normopt.rewriter.graph import constant_value, unique_name
+from normopt.rewriter.graph import unique_node_name, constant_value, unique_name
 from normopt.rewriter.norms import NormMatch, find_norms
 from normopt.rewriter.pass_base import Pass, Plan, Refusal, register
 
@@ -141,7 +141,7 @@ def _apply_one(graph: ir.Graph, fusion: Fusion) -> None:
     if fusion.bias is not None:
         inputs.append(initializer(fusion.bias, "bias"))
     node = ir.node(fusion.op, inputs, {"axis": m.axis, "epsilon": float(m.epsilon), "stash_type": 1},
-                   domain=fusion.domain, name=unique_name(graph, f"{name}.{fusion.op}"))
+                   domain=fusion.domain, name=unique_node_name(graph, f"{name}.{fusion.op}"))
     out = node.outputs[0]
     out.type, out.shape = fusion.replaced.type, fusion.replaced.shape
     graph.insert_after(fusion.span[-1], node)

@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from normopt.rewriter import affine_math as am
-from normopt.rewriter.graph import consumers, folded_value, private_initializer, rank, unique_name
+from normopt.rewriter.graph import unique_node_name, consumers, folded_value, private_initializer, rank, unique_name
 from normopt.rewriter.norms import NormMatch, find_norms
 from normopt.rewriter.pass_base import Pass, Plan, Refusal, register
 
@@ -241,7 +241,7 @@ def _add_bias_after(node: ir.Node, bias: np.ndarray) -> ir.Value:
     value = ir.Value(name=unique_name(graph, f"{node.name}.folded_bias"), const_value=ir.tensor(bias))
     value.const_value.name = value.name
     graph.register_initializer(value)
-    add = ir.node("Add", [out, value], name=unique_name(graph, f"{node.name}.bias_add"))
+    add = ir.node("Add", [out, value], name=unique_node_name(graph, f"{node.name}.bias_add"))
     add.outputs[0].type, add.outputs[0].shape = out.type, out.shape
     graph.insert_after(node, add)
     old_name = out.name

@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from normopt.rewriter.centering_math import center
-from normopt.rewriter.graph import consumers, folded_value, private_initializer, rank, unique_name
+from normopt.rewriter.graph import unique_node_name, consumers, folded_value, private_initializer, rank, unique_name
 from normopt.rewriter.norms import NormMatch, find_norms
 from normopt.rewriter.pass_base import Options, Pass, Plan, Refusal, register
 from normopt.rewriter.stream import analyze
@@ -85,6 +85,7 @@ class _Planner:
     def __init__(self, graph: ir.Graph, norms: list[NormMatch], options: Options, allow_hidden: bool) -> None:
         self.graph, self.options, self.allow_hidden = graph, options, allow_hidden
         self.plan = StreamRewrite()
+        self.changed_outputs: list[str] = []
         self.norm_of = {n: m for m in norms if m.kind in ("layernorm", "rmsnorm") for n in m.nodes}
 
     # ------------------------------------------------------------------ readers (condition 2, 3)
@@ -95,9 +96,11 @@ class _Planner:
             if value in seen:
                 continue
             seen.add(value)
-            if value.is_graph_output() and not self.allow_hidden:
-                raise _Refuse(f"stream value '{value.name}' is a graph output: its hidden states would "
-                              "change (pass --allow-hidden-state-change to accept that)")
+            if value.is_graph_output():
+                if not self.allow_hidden:
+                    raise _Refuse(f"stream value '{value.name}' is a graph output: its hidden states would "
+                                  "change (pass --allow-hidden-state-change to accept that)")
+                self.changed_outputs.append(value.name)
             for node in consumers(value):
                 match = self.norm_of.get(node)
                 if node in adds or node.op_type in _SHAPE_ONLY:
@@ -233,12 +236,12 @@ def _constant(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
 
 def _recentre(graph: ir.Graph, value: ir.Value, opset: int) -> None:
     """Insert y = value - ReduceMean(value, last axis) and make every reader read y."""
+    readers = list(value.uses())  # before the new nodes become readers too
     attrs: dict = {"keepdims": 1}
     mean = ir.node("ReduceMean", [value, *_axes_input(graph, opset, [-1], attrs)], attrs,
-                   name=unique_name(graph, f"{value.name}.recentre_mean"))
-    sub = ir.node("Sub", [value, mean.outputs[0]], name=unique_name(graph, f"{value.name}.recentre"))
+                   name=unique_node_name(graph, f"{value.name}.recentre_mean"))
+    sub = ir.node("Sub", [value, mean.outputs[0]], name=unique_node_name(graph, f"{value.name}.recentre"))
     sub.outputs[0].type, sub.outputs[0].shape = value.type, value.shape
-    readers = [u for u in value.uses()]
     if value.producer() is None:  # a graph input
         graph.insert_before(next(iter(graph)), [mean, sub])
     else:
@@ -262,7 +265,7 @@ def _convert(graph: ir.Graph, match: NormMatch, opset: int) -> None:
     nodes: list[ir.Node] = []
     if opset >= 23:
         rms = ir.node("RMSNormalization", [x, gamma], {"axis": axis, "epsilon": eps,
-                      "stash_type": ln.attributes.get_int("stash_type", 1)}, name=unique_name(graph, f"{name}.rms"))
+                      "stash_type": ln.attributes.get_int("stash_type", 1)}, name=unique_node_name(graph, f"{name}.rms"))
         nodes.append(rms)
         y = rms.outputs[0]
     else:  # the decomposed form onnxruntime fuses: x / Sqrt(ReduceMean(x^2) + eps) * gamma
@@ -271,17 +274,17 @@ def _convert(graph: ir.Graph, match: NormMatch, opset: int) -> None:
         two = _constant(graph, f"{name}.two", np.array(2, dtype=folded_value(gamma).dtype))
         epsilon = _constant(graph, f"{name}.eps", np.array(eps, dtype=folded_value(gamma).dtype))
         attrs: dict = {"keepdims": 1}
-        sq = ir.node("Pow", [x, two], name=unique_name(graph, f"{name}.square"))
+        sq = ir.node("Pow", [x, two], name=unique_node_name(graph, f"{name}.square"))
         mean = ir.node("ReduceMean", [sq.outputs[0], *_axes_input(graph, opset, axes, attrs)], attrs,
-                       name=unique_name(graph, f"{name}.mean_square"))
-        add = ir.node("Add", [mean.outputs[0], epsilon], name=unique_name(graph, f"{name}.add_eps"))
-        sqrt = ir.node("Sqrt", [add.outputs[0]], name=unique_name(graph, f"{name}.rms"))
-        div = ir.node("Div", [x, sqrt.outputs[0]], name=unique_name(graph, f"{name}.normalize"))
-        mul = ir.node("Mul", [div.outputs[0], gamma], name=unique_name(graph, f"{name}.scale"))
+                       name=unique_node_name(graph, f"{name}.mean_square"))
+        add = ir.node("Add", [mean.outputs[0], epsilon], name=unique_node_name(graph, f"{name}.add_eps"))
+        sqrt = ir.node("Sqrt", [add.outputs[0]], name=unique_node_name(graph, f"{name}.rms"))
+        div = ir.node("Div", [x, sqrt.outputs[0]], name=unique_node_name(graph, f"{name}.normalize"))
+        mul = ir.node("Mul", [div.outputs[0], gamma], name=unique_node_name(graph, f"{name}.scale"))
         nodes += [sq, mean, add, sqrt, div, mul]
         y = mul.outputs[0]
     if beta is not None and not np.all(folded_value(beta) == 0):
-        bias = ir.node("Add", [y, beta], name=unique_name(graph, f"{name}.bias"))
+        bias = ir.node("Add", [y, beta], name=unique_node_name(graph, f"{name}.bias"))
         nodes.append(bias)
         y = bias.outputs[0]
     out = ln.outputs[0]
@@ -327,7 +330,7 @@ class PreLNToRMSNorm(Pass):
             except _Refuse as exc:
                 planner.plan.centred = saved
                 planner.plan.recentred.append((value, str(exc)))
-        return Plan(actions=[planner.plan])
+        return Plan(actions=[planner.plan], changed_outputs=planner.changed_outputs)
 
     def apply(self, model: ir.Model, plan: Plan) -> list[str]:
         graph = model.graph

@@ -143,6 +143,17 @@ def unique_name(graph: ir.Graph, base: str) -> str:
     return f"{base}_{i}"
 
 
+def unique_node_name(graph: ir.Graph, base: str) -> str:
+    """A node name used by no node of `graph` (onnxruntime rejects duplicates)."""
+    taken = {node.name for node in graph.all_nodes()}
+    if base not in taken:
+        return base
+    i = 1
+    while f"{base}_{i}" in taken:
+        i += 1
+    return f"{base}_{i}"
+
+
 def private_initializer(node: ir.Node, index: int) -> ir.Value:
     """The initializer feeding `node.inputs[index]`, made private to that input (copy-on-write).
 

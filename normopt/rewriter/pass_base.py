@@ -38,6 +38,8 @@ class Refusal:
 class Plan:
     actions: list[Any] = field(default_factory=list)
     refusals: list[Refusal] = field(default_factory=list)
+    # graph outputs the rewrite changes on the user's request (verification skips them)
+    changed_outputs: list[str] = field(default_factory=list)
 
     @property
     def applies(self) -> bool:
@@ -65,6 +67,7 @@ class PassResult:
     modified: bool
     changes: list[str]
     refusals: list[Refusal]
+    changed_outputs: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
@@ -72,6 +75,7 @@ class PassResult:
             "modified": self.modified,
             "changes": self.changes,
             "refusals": [{"candidate": r.candidate, "reason": r.reason} for r in self.refusals],
+            "changed_outputs": self.changed_outputs,
         }
 
 
@@ -93,7 +97,8 @@ class Pass(abc.ABC):
     def run(self, model: ir.Model) -> PassResult:
         plan = self.plan(model)
         changes = self.apply(model, plan) if plan.applies else []
-        return PassResult(self.name, bool(changes), changes, plan.refusals)
+        changed = plan.changed_outputs if changes else []
+        return PassResult(self.name, bool(changes), changes, plan.refusals, changed)
 
 
 _REGISTRY: dict[str, type[Pass]] = {}

@@ -126,7 +126,9 @@ def rewrite(
         report.seconds["save"] = t3 - t2
         if check:
             try:
-                report.verification = verify(src, staged.path, on_step=step, **(verify_kwargs or {}))
+                changed = {o: f"changed on request by {r.name}" for r in report.passes for o in r.changed_outputs}
+                report.verification = verify(src, staged.path, on_step=step, changed_on_request=changed,
+                                             **(verify_kwargs or {}))
                 report.verification.model_b = str(dst)
             except BadInput as exc:
                 if str(staged.path) in str(exc):

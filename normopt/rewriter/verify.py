@@ -172,6 +172,7 @@ class OutputCheck:
     rtol: float | None = None
     atol: float | None = None
     problem: str | None = None
+    skipped: str | None = None  # why this output was not required to match
 
 
 def compare_output(
@@ -249,11 +250,14 @@ def verify(
     atol: float | None = None,
     seed: int = DEFAULT_SEED,
     on_step: Callable[[str], None] | None = None,
+    changed_on_request: Mapping[str, str] | None = None,
 ) -> VerifyReport:
     """Run A then B on the same inputs and compare every output of A by name.
 
     `spec` is A already loaded (its input specs drive input generation); `inputs` is a mapping
-    or an .npz path. Raises BadInput when A cannot be loaded or run.
+    or an .npz path; `changed_on_request` maps outputs a rewrite changes at the user's request
+    to the reason (they are compared and reported, but not required to match). Raises BadInput
+    when A cannot be loaded or run.
     """
     from normopt.rewriter.io import load
 
@@ -276,4 +280,7 @@ def verify(
         on_step(f"running {model_b.name}")
     got = run_ort(model_b, feeds)
     report.outputs = [compare_output(n, r, got.get(n), rtol, atol) for n, r in ref.items()]
+    for check in report.outputs:  # outputs the user asked to change are reported, not required
+        if changed_on_request and check.name in changed_on_request:
+            check.ok, check.skipped = True, changed_on_request[check.name]
     return report

@@ -10,7 +10,7 @@ from models.corpus import CORPUS
 from normopt.rewriter.rewrite import rewrite
 from normopt.rewriter.verify import compare_output, run_ort
 
-LN_FAMILIES = {"gpt2", "opt", "gptneox", "vit", "bert", "preln"}
+LN_FAMILIES = {"gpt2", "gpt2hidden", "opt", "gptneox", "vit", "bert", "preln"}
 BN_COUNTS = {"resnet18": 20, "mobilenetv2": 52, "repbn": 5}
 
 

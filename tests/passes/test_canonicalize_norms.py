@@ -15,7 +15,7 @@ from normopt.rewriter.verify import compare_output, run_ort
 from tests.norm_graphs import Variant, build
 
 # decomposed norms per export that canonicalize can fuse, by target
-LN_TS14 = {f"{f}-ts14": 5 for f in ("gpt2", "opt", "gptneox", "vit", "bert", "preln")} | {"convnext-ts14": 2}
+LN_TS14 = {f"{f}-ts14": 5 for f in ("gpt2", "gpt2hidden", "opt", "gptneox", "vit", "bert", "preln")} | {"convnext-ts14": 2}
 FUSED = {
     **{(name, "ort"): {"LayerNormalization": n} for name, n in LN_TS14.items()},  # ORT's contrib op
     ("convnext-ts17", "onnx"): {"LayerNormalization": 2},

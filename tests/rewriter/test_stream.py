@@ -12,11 +12,11 @@ from normopt.rewriter.stream import analyze
 from tests.helpers import const, make_model, tensor
 
 EXPECTED = {
-    "gpt2": "pre-ln", "opt": "pre-ln", "gptneox": "pre-ln", "vit": "pre-ln", "preln": "pre-ln",
+    "gpt2": "pre-ln", "gpt2hidden": "pre-ln", "opt": "pre-ln", "gptneox": "pre-ln", "vit": "pre-ln", "preln": "pre-ln",
     "bert": "post-ln", "llama": "pre-rmsnorm", "resnet18": "none", "mobilenetv2": "none",
     "repbn": "none", "unifiednorm": "none", "convnext": "none",
 }
-RESIDUAL_ADDS = {"gpt2": 4, "opt": 4, "gptneox": 2, "vit": 4, "preln": 4, "bert": 4, "llama": 4}
+RESIDUAL_ADDS = {"gpt2": 4, "gpt2hidden": 4, "opt": 4, "gptneox": 2, "vit": 4, "preln": 4, "bert": 4, "llama": 4}
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))
