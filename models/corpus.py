@@ -40,7 +40,7 @@ class Entry:
         from models import cnn, hf, transformer
 
         families = {
-            "gpt2": hf.gpt2, "gpt2hidden": hf.gpt2hidden, "opt": hf.opt, "gptneox": hf.gptneox, "vit": hf.vit, "bert": hf.bert,
+            "gpt2": hf.gpt2, "gpt2hidden": hf.gpt2hidden, "gpt2narrow": hf.gpt2narrow, "opt": hf.opt, "gptneox": hf.gptneox, "vit": hf.vit, "bert": hf.bert,
             "llama": hf.llama, "preln": transformer.preln, "repbn": transformer.repbn,
             "unifiednorm": transformer.unifiednorm, "resnet18": cnn.resnet18,
             "mobilenetv2": cnn.mobilenetv2, "convnext": cnn.convnext,
@@ -74,6 +74,7 @@ LARGE = {
     "gpt2-768x12-ts17": Entry("gpt2-768x12-ts17", "gpt2", "ts", 17, large=True),
     "gpt2-768x12-dyn18": Entry("gpt2-768x12-dyn18", "gpt2", "dynamo", 18, large=True),
     "vit-b16-dyn18": Entry("vit-b16-dyn18", "vit", "dynamo", 18, large=True),
+    "gpt2-128x4-ts17": Entry("gpt2-128x4-ts17", "gpt2narrow", "ts", 17, large=True),
     "llama-512x4-dyn18": Entry("llama-512x4-dyn18", "llama", "dynamo", 18, large=True),
     "convnext-128x4-dyn18": Entry("convnext-128x4-dyn18", "convnext", "dynamo", 18, large=True),
     "convnext-128x4-ts14": Entry("convnext-128x4-ts14", "convnext", "ts", 14, large=True),

@@ -67,6 +67,14 @@ def gpt2(large: bool = False) -> Built:
     return _text(T.GPT2LMHeadModel(cfg))
 
 
+def gpt2narrow(large: bool = True) -> Built:
+    """A norm-heavy GPT-2 for benchmarks: 128 wide, 4 layers, 1024 positions (long sequences)."""
+    T = _transformers()
+
+    cfg = _small(T.GPT2Config(n_embd=128, n_layer=4, n_head=4, vocab_size=VOCAB, n_positions=1024))
+    return _text(T.GPT2LMHeadModel(cfg))
+
+
 class _HiddenStates(torch.nn.Module):
     """Logits and every hidden state: embeddings, each block's output (the last after ln_f)."""
 

@@ -93,7 +93,7 @@ def _single_reader(value: ir.Value) -> ir.Node | str:
     return readers[0]
 
 
-def _bias_add_data(node: ir.Node | None) -> ir.Value | None:
+def bias_add_data(node: ir.Node | None) -> ir.Value | None:
     """For `Add(data, constant)` (either order) the data input, else None."""
     if node is None or node.op_type != "Add" or len(node.inputs) != 2:
         return None
@@ -119,7 +119,7 @@ def _expects_channel(linear: ir.Node, axis: int | None, rank: int | None, input_
 def _plan_preceding(match: NormMatch, a, c) -> Fold | str:
     producer = match.input.producer()
     bias_add = None
-    linear_out = _bias_add_data(producer)
+    linear_out = bias_add_data(producer)
     if linear_out is not None and linear_out.producer() is not None and linear_out.producer().op_type == "MatMul":
         bias_add, producer = producer, linear_out.producer()
         reader = _single_reader(linear_out)
@@ -212,7 +212,7 @@ def _plan_following(match: NormMatch, a, c) -> Fold | str:
     out = reader.outputs[0]
     nxt = consumers(out)
     bias_add = (nxt[0] if reader.op_type == "MatMul" and len(nxt) == 1 and not out.is_graph_output()
-                and _bias_add_data(nxt[0]) is out else None)
+                and bias_add_data(nxt[0]) is out else None)
     return Fold(match, a, c, "following", reader, bias_add, via)
 
 
@@ -255,7 +255,7 @@ def _add_bias_after(node: ir.Node, bias: np.ndarray) -> ir.Value:
     return add.outputs[0]
 
 
-def _fold_weights(fold: Fold) -> None:
+def fold_weights(fold: Fold) -> None:
     """New weight and bias for the linear op (formulas in affine_math; float64, cast back)."""
     node, a, c, op = fold.linear, fold.a, fold.c, fold.linear.op_type
     w = folded_value(node.inputs[1])
@@ -294,7 +294,8 @@ def _fold_weights(fold: Fold) -> None:
             w2, b2 = am.into_matmul_input(w, 0.0 if b is None else b, a, c)
     if op == "Gemm":
         node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)  # beta is now inside the bias
-    _write_constant(node, 1, w2.astype(w.dtype), f"{node.name}.weight")
+    if not (np.all(a == 1) and fold.side == "following"):  # a pure shift leaves the weight as it is
+        _write_constant(node, 1, w2.astype(w.dtype), f"{node.name}.weight")
     b2 = np.asarray(b2).astype(w.dtype if b is None else b.dtype)
     if bias_node is not None:
         _write_constant(bias_node, bias_index, b2, f"{node.name}.bias")
@@ -306,7 +307,7 @@ def _apply_one(graph: ir.Graph, fold: Fold) -> None:
     m = fold.match
     members = set(m.nodes)
     entry = next((u.node, u.idx) for u in m.input.uses() if u.node in members)
-    _fold_weights(fold)
+    fold_weights(fold)
     if fold.side == "preceding":
         folded = entry[0].inputs[entry[1]]  # what the norm reads now (a new bias Add, if any)
         old_name = m.output.name

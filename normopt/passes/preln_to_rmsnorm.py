@@ -113,13 +113,14 @@ class _Planner:
                     if match not in self.plan.conversions:
                         self.plan.conversions.append(match)
                     continue
-                if node.op_type in _CARRIERS and node.inputs[0] is value and self._keeps_hidden(node):
+                if node.op_type in _CARRIERS and node.inputs[0] is value and self._keeps_hidden(self, node):
                     queue.extend(node.outputs[:1])
                     continue
                 raise _Refuse(f"{node.op_type} {node.name} reads stream value '{value.name}' and would see "
                               "the recentred values (not shift-invariant)")
 
-    def _keeps_hidden(self, node: ir.Node) -> bool:
+    @staticmethod
+    def _keeps_hidden(_self, node: ir.Node) -> bool:
         """Does `node` keep each token's hidden vector whole (so zero-mean stays zero-mean)?"""
         r = rank(node.inputs[0])
         if node.op_type in ("Cast", "Identity"):
@@ -250,13 +251,14 @@ def _recentre(graph: ir.Graph, value: ir.Value, opset: int) -> None:
         use.node.replace_input_with(use.idx, sub.outputs[0])
 
 
-def _convert(graph: ir.Graph, match: NormMatch, opset: int) -> None:
+def _convert(graph: ir.Graph, match: NormMatch, opset: int) -> ir.Value:
+    """Turn one stream LayerNorm into an RMSNorm; returns the value that now ends the norm."""
     if match.form == "decomposed":  # d = x - mean(x) is x now: drop the mean and the Sub
         mean_node = next(n for n in match.nodes if n.op_type == "ReduceMean" and n.inputs[0] is match.core_input)
         sub = next(n for n in match.nodes if n.op_type == "Sub" and n.inputs[0] is match.core_input)
         sub.outputs[0].replace_all_uses_with(match.core_input)
         graph.remove([sub, mean_node], safe=True)
-        return
+        return match.output
     ln = match.nodes[0]
     x, gamma = ln.inputs[0], ln.inputs[1]
     beta = ln.inputs[2] if len(ln.inputs) > 2 else None
@@ -295,6 +297,51 @@ def _convert(graph: ir.Graph, match: NormMatch, opset: int) -> None:
     out.name = unique_name(graph, f"{old_name}.layernorm")
     y.name = old_name
     graph.remove(ln, safe=True)
+    return y
+
+
+def _beta_add(graph: ir.Graph, match: NormMatch, converted_output: ir.Value) -> ir.Node | None:
+    """The `+ beta` Add that follows a converted norm (its epilogue Add, or the one we made)."""
+    if match.form == "decomposed":
+        return next((n for n in match.nodes if n.op_type == "Add" and match.bias is not None and match.bias in n.inputs), None)
+    producer = converted_output.producer()
+    return producer if producer is not None and producer.op_type == "Add" else None
+
+
+def _fold_beta(graph: ir.Graph, match: NormMatch, add: ir.Node) -> bool:
+    """Fold y = z + beta into every linear reader (y @ W + b -> z @ W + (b + beta @ W)) when only
+    MatMul/Gemm with constant weights read y (also through Reshapes keeping the hidden size).
+    Returns whether it folded; otherwise the Add stays."""
+    from normopt.passes.fold_affine_norms import Fold, bias_add_data, fold_weights
+
+    y, beta_value = add.outputs[0], next(v for v in add.inputs if folded_value(v) is not None)
+    z = next(v for v in add.inputs if v is not beta_value)
+    beta = folded_value(beta_value).astype(np.float64).reshape(-1)
+    if y.is_graph_output():
+        return False
+    readers, stack = [], list(consumers(y))
+    while stack:
+        node = stack.pop()
+        if node.op_type in _SHAPE_ONLY:
+            continue  # reads only the shape, which stays
+        if node.op_type == "Reshape" and _Planner._keeps_hidden(None, node) and not node.outputs[0].is_graph_output():
+            stack.extend(consumers(node.outputs[0]))
+        elif node.op_type == "MatMul" and folded_value(node.inputs[1]) is not None and folded_value(node.inputs[1]).ndim == 2:
+            readers.append(node)
+        elif node.op_type == "Gemm" and folded_value(node.inputs[1]) is not None and not node.attributes.get_int("transA", 0):
+            readers.append(node)
+        else:
+            return False
+    if not readers:
+        return False
+    for node in readers:
+        out = node.outputs[0]
+        nxt = consumers(out)
+        bias = nxt[0] if node.op_type == "MatMul" and len(nxt) == 1 and not out.is_graph_output() and bias_add_data(nxt[0]) is out else None
+        fold_weights(Fold(match, np.ones_like(beta), beta, "following", node, bias))
+    y.replace_all_uses_with(z)
+    graph.remove(add, safe=True)
+    return True
 
 
 @register
@@ -341,9 +388,14 @@ class PreLNToRMSNorm(Pass):
             _write(node, index, center(original, axis).astype(original.dtype))
         for value, _why in rewrite.recentred:
             _recentre(graph, value, opset)
+        folded = 0
         for match in rewrite.conversions:
-            _convert(graph, match, opset)
+            end = _convert(graph, match, opset)
+            add = _beta_add(graph, match, end)
+            folded += add is not None and _fold_beta(graph, match, add)
         changes = [f"converted {len(rewrite.conversions)} LayerNorm(s) reading the stream to RMSNorm",
                    f"centred {len(rewrite.centred)} writer weight(s) along the hidden axis"]
+        if folded:
+            changes.append(f"folded {folded} LayerNorm beta(s) into the biases of the linear ops reading them")
         changes += [f"inserted x - ReduceMean(x) after '{v.name}' ({why})" for v, why in rewrite.recentred]
         return changes

@@ -222,3 +222,19 @@ def test_layernorm_statistics_outputs_read():
     ln.output.extend(["ln_mean"])
     model.graph.output.append(helper.make_tensor_value_info("ln_mean", TensorProto.FLOAT, None))
     assert "Mean/InvStdDev outputs are read" in _convert(model, expect=False)
+
+
+def test_beta_folds_into_the_linear_readers_only():
+    """Each LN's beta moves into the bias of the MatMul reading it (one Add less per norm)."""
+    ir_model = ir.serde.deserialize_model(_blocks())
+    annotate_shapes(ir_model)
+    result = PreLNToRMSNorm().run(ir_model)
+    assert "folded 3 LayerNorm beta(s) into the biases of the linear ops reading them" in result.changes
+    _convert(_blocks())
+    # the final norm's output is also a graph output: its beta must stay an Add
+    model = _blocks()
+    model.graph.output.append(tensor("final", TensorProto.FLOAT, (2, 4, 8)))
+    ir_model = ir.serde.deserialize_model(model)
+    annotate_shapes(ir_model)
+    assert "folded 2 LayerNorm beta(s) into the biases of the linear ops reading them" in PreLNToRMSNorm().run(ir_model).changes
+    _convert(model)
