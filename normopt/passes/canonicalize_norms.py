@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from normopt.rewriter import ort_ops  # noqa: F401  (the checker must know ORT's contrib norm ops)
-from normopt.rewriter.graph import unique_node_name, constant_value, unique_name
+from normopt.rewriter.graph import constant_value, new_initializer, take_over, unique_node_name
 from normopt.rewriter.norms import NormMatch, find_norms
 from normopt.rewriter.pass_base import Pass, Plan, Refusal, register
 
@@ -130,12 +130,7 @@ def _apply_one(graph: ir.Graph, fusion: Fusion) -> None:
     name = m.nodes[0].name or m.kind
 
     def initializer(param, suffix):
-        if isinstance(param, ir.Value):
-            return param
-        value = ir.Value(name=unique_name(graph, f"{name}.{suffix}"), const_value=ir.tensor(param))
-        value.const_value.name = value.name
-        graph.register_initializer(value)
-        return value
+        return param if isinstance(param, ir.Value) else new_initializer(graph, f"{name}.{suffix}", param)
 
     inputs = [m.core_input, initializer(fusion.scale, "scale")]
     if fusion.bias is not None:
@@ -145,10 +140,7 @@ def _apply_one(graph: ir.Graph, fusion: Fusion) -> None:
     out = node.outputs[0]
     out.type, out.shape = fusion.replaced.type, fusion.replaced.shape
     graph.insert_after(fusion.span[-1], node)
-    old_name = fusion.replaced.name
-    fusion.replaced.replace_all_uses_with(out, replace_graph_outputs=True)
-    fusion.replaced.name = unique_name(graph, f"{old_name}.replaced")
-    out.name = old_name
+    take_over(fusion.replaced, out)
     graph.remove(fusion.span, safe=True)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from normopt.rewriter import affine_math as am
-from normopt.rewriter.graph import unique_node_name, consumers, folded_value, private_initializer, rank, unique_name
+from normopt.rewriter.graph import consumers, folded_value, new_initializer, rank, set_constant_input, take_over, unique_node_name
 from normopt.rewriter.norms import NormMatch, find_norms
 from normopt.rewriter.pass_base import Pass, Plan, Refusal, register
 
@@ -219,39 +219,15 @@ def _plan_following(match: NormMatch, a, c) -> Fold | str:
 # ------------------------------------------------------------------------------- editing
 
 
-def _write_constant(node: ir.Node, index: int, array: np.ndarray, hint: str) -> None:
-    """Give `node.inputs[index]` this value: edit a private initializer, else add a new one."""
-    graph = node.graph
-    value = node.inputs[index] if index < len(node.inputs) else None
-    if value is not None and value.is_initializer():
-        value = private_initializer(node, index)
-        value.const_value = ir.tensor(array, name=value.name)
-        return
-    new = ir.Value(name=unique_name(graph, hint), const_value=ir.tensor(array))
-    new.const_value.name = new.name
-    graph.register_initializer(new)
-    if index >= len(node.inputs):
-        node.resize_inputs(index + 1)
-    node.replace_input_with(index, new)
-
-
 def _add_bias_after(node: ir.Node, bias: np.ndarray) -> ir.Value:
     """Insert `out + bias` after `node`; every former reader of its output reads the sum."""
     graph, out = node.graph, node.outputs[0]
-    value = ir.Value(name=unique_name(graph, f"{node.name}.folded_bias"), const_value=ir.tensor(bias))
-    value.const_value.name = value.name
-    graph.register_initializer(value)
-    add = ir.node("Add", [out, value], name=unique_node_name(graph, f"{node.name}.bias_add"))
+    add = ir.node("Add", [out, new_initializer(graph, f"{node.name}.folded_bias", bias)],
+                  name=unique_node_name(graph, f"{node.name}.bias_add"))
     add.outputs[0].type, add.outputs[0].shape = out.type, out.shape
     graph.insert_after(node, add)
-    old_name = out.name
-    for use in list(out.uses()):
-        if use.node is not add:
-            use.node.replace_input_with(use.idx, add.outputs[0])
-    if out.is_graph_output():
-        out.replace_all_uses_with(add.outputs[0], replace_graph_outputs=True)
-        add.replace_input_with(0, out)
-    out.name, add.outputs[0].name = unique_name(graph, f"{old_name}.unbiased"), old_name
+    take_over(out, add.outputs[0])  # readers and graph outputs now read the sum ...
+    add.replace_input_with(0, out)  # ... which reads the linear op's own output
     return add.outputs[0]
 
 
@@ -295,10 +271,10 @@ def fold_weights(fold: Fold) -> None:
     if op == "Gemm":
         node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)  # beta is now inside the bias
     if not (np.all(a == 1) and fold.side == "following"):  # a pure shift leaves the weight as it is
-        _write_constant(node, 1, w2.astype(w.dtype), f"{node.name}.weight")
+        set_constant_input(node, 1, w2.astype(w.dtype), f"{node.name}.weight")
     b2 = np.asarray(b2).astype(w.dtype if b is None else b.dtype)
     if bias_node is not None:
-        _write_constant(bias_node, bias_index, b2, f"{node.name}.bias")
+        set_constant_input(bias_node, bias_index, b2, f"{node.name}.bias")
     elif np.any(b2 != 0):
         _add_bias_after(node, b2)
 
@@ -310,11 +286,7 @@ def _apply_one(graph: ir.Graph, fold: Fold) -> None:
     fold_weights(fold)
     if fold.side == "preceding":
         folded = entry[0].inputs[entry[1]]  # what the norm reads now (a new bias Add, if any)
-        old_name = m.output.name
-        m.output.replace_all_uses_with(folded, replace_graph_outputs=True)
-        m.output.name = unique_name(graph, f"{old_name}.folded")
-        if folded.is_graph_output():
-            folded.name = old_name
+        take_over(m.output, folded)
     else:  # the linear op (or the Gather before it) and any shape-only reader read x directly
         m.output.replace_all_uses_with(m.input)
     graph.remove(m.nodes, safe=True)

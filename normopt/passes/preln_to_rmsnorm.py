@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from normopt.rewriter.centering_math import center
-from normopt.rewriter.graph import unique_node_name, consumers, folded_value, private_initializer, rank, unique_name
+from normopt.rewriter.graph import consumers, folded_value, new_initializer, rank, set_constant_input, take_over, unique_node_name
 from normopt.rewriter.norms import NormMatch, find_norms
 from normopt.rewriter.pass_base import Options, Pass, Plan, Refusal, register
 from normopt.rewriter.stream import analyze
@@ -206,33 +206,11 @@ class _Planner:
 # ------------------------------------------------------------------------------- editing
 
 
-def _write(node: ir.Node, index: int, array: np.ndarray) -> None:
-    value = node.inputs[index]
-    if value.is_initializer():
-        value = private_initializer(node, index)
-        value.const_value = ir.tensor(array, name=value.name)
-        return
-    new = ir.Value(name=unique_name(node.graph, f"{node.name}.centred"), const_value=ir.tensor(array))
-    new.const_value.name = new.name
-    node.graph.register_initializer(new)
-    node.replace_input_with(index, new)
-
-
 def _axes_input(graph: ir.Graph, opset: int, axes: list[int], attrs: dict) -> list[ir.Value]:
     if opset >= 18:
-        value = ir.Value(name=unique_name(graph, "rms_axes"), const_value=ir.tensor(np.array(axes, np.int64)))
-        value.const_value.name = value.name
-        graph.register_initializer(value)
-        return [value]
+        return [new_initializer(graph, "rms_axes", np.array(axes, np.int64))]
     attrs["axes"] = axes
     return []
-
-
-def _constant(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=unique_name(graph, base), const_value=ir.tensor(array))
-    value.const_value.name = value.name
-    graph.register_initializer(value)
-    return value
 
 
 def _recentre(graph: ir.Graph, value: ir.Value, opset: int) -> None:
@@ -273,8 +251,8 @@ def _convert(graph: ir.Graph, match: NormMatch, opset: int) -> ir.Value:
     else:  # the decomposed form onnxruntime fuses: x / Sqrt(ReduceMean(x^2) + eps) * gamma
         r = rank(x)
         axes = list(range(axis if axis < 0 else axis - r, 0)) if (axis < 0 or r is not None) else [-1]
-        two = _constant(graph, f"{name}.two", np.array(2, dtype=folded_value(gamma).dtype))
-        epsilon = _constant(graph, f"{name}.eps", np.array(eps, dtype=folded_value(gamma).dtype))
+        two = new_initializer(graph, f"{name}.two", np.array(2, dtype=folded_value(gamma).dtype))
+        epsilon = new_initializer(graph, f"{name}.eps", np.array(eps, dtype=folded_value(gamma).dtype))
         attrs: dict = {"keepdims": 1}
         sq = ir.node("Pow", [x, two], name=unique_node_name(graph, f"{name}.square"))
         mean = ir.node("ReduceMean", [sq.outputs[0], *_axes_input(graph, opset, axes, attrs)], attrs,
@@ -292,10 +270,7 @@ def _convert(graph: ir.Graph, match: NormMatch, opset: int) -> ir.Value:
     out = ln.outputs[0]
     y.type, y.shape = out.type, out.shape
     graph.insert_after(ln, nodes)
-    old_name = out.name
-    out.replace_all_uses_with(y, replace_graph_outputs=True)
-    out.name = unique_name(graph, f"{old_name}.layernorm")
-    y.name = old_name
+    take_over(out, y)
     graph.remove(ln, safe=True)
     return y
 
@@ -385,7 +360,7 @@ class PreLNToRMSNorm(Pass):
         rewrite: StreamRewrite = plan.actions[0]
         for (node, index), axis in rewrite.centred.items():
             original = folded_value(node.inputs[index])
-            _write(node, index, center(original, axis).astype(original.dtype))
+            set_constant_input(node, index, center(original, axis).astype(original.dtype), f"{node.name}.centred")
         for value, _why in rewrite.recentred:
             _recentre(graph, value, opset)
         folded = 0

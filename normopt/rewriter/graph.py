@@ -131,27 +131,57 @@ def rank(value: ir.Value) -> int | None:
     return None if array is None else array.ndim
 
 
+def _fresh(taken: set[str], base: str) -> str:
+    if base not in taken:
+        return base
+    i = 1
+    while f"{base}_{i}" in taken:
+        i += 1
+    return f"{base}_{i}"
+
+
 def unique_name(graph: ir.Graph, base: str) -> str:
     """A value name not used anywhere in `graph` (inputs, initializers, node outputs)."""
     taken = {v.name for v in graph.inputs} | set(graph.initializers)
     taken.update(out.name for node in graph.all_nodes() for out in node.outputs)
-    if base not in taken:
-        return base
-    i = 1
-    while f"{base}_{i}" in taken:
-        i += 1
-    return f"{base}_{i}"
+    return _fresh(taken, base)
 
 
 def unique_node_name(graph: ir.Graph, base: str) -> str:
     """A node name used by no node of `graph` (onnxruntime rejects duplicates)."""
-    taken = {node.name for node in graph.all_nodes()}
-    if base not in taken:
-        return base
-    i = 1
-    while f"{base}_{i}" in taken:
-        i += 1
-    return f"{base}_{i}"
+    return _fresh({node.name for node in graph.all_nodes()}, base)
+
+
+def new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    """Register `array` as a new initializer named after `base` (made unique)."""
+    value = ir.Value(name=unique_name(graph, base), const_value=ir.tensor(array))
+    value.const_value.name = value.name
+    graph.register_initializer(value)
+    return value
+
+
+def set_constant_input(node: ir.Node, index: int, array: np.ndarray, base: str) -> None:
+    """Make `node.inputs[index]` hold `array`: an initializer private to this input is edited
+    (copy-on-write, so other readers keep theirs); anything else (a Constant node, a computed
+    constant, a missing optional input) is replaced by a new initializer."""
+    value = node.inputs[index] if index < len(node.inputs) else None
+    if value is not None and value.is_initializer():
+        value = private_initializer(node, index)
+        value.const_value = ir.tensor(array, name=value.name)
+        return
+    if index >= len(node.inputs):
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, new_initializer(node.graph, base, array))
+
+
+def take_over(old: ir.Value, new: ir.Value) -> None:
+    """Every reader of `old` (graph outputs included) reads `new`, which takes `old`'s name, so
+    the model's output names and the names users refer to stay."""
+    graph = old.graph or new.graph
+    name = old.name
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    old.name = unique_name(graph, f"{name}.replaced")
+    new.name = name
 
 
 def private_initializer(node: ir.Node, index: int) -> ir.Value:
