@@ -238,3 +238,18 @@ def test_beta_folds_into_the_linear_readers_only():
     annotate_shapes(ir_model)
     assert "folded 2 LayerNorm beta(s) into the biases of the linear ops reading them" in PreLNToRMSNorm().run(ir_model).changes
     _convert(model)
+
+
+@pytest.mark.parametrize("name", ["preln-ts17", "gpt2-ts17"])
+def test_fp16_copy_of_a_real_export(corpus, tmp_path, name):
+    """onnxruntime's float16 converter makes the copy; fp16 tolerance (1e-2 x scale) applies."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    paths = corpus(name)
+    src = tmp_path / "fp16.onnx"
+    onnx.save(convert_float_to_float16(onnx.load(str(paths.model)), keep_io_types=False), str(src))
+    feeds = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in paths.load_inputs().items()}
+    report = rewrite(src, tmp_path / "out.onnx", verify_kwargs={"inputs": feeds})
+    assert "converted 5 LayerNorm(s)" in report.passes[0].changes[0]
+    [check] = report.verification.outputs
+    assert check.dtype == "float16" and check.ok and check.rtol == 1e-2 and check.max_rel < 5e-3
