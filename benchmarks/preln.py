@@ -16,15 +16,14 @@ Writes results/preln.json.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import environment, interleaved, runner, summarize, write
+from common import environment, interleaved, op_breakdown, runner, summarize, write
 
 NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization",
-            "SkipLayerNormalization", "SkipSimplifiedLayerNormalization"}
+            "SkipLayerNormalization", "SkipSimplifiedLayerNormalization"}  # (no BatchNorm in these models)
 CASES = [
     # entry, label, peer model type, heads, hidden, feeds
     ("gpt2-768x12-ts17", "GPT-2 768x12, 1x128 tokens", "gpt2", 12, 768, {"batch": 1, "seq": 128}),
@@ -41,32 +40,12 @@ def feeds_for(entry: str, sizes: dict) -> dict[str, np.ndarray]:
     return {"input_ids": rng.integers(0, 128, (b, s)).astype(np.int64), "attention_mask": np.ones((b, s), np.int64)}
 
 
-def norm_time(path: Path, feeds: dict, threads: int, runs: int = 10) -> dict:
-    """Milliseconds per run in norm ops and in Add ops, from onnxruntime's profiler."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.enable_profiling = True
-    opts.log_severity_level = 3
-    with tempfile.TemporaryDirectory() as tmp:
-        opts.profile_file_prefix = str(Path(tmp) / "profile")
-        s = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        for _ in range(3 + runs):
-            s.run(None, feeds)
-        events = json.loads(Path(s.end_profiling()).read_text())
-    per_op: dict[str, float] = {}
-    for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-            op = e.get("args", {}).get("op_name", "?")
-            per_op[op] = per_op.get(op, 0.0) + e["dur"]
-    scale = 1e-3 / (3 + runs)  # microseconds over all runs -> ms per run (warm-up included alike)
-    norms = sum(v for k, v in per_op.items() if k in NORM_OPS) * scale
-    adds = per_op.get("Add", 0.0) * scale
-    return {"norm_ms": norms, "add_ms": adds, "norm_plus_add_ms": norms + adds,
-            "total_ms": sum(per_op.values()) * scale}
+def norm_time(path: Path, feeds: dict, threads: int) -> dict:
+    """Milliseconds per run in norm ops and in Add ops (onnxruntime's profiler)."""
+    per_op = op_breakdown(path, feeds, "ort-cpu", threads, runs=10)
+    norms = sum(v for k, v in per_op.items() if k in NORM_OPS)
+    adds = per_op.get("Add", 0.0)
+    return {"norm_ms": norms, "add_ms": adds, "norm_plus_add_ms": norms + adds, "total_ms": sum(per_op.values())}
 
 
 def main() -> int:

@@ -215,6 +215,7 @@ def rewrite(
     explain: Annotated[bool, typer.Option("--explain", help="Print every refusal with its reason.")] = False,
     in_place: Annotated[bool, typer.Option("--in-place", help="Allow OUT to be IN (replaced atomically).")] = False,
     allow_hidden_state_change: Annotated[bool, typer.Option("--allow-hidden-state-change", help="Let preln-to-rmsnorm rewrite models that output residual-stream values (those outputs change).")] = False,
+    profile_after: Annotated[bool, typer.Option("--profile", help="After writing OUT, time IN vs OUT side by side (ORT CPU).")] = False,
     dim: DimOpt = None,
     inputs: InputsOpt = None,
     rtol: RtolOpt = None,
@@ -247,6 +248,14 @@ def rewrite(
         if report is not None:
             _write_json(report, result.to_json())
     err.print(f"wrote {dst}", highlight=False)
+    if profile_after:
+        from normopt.rewriter import io
+        from normopt.rewriter.verify import load_inputs, make_inputs
+
+        spec = io.load(src)
+        feeds = load_inputs(inputs, spec) if inputs else make_inputs(spec, verify_kwargs["dims"], seed)
+        del spec
+        _run_profile([src, dst], feeds, "ort-cpu", 2, 3, 30, None, None)
 
 
 def _print_rewrite(result, explain: bool) -> None:
@@ -296,6 +305,76 @@ def verify(
         out.print(_verify_table(report))
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _profile_tables(report) -> None:
+    first = report.models[0]
+    table = Table(title=f"latency, {report.environment['backend']}, {report.environment['threads']} threads, "
+                        f"{report.summary[first]['runs']} interleaved runs each")
+    for col in ("model", "median ms", "p90", "p99", "mean", "std", "samples/s", "x first (paired)"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for n in report.models:
+        s = report.summary[n]
+        table.add_row(n, f"{s['median_ms']:.3f}", f"{s['p90_ms']:.3f}", f"{s['p99_ms']:.3f}", f"{s['mean_ms']:.3f}",
+                      f"{s['std_ms']:.3f}", f"{s['throughput_per_s']:.1f}", f"{s['ratio']:.3f}")
+    out.print(table)
+    ops = Table(title="time per op type (ms per run, share of the model's op time)")
+    ops.add_column("op")
+    for i, _ in enumerate(report.models):
+        ops.add_column(f"model {i + 1}", justify="right")
+    totals = {n: sum(report.ops[n].values()) or 1.0 for n in report.models}
+    names = sorted({op for n in report.models for op in report.ops[n]},
+                   key=lambda op: -max(report.ops[n].get(op, 0.0) for n in report.models))
+    for op in names[:15]:
+        ops.add_row(op, *(f"{report.ops[n].get(op, 0.0):.3f} ({100 * report.ops[n].get(op, 0.0) / totals[n]:.1f}%)"
+                          for n in report.models))
+    out.print(ops)
+
+
+def _run_profile(paths, feeds, backend, threads, warmup, runs, json_path, plot_path):
+    from rich.progress import Progress
+
+    from normopt.profiling import plot as make_plot
+    from normopt.profiling import profile as run_profile
+
+    with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("profiling", total=runs)
+        report = run_profile(paths, feeds, backend=backend, threads=threads, warmup=warmup, runs=runs,
+                             on_round=lambda r: bar.update(task, completed=r))
+    _profile_tables(report)
+    if json_path is not None:
+        _write_json(json_path, report.to_json())
+        err.print(f"wrote {json_path}", highlight=False)
+    if plot_path is not None:
+        err.print(f"wrote {make_plot(report, plot_path)}", highlight=False)
+    return report
+
+
+@_command
+def profile(
+    models: Annotated[list[Path], typer.Argument(metavar="MODEL...", help="Models to time side by side (ratios are to the first).")],
+    backend: Annotated[str, typer.Option("--backend", help="ort-cpu | ort-cuda | tensorrt.")] = "ort-cpu",
+    threads: Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads.")] = 2,
+    dim: DimOpt = None,
+    inputs: InputsOpt = None,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs per model first.")] = 3,
+    runs: Annotated[int, typer.Option("--runs", help="Timed runs per model (interleaved).")] = 30,
+    seed: SeedOpt = 0,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every figure and the environment here.")] = None,
+    plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Write a plot (.png or .html).")] = None,
+) -> None:
+    """Time models side by side: interleaved runs, median/p90/p99, paired ratios, time per op type."""
+    from normopt.rewriter import io
+    from normopt.rewriter.verify import load_inputs, make_inputs
+
+    if runs < 1 or warmup < 0 or threads < 1:
+        raise BadInput("--runs and --threads must be at least 1, --warmup at least 0")
+    spec = io.load(models[0])
+    for m in models[1:]:
+        io.check_readable_file(m)
+    feeds = load_inputs(inputs, spec) if inputs else make_inputs(spec, _parse_dims(dim), seed)
+    del spec
+    _run_profile(models, feeds, backend, threads, warmup, runs, json_path, plot_path)
 
 
 def main() -> None:

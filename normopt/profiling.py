@@ -1,0 +1,240 @@
+"""Side-by-side latency profiling (shared/docs/benchmarks.md rules).
+
+All models run in one process; every round runs each model once, in a fresh random order, so
+drift hits all alike; onnxruntime's intra-op spinning is off (else the session that just ran
+steals a core from the next). The figure that compares models is the paired ratio: per round
+B/A, then the median. A separate profiled pass per model gives time per op type from
+onnxruntime's profiler.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from normopt.errors import BadInput
+
+BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt")
+NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization",
+            "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "BatchNormalization"}
+
+
+def _providers(backend: str) -> list[str]:
+    import onnxruntime as ort
+
+    if backend == "ort-cpu":
+        return ["CPUExecutionProvider"]
+    if backend == "ort-cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BadInput("--backend ort-cuda needs onnxruntime-gpu and a CUDA GPU "
+                           "(pip install 'normopt[gpu]'); this onnxruntime has "
+                           f"{', '.join(ort.get_available_providers())}")
+        return ["CUDAExecutionProvider"]
+    try:
+        import tensorrt  # noqa: F401  (imported lazily: an optional extra)
+    except ImportError:
+        raise BadInput("--backend tensorrt needs TensorRT (pip install 'normopt[tensorrt]'), "
+                       "which is not installed here") from None
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        raise BadInput("--backend tensorrt needs onnxruntime built with the TensorRT execution provider")
+    return ["TensorrtExecutionProvider"]
+
+
+def session(path: str | os.PathLike, backend: str = "ort-cpu", threads: int = 2, profile_prefix: str | None = None):
+    """An onnxruntime session set up for timing: ORT_ENABLE_ALL, fixed threads, no spinning."""
+    import onnxruntime as ort
+
+    if backend not in BACKENDS:
+        raise BadInput(f"--backend must be one of {', '.join(BACKENDS)}, not '{backend}'")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    try:
+        return ort.InferenceSession(str(path), opts, providers=_providers(backend))
+    except BadInput:
+        raise
+    except Exception as exc:
+        raise BadInput(f"onnxruntime cannot load '{path}': {str(exc).strip().splitlines()[0]}") from None
+
+
+def interleaved(runners: Mapping[str, Callable[[], None]], rounds: int = 30, warmup: int = 3, seed: int = 0,
+                on_round: Callable[[int], None] | None = None) -> dict[str, list[float]]:
+    """Seconds per call for each runner: one call each per round, in a random order per round."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    rng = random.Random(seed)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for r in range(rounds):
+        order = list(runners)
+        rng.shuffle(order)
+        for name in order:
+            t = time.perf_counter()
+            runners[name]()
+            times[name].append(time.perf_counter() - t)
+        if on_round:
+            on_round(r + 1)
+    return times
+
+
+def _percentile(sorted_ms: Sequence[float], q: float) -> float:
+    return float(np.percentile(sorted_ms, q))
+
+
+def summarize(times: Mapping[str, list[float]], baseline: str, batch: int = 1) -> dict[str, dict]:
+    """Median, p90, p99, mean, std (ms), throughput (samples/s) and the paired ratio to `baseline`."""
+    base = times[baseline]
+    out = {}
+    for name, ts in times.items():
+        ms = sorted(t * 1e3 for t in ts)
+        med = statistics.median(ms)
+        out[name] = {
+            "median_ms": med, "p90_ms": _percentile(ms, 90), "p99_ms": _percentile(ms, 99),
+            "mean_ms": statistics.fmean(ms), "std_ms": statistics.pstdev(ms), "runs": len(ms),
+            "throughput_per_s": batch * 1e3 / med if med else float("inf"),
+            "ratio": statistics.median(t / b for t, b in zip(ts, base)),
+        }
+    return out
+
+
+def op_breakdown(path: str | os.PathLike, feeds: Mapping[str, np.ndarray], backend: str = "ort-cpu",
+                 threads: int = 2, runs: int = 10) -> dict[str, float]:
+    """Milliseconds per run spent in each op type (onnxruntime's profiler, after its fusions);
+    the first (warm-up) run is left out."""
+    with tempfile.TemporaryDirectory() as tmp:
+        s = session(path, backend, threads, profile_prefix=str(Path(tmp) / "profile"))
+        for _ in range(1 + runs):
+            s.run(None, dict(feeds))
+        events = json.loads(Path(s.end_profiling()).read_text())
+    model_runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    cutoff, counted = (model_runs[0]["ts"] + model_runs[0]["dur"], runs) if model_runs else (0, 1 + runs)
+    per_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e.get("ts", 0) >= cutoff:
+            op = e.get("args", {}).get("op_name", "?")
+            per_op[op] = per_op.get(op, 0.0) + e["dur"] / 1e3 / counted
+    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+
+
+def environment(threads: int, backend: str) -> dict:
+    import onnx
+    import onnxruntime
+
+    import normopt
+
+    return {"normopt": normopt.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
+            "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(),
+            "cpu_count": os.cpu_count(), "threads": threads, "backend": backend,
+            "providers": onnxruntime.get_available_providers()}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+@dataclass
+class ProfileReport:
+    models: list[str]
+    summary: dict[str, dict]
+    ops: dict[str, dict[str, float]]
+    times_ms: dict[str, list[float]]
+    environment: dict
+    inputs: dict[str, dict] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"models": self.models, "summary": self.summary, "ops_ms_per_run": self.ops,
+                "times_ms": self.times_ms, "inputs": self.inputs, "environment": self.environment}
+
+
+def profile(paths: Sequence[str | os.PathLike], feeds: Mapping[str, np.ndarray], *, backend: str = "ort-cpu",
+            threads: int = 2, warmup: int = 3, runs: int = 30, op_runs: int = 10, seed: int = 0,
+            on_round: Callable[[int], None] | None = None) -> ProfileReport:
+    """Time every model interleaved, then break each down by op type. Keys are the paths as given
+    (the same file twice gets a #2 suffix)."""
+    names: list[str] = []
+    for p in paths:
+        name, i = str(p), 2
+        while name in names:
+            name, i = f"{p}#{i}", i + 1
+        names.append(name)
+    sessions = {n: session(p, backend, threads) for n, p in zip(names, paths)}
+    runners = {n: (lambda s=s: s.run(None, dict(feeds))) for n, s in sessions.items()}
+    times = interleaved(runners, rounds=runs, warmup=warmup, seed=seed, on_round=on_round)
+    del sessions, runners
+    batch = next((v.shape[0] for v in feeds.values() if getattr(v, "ndim", 0) > 0), 1)
+    ops = {n: op_breakdown(p, feeds, backend, threads, op_runs) for n, p in zip(names, paths)}
+    return ProfileReport(names, summarize(times, names[0], batch), ops,
+                         {n: [t * 1e3 for t in ts] for n, ts in times.items()}, environment(threads, backend),
+                         {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in feeds.items()})
+
+
+def plot(report: ProfileReport, out: str | os.PathLike) -> Path:
+    """A PNG (or an HTML page embedding it and the tables): latency distributions and time per
+    op type, side by side."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BadInput("--plot needs matplotlib (pip install 'normopt[plot]')") from None
+    out = Path(out)
+    if out.suffix not in (".png", ".html"):
+        raise BadInput(f"--plot writes .png or .html, not '{out.suffix}'")
+    labels = [Path(n).name if "#" not in n else Path(n.split("#")[0]).name + "#" + n.split("#")[1] for n in report.models]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
+    ax1.boxplot([report.times_ms[n] for n in report.models], showfliers=True)
+    ax1.set_xticks(range(1, len(labels) + 1), labels, rotation=15, ha="right", fontsize=8)
+    ax1.set_ylabel("latency per run (ms)")
+    ax1.set_title("latency distribution ({} runs, interleaved)".format(report.summary[report.models[0]]["runs"]))
+    top = sorted({op for n in report.models for op in list(report.ops[n])[:8]},
+                 key=lambda op: -max(report.ops[n].get(op, 0.0) for n in report.models))[:10]
+    width = 0.8 / len(report.models)
+    for i, n in enumerate(report.models):
+        ax2.bar(np.arange(len(top)) + i * width, [report.ops[n].get(op, 0.0) for op in top], width, label=labels[i])
+    ax2.set_xticks(np.arange(len(top)) + 0.4 - width / 2, top, rotation=30, ha="right", fontsize=8)
+    ax2.set_ylabel("ms per run")
+    ax2.set_title("time per op type (onnxruntime profiler)")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    png = out if out.suffix == ".png" else Path(tempfile.mkstemp(suffix=".png")[1])  # never a user's file
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    if out.suffix == ".html":
+        import base64
+        import html
+
+        image = base64.b64encode(png.read_bytes()).decode()
+        png.unlink()
+        rows = "".join(
+            f"<tr><td>{html.escape(labels[i])}</td>" + "".join(f"<td>{report.summary[n][k]:.3f}</td>" for k in
+                                                              ("median_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "ratio"))
+            + "</tr>" for i, n in enumerate(report.models))
+        out.write_text(f"<!doctype html><meta charset=utf-8><title>normopt profile</title>"
+                       f"<h1>normopt profile</h1><table border=1 cellpadding=4><tr><th>model</th><th>median ms</th>"
+                       f"<th>p90</th><th>p99</th><th>mean</th><th>std</th><th>x first (paired)</th></tr>{rows}</table>"
+                       f"<p><img src='data:image/png;base64,{image}'></p>"
+                       f"<pre>{html.escape(json.dumps(report.environment, indent=2))}</pre>")
+    return out
