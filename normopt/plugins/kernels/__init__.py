@@ -1,0 +1,1 @@
+"""Norm kernels in Triton, with thin torch launchers (see norms.py)."""

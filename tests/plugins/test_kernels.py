@@ -1,0 +1,109 @@
+"""Every kernel against a float64 numpy reference: hypothesis-chosen rows, widths (odd d-1
+included), dtypes and row pitches. On CPU through Triton's interpreter; on a GPU for real."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from normopt.plugins.kernels import norms  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# output rounding of each dtype (relative), with headroom for fp32 accumulation order
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+WIDTHS = [1, 3, 16, 17, 64, 767, 768, 1024, 4095, 8193]
+
+
+def make(rows, cols, dtype, pitch_extra, seed, offset=0.0):
+    """A [rows, cols] tensor whose rows sit `pitch_extra` elements apart beyond cols."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows, cols + pitch_extra, generator=g, dtype=torch.float32) * 2 + offset
+    return base.to(dtype).to(DEVICE)[:, :cols]
+
+
+def f64(t):
+    return t.float().cpu().numpy().astype(np.float64)
+
+
+def check(got, expected, dtype):
+    got = f64(got)
+    scale = max(np.abs(expected).max(), 1e-6)
+    np.testing.assert_allclose(got, expected, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+
+
+shapes = st.tuples(st.integers(1, 5), st.sampled_from(WIDTHS), st.sampled_from(list(DTYPES)),
+                   st.sampled_from([0, 5]), st.booleans(), st.integers(0, 1000))
+
+
+@settings(max_examples=25, deadline=None)
+@given(shapes)
+def test_rms_norm(case):
+    rows, cols, dtype_name, pitch, with_weight, seed = case
+    dtype = DTYPES[dtype_name]
+    x = make(rows, cols, dtype, pitch, seed)
+    w = make(1, cols, dtype, 0, seed + 1)[0] if with_weight else None
+    xr = f64(x)
+    expected = xr / np.sqrt((xr * xr).mean(-1, keepdims=True) + 1e-6) * (f64(w) if with_weight else 1.0)
+    check(norms.rms_norm(x, w, 1e-6), expected, dtype)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shapes)
+def test_crms_norm_equals_rms_norm_of_the_full_zero_mean_vector(case):
+    rows, cols, dtype_name, pitch, with_weight, seed = case
+    dtype = DTYPES[dtype_name]
+    x = make(rows, cols, dtype, pitch, seed)
+    w = make(1, cols, dtype, 0, seed + 1)[0] if with_weight else None
+    xr = f64(x)
+    full = np.concatenate([xr, -xr.sum(-1, keepdims=True)], axis=-1)  # the implicit d-th entry
+    expected = (full / np.sqrt((full * full).mean(-1, keepdims=True) + 1e-6))[:, :cols]
+    expected = expected * (f64(w) if with_weight else 1.0)
+    check(norms.crms_norm(x, w, 1e-6), expected, dtype)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shapes)
+def test_add_rms_norm_writes_sum_and_norm(case):
+    rows, cols, dtype_name, pitch, with_weight, seed = case
+    dtype = DTYPES[dtype_name]
+    x, r = make(rows, cols, dtype, pitch, seed), make(rows, cols, dtype, 0, seed + 2)
+    w = make(1, cols, dtype, 0, seed + 1)[0] if with_weight else None
+    s, y = norms.add_rms_norm(x, r, w, 1e-6)
+    stored = (x.float() + r.float()).to(dtype)  # the sum as stored in the input dtype
+    if DEVICE == "cuda":
+        assert torch.equal(s.cpu(), stored.cpu())
+    else:  # Triton's interpreter rounds fp32 -> bf16 differently from torch: one ulp apart
+        ulp = {torch.float32: 0.0, torch.float16: 0.0, torch.bfloat16: 2.0 ** -7}[dtype]
+        np.testing.assert_allclose(f64(s), f64(stored), rtol=ulp, atol=0)
+    sr = f64(stored)
+    check(y, sr / np.sqrt((sr * sr).mean(-1, keepdims=True) + 1e-6) * (f64(w) if with_weight else 1.0), dtype)
+
+
+@settings(max_examples=20, deadline=None)
+@given(shapes)
+def test_layer_norm_with_a_large_mean(case):
+    rows, cols, dtype_name, pitch, _, seed = case
+    dtype = DTYPES[dtype_name]
+    x = make(rows, cols, dtype, pitch, seed, offset=50.0)  # one-pass E[x^2]-mean^2 would cancel
+    w, b = make(1, cols, dtype, 0, seed + 1)[0], make(1, cols, dtype, 0, seed + 2)[0]
+    xr = f64(x)
+    centred = xr - xr.mean(-1, keepdims=True)
+    expected = centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + 1e-5) * f64(w) + f64(b)
+    check(norms.layer_norm(x, w, b, 1e-5), expected, dtype)
+
+
+def test_leading_dims_and_shapes_preserved():
+    x = make(6, 767, torch.float16, 0, 0).reshape(2, 3, 767)
+    assert norms.rms_norm(x).shape == (2, 3, 767) and norms.rms_norm(x).dtype == torch.float16
+    s, y = norms.add_rms_norm(x, x)
+    assert s.shape == y.shape == x.shape
+
+
+@pytest.mark.parametrize("cols,block,warps", [(1, 16, 1), (767, 1024, 4), (4095, 4096, 8), (8192, 8192, 16),
+                                              (16384, 8192, 16)])
+def test_launch_config(cols, block, warps):
+    assert norms.launch_config(cols) == (block, warps)
