@@ -92,7 +92,6 @@ def main() -> int:
                         compiled_rms(x, w)  # compile outside the timing
                         row["x_compile"] = do_bench(lambda: compiled_rms(x, w), warmup=50, rep=300, return_mode="median") / ms
                     rows.append(row)
-                    del src, dst
     header = f"{'dtype':8s} {'tokens':>6s} {'hidden':>6s} {'kernel':13s} {'rel err':>8s} {'GB/s':>7s} {'of copy':>7s} {'x eager':>7s} {'x compile':>9s}"
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     print(header)
