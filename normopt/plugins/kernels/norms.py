@@ -132,30 +132,25 @@ def _rows(t):
     return t
 
 
-def rms_norm(x, weight=None, eps: float = 1e-6):
-    """RMSNorm over the last axis; y has x's dtype and shape (rows may be strided)."""
+def _row_norm(kernel, x, weight, eps: float):
     import torch
 
     rows = _rows(x)
     y = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     block, warps = launch_config(rows.shape[1])
-    rms_norm_kernel[(rows.shape[0],)](rows, weight if weight is not None else rows, rows.shape[1], rows.stride(0),
-                                      y.stride(0), y, EPS=eps, BLOCK=block, HAS_WEIGHT=weight is not None,
-                                      num_warps=warps)
+    kernel[(rows.shape[0],)](rows, weight if weight is not None else rows, rows.shape[1], rows.stride(0),
+                             y.stride(0), y, EPS=eps, BLOCK=block, HAS_WEIGHT=weight is not None, num_warps=warps)
     return y.view(x.shape)
+
+
+def rms_norm(x, weight=None, eps: float = 1e-6):
+    """RMSNorm over the last axis; y has x's dtype and shape (rows may be strided)."""
+    return _row_norm(rms_norm_kernel, x, weight, eps)
 
 
 def crms_norm(x, weight=None, eps: float = 1e-6):
     """CRMSNorm of rows of width d-1 (the last axis); y has x's dtype and shape."""
-    import torch
-
-    rows = _rows(x)
-    y = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    block, warps = launch_config(rows.shape[1])
-    crms_norm_kernel[(rows.shape[0],)](rows, weight if weight is not None else rows, rows.shape[1], rows.stride(0),
-                                       y.stride(0), y, EPS=eps, BLOCK=block, HAS_WEIGHT=weight is not None,
-                                       num_warps=warps)
-    return y.view(x.shape)
+    return _row_norm(crms_norm_kernel, x, weight, eps)
 
 
 def add_rms_norm(x, residual, weight=None, eps: float = 1e-6):
