@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from common import environment, interleaved, op_breakdown, runner, summarize, write
 
-NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization",
-            "SkipLayerNormalization", "SkipSimplifiedLayerNormalization"}  # (no BatchNorm in these models)
+from normopt.profiling import NORM_OPS
+
 CASES = [
     # entry, label, peer model type, heads, hidden, feeds
     ("gpt2-768x12-ts17", "GPT-2 768x12, 1x128 tokens", "gpt2", 12, 768, {"batch": 1, "seq": 128}),

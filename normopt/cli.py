@@ -308,6 +308,8 @@ def verify(
 
 
 def _profile_tables(report) -> None:
+    from normopt.profiling import NORM_OPS
+
     first = report.models[0]
     table = Table(title=f"latency, {report.environment['backend']}, {report.environment['threads']} threads, "
                         f"{report.summary[first]['runs']} interleaved runs each")
@@ -328,6 +330,8 @@ def _profile_tables(report) -> None:
     for op in names[:15]:
         ops.add_row(op, *(f"{report.ops[n].get(op, 0.0):.3f} ({100 * report.ops[n].get(op, 0.0) / totals[n]:.1f}%)"
                           for n in report.models))
+    norm_ms = {n: sum(v for k, v in report.ops[n].items() if k in NORM_OPS) for n in report.models}
+    ops.add_row("[bold]all norm ops[/]", *(f"{norm_ms[n]:.3f} ({100 * norm_ms[n] / totals[n]:.1f}%)" for n in report.models))
     out.print(ops)
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from models.corpus import CORPUS
 from normopt.inspect import inspect_model
+from normopt.rewriter.stream import ARCHITECTURES
 
 LN = {"gpt2", "gpt2hidden", "opt", "gptneox", "vit", "bert", "preln"}
 # (kind, form) -> count, per family; form depends on the export for LN / RMSNorm
@@ -41,7 +42,7 @@ def test_json_contract(corpus):
     proc = subprocess.run([sys.executable, "-m", "normopt", "inspect", str(corpus("gpt2-ts17").model), "--json"],
                           capture_output=True, text=True, check=True)
     data = json.loads(proc.stdout)
-    assert data["architecture"] == "pre-ln"
+    assert data["architecture"] == "pre-ln" and data["architecture"] in ARCHITECTURES
     assert {"kind", "form", "axis", "epsilon", "nodes"} <= set(data["norms"][0])
     assert data["passes"]["canonicalize-norms"] == {"applies": False, "reason": "model: no decomposed LayerNorm or RMSNorm"}
     assert set(data["passes"]) >= {"canonicalize-norms", "cleanup"}

@@ -24,7 +24,7 @@ def test_profile_two_models_json_and_plots(corpus, tmp_path):
     report, png, html = tmp_path / "p.json", tmp_path / "p.png", tmp_path / "p.html"
     proc = run("profile", a, out, "--runs", "3", "--warmup", "1", "--json", report, "--plot", png)
     assert proc.returncode == 0, proc.stderr
-    assert "x first (paired)" in proc.stdout and "time per op type" in proc.stdout
+    assert "x first (paired)" in proc.stdout and "time per op type" in proc.stdout and "all norm ops" in proc.stdout
     data = json.loads(report.read_text())
     assert data["models"] == [str(a), str(out)]
     first, second = (data["summary"][m] for m in data["models"])

@@ -28,7 +28,8 @@ import numpy as np
 import onnx_ir as ir
 
 from normopt.rewriter import affine_math as am
-from normopt.rewriter.graph import consumers, folded_value, new_initializer, rank, set_constant_input, take_over, unique_node_name
+from normopt.rewriter.graph import (SHAPE_ONLY, consumers, folded_value, new_initializer, rank, set_constant_input,
+                                    take_over, unique_node_name)
 from normopt.rewriter.norms import NormMatch, find_norms
 from normopt.rewriter.pass_base import Pass, Plan, Refusal, register
 
@@ -86,7 +87,7 @@ def _single_reader(value: ir.Value) -> ir.Node | str:
         return f"'{value.name}' is a graph output"
     readers = list(dict.fromkeys(
         u.node for u in value.uses()
-        if not (u.node.op_type in ("Shape", "Size") or (u.node.op_type == "CastLike" and u.idx == 1))
+        if not (u.node.op_type in SHAPE_ONLY or (u.node.op_type == "CastLike" and u.idx == 1))
     ))
     if len(readers) != 1:
         return f"'{value.name}' has {len(readers)} readers"

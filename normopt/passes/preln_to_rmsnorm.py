@@ -34,14 +34,14 @@ import numpy as np
 import onnx_ir as ir
 
 from normopt.rewriter.centering_math import center
-from normopt.rewriter.graph import consumers, folded_value, new_initializer, rank, set_constant_input, take_over, unique_node_name
+from normopt.rewriter.graph import (SHAPE_ONLY, consumers, folded_value, new_initializer, rank, set_constant_input,
+                                    take_over, unique_node_name)
 from normopt.rewriter.norms import NormMatch, find_norms
 from normopt.rewriter.pass_base import Options, Pass, Plan, Refusal, register
 from normopt.rewriter.stream import analyze
 
 # Readers through which the stream stays a per-token zero-mean stream (checked further below).
 _CARRIERS = {"Cast", "Identity", "Reshape", "Transpose", "Gather", "Slice", "Squeeze", "Unsqueeze", "ReduceMean"}
-_SHAPE_ONLY = {"Shape", "Size"}
 
 
 @dataclass
@@ -103,7 +103,7 @@ class _Planner:
                 self.changed_outputs.append(value.name)
             for node in consumers(value):
                 match = self.norm_of.get(node)
-                if node in adds or node.op_type in _SHAPE_ONLY:
+                if node in adds or node.op_type in SHAPE_ONLY:
                     continue
                 if match is not None and match.input is value:
                     if match.kind != "layernorm":
@@ -297,7 +297,7 @@ def _fold_beta(graph: ir.Graph, match: NormMatch, add: ir.Node) -> bool:
     readers, stack = [], list(consumers(y))
     while stack:
         node = stack.pop()
-        if node.op_type in _SHAPE_ONLY:
+        if node.op_type in SHAPE_ONLY:
             continue  # reads only the shape, which stays
         if node.op_type == "Reshape" and _Planner._keeps_hidden(None, node) and not node.outputs[0].is_graph_output():
             stack.extend(consumers(node.outputs[0]))

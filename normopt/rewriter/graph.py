@@ -11,6 +11,8 @@ import onnx_ir as ir
 
 # Ops that forward their first input's values unchanged (up to dtype for Cast).
 _PASS_THROUGH = {"Identity", "Cast"}
+# Readers that use only a value's shape, never its numbers.
+SHAPE_ONLY = {"Shape", "Size"}
 
 
 def consumers(value: ir.Value) -> list[ir.Node]:

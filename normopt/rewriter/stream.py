@@ -28,7 +28,6 @@ from normopt.rewriter.graph import consumers
 from normopt.rewriter.norms import NormMatch
 
 LINEAR_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinearMatMul"}
-SHAPE_ONLY = {"Shape", "Size"}
 ARCHITECTURES = ("pre-ln", "post-ln", "pre-rmsnorm", "peri-ln", "mixed", "none")
 
 
