@@ -14,7 +14,8 @@ Conditions (each refusal names the node):
   3. no stream value is a graph output (hidden states would change), unless
      `allow_hidden_state_change`;
   4. every branch output is written by linear ops with constant weights (MatMul, Gemm, their
-     bias Adds, sums of such branches as in parallel blocks); the initial stream value by
+     bias Adds, sums of such branches as in parallel blocks), optionally scaled by a per-channel
+     LayerScale Mul, which is folded into them first (W*g, b*g) and removed; the initial stream value by
      embedding Gathers, constants, a patch Conv, Concat/Expand/Slice/Reshape/Transpose of
      those. An initial value it cannot centre through its weights, or whose embedding table is
      shared (a tied LM head), gets one explicit `x - ReduceMean(x)` instead (a copy of the
@@ -48,6 +49,8 @@ _CARRIERS = {"Cast", "Identity", "Reshape", "Transpose", "Gather", "Slice", "Squ
 class StreamRewrite:
     conversions: list[NormMatch] = field(default_factory=list)
     centred: dict[tuple[ir.Node, int], int] = field(default_factory=dict)  # (node, input) -> axis
+    scaled: dict[tuple[ir.Node, int], np.ndarray] = field(default_factory=dict)  # LayerScale folded in first
+    layerscales: list[ir.Node] = field(default_factory=list)  # Muls removed once folded
     recentred: list[tuple[ir.Value, str]] = field(default_factory=list)  # explicit x - mean(x)
 
     def describe(self) -> str:
@@ -146,8 +149,10 @@ class _Planner:
         return all(a % out_r != out_r - 1 for a in axes)
 
     # ---------------------------------------------------------------------- writers (condition 4)
-    def centre_writer(self, value: ir.Value, hidden: int | None = None, depth: int = 0) -> None:
-        """Plan centring of everything that writes `value` along its hidden axis."""
+    def centre_writer(self, value: ir.Value, hidden: int | None = None, depth: int = 0,
+                      scale: np.ndarray | None = None) -> None:
+        """Plan centring of everything that writes `value` along its hidden axis. `scale` is a
+        LayerScale vector to fold into the linear writers first (W*g, b*g, then centred)."""
         node = value.producer()
         r = rank(value)
         hidden = (r - 1 if r is not None else -1) if hidden is None else hidden
@@ -162,38 +167,46 @@ class _Planner:
                 raise _Refuse(f"Concat {node.name} joins pieces along the hidden axis")
             for i, v in enumerate(node.inputs):
                 if folded_value(v) is not None:
-                    self._centre(node, i, hidden - (r or 0) if hidden >= 0 else hidden)
+                    self._centre(scale, node, i, hidden - (r or 0) if hidden >= 0 else hidden)
                 else:
-                    self.centre_writer(v, hidden if (rank(v) == r or hidden < 0) else None, depth + 1)
+                    self.centre_writer(v, hidden if (rank(v) == r or hidden < 0) else None, depth + 1, scale)
             return
         if op == "MatMul" and folded_value(node.inputs[1]) is not None and last:
-            self._centre(node, 1, -1)
+            self._centre(scale, node, 1, -1)
             return
         if op == "Gemm" and folded_value(node.inputs[1]) is not None and last:
-            self._centre(node, 1, 0 if node.attributes.get_int("transB", 0) else -1)
+            self._centre(scale, node, 1, 0 if node.attributes.get_int("transB", 0) else -1)
             if len(node.inputs) > 2 and node.inputs[2] is not None:
-                self._centre(node, 2, -1)
+                self._centre(scale, node, 2, -1)
             return
         if op == "Conv" and folded_value(node.inputs[1]) is not None and hidden == 1:  # output channels
-            self._centre(node, 1, 0)
+            self._centre(scale, node, 1, 0)
             if len(node.inputs) > 2 and node.inputs[2] is not None:
-                self._centre(node, 2, -1)
+                self._centre(scale, node, 2, -1)
             return
         if op == "Gather" and node.attributes.get_int("axis", 0) == 0 and folded_value(node.inputs[0]) is not None and last:
             table = node.inputs[0]
             if len(consumers(table)) > 1 or table.is_graph_output():
                 raise _Refuse(f"embedding table '{table.name}' is shared (tied LM head?)")
-            self._centre(node, 0, -1)
+            self._centre(scale, node, 0, -1)
             return
+        if op == "Mul" and last and scale is None:  # LayerScale: branch * g, g per hidden channel
+            constant = [folded_value(v) is not None for v in node.inputs]
+            if constant.count(True) == 1:
+                g = folded_value(node.inputs[constant.index(True)]).astype(np.float64)
+                if g.size in (1, g.shape[-1] if g.ndim else 1) and len(consumers(value)) == 1 and not value.is_graph_output():
+                    self.plan.layerscales.append(node)
+                    self.centre_writer(node.inputs[constant.index(False)], hidden, depth + 1, g.reshape(-1))
+                    return
         if op in ("Cast", "Identity", "Expand", "Slice", "Transpose", "Reshape", "Flatten"):
             if folded_value(node.inputs[0]) is not None:
-                self._centre(node, 0, _hidden_through(node, hidden if hidden >= 0 else r - 1) - rank(node.inputs[0]))
+                self._centre(scale, node, 0, _hidden_through(node, hidden if hidden >= 0 else r - 1) - rank(node.inputs[0]))
             else:
-                self.centre_writer(node.inputs[0], _hidden_through(node, hidden if hidden >= 0 else r - 1), depth + 1)
+                self.centre_writer(node.inputs[0], _hidden_through(node, hidden if hidden >= 0 else r - 1), depth + 1, scale)
             return
         raise _Refuse(f"{op} {node.name} writes '{value.name}' and is not a linear op with constant weights")
 
-    def _centre(self, node: ir.Node, index: int, axis: int) -> None:
+    def _centre(self, scale: np.ndarray | None, node: ir.Node, index: int, axis: int) -> None:
         """Plan centring of a constant input along `axis` (negative: counted from its end)."""
         array = folded_value(node.inputs[index])
         if array.ndim < -axis or array.shape[axis] == 1:  # broadcast along the hidden axis
@@ -201,6 +214,8 @@ class _Planner:
                 return
             raise _Refuse(f"constant '{node.inputs[index].name}' is added along the whole hidden axis")
         self.plan.centred[(node, index)] = axis
+        if scale is not None:
+            self.plan.scaled[(node, index)] = scale
 
 
 # ------------------------------------------------------------------------------- editing
@@ -360,7 +375,15 @@ class PreLNToRMSNorm(Pass):
         rewrite: StreamRewrite = plan.actions[0]
         for (node, index), axis in rewrite.centred.items():
             original = folded_value(node.inputs[index])
-            set_constant_input(node, index, center(original, axis).astype(original.dtype), f"{node.name}.centred")
+            values = original.astype(np.float64)
+            if (node, index) in rewrite.scaled:  # LayerScale first: W*g along the hidden axis
+                g = rewrite.scaled[(node, index)]
+                values = values * g.reshape([-1 if i == axis % values.ndim else 1 for i in range(values.ndim)])
+            set_constant_input(node, index, center(values, axis).astype(original.dtype), f"{node.name}.centred")
+        for mul in rewrite.layerscales:  # folded into the writer: y = z * g is z now
+            data = next(v for v in mul.inputs if folded_value(v) is None)
+            mul.outputs[0].replace_all_uses_with(data)
+            graph.remove(mul, safe=True)
         for value, _why in rewrite.recentred:
             _recentre(graph, value, opset)
         folded = 0
@@ -370,6 +393,8 @@ class PreLNToRMSNorm(Pass):
             folded += add is not None and _fold_beta(graph, match, add)
         changes = [f"converted {len(rewrite.conversions)} LayerNorm(s) reading the stream to RMSNorm",
                    f"centred {len(rewrite.centred)} writer weight(s) along the hidden axis"]
+        if rewrite.layerscales:
+            changes.append(f"folded {len(rewrite.layerscales)} LayerScale Mul(s) into their writers")
         if folded:
             changes.append(f"folded {folded} LayerNorm beta(s) into the biases of the linear ops reading them")
         changes += [f"inserted x - ReduceMean(x) after '{v.name}' ({why})" for v, why in rewrite.recentred]

@@ -88,7 +88,7 @@ def test_fp16_model(tmp_path):
 
 
 def _blocks(dtype=np.float32, reader=None, branch_tail=None, shared_table=False, ln_op=True, opset=17,
-            stream_output=False):
+            stream_output=False, layerscale=False):
     """ids -> Gather(table) + pos -> [x + W2(LN(x))] x2 -> LN -> MatMul(head).
     reader: (make node reading a value, its output dtype, its output shape): an extra op reading
     the stream, whose output becomes a graph output;
@@ -105,6 +105,10 @@ def _blocks(dtype=np.float32, reader=None, branch_tail=None, shared_table=False,
         nodes += [_ln(x, f"n{i}", ln_op), helper.make_node("MatMul", [f"n{i}", f"w{i}"], [f"m{i}"]),
                   helper.make_node("Add", [f"m{i}", f"c{i}"], [f"f{i}"])]
         branch = f"f{i}"
+        if layerscale:
+            inits.append(const(f"ls{i}", (0.1 + rng.random(d)).astype(dtype)))
+            nodes.append(helper.make_node("Mul", [branch, f"ls{i}"], [f"scaled{i}"]))
+            branch = f"scaled{i}"
         if branch_tail:
             nodes.append(helper.make_node(branch_tail, [branch], [f"t{i}"]))
             branch = f"t{i}"
@@ -253,3 +257,12 @@ def test_fp16_copy_of_a_real_export(corpus, tmp_path, name):
     assert "converted 5 LayerNorm(s)" in report.passes[0].changes[0]
     [check] = report.verification.outputs
     assert check.dtype == "float16" and check.ok and check.rtol == 1e-2 and check.max_rel < 5e-3
+
+
+def test_layerscale_is_folded_into_its_writer_first():
+    model = _blocks(layerscale=True)
+    rewritten = _convert(model)  # equivalent in ORT
+    assert not [n for n in rewritten.graph.node if {"ls0", "ls1"} & set(n.input)]  # the Muls are gone
+    ir_model = ir.serde.deserialize_model(model)
+    annotate_shapes(ir_model)
+    assert "folded 2 LayerScale Mul(s) into their writers" in PreLNToRMSNorm().run(ir_model).changes
