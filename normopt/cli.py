@@ -86,6 +86,14 @@ def _parse_dims(items: list[str] | None) -> dict[str, int]:
     return dims
 
 
+def _feeds(model: Path, inputs: Path | None, dims: dict[str, int], seed: int) -> dict:
+    """Inputs for `model`: the .npz given, else generated from its input specs."""
+    from normopt.rewriter import io
+    from normopt.rewriter.verify import input_feeds
+
+    return input_feeds(io.load(model), inputs, dims, seed)
+
+
 def _check_target(target: str) -> None:
     if target not in ("onnx", "ort", "tensorrt"):
         raise BadInput(f"--target must be onnx, ort or tensorrt, not '{target}'")
@@ -248,13 +256,8 @@ def rewrite(
         if report is not None:
             _write_json(report, result.to_json())
     err.print(f"wrote {dst}", highlight=False)
-    if profile_after:
-        from normopt.rewriter import io
-        from normopt.rewriter.verify import load_inputs, make_inputs
-
-        spec = io.load(src)
-        feeds = load_inputs(inputs, spec) if inputs else make_inputs(spec, verify_kwargs["dims"], seed)
-        del spec
+    if profile_after:  # on the inputs verification used (generated only with --no-verify)
+        feeds = result.feeds if result.feeds is not None else _feeds(src, inputs, verify_kwargs["dims"], seed)
         _run_profile([src, dst], feeds, "ort-cpu", 2, 3, 30, None, None)
 
 
@@ -369,15 +372,12 @@ def profile(
 ) -> None:
     """Time models side by side: interleaved runs, median/p90/p99, paired ratios, time per op type."""
     from normopt.rewriter import io
-    from normopt.rewriter.verify import load_inputs, make_inputs
 
     if runs < 1 or warmup < 0 or threads < 1:
         raise BadInput("--runs and --threads must be at least 1, --warmup at least 0")
-    spec = io.load(models[0])
     for m in models[1:]:
         io.check_readable_file(m)
-    feeds = load_inputs(inputs, spec) if inputs else make_inputs(spec, _parse_dims(dim), seed)
-    del spec
+    feeds = _feeds(models[0], inputs, _parse_dims(dim), seed)
     _run_profile(models, feeds, backend, threads, warmup, runs, json_path, plot_path)
 
 

@@ -204,6 +204,18 @@ class _Corrupt(pass_base.Pass):
         return ["doubled " + value.name]
 
 
+class _Unrunnable(_Corrupt):
+    """Valid for the checker, but the MatMul shapes no longer fit at run time."""
+
+    name = "unrunnable"
+
+    def apply(self, model, plan):
+        value = model.graph.initializers["w1"]
+        value.const_value = ir.tensor(np.ones((8, 3), np.float32), name="w1")
+        value.shape = ir.Shape([8, 3])
+        return ["reshaped w1"]
+
+
 class _Crash(_Corrupt):
     name = "crash"
 
@@ -216,6 +228,7 @@ def broken_passes(monkeypatch):
     pass_base.registered()
     monkeypatch.setitem(pass_base._REGISTRY, "corrupt", _Corrupt)
     monkeypatch.setitem(pass_base._REGISTRY, "crash", _Crash)
+    monkeypatch.setitem(pass_base._REGISTRY, "unrunnable", _Unrunnable)
 
 
 def test_verification_failure_exits_1_and_writes_nothing(tmp_path, model, broken_passes):
@@ -252,3 +265,11 @@ def test_bf16_model_cannot_be_verified_on_cpu_but_rewrites_without_verification(
     proc = run("rewrite", src, out, "--no-verify", env=cli_env)
     assert proc.returncode == 0, proc.stderr
     assert {i.data_type for i in onnx.load(str(out)).graph.initializer} == {onnx.TensorProto.BFLOAT16}
+
+
+def test_rewritten_model_that_does_not_run_exits_1(tmp_path, model, broken_passes):
+    """The original runs, the rewrite does not: a verification failure (exit 1), not bad input."""
+    out = tmp_path / "o.onnx"
+    result = CliRunner().invoke(app, ["rewrite", str(model), str(out), "--passes", "unrunnable"])
+    assert result.exit_code == 1, result.output
+    assert "rewritten model does not run" in result.output and not out.exists()

@@ -22,7 +22,7 @@ from normopt.errors import BadInput, NotApplied, VerificationFailed
 from normopt.rewriter import io
 from normopt.rewriter.pass_base import Options, PassResult
 from normopt.rewriter.pipeline import resolve, run_pipeline
-from normopt.rewriter.verify import VerifyReport, verify
+from normopt.rewriter.verify import DEFAULT_SEED, ModelRunError, VerifyReport, input_feeds, verify
 
 
 @dataclass
@@ -37,6 +37,7 @@ class RewriteReport:
     written: bool = False
     error: str | None = None
     exit_code: int = 0
+    feeds: dict | None = None  # the inputs verification ran on (not in the JSON report)
 
     def to_json(self) -> dict:
         return {
@@ -94,6 +95,10 @@ def rewrite(
     t0 = time.perf_counter()
     step(f"loading {src.name}")
     model = io.load(src)
+    kwargs = dict(verify_kwargs or {})
+    if check:  # from the model as loaded, before any pass: no second load of IN to read its inputs
+        report.feeds = input_feeds(model, kwargs.pop("inputs", None), kwargs.pop("dims", None),
+                                   kwargs.pop("seed", DEFAULT_SEED))
     external = io.uses_external_data(model)
     report.nodes_before = op_histogram(model)
     t1 = time.perf_counter()
@@ -127,11 +132,11 @@ def rewrite(
         if check:
             try:
                 changed = {o: f"changed on request by {r.name}" for r in report.passes for o in r.changed_outputs}
-                report.verification = verify(src, staged.path, on_step=step, changed_on_request=changed,
-                                             **(verify_kwargs or {}))
+                report.verification = verify(src, staged.path, inputs=report.feeds, on_step=step,
+                                             changed_on_request=changed, **kwargs)
                 report.verification.model_b = str(dst)
-            except BadInput as exc:
-                if str(staged.path) in str(exc):
+            except ModelRunError as exc:
+                if exc.path == staged.path:  # the original runs, the rewrite does not: our failure
                     raise VerificationFailed(f"rewritten model does not run: {exc}") from None
                 raise
             report.seconds["verify"] = time.perf_counter() - t3

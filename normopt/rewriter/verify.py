@@ -127,6 +127,28 @@ def load_inputs(path: str | os.PathLike, model: ir.Model) -> dict[str, np.ndarra
     return {v.name: arrays[v.name] for v in model_inputs(model)}
 
 
+def input_feeds(
+    spec: ir.Model,
+    inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+    dims: Mapping[str, int] | None = None,
+    seed: int = DEFAULT_SEED,
+) -> dict[str, np.ndarray]:
+    """The inputs to run `spec` on: a mapping as given, an .npz file, or generated ones."""
+    if inputs is None:
+        return make_inputs(spec, dims, seed)
+    if isinstance(inputs, Mapping):
+        return dict(inputs)
+    return load_inputs(inputs, spec)
+
+
+class ModelRunError(BadInput):
+    """onnxruntime could not load or run `path` (which model failed decides the exit code)."""
+
+    def __init__(self, path: str | os.PathLike, message: str) -> None:
+        super().__init__(message)
+        self.path = Path(path)
+
+
 def run_ort(path: str | os.PathLike, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run a model once on ORT CPU without graph optimizations; outputs by name."""
     import onnxruntime as ort
@@ -141,12 +163,13 @@ def run_ort(path: str | os.PathLike, feeds: Mapping[str, np.ndarray]) -> dict[st
         if "Could not find an implementation" in reason:
             reason += (" (onnxruntime's CPU build has no kernel for it in this dtype, e.g. bfloat16;"
                        " verification is impossible there: rewrite with --no-verify)")
-        raise BadInput(f"onnxruntime cannot load '{path}': {reason}") from None
+        raise ModelRunError(path, f"onnxruntime cannot load '{path}': {reason}") from None
     try:
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, dict(feeds))))
     except Exception as exc:
-        raise BadInput(
+        raise ModelRunError(
+            path,
             f"onnxruntime failed to run '{path}': {_first_line(exc)} "
             "(set symbolic dims with --dim NAME=VALUE or pass --inputs FILE.npz)"
         ) from None
@@ -243,7 +266,6 @@ def verify(
     model_a: str | os.PathLike,
     model_b: str | os.PathLike,
     *,
-    spec: ir.Model | None = None,
     inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
     dims: Mapping[str, int] | None = None,
     rtol: float | None = None,
@@ -254,8 +276,8 @@ def verify(
 ) -> VerifyReport:
     """Run A then B on the same inputs and compare every output of A by name.
 
-    `spec` is A already loaded (its input specs drive input generation); `inputs` is a mapping
-    or an .npz path; `changed_on_request` maps outputs a rewrite changes at the user's request
+    `inputs` is a mapping (used as is: A is then not loaded here), an .npz path, or None
+    (generated from A's input specs); `changed_on_request` maps outputs a rewrite changes at the user's request
     to the reason (they are compared and reported, but not required to match). Raises BadInput
     when A cannot be loaded or run.
     """
@@ -263,14 +285,7 @@ def verify(
 
     model_a, model_b = Path(model_a), Path(model_b)
     check_readable_file(model_b)
-    spec = spec if spec is not None else load(model_a)
-    if inputs is None:
-        feeds = make_inputs(spec, dims, seed)
-    elif isinstance(inputs, Mapping):
-        feeds = dict(inputs)
-    else:
-        feeds = load_inputs(inputs, spec)
-    del spec
+    feeds = dict(inputs) if isinstance(inputs, Mapping) else input_feeds(load(model_a), inputs, dims, seed)
     report = VerifyReport(str(model_a), str(model_b))
     report.inputs = {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in feeds.items()}
     if on_step:
