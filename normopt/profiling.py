@@ -93,10 +93,6 @@ def interleaved(runners: Mapping[str, Callable[[], None]], rounds: int = 30, war
     return times
 
 
-def _percentile(sorted_ms: Sequence[float], q: float) -> float:
-    return float(np.percentile(sorted_ms, q))
-
-
 def summarize(times: Mapping[str, list[float]], baseline: str, batch: int = 1) -> dict[str, dict]:
     """Median, p90, p99, mean, std (ms), throughput (samples/s) and the paired ratio to `baseline`."""
     base = times[baseline]
@@ -105,7 +101,7 @@ def summarize(times: Mapping[str, list[float]], baseline: str, batch: int = 1) -
         ms = sorted(t * 1e3 for t in ts)
         med = statistics.median(ms)
         out[name] = {
-            "median_ms": med, "p90_ms": _percentile(ms, 90), "p99_ms": _percentile(ms, 99),
+            "median_ms": med, "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)),
             "mean_ms": statistics.fmean(ms), "std_ms": statistics.pstdev(ms), "runs": len(ms),
             "throughput_per_s": batch * 1e3 / med if med else float("inf"),
             "ratio": statistics.median(t / b for t, b in zip(ts, base)),

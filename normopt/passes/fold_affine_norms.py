@@ -44,7 +44,6 @@ class Fold:
     side: str  # preceding | following
     linear: ir.Node
     bias_add: ir.Node | None = None  # a constant bias Add right after the linear op
-    via: list[ir.Node] | None = None  # following: token-axis Gather/Slice/Squeeze in between
 
     def describe(self) -> str:
         return f"{self.match.kind} at {self.match.where()} into {self.side} {self.linear.op_type} {self.linear.name}"
@@ -180,7 +179,7 @@ def _plan_following(match: NormMatch, a, c) -> Fold | str:
         return reader
     rank = _rank(match, None)
     axis = _channel_axis(match, rank)
-    via, value = [], match.output
+    value = match.output
     while reader.op_type in ("Gather", "Slice", "Squeeze", "Unsqueeze") and reader.inputs[0] is value:
         if rank is None or axis != rank - 1:
             return f"read through {reader.op_type} {reader.name} with the channel axis not last"
@@ -188,7 +187,6 @@ def _plan_following(match: NormMatch, a, c) -> Fold | str:
         if isinstance(rank, str):
             return rank
         axis, value = rank - 1, reader.outputs[0]
-        via.append(reader)
         reader = _single_reader(value)
         if not isinstance(reader, ir.Node):
             return reader
@@ -214,7 +212,7 @@ def _plan_following(match: NormMatch, a, c) -> Fold | str:
     nxt = consumers(out)
     bias_add = (nxt[0] if reader.op_type == "MatMul" and len(nxt) == 1 and not out.is_graph_output()
                 and bias_add_data(nxt[0]) is out else None)
-    return Fold(match, a, c, "following", reader, bias_add, via)
+    return Fold(match, a, c, "following", reader, bias_add)
 
 
 # ------------------------------------------------------------------------------- editing

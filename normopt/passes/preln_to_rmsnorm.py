@@ -38,7 +38,7 @@ from normopt.rewriter.centering_math import center
 from normopt.rewriter.graph import (SHAPE_ONLY, consumers, folded_value, new_initializer, rank, set_constant_input,
                                     take_over, unique_node_name)
 from normopt.rewriter.norms import NormMatch, find_norms
-from normopt.rewriter.pass_base import Options, Pass, Plan, Refusal, register
+from normopt.rewriter.pass_base import Pass, Plan, Refusal, register
 from normopt.rewriter.stream import analyze
 
 # Readers through which the stream stays a per-token zero-mean stream (checked further below).
@@ -84,9 +84,35 @@ def _hidden_through(node: ir.Node, out_axis: int) -> int:
     raise _Refuse(f"unexpected {node.op_type}")
 
 
+def _keeps_hidden(node: ir.Node) -> bool:
+    """Does `node` keep each token's hidden vector whole (so zero-mean stays zero-mean)?"""
+    r = rank(node.inputs[0])
+    if node.op_type in ("Cast", "Identity"):
+        return True
+    if r is None:
+        return False
+    last = r - 1
+    if node.op_type == "Reshape":
+        a, b = node.inputs[0].shape, node.outputs[0].shape
+        return a is not None and b is not None and isinstance(a[-1], int) and a[-1] == b[-1]
+    if node.op_type == "Transpose":
+        perm = node.attributes.get_ints("perm", None)
+        return perm is not None and perm[-1] == last
+    if node.op_type == "Gather":
+        return node.attributes.get_int("axis", 0) % r != last
+    axes = node.attributes.get_ints("axes", None)
+    if axes is None and len(node.inputs) > (3 if node.op_type == "Slice" else 1):
+        array = folded_value(node.inputs[3 if node.op_type == "Slice" else 1])
+        axes = None if array is None else [int(a) for a in array.reshape(-1)]
+    if axes is None:
+        return False
+    out_r = r + len(axes) if node.op_type == "Unsqueeze" else r
+    return all(a % out_r != out_r - 1 for a in axes)
+
+
 class _Planner:
-    def __init__(self, graph: ir.Graph, norms: list[NormMatch], options: Options, allow_hidden: bool) -> None:
-        self.graph, self.options, self.allow_hidden = graph, options, allow_hidden
+    def __init__(self, norms: list[NormMatch], allow_hidden: bool) -> None:
+        self.allow_hidden = allow_hidden
         self.plan = StreamRewrite()
         self.changed_outputs: list[str] = []
         self.norm_of = {n: m for m in norms if m.kind in ("layernorm", "rmsnorm") for n in m.nodes}
@@ -116,37 +142,11 @@ class _Planner:
                     if match not in self.plan.conversions:
                         self.plan.conversions.append(match)
                     continue
-                if node.op_type in _CARRIERS and node.inputs[0] is value and self._keeps_hidden(self, node):
+                if node.op_type in _CARRIERS and node.inputs[0] is value and _keeps_hidden(node):
                     queue.extend(node.outputs[:1])
                     continue
                 raise _Refuse(f"{node.op_type} {node.name} reads stream value '{value.name}' and would see "
                               "the recentred values (not shift-invariant)")
-
-    @staticmethod
-    def _keeps_hidden(_self, node: ir.Node) -> bool:
-        """Does `node` keep each token's hidden vector whole (so zero-mean stays zero-mean)?"""
-        r = rank(node.inputs[0])
-        if node.op_type in ("Cast", "Identity"):
-            return True
-        if r is None:
-            return False
-        last = r - 1
-        if node.op_type == "Reshape":
-            a, b = node.inputs[0].shape, node.outputs[0].shape
-            return a is not None and b is not None and isinstance(a[-1], int) and a[-1] == b[-1]
-        if node.op_type == "Transpose":
-            perm = node.attributes.get_ints("perm", None)
-            return perm is not None and perm[-1] == last
-        if node.op_type == "Gather":
-            return node.attributes.get_int("axis", 0) % r != last
-        axes = node.attributes.get_ints("axes", None)
-        if axes is None and len(node.inputs) > (3 if node.op_type == "Slice" else 1):
-            array = folded_value(node.inputs[3 if node.op_type == "Slice" else 1])
-            axes = None if array is None else [int(a) for a in array.reshape(-1)]
-        if axes is None:
-            return False
-        out_r = r + len(axes) if node.op_type == "Unsqueeze" else r
-        return all(a % out_r != out_r - 1 for a in axes)
 
     # ---------------------------------------------------------------------- writers (condition 4)
     def centre_writer(self, value: ir.Value, hidden: int | None = None, depth: int = 0,
@@ -255,7 +255,7 @@ def _convert(graph: ir.Graph, match: NormMatch, opset: int) -> ir.Value:
     ln = match.nodes[0]
     x, gamma = ln.inputs[0], ln.inputs[1]
     beta = ln.inputs[2] if len(ln.inputs) > 2 else None
-    eps, axis = float(match.epsilon), ln.attributes.get_int("axis", -1)
+    eps, axis = float(match.epsilon), match.axis  # negative: the matcher normalized it
     name = ln.name or "layernorm"
     nodes: list[ir.Node] = []
     if opset >= 23:
@@ -264,8 +264,7 @@ def _convert(graph: ir.Graph, match: NormMatch, opset: int) -> ir.Value:
         nodes.append(rms)
         y = rms.outputs[0]
     else:  # the decomposed form onnxruntime fuses: x / Sqrt(ReduceMean(x^2) + eps) * gamma
-        r = rank(x)
-        axes = list(range(axis if axis < 0 else axis - r, 0)) if (axis < 0 or r is not None) else [-1]
+        axes = list(range(axis, 0))
         two = new_initializer(graph, f"{name}.two", np.array(2, dtype=folded_value(gamma).dtype))
         epsilon = new_initializer(graph, f"{name}.eps", np.array(eps, dtype=folded_value(gamma).dtype))
         attrs: dict = {"keepdims": 1}
@@ -290,7 +289,7 @@ def _convert(graph: ir.Graph, match: NormMatch, opset: int) -> ir.Value:
     return y
 
 
-def _beta_add(graph: ir.Graph, match: NormMatch, converted_output: ir.Value) -> ir.Node | None:
+def _beta_add(match: NormMatch, converted_output: ir.Value) -> ir.Node | None:
     """The `+ beta` Add that follows a converted norm (its epilogue Add, or the one we made)."""
     if match.form == "decomposed":
         return next((n for n in match.nodes if n.op_type == "Add" and match.bias is not None and match.bias in n.inputs), None)
@@ -314,7 +313,7 @@ def _fold_beta(graph: ir.Graph, match: NormMatch, add: ir.Node) -> bool:
         node = stack.pop()
         if node.op_type in SHAPE_ONLY:
             continue  # reads only the shape, which stays
-        if node.op_type == "Reshape" and _Planner._keeps_hidden(None, node) and not node.outputs[0].is_graph_output():
+        if node.op_type == "Reshape" and _keeps_hidden(node) and not node.outputs[0].is_graph_output():
             stack.extend(consumers(node.outputs[0]))
         elif node.op_type == "MatMul" and folded_value(node.inputs[1]) is not None and folded_value(node.inputs[1]).ndim == 2:
             readers.append(node)
@@ -349,7 +348,7 @@ class PreLNToRMSNorm(Pass):
                 "post-ln": "Post-LN: the LayerNorms read the sum after each residual Add, not a stream that can be recentred",
             }.get(stream.architecture, f"architecture is {stream.architecture}: {'; '.join(stream.reasons)}")
             return Plan(refusals=[Refusal("model", why)])
-        planner = _Planner(graph, norms, self.options, self.options.allow_hidden_state_change)
+        planner = _Planner(norms, self.options.allow_hidden_state_change)
         adds = {r.node for r in stream.residual_adds}
         try:
             planner.check_readers([*stream.initial, *(r.node.outputs[0] for r in stream.residual_adds)], adds)
@@ -389,7 +388,7 @@ class PreLNToRMSNorm(Pass):
         folded = 0
         for match in rewrite.conversions:
             end = _convert(graph, match, opset)
-            add = _beta_add(graph, match, end)
+            add = _beta_add(match, end)
             folded += add is not None and _fold_beta(graph, match, add)
         changes = [f"converted {len(rewrite.conversions)} LayerNorm(s) reading the stream to RMSNorm",
                    f"centred {len(rewrite.centred)} writer weight(s) along the hidden axis"]
