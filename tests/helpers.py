@@ -66,3 +66,15 @@ def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], extra_outputs=
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))
+
+
+def assert_matches_reference(model_path, paths) -> None:
+    """A rewritten corpus model is checker-valid (full check) and, on the entry's saved inputs,
+    gives onnxruntime's reference outputs within each dtype's default tolerance."""
+    from normopt.rewriter.verify import compare_output, run_ort
+
+    onnx.checker.check_model(str(model_path), full_check=True)
+    got = run_ort(model_path, paths.load_inputs())
+    for output, reference in paths.load_reference().items():
+        check = compare_output(output, reference, got.get(output), None, None)  # fp32: 1e-5 x scale
+        assert check.ok, check

@@ -3,7 +3,6 @@
 import collections
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
 
@@ -11,7 +10,7 @@ from models.corpus import CORPUS
 from normopt.passes.canonicalize_norms import CanonicalizeNorms
 from normopt.rewriter import io
 from normopt.rewriter.pass_base import Options
-from normopt.rewriter.verify import compare_output, run_ort
+from tests.helpers import assert_matches_reference
 from tests.norm_graphs import Variant, build
 
 # decomposed norms per export that canonicalize can fuse, by target
@@ -43,10 +42,7 @@ def test_corpus_equivalent_and_idempotent(corpus, tmp_path, name, target):
     assert not CanonicalizeNorms(Options(target=target)).run(model).modified
     out = tmp_path / "out.onnx"
     io.save(model, out, external_data=False)
-    onnx.checker.check_model(str(out), full_check=True)
-    got = run_ort(out, paths.load_inputs())
-    for output, reference in paths.load_reference().items():
-        assert compare_output(output, reference, got[output], None, None).ok
+    assert_matches_reference(out, paths)
 
 
 def test_refusals_name_the_opset():

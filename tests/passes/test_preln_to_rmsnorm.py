@@ -18,8 +18,8 @@ from normopt.rewriter.graph import annotate_shapes
 from normopt.rewriter.norms import find_norms
 from normopt.rewriter.pass_base import Options
 from normopt.rewriter.rewrite import rewrite
-from normopt.rewriter.verify import compare_output, run_ort
-from tests.helpers import const, make_model, ort_run, tensor
+from normopt.rewriter.verify import compare_output
+from tests.helpers import assert_matches_reference, const, make_model, ort_run, tensor
 
 PRE_LN = sorted(n for n, e in CORPUS.items() if e.family in ("gpt2", "opt", "gptneox", "vit", "preln"))
 UNTOUCHED = {"bert": "Post-LN", "llama": "already Pre-RMSNorm", "resnet18": "architecture is none",
@@ -41,10 +41,7 @@ def test_every_stream_layernorm_becomes_rmsnorm(corpus, tmp_path, name, target):
     ops = collections.Counter(n.op_type for n in model.graph)
     if target == "ort":
         assert ops["SimplifiedLayerNormalization"] == 5
-    got = run_ort(out, paths.load_inputs())
-    for output, reference in paths.load_reference().items():
-        check = compare_output(output, reference, got[output], None, None)  # fp32: 1e-5 x scale
-        assert check.ok, check
+    assert_matches_reference(out, paths)
     again = PreLNToRMSNorm().run(model)
     assert not again.modified and "already Pre-RMSNorm" in again.refusals[0].reason
 
