@@ -81,3 +81,12 @@ def test_fitting_parameters_keep_their_names(corpus):
     CanonicalizeNorms(Options(target="ort")).run(model)
     fused = [n for n in model.graph if n.op_type == "SimplifiedLayerNormalization"]
     assert {n.inputs[1].name for n in fused} == names and len(names) == 5
+
+
+def test_normalized_size_not_static_is_refused():
+    """An RMSNorm of an intermediate with no recorded shape and no scale: the fused op's scale
+    needs the size, so it stays decomposed with that reason (condition 3)."""
+    model = ir.serde.deserialize_model(build(Variant(mutation="other_mean", scale="none", bias=False))[0])
+    result = CanonicalizeNorms(Options(target="ort")).run(model)
+    assert not result.modified
+    assert result.refusals[0].reason == "the size of the last 1 axis/axes is not static"
