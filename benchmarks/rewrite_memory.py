@@ -3,6 +3,7 @@ next to a plain onnx-ir load+save round trip of the same model, in the same run.
 
     python benchmarks/rewrite_memory.py                 # 3.2 GB model, 3 rounds
     python benchmarks/rewrite_memory.py --gb 1 --rounds 1
+    python benchmarks/rewrite_memory.py --embedded --gb 1   # weights inside the .onnx
 
 Each variant runs in a fresh subprocess (so its peak RSS is its own), in alternating order
 every round; the table shows medians. Goal (issue "Foundation"): rewrite peak RSS <= 1.3x the
@@ -30,6 +31,17 @@ from onnx import TensorProto, helper
 
 RESULTS = Path(__file__).parent / "results"
 D = 4096
+
+
+def make_embedded_model(folder: Path, gigabytes: float) -> Path:
+    """The same chain with its weights inside the .onnx (protobuf allows < 2 GB)."""
+    src = make_model(folder, gigabytes)
+    model = onnx.load(str(src))  # reads the external data in
+    path = folder / "big-embedded.onnx"
+    onnx.save(model, str(path))
+    src.unlink()
+    (folder / "big.onnx.data").unlink()
+    return path
 
 
 def make_model(folder: Path, gigabytes: float) -> Path:
@@ -65,7 +77,9 @@ def child(variant: str, src: str, dst: str) -> None:
     if variant == "plain":
         import onnx_ir as ir
 
-        ir.save(ir.load(src), dst, external_data=Path(dst).name + ".data")
+        model = ir.load(src)
+        external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+        ir.save(model, dst, external_data=Path(dst).name + ".data" if external else None)
         code = 0
     else:
         from normopt.cli import app
@@ -87,6 +101,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/normopt-bench-memory"))
     parser.add_argument("--verify", action="store_true", help="also time rewrite with verification")
+    parser.add_argument("--embedded", action="store_true", help="weights inside the .onnx (use --gb < 1.9)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -96,10 +111,16 @@ def main() -> int:
     from rich.table import Table
 
     args.dir.mkdir(parents=True, exist_ok=True)
-    src = args.dir / "big.onnx"
-    if not src.exists() or (args.dir / "big.onnx.data").stat().st_size < args.gb * 0.95e9:
-        make_model(args.dir, args.gb)
-    model_bytes = src.stat().st_size + (args.dir / "big.onnx.data").stat().st_size
+    if args.embedded:
+        src = args.dir / "big-embedded.onnx"
+        if not src.exists() or src.stat().st_size < args.gb * 0.95e9:
+            make_embedded_model(args.dir, args.gb)
+        model_bytes = src.stat().st_size
+    else:
+        src = args.dir / "big.onnx"
+        if not src.exists() or (args.dir / "big.onnx.data").stat().st_size < args.gb * 0.95e9:
+            make_model(args.dir, args.gb)
+        model_bytes = src.stat().st_size + (args.dir / "big.onnx.data").stat().st_size
     variants = ["plain", "rewrite-no-verify"] + (["rewrite"] if args.verify else [])
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(args.rounds):
@@ -113,9 +134,10 @@ def main() -> int:
                 return 1
             runs[v].append(result)
             (args.dir / f"out-{v}.onnx").unlink()
-            (args.dir / f"out-{v}.onnx.data").unlink()
+            (args.dir / f"out-{v}.onnx.data").unlink(missing_ok=True)
     plain_s = statistics.median(x["seconds"] for x in runs["plain"])
-    table = Table(title=f"rewrite cost, {model_bytes / 1e9:.2f} GB external-data model, {args.rounds} rounds (medians)")
+    kind = "embedded" if args.embedded else "external-data"
+    table = Table(title=f"rewrite cost, {model_bytes / 1e9:.2f} GB {kind} model, {args.rounds} rounds (medians)")
     for col in ("variant", "wall s", "x plain", "peak RSS GB", "RSS / model bytes"):
         table.add_column(col, justify="right")
     summary = {}
@@ -126,7 +148,7 @@ def main() -> int:
         table.add_row(v, f"{s:.2f}", f"{s / plain_s:.2f}", f"{rss / 1e9:.2f}", f"{rss / model_bytes:.2f}")
     Console().print(table)
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "rewrite_memory.json"
+    out = RESULTS / f"rewrite_memory{'_embedded' if args.embedded else ''}.json"
     out.write_text(json.dumps({"model_bytes": model_bytes, "rounds": args.rounds, "summary": summary,
                                "runs": runs, "machine": platform.machine(), "python": platform.python_version(),
                                "cpu_count": __import__("os").cpu_count()}, indent=2))

@@ -117,14 +117,20 @@ def _all_initializer_protos(graph: onnx.GraphProto):
 def load(path: str | os.PathLike) -> ir.Model:
     """Validate and load a model; external data stays memory-mapped (read on first access)."""
     path = check_readable_file(path)
+    # The checker first, by path (it handles > 2 GB models and resolves external data): its
+    # C++ copy of an embedded model is gone before ours is parsed, so memory peaks at what one
+    # parse costs, not at a second copy beside the first. Its verdict waits for the more
+    # specific checks below (not ONNX, version, missing data file), which come first.
+    try:
+        onnx.checker.check_model(str(path))
+        checker_error = None
+    except Exception as exc:  # ValidationError, or a parse failure the checks below explain
+        checker_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     proto = _parse(path)
     _check_versions(proto, path)
     _check_external_files(proto, path)
-    try:
-        # By path: the checker then handles > 2 GB models and resolves external data locations.
-        onnx.checker.check_model(str(path))
-    except onnx.checker.ValidationError as exc:
-        raise BadInput(f"'{path}' fails onnx.checker: {str(exc).strip().splitlines()[0]}") from None
+    if checker_error is not None:
+        raise BadInput(f"'{path}' fails onnx.checker: {checker_error}")
     model = ir.serde.deserialize_model(proto)
     del proto
     ir.external_data.set_base_dir(model.graph, str(path.parent))
