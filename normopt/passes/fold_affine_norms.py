@@ -28,8 +28,8 @@ import numpy as np
 import onnx_ir as ir
 
 from normopt.rewriter import affine_math as am
-from normopt.rewriter.graph import (SHAPE_ONLY, consumers, folded_value, new_initializer, rank, set_constant_input,
-                                    take_over, unique_node_name)
+from normopt.rewriter.graph import (consumers, folded_value, new_initializer, rank, set_constant_input, take_over,
+                                    unique_node_name, value_readers)
 from normopt.rewriter.norms import NormMatch, find_norms
 from normopt.rewriter.pass_base import Pass, Plan, Refusal, register
 
@@ -80,14 +80,11 @@ def _channel_axis(match: NormMatch, rank: int | None) -> int | None:
 
 
 def _single_reader(value: ir.Value) -> ir.Node | str:
-    """The one node reading `value`'s data. Shape-only readers (Shape, Size, CastLike's type
-    input) do not count: the fold keeps the shape and dtype, so they can read the other side."""
+    """The one node reading `value`'s numbers (shape/dtype-only readers do not count: the fold
+    keeps both, so they can read the other side)."""
     if value.is_graph_output():
         return f"'{value.name}' is a graph output"
-    readers = list(dict.fromkeys(
-        u.node for u in value.uses()
-        if not (u.node.op_type in SHAPE_ONLY or (u.node.op_type == "CastLike" and u.idx == 1))
-    ))
+    readers = value_readers(value)
     if len(readers) != 1:
         return f"'{value.name}' has {len(readers)} readers"
     return readers[0]

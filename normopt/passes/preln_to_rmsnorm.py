@@ -7,8 +7,8 @@ After:  x0' = x0 - mean(x0)      x'_{i+1} = x'_i + W'_i(f_i(RMSNorm(x'_i)))  y =
         x_i - mean(x_i) and RMSNorm(x'_i) = LN(x_i) exactly (same epsilon, same gamma/beta).
 Conditions (each refusal names the node):
   1. the model classifies as pre-ln (rewriter.stream): not Post-LN, not already RMSNorm;
-  2. every reader of a stream value is a LayerNorm (converted), a residual Add, a shape-only
-     op, or an op that keeps every token's hidden vector zero-mean (Cast, Reshape keeping the
+  2. every reader of a stream value is a LayerNorm (converted), a residual Add, a reader of
+     its shape or dtype only (Shape, Size, CastLike's type input), or an op that keeps every token's hidden vector zero-mean (Cast, Reshape keeping the
      hidden size last, Transpose/Gather/Slice/Squeeze/Unsqueeze away from the hidden axis,
      ReduceMean over token axes); its output then joins the stream and is checked the same way;
   3. no stream value is a graph output (hidden states would change), unless
@@ -35,8 +35,8 @@ import numpy as np
 import onnx_ir as ir
 
 from normopt.rewriter.centering_math import center
-from normopt.rewriter.graph import (SHAPE_ONLY, consumers, folded_value, new_initializer, rank, set_constant_input,
-                                    take_over, unique_node_name)
+from normopt.rewriter.graph import (consumers, folded_value, new_initializer, rank, set_constant_input, take_over,
+                                    unique_node_name, value_readers)
 from normopt.rewriter.norms import NormMatch, find_norms
 from normopt.rewriter.pass_base import Pass, Plan, Refusal, register
 from normopt.rewriter.stream import analyze
@@ -130,9 +130,9 @@ class _Planner:
                     raise _Refuse(f"stream value '{value.name}' is a graph output: its hidden states would "
                                   "change (pass --allow-hidden-state-change to accept that)")
                 self.changed_outputs.append(value.name)
-            for node in consumers(value):
+            for node in value_readers(value):  # shape/dtype-only readers see no change
                 match = self.norm_of.get(node)
-                if node in adds or node.op_type in SHAPE_ONLY:
+                if node in adds:
                     continue
                 if match is not None and match.input is value:
                     if match.kind != "layernorm":
@@ -308,13 +308,11 @@ def _fold_beta(graph: ir.Graph, match: NormMatch, add: ir.Node) -> bool:
     beta = folded_value(beta_value).astype(np.float64).reshape(-1)
     if y.is_graph_output():
         return False
-    readers, stack = [], list(consumers(y))
+    readers, stack = [], value_readers(y)
     while stack:
         node = stack.pop()
-        if node.op_type in SHAPE_ONLY:
-            continue  # reads only the shape, which stays
         if node.op_type == "Reshape" and _keeps_hidden(node) and not node.outputs[0].is_graph_output():
-            stack.extend(consumers(node.outputs[0]))
+            stack.extend(value_readers(node.outputs[0]))
         elif node.op_type == "MatMul" and folded_value(node.inputs[1]) is not None and folded_value(node.inputs[1]).ndim == 2:
             readers.append(node)
         elif node.op_type == "Gemm" and folded_value(node.inputs[1]) is not None and not node.attributes.get_int("transA", 0):

@@ -11,13 +11,23 @@ import onnx_ir as ir
 
 # Ops that forward their first input's values unchanged (up to dtype for Cast).
 _PASS_THROUGH = {"Identity", "Cast"}
-# Readers that use only a value's shape, never its numbers.
-SHAPE_ONLY = {"Shape", "Size"}
+
 
 
 def consumers(value: ir.Value) -> list[ir.Node]:
     """Distinct nodes reading `value`, in first-use order (subgraph nodes included)."""
     return list(dict.fromkeys(use.node for use in value.uses()))
+
+
+def _reads_metadata_only(use: ir.Usage) -> bool:
+    """Shape and Size read a value's shape, CastLike's second input its dtype: never its numbers."""
+    return use.node.op_type in ("Shape", "Size") or (use.node.op_type == "CastLike" and use.idx == 1)
+
+
+def value_readers(value: ir.Value) -> list[ir.Node]:
+    """Distinct nodes reading `value`'s numbers. Readers of its shape or dtype only are left
+    out: rewrites that change the numbers keep those, so such readers never block one."""
+    return list(dict.fromkeys(u.node for u in value.uses() if not _reads_metadata_only(u)))
 
 
 def constant_value(value: ir.Value | None) -> np.ndarray | None:

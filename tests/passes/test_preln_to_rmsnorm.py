@@ -196,6 +196,12 @@ def test_shape_and_token_readers_are_allowed():
     assert "stream value 'extra' is a graph output" in _convert(_blocks(reader=(pool, None, (2, 8))), expect=False)
     _convert(_blocks(reader=(lambda x: helper.make_node("Shape", [x], ["extra"]), TensorProto.INT64, (3,))))
 
+    def cast_like(x):  # reads only the stream's dtype (dynamo exports do this)
+        one = helper.make_tensor("one", TensorProto.DOUBLE, [], [1.0])
+        return [helper.make_node("Constant", [], ["one_d"], value=one), helper.make_node("CastLike", ["one_d", x], ["extra"])]
+
+    _convert(_blocks(reader=(cast_like, None, ())))
+
 
 def test_reduce_over_hidden_axis_is_refused():
     def hidden_mean(x):
