@@ -1,5 +1,7 @@
 """Every kernel against a float64 numpy reference: hypothesis-chosen rows, widths (odd d-1
-included), dtypes and row pitches. On CPU through Triton's interpreter; on a GPU for real."""
+included), dtypes, row pitches and launch configurations (the register-resident one-pass path
+and the chunked two-pass path: a chunk narrower than the row forces the latter). On CPU through
+Triton's interpreter; on a GPU for real."""
 
 import numpy as np
 import pytest
@@ -37,23 +39,25 @@ def check(got, expected, dtype):
 
 shapes = st.tuples(st.integers(1, 5), st.sampled_from(WIDTHS), st.sampled_from(list(DTYPES)),
                    st.sampled_from([0, 5]), st.booleans(), st.integers(0, 1000))
+# None: the default for the width; (16, 1): 16-wide chunks, so every width > 16 takes the two-pass path
+configs = st.sampled_from([None, (16, 1), (256, 1)])
 
 
 @settings(max_examples=25, deadline=None)
-@given(shapes)
-def test_rms_norm(case):
+@given(shapes, configs)
+def test_rms_norm(case, config):
     rows, cols, dtype_name, pitch, with_weight, seed = case
     dtype = DTYPES[dtype_name]
     x = make(rows, cols, dtype, pitch, seed)
     w = make(1, cols, dtype, 0, seed + 1)[0] if with_weight else None
     xr = f64(x)
     expected = xr / np.sqrt((xr * xr).mean(-1, keepdims=True) + 1e-6) * (f64(w) if with_weight else 1.0)
-    check(norms.rms_norm(x, w, 1e-6), expected, dtype)
+    check(norms.rms_norm(x, w, 1e-6, config), expected, dtype)
 
 
 @settings(max_examples=25, deadline=None)
-@given(shapes)
-def test_crms_norm_equals_rms_norm_of_the_full_zero_mean_vector(case):
+@given(shapes, configs)
+def test_crms_norm_equals_rms_norm_of_the_full_zero_mean_vector(case, config):
     rows, cols, dtype_name, pitch, with_weight, seed = case
     dtype = DTYPES[dtype_name]
     x = make(rows, cols, dtype, pitch, seed)
@@ -62,17 +66,17 @@ def test_crms_norm_equals_rms_norm_of_the_full_zero_mean_vector(case):
     full = np.concatenate([xr, -xr.sum(-1, keepdims=True)], axis=-1)  # the implicit d-th entry
     expected = (full / np.sqrt((full * full).mean(-1, keepdims=True) + 1e-6))[:, :cols]
     expected = expected * (f64(w) if with_weight else 1.0)
-    check(norms.crms_norm(x, w, 1e-6), expected, dtype)
+    check(norms.crms_norm(x, w, 1e-6, config), expected, dtype)
 
 
 @settings(max_examples=25, deadline=None)
-@given(shapes)
-def test_add_rms_norm_writes_sum_and_norm(case):
+@given(shapes, configs)
+def test_add_rms_norm_writes_sum_and_norm(case, config):
     rows, cols, dtype_name, pitch, with_weight, seed = case
     dtype = DTYPES[dtype_name]
     x, r = make(rows, cols, dtype, pitch, seed), make(rows, cols, dtype, 0, seed + 2)
     w = make(1, cols, dtype, 0, seed + 1)[0] if with_weight else None
-    s, y = norms.add_rms_norm(x, r, w, 1e-6)
+    s, y = norms.add_rms_norm(x, r, w, 1e-6, config)
     stored = (x.float() + r.float()).to(dtype)  # the sum as stored in the input dtype
     if DEVICE == "cuda":
         assert torch.equal(s.cpu(), stored.cpu())
@@ -84,8 +88,8 @@ def test_add_rms_norm_writes_sum_and_norm(case):
 
 
 @settings(max_examples=20, deadline=None)
-@given(shapes)
-def test_layer_norm_with_a_large_mean(case):
+@given(shapes, configs)
+def test_layer_norm_with_a_large_mean(case, config):
     rows, cols, dtype_name, pitch, _, seed = case
     dtype = DTYPES[dtype_name]
     x = make(rows, cols, dtype, pitch, seed, offset=50.0)  # one-pass E[x^2]-mean^2 would cancel
@@ -93,7 +97,7 @@ def test_layer_norm_with_a_large_mean(case):
     xr = f64(x)
     centred = xr - xr.mean(-1, keepdims=True)
     expected = centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + 1e-5) * f64(w) + f64(b)
-    check(norms.layer_norm(x, w, b, 1e-5), expected, dtype)
+    check(norms.layer_norm(x, w, b, 1e-5, config), expected, dtype)
 
 
 def test_leading_dims_and_shapes_preserved():
@@ -105,5 +109,23 @@ def test_leading_dims_and_shapes_preserved():
 
 @pytest.mark.parametrize("cols,block,warps", [(1, 16, 1), (767, 1024, 4), (4095, 4096, 8), (8192, 8192, 16),
                                               (16384, 8192, 16)])
-def test_launch_config(cols, block, warps):
+def test_default_launch_config(cols, block, warps):
     assert norms.launch_config(cols) == (block, warps)
+
+
+@pytest.mark.parametrize("cols", [1, 17, 767, 1024, 4095, 8192, 8193, 16384])
+def test_candidates_are_valid_launches(cols):
+    found = norms.candidates(cols)
+    assert found[0] == norms.launch_config(cols) and len(set(found)) == len(found)
+    for block, warps in found:
+        assert block & (block - 1) == 0 and block <= norms.MAX_BLOCK and warps & (warps - 1) == 0
+        assert warps == 1 or 32 * warps <= block  # no warp without an element
+    assert found[0][0] >= min(cols, norms.MAX_BLOCK)  # the default keeps a row that fits in one pass
+
+
+def test_every_candidate_computes_the_same_norm():
+    x, w = make(3, 767, torch.float32, 3, 7), make(1, 767, torch.float32, 0, 8)[0]
+    xr = f64(x)
+    expected = xr / np.sqrt((xr * xr).mean(-1, keepdims=True) + 1e-6) * f64(w)
+    for config in norms.candidates(767):
+        check(norms.rms_norm(x, w, 1e-6, config), expected, torch.float32)

@@ -30,12 +30,14 @@ from normopt.plugins.kernels import norms
 out = {}
 for name, (types, extra) in json.loads(sys.argv[1]).items():
     fn = getattr(norms, name)
-    params = [p for p in fn.arg_names if p not in ("EPS", "BLOCK", "HAS_WEIGHT")]
-    sig = dict(zip(params, types)) | {k: "constexpr" for k in ("EPS", "BLOCK", *extra)}
-    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs={"EPS": 1e-6, "BLOCK": 1024, **extra})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
-    entry = re.search(r"\\.entry\\s+(\\w+)\\s*\\((.*?)\\)", ptx, re.S)
-    out[name] = [entry.group(1), [p.split()[1] for p in entry.group(2).split(",")]]
+    params = [p for p in fn.arg_names if p not in ("EPS", "BLOCK", "HAS_WEIGHT", "ONE_PASS")]
+    for one_pass in (True, False):
+        consts = {"EPS": 1e-6, "BLOCK": 1024, "ONE_PASS": one_pass, **extra}
+        sig = dict(zip(params, types)) | {k: "constexpr" for k in consts}
+        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        entry = re.search(r"\\.entry\\s+(\\w+)\\s*\\((.*?)\\)", ptx, re.S)
+        out[f"{name} one_pass={one_pass}"] = [entry.group(1), [p.split()[1] for p in entry.group(2).split(",")]]
 print(json.dumps(out))
 """
 
@@ -50,9 +52,10 @@ def compiled():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.parametrize("one_pass", [True, False])
 @pytest.mark.parametrize("name", sorted(KERNELS))
-def test_ptx_parameters_are_declared_order_then_hidden_scratch(compiled, name):
-    entry, kinds = compiled[name]
+def test_ptx_parameters_are_declared_order_then_hidden_scratch(compiled, name, one_pass):
+    entry, kinds = compiled[f"{name} one_pass={one_pass}"]
     assert entry == name
     declared = [".u64" if t.startswith("*") else ".u32" for t in KERNELS[name][0]]
     assert kinds == declared + [".u64"] * HIDDEN, kinds
