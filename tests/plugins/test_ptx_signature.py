@@ -1,8 +1,12 @@
-"""What a TensorRT ahead-of-time plugin must pass: the PTX parameter list of each kernel.
+"""What a TensorRT ahead-of-time plugin embeds: each kernel compiled to PTX (normopt.plugins.
+kernels.aot), for the one-pass (row in registers) and the chunked path.
 
-The plugin launches the PTX with its inputs, int32 scalars and outputs, in declaration order.
-Triton >= 3.5 appends hidden pointer parameters (global and profile scratch) after them; this
-test records that list, so a Triton upgrade that changes it fails here, not in an engine.
+- The PTX parameter list: the declared inputs, int32 scalars and outputs in order, then the
+  hidden scratch pointers Triton >= 3.5 appends; a Triton upgrade that changes it fails here,
+  not in an engine.
+- With alignment declared (TensorRT's dense, aligned tensors), the one-pass kernels move the
+  minimal bytes in 16-byte vectors: each input row read once, each output written once.
+
 Compiling to PTX needs no GPU (Triton's bundled LLVM NVPTX backend). It runs in a subprocess:
 the other kernel tests set TRITON_INTERPRET, under which kernels cannot be compiled."""
 
@@ -16,28 +20,25 @@ import pytest
 pytest.importorskip("triton")
 
 HIDDEN = 2  # Triton 3.5+ scratch pointers after the declared parameters
+# kernel: (dtype, declared parameter kinds, row inputs (weight/bias included), row outputs)
 KERNELS = {
-    "rms_norm_kernel": (["*fp16", "*fp16", "i32", "i32", "i32", "*fp16"], {"HAS_WEIGHT": True}),
-    "crms_norm_kernel": (["*bf16", "*bf16", "i32", "i32", "i32", "*bf16"], {"HAS_WEIGHT": True}),
-    "add_rms_norm_kernel": (["*fp16", "*fp16", "*fp16", "i32", "i32", "i32", "i32", "i32", "*fp16", "*fp16"],
-                            {"HAS_WEIGHT": True}),
-    "layer_norm_kernel": (["*fp32", "*fp32", "*fp32", "i32", "i32", "i32", "*fp32"], {}),
+    "rms_norm_kernel": ("float16", "pp" "iii" "p", 2, 1),
+    "crms_norm_kernel": ("bfloat16", "pp" "iii" "p", 2, 1),
+    "add_rms_norm_kernel": ("float16", "ppp" "iiiii" "pp", 3, 2),
+    "layer_norm_kernel": ("float32", "ppp" "iii" "p", 3, 1),
 }
+N_COLS, BLOCK, WARPS = 4096, 4096, 8
 COMPILE = """
-import json, re, sys, triton
-from triton.backends.compiler import GPUTarget
-from normopt.plugins.kernels import norms
+import json, sys
+from normopt.plugins.kernels import aot
 out = {}
-for name, (types, extra) in json.loads(sys.argv[1]).items():
-    fn = getattr(norms, name)
-    params = [p for p in fn.arg_names if p not in ("EPS", "BLOCK", "HAS_WEIGHT", "ONE_PASS")]
+for name, (dtype, *_) in json.loads(sys.argv[1]).items():
     for one_pass in (True, False):
-        consts = {"EPS": 1e-6, "BLOCK": 1024, "ONE_PASS": one_pass, **extra}
-        sig = dict(zip(params, types)) | {k: "constexpr" for k in consts}
-        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
-        entry = re.search(r"\\.entry\\s+(\\w+)\\s*\\((.*?)\\)", ptx, re.S)
-        out[f"{name} one_pass={one_pass}"] = [entry.group(1), [p.split()[1] for p in entry.group(2).split(",")]]
+        config = (4096, 8) if one_pass else (1024, 4)
+        k = aot.compile_ptx(name, dtype, 4096, config=config)
+        out[f"{name} one_pass={one_pass}"] = [k.name, k.params, aot.global_accesses(k.ptx)]
+    k = aot.compile_ptx(name, dtype, 4096, config=(4096, 8), aligned=False)
+    out[f"{name} unaligned"] = [k.name, k.params, aot.global_accesses(k.ptx)]
 print(json.dumps(out))
 """
 
@@ -52,10 +53,30 @@ def compiled():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("one_pass", [True, False])
+@pytest.mark.parametrize("variant", ["one_pass=True", "one_pass=False", "unaligned"])
 @pytest.mark.parametrize("name", sorted(KERNELS))
-def test_ptx_parameters_are_declared_order_then_hidden_scratch(compiled, name, one_pass):
-    entry, kinds = compiled[f"{name} one_pass={one_pass}"]
+def test_ptx_parameters_are_declared_order_then_hidden_scratch(compiled, name, variant):
+    entry, kinds, _ = compiled[f"{name} {variant}"]
     assert entry == name
-    declared = [".u64" if t.startswith("*") else ".u32" for t in KERNELS[name][0]]
+    declared = [".u64" if c == "p" else ".u32" for c in KERNELS[name][1]]
     assert kinds == declared + [".u64"] * HIDDEN, kinds
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_one_pass_moves_minimal_bytes_in_16_byte_vectors(compiled, name):
+    dtype, _, inputs, outputs = KERNELS[name]
+    itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+    per_row = N_COLS * itemsize // (16 * 32 * WARPS)  # 16-byte accesses per thread for one row
+    _, _, accesses = compiled[f"{name} one_pass=True"]
+    assert accesses == {"ld.global.v4.b32": inputs * per_row, "st.global.v4.b32": outputs * per_row}, accesses
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_chunked_path_rereads_rows_and_unaligned_is_scalar(compiled, name):
+    """Why the one-pass path and the alignment promise exist: without them, more accesses."""
+    _, _, inputs, _ = KERNELS[name]
+    chunked = compiled[f"{name} one_pass=False"][2]  # (1024, 4): one 16-byte access per input per chunk
+    assert chunked["ld.global.v4.b32"] > inputs  # some row is loaded again in a later loop
+    unaligned = compiled[f"{name} unaligned"][2]
+    one_pass = sum(compiled[f"{name} one_pass=True"][2].values())
+    assert not any(".v" in op for op in unaligned) and sum(unaligned.values()) > one_pass
