@@ -1,7 +1,9 @@
-"""Bandwidth of normopt's Triton norm kernels on a CUDA GPU, beside a device-to-device copy of
-the same bytes, torch eager and torch.compile, in one run.
+"""Bandwidth of normopt's Triton norm kernels on a CUDA GPU, beside a copy and torch baselines.
+
+In one run: each kernel, a device-to-device copy of the same bytes, torch eager, torch.compile.
 
     python benchmarks/norm_kernels.py [--quick] [--tune] [--out DIR]     (needs a CUDA GPU)
+        [--tokens 2048,16384] [--hidden 4096] [--dtypes float16]         (a part of the grid)
     python benchmarks/norm_kernels.py --smoke                             (CPU: checks the script)
 
 For tokens in {1, 128, 2048, 16384} x hidden in {768, 1024, 4096, 8192} and each hidden - 1
@@ -232,7 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only 2048 and 16384 tokens, hidden 4096 (and 4095)")
     parser.add_argument("--tune", action="store_true", help="also time every candidate launch config at >= 2048 tokens")
-    parser.add_argument("--runs", type=int, default=200, help="timed rounds per shape (default 200)")
+    parser.add_argument("--tokens", type=lambda v: [int(t) for t in v.split(",")], default=TOKENS,
+                        help="comma-separated token counts (default 1,128,2048,16384)")
+    parser.add_argument("--hidden", type=lambda v: [int(h) for h in v.split(",")], default=HIDDEN,
+                        help="comma-separated hidden sizes d, each also run at d-1 (default 768,1024,4096,8192)")
+    parser.add_argument("--dtypes", type=lambda v: v.split(","), default=["float16", "bfloat16"],
+                        help="comma-separated storage dtypes (default float16,bfloat16)")
+    parser.add_argument("--runs", type=int, default=200, help="timed rounds per shape (default and minimum 200)")
     parser.add_argument("--smoke", action="store_true",
                         help="check this script on CPU through Triton's interpreter (tiny shapes, no timing goals)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -254,12 +262,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.smoke:
         tokens, hidden, runs = [1, 3], [48], 3  # 48 and 47: both launch paths, two configs
+    elif args.quick:
+        tokens, hidden, runs = [2048, 16384], [4096], max(args.runs, 200)
     else:
-        tokens = [2048, 16384] if args.quick else TOKENS
-        hidden, runs = ([4096] if args.quick else HIDDEN), max(args.runs, 200)
+        tokens, hidden, runs = args.tokens, args.hidden, max(args.runs, 200)
     compiled = _compiled(torch, args.smoke)
     rows = []
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype in (getattr(torch, d) for d in args.dtypes):
         for t in tokens:
             for h in [x for d in hidden for x in (d, d - 1)]:
                 configs = list(norms.candidates(h)[1:]) if args.tune and t >= 2048 or args.smoke else []
