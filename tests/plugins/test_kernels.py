@@ -107,6 +107,24 @@ def test_leading_dims_and_shapes_preserved():
     assert s.shape == y.shape == x.shape
 
 
+def test_strided_weight_and_fp32_weight_with_fp16_rows():
+    x = make(3, 64, torch.float16, 0, 3)
+    w_strided = make(1, 128, torch.float32, 0, 4)[0, ::2]  # stride 2
+    xr, wr = f64(x), f64(w_strided)
+    check(norms.rms_norm(x, w_strided), xr / np.sqrt((xr * xr).mean(-1, keepdims=True) + 1e-6) * wr, torch.float16)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: norms.rms_norm(x, torch.ones(63)),
+    lambda x: norms.crms_norm(x, torch.ones(1, 64)),
+    lambda x: norms.add_rms_norm(x, x[:2]),
+    lambda x: norms.layer_norm(x, torch.ones(64), torch.ones(65)),
+])
+def test_mismatched_vectors_are_refused_before_launch(call):
+    with pytest.raises(ValueError, match="shape"):
+        call(make(3, 64, torch.float32, 0, 5))
+
+
 @pytest.mark.parametrize("cols,block,warps", [(1, 16, 1), (767, 1024, 4), (4095, 4096, 8), (8192, 8192, 16),
                                               (16384, 8192, 16)])
 def test_default_launch_config(cols, block, warps):

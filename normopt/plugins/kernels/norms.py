@@ -190,6 +190,15 @@ def _rows(t):
     return t
 
 
+def _vector(v, n_cols: int, name: str):
+    """A per-channel vector (weight, bias) as the kernels read it: n_cols values, unit stride."""
+    if v is None:
+        return None
+    if tuple(v.shape) != (n_cols,):
+        raise ValueError(f"{name} has shape {tuple(v.shape)}; the rows are {n_cols} wide")
+    return v if v.stride(0) == 1 else v.contiguous()
+
+
 def _launch(n_cols: int, config):
     """Compile-time launch arguments for a row width: BLOCK, ONE_PASS and num_warps."""
     block, warps = config or launch_config(n_cols)
@@ -200,6 +209,7 @@ def _row_norm(kernel, x, weight, eps: float, config):
     import torch
 
     rows = _rows(x)
+    weight = _vector(weight, rows.shape[1], "weight")
     y = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     kernel[(rows.shape[0],)](rows, weight if weight is not None else rows, rows.shape[1], rows.stride(0),
                              y.stride(0), y, EPS=eps, HAS_WEIGHT=weight is not None, **_launch(rows.shape[1], config))
@@ -221,7 +231,10 @@ def add_rms_norm(x, residual, weight=None, eps: float = 1e-6, config=None):
     """(x + residual, rms_norm(x + residual) * weight), both in x's dtype."""
     import torch
 
+    if residual.shape != x.shape:
+        raise ValueError(f"residual has shape {tuple(residual.shape)}; x has {tuple(x.shape)}")
     rows, res = _rows(x), _rows(residual)
+    weight = _vector(weight, rows.shape[1], "weight")
     s = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     y = torch.empty_like(s)
     add_rms_norm_kernel[(rows.shape[0],)](rows, res, weight if weight is not None else rows, rows.shape[1],
@@ -235,6 +248,7 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, config=None):
     import torch
 
     rows = _rows(x)
+    weight, bias = _vector(weight, rows.shape[1], "weight"), _vector(bias, rows.shape[1], "bias")
     y = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     layer_norm_kernel[(rows.shape[0],)](rows, weight, bias, rows.shape[1], rows.stride(0), y.stride(0), y,
                                         EPS=eps, **_launch(rows.shape[1], config))
