@@ -31,6 +31,18 @@ def f64(t):
     return t.float().cpu().numpy().astype(np.float64)
 
 
+def rms_reference(v, w=None):
+    """float64 RMSNorm of the rows of numpy `v`, times the weight tensor `w` if given."""
+    return v / np.sqrt((v * v).mean(-1, keepdims=True) + 1e-6) * (f64(w) if w is not None else 1.0)
+
+
+def rows_and_weight(case):
+    """(x, weight or None, dtype) for a drawn case."""
+    rows, cols, dtype_name, pitch, with_weight, seed = case
+    dtype = DTYPES[dtype_name]
+    return make(rows, cols, dtype, pitch, seed), make(1, cols, dtype, 0, seed + 1)[0] if with_weight else None, dtype
+
+
 def check(got, expected, dtype):
     got = f64(got)
     scale = max(np.abs(expected).max(), 1e-6)
@@ -46,36 +58,25 @@ configs = st.sampled_from([None, (16, 1), (256, 1)])
 @settings(max_examples=25, deadline=None)
 @given(shapes, configs)
 def test_rms_norm(case, config):
-    rows, cols, dtype_name, pitch, with_weight, seed = case
-    dtype = DTYPES[dtype_name]
-    x = make(rows, cols, dtype, pitch, seed)
-    w = make(1, cols, dtype, 0, seed + 1)[0] if with_weight else None
-    xr = f64(x)
-    expected = xr / np.sqrt((xr * xr).mean(-1, keepdims=True) + 1e-6) * (f64(w) if with_weight else 1.0)
-    check(norms.rms_norm(x, w, 1e-6, config), expected, dtype)
+    x, w, dtype = rows_and_weight(case)
+    check(norms.rms_norm(x, w, 1e-6, config), rms_reference(f64(x), w), dtype)
 
 
 @settings(max_examples=25, deadline=None)
 @given(shapes, configs)
 def test_crms_norm_equals_rms_norm_of_the_full_zero_mean_vector(case, config):
-    rows, cols, dtype_name, pitch, with_weight, seed = case
-    dtype = DTYPES[dtype_name]
-    x = make(rows, cols, dtype, pitch, seed)
-    w = make(1, cols, dtype, 0, seed + 1)[0] if with_weight else None
+    x, w, dtype = rows_and_weight(case)
     xr = f64(x)
     full = np.concatenate([xr, -xr.sum(-1, keepdims=True)], axis=-1)  # the implicit d-th entry
-    expected = (full / np.sqrt((full * full).mean(-1, keepdims=True) + 1e-6))[:, :cols]
-    expected = expected * (f64(w) if with_weight else 1.0)
+    expected = rms_reference(full)[:, :-1] * (f64(w) if w is not None else 1.0)
     check(norms.crms_norm(x, w, 1e-6, config), expected, dtype)
 
 
 @settings(max_examples=25, deadline=None)
 @given(shapes, configs)
 def test_add_rms_norm_writes_sum_and_norm(case, config):
-    rows, cols, dtype_name, pitch, with_weight, seed = case
-    dtype = DTYPES[dtype_name]
-    x, r = make(rows, cols, dtype, pitch, seed), make(rows, cols, dtype, 0, seed + 2)
-    w = make(1, cols, dtype, 0, seed + 1)[0] if with_weight else None
+    x, w, dtype = rows_and_weight(case)
+    r = make(*x.shape, dtype, 0, case[-1] + 2)
     s, y = norms.add_rms_norm(x, r, w, 1e-6, config)
     stored = (x.float() + r.float()).to(dtype)  # the sum as stored in the input dtype
     if DEVICE == "cuda":
@@ -83,8 +84,7 @@ def test_add_rms_norm_writes_sum_and_norm(case, config):
     else:  # Triton's interpreter rounds fp32 -> bf16 differently from torch: one ulp apart
         ulp = {torch.float32: 0.0, torch.float16: 0.0, torch.bfloat16: 2.0 ** -7}[dtype]
         np.testing.assert_allclose(f64(s), f64(stored), rtol=ulp, atol=0)
-    sr = f64(stored)
-    check(y, sr / np.sqrt((sr * sr).mean(-1, keepdims=True) + 1e-6) * (f64(w) if with_weight else 1.0), dtype)
+    check(y, rms_reference(f64(stored), w), dtype)
 
 
 @settings(max_examples=20, deadline=None)
@@ -110,8 +110,7 @@ def test_leading_dims_and_shapes_preserved():
 def test_strided_weight_and_fp32_weight_with_fp16_rows():
     x = make(3, 64, torch.float16, 0, 3)
     w_strided = make(1, 128, torch.float32, 0, 4)[0, ::2]  # stride 2
-    xr, wr = f64(x), f64(w_strided)
-    check(norms.rms_norm(x, w_strided), xr / np.sqrt((xr * xr).mean(-1, keepdims=True) + 1e-6) * wr, torch.float16)
+    check(norms.rms_norm(x, w_strided), rms_reference(f64(x), w_strided), torch.float16)
 
 
 @pytest.mark.parametrize("call", [
@@ -143,7 +142,5 @@ def test_candidates_are_valid_launches(cols):
 
 def test_every_candidate_computes_the_same_norm():
     x, w = make(3, 767, torch.float32, 3, 7), make(1, 767, torch.float32, 0, 8)[0]
-    xr = f64(x)
-    expected = xr / np.sqrt((xr * xr).mean(-1, keepdims=True) + 1e-6) * f64(w)
     for config in norms.candidates(767):
-        check(norms.rms_norm(x, w, 1e-6, config), expected, torch.float32)
+        check(norms.rms_norm(x, w, 1e-6, config), rms_reference(f64(x), w), torch.float32)
