@@ -100,6 +100,12 @@ def test_layer_norm_with_a_large_mean(case, config):
     check(norms.layer_norm(x, w, b, 1e-5, config), expected, dtype)
 
 
+def test_zero_tokens():
+    x = torch.empty(2, 0, 768, device=DEVICE)
+    assert norms.rms_norm(x).shape == x.shape and norms.crms_norm(x).shape == x.shape
+    assert [t.shape for t in norms.add_rms_norm(x, x)] == [x.shape, x.shape]
+
+
 def test_leading_dims_and_shapes_preserved():
     x = make(6, 767, torch.float16, 0, 0).reshape(2, 3, 767)
     assert norms.rms_norm(x).shape == (2, 3, 767) and norms.rms_norm(x).dtype == torch.float16
