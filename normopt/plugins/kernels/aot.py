@@ -14,6 +14,7 @@ is called with). That promise holds for TensorRT's dense tensors (pitch = n_cols
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import triton
@@ -38,8 +39,9 @@ def compile_ptx(kernel: str, dtype: str, n_cols: int, *, eps: float = 1e-6, has_
     """PTX of `kernel` (a name in norms, e.g. "rms_norm_kernel") for rows of `n_cols` `dtype`
     values, launch config (BLOCK, num_warps) from norms.candidates (default: the first)."""
     fn = getattr(norms, kernel)
-    block, warps = config or norms.launch_config(n_cols)
-    constexprs = {"EPS": eps, "BLOCK": block, "ONE_PASS": n_cols <= block}
+    launch = norms.launch_args(n_cols, config)
+    warps = launch.pop("num_warps")
+    constexprs = {"EPS": eps, **launch}
     if "HAS_WEIGHT" in fn.arg_names:
         constexprs["HAS_WEIGHT"] = has_weight
     params = [p for p in fn.arg_names if p not in constexprs]
@@ -59,7 +61,4 @@ def compile_ptx(kernel: str, dtype: str, n_cols: int, *, eps: float = 1e-6, has_
 
 def global_accesses(ptx: str) -> dict[str, int]:
     """Counts of global load / store instructions by form (e.g. 'ld.global.v4.b32': 2)."""
-    found: dict[str, int] = {}
-    for op in re.findall(r"\b([ls][dt]\.global[.\w]*)", ptx):
-        found[op] = found.get(op, 0) + 1
-    return found
+    return dict(Counter(re.findall(r"\b([ls][dt]\.global[.\w]*)", ptx)))

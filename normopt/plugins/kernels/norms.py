@@ -199,8 +199,9 @@ def _vector(v, n_cols: int, name: str):
     return v if v.stride(0) == 1 else v.contiguous()
 
 
-def _launch(n_cols: int, config):
-    """Compile-time launch arguments for a row width: BLOCK, ONE_PASS and num_warps."""
+def launch_args(n_cols: int, config=None) -> dict:
+    """Compile-time launch arguments for a row width: BLOCK, ONE_PASS and num_warps (the torch
+    launchers and the AOT compile both use these)."""
     block, warps = config or launch_config(n_cols)
     return {"BLOCK": block, "ONE_PASS": n_cols <= block, "num_warps": warps}
 
@@ -212,7 +213,7 @@ def _row_norm(kernel, x, weight, eps: float, config):
     weight = _vector(weight, rows.shape[1], "weight")
     y = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     kernel[(rows.shape[0],)](rows, weight if weight is not None else rows, rows.shape[1], rows.stride(0),
-                             y.stride(0), y, EPS=eps, HAS_WEIGHT=weight is not None, **_launch(rows.shape[1], config))
+                             y.stride(0), y, EPS=eps, HAS_WEIGHT=weight is not None, **launch_args(rows.shape[1], config))
     return y.view(x.shape)
 
 
@@ -239,7 +240,7 @@ def add_rms_norm(x, residual, weight=None, eps: float = 1e-6, config=None):
     y = torch.empty_like(s)
     add_rms_norm_kernel[(rows.shape[0],)](rows, res, weight if weight is not None else rows, rows.shape[1],
                                           rows.stride(0), res.stride(0), s.stride(0), y.stride(0), s, y,
-                                          EPS=eps, HAS_WEIGHT=weight is not None, **_launch(rows.shape[1], config))
+                                          EPS=eps, HAS_WEIGHT=weight is not None, **launch_args(rows.shape[1], config))
     return s.view(x.shape), y.view(x.shape)
 
 
@@ -251,5 +252,5 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, config=None):
     weight, bias = _vector(weight, rows.shape[1], "weight"), _vector(bias, rows.shape[1], "bias")
     y = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     layer_norm_kernel[(rows.shape[0],)](rows, weight, bias, rows.shape[1], rows.stride(0), y.stride(0), y,
-                                        EPS=eps, **_launch(rows.shape[1], config))
+                                        EPS=eps, **launch_args(rows.shape[1], config))
     return y.view(x.shape)
