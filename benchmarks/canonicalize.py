@@ -44,8 +44,9 @@ def main() -> int:
     from rich.table import Table
 
     from models.corpus import build
-    from normopt.rewriter.pass_base import Options
-    from normopt.rewriter.rewrite import rewrite
+    from normopt.passes.base import Options
+    from normopt.rewrite import rewrite
+    from normopt.verify import VerifyOptions
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=40)
@@ -62,7 +63,7 @@ def main() -> int:
             dst = Path(tmp) / f"{entry}-{target}.onnx"
             feeds = feeds_for(entry, sizes)
             report = rewrite(src, dst, passes=["canonicalize-norms"], options=Options(target=target),
-                             verify_kwargs={"inputs": feeds})
+                             verification=VerifyOptions(inputs=feeds))
             times = interleaved({"original": runner(src, feeds, args.threads),
                                  "rewritten": runner(dst, feeds, args.threads)}, rounds=args.rounds)
             summary = summarize(times, "original")

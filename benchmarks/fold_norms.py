@@ -25,7 +25,8 @@ def main() -> int:
     from rich.table import Table
 
     from models.corpus import build
-    from normopt.rewriter.rewrite import rewrite
+    from normopt.rewrite import rewrite
+    from normopt.verify import VerifyOptions
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
@@ -42,7 +43,7 @@ def main() -> int:
             paths = build(entry)
             folded = Path(tmp) / f"{entry}-folded.onnx"
             report = rewrite(paths.model, folded, passes=["fold-affine-norms"],
-                             verify_kwargs={"inputs": paths.load_inputs()})
+                             verification=VerifyOptions(inputs=paths.load_inputs()))
             feeds = paths.load_inputs()
             runners = {"original": runner(paths.model, feeds, args.threads),
                        "normopt folded": runner(folded, feeds, args.threads)}

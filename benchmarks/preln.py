@@ -53,8 +53,9 @@ def main() -> int:
     from rich.table import Table
 
     from models.corpus import build
-    from normopt.rewriter.pass_base import Options
-    from normopt.rewriter.rewrite import rewrite
+    from normopt.passes.base import Options
+    from normopt.rewrite import rewrite
+    from normopt.verify import VerifyOptions
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
@@ -74,7 +75,7 @@ def main() -> int:
             variants = {"original": src}
             for target in ("onnx", "ort"):
                 dst = Path(tmp) / f"{entry}-{target}.onnx"
-                rewrite(src, dst, options=Options(target=target), verify_kwargs={"inputs": feeds})
+                rewrite(src, dst, options=Options(target=target), verification=VerifyOptions(inputs=feeds))
                 variants[f"normopt --target {target}"] = dst
             if not args.skip_peer:
                 from onnxruntime.transformers import optimizer

@@ -45,7 +45,8 @@ def independent_ratio(a: Path, b: Path, feeds: dict, runs: int, threads: int = 2
 def main() -> int:
     from models.corpus import build
     from normopt.profiling import profile
-    from normopt.rewriter.rewrite import rewrite
+    from normopt.rewrite import rewrite
+    from normopt.verify import VerifyOptions
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=60)
@@ -64,7 +65,7 @@ def main() -> int:
     feeds = {"input_ids": rng.integers(0, 128, (8, 512)).astype(np.int64), "attention_mask": np.ones((8, 512), np.int64)}
     with tempfile.TemporaryDirectory() as tmp:
         dst = Path(tmp) / "rewritten.onnx"
-        rewrite(src, dst, verify_kwargs={"inputs": feeds})
+        rewrite(src, dst, verification=VerifyOptions(inputs=feeds))
         report = profile([src, dst], feeds, runs=args.runs)
         results["profile_ratio"] = report.summary[report.models[1]]["ratio"]
         results["independent_ratio"] = independent_ratio(src, dst, feeds, args.runs)

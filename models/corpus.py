@@ -127,7 +127,7 @@ def _build_into(entry: Entry, folder: Path) -> None:
     import torch
 
     from models.common import export, randomize_norms_and_biases
-    from normopt.rewriter.verify import compare_output, run_ort
+    from normopt.verify import compare_output, run_ort
 
     torch.manual_seed(0)
     built = entry.builder()()

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
-import os
+import signal
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Optional
@@ -35,6 +33,14 @@ _state = {"debug": False}
 INTERNAL_ERROR = 4
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where Python runs next, so every cleanup runs as for Ctrl-C."""
+
+
+def _on_sigterm(_signum, _frame) -> None:
+    raise Terminated()
+
+
 def _command(fn: Callable) -> Callable:
     """Register a command whose NormoptErrors become one line on stderr and an exit code."""
 
@@ -50,6 +56,9 @@ def _command(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             err.print("normopt: interrupted")
             raise typer.Exit(130) from None
+        except Terminated:
+            err.print("normopt: terminated")
+            raise typer.Exit(143) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:
@@ -86,26 +95,23 @@ def _parse_dims(items: list[str] | None) -> dict[str, int]:
     return dims
 
 
-def _feeds(model: Path, inputs: Path | None, dims: dict[str, int], seed: int) -> dict:
+def _feeds(model: Path, options) -> dict:
     """Inputs for `model`: the .npz given, else generated from its input specs."""
     from normopt.rewriter import io
-    from normopt.rewriter.verify import input_feeds
+    from normopt.verify import input_feeds
 
-    return input_feeds(io.load(model), inputs, dims, seed)
+    return input_feeds(io.load(model), options.inputs, options.dims, options.seed)
+
+
+def _verify_options(inputs, dim, rtol, atol, seed):
+    from normopt.verify import VerifyOptions
+
+    return VerifyOptions(inputs=inputs, dims=_parse_dims(dim), rtol=rtol, atol=atol, seed=seed)
 
 
 def _check_target(target: str) -> None:
     if target not in ("onnx", "ort", "tensorrt"):
         raise BadInput(f"--target must be onnx, ort or tensorrt, not '{target}'")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Atomic: a reader never sees half a report."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _fmt(x: float | None) -> str:
@@ -149,10 +155,9 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random inputs.")]
 @_command
 def passes(json_out: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False) -> None:
     """List the passes, one line each."""
-    from normopt.rewriter.pass_base import registered
-    from normopt.rewriter.pipeline import DEFAULT_PIPELINE, FINAL_PASSES
+    from normopt.passes.pipeline import DEFAULT_PIPELINE, FINAL_PASSES, PASSES
 
-    known = registered()
+    known = PASSES
     if json_out:
         out.print_json(data={
             "passes": {n: cls.summary for n, cls in sorted(known.items())},
@@ -231,33 +236,26 @@ def rewrite(
     seed: SeedOpt = 0,
 ) -> None:
     """Rewrite IN into OUT. Exit 0 written; 1 verification failed; 2 bad input; 3 a requested pass applied nowhere."""
-    from normopt.rewriter.pass_base import Options
-    from normopt.rewriter.rewrite import RewriteReport, rewrite as run_rewrite
+    from normopt.passes.base import Options
+    from normopt.rewrite import RewriteReport, rewrite as run_rewrite
 
     _check_target(target)
-    if report is not None and not report.parent.resolve().is_dir():
-        raise BadInput(f"report folder '{report.parent}' does not exist")
     names = [n.strip() for n in passes.split(",") if n.strip()] if passes is not None else None
+    checks = _verify_options(inputs, dim, rtol, atol, seed)
     result = RewriteReport(str(src), str(dst))
-    verify_kwargs = {"dims": _parse_dims(dim), "inputs": inputs, "rtol": rtol, "atol": atol, "seed": seed}
     try:
         with _progress(f"loading {src.name}") as step:
-            run_rewrite(src, dst, passes=names, check=not no_verify,
+            run_rewrite(src, dst, passes=names, verification=None if no_verify else checks,
                         options=Options(target=target, allow_hidden_state_change=allow_hidden_state_change),
-                        in_place=in_place, verify_kwargs=verify_kwargs, on_step=step, report=result)
-    except NormoptError as exc:
-        result.error, result.exit_code = str(exc), exc.exit_code
-        raise
+                        in_place=in_place, report_path=report, on_step=step, report=result)
     finally:
         if result.passes:
             _print_rewrite(result, explain)
         if result.verification is not None:
             out.print(_verify_table(result.verification))
-        if report is not None:
-            _write_json(report, result.to_json())
     err.print(f"wrote {dst}", highlight=False)
     if profile_after:  # on the inputs verification used (generated only with --no-verify)
-        feeds = result.feeds if result.feeds is not None else _feeds(src, inputs, verify_kwargs["dims"], seed)
+        feeds = result.feeds if result.feeds is not None else _feeds(src, checks)
         _run_profile([src, dst], feeds, "ort-cpu", 2, 3, 30, None, None)
 
 
@@ -297,11 +295,10 @@ def verify(
 ) -> None:
     """Run A and B in onnxruntime (CPU, no graph optimizations) on the same inputs and compare
     outputs. Exit 0 all within tolerance; 1 not; 2 bad input."""
-    from normopt.rewriter.verify import verify as run_verify
+    from normopt.verify import verify as run_verify
 
     with _progress(f"loading {model_a.name}") as step:
-        report = run_verify(model_a, model_b, inputs=inputs, dims=_parse_dims(dim), rtol=rtol,
-                            atol=atol, seed=seed, on_step=step)
+        report = run_verify(model_a, model_b, _verify_options(inputs, dim, rtol, atol, seed), on_step=step)
     if json_out:
         out.print_json(data=report.to_json())
     else:
@@ -341,6 +338,8 @@ def _profile_tables(report) -> None:
 def _run_profile(paths, feeds, backend, threads, warmup, runs, json_path, plot_path):
     from rich.progress import Progress
 
+    from normopt.rewriter import io
+
     from normopt.profiling import plot as make_plot
     from normopt.profiling import profile as run_profile
 
@@ -350,7 +349,7 @@ def _run_profile(paths, feeds, backend, threads, warmup, runs, json_path, plot_p
                              on_round=lambda r: bar.update(task, completed=r))
     _profile_tables(report)
     if json_path is not None:
-        _write_json(json_path, report.to_json())
+        io.write_json_atomic(json_path, report.to_json())
         err.print(f"wrote {json_path}", highlight=False)
     if plot_path is not None:
         err.print(f"wrote {make_plot(report, plot_path)}", highlight=False)
@@ -375,13 +374,20 @@ def profile(
 
     if runs < 1 or warmup < 0 or threads < 1:
         raise BadInput("--runs and --threads must be at least 1, --warmup at least 0")
-    for m in models[1:]:
+    guard = io.Guard()
+    for m in models:
         io.check_readable_file(m)
-    feeds = _feeds(models[0], inputs, _parse_dims(dim), seed)
+        guard.protect(m, "input model")
+    for path, what in ((json_path, "--json"), (plot_path, "--plot")):
+        if path is not None:
+            io.check_writable_folder(path, what)
+            guard.check(path, what)
+    feeds = _feeds(models[0], _verify_options(inputs, dim, None, None, seed))
     _run_profile(models, feeds, backend, threads, warmup, runs, json_path, plot_path)
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
     app(prog_name="normopt")
 
 

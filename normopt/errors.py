@@ -24,3 +24,9 @@ class VerificationFailed(NormoptError):
 
 class NotApplied(NormoptError):
     exit_code = 3
+
+
+class InternalError(NormoptError):
+    """normopt produced something invalid: a bug, reported as one (never as a user error)."""
+
+    exit_code = 4

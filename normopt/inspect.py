@@ -10,11 +10,12 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from normopt.passes.base import Options
+from normopt.passes.pipeline import PASSES
 from normopt.rewriter import io
-from normopt.rewriter.graph import annotate_shapes
+from normopt.rewriter.graph import op_histogram
 from normopt.rewriter.norms import find_norms
-from normopt.rewriter.pass_base import registered
-from normopt.rewriter.rewrite import op_histogram
+from normopt.rewriter.shapes import annotated
 from normopt.rewriter.stream import analyze
 
 
@@ -32,11 +33,13 @@ def inspect_model(path: str | os.PathLike, target: str = "onnx") -> dict:
     """JSON contract: `architecture` (pre-ln|post-ln|pre-rmsnorm|peri-ln|mixed|none),
     `norms` (kind, form, axis, epsilon, nodes, ...), `passes` ({name: {applies, reason}});
     plus `architecture_reasons`, `stream`, `model` and `operators`."""
-    from normopt.rewriter.pass_base import Options
-
     path = Path(path)
     model = io.load(path)
-    annotate_shapes(model)
+    with annotated(model):
+        return _describe(model, path, target)
+
+
+def _describe(model: ir.Model, path: Path, target: str) -> dict:
     norms = find_norms(model.graph)
     stream = analyze(model.graph, norms)
     subgraphs = sum(1 for node in model.graph.all_nodes() for a in node.attributes.values()
@@ -63,7 +66,7 @@ def inspect_model(path: str | os.PathLike, target: str = "onnx") -> dict:
         "operators": op_histogram(model),
         "passes": {},
     }
-    for name, cls in sorted(registered().items()):
+    for name, cls in sorted(PASSES.items()):
         plan = cls(Options(target=target)).plan(model)
         info["passes"][name] = {
             "applies": plan.applies,

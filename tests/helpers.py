@@ -71,10 +71,24 @@ def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], extra_outputs=
 def assert_matches_reference(model_path, paths) -> None:
     """A rewritten corpus model is checker-valid (full check) and, on the entry's saved inputs,
     gives onnxruntime's reference outputs within each dtype's default tolerance."""
-    from normopt.rewriter.verify import compare_output, run_ort
+    from normopt.verify import compare_output, run_ort
 
     onnx.checker.check_model(str(model_path), full_check=True)
     got = run_ort(model_path, paths.load_inputs())
     for output, reference in paths.load_reference().items():
         check = compare_output(output, reference, got.get(output), None, None)  # fp32: 1e-5 x scale
         assert check.ok, check
+
+
+_KEPT: list = []
+
+
+def annotate(model) -> None:
+    """Shape annotation for the rest of a test, as the pipeline does around its passes (never
+    taken back: the test owns the model; the open context is kept so it is not closed when
+    garbage-collected)."""
+    from normopt.rewriter.shapes import annotated
+
+    context = annotated(model)
+    context.__enter__()
+    _KEPT.append(context)

@@ -13,8 +13,9 @@ from onnx import helper
 from typer.testing import CliRunner
 
 from normopt.cli import app
-from normopt.rewriter import pass_base
-from normopt.rewriter.pipeline import DEFAULT_PIPELINE
+from normopt.passes import base as pass_base
+from normopt.passes import pipeline
+from normopt.passes.pipeline import DEFAULT_PIPELINE
 from tests.helpers import const, mlp, save
 
 
@@ -225,10 +226,8 @@ class _Crash(_Corrupt):
 
 @pytest.fixture
 def broken_passes(monkeypatch):
-    pass_base.registered()
-    monkeypatch.setitem(pass_base._REGISTRY, "corrupt", _Corrupt)
-    monkeypatch.setitem(pass_base._REGISTRY, "crash", _Crash)
-    monkeypatch.setitem(pass_base._REGISTRY, "unrunnable", _Unrunnable)
+    for cls in (_Corrupt, _Crash, _Unrunnable):
+        monkeypatch.setitem(pipeline.PASSES, cls.name, cls)
 
 
 def test_verification_failure_exits_1_and_writes_nothing(tmp_path, model, broken_passes):
@@ -267,9 +266,11 @@ def test_bf16_model_cannot_be_verified_on_cpu_but_rewrites_without_verification(
     assert {i.data_type for i in onnx.load(str(out)).graph.initializer} == {onnx.TensorProto.BFLOAT16}
 
 
-def test_rewritten_model_that_does_not_run_exits_1(tmp_path, model, broken_passes):
-    """The original runs, the rewrite does not: a verification failure (exit 1), not bad input."""
+def test_rewritten_model_that_does_not_run_exits_4(tmp_path, model, broken_passes):
+    """The original runs, the rewrite does not: normopt's bug (exit 4), not bad input, not a
+    verification verdict; the message names OUT, not the temp folder."""
     out = tmp_path / "o.onnx"
     result = CliRunner().invoke(app, ["rewrite", str(model), str(out), "--passes", "unrunnable"])
-    assert result.exit_code == 1, result.output
-    assert "rewritten model does not run" in result.output and not out.exists()
+    assert result.exit_code == 4, result.output
+    assert "rewritten model does not run (a bug in normopt" in result.output and not out.exists()
+    assert ".normopt-tmp-" not in result.output

@@ -28,9 +28,10 @@ import numpy as np
 import onnx_ir as ir
 
 from normopt.rewriter import ort_ops  # noqa: F401  (the checker must know ORT's contrib norm ops)
-from normopt.rewriter.graph import constant_value, new_initializer, take_over, unique_node_name
+from normopt.rewriter.edit import Editor
+from normopt.rewriter.graph import constant_value, default_opset
 from normopt.rewriter.norms import NormMatch, find_norms
-from normopt.rewriter.pass_base import Pass, Plan, Refusal, register
+from normopt.passes.base import Pass, Plan, Refusal
 
 
 @dataclass
@@ -125,32 +126,31 @@ def _parameter(value: ir.Value | None, shape: tuple[int, ...], dtype) -> ir.Valu
     return np.broadcast_to(array, shape).astype(dtype)
 
 
-def _apply_one(graph: ir.Graph, fusion: Fusion) -> None:
+def _apply_one(edit: Editor, fusion: Fusion) -> None:
     m = fusion.match
     name = m.nodes[0].name or m.kind
 
     def initializer(param, suffix):
-        return param if isinstance(param, ir.Value) else new_initializer(graph, f"{name}.{suffix}", param)
+        return param if isinstance(param, ir.Value) else edit.initializer(f"{name}.{suffix}", param)
 
-    inputs = [m.core_input, initializer(fusion.scale, "scale")]
+    # the core input as it is now: an earlier fusion may have replaced the value it reads
+    inputs = [m.current_core_input(), initializer(fusion.scale, "scale")]
     if fusion.bias is not None:
         inputs.append(initializer(fusion.bias, "bias"))
-    node = ir.node(fusion.op, inputs, {"axis": m.axis, "epsilon": float(m.epsilon), "stash_type": 1},
-                   domain=fusion.domain, name=unique_node_name(graph, f"{name}.{fusion.op}"))
-    out = node.outputs[0]
-    out.type, out.shape = fusion.replaced.type, fusion.replaced.shape
-    graph.insert_after(fusion.span[-1], node)
-    take_over(fusion.replaced, out)
-    graph.remove(fusion.span, safe=True)
+    node = edit.node(fusion.op, inputs, {"axis": m.axis, "epsilon": float(m.epsilon), "stash_type": 1},
+                     domain=fusion.domain, name=f"{name}.{fusion.op}", like=fusion.replaced)
+    edit.graph.insert_after(fusion.span[-1], node)
+    edit.take_over(fusion.replaced, node.outputs[0])
+    edit.graph.remove(fusion.span, safe=True)
 
 
-@register
+
 class CanonicalizeNorms(Pass):
     name = "canonicalize-norms"
     summary = "replace decomposed LayerNorm/RMSNorm by the fused op the target supports"
 
     def plan(self, model: ir.Model) -> Plan:
-        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        opset = default_opset(model)
         plan = Plan()
         for match in find_norms(model.graph):
             if match.kind not in ("layernorm", "rmsnorm") or match.form != "decomposed":
@@ -161,12 +161,13 @@ class CanonicalizeNorms(Pass):
             else:
                 plan.actions.append(result)
         if not plan.actions and not plan.refusals:
-            plan.refusals.append(Refusal("model", "no decomposed LayerNorm or RMSNorm"))
+            plan.idle = "no decomposed LayerNorm or RMSNorm"
         return plan
 
     def apply(self, model: ir.Model, plan: Plan) -> list[str]:
+        edit = Editor(model.graph)
         for fusion in plan.actions:
-            _apply_one(model.graph, fusion)
+            _apply_one(edit, fusion)
         counts: dict[str, int] = {}
         for fusion in plan.actions:
             key = f"{fusion.match.kind} -> {fusion.op}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
-from normopt.rewriter.pass_base import Pass, Plan, Refusal, register
+from normopt.passes.base import Pass, Plan
 
 
 def _dead_nodes(graph: ir.Graph) -> list[ir.Node]:
@@ -60,7 +60,7 @@ def _signature(model: ir.Model) -> dict:
     }
 
 
-@register
+
 class Cleanup(Pass):
     name = "cleanup"
     summary = "remove dead nodes and unused initializers, sort nodes topologically"
@@ -78,8 +78,7 @@ class Cleanup(Pass):
             actions.append("sort nodes topologically")
         if any(_dead_nodes(f) for f in model.functions.values()):
             actions.append("remove dead nodes in model-local functions")
-        refusals = [] if actions else [Refusal("model", "no dead nodes, unused initializers or unsorted nodes")]
-        return Plan(actions, refusals)
+        return Plan(actions, idle=None if actions else "no dead nodes, unused initializers or unsorted nodes")
 
     def apply(self, model: ir.Model, plan: Plan) -> list[str]:
         before = _signature(model)

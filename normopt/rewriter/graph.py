@@ -1,7 +1,8 @@
-"""Graph queries and the few edits every pass needs (onnx-ir values, nodes, initializers).
+"""Graph queries: who reads a value, what constant it holds, its rank, the op vocabulary.
 
-Queries never edit. The edit helpers here are the shared building blocks: copy-on-write of
-initializers (so editing one user's weight never changes another's) and fresh names.
+Queries only; nothing here edits a graph (edits are in `rewriter.edit`). One vocabulary for
+every walk through a graph: `LINEAR_OPS` (ops with a weight normopt can rewrite), `FORWARDS`
+(ops that pass a value's elements on, by how), and one reader helper with named variants.
 """
 
 from __future__ import annotations
@@ -9,25 +10,56 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-# Ops that forward their first input's values unchanged (up to dtype for Cast).
-_PASS_THROUGH = {"Identity", "Cast"}
+ONNX_DOMAINS = ("", "ai.onnx")
+
+# Linear ops whose constant weight (input 1) and bias a rewrite can edit.
+LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+# How an op passes its first input's elements on:
+#   value    the same numbers (Cast: in another dtype)
+#   reshape  the same elements in the same row-major order, another shape
+#   move     elements selected, repeated or reordered along axes
+FORWARDS = {
+    "Identity": "value", "Cast": "value",
+    "Reshape": "reshape", "Flatten": "reshape", "Squeeze": "reshape", "Unsqueeze": "reshape",
+    "Transpose": "move", "Gather": "move", "Slice": "move", "Concat": "move", "Expand": "move", "Tile": "move",
+}
 
 
+def is_op(node: ir.Node | None, *ops: str) -> bool:
+    """`node` is one of `ops` of the default ONNX domain."""
+    return node is not None and node.domain in ONNX_DOMAINS and node.op_type in ops
 
-def consumers(value: ir.Value) -> list[ir.Node]:
-    """Distinct nodes reading `value`, in first-use order (subgraph nodes included)."""
-    return list(dict.fromkeys(use.node for use in value.uses()))
+
+def forwards(node: ir.Node | None, *kinds: str) -> bool:
+    """`node` passes its first input's elements on in one of the `kinds` of `FORWARDS`."""
+    return node is not None and node.domain in ONNX_DOMAINS and FORWARDS.get(node.op_type) in kinds
+
+
+# ------------------------------------------------------------------------------- readers
 
 
 def _reads_metadata_only(use: ir.Usage) -> bool:
     """Shape and Size read a value's shape, CastLike's second input its dtype: never its numbers."""
-    return use.node.op_type in ("Shape", "Size") or (use.node.op_type == "CastLike" and use.idx == 1)
+    return is_op(use.node, "Shape", "Size") or (is_op(use.node, "CastLike") and use.idx == 1)
 
 
-def value_readers(value: ir.Value) -> list[ir.Node]:
-    """Distinct nodes reading `value`'s numbers. Readers of its shape or dtype only are left
-    out: rewrites that change the numbers keep those, so such readers never block one."""
-    return list(dict.fromkeys(u.node for u in value.uses() if not _reads_metadata_only(u)))
+def readers(value: ir.Value, *, numbers_only: bool = False) -> list[ir.Node]:
+    """Distinct nodes reading `value`, in first-use order (subgraph nodes included).
+    `numbers_only` leaves out the readers of its shape or dtype alone: a rewrite that changes
+    the numbers but keeps shape and dtype keeps what those see, so they never block one."""
+    return list(dict.fromkeys(u.node for u in value.uses() if not (numbers_only and _reads_metadata_only(u))))
+
+
+def sole_reader(value: ir.Value, *, numbers_only: bool = False) -> ir.Node | None:
+    """The one node reading `value` when nothing else does and it is no graph output."""
+    if value.is_graph_output():
+        return None
+    found = readers(value, numbers_only=numbers_only)
+    return found[0] if len(found) == 1 else None
+
+
+# ----------------------------------------------------------------------------- constants
 
 
 def constant_value(value: ir.Value | None) -> np.ndarray | None:
@@ -41,9 +73,7 @@ def constant_value(value: ir.Value | None) -> np.ndarray | None:
     if value.const_value is not None:
         return value.const_value.numpy()
     node = value.producer()
-    if node is None or node.domain not in ("", "ai.onnx"):
-        return None
-    if node.op_type in _PASS_THROUGH and node.inputs:
+    if forwards(node, "value") and node.inputs:
         source = constant_value(node.inputs[0])
         if source is None or node.op_type == "Identity":
             return source
@@ -52,7 +82,7 @@ def constant_value(value: ir.Value | None) -> np.ndarray | None:
             return source.astype(target.numpy())
         except (TypeError, ValueError, NotImplementedError):
             return None
-    if node.op_type == "Constant":
+    if is_op(node, "Constant"):
         tensor = ir.convenience.get_const_tensor(value)
         return None if tensor is None else tensor.numpy()
     return None
@@ -64,11 +94,11 @@ _ELEMENTWISE = {
 }
 
 
-def _static_shape(value: ir.Value) -> np.ndarray | None:
+def static_shape(value: ir.Value) -> tuple[int, ...] | None:
     shape = value.shape
     if shape is None or not all(isinstance(d, int) for d in shape):
         return None
-    return np.array(list(shape), np.int64)
+    return tuple(shape)
 
 
 def _fold_node(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | None:
@@ -78,8 +108,10 @@ def _fold_node(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | Non
         with np.errstate(all="ignore"):
             return np.asarray(_ELEMENTWISE[op](*args), dtype=args[0].dtype)
     if op == "Shape":  # needs only the input's static shape, not its values
-        shape = _static_shape(node.inputs[0])
-        return None if shape is None else shape[attrs.get_int("start", 0):attrs.get_int("end", len(shape)) or None]
+        shape = static_shape(node.inputs[0])
+        if shape is None:
+            return None
+        return np.array(shape, np.int64)[attrs.get_int("start", 0):attrs.get_int("end", len(shape)) or None]
     if any(a is None for a in args[:1]):
         return None
     if op == "CastLike":
@@ -119,104 +151,59 @@ def folded_value(value: ir.Value | None, depth: int = 8) -> np.ndarray | None:
     if direct is not None or value is None or depth == 0:
         return direct
     node = value.producer()
-    if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in _FOLDABLE:
+    if node is None or node.domain not in ONNX_DOMAINS or node.op_type not in _FOLDABLE:
         return None
     if node.op_type == "Shape":
         return _fold_node(node, [])
     return _fold_node(node, [folded_value(v, depth - 1) if v is not None else None for v in node.inputs])
 
 
-def annotate_shapes(model: ir.Model) -> None:
-    """Fill in value shapes and dtypes with onnx shape inference (TorchScript exports record
-    few). Reads no weights (onnx-ir hands the C++ inference a copy without large tensors);
-    on failure the model is left as it was. Metadata only: passes use it to know ranks and
-    normalized sizes; a wrong shape could only make a rewrite refuse or fail verification."""
-    from onnx_ir.passes.common import ShapeInferencePass
-
-    ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+def is_constant(value: ir.Value | None) -> bool:
+    return folded_value(value) is not None
 
 
-def rank(value: ir.Value) -> int | None:
+# --------------------------------------------------------------------------- shapes, ops
+
+
+def rank(value: ir.Value | None) -> int | None:
+    """The number of axes of `value`, from its shape or, for a constant, its array."""
+    if value is None:
+        return None
     if value.shape is not None:
         return len(value.shape)
     array = constant_value(value)
     return None if array is None else array.ndim
 
 
-def _fresh(taken: set[str], base: str) -> str:
-    if base not in taken:
-        return base
-    i = 1
-    while f"{base}_{i}" in taken:
-        i += 1
-    return f"{base}_{i}"
+def int_list(node: ir.Node, attribute: str, input_index: int) -> list[int] | None:
+    """An int list given as an attribute (older opsets) or as a constant input (newer)."""
+    if attribute in node.attributes:
+        return [int(a) for a in node.attributes.get_ints(attribute)]
+    if input_index < len(node.inputs) and node.inputs[input_index] is not None:
+        array = folded_value(node.inputs[input_index])
+        return None if array is None else [int(a) for a in array.reshape(-1)]
+    return None
 
 
-def unique_name(graph: ir.Graph, base: str) -> str:
-    """A value name not used anywhere in `graph` (inputs, initializers, node outputs)."""
-    taken = {v.name for v in graph.inputs} | set(graph.initializers)
-    taken.update(out.name for node in graph.all_nodes() for out in node.outputs)
-    return _fresh(taken, base)
+def subgraphs(node: ir.Node) -> list[ir.Graph]:
+    """The graphs held by a node's attributes (If/Loop/Scan bodies)."""
+    found: list[ir.Graph] = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            found.append(attr.as_graph())
+        elif attr.type == ir.AttributeType.GRAPHS:
+            found.extend(attr.as_graphs())
+    return found
 
 
-def unique_node_name(graph: ir.Graph, base: str) -> str:
-    """A node name used by no node of `graph` (onnxruntime rejects duplicates)."""
-    return _fresh({node.name for node in graph.all_nodes()}, base)
+def op_histogram(model: ir.Model) -> dict[str, int]:
+    """Node counts by op type (`domain::op` outside the default domain), subgraphs included."""
+    counts: dict[str, int] = {}
+    for node in model.graph.all_nodes():
+        key = node.op_type if node.domain in ONNX_DOMAINS else f"{node.domain}::{node.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
 
 
-def new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    """Register `array` as a new initializer named after `base` (made unique)."""
-    value = ir.Value(name=unique_name(graph, base), const_value=ir.tensor(array))
-    value.const_value.name = value.name
-    graph.register_initializer(value)
-    return value
-
-
-def set_constant_input(node: ir.Node, index: int, array: np.ndarray, base: str) -> None:
-    """Make `node.inputs[index]` hold `array`: an initializer private to this input is edited
-    (copy-on-write, so other readers keep theirs); anything else (a Constant node, a computed
-    constant, a missing optional input) is replaced by a new initializer."""
-    value = node.inputs[index] if index < len(node.inputs) else None
-    if value is not None and value.is_initializer():
-        value = private_initializer(node, index)
-        value.const_value = ir.tensor(array, name=value.name)
-        return
-    if index >= len(node.inputs):
-        node.resize_inputs(index + 1)
-    node.replace_input_with(index, new_initializer(node.graph, base, array))
-
-
-def take_over(old: ir.Value, new: ir.Value) -> None:
-    """Every reader of `old` (graph outputs included) reads `new`, which takes `old`'s name, so
-    the model's output names and the names users refer to stay."""
-    graph = old.graph or new.graph
-    name = old.name
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    old.name = unique_name(graph, f"{name}.replaced")
-    new.name = name
-
-
-def private_initializer(node: ir.Node, index: int) -> ir.Value:
-    """The initializer feeding `node.inputs[index]`, made private to that input (copy-on-write).
-
-    If anything else reads the initializer (another node, another input of this node, a graph
-    output), a new initializer holding the same tensor takes its place at this one input, so
-    the caller can replace its `const_value` without changing any other user. The tensor data is
-    shared, not copied: replacing `const_value` is what diverges them.
-    """
-    value = node.inputs[index]
-    if value is None or not value.is_initializer():
-        raise ValueError(f"input {index} of node '{node.name}' is not an initializer")
-    if len(value.uses()) == 1 and not value.is_graph_output():
-        return value
-    graph = value.graph
-    assert graph is not None
-    copy = ir.Value(
-        name=unique_name(graph, f"{value.name}__{node.name or node.op_type}"),
-        shape=value.shape,
-        type=value.type,
-        const_value=value.const_value,
-    )
-    graph.register_initializer(copy)
-    node.replace_input_with(index, copy)
-    return copy
+def default_opset(model: ir.Model) -> int:
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))

@@ -6,14 +6,21 @@
   them, so memory stays near one copy of the model.
 - Saving is atomic: the model (and its external data file) is written into a temporary folder
   beside the destination, checked, and only then renamed into place, data file first. A failed
-  save or verification leaves no partial output, and the input is never written to (even with
-  `--in-place`: the old data file stays valid for the memory maps reading it until the rename).
+  save or verification leaves no partial output. Temp files are named `.normopt-tmp-<pid>@<host>-*`
+  so that a later run can remove what a killed one (SIGKILL) left.
+- Input safety: a `Guard` holds IN's files (the model and every external data file it names);
+  no output, data file, report or temp file may resolve to one of them (realpath, symlinks,
+  hard links). IN's data file is never replaced, even with --in-place (the new data file then
+  gets another name), so IN's model file never points into rewritten data.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,8 +97,14 @@ def _check_external_files(proto: onnx.ModelProto, path: Path) -> None:
             continue
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
-        needed[location] = max(needed.get(location, 0), end)
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", 0))
+        except ValueError:
+            raise BadInput(f"'{path}': tensor '{tensor.name}' has a non-numeric external data offset or length") from None
+        if offset < 0 or length < 0:
+            raise BadInput(f"'{path}': tensor '{tensor.name}' has a negative external data offset or length "
+                           f"({offset}, {length})")
+        needed[location] = max(needed.get(location, 0), offset + length)
     for location, end in needed.items():
         data = path.parent / location
         if not data.is_file():
@@ -154,6 +167,123 @@ def initializer_bytes(model: ir.Model) -> int:
     )
 
 
+def external_data_files(model: ir.Model) -> list[Path]:
+    """Every external data file the model's tensors are read from."""
+    return sorted({Path(v.const_value.path) for g in model.graphs() for v in g.initializers.values()
+                   if isinstance(v.const_value, ir.ExternalTensor)})
+
+
+# ------------------------------------------------------------------------------ input safety
+
+
+class Guard:
+    """The files a run must never write: IN (the model and its external data files), and any
+    other input (an --inputs file). `check` refuses an output path that resolves to one of
+    them: the same path after symlinks, or the same file by another name (a hard link)."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, str] = {}  # realpath -> what it is
+        self._inodes: dict[tuple[int, int], str] = {}
+
+    def protect(self, path: str | os.PathLike, what: str) -> None:
+        real = os.path.realpath(path)
+        self._files.setdefault(real, f"{what} '{path}'")
+        with contextlib.suppress(OSError):
+            st = os.stat(real)
+            self._inodes.setdefault((st.st_dev, st.st_ino), f"{what} '{path}'")
+
+    def clash(self, path: str | os.PathLike) -> str | None:
+        """What protected file `path` would write over, or None."""
+        real = os.path.realpath(path)
+        if real in self._files:
+            return self._files[real]
+        with contextlib.suppress(OSError):
+            st = os.stat(real)
+            return self._inodes.get((st.st_dev, st.st_ino))
+        return None
+
+    def check(self, path: str | os.PathLike, what: str) -> None:
+        clash = self.clash(path)
+        if clash is not None:
+            raise BadInput(f"{what} '{path}' is {clash}: normopt never writes its inputs; choose another path")
+
+
+# ---------------------------------------------------------------------------- temp files
+
+TEMP_PREFIX = ".normopt-tmp-"
+
+
+def _temp_tag() -> str:
+    """`<pid>@<host>-`: a temp file names the run that made it, so a later run can tell
+    whether that run is gone (killed) and its leftovers may be removed."""
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40]
+    return f"{TEMP_PREFIX}{os.getpid()}@{host}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove temp files and folders a killed normopt run on this host left in `folder`
+    (SIGKILL leaves them: no handler runs). Returns what was removed."""
+    host = _temp_tag().split("@", 1)[1]
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in folder.iterdir():
+            name = entry.name
+            if not name.startswith(TEMP_PREFIX) or "@" not in name:
+                continue
+            pid, _, rest = name[len(TEMP_PREFIX):].partition("@")
+            if not pid.isdigit() or not rest.startswith(host) or _alive(int(pid)):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def check_writable_folder(path: Path, what: str = "output") -> None:
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise BadInput(f"{what} folder '{parent}' is a file, not a folder")
+    if not parent.is_dir():
+        raise BadInput(f"{what} folder '{parent}' does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"{what} folder '{parent}' is not writable")
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write through a temp file beside `path`, then rename: a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=_temp_tag(), suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.write("\n")
+        _replace(Path(tmp), path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _replace(src: Path, dst: Path) -> None:
+    try:
+        os.replace(src, dst)
+    except OSError as exc:
+        raise BadInput(f"cannot write '{dst}': {exc.strerror or exc}") from None
+
+
+# ---------------------------------------------------------------------------------- saving
+
+
 @dataclass
 class StagedModel:
     """A model written into a temporary folder beside its destination, not yet visible there."""
@@ -164,13 +294,26 @@ class StagedModel:
 
     def commit(self) -> None:
         """Move into place: data file first, so the model never points at a missing file."""
-        if self.data_name:
-            os.replace(self.path.parent / self.data_name, self.destination.parent / self.data_name)
-        os.replace(self.path, self.destination)
-        self.discard()
+        try:
+            if self.data_name:
+                _replace(self.path.parent / self.data_name, self.destination.parent / self.data_name)
+            _replace(self.path, self.destination)
+        finally:
+            self.discard()
 
     def discard(self) -> None:
         shutil.rmtree(self.path.parent, ignore_errors=True)
+
+
+def data_file_name(destination: Path, guard: Guard | None) -> str:
+    """`<OUT>.data`, or, when that is a file the guard protects (only possible when OUT
+    replaces IN, whose data file it is), `<OUT>.<k>.data`: IN's data file is never replaced
+    while IN's model file may still point into it."""
+    name, k = f"{destination.name}.data", 0
+    while guard is not None and guard.clash(destination.parent / name):
+        k += 1
+        name = f"{destination.name}.{k}.data"
+    return name
 
 
 def stage(
@@ -178,22 +321,27 @@ def stage(
     destination: str | os.PathLike,
     *,
     external_data: bool,
+    guard: Guard | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> StagedModel:
     """Write `model` next to `destination` without touching it; `commit()` publishes it.
 
-    With `external_data`, every initializer over EXTERNAL_THRESHOLD_BYTES goes to
-    `<destination name>.data` (all tensors are rewritten, so nothing points at the input's data
+    With `external_data`, every initializer over EXTERNAL_THRESHOLD_BYTES goes to one data
+    file (`data_file_name`; all tensors are rewritten, so nothing points at the input's data
     file). Without it the model is embedded, which protobuf allows only up to 2 GiB.
     `progress(done, total)` is called after each external tensor is written.
     """
     destination = Path(destination)
     if not external_data and initializer_bytes(model) > EMBEDDED_LIMIT_BYTES:
         external_data = True
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-    staged = StagedModel(
-        tmpdir / destination.name, destination, destination.name + ".data" if external_data else None
-    )
+    data_name = data_file_name(destination, guard) if external_data else None
+    if guard is not None and data_name is not None:
+        guard.check(destination.parent / data_name, "output data file")
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=_temp_tag(), dir=destination.parent))
+    except OSError as exc:
+        raise BadInput(f"cannot write into '{destination.parent}': {exc.strerror or exc}") from None
+    staged = StagedModel(tmpdir / destination.name, destination, data_name)
     try:
         ir.save(
             model,
@@ -202,6 +350,9 @@ def stage(
             size_threshold_bytes=EXTERNAL_THRESHOLD_BYTES,
             callback=(lambda _t, info: progress(info.index + 1, info.total)) if progress else None,
         )
+    except OSError as exc:
+        staged.discard()
+        raise BadInput(f"cannot write '{destination}': {exc.strerror or exc}") from None
     except BaseException:
         staged.discard()
         raise

@@ -26,9 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from normopt.rewriter.graph import consumers, constant_value, folded_value
-
-ONNX_DOMAINS = ("", "ai.onnx")
+from normopt.rewriter.graph import ONNX_DOMAINS, constant_value, folded_value, is_op, rank, readers, sole_reader
 
 
 @dataclass
@@ -48,6 +46,20 @@ class NormMatch:
     # value before any scale, bias or output Cast.
     core_input: ir.Value | None = None
     core_output: ir.Value | None = None
+    # Where the pattern reads `input`: (node, input index). Edits made since the match may have
+    # replaced the value; the entry node always reads the current one.
+    entry: tuple[ir.Node, int] | None = None
+    # Decomposed LN/RMSNorm: the core's first node (reads core_input); LN: the ReduceMean and
+    # the Sub that compute x - mean(x).
+    anchor: ir.Node | None = None
+    centring: tuple[ir.Node, ir.Node] | None = None
+
+    def current_input(self) -> ir.Value:
+        node, index = self.entry
+        return node.inputs[index]
+
+    def current_core_input(self) -> ir.Value:
+        return self.anchor.inputs[0] if self.anchor is not None else self.current_input()
 
     @property
     def normalized_axes(self) -> int:
@@ -86,18 +98,6 @@ class NormMatch:
 # ----------------------------------------------------------------------------- small queries
 
 
-def _is(node: ir.Node | None, *ops: str) -> bool:
-    return node is not None and node.domain in ONNX_DOMAINS and node.op_type in ops
-
-
-def _private(value: ir.Value) -> ir.Node | None:
-    """The single node reading `value`, when nothing else (nor a graph output) does."""
-    if value.is_graph_output():
-        return None
-    readers = consumers(value)
-    return readers[0] if len(readers) == 1 else None
-
-
 def _other(node: ir.Node, value: ir.Value) -> ir.Value | None:
     """The other input of a binary node that reads `value` once."""
     a, b = (list(node.inputs) + [None, None])[:2]
@@ -113,10 +113,6 @@ def _scalar(value: ir.Value | None) -> float | None:
     if array is None or array.size != 1:
         return None
     return float(array.reshape(()))
-
-
-def _rank(value: ir.Value) -> int | None:
-    return len(value.shape) if value.shape is not None else None
 
 
 def _reduce_axes(node: ir.Node) -> tuple[int, ...] | None:
@@ -147,9 +143,9 @@ def _trailing(axes: tuple[int, ...], rank: int | None) -> int | None:
 
 def _squares(node: ir.Node, x: ir.Value) -> bool:
     """Pow(x, 2) or Mul(x, x)."""
-    if _is(node, "Pow") and node.inputs[0] is x:
+    if is_op(node, "Pow") and node.inputs[0] is x:
         return _scalar(node.inputs[1]) == 2.0
-    return _is(node, "Mul") and node.inputs[0] is x and node.inputs[1] is x
+    return is_op(node, "Mul") and node.inputs[0] is x and node.inputs[1] is x
 
 
 def _broadcasts_over_last(array: np.ndarray, k: int) -> bool:
@@ -163,23 +159,23 @@ def _broadcasts_over_last(array: np.ndarray, k: int) -> bool:
 def _rsqrt_tail(var: ir.Value, numerator: ir.Value) -> tuple[float, str, list[ir.Node], ir.Value] | None:
     """var -> Add(eps) -> Sqrt -> numerator / sqrt (three forms). Returns epsilon, its dtype
     (the dtype the statistics are computed in), the nodes, and the normalized value."""
-    add = _private(var)
-    if not _is(add, "Add"):
+    add = sole_reader(var)
+    if not is_op(add, "Add"):
         return None
     eps_array = constant_value(_other(add, var))
-    sqrt = _private(add.outputs[0])
-    if eps_array is None or eps_array.size != 1 or eps_array.reshape(()) < 0 or not _is(sqrt, "Sqrt"):
+    sqrt = sole_reader(add.outputs[0])
+    if eps_array is None or eps_array.size != 1 or eps_array.reshape(()) < 0 or not is_op(sqrt, "Sqrt"):
         return None
     eps, compute = float(eps_array.reshape(())), str(ir.DataType.from_numpy(eps_array.dtype))
     s = sqrt.outputs[0]
     nodes = [add, sqrt]
-    div = _private(s)
-    if _is(div, "Div") and div.inputs[1] is s and div.inputs[0] is numerator:
+    div = sole_reader(s)
+    if is_op(div, "Div") and div.inputs[1] is s and div.inputs[0] is numerator:
         return eps, compute, [*nodes, div], div.outputs[0]
-    if _is(div, "Reciprocal") or (_is(div, "Div") and div.inputs[1] is s and _scalar(div.inputs[0]) == 1.0):
+    if is_op(div, "Reciprocal") or (is_op(div, "Div") and div.inputs[1] is s and _scalar(div.inputs[0]) == 1.0):
         inv = div.outputs[0]
-        mul = _private(inv)
-        if _is(mul, "Mul") and _other(mul, inv) is numerator:
+        mul = sole_reader(inv)
+        if is_op(mul, "Mul") and _other(mul, inv) is numerator:
             return eps, compute, [*nodes, div, mul], mul.outputs[0]
     return None
 
@@ -187,7 +183,7 @@ def _rsqrt_tail(var: ir.Value, numerator: ir.Value) -> tuple[float, str, list[ir
 def _input_cast(x: ir.Value, pattern_readers: int) -> tuple[ir.Value, list[ir.Node]]:
     """Look through a Cast feeding the pattern (read by nothing else): the compute-dtype wrapper."""
     node = x.producer()
-    if _is(node, "Cast") and not x.is_graph_output() and len(consumers(x)) == pattern_readers:
+    if is_op(node, "Cast") and not x.is_graph_output() and len(readers(x)) == pattern_readers:
         return node.inputs[0], [node]
     return x, []
 
@@ -197,18 +193,18 @@ def _epilogue(y: ir.Value, k: int, with_bias: bool) -> tuple[ir.Value, list[ir.N
     each the sole reader of the value before it. Returns output, nodes, scale, bias, out_cast."""
     nodes, scale, bias, cast = [], None, None, None
     while True:
-        node = _private(y)
+        node = sole_reader(y)
         if node is None:
             break
-        if _is(node, "Cast") and cast is None:
+        if is_op(node, "Cast") and cast is None:
             cast = node
-        elif _is(node, "Mul") and scale is None and bias is None:
+        elif is_op(node, "Mul") and scale is None and bias is None:
             other = _other(node, y)
             array = constant_value(other)
             if array is None or not _broadcasts_over_last(array, k):
                 break
             scale = other
-        elif _is(node, "Add") and with_bias and bias is None:
+        elif is_op(node, "Add") and with_bias and bias is None:
             other = _other(node, y)
             array = constant_value(other)
             if array is None or not _broadcasts_over_last(array, k):
@@ -222,39 +218,40 @@ def _epilogue(y: ir.Value, k: int, with_bias: bool) -> tuple[ir.Value, list[ir.N
 
 
 def _decomposed(kind: str, first: ir.Node, x: ir.Value, axes, core: list[ir.Node], y: ir.Value,
-                eps: float, compute: str, readers: int) -> NormMatch | None:
-    source, cast_in = _input_cast(x, readers)
-    k = _trailing(axes, _rank(x) if _rank(x) is not None else _rank(source))  # a Cast keeps rank
+                eps: float, compute: str, pattern_readers: int, centring=None) -> NormMatch | None:
+    source, cast_in = _input_cast(x, pattern_readers)
+    k = _trailing(axes, rank(x) if rank(x) is not None else rank(source))  # a Cast keeps rank
     if k is None:
         return None
     output, tail, scale, bias, cast_out = _epilogue(y, -k, with_bias=kind == "layernorm")
     detail = {"output_cast": cast_out is not None} if cast_in or cast_out else {}
     return NormMatch(kind, "decomposed", source, output, [*cast_in, first, *core, *tail], k, eps,
-                     scale, bias, compute, detail, core_input=x, core_output=y)
+                     scale, bias, compute, detail, core_input=x, core_output=y,
+                     entry=(cast_in[0] if cast_in else first, 0), anchor=first, centring=centring)
 
 
 def _match_layernorm(mean_node: ir.Node) -> NormMatch | None:
     """Anchored at the first ReduceMean (the mean of x)."""
     x, axes = mean_node.inputs[0], _reduce_axes(mean_node)
-    sub = _private(mean_node.outputs[0])
-    if axes is None or not _is(sub, "Sub") or sub.inputs[0] is not x or sub.inputs[1] is not mean_node.outputs[0]:
+    sub = sole_reader(mean_node.outputs[0])
+    if axes is None or not is_op(sub, "Sub") or sub.inputs[0] is not x or sub.inputs[1] is not mean_node.outputs[0]:
         return None
     d = sub.outputs[0]
-    readers = consumers(d)
-    if d.is_graph_output() or len(readers) != 2:
+    d_readers = readers(d)
+    if d.is_graph_output() or len(d_readers) != 2:
         return None
-    for square in readers:
+    for square in d_readers:
         if not _squares(square, d):
             continue
-        var_node = _private(square.outputs[0])
-        if not _is(var_node, "ReduceMean") or _reduce_axes(var_node) != axes or var_node.inputs[0] is not square.outputs[0]:
+        var_node = sole_reader(square.outputs[0])
+        if not is_op(var_node, "ReduceMean") or _reduce_axes(var_node) != axes or var_node.inputs[0] is not square.outputs[0]:
             return None
         tail = _rsqrt_tail(var_node.outputs[0], d)
         if tail is None:
             return None
         eps, compute, nodes, y = tail  # d has two readers: the square and the division found
         return _decomposed("layernorm", mean_node, x, axes, [sub, square, var_node, *nodes], y, eps,
-                           compute, readers=2)
+                           compute, pattern_readers=2, centring=(mean_node, sub))
     return None
 
 
@@ -263,15 +260,15 @@ def _match_rmsnorm(square: ir.Node) -> NormMatch | None:
     x = square.inputs[0]
     if x is None or not _squares(square, x):
         return None
-    var_node = _private(square.outputs[0])
-    if not _is(var_node, "ReduceMean") or var_node.inputs[0] is not square.outputs[0]:
+    var_node = sole_reader(square.outputs[0])
+    if not is_op(var_node, "ReduceMean") or var_node.inputs[0] is not square.outputs[0]:
         return None
     axes = _reduce_axes(var_node)
     tail = _rsqrt_tail(var_node.outputs[0], x) if axes else None
     if tail is None:
         return None
     eps, compute, nodes, y = tail
-    return _decomposed("rmsnorm", square, x, axes, [var_node, *nodes], y, eps, compute, readers=2)
+    return _decomposed("rmsnorm", square, x, axes, [var_node, *nodes], y, eps, compute, pattern_readers=2)
 
 
 # ------------------------------------------------------------------------------ fused ops
@@ -283,26 +280,26 @@ def _float_attr(node: ir.Node, name: str, default: float) -> float:
 
 
 def _match_op(node: ir.Node) -> NormMatch | None:
-    rank = _rank(node.inputs[0]) if node.inputs and node.inputs[0] is not None else None
-    if _is(node, "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"):
+    r = rank(node.inputs[0]) if node.inputs else None
+    if is_op(node, "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"):
         kind = "layernorm" if node.op_type == "LayerNormalization" else "rmsnorm"
         axis = node.attributes.get_int("axis", -1)
         if axis >= 0:
-            if rank is None:
+            if r is None:
                 return None
-            axis -= rank
+            axis -= r
         stash = node.attributes.get_int("stash_type", 1)
         compute = "FLOAT" if stash == 1 else str(node.inputs[0].dtype)
         return NormMatch(kind, "op", node.inputs[0], node.outputs[0], [node], axis,
                          _float_attr(node, "epsilon", 1e-5), node.inputs[1],
-                         node.inputs[2] if len(node.inputs) > 2 else None, compute)
+                         node.inputs[2] if len(node.inputs) > 2 else None, compute, entry=(node, 0))
     if node.domain == "com.microsoft" and node.op_type in ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"):
         kind = "layernorm" if node.op_type == "SkipLayerNormalization" else "rmsnorm"
         bias = node.inputs[3] if kind == "layernorm" and len(node.inputs) > 3 else None
         return NormMatch(kind, "op", node.inputs[0], node.outputs[0], [node], -1,
                          _float_attr(node, "epsilon", 1e-12), node.inputs[2], bias, "FLOAT",
-                         {"fused_residual_add": True})
-    if _is(node, "BatchNormalization") and node.attributes.get_int("training_mode", 0) == 0:
+                         {"fused_residual_add": True}, entry=(node, 0))
+    if is_op(node, "BatchNormalization") and node.attributes.get_int("training_mode", 0) == 0:
         return _match_batchnorm(node)
     return None
 
@@ -314,18 +311,18 @@ def _same_source(a: ir.Value | None, b: ir.Value | None) -> bool:
     if a is b:
         return True
     pa, pb = a.producer(), b.producer()
-    return (_is(pa, "Transpose") and _is(pb, "Transpose") and pa.inputs[0] is pb.inputs[0]
+    return (is_op(pa, "Transpose") and is_op(pb, "Transpose") and pa.inputs[0] is pb.inputs[0]
             and pa.attributes.get_ints("perm") == pb.attributes.get_ints("perm"))
 
 
 def _match_batchnorm(bn: ir.Node) -> NormMatch | None:
     if any(folded_value(v) is None for v in bn.inputs[1:5]):
         return None  # statistics or affine not constant: not an inference-time affine
-    x, y, nodes, detail, axis = bn.inputs[0], bn.outputs[0], [bn], {}, 1
-    add = _private(y)
-    if _is(add, "Add"):  # RepBN: BN(x) + alpha * x, scalar alpha
+    x, y, nodes, detail, axis, entry = bn.inputs[0], bn.outputs[0], [bn], {}, 1, (bn, 0)
+    add = sole_reader(y)
+    if is_op(add, "Add"):  # RepBN: BN(x) + alpha * x, scalar alpha
         mul = _other(add, y).producer() if _other(add, y) is not None else None
-        if _is(mul, "Mul") and _private(mul.outputs[0]) is add:
+        if is_op(mul, "Mul") and sole_reader(mul.outputs[0]) is add:
             for i in (0, 1):
                 alpha = _scalar(mul.inputs[1 - i])
                 if alpha is not None and _same_source(mul.inputs[i], x):
@@ -334,18 +331,19 @@ def _match_batchnorm(bn: ir.Node) -> NormMatch | None:
                     y, detail = add.outputs[0], {"repbn_alpha": alpha}
                     break
     transpose_in = x.producer()
-    transpose_out = _private(y)
-    if (_is(transpose_in, "Transpose") and _is(transpose_out, "Transpose") and set(consumers(x)) <= set(nodes)
+    transpose_out = sole_reader(y)
+    if (is_op(transpose_in, "Transpose") and is_op(transpose_out, "Transpose") and set(readers(x)) <= set(nodes)
             and not x.is_graph_output()):
         perm = list(transpose_in.attributes.get_ints("perm"))
         back = list(transpose_out.attributes.get_ints("perm"))
         if [perm[i] for i in back] == list(range(len(perm))):
             axis = perm[1] - len(perm)
             nodes = [transpose_in, *nodes, transpose_out]
-            x, y = transpose_in.inputs[0], transpose_out.outputs[0]
+            x, y, entry = transpose_in.inputs[0], transpose_out.outputs[0], (transpose_in, 0)
             detail["transposed"] = True
     return NormMatch("batchnorm", "op", x, y, nodes, axis, _float_attr(bn, "epsilon", 1e-5),
-                     bn.inputs[1], bn.inputs[2], str(ir.DataType.from_numpy(folded_value(bn.inputs[1]).dtype)), detail)
+                     bn.inputs[1], bn.inputs[2], str(ir.DataType.from_numpy(folded_value(bn.inputs[1]).dtype)), detail,
+                     entry=entry)
 
 
 # -------------------------------------------------------------------------- affine chains
@@ -359,7 +357,7 @@ def _channel_axis(array: np.ndarray) -> int | None:
 
 def _affine_step(node: ir.Node | None) -> tuple[ir.Value, int] | None:
     """(x, channel axis) when `node` computes x (op) c with c a per-channel constant."""
-    if not _is(node, "Mul", "Add", "Sub", "Div") or len(node.inputs) != 2:
+    if not is_op(node, "Mul", "Add", "Sub", "Div") or len(node.inputs) != 2:
         return None
     constants = [folded_value(v) for v in node.inputs]
     if (constants[0] is None) == (constants[1] is None):
@@ -379,18 +377,18 @@ def _match_affine_chain(node: ir.Node, claimed: set[ir.Node]) -> NormMatch | Non
         return None
     x, axis = first
     prev = x.producer()
-    if prev not in claimed and _private(x) is node and (_affine_step(prev) or (None, None))[1] == axis:
+    if prev not in claimed and sole_reader(x) is node and (_affine_step(prev) or (None, None))[1] == axis:
         return None  # `node` continues a chain that starts earlier
     chain, y, step = [], x, node
     while step is not None and step not in claimed and _affine_step(step) == (y, axis):
         chain.append(step)
         y = step.outputs[0]
-        step = _private(y)
+        step = sole_reader(y)
     if len(chain) < 2 or not any(n.op_type in ("Mul", "Div") for n in chain):
         return None
     compute = str(ir.DataType.from_numpy(folded_value(_other(chain[0], x)).dtype))
     return NormMatch("affine", "decomposed", x, y, chain, axis, compute_dtype=compute,
-                     detail={"ops": [n.op_type for n in chain]})
+                     detail={"ops": [n.op_type for n in chain]}, entry=(chain[0], list(chain[0].inputs).index(x)))
 
 
 # --------------------------------------------------------------------------------- entry

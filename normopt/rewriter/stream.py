@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from normopt.rewriter.graph import consumers
+from normopt.rewriter.graph import LINEAR_OPS, forwards, is_op, readers
 from normopt.rewriter.norms import NormMatch
 
-LINEAR_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinearMatMul"}
 ARCHITECTURES = ("pre-ln", "post-ln", "pre-rmsnorm", "peri-ln", "mixed", "none")
 
 
@@ -72,14 +71,11 @@ def _op(value: ir.Value) -> str:
     return "graph input" if node is None else node.op_type
 
 
-# Ops the stream passes through unchanged per token (OPT reshapes it between blocks).
-_TRANSPARENT = {"Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
-
-
 def _source(value: ir.Value) -> ir.Value:
-    """`value` with Casts and reshapes peeled off: the stream value it carries."""
+    """`value` with Casts and reshapes peeled off: the stream value it carries (OPT reshapes
+    the stream between blocks)."""
     node = value.producer()
-    while node is not None and node.op_type in _TRANSPARENT and node.inputs:
+    while forwards(node, "value", "reshape") and node.inputs:
         value = node.inputs[0]
         node = value.producer()
     return value
@@ -100,7 +96,7 @@ def _reaches_through_linear(source: ir.Value, target: ir.Value, order: dict[ir.N
         if node is None or (value, linear) in seen or order.get(node, -1) < floor:
             continue
         seen.add((value, linear))
-        passes = linear or node.op_type in LINEAR_OPS
+        passes = linear or is_op(node, *LINEAR_OPS)
         stack.extend((v, passes) for v in node.inputs if v is not None)
     return False
 
@@ -119,13 +115,13 @@ def find_residual_adds(graph: ir.Graph, norm_inputs: dict[ir.Value, ir.Value] | 
     norm_inputs = norm_inputs or {}
     candidates = []
     for node in graph:
-        if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        if not is_op(node, "Add") or len(node.inputs) != 2:
             continue
         a, b = node.inputs
         if a is None or b is None or a is b:
             continue
         for skip, branch in ((a, b), (b, a)):
-            if len(consumers(skip)) > 1 and _reaches_through_linear(skip, branch, order):
+            if len(readers(skip)) > 1 and _reaches_through_linear(skip, branch, order):
                 candidates.append(ResidualAdd(node, skip, branch))
                 break
     outputs = {r.node.outputs[0] for r in candidates}
@@ -170,15 +166,15 @@ def analyze(graph: ir.Graph, norms: list[NormMatch]) -> StreamAnalysis:
     stream = {_source(r.skip) for r in adds} | outputs
     last = [v for v in outputs if v not in carried]
     final_norms = [n for v in last for n in by_input.get(v, [])]
-    readers: dict[str, list[str]] = {}
+    other: dict[str, list[str]] = {}
     stream_nodes = {r.node for r in adds} | {node for n in seq_norms for node in n.nodes}
     for value in stream:
-        for node in consumers(value):
+        for node in readers(value):
             if node not in stream_nodes and node.op_type not in ("Cast", "Identity"):
-                readers.setdefault(node.op_type, []).append(node.name)
+                other.setdefault(node.op_type, []).append(node.name)
     architecture, reasons = _classify(adds, seq_norms, norms)
     return StreamAnalysis(architecture, reasons, adds, initial, final_norms,
-                          {k: sorted(v) for k, v in sorted(readers.items())})
+                          {k: sorted(v) for k, v in sorted(other.items())})
 
 
 def _classify(adds: list[ResidualAdd], seq_norms: list[NormMatch], norms: list[NormMatch]) -> tuple[str, list[str]]:

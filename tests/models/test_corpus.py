@@ -7,7 +7,8 @@ import onnx
 import pytest
 
 from models.corpus import CORPUS
-from normopt.rewriter.rewrite import rewrite
+from normopt.rewrite import rewrite
+from normopt.verify import VerifyOptions
 from tests.helpers import assert_matches_reference
 
 LN_FAMILIES = {"gpt2", "gpt2hidden", "opt", "gptneox", "vit", "bert", "preln"}
@@ -50,9 +51,9 @@ def test_rewrite_is_valid_equivalent_and_deterministic(corpus, tmp_path, name):
     first, second = tmp_path / "a" / "out.onnx", tmp_path / "b" / "out.onnx"
     first.parent.mkdir()
     second.parent.mkdir()
-    report = rewrite(paths.model, first, verify_kwargs={"inputs": inputs})
+    report = rewrite(paths.model, first, verification=VerifyOptions(inputs=inputs))
     assert report.written and report.verification.ok
-    rewrite(paths.model, second, check=False)
+    rewrite(paths.model, second, verification=None)
 
     assert digest(paths.model) == before, "the input model was modified"
     assert digest(first) == digest(second), "two runs wrote different bytes"

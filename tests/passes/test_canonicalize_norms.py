@@ -9,7 +9,7 @@ import pytest
 from models.corpus import CORPUS
 from normopt.passes.canonicalize_norms import CanonicalizeNorms
 from normopt.rewriter import io
-from normopt.rewriter.pass_base import Options
+from normopt.passes.base import Options
 from tests.helpers import assert_matches_reference
 from tests.norm_graphs import Variant, build
 

@@ -6,7 +6,7 @@ from onnx import TensorProto, helper
 
 from normopt.passes.cleanup import Cleanup
 from normopt.rewriter import io
-from normopt.rewriter.verify import run_ort
+from normopt.verify import run_ort
 from tests.helpers import const, make_model, mlp, save, tensor
 
 

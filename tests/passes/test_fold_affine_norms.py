@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 from models.corpus import CORPUS
 from normopt.passes.fold_affine_norms import FoldAffineNorms
 from normopt.rewriter import io
-from normopt.rewriter.graph import annotate_shapes
+from tests.helpers import annotate
 from normopt.rewriter.norms import find_norms
 from tests.helpers import assert_matches_reference, const, make_model, ort_run, tensor
 
@@ -21,7 +21,7 @@ FOLDABLE = sorted(n for n, e in CORPUS.items() if e.family in ("resnet18", "mobi
 def test_every_norm_in_the_exports_folds(corpus, tmp_path, name):
     paths = corpus(name)
     model = io.load(paths.model)
-    annotate_shapes(model)
+    annotate(model)
     result = FoldAffineNorms().run(model)
     assert result.modified and not result.refusals, result.refusals
     assert not [m for m in find_norms(model.graph) if m.kind in ("batchnorm", "affine")]
@@ -48,7 +48,7 @@ def bn(name, inp, out, c, shift=True):
 
 def run_fold(model, feeds, expect_modified=True):
     ir_model = ir.serde.deserialize_model(model)
-    annotate_shapes(ir_model)
+    annotate(ir_model)
     result = FoldAffineNorms().run(ir_model)
     assert result.modified == expect_modified, result.refusals
     rewritten = ir.serde.serialize_model(ir_model)
@@ -153,7 +153,7 @@ def test_affine_chain_and_fp16_parameters():
 
 def refusal(model) -> str:
     ir_model = ir.serde.deserialize_model(model)
-    annotate_shapes(ir_model)
+    annotate(ir_model)
     result = FoldAffineNorms().run(ir_model)
     assert not result.modified
     return " | ".join(r.reason for r in result.refusals)

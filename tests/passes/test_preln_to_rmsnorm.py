@@ -14,11 +14,11 @@ from onnx import TensorProto, helper
 from models.corpus import CORPUS
 from normopt.passes.preln_to_rmsnorm import PreLNToRMSNorm
 from normopt.rewriter import io
-from normopt.rewriter.graph import annotate_shapes
+from tests.helpers import annotate
 from normopt.rewriter.norms import find_norms
-from normopt.rewriter.pass_base import Options
-from normopt.rewriter.rewrite import rewrite
-from normopt.rewriter.verify import compare_output
+from normopt.passes.base import Options
+from normopt.rewrite import rewrite
+from normopt.verify import VerifyOptions, compare_output
 from tests.helpers import assert_matches_reference, const, make_model, ort_run, tensor
 
 PRE_LN = sorted(n for n, e in CORPUS.items() if e.family in ("gpt2", "opt", "gptneox", "vit", "preln"))
@@ -33,7 +33,7 @@ def test_every_stream_layernorm_becomes_rmsnorm(corpus, tmp_path, name, target):
     out = tmp_path / "out.onnx"
     passes = ["preln-to-rmsnorm"] + (["canonicalize-norms"] if target == "ort" else [])
     report = rewrite(paths.model, out, passes=passes, options=Options(target=target),
-                     verify_kwargs={"inputs": paths.load_inputs()})
+                     verification=VerifyOptions(inputs=paths.load_inputs()))
     assert report.passes[0].modified and "converted 5 LayerNorm(s)" in report.passes[0].changes[0]
     model = io.load(out)
     kinds = collections.Counter(m.kind for m in find_norms(model.graph))
@@ -49,7 +49,7 @@ def test_every_stream_layernorm_becomes_rmsnorm(corpus, tmp_path, name, target):
 @pytest.mark.parametrize("family,reason", sorted(UNTOUCHED.items()))
 def test_other_architectures_are_left_alone(corpus, family, reason):
     model = io.load(corpus(f"{family}-ts17").model)
-    annotate_shapes(model)
+    annotate(model)
     result = PreLNToRMSNorm().run(model)
     assert not result.modified and reason in result.refusals[0].reason
 
@@ -140,7 +140,7 @@ rng = np.random.default_rng(0)
 
 def _convert(model, expect=True, **options):
     ir_model = ir.serde.deserialize_model(model)
-    annotate_shapes(ir_model)
+    annotate(ir_model)
     result = PreLNToRMSNorm(Options(**options)).run(ir_model)
     assert result.modified == expect, result.refusals
     rewritten = ir.serde.serialize_model(ir_model)
@@ -169,7 +169,7 @@ def test_opset_23_uses_rmsnormalization():
 def test_shared_table_gets_one_explicit_recentring_not_a_copy():
     model = _blocks(shared_table=True)
     ir_model = ir.serde.deserialize_model(model)
-    annotate_shapes(ir_model)
+    annotate(ir_model)
     result = PreLNToRMSNorm().run(ir_model)
     assert result.modified and any("inserted x - ReduceMean(x) after 'x0'" in c and "shared" in c for c in result.changes)
     assert len(ir_model.graph.initializers["table"].uses()) == 2  # still one table, still shared
@@ -214,6 +214,7 @@ def test_reduce_over_hidden_axis_is_refused():
 def test_stream_output_refused_unless_allowed():
     assert "stream value 'x1' is a graph output" in _convert(_blocks(stream_output=True), expect=False)
     ir_model = ir.serde.deserialize_model(_blocks(stream_output=True))
+    annotate(ir_model)
     result = PreLNToRMSNorm(Options(allow_hidden_state_change=True)).run(ir_model)
     assert result.modified and result.changed_outputs == ["x1"]
 
@@ -234,7 +235,7 @@ def test_layernorm_statistics_outputs_read():
 def test_beta_folds_into_the_linear_readers_only():
     """Each LN's beta moves into the bias of the MatMul reading it (one Add less per norm)."""
     ir_model = ir.serde.deserialize_model(_blocks())
-    annotate_shapes(ir_model)
+    annotate(ir_model)
     result = PreLNToRMSNorm().run(ir_model)
     assert "folded 3 LayerNorm beta(s) into the biases of the linear ops reading them" in result.changes
     _convert(_blocks())
@@ -242,7 +243,7 @@ def test_beta_folds_into_the_linear_readers_only():
     model = _blocks()
     model.graph.output.append(tensor("final", TensorProto.FLOAT, (2, 4, 8)))
     ir_model = ir.serde.deserialize_model(model)
-    annotate_shapes(ir_model)
+    annotate(ir_model)
     assert "folded 2 LayerNorm beta(s) into the biases of the linear ops reading them" in PreLNToRMSNorm().run(ir_model).changes
     _convert(model)
 
@@ -256,7 +257,7 @@ def test_fp16_copy_of_a_real_export(corpus, tmp_path, name):
     src = tmp_path / "fp16.onnx"
     onnx.save(convert_float_to_float16(onnx.load(str(paths.model)), keep_io_types=False), str(src))
     feeds = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in paths.load_inputs().items()}
-    report = rewrite(src, tmp_path / "out.onnx", verify_kwargs={"inputs": feeds})
+    report = rewrite(src, tmp_path / "out.onnx", verification=VerifyOptions(inputs=feeds))
     assert "converted 5 LayerNorm(s)" in report.passes[0].changes[0]
     [check] = report.verification.outputs
     assert check.dtype == "float16" and check.ok and check.rtol == 1e-2 and check.max_rel < 5e-3
@@ -267,5 +268,5 @@ def test_layerscale_is_folded_into_its_writer_first():
     rewritten = _convert(model)  # equivalent in ORT
     assert not [n for n in rewritten.graph.node if {"ls0", "ls1"} & set(n.input)]  # the Muls are gone
     ir_model = ir.serde.deserialize_model(model)
-    annotate_shapes(ir_model)
+    annotate(ir_model)
     assert "folded 2 LayerScale Mul(s) into their writers" in PreLNToRMSNorm().run(ir_model).changes

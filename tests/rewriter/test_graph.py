@@ -3,7 +3,8 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from normopt.rewriter.graph import consumers, constant_value, private_initializer, unique_name
+from normopt.rewriter.edit import Editor
+from normopt.rewriter.graph import constant_value, readers, sole_reader
 from tests.helpers import const, make_model, tensor
 
 
@@ -56,7 +57,7 @@ def _shared_weight_model():
 def test_private_initializer_copies_shared_weight_on_write():
     model = _shared_weight_model()
     first, second = list(model.graph)
-    private = private_initializer(first, 1)
+    private = Editor(model.graph).private_initializer(first, 1)
     assert private is not model.graph.initializers["w"]
     assert first.inputs[1] is private and second.inputs[1] is model.graph.initializers["w"]
     private.const_value = ir.tensor(np.zeros((8, 8), np.float32), name=private.name)
@@ -67,26 +68,42 @@ def test_private_initializer_copies_shared_weight_on_write():
 def test_private_initializer_of_sole_user_is_itself():
     model = _shared_weight_model()
     first, second = list(model.graph)
-    copy = private_initializer(first, 1)
-    assert private_initializer(second, 1) is model.graph.initializers["w"]
-    assert private_initializer(first, 1) is copy
+    edit = Editor(model.graph)
+    copy = edit.private_initializer(first, 1)
+    assert edit.private_initializer(second, 1) is model.graph.initializers["w"]
+    assert edit.private_initializer(first, 1) is copy
 
 
 def test_private_initializer_same_weight_twice_in_one_node():
     model = _model([helper.make_node("Add", ["w", "w"], ["y"], name="double")], [const("w", np.ones(8, np.float32))])
     node = next(iter(model.graph))
-    private = private_initializer(node, 0)
+    private = Editor(model.graph).private_initializer(node, 0)
     assert node.inputs[0] is private and node.inputs[1] is model.graph.initializers["w"]
 
 
 def test_private_initializer_rejects_non_initializer():
     model = _shared_weight_model()
     with pytest.raises(ValueError, match="not an initializer"):
-        private_initializer(next(iter(model.graph)), 0)
+        Editor(model.graph).private_initializer(next(iter(model.graph)), 0)
 
 
-def test_unique_name_and_consumers():
+def test_fresh_names_and_readers():
     model = _shared_weight_model()
-    assert unique_name(model.graph, "w") == "w_1"
-    assert unique_name(model.graph, "fresh") == "fresh"
-    assert [n.name for n in consumers(model.graph.initializers["w"])] == ["first", "second"]
+    edit = Editor(model.graph)
+    assert edit.value_name("w") == "w_1" and edit.value_name("w") == "w_2"  # each name handed out once
+    assert edit.value_name("fresh") == "fresh" and edit.node_name("first") == "first_1"
+    node = edit.node("Relu", [model.graph.inputs[0]], name="val_0")
+    assert node.name == "val_0" and node.outputs[0].name == "val_0"  # never left to onnx-ir's val_N
+    assert [n.name for n in readers(model.graph.initializers["w"])] == ["first", "second"]
+    assert sole_reader(model.graph.initializers["w"]) is None
+    first = next(iter(model.graph))
+    assert sole_reader(first.outputs[0]) is list(model.graph)[1]
+
+
+def test_readers_of_numbers_leave_out_shape_readers():
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Reshape", ["r", "s"], ["y"])]
+    model = _model(nodes)
+    x = model.graph.inputs[0]
+    assert [n.op_type for n in readers(x)] == ["Shape", "Relu"]
+    assert sole_reader(x, numbers_only=True).op_type == "Relu" and sole_reader(x) is None

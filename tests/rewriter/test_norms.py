@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from normopt.passes.canonicalize_norms import CanonicalizeNorms
 from normopt.rewriter.norms import find_norms
-from normopt.rewriter.pass_base import Options
+from normopt.passes.base import Options
 from tests.helpers import ort_run
 from tests.norm_graphs import Variant, build, reference
 

@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from normopt.errors import BadInput
-from normopt.rewriter.verify import compare_output, default_dim, load_inputs, make_inputs, verify
+from normopt.verify import VerifyOptions, compare_output, default_dim, load_inputs, make_inputs, verify
 from tests.helpers import const, make_model, mlp, save, tensor
 
 
@@ -109,15 +109,36 @@ def test_verify_same_model_and_perturbed_copy(tmp_path):
 def test_verify_with_inputs_file(tmp_path):
     a = save(mlp(), tmp_path / "a.onnx")
     np.savez(tmp_path / "in.npz", x=np.ones((5, 8), np.float32))
-    report = verify(a, a, inputs=tmp_path / "in.npz")
+    report = verify(a, a, VerifyOptions(inputs=tmp_path / "in.npz"))
     assert report.ok and report.inputs["x"]["shape"] == [5, 8]
+    spec = ir.serde.deserialize_model(mlp())
     np.savez(tmp_path / "wrong.npz", z=np.ones((5, 8), np.float32))
-    with pytest.raises(BadInput, match="lacks input.*x"):
-        load_inputs(tmp_path / "wrong.npz", ir.serde.deserialize_model(mlp()))
+    with pytest.raises(BadInput, match="wrong.npz' lacks input.*x .*holds z"):
+        load_inputs(tmp_path / "wrong.npz", spec)
 
 
-def test_verify_run_failure_is_bad_input(tmp_path):
+@pytest.mark.parametrize("array,problem", [
+    (np.ones((5, 3), np.float32), r"input 'x' has shape \[5, 3\], the model expects \['batch', 8\]"),
+    (np.ones((5, 8, 1), np.float32), r"input 'x' has shape \[5, 8, 1\]"),
+    (np.ones((5, 8), np.float64), "input 'x' is float64, the model expects float32"),
+])
+def test_inputs_file_that_does_not_fit_the_model_is_blamed_on_the_file(tmp_path, array, problem):
     a = save(mlp(), tmp_path / "a.onnx")
-    np.savez(tmp_path / "in.npz", x=np.ones((5, 3), np.float32))
+    np.savez(tmp_path / "in.npz", x=array)
+    with pytest.raises(BadInput, match="inputs file .*in.npz.*: " + problem):
+        verify(a, a, VerifyOptions(inputs=tmp_path / "in.npz"))
+
+
+def test_verify_run_failure_is_bad_input_with_a_hint(tmp_path):
+    """Generated inputs the model cannot run on (16 elements do not reshape to [3, -1])."""
+    proto = make_model([helper.make_node("Reshape", ["x", "shape"], ["y"])], [tensor("x", shape=("batch", 8))],
+                       [tensor("y", shape=(3, "n"))], [const("shape", np.array([3, -1], np.int64))])
+    a = save(proto, tmp_path / "a.onnx")
     with pytest.raises(BadInput, match="failed to run .*--dim"):
-        verify(a, a, inputs=tmp_path / "in.npz")
+        verify(a, a)
+
+
+@pytest.mark.parametrize("field,value", [("rtol", -1.0), ("atol", float("nan")), ("rtol", float("inf"))])
+def test_tolerances_must_be_finite_and_not_negative(field, value):
+    with pytest.raises(BadInput, match=f"--{field} must be a finite number >= 0"):
+        VerifyOptions(**{field: value})

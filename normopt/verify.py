@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from normopt.errors import BadInput
+from normopt.rewriter.graph import FORWARDS
 from normopt.rewriter.io import check_readable_file
 
 # (rtol against the output's max |value|, atol), per output dtype.
@@ -32,11 +33,27 @@ TOLERANCES: dict[np.dtype, tuple[float, float]] = {
     np.dtype(ml_dtypes.bfloat16): (5e-2, 1e-2),
 }
 DEFAULT_SEED = 0
-# Ops through which an integer input reaches a Gather index unchanged in value.
-_INDEX_PASS_THROUGH = {
-    "Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand",
-    "Transpose", "Slice", "Concat", "Tile",
-}
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """What verification runs on and how it judges. `inputs`: a mapping of arrays, an .npz
+    path, or None (generated from the model's input specs with `dims` and `seed`); `rtol` /
+    `atol` override the per-dtype defaults for every float output."""
+
+    inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None
+    dims: Mapping[str, int] = field(default_factory=dict)
+    rtol: float | None = None
+    atol: float | None = None
+    seed: int = DEFAULT_SEED
+
+    def __post_init__(self) -> None:
+        for name, value in (("rtol", self.rtol), ("atol", self.atol)):
+            if value is not None and not (value >= 0 and np.isfinite(value)):
+                raise BadInput(f"--{name} must be a finite number >= 0, got {value}")
+        for name, size in self.dims.items():
+            if size < 1:
+                raise BadInput(f"--dim {name}={size}: a dimension must be at least 1")
 
 
 def default_dim(name: str | None) -> int:
@@ -66,7 +83,7 @@ def _gather_bound(value: ir.Value) -> int | None:
                 axis = node.attributes.get_int("axis", 0)
                 if shape is not None and isinstance(shape[axis], int):
                     bounds.append(shape[axis])
-            elif node.op_type in _INDEX_PASS_THROUGH and (use.idx == 0 or node.op_type == "Concat"):
+            elif node.op_type in FORWARDS and (use.idx == 0 or node.op_type == "Concat"):
                 stack.append(node.outputs[0])
     return min(bounds) if bounds else None
 
@@ -119,12 +136,32 @@ def load_inputs(path: str | os.PathLike, model: ir.Model) -> dict[str, np.ndarra
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
         raise BadInput(f"cannot read inputs file '{path}': {exc}") from None
+    return check_feeds(model, arrays, f"inputs file '{path}'")
+
+
+def check_feeds(model: ir.Model, arrays: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """The arrays for the model's inputs, each checked against the input's dtype, rank and
+    static dims, so a wrong inputs file is blamed on the file, not on the model."""
     missing = [v.name for v in model_inputs(model) if v.name not in arrays]
     if missing:
-        raise BadInput(f"inputs file '{path}' lacks input(s): {', '.join(missing)}")
-    return {v.name: arrays[v.name] for v in model_inputs(model)}
+        known = ", ".join(sorted(arrays)) or "nothing"
+        raise BadInput(f"{source} lacks input(s) {', '.join(missing)} (it holds {known})")
+    feeds = {}
+    for value in model_inputs(model):
+        array = np.asarray(arrays[value.name])
+        expected = value.dtype.numpy() if value.dtype is not None else None
+        if expected is not None and array.dtype != expected:
+            raise BadInput(f"{source}: input '{value.name}' is {array.dtype}, the model expects {np.dtype(expected)}")
+        if value.shape is not None:
+            dims = list(value.shape)
+            wrong = len(dims) != array.ndim or any(isinstance(d, int) and d != n for d, n in zip(dims, array.shape))
+            if wrong:
+                want = [d if isinstance(d, int) else (d.value or "?") for d in dims]
+                raise BadInput(f"{source}: input '{value.name}' has shape {list(array.shape)}, the model expects {want}")
+        feeds[value.name] = array
+    return feeds
 
 
 def input_feeds(
@@ -133,11 +170,11 @@ def input_feeds(
     dims: Mapping[str, int] | None = None,
     seed: int = DEFAULT_SEED,
 ) -> dict[str, np.ndarray]:
-    """The inputs to run `spec` on: a mapping as given, an .npz file, or generated ones."""
+    """The inputs to run `spec` on: a mapping (checked), an .npz file, or generated ones."""
     if inputs is None:
         return make_inputs(spec, dims, seed)
     if isinstance(inputs, Mapping):
-        return dict(inputs)
+        return check_feeds(spec, inputs, "the inputs given")
     return load_inputs(inputs, spec)
 
 
@@ -265,27 +302,26 @@ class VerifyReport:
 def verify(
     model_a: str | os.PathLike,
     model_b: str | os.PathLike,
+    options: VerifyOptions | None = None,
     *,
-    inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
-    dims: Mapping[str, int] | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
-    seed: int = DEFAULT_SEED,
+    feeds: Mapping[str, np.ndarray] | None = None,
     on_step: Callable[[str], None] | None = None,
     changed_on_request: Mapping[str, str] | None = None,
 ) -> VerifyReport:
     """Run A then B on the same inputs and compare every output of A by name.
 
-    `inputs` is a mapping (used as is: A is then not loaded here), an .npz path, or None
-    (generated from A's input specs); `changed_on_request` maps outputs a rewrite changes at the user's request
-    to the reason (they are compared and reported, but not required to match). Raises BadInput
-    when A cannot be loaded or run.
+    The inputs are `feeds` when given (already checked: A is then not loaded here), else
+    those `options` name or generate from A's input specs. `changed_on_request` maps outputs a
+    rewrite changes at the user's request to the reason (they are compared and reported, but
+    not required to match). Raises BadInput when A cannot be loaded or run.
     """
     from normopt.rewriter.io import load
 
+    options = options or VerifyOptions()
     model_a, model_b = Path(model_a), Path(model_b)
     check_readable_file(model_b)
-    feeds = dict(inputs) if isinstance(inputs, Mapping) else input_feeds(load(model_a), inputs, dims, seed)
+    if feeds is None:
+        feeds = input_feeds(load(model_a), options.inputs, options.dims, options.seed)
     report = VerifyReport(str(model_a), str(model_b))
     report.inputs = {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in feeds.items()}
     if on_step:
@@ -294,7 +330,7 @@ def verify(
     if on_step:
         on_step(f"running {model_b.name}")
     got = run_ort(model_b, feeds)
-    report.outputs = [compare_output(n, r, got.get(n), rtol, atol) for n, r in ref.items()]
+    report.outputs = [compare_output(n, r, got.get(n), options.rtol, options.atol) for n, r in ref.items()]
     for check in report.outputs:  # outputs the user asked to change are reported, not required
         if changed_on_request and check.name in changed_on_request:
             check.ok, check.skipped = True, changed_on_request[check.name]

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from normopt.rewriter import affine_math as am
+from normopt.rewriter import numerics as am
 
 rng = np.random.default_rng(0)
 

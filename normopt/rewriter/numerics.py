@@ -1,8 +1,10 @@
-"""Weight math for folding a per-channel affine `y = a*x + c` into a linear op. Pure numpy.
+"""All of normopt's weight math. Pure numpy, no graph types; each docstring is the formula.
 
 Every function computes in float64 and returns float64; callers cast back to the tensor's
-own dtype. `a` and `c` are 1-D, one entry per channel. Notation (shared/docs/rewrites.md 3):
-s = gamma / sqrt(var + eps), t = beta - mean * s.
+own dtype. Folding: a per-channel affine `y = a*x + c` (`a`, `c` 1-D, one entry per channel)
+into the linear op before or after it, with s = gamma / sqrt(var + eps), t = beta - mean * s
+for a BatchNorm (docs/rewrites.md, section 3). Centring: a residual-stream writer made
+zero-mean along the hidden axis (section 1).
 """
 
 from __future__ import annotations
@@ -90,3 +92,39 @@ def into_conv_input(weight, bias, a, c, groups: int) -> tuple[np.ndarray, np.nda
     w_new = w * _f64(a)[channel][expand]
     b_new = _f64(bias) + (w.reshape(cout, cin_g, -1).sum(axis=2) * _f64(c)[channel]).sum(axis=1)
     return w_new, b_new
+
+
+def into_gemm_output(weight, bias, a, c, beta: float, trans_b: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Gemm `alpha A B + beta C` then y = a*x + c on its output columns:
+    a*(alpha A B + beta C) + c = alpha A (B diag(a)) + (a beta C + c); the new bias is used
+    with beta = 1. B is [K, N], or [N, K] with transB."""
+    w = _f64(weight).T if trans_b else _f64(weight)
+    w2, b2 = into_matmul_output(w, 0.0 if bias is None else beta * _f64(bias), a, c)
+    return (w2.T if trans_b else w2), b2
+
+
+def into_gemm_input(weight, bias, a, c, alpha: float, beta: float, trans_b: bool) -> tuple[np.ndarray, np.ndarray]:
+    """y = a*x + c on the last axis, then Gemm `alpha y B + beta C` (no transA):
+    alpha (a x + c) B + beta C = alpha x (diag(a) B) + (alpha c B + beta C); the new bias is
+    used with beta = 1."""
+    w = _f64(weight).T if trans_b else _f64(weight)
+    w2, shift = into_matmul_input(w, 0.0, a, c)
+    return (w2.T if trans_b else w2), alpha * shift + (0.0 if bias is None else beta * _f64(bias))
+
+
+def center(array, axis: int) -> np.ndarray:
+    """array - array.mean(axis): every slice along `axis` sums to zero. A linear writer
+    y = x W + b writes a zero-mean vector for every x iff W' = W - mean over the output axis,
+    b' = b - mean(b). Embedding table [V, D]: axis=-1 (each row). MatMul weight W[in, out]:
+    axis=-1 (over outputs). Gemm transB weight W[out, in]: axis=0. Conv weight [C_out, ...]:
+    axis=0 (over output channels). A bias [D]: axis=-1."""
+    a = _f64(array)
+    return a - a.mean(axis=axis, keepdims=True)
+
+
+def scale_along(array, g, axis: int) -> np.ndarray:
+    """array * g along `axis` (g one entry per index of that axis, or a scalar): a LayerScale
+    `y = (x W + b) * g` folded into its writer, W' = W diag(g), b' = b * g."""
+    a = _f64(array)
+    g = _f64(g).reshape(-1)
+    return a * g.reshape([g.size if i == axis % a.ndim else 1 for i in range(a.ndim)])

@@ -1,11 +1,13 @@
-"""The pass contract and the registry of passes by pipeline name.
+"""The pass contract (docs/design.md).
 
 A pass works in two steps, kept apart so `inspect` can ask "would it apply?" without editing:
-  plan(model)        analysis only: the edits it would make (`actions`) and, for every
-                     candidate it skips, a `Refusal` a user can read;
+  plan(model)        analysis only: the edits it would make (`actions`, each deciding
+                     everything the edit needs) and, for every candidate it skips, a `Refusal`
+                     a user can read;
   apply(model, plan) performs exactly those edits and says what changed, one line each.
 `run` does both. A pass that finds nothing to do returns a refusal saying why, so a user who
-asked for it by name learns the reason (the CLI exits 3 then).
+asked for it by name learns the reason (the CLI exits 3 then). Passes are named in one table,
+`passes.pipeline.PASSES`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class Plan:
     refusals: list[Refusal] = field(default_factory=list)
     # graph outputs the rewrite changes on the user's request (verification skips them)
     changed_outputs: list[str] = field(default_factory=list)
+    # why there is no candidate at all (no norm of the kind the pass rewrites, ...)
+    idle: str | None = None
 
     @property
     def applies(self) -> bool:
@@ -55,7 +59,7 @@ class Plan:
         if self.applies:
             return ""
         if not self.refusals:
-            return "nothing to do"
+            return f"model: {self.idle}" if self.idle else "nothing to do"
         first = self.refusals[0]
         more = f" (+{len(self.refusals) - 1} more)" if len(self.refusals) > 1 else ""
         return f"{first.candidate}: {first.reason}{more}"
@@ -82,6 +86,8 @@ class PassResult:
 class Pass(abc.ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
+    # Plan and apply again until nothing applies (an edit can make another candidate possible).
+    repeats: ClassVar[bool] = False
 
     def __init__(self, options: Options | None = None) -> None:
         self.options = options or Options()
@@ -94,25 +100,21 @@ class Pass(abc.ABC):
     def apply(self, model: ir.Model, plan: Plan) -> list[str]:
         """Carry out `plan.actions`; return one human-readable line per change."""
 
-    def run(self, model: ir.Model) -> PassResult:
+    def run(self, model: ir.Model, max_rounds: int = 64) -> PassResult:
+        """Plan and apply (repeatedly for a `repeats` pass); refusals are the last plan's:
+        the candidates that still do not apply."""
         plan = self.plan(model)
-        changes = self.apply(model, plan) if plan.applies else []
-        changed = plan.changed_outputs if changes else []
-        return PassResult(self.name, bool(changes), changes, plan.refusals, changed)
+        changes: list[str] = []
+        changed: list[str] = []
+        for _ in range(max_rounds if self.repeats else 1):
+            if not plan.applies:
+                break
+            changes += self.apply(model, plan)
+            changed += plan.changed_outputs
+            if self.repeats:
+                plan = self.plan(model)
+        refusals = list(plan.refusals)
+        if plan.idle and not changes:
+            refusals.append(Refusal("model", plan.idle))
+        return PassResult(self.name, bool(changes), changes, refusals, changed)
 
-
-_REGISTRY: dict[str, type[Pass]] = {}
-
-
-def register(cls: type[Pass]) -> type[Pass]:
-    if cls.name in _REGISTRY:
-        raise ValueError(f"pass name '{cls.name}' registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def registered() -> dict[str, type[Pass]]:
-    """All passes by pipeline name (importing normopt.passes registers them)."""
-    import normopt.passes  # noqa: F401  (registration happens on import)
-
-    return dict(_REGISTRY)

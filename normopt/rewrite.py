@@ -1,0 +1,195 @@
+"""`rewrite`: load, run a pipeline, write atomically, check, verify, publish.
+
+Order matters for safety and memory:
+  1. validate paths: OUT's folder exists and is writable; no output (OUT, its data file, the
+     report) resolves to an input file (IN, its external data files, the inputs file);
+  2. load (memory-mapped), run the passes;
+  3. a pass named explicitly that changed nothing stops here (`NotApplied`, nothing written);
+  4. stage the output in a temp folder beside OUT, run `onnx.checker` on it, drop the model;
+  5. verify original vs staged in onnxruntime, one session at a time;
+  6. only then rename into place. Any failure (or SIGINT/SIGTERM) discards the staged files;
+     temp files a killed run left beside OUT are removed by the next run.
+The report, when asked for, is written (atomically) on success and on failure, unless its
+own path is what was wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from normopt.errors import BadInput, InternalError, NormoptError, NotApplied, VerificationFailed
+from normopt.passes.base import Options, PassResult
+from normopt.passes.pipeline import resolve, run_pipeline
+from normopt.rewriter import io
+from normopt.rewriter.graph import op_histogram
+from normopt.verify import ModelRunError, VerifyOptions, VerifyReport, input_feeds, verify
+
+
+@dataclass
+class RewriteReport:
+    input: str
+    output: str
+    passes: list[PassResult] = field(default_factory=list)
+    verification: VerifyReport | None = None
+    nodes_before: dict[str, int] = field(default_factory=dict)
+    nodes_after: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    written: bool = False
+    error: str | None = None
+    exit_code: int = 0
+    feeds: dict | None = None  # the inputs verification ran on (not in the JSON report)
+
+    def to_json(self) -> dict:
+        return {
+            "input": self.input,
+            "output": self.output,
+            "written": self.written,
+            "exit_code": self.exit_code,
+            "error": self.error,
+            "passes": [p.to_json() for p in self.passes],
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "verification": self.verification.to_json() if self.verification else None,
+            "seconds": self.seconds,
+        }
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b) or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
+def _guard_outputs(guard: io.Guard, src: Path, dst: Path, report_path: Path | None, in_place: bool) -> None:
+    """No output may write an input; OUT may replace IN's model file (by a rename, never
+    writing into it) only with --in-place."""
+    if _same_file(src, dst):
+        if not in_place:
+            raise BadInput(f"output '{dst}' is the input; pass --in-place to overwrite it")
+    else:
+        guard.check(dst, "output")
+    if report_path is not None:
+        guard.check(report_path, "report")
+        for target, what in ((dst, "output"), (dst.parent / f"{dst.name}.data", "output's data file")):
+            if os.path.realpath(report_path) == os.path.realpath(target):
+                raise BadInput(f"report '{report_path}' is the {what}; choose another path")
+
+
+def rewrite(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    passes: Sequence[str] | None = None,
+    options: Options | None = None,
+    verification: VerifyOptions | None = VerifyOptions(),
+    in_place: bool = False,
+    report_path: str | os.PathLike | None = None,
+    on_step: Callable[[str], None] | None = None,
+    report: RewriteReport | None = None,
+) -> RewriteReport:
+    """Rewrite `src` into `dst`, verified unless `verification` is None. Fills and returns
+    `report` (also on failure: the exception carries the exit code, the report says how far
+    it got) and writes it to `report_path` when given."""
+    src, dst = Path(src), Path(dst)
+    report = report if report is not None else RewriteReport(str(src), str(dst))
+    report_path = Path(report_path) if report_path is not None else None
+    guard = io.Guard()
+    guard.protect(src, "input model")
+    if verification is not None and isinstance(verification.inputs, (str, os.PathLike)):
+        guard.protect(verification.inputs, "inputs file")
+    report_ok = False
+    try:
+        if report_path is not None:
+            io.check_writable_folder(report_path, "report")
+            _guard_outputs(guard, src, dst, report_path, in_place)
+            report_ok = True
+        _rewrite(src, dst, passes, options, verification, in_place, report_path, guard, on_step or (lambda _m: None), report)
+    except NormoptError as exc:
+        report.error, report.exit_code = str(exc), exc.exit_code
+        if report_path is not None and guard.clash(report_path):
+            report_ok = False
+        raise
+    finally:
+        if report_ok:
+            io.write_json_atomic(report_path, report.to_json())
+    return report
+
+
+def _rewrite(src: Path, dst: Path, passes, options, verification, in_place, report_path, guard, step, report) -> None:
+    io.check_readable_file(src)
+    if dst.is_dir():
+        raise BadInput(f"output '{dst}' is a directory; give a file path")
+    io.check_writable_folder(dst)
+    _guard_outputs(guard, src, dst, report_path, in_place)
+    names = resolve(passes)
+    io.remove_stale_temps(dst.parent)
+
+    t0 = time.perf_counter()
+    step(f"loading {src.name}")
+    model = io.load(src)
+    for data_file in io.external_data_files(model):
+        guard.protect(data_file, "input data file")
+    _guard_outputs(guard, src, dst, report_path, in_place)
+    if verification is not None:  # from the model as loaded: no second load of IN for its inputs
+        report.feeds = input_feeds(model, verification.inputs, verification.dims, verification.seed)
+    external = io.uses_external_data(model)
+    report.nodes_before = op_histogram(model)
+    t1 = time.perf_counter()
+    report.passes = run_pipeline(model, names, options, on_pass=lambda n: step(f"pass {n}"))
+    report.nodes_after = op_histogram(model)
+    t2 = time.perf_counter()
+    report.seconds.update(load=t1 - t0, passes=t2 - t1)
+    if passes is not None:
+        idle = [r for r in report.passes if r.name in names and not r.modified]
+        if idle:
+            reasons = "; ".join(
+                f"{r.name}: " + "; ".join(f"{x.candidate}: {x.reason}" for x in r.refusals[:3])
+                for r in idle
+            )
+            raise NotApplied(f"requested pass(es) applied nowhere: {reasons}")
+
+    step(f"saving {dst.name}")
+    staged = io.stage(model, dst, external_data=external, guard=guard,
+                      progress=lambda i, n: step(f"saving {dst.name}: tensor {i}/{n}"))
+    del model
+    try:
+        try:
+            onnx.checker.check_model(str(staged.path))
+        except onnx.checker.ValidationError as exc:
+            raise InternalError(
+                f"the rewritten model fails onnx.checker (a bug in normopt; nothing written): "
+                f"{str(exc).strip().splitlines()[0]}"
+            ) from None
+        t3 = time.perf_counter()
+        report.seconds["save"] = t3 - t2
+        if verification is not None:
+            _verify(src, staged.path, dst, verification, step, report)
+            report.seconds["verify"] = time.perf_counter() - t3
+        staged.commit()
+    except BaseException:
+        staged.discard()
+        raise
+    report.written = True
+
+
+def _verify(src: Path, staged: Path, dst: Path, verification: VerifyOptions, step, report: RewriteReport) -> None:
+    changed = {o: f"changed on request by {r.name}" for r in report.passes for o in r.changed_outputs}
+    try:
+        report.verification = verify(src, staged, verification, feeds=report.feeds, on_step=step,
+                                     changed_on_request=changed)
+    except ModelRunError as exc:
+        if exc.path == staged:  # the original runs, the rewrite does not: our failure
+            reason = str(exc).replace(str(staged), str(dst))
+            raise InternalError(f"the rewritten model does not run (a bug in normopt; nothing written): {reason}") from None
+        raise
+    report.verification.model_b = str(dst)
+    if not report.verification.ok:
+        worst = report.verification.failures()[0]
+        raise VerificationFailed(
+            f"rewritten model differs from the original (nothing written): "
+            f"output '{worst.name}': {worst.problem}"
+        )

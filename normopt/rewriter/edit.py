@@ -1,0 +1,119 @@
+"""The graph edits every pass is built from, with fresh names and copy-on-write weights.
+
+A pass creates one `Editor` for the graph it edits. The editor knows every name in use (value
+and node names, collected once, so each fresh name costs O(1), not a scan of the graph) and
+names every node and value it creates: nothing is left to onnx-ir's automatic `val_N` names,
+which can collide with an exporter's own. Initializers are copied on write, so editing one
+user's weight never changes another's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from normopt.rewriter.graph import subgraphs
+
+
+def _fresh(taken: set[str], base: str) -> str:
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
+class Editor:
+    def __init__(self, graph: ir.Graph) -> None:
+        self.graph = graph
+        self._values: set[str] = set()
+        self._nodes: set[str] = set()
+        for g in (graph, *(s for n in graph.all_nodes() for s in subgraphs(n))):
+            self._values.update(v.name for v in (*g.inputs, *g.outputs, *g.initializers.values()) if v.name)
+        for node in graph.all_nodes():
+            self._values.update(o.name for o in node.outputs if o.name)
+            if node.name:
+                self._nodes.add(node.name)
+
+    def value_name(self, base: str) -> str:
+        return _fresh(self._values, base)
+
+    def node_name(self, base: str) -> str:
+        return _fresh(self._nodes, base)
+
+    # ------------------------------------------------------------------------ new things
+
+    def node(self, op: str, inputs: Sequence[ir.Value | None], attributes: dict | None = None, *,
+             name: str, domain: str = "", like: ir.Value | None = None) -> ir.Node:
+        """A new node (not yet inserted) named after `name`, its output too; `like` gives the
+        output's type and shape."""
+        node = ir.node(op, list(inputs), attributes or {}, domain=domain, name=self.node_name(name))
+        out = node.outputs[0]
+        out.name = self.value_name(name)
+        if like is not None:
+            out.type, out.shape = like.type, like.shape
+        return node
+
+    def initializer(self, base: str, array: np.ndarray) -> ir.Value:
+        """Register `array` as a new initializer named after `base`."""
+        name = self.value_name(base)
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        self.graph.register_initializer(value)
+        return value
+
+    # ------------------------------------------------------------------------ changes
+
+    def private_initializer(self, node: ir.Node, index: int) -> ir.Value:
+        """The initializer feeding `node.inputs[index]`, made private to that input.
+
+        If anything else reads it (another node, another input of this node, a graph output),
+        a new initializer holding the same tensor takes its place at this one input, so the
+        caller can replace its `const_value` without changing any other user. The tensor data
+        is shared, not copied: replacing `const_value` is what diverges them.
+        """
+        value = node.inputs[index]
+        if value is None or not value.is_initializer():
+            raise ValueError(f"input {index} of node '{node.name}' is not an initializer")
+        if len(value.uses()) == 1 and not value.is_graph_output() and not value.is_graph_input():
+            return value
+        name = self.value_name(f"{value.name}__{node.name or node.op_type}")
+        copy = ir.Value(name=name, shape=value.shape, type=value.type, const_value=value.const_value)
+        self.graph.register_initializer(copy)
+        node.replace_input_with(index, copy)
+        return copy
+
+    def set_constant_input(self, node: ir.Node, index: int, array: np.ndarray, base: str) -> None:
+        """Make `node.inputs[index]` hold `array`: an initializer private to this input is
+        edited (copy-on-write); anything else (a Constant node, a computed constant, a missing
+        optional input) is replaced by a new initializer."""
+        value = node.inputs[index] if index < len(node.inputs) else None
+        if value is not None and value.is_initializer() and not value.is_graph_input():
+            value = self.private_initializer(node, index)
+            value.const_value = ir.tensor(array, name=value.name)
+            value.shape, value.dtype = ir.Shape(array.shape), value.const_value.dtype
+            return
+        if index >= len(node.inputs):
+            node.resize_inputs(index + 1)
+        node.replace_input_with(index, self.initializer(base, array))
+
+    def take_over(self, old: ir.Value, new: ir.Value) -> None:
+        """Every reader of `old` (graph outputs included) reads `new`, which takes `old`'s
+        name, so the model's output names and the names users refer to stay."""
+        name = old.name
+        old.replace_all_uses_with(new, replace_graph_outputs=True)
+        old.name = self.value_name(f"{name}.replaced")
+        new.name = name
+        new.type, new.shape = new.type or old.type, new.shape or old.shape
+
+    def add_after(self, node: ir.Node, op: str, constant: np.ndarray, base: str) -> ir.Node:
+        """Insert `node.output (op) constant` after `node`; every former reader of the output
+        (graph outputs included) reads the result instead."""
+        out = node.outputs[0]
+        new = self.node(op, [out, self.initializer(f"{base}.value", constant)], name=base, like=out)
+        self.graph.insert_after(node, new)
+        self.take_over(out, new.outputs[0])  # readers and graph outputs now read the result ...
+        new.replace_input_with(0, out)  # ... which reads the node's own output
+        return new

@@ -1,0 +1,138 @@
+"""Folding a per-channel affine `y = a*x + c` into the weights of a linear op.
+
+Shared by every pass that removes an affine by moving it into a Conv / ConvTranspose / Gemm /
+MatMul: BatchNorm and affine-chain folds, and a converted LayerNorm's beta. The caller plans
+the fold (which op, which side, that the channel axis maps onto the weight); `fold_weights`
+writes the new weight and bias, with the formulas of `rewriter.numerics` (float64, cast
+back to each tensor's dtype). The weights are read when the fold is applied, so folds into
+one op made one after another compose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from normopt.rewriter import numerics
+from normopt.rewriter.edit import Editor
+from normopt.rewriter.graph import folded_value, is_op, sole_reader
+
+
+@dataclass
+class Fold:
+    """`a*x + c` per channel folded into `linear`: on its output when the affine follows it
+    (side "preceding": the linear op precedes the norm), on its input when it precedes it."""
+
+    a: np.ndarray
+    c: np.ndarray
+    side: str  # preceding | following
+    linear: ir.Node
+    bias_add: ir.Node | None = None  # a constant bias Add right after a MatMul
+
+
+def bias_add_data(node: ir.Node | None) -> ir.Value | None:
+    """For `Add(data, constant)` (either order) the data input, else None."""
+    if not is_op(node, "Add") or len(node.inputs) != 2:
+        return None
+    constant = [folded_value(v) is not None for v in node.inputs]
+    if constant.count(True) != 1:
+        return None
+    return node.inputs[constant.index(False)]
+
+
+def bias_add_after(linear: ir.Node) -> ir.Node | None:
+    """The constant bias Add that alone reads a MatMul's output (Gemm and Conv have theirs
+    inside), or None."""
+    if not is_op(linear, "MatMul"):
+        return None
+    out = linear.outputs[0]
+    add = sole_reader(out)
+    return add if add is not None and bias_add_data(add) is out else None
+
+
+def _weight_channels(linear: ir.Node, w: np.ndarray, input_side: bool) -> int:
+    """How many channels the weight axis a fold scales has."""
+    op, groups = linear.op_type, linear.attributes.get_int("group", 1)
+    if op == "Conv":
+        return w.shape[1] * groups if input_side else w.shape[0]
+    if op == "ConvTranspose":
+        return w.shape[1] * groups
+    trans_b = op == "Gemm" and linear.attributes.get_int("transB", 0)
+    k_axis, n_axis = (1, 0) if trans_b else (-2, -1)
+    return w.shape[k_axis] if input_side else w.shape[n_axis]
+
+
+def fold_problem(linear: ir.Node, value: ir.Value, channels: int, input_side: bool) -> str | None:
+    """Why `linear` cannot take a per-channel affine of `channels` channels on its input
+    (`input_side`, the affine comes first and `value` is what it reads) or its output
+    (`value` is its output), or None when it can. The channel axis itself is the caller's
+    to check."""
+    op, where = linear.op_type, f"{linear.op_type} {linear.name}"
+    if not is_op(linear, "Conv", "Gemm", "MatMul", *(() if input_side else ("ConvTranspose",))):
+        return f"{where} is not a linear op the affine folds into"
+    if input_side and (linear.inputs[0] is not value or value in linear.inputs[1:]):
+        return f"it is not only the data input of {where}"
+    w = folded_value(linear.inputs[1]) if len(linear.inputs) > 1 else None
+    if w is None:
+        return f"{where} has no constant weight"
+    if op == "MatMul" and (w.ndim < 2 or (input_side and w.ndim != 2)):
+        return f"{where} has a {w.ndim}-D weight"
+    if op == "MatMul" and folded_value(linear.inputs[0]) is not None:
+        return f"{where}'s first input is constant too"
+    if len(linear.inputs) > 2 and linear.inputs[2] is not None and folded_value(linear.inputs[2]) is None:
+        return f"{where} has a non-constant bias"
+    if op == "Gemm" and input_side and linear.attributes.get_int("transA", 0):
+        return "Gemm with transA=1 reads its input transposed"
+    if _weight_channels(linear, w, input_side) != channels:
+        return f"the affine has {channels} channels, {where}'s weight {_weight_channels(linear, w, input_side)}"
+    return None
+
+
+def _bias_slot(fold: Fold) -> tuple[ir.Node | None, int | None]:
+    """Where the linear op's bias lives: (node, input index), or (None, None) for none."""
+    if fold.bias_add is not None:
+        return fold.bias_add, 1 if folded_value(fold.bias_add.inputs[1]) is not None else 0
+    if fold.linear.op_type in ("Conv", "ConvTranspose", "Gemm"):
+        return fold.linear, 2
+    return None, None
+
+
+def fold_weights(edit: Editor, fold: Fold) -> None:
+    """Give the linear op the weight and bias that absorb the affine."""
+    node, a, c, op = fold.linear, fold.a, fold.c, fold.linear.op_type
+    w = folded_value(node.inputs[1])
+    bias_node, bias_index = _bias_slot(fold)
+    bias_value = bias_node.inputs[bias_index] if bias_node is not None and bias_index < len(bias_node.inputs) else None
+    b = folded_value(bias_value)  # any broadcastable shape; None when absent
+    attrs = node.attributes
+    groups, trans_b = attrs.get_int("group", 1), bool(attrs.get_int("transB", 0))
+    alpha, beta = attrs.get_float("alpha", 1.0), attrs.get_float("beta", 1.0)
+    if op in ("Conv", "ConvTranspose") and b is None:
+        b = np.zeros(w.shape[0] if op == "Conv" else w.shape[1] * groups, w.dtype)
+    if fold.side == "preceding":
+        if op == "Conv":
+            w2, b2 = numerics.into_conv_output(w, b, a, c)
+        elif op == "ConvTranspose":
+            w2, b2 = numerics.into_conv_transpose_output(w, b, a, c, groups)
+        elif op == "Gemm":
+            w2, b2 = numerics.into_gemm_output(w, b, a, c, beta, trans_b)
+        else:
+            w2, b2 = numerics.into_matmul_output(w, 0.0 if b is None else b, a, c)
+    else:
+        if op == "Conv":
+            w2, b2 = numerics.into_conv_input(w, b, a, c, groups)
+        elif op == "Gemm":
+            w2, b2 = numerics.into_gemm_input(w, b, a, c, alpha, beta, trans_b)
+        else:
+            w2, b2 = numerics.into_matmul_input(w, 0.0 if b is None else b, a, c)
+    if op == "Gemm":
+        node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)  # beta is now inside the bias
+    if not (np.all(a == 1) and fold.side == "following"):  # a pure shift leaves the weight as it is
+        edit.set_constant_input(node, 1, w2.astype(w.dtype), f"{node.name}.weight")
+    b2 = np.asarray(b2).astype(w.dtype if b is None else b.dtype)
+    if bias_node is not None:
+        edit.set_constant_input(bias_node, bias_index, b2, f"{node.name}.bias")
+    elif np.any(b2 != 0):
+        edit.add_after(node, "Add", b2, f"{node.name}.folded_bias")

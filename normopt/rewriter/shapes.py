@@ -1,0 +1,87 @@
+"""Shape annotation for the analysis, taken back before the model is written.
+
+TorchScript exports record few value shapes, and the passes need ranks and normalized sizes.
+`annotated(model)` fills in the types and shapes onnx shape inference finds (reading no
+weights: onnx-ir hands the C++ inference a copy without large tensors), only where the model
+has none, and on exit takes back every annotation no pass has changed since: what normopt
+writes differs from IN only where a pass changed something (no value_info added, which would
+also change what onnxruntime's optimizer fuses).
+
+Only missing information is filled in (a missing type whole, a missing shape, symbolic dims
+inference knows as numbers), never overwritten: a sequence-typed value stays a sequence
+(merging a bare element dtype into it would turn it into a tensor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import _c_api_utils
+
+
+def _values(model: ir.Model) -> Iterator[ir.Value]:
+    for graph in model.graphs():
+        yield from graph.inputs
+        yield from graph.initializers.values()
+        for node in graph:
+            yield from node.outputs
+
+
+def _infer(proto: onnx.ModelProto) -> onnx.ModelProto:
+    return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+
+
+def _inferred(model: ir.Model) -> dict[str, ir.Value]:
+    """Values of the inferred model by name, per graph in `model.graphs()` order."""
+    order = [list(g.initializers) for g in model.graphs()]
+    try:
+        proto = _c_api_utils.call_onnx_api(_infer, model)
+    except Exception:  # inference is a help, never a requirement: without it passes refuse more
+        return {}
+    finally:  # the helper re-registers large initializers last: restore the model's own order
+        for graph, names in zip(model.graphs(), order):
+            graph.initializers.data = {name: graph.initializers.data[name] for name in names}
+    inferred = ir.serde.deserialize_model(proto)
+    found: dict[str, ir.Value] = {}
+    for graph in inferred.graphs():
+        found.update(ir.convenience.create_value_mapping(graph))
+    return found
+
+
+def _refined(shape: ir.Shape | None, inferred: ir.Shape) -> ir.Shape | None:
+    """`inferred` where there is no shape; else the shape with each symbolic dim that
+    inference knows as a number replaced by it (a model's own numbers are kept)."""
+    if shape is None:
+        return inferred
+    if len(shape) != len(inferred):
+        return shape
+    dims = [i if not isinstance(d, int) and isinstance(i, int) else d for d, i in zip(shape, inferred)]
+    return shape if dims == list(shape) else ir.Shape(dims)
+
+
+@contextlib.contextmanager
+def annotated(model: ir.Model) -> Iterator[None]:
+    """Within the block, values carry inferred types and shapes where the model had none."""
+    before = {v: (v.type, v.shape) for v in _values(model)}
+    inferred = _inferred(model)
+    added: dict[ir.Value, tuple] = {}
+    for value, (vtype, shape) in before.items():
+        other = inferred.get(value.name) if value.name else None
+        if other is None:
+            continue
+        if vtype is None and other.type is not None:
+            value.type = other.type
+        if other.shape is not None and isinstance(value.type, ir.TensorType):
+            value.shape = _refined(shape, other.shape)
+        if (value.type, value.shape) != (vtype, shape):
+            added[value] = (value.type, value.shape)
+    try:
+        yield
+    finally:
+        for value, annotation in added.items():
+            # no pass has changed it since, and it is not (now) a graph output, which must be typed
+            if (value.type, value.shape) == annotation and not value.is_graph_output():
+                value.type, value.shape = before[value]
