@@ -1,0 +1,91 @@
+"""The long graph-fuzz campaign: random Pre-LN and Conv/BN/affine graphs through normopt's
+pipelines, judged in onnxruntime against a float64 evaluation, without normopt's own check.
+
+    python benchmarks/fuzz.py --n 10000 [--seed 0] [--jobs 2] [--save-failures DIR]
+
+Prints the counts (graphs, applied per pass, wrong, exit 4 = crash or invalid output, passes
+silent about why they did nothing, not idempotent) and writes results/fuzz.json with the seed
+and notes of every failure; `--save-failures` writes each failing graph as an .onnx file to
+turn into a regression test. The generator and the judge are tests/fuzzing.py, which the test
+suite runs with hypothesis on a few hundred graphs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import multiprocessing
+import time
+from pathlib import Path
+
+import onnx
+from common import ROOT, write  # noqa: F401  (puts the repository root on the path)
+
+from tests import fuzzing
+
+
+def one(seed: int) -> dict:
+    choices = fuzzing.RandomChoices(seed)
+    case = fuzzing.graph(choices)
+    names, options = fuzzing.pipeline_choice(choices)
+    try:
+        fuzzing.ort_outputs(case.model, case.feeds)
+    except Exception as exc:  # the generator made a graph onnxruntime rejects: not normopt's
+        return {"seed": seed, "family": case.family, "invalid": str(exc).splitlines()[0][:200]}
+    verdict = fuzzing.judge(case, names, options)
+    result = {"seed": seed, "family": case.family, "passes": names, "target": options.target,
+              "applied": verdict.applied, "wrong": verdict.wrong, "crash": verdict.crash,
+              "silent": verdict.silent, "not_idempotent": verdict.not_idempotent, "notes": case.notes}
+    if not verdict.ok:
+        result["model"] = case.model.SerializeToString()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=2000, help="graphs to generate")
+    parser.add_argument("--seed", type=int, default=0, help="first seed (graph i uses seed + i)")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes")
+    parser.add_argument("--save-failures", type=Path, help="write each failing graph here as SEED.onnx")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    counts: collections.Counter = collections.Counter()
+    failures = []
+    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+        for result in pool.imap_unordered(one, range(args.seed, args.seed + args.n), chunksize=8):
+            counts["graphs"] += 1
+            counts[f"graphs {result['family']}"] += 1
+            if "invalid" in result:
+                counts["invalid graphs (generator)"] += 1
+                failures.append(result)
+                continue
+            counts["applied (any pass)"] += bool(result["applied"])
+            for name in result["applied"]:
+                counts[f"applied {name}"] += 1
+            counts["wrong"] += bool(result["wrong"])
+            counts["exit 4"] += bool(result["crash"])
+            counts["silent refusals"] += bool(result["silent"])
+            counts["not idempotent"] += bool(result["not_idempotent"])
+            if "model" in result:
+                model = result.pop("model")
+                if args.save_failures:
+                    args.save_failures.mkdir(parents=True, exist_ok=True)
+                    onnx.save(onnx.ModelProto.FromString(model), str(args.save_failures / f"{result['seed']}.onnx"))
+                failures.append(result)
+    seconds = time.perf_counter() - start
+    width = max(len(k) for k in counts)
+    for key in ["graphs", "graphs transformer", "graphs cnn", "applied (any pass)",
+                *sorted(k for k in counts if k.startswith("applied ") and k != "applied (any pass)"),
+                "wrong", "exit 4", "silent refusals", "not idempotent", "invalid graphs (generator)"]:
+        print(f"{key:<{width}}  {counts.get(key, 0)}")
+    print(f"{'seconds':<{width}}  {seconds:.0f}")
+    for f in failures[:20]:
+        what = f.get("invalid") or f["wrong"] or (f["crash"] or "").strip().splitlines()[-1:] or f["silent"] or f["not_idempotent"]
+        print(f"  seed {f['seed']} ({f['family']}, {f.get('passes')}, {f.get('target')}): {what}")
+    path = write("fuzz", {"n": args.n, "seed": args.seed, "counts": dict(counts), "seconds": seconds,
+                          "failures": failures})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,621 @@
+"""The graph fuzzer: random Pre-LN transformers and Conv/BN/affine graphs, and the judge.
+
+Graphs are built with `onnx.helper` from choices drawn through `Choices` (hypothesis in the
+tests, so failures shrink; a seeded `random.Random` in `benchmarks/fuzz.py`). Weights come from
+a numpy generator seeded by one drawn number. Every graph is valid ONNX that onnxruntime runs.
+
+The judge runs a pipeline on the graph in process (no output check of normopt's own: the
+property is judged here) and holds it to: nothing raises; the output passes `onnx.checker`
+(full check) and runs in onnxruntime; a pass that changes nothing says why; every output the
+user did not allow to change equals the original's. Equality is judged against a float64
+evaluation of the original (onnx's reference evaluator on a float64 copy), so that rounding
+the graph itself amplifies (constant / x, a norm of a nearly constant vector) is not counted:
+the rewrite may be as far from the float64 value as the dtype's tolerance, or as a few times
+the original's own rounding error, whichever is larger. (Where onnx's evaluator cannot run
+a graph, e.g. a grouped ConvTranspose, the original's onnxruntime outputs are the reference.)
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import traceback
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+IR_VERSION = 10
+ONNX_TYPE = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
+TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float16): 2e-2}  # x output scale
+OWN_NOISE_FACTOR = 8.0
+
+
+# ------------------------------------------------------------------------------- choices
+
+
+class RandomChoices:
+    """Choices from a seeded `random.Random` (the long campaign)."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def integer(self, lo: int, hi: int) -> int:
+        return self.rng.randint(lo, hi)
+
+    def pick(self, options):
+        return options[self.rng.randrange(len(options))]
+
+    def coin(self, p: float = 0.5) -> bool:
+        return self.rng.random() < p
+
+
+class HypothesisChoices:
+    """Choices drawn from hypothesis (`st.data()`), shrinking towards small graphs with
+    every optional feature off."""
+
+    def __init__(self, data) -> None:
+        from hypothesis import strategies as st
+
+        self.data, self.st = data, st
+
+    def integer(self, lo: int, hi: int) -> int:
+        return self.data.draw(self.st.integers(lo, hi))
+
+    def pick(self, options):
+        return self.data.draw(self.st.sampled_from(options))
+
+    def coin(self, p: float = 0.5) -> bool:
+        return self.data.draw(self.st.integers(0, 99)) >= round((1 - p) * 100)
+
+
+# ------------------------------------------------------------------------------- builder
+
+
+class Builder:
+    """Nodes, initializers and io of one graph, with fresh names."""
+
+    def __init__(self, rng: np.random.Generator, dtype: np.dtype) -> None:
+        self.rng, self.dtype = rng, np.dtype(dtype)
+        self.nodes, self.inits, self.inputs, self.outputs = [], [], [], []
+        self.feeds: dict[str, np.ndarray] = {}
+        self.count = 0
+
+    def name(self, base: str) -> str:
+        self.count += 1
+        return f"{base}_{self.count}"
+
+    def const(self, array, base: str = "c", dtype=None) -> str:
+        name = self.name(base)
+        array = np.asarray(array)
+        if dtype is not None or array.dtype.kind == "f":
+            array = array.astype(dtype or self.dtype)
+        self.inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    def weight(self, shape, base: str = "W", scale: float | None = None) -> str:
+        fan_in = shape[0] if len(shape) == 2 else int(np.prod(shape[1:]))
+        std = scale if scale is not None else 1.0 / math.sqrt(max(fan_in, 1))
+        return self.const(self.rng.standard_normal(shape) * std, base)
+
+    def op(self, op_type: str, inputs, n_out: int = 1, **attrs):
+        outs = [self.name(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self.name(f"n{op_type}"), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def input(self, shape, dtype=None, base: str = "x", feed=None) -> str:
+        dtype = np.dtype(dtype or self.dtype)
+        name = self.name(base)
+        elem = ONNX_TYPE.get(dtype) or helper.np_dtype_to_tensor_dtype(dtype)
+        self.inputs.append(helper.make_tensor_value_info(name, elem, list(shape)))
+        self.feeds[name] = feed if feed is not None else self.rng.standard_normal(shape).astype(dtype)
+        return name
+
+    def output(self, name: str) -> None:
+        if name not in [o.name for o in self.outputs]:
+            self.outputs.append(helper.make_tensor_value_info(name, ONNX_TYPE[self.dtype], None))
+
+    def model(self, opset: int) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, "fuzz", self.inputs, self.outputs, self.inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
+
+
+@dataclass
+class Case:
+    family: str
+    model: onnx.ModelProto
+    feeds: dict[str, np.ndarray]
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- transformers
+
+
+def _reduce_mean(b: Builder, x: str, axes: list[int], as_input: bool, keepdims: int = 1) -> str:
+    if as_input:
+        return b.op("ReduceMean", [x, b.const(np.array(axes, np.int64), "axes")], keepdims=keepdims)
+    return b.op("ReduceMean", [x], axes=axes, keepdims=keepdims)
+
+
+def layer_norm(c, b: Builder, x: str, d: int, opset: int, rank: int, kind: str = "layernorm") -> str:
+    """A LayerNorm (or RMSNorm) over the last axis, as an op or in a decomposed form."""
+    eps = c.pick([1e-6, 1e-5, 1e-3, 0.1])
+    gamma = 1 + 0.3 * b.rng.standard_normal(d)
+    beta = 0.3 * b.rng.standard_normal(d)
+    use_op = c.coin(0.5) and (opset >= 17 if kind == "layernorm" else opset >= 23)
+    if use_op:
+        if kind == "layernorm":
+            inputs = [x, b.const(gamma, "gamma")] + ([b.const(beta, "beta")] if c.coin(0.8) else [])
+            return b.op("LayerNormalization", inputs, axis=c.pick([-1, rank - 1]), epsilon=eps)
+        return b.op("RMSNormalization", [x, b.const(gamma, "gamma")], axis=-1, epsilon=eps)
+    axis_list = [-1] if c.coin(0.7) else [rank - 1]
+    as_input = opset >= 18
+    cast = b.dtype == np.float16 and c.coin(0.6)
+    src = b.op("Cast", [x], to=TensorProto.FLOAT) if cast else x
+    cdt = np.float32 if cast else b.dtype
+    centred = src
+    if kind == "layernorm":
+        centred = b.op("Sub", [src, _reduce_mean(b, src, axis_list, as_input)])
+    square = b.op("Pow", [centred, b.const(np.array(2.0), "two", cdt)]) if c.coin() else b.op("Mul", [centred, centred])
+    var = _reduce_mean(b, square, axis_list, as_input)
+    std = b.op("Sqrt", [b.op("Add", [var, b.const(np.array(eps), "eps", cdt)])])
+    division = c.pick(["div", "reciprocal", "one_over"])
+    if division == "div":
+        y = b.op("Div", [centred, std])
+    elif division == "reciprocal":
+        y = b.op("Mul", [centred, b.op("Reciprocal", [std])])
+    else:
+        y = b.op("Mul", [centred, b.op("Div", [b.const(np.array(1.0), "one", cdt), std])])
+    if cast:
+        y = b.op("Cast", [y], to=ONNX_TYPE[b.dtype])
+    if c.coin(0.8):
+        y = b.op("Mul", [y, b.const(gamma, "gamma")])
+    if kind == "layernorm" and c.coin(0.8):
+        y = b.op("Add", [y, b.const(beta, "beta")])
+    return y
+
+
+def _linear(c, b: Builder, h: str, k: int, n: int, rank2: bool, bias: bool | None = None) -> str:
+    """h @ W (+ b), as MatMul or (on a 2-D stream) Gemm with or without transB."""
+    bias = c.coin(0.7) if bias is None else bias
+    if rank2 and c.coin(0.5):
+        trans_b = c.coin()
+        w = b.weight((n, k) if trans_b else (k, n))
+        inputs = [h, w] + ([b.const(0.2 * b.rng.standard_normal(n), "bias")] if bias else [])
+        attrs = {"transB": 1} if trans_b else {}
+        if c.coin(0.2):
+            attrs.update(alpha=c.pick([0.5, 2.0]), beta=c.pick([0.5, 1.5]))
+        return b.op("Gemm", inputs, **attrs)
+    y = b.op("MatMul", [h, b.weight((k, n))])
+    if bias:
+        bias_c = b.const(0.2 * b.rng.standard_normal(n), "bias")
+        y = b.op("Add", [y, bias_c] if c.coin() else [bias_c, y])
+    return y
+
+
+def _branch(c, b: Builder, h: str, d: int, rank2: bool) -> str:
+    f = c.integer(1, 2 * d)
+    kind = c.pick(["mlp", "mlp", "attention", "linear"])
+    if kind == "linear":
+        return _linear(c, b, h, d, d, rank2)
+    if kind == "attention" and not rank2:
+        q, k, v = (b.op("MatMul", [h, b.weight((d, d))]) for _ in range(3))
+        scores = b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 2, 1])])
+        probs = b.op("Softmax", [b.op("Mul", [scores, b.const(np.array(1 / math.sqrt(d)), "scale")])], axis=-1)
+        return _linear(c, b, b.op("MatMul", [probs, v]), d, d, rank2)
+    mid = _linear(c, b, h, d, f, rank2)
+    act = c.pick(["Relu", "Tanh", "Sigmoid", None])
+    if act:
+        mid = b.op(act, [mid])
+    return _linear(c, b, mid, f, d, rank2)
+
+
+EXTRAS = ("hidden_output", "extra_reader", "branch_reader", "inner_reader", "two_axis_ln", "rms_in_stream",
+          "post_ln", "nonlinear_writer", "gather_hidden", "shared_weight", "hidden_concat", "pos_slice",
+          "pos_slice_hidden", "reshape_carrier", "transpose_carrier", "pool_all")
+
+
+def _embedding(c, b: Builder, start: str, shape: tuple, d: int, rank2: bool, extras: set, notes: list):
+    """The initial stream value; returns it and the embedding table (or None)."""
+    batch, tokens = (1, shape[0]) if rank2 else shape[:2]
+    table = None
+    if start == "ids":
+        vocab = c.integer(3, 12)
+        ids = b.input(shape[:-1], np.int64, "ids", b.rng.integers(0, vocab, shape[:-1]).astype(np.int64))
+        table = b.const(b.rng.standard_normal((vocab, d)), "table")
+        x = b.op("Gather", [table, ids])
+        if c.coin(0.3):
+            x = b.op("Mul", [x, b.const(np.array(math.sqrt(d)), "embscale")])
+            notes.append("embscale")
+    elif start == "features":
+        k = c.integer(1, 6)
+        x = _linear(c, b, b.input(shape[:-1] + (k,)), k, d, rank2)
+    elif start == "patch":
+        p, groups = c.integer(1, 2), c.pick([1, 1, 2]) if d % 2 == 0 else 1
+        ch = groups * c.integer(1, 2)
+        img = b.input((batch, ch, p * tokens, p))
+        bias = [b.const(b.rng.standard_normal(d) * 0.1, "cb")] if c.coin() else []
+        conv = b.op("Conv", [img, b.weight((d, ch // groups, p, p)), *bias], kernel_shape=[p, p], strides=[p, p], group=groups)
+        flat = b.op("Reshape", [conv, b.const(np.array([batch, d, tokens], np.int64), "shape")])
+        x = b.op("Transpose", [flat], perm=[0, 2, 1])
+        notes.append(f"patch groups={groups}")
+    else:
+        return b.input(shape, base="stream"), None
+    if c.coin(0.5):
+        pos = b.rng.standard_normal(shape[-2:] if c.coin() or rank2 else (1,) + shape[-2:])
+        if "pos_slice" in extras:  # a longer table, sliced to the tokens
+            table_pos = b.const(np.concatenate([pos.reshape(-1, d), b.rng.standard_normal((2, d))]), "pos_table")
+            pos_value = b.op("Slice", [table_pos, b.const(np.array([0]), "starts", np.int64),
+                                       b.const(np.array([tokens]), "ends", np.int64), b.const(np.array([0]), "axes", np.int64)])
+        elif "pos_slice_hidden" in extras:  # sliced on the hidden axis: centring the table would be wrong
+            wide = b.const(np.concatenate([pos.reshape(-1, d), b.rng.standard_normal((tokens, 3))], axis=1), "pos_wide")
+            pos_value = b.op("Slice", [wide, b.const(np.array([0]), "starts", np.int64),
+                                       b.const(np.array([d]), "ends", np.int64), b.const(np.array([1]), "axes", np.int64)])
+        else:
+            pos_value = b.const(pos, "pos")
+        x = b.op("Add", [x, pos_value] if c.coin() else [pos_value, x])
+        notes.append("pos")
+    if not rank2 and c.coin(0.2):
+        cls = b.op("Expand", [b.const(b.rng.standard_normal((1, 1, d)), "cls"),
+                              b.const(np.array([batch, 1, d], np.int64), "cls_shape")])
+        x = b.op("Concat", [cls, x], axis=1)
+        notes.append("cls")
+    return x, table
+
+
+def transformer(c) -> Case:
+    dtype = c.pick([np.float32, np.float32, np.float32, np.float16])
+    b = Builder(np.random.default_rng(c.integer(0, 2**31 - 1)), dtype)
+    notes: list[str] = []
+    d, tokens, batch = c.integer(2, 12), c.integer(1, 5), c.integer(1, 2)
+    opset = c.pick([14, 17, 17, 18, 23])
+    rank2 = c.coin(0.2)
+    shape = (tokens, d) if rank2 else (batch, tokens, d)
+    start = c.pick(["ids", "ids", "features", "patch", "stream_input"] if not rank2 else ["ids", "features", "stream_input"])
+    extras = {e for e in EXTRAS if c.coin(0.05)}
+    notes.append(f"start={start} d={d} rank2={rank2} opset={opset} dtype={np.dtype(dtype)}")
+    notes.append("extras=" + ",".join(sorted(extras)))
+    x, table = _embedding(c, b, start, shape, d, rank2, extras, notes)
+    if "cls" in notes:
+        tokens += 1
+        shape = (batch, tokens, d)
+    side: list[tuple[str, int]] = []  # (value, width) computed from stream readers; added into y
+    layers = c.integer(1, 3) if c.coin(0.9) else 0
+    shared_w = None
+    for i in range(layers):
+        parallel = c.coin(0.25)
+        norm_kind = "rmsnorm" if "rms_in_stream" in extras and i == 0 else "layernorm"
+        branches = []
+        for _ in range(2 if parallel else 1):
+            if "two_axis_ln" in extras and i == 0 and not rank2:
+                h = layer_norm_two_axes(c, b, x, tokens, d, opset)
+            else:
+                h = layer_norm(c, b, x, d, opset, len(shape), norm_kind)
+            br = _branch(c, b, h, d, rank2)
+            if "shared_weight" in extras:
+                if shared_w is None:
+                    shared_w = b.weight((d, d))
+                br = b.op("MatMul", [br, shared_w])
+            if "inner_reader" in extras and i == 0:  # a value the centring changes, read elsewhere
+                side.append((br, d))
+                br = b.op("Add", [br, b.const(0.2 * b.rng.standard_normal(d), "bias")])
+            if c.coin(0.25):
+                g_shape = c.pick([(d,), (1,), (1, 1, d) if not rank2 else (1, d)])
+                g = b.const(0.1 + b.rng.random(g_shape), "layerscale")
+                br = b.op("Mul", [br, g] if c.coin() else [g, br])
+                notes.append("layerscale")
+            if "nonlinear_writer" in extras and i == 0:
+                br = b.op("Relu", [br])
+            if "branch_reader" in extras and i == 0:
+                side.append((br, d))
+            branches.append(br)
+        total = branches[0] if len(branches) == 1 else b.op("Add", branches)
+        x = b.op("Add", [x, total] if c.coin() else [total, x])
+        if "post_ln" in extras and i == layers - 1:
+            x = layer_norm(c, b, x, d, opset, len(shape))
+        if "hidden_output" in extras and i == 0:
+            b.output(x)
+        if "extra_reader" in extras and i == 0:
+            side.append((b.op(c.pick(["Relu", "Sigmoid"]), [x]), d))
+        if "gather_hidden" in extras and i == 0:
+            side.append((b.op("Gather", [x, b.const(np.array([0], np.int64), "idx")], axis=len(shape) - 1), 1))
+        if "hidden_concat" in extras and i == 0:
+            x = b.op("MatMul", [b.op("Concat", [x, x], axis=-1), b.weight((2 * d, d))])
+        if "reshape_carrier" in extras and not rank2:
+            x = b.op("Reshape", [b.op("Reshape", [x, b.const(np.array([-1, d]), "flat", np.int64)]),
+                                 b.const(np.array(shape), "back", np.int64)])
+        if "transpose_carrier" in extras and not rank2:
+            x = b.op("Transpose", [b.op("Transpose", [x], perm=[1, 0, 2])], perm=[1, 0, 2])
+    pool = c.pick(["none", "none", "mean", "first"]) if not rank2 else "none"
+    if pool == "mean":
+        x = _reduce_mean(b, x, [1, 2] if "pool_all" in extras else [1], opset >= 18, keepdims=0)
+    elif pool == "first":
+        x = b.op("Gather", [x, b.const(np.array(0, np.int64), "first")], axis=1)
+    if pool == "mean" and "pool_all" in extras:
+        x = b.op("Expand", [b.op("Unsqueeze", [x, b.const(np.array([1]), "ax", np.int64)]) if opset >= 13 else x,
+                            b.const(np.array([batch, d]), "to", np.int64)])
+    if c.coin(0.9):
+        x = layer_norm(c, b, x, d, opset, 2 if rank2 or pool != "none" else 3)
+    outputs = c.integer(1, 6)
+    if table is not None and pool == "none" and c.coin(0.3):
+        y = b.op("MatMul", [x, b.op("Transpose", [table], perm=[1, 0])])
+        outputs = int(numpy_helper.to_array(next(t for t in b.inits if t.name == table)).shape[0])
+        notes.append("tied")
+    else:
+        y = _linear(c, b, x, d, outputs, rank2 and pool == "none")
+    for value, width in side:  # what the extra readers computed reaches the output
+        if pool != "none":
+            value = _reduce_mean(b, value, [1], opset >= 18, keepdims=0)
+        y = b.op("Add", [y, b.op("MatMul", [value, b.weight((width, outputs))])])
+    b.output(y)
+    return Case("transformer", b.model(opset), b.feeds, notes)
+
+
+def layer_norm_two_axes(c, b: Builder, x: str, tokens: int, d: int, opset: int) -> str:
+    """A LayerNorm over the last two axes (tokens and hidden): centring the stream per token
+    changes what it sees, so preln-to-rmsnorm must refuse it. Gamma/beta [T, D] or [D]."""
+    shape = (tokens, d) if c.coin() else (d,)
+    if opset >= 17 and c.coin():
+        return b.op("LayerNormalization", [x, b.const(1 + 0.3 * b.rng.standard_normal(shape), "gamma"),
+                                           b.const(0.3 * b.rng.standard_normal(shape), "beta")], axis=-2)
+    centred = b.op("Sub", [x, _reduce_mean(b, x, [-2, -1], opset >= 18)])
+    var = _reduce_mean(b, b.op("Mul", [centred, centred]), [-2, -1], opset >= 18)
+    y = b.op("Div", [centred, b.op("Sqrt", [b.op("Add", [var, b.const(np.array(1e-5), "eps")])])])
+    y = b.op("Mul", [y, b.const(1 + 0.3 * b.rng.standard_normal(shape), "gamma")])
+    return b.op("Add", [y, b.const(0.3 * b.rng.standard_normal(shape), "beta")])
+
+
+# --------------------------------------------------------------------------------- CNNs
+
+
+def _divisors(n: int) -> list[int]:
+    return [g for g in range(1, n + 1) if n % g == 0]
+
+
+def _batchnorm(b: Builder, x: str, ch: int, shift: bool = True) -> str:
+    gamma, var = b.rng.uniform(0.5, 1.5, ch), b.rng.uniform(0.5, 1.5, ch)
+    mean = b.rng.standard_normal(ch) * 0.5 if shift else np.zeros(ch)
+    beta = b.rng.standard_normal(ch) * 0.5 if shift else np.zeros(ch)
+    return b.op("BatchNormalization", [x, *(b.const(v, n) for v, n in ((gamma, "bn_g"), (beta, "bn_b"), (mean, "bn_m"), (var, "bn_v")))],
+                epsilon=b.rng.choice([1e-5, 1e-3]))
+
+
+def _affine_chain(c, b: Builder, x: str, ch: int, rank: int, axis_from_end: int) -> str:
+    """Per-channel constant Mul/Add/Sub/Div steps, any order, constant-first too."""
+    for _ in range(c.integer(2, 3)):
+        op = c.pick(["Mul", "Add", "Sub", "Div"])
+        layout = c.pick(["channel", "channel", "scalar"])
+        if layout == "scalar":
+            k = np.array(b.rng.uniform(0.5, 1.5))
+        else:
+            shape = [1] * (axis_from_end - 1)
+            k = b.rng.uniform(0.5, 1.5, [ch] + shape)
+            if c.coin(0.3):
+                k = k.reshape((1,) * (rank - k.ndim) + k.shape)
+        k_name = b.const(k, "k")
+        x = b.op(op, [k_name, x] if c.coin(0.3) else [x, k_name])
+    return x
+
+
+def _conv(c, b: Builder, x: str, cin: int, hw: tuple[int, int]) -> tuple[str, int, str, tuple[int, int]]:
+    """A Conv or ConvTranspose with random groups, kernel, pads, strides, dilations, bias.
+    Returns the output, its channels, the op, and its spatial size (always >= 1)."""
+    transpose = c.coin(0.2)
+    groups = c.pick(_divisors(cin))
+    cout = groups * c.integer(1, 3)
+    k = c.integer(1, 3)
+    pads = [c.integer(0, 1) for _ in range(4)]  # begin h, begin w, end h, end w
+    stride = c.integer(1, 2)
+    dilation = 1 if transpose else c.integer(1, 2)
+    bias = [b.const(0.2 * b.rng.standard_normal(cout), "cb")] if c.coin(0.6) else []
+    if transpose:
+        out = tuple(stride * (n - 1) + k - pads[i] - pads[i + 2] for i, n in enumerate(hw))
+        if min(out) < 1:
+            pads = [0] * 4
+            out = tuple(stride * (n - 1) + k for n in hw)
+        w = b.weight((cin, cout // groups, k, k))
+        y = b.op("ConvTranspose", [x, w, *bias], group=groups, kernel_shape=[k, k], pads=pads, strides=[stride, stride])
+        return y, cout, "ConvTranspose", out
+    span = dilation * (k - 1) + 1
+    if any(n + pads[i] + pads[i + 2] < span for i, n in enumerate(hw)):
+        pads, dilation, span = [k - 1] * 4, 1, k
+    out = tuple((n + pads[i] + pads[i + 2] - span) // stride + 1 for i, n in enumerate(hw))
+    w = b.weight((cout, cin // groups, k, k))
+    y = b.op("Conv", [x, w, *bias], group=groups, kernel_shape=[k, k], pads=pads, strides=[stride, stride],
+             dilations=[dilation, dilation])
+    return y, cout, "Conv", out
+
+
+def cnn(c) -> Case:
+    dtype = c.pick([np.float32, np.float32, np.float32, np.float16])
+    b = Builder(np.random.default_rng(c.integer(0, 2**31 - 1)), dtype)
+    notes: list[str] = []
+    layout = c.pick(["image", "image", "tokens", "features"])
+    batch, ch = c.integer(1, 2), c.integer(1, 6)
+    notes.append(f"layout={layout} dtype={np.dtype(dtype)}")
+    if layout == "image":
+        hw = (c.integer(3, 6), c.integer(3, 6))
+        x = b.input((batch, ch, *hw))
+        shared = None
+        for _ in range(c.integer(1, 3)):
+            if c.coin(0.8):
+                if c.coin(0.1) and shared is not None and shared[1] == ch:
+                    x = b.op("Conv", [x, shared[0]], kernel_shape=[1, 1])
+                    notes.append("shared conv weight")
+                else:
+                    x, ch, op, hw = _conv(c, b, x, ch, hw)
+                    notes.append(op)
+                    if op == "Conv" and c.coin(0.2):
+                        shared = (b.weight((ch, ch, 1, 1)), ch)
+                if c.coin(0.15):
+                    x = b.op("Add", [x, b.const(0.2 * b.rng.standard_normal((1, ch, 1, 1)), "sep_bias")])
+                    notes.append("separate bias Add")
+            for _ in range(c.integer(0, 2)):
+                kind = c.pick(["bn", "bn", "affine", "relu"])
+                if kind == "bn":
+                    x = _batchnorm(b, x, ch, shift=c.coin(0.8))
+                elif kind == "affine":
+                    x = _affine_chain(c, b, x, ch, 4, 3)
+                else:
+                    x = b.op("Relu", [x])
+                notes.append(kind)
+                if c.coin(0.08):
+                    b.output(x)
+                    notes.append("norm output is a graph output")
+        if c.coin(0.5):
+            x = b.op("Flatten", [b.op("GlobalAveragePool", [x])])
+            y = _linear(c, b, x, ch, c.integer(1, 4), rank2=True)
+        else:
+            y = _conv(c, b, x, ch, hw)[0]
+    else:
+        tokens = c.integer(1, 4)
+        rank2 = layout == "features"
+        shape = (tokens, ch) if rank2 else (batch, tokens, ch)
+        x = b.input(shape)
+        for _ in range(c.integer(1, 3)):
+            if c.coin(0.8):
+                n = c.integer(1, 6)
+                x, ch = _linear(c, b, x, ch, n, rank2), n
+            for _ in range(c.integer(0, 2)):
+                kind = c.pick(["bn", "affine", "repbn", "relu"])
+                if kind in ("bn", "repbn"):
+                    if rank2:
+                        x = _batchnorm(b, x, ch)
+                    else:  # BN1d on tokens; SLAB's RepBN adds alpha * x inside the transposes
+                        t = b.op("Transpose", [x], perm=[0, 2, 1])
+                        normed = _batchnorm(b, t, ch)
+                        if kind == "repbn":
+                            again = t if c.coin() else b.op("Transpose", [x], perm=[0, 2, 1])
+                            alpha = b.const(np.array(b.rng.uniform(0.2, 1.5)), "alpha")
+                            normed = b.op("Add", [normed, b.op("Mul", [again, alpha] if c.coin() else [alpha, again])])
+                        x = b.op("Transpose", [normed], perm=[0, 2, 1])
+                elif kind == "affine":
+                    x = _affine_chain(c, b, x, ch, 2 if rank2 else 3, 1)
+                else:
+                    x = b.op("Relu", [x])
+                notes.append(kind)
+                if c.coin(0.08):
+                    b.output(x)
+            if not rank2 and c.coin(0.2):
+                x = b.op("Gather", [x, b.const(np.array(0, np.int64), "first")], axis=1)
+                rank2 = True
+        y = _linear(c, b, x, ch, c.integer(1, 4), rank2)
+    b.output(y)
+    return Case("cnn", b.model(c.pick([14, 17, 18])), b.feeds, notes)
+
+
+def graph(c) -> Case:
+    return transformer(c) if c.coin() else cnn(c)
+
+
+# ------------------------------------------------------------------------------------ judge
+
+
+def float64_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph computing in float64 (initializers, Constants, Casts, io types)."""
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
+
+    def widen(t: onnx.TensorProto) -> None:
+        if t.data_type in floats:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
+
+    for t in m.graph.initializer:
+        widen(t)
+    for node in m.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                widen(attr.t)
+            if node.op_type == "Cast" and attr.name == "to" and attr.i in floats:
+                attr.i = TensorProto.DOUBLE
+    for v in [*m.graph.input, *m.graph.output, *m.graph.value_info]:
+        if v.type.tensor_type.elem_type in floats:
+            v.type.tensor_type.elem_type = TensorProto.DOUBLE
+    return m
+
+
+def reference64(model: onnx.ModelProto, feeds: dict) -> dict[str, np.ndarray]:
+    from onnx.reference import ReferenceEvaluator
+
+    wide = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in feeds.items()}
+    session = ReferenceEvaluator(float64_copy(model))
+    names = [o.name for o in model.graph.output]
+    return dict(zip(names, session.run(names, wide)))
+
+
+def ort_outputs(model: onnx.ModelProto, feeds: dict) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+@dataclass
+class Verdict:
+    applied: list[str]  # passes that changed the model
+    wrong: list[str] = field(default_factory=list)  # outputs that differ
+    crash: str | None = None  # what raised or came out invalid (exit 4 class)
+    silent: list[str] = field(default_factory=list)  # passes that changed nothing and said nothing
+    not_idempotent: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.wrong or self.crash or self.silent or self.not_idempotent)
+
+
+def pipeline_choice(c):
+    from normopt.passes.base import Options
+    from normopt.passes.pipeline import DEFAULT_PIPELINE
+
+    names = c.pick([list(DEFAULT_PIPELINE)] * 3 + [[n] for n in DEFAULT_PIPELINE])
+    return names, Options(target=c.pick(["onnx", "ort"]), allow_hidden_state_change=c.coin(0.3))
+
+
+def judge(case: Case, names, options) -> Verdict:
+    """Run the pipeline on the case without normopt's own check, and judge it."""
+    import onnx_ir as ir
+
+    from normopt.passes.pipeline import run_pipeline
+
+    original = ort_outputs(case.model, case.feeds)
+    try:
+        reference = reference64(case.model, case.feeds)
+    except Exception:  # onnx's evaluator lacks a case (grouped ConvTranspose): judge against ORT
+        reference = {k: v.astype(np.float64) for k, v in original.items()}
+    try:
+        model = ir.serde.deserialize_model(onnx.ModelProto.FromString(case.model.SerializeToString()))
+        results = run_pipeline(model, names, options)
+        rewritten = ir.serde.serialize_model(model)
+        onnx.checker.check_model(rewritten, full_check=True)
+        got = ort_outputs(rewritten, case.feeds)
+        again = run_pipeline(ir.serde.deserialize_model(rewritten), names, options)
+    except Exception:
+        return Verdict([], crash=traceback.format_exc(limit=6))
+    verdict = Verdict([r.name for r in results if r.modified])
+    verdict.silent = [r.name for r in results if not r.modified and not r.refusals]
+    verdict.not_idempotent = [r.name for r in again if r.modified]
+    changed = {o for r in results for o in r.changed_outputs}
+    for name, ref in reference.items():
+        if name in changed:
+            continue
+        if name not in got or got[name].shape != original[name].shape:
+            verdict.wrong.append(f"{name}: missing or reshaped")
+            continue
+        a, g = original[name].astype(np.float64), got[name].astype(np.float64)
+        if not np.array_equal(np.isfinite(a), np.isfinite(g)):
+            verdict.wrong.append(f"{name}: NaN/Inf in other places than the original's")
+            continue
+        finite = np.isfinite(a) & np.isfinite(ref)
+        a, g, ref = a[finite], g[finite], ref[finite]
+        scale = float(np.abs(ref).max()) if ref.size else 0.0
+        own = float(np.abs(a - ref).max()) if ref.size else 0.0
+        err = float(np.abs(g - ref).max()) if ref.size else 0.0
+        allowed = max(TOLERANCE[np.dtype(original[name].dtype)] * max(scale, 1e-3), OWN_NOISE_FACTOR * own)
+        if not np.isfinite(err) or err > allowed:
+            verdict.wrong.append(f"{name}: error {err:.3g} > allowed {allowed:.3g} (scale {scale:.3g}, original's own {own:.3g})")
+    return verdict
