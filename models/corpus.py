@@ -40,7 +40,7 @@ class Entry:
         from models import cnn, hf, transformer
 
         families = {
-            "gpt2": hf.gpt2, "gpt2hidden": hf.gpt2hidden, "gpt2narrow": hf.gpt2narrow, "opt": hf.opt, "gptneox": hf.gptneox, "vit": hf.vit, "bert": hf.bert,
+            "clip": hf.clip, "gpt2": hf.gpt2, "gpt2hidden": hf.gpt2hidden, "gpt2narrow": hf.gpt2narrow, "opt": hf.opt, "gptneox": hf.gptneox, "vit": hf.vit, "bert": hf.bert,
             "llama": hf.llama, "preln": transformer.preln, "repbn": transformer.repbn,
             "unifiednorm": transformer.unifiednorm, "resnet18": cnn.resnet18,
             "mobilenetv2": cnn.mobilenetv2, "convnext": cnn.convnext,
@@ -64,8 +64,8 @@ class Paths:
             return {k: f[k] for k in f.files}
 
 
-FAMILIES = ["gpt2", "gpt2hidden", "opt", "gptneox", "vit", "bert", "llama", "preln", "repbn", "unifiednorm",
-            "resnet18", "mobilenetv2", "convnext"]
+FAMILIES = ["gpt2", "gpt2hidden", "opt", "gptneox", "vit", "bert", "clip", "llama", "preln", "repbn",
+            "unifiednorm", "resnet18", "mobilenetv2", "convnext"]
 CORPUS: dict[str, Entry] = {}
 for _family in FAMILIES:
     for _suffix in ("ts14", "ts17", "dyn18") + (("dyn23",) if _family == "llama" else ()):

@@ -1,4 +1,5 @@
-"""transformers models from small configs (random weights): GPT-2, OPT, GPT-NeoX, ViT, BERT, LLaMA.
+"""transformers models from small configs (random weights): GPT-2, OPT, GPT-NeoX, ViT, BERT, LLaMA,
+CLIP's vision tower.
 
 Each returns a `Built` whose module returns one tensor (logits, or hidden states for BERT).
 Eager attention, no KV cache, explicit attention_mask (transformers 5 needs it to export).
@@ -163,3 +164,26 @@ def vit(large: bool = False) -> Built:
     pixels = torch.randn(1 if large else BATCH, 3, cfg.image_size, cfg.image_size, generator=g)
     return Built(_ImageModel(T.ViTForImageClassification(cfg)).eval(), {"pixel_values": pixels},
                  ["logits"], {"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
+
+
+class _PooledImage(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values=pixel_values).pooler_output
+
+
+def clip() -> Built:
+    """CLIP's vision tower: a LayerNorm on the patch + position embeddings before the Pre-LN
+    blocks (pre_layrnorm), bias-free patch Conv, pooled cls token through post_layernorm."""
+    T = _transformers()
+
+    cfg = T.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=32, patch_size=8)
+    cfg._attn_implementation = "eager"
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(BATCH, 3, cfg.image_size, cfg.image_size, generator=g)
+    return Built(_PooledImage(T.CLIPVisionModel(cfg)).eval(), {"pixel_values": pixels},
+                 ["pooled"], {"pixel_values": {0: "batch"}, "pooled": {0: "batch"}})

@@ -13,6 +13,7 @@ asked for it by name learns the reason (the CLI exits 3 then). Passes are named 
 from __future__ import annotations
 
 import abc
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -116,5 +117,21 @@ class Pass(abc.ABC):
         refusals = list(plan.refusals)
         if plan.idle and not changes:
             refusals.append(Refusal("model", plan.idle))
-        return PassResult(self.name, bool(changes), changes, refusals, changed)
+        return PassResult(self.name, bool(changes), _merged(changes), refusals, changed)
+
+
+def _merged(lines: list[str]) -> list[str]:
+    """Lines `<verb> <n> <what>` from several rounds as one line each, their counts summed."""
+    counts: dict[tuple[str, str], int] = {}
+    out: list[str | tuple[str, str]] = []
+    for line in lines:
+        match = re.fullmatch(r"(\w+) (\d+) (.*)", line)
+        if match is None:
+            out.append(line)
+            continue
+        key = (match[1], match[3])
+        if key not in counts:
+            out.append(key)
+        counts[key] = counts.get(key, 0) + int(match[2])
+    return [f"{k[0]} {counts[k]} {k[1]}" if isinstance(k, tuple) else k for k in out]
 

@@ -82,10 +82,20 @@ def constant_value(value: ir.Value | None) -> np.ndarray | None:
             return source.astype(target.numpy())
         except (TypeError, ValueError, NotImplementedError):
             return None
-    if is_op(node, "Constant"):
-        tensor = ir.convenience.get_const_tensor(value)
-        return None if tensor is None else tensor.numpy()
+    if is_op(node, "Constant") and len(node.attributes) == 1:
+        return _constant_attribute(next(iter(node.attributes.values())))
     return None
+
+
+def _constant_attribute(attr: ir.Attr) -> np.ndarray | None:
+    """A Constant node's value (read without touching the node: onnx-ir's get_const_tensor
+    renames the attribute's tensor, an edit a query must not make)."""
+    if attr.is_ref():
+        return None
+    if attr.name == "value":
+        return attr.as_tensor().numpy()
+    kinds = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+    return np.array(attr.value, dtype=kinds[attr.name]) if attr.name in kinds else None
 
 
 _ELEMENTWISE = {

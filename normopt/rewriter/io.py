@@ -41,6 +41,8 @@ MAX_IR_VERSION = 13
 # A protobuf cannot exceed 2 GiB; leave room for the graph itself.
 EMBEDDED_LIMIT_BYTES = 1_800_000_000
 EXTERNAL_THRESHOLD_BYTES = 1024
+# model.meta key: initializers IN described in value_info (onnx-ir would describe them all)
+DESCRIBED_INITIALIZERS = "normopt.described_initializers"
 
 
 def check_readable_file(path: str | os.PathLike, what: str = "model") -> Path:
@@ -144,8 +146,10 @@ def load(path: str | os.PathLike) -> ir.Model:
     _check_external_files(proto, path)
     if checker_error is not None:
         raise BadInput(f"'{path}' fails onnx.checker: {checker_error}")
+    described = {v.name for v in proto.graph.value_info}
     model = ir.serde.deserialize_model(proto)
     del proto
+    model.meta[DESCRIBED_INITIALIZERS] = {name for name in model.graph.initializers if name in described}
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     return model
 
@@ -316,6 +320,22 @@ def data_file_name(destination: Path, guard: Guard | None) -> str:
     return name
 
 
+@contextlib.contextmanager
+def _undescribed_initializers(model: ir.Model):
+    """While saving, initializers carry no type or shape of their own (their tensors have
+    both) unless IN described them in value_info, so the output describes what IN did."""
+    described = model.meta.get(DESCRIBED_INITIALIZERS, set())
+    hidden = [(v, v.type, v.shape) for g in model.graphs() for v in g.initializers.values()
+              if not v.is_graph_input() and (g is not model.graph or v.name not in described)]
+    for value, _, _ in hidden:
+        value.type, value.shape = None, None
+    try:
+        yield
+    finally:
+        for value, vtype, shape in hidden:
+            value.type, value.shape = vtype, shape
+
+
 def stage(
     model: ir.Model,
     destination: str | os.PathLike,
@@ -343,13 +363,14 @@ def stage(
         raise BadInput(f"cannot write into '{destination.parent}': {exc.strerror or exc}") from None
     staged = StagedModel(tmpdir / destination.name, destination, data_name)
     try:
-        ir.save(
-            model,
-            staged.path,
-            external_data=staged.data_name,
-            size_threshold_bytes=EXTERNAL_THRESHOLD_BYTES,
-            callback=(lambda _t, info: progress(info.index + 1, info.total)) if progress else None,
-        )
+        with _undescribed_initializers(model):
+            ir.save(
+                model,
+                staged.path,
+                external_data=staged.data_name,
+                size_threshold_bytes=EXTERNAL_THRESHOLD_BYTES,
+                callback=(lambda _t, info: progress(info.index + 1, info.total)) if progress else None,
+            )
     except OSError as exc:
         staged.discard()
         raise BadInput(f"cannot write '{destination}': {exc.strerror or exc}") from None

@@ -66,22 +66,21 @@ def _refined(shape: ir.Shape | None, inferred: ir.Shape) -> ir.Shape | None:
 def annotated(model: ir.Model) -> Iterator[None]:
     """Within the block, values carry inferred types and shapes where the model had none."""
     before = {v: (v.type, v.shape) for v in _values(model)}
+    outputs = {v for g in model.graphs() for v in g.outputs}
     inferred = _inferred(model)
     added: dict[ir.Value, tuple] = {}
     for value, (vtype, shape) in before.items():
         other = inferred.get(value.name) if value.name else None
-        if other is None:
-            continue
-        if vtype is None and other.type is not None:
+        if other is not None and vtype is None and other.type is not None:
             value.type = other.type
-        if other.shape is not None and isinstance(value.type, ir.TensorType):
+        if other is not None and other.shape is not None and isinstance(value.type, ir.TensorType):
             value.shape = _refined(shape, other.shape)
-        if (value.type, value.shape) != (vtype, shape):
+        if (value.type, value.shape) != (vtype, shape):  # (inference's helper types initializers too)
             added[value] = (value.type, value.shape)
     try:
         yield
     finally:
         for value, annotation in added.items():
-            # no pass has changed it since, and it is not (now) a graph output, which must be typed
-            if (value.type, value.shape) == annotation and not value.is_graph_output():
+            # unless a pass has changed it since, or it became a graph output (which must be typed)
+            if (value.type, value.shape) == annotation and (not value.is_graph_output() or value in outputs):
                 value.type, value.shape = before[value]

@@ -3,6 +3,7 @@
 import collections
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 
@@ -14,7 +15,8 @@ from tests.helpers import assert_matches_reference
 from tests.norm_graphs import Variant, build
 
 # decomposed norms per export that canonicalize can fuse, by target
-LN_TS14 = {f"{f}-ts14": 5 for f in ("gpt2", "gpt2hidden", "opt", "gptneox", "vit", "bert", "preln")} | {"convnext-ts14": 2}
+LN_TS14 = {f"{f}-ts14": 5 for f in ("gpt2", "gpt2hidden", "opt", "gptneox", "vit", "bert", "preln")} | {
+    "convnext-ts14": 2, "clip-ts14": 6}
 FUSED = {
     **{(name, "ort"): {"LayerNormalization": n} for name, n in LN_TS14.items()},  # ORT's contrib op
     ("convnext-ts17", "onnx"): {"LayerNormalization": 2},
@@ -90,3 +92,26 @@ def test_normalized_size_not_static_is_refused():
     result = CanonicalizeNorms(Options(target="ort")).run(model)
     assert not result.modified
     assert result.refusals[0].reason == "the size of the last 1 axis/axes is not static"
+
+
+def test_a_norm_reading_another_norms_output():
+    """Found from outside (TorchScript opset 14, a LayerNorm on the embeddings read by the first
+    block's LayerNorm): the second fusion read the value the first had replaced, and the output
+    failed onnx.checker. Each fusion reads its input where the pattern reads it now."""
+    from onnx import helper
+
+    from tests.helpers import const, make_model, ort_run, tensor
+    from tests.passes.test_preln_to_rmsnorm import _ln_decomposed
+
+    d = 6
+    gamma, beta = np.linspace(0.5, 1.5, d).astype(np.float32), np.linspace(-1, 1, d).astype(np.float32)
+    nodes = _ln_decomposed("x", "first", [-1], "g", "b") + _ln_decomposed("first", "y", [-1], "g", "b")
+    proto = make_model(nodes, [tensor("x", shape=(2, 3, d))], [tensor("y", shape=(2, 3, d))],
+                       [const("g", gamma), const("b", beta), const("eps", np.float32(1e-5))], opset=14)
+    model = ir.serde.deserialize_model(proto)
+    result = CanonicalizeNorms(Options(target="ort")).run(model)
+    assert result.changes == ["fused 2 decomposed layernorm -> LayerNormalization"]
+    rewritten = ir.serde.serialize_model(model)
+    onnx.checker.check_model(rewritten, full_check=True)
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, d)).astype(np.float32)}
+    np.testing.assert_allclose(ort_run(rewritten, feeds)["y"], ort_run(proto, feeds)["y"], rtol=1e-5, atol=1e-5)

@@ -234,3 +234,52 @@ def test_channel_axis_must_map_onto_the_weight():
              const("w", rng.standard_normal((8, 3)).astype(np.float32))]
     model = make_model(nodes, [tensor("x", shape=(2, 5, 8))], [tensor("y", shape=(2, 5, 3))], inits)
     assert "is not the last axis" in refusal(model)
+
+
+def test_conv_bn_bn_conv_folds_both_and_a_second_run_changes_nothing():
+    """Found from outside (fuzz_cnn_01507): the second BN's fold read the value the first fold
+    had replaced (StopIteration). Folds now read their input where the pattern reads it."""
+    n1, e1 = bn("bn1", "h", "h1", 6)
+    n2, e2 = bn("bn2", "h1", "h2", 6)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]), n1, n2,
+             helper.make_node("Conv", ["h2", "w2", "cb"], ["y"])]
+    inits = [const("w1", rng.standard_normal((6, 4, 3, 3)).astype(np.float32)),
+             const("w2", rng.standard_normal((5, 6, 2, 2)).astype(np.float32)), const("cb", rng.standard_normal(5).astype(np.float32))]
+    model = make_model(nodes, [tensor("x", shape=(2, 4, 6, 6))], [tensor("y", shape=(2, 5, 5, 5))], inits + e1 + e2)
+    result, out = run_fold(model, image())
+    assert [n.op_type for n in out.graph] == ["Conv", "Conv"]
+    assert sorted(result.changes) == ["folded 1 batchnorm into following Conv", "folded 1 batchnorm into preceding Conv"]
+    assert not FoldAffineNorms().run(out).modified
+
+
+def test_a_fold_that_makes_another_possible_is_made_in_the_same_run():
+    """Conv -> BN -> BN -> Relu: the second BN reaches the Conv once the first is folded."""
+    n1, e1 = bn("bn1", "h", "h1", 4)
+    n2, e2 = bn("bn2", "h1", "h2", 4)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"]), n1, n2, helper.make_node("Relu", ["h2"], ["y"])]
+    model = make_model(nodes, [tensor("x", shape=(2, 4, 6, 6))], [tensor("y", shape=(2, 4, 6, 6))],
+                       [const("w", rng.standard_normal((4, 4, 1, 1)).astype(np.float32))] + e1 + e2)
+    result, out = run_fold(model, image())
+    assert [n.op_type for n in out.graph] == ["Conv", "Relu"] and not result.refusals
+    assert result.changes == ["folded 2 batchnorm into preceding Conv"]
+
+
+def test_norm_with_other_channel_count_than_the_weight_is_refused():
+    """A per-channel constant that broadcasts the data up to more channels is not an affine of
+    the linear op's output channels."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"]), helper.make_node("Mul", ["h", "k"], ["m"]),
+             helper.make_node("Add", ["m", "c"], ["y"])]
+    inits = [const("w", rng.standard_normal((1, 4, 1, 1)).astype(np.float32)),
+             const("k", rng.uniform(0.5, 2, (3, 1, 1)).astype(np.float32)), const("c", rng.standard_normal((3, 1, 1)).astype(np.float32))]
+    model = make_model(nodes, [tensor("x", shape=(2, 4, 6, 6))], [tensor("y", shape=(2, 3, 6, 6))], inits)
+    assert "the affine has 3 channels, Conv 's weight 1" in refusal(model)
+
+
+def test_following_gemm_with_a_computed_bias_is_refused():
+    """The folded bias would replace Gemm's C, which here is computed, not a constant."""
+    node, extra = bn("bn", "x", "xn", 5)
+    nodes = [node, helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Gemm", ["xn", "w", "r6"], ["y"]),
+             helper.make_node("MatMul", ["r", "p"], ["r6"])]
+    inits = [const("w", rng.standard_normal((5, 6)).astype(np.float32)), const("p", rng.standard_normal((5, 6)).astype(np.float32))]
+    model = make_model([nodes[0], nodes[1], nodes[3], nodes[2]], [tensor("x", shape=(3, 5))], [tensor("y", shape=(3, 6))], inits + extra)
+    assert "has a non-constant bias" in refusal(model)

@@ -22,7 +22,7 @@ from normopt.verify import VerifyOptions, compare_output
 from tests.helpers import assert_matches_reference, const, make_model, ort_run, tensor
 
 PRE_LN = sorted(n for n, e in CORPUS.items() if e.family in ("gpt2", "opt", "gptneox", "vit", "preln"))
-UNTOUCHED = {"bert": "Post-LN", "llama": "already Pre-RMSNorm", "resnet18": "architecture is none",
+UNTOUCHED = {"bert": "Post-LN", "llama": "already Pre-RMSNorm", "clip": "architecture is mixed", "resnet18": "architecture is none",
              "repbn": "architecture is none", "convnext": "architecture is none"}
 
 
@@ -270,3 +270,189 @@ def test_layerscale_is_folded_into_its_writer_first():
     ir_model = ir.serde.deserialize_model(model)
     annotate(ir_model)
     assert "folded 2 LayerScale Mul(s) into their writers" in PreLNToRMSNorm().run(ir_model).changes
+
+
+# ------------------------------------------ regressions: the smallest graphs found from outside
+
+
+def _run(model, **options):
+    """preln-to-rmsnorm on a hand-built graph; (result, rewritten proto)."""
+    ir_model = ir.serde.deserialize_model(model)
+    annotate(ir_model)
+    result = PreLNToRMSNorm(Options(**options)).run(ir_model)
+    rewritten = ir.serde.serialize_model(ir_model)
+    onnx.checker.check_model(rewritten, full_check=True)
+    return result, rewritten
+
+
+def _assert_same(model, rewritten, feeds):
+    before, after = ort_run(model, feeds), ort_run(rewritten, feeds)
+    for name, ref in before.items():
+        np.testing.assert_allclose(after[name], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def _ln_decomposed(x, out, axes, gamma, beta):
+    """x - mean, over `axes`, then / sqrt(var + eps) * gamma + beta (TorchScript's form)."""
+    return [helper.make_node("ReduceMean", [x], [f"{out}_mu"], axes=axes, keepdims=1, name=f"{out}_mean"),
+            helper.make_node("Sub", [x, f"{out}_mu"], [f"{out}_d"], name=f"{out}_sub"),
+            helper.make_node("Mul", [f"{out}_d", f"{out}_d"], [f"{out}_sq"]),
+            helper.make_node("ReduceMean", [f"{out}_sq"], [f"{out}_var"], axes=axes, keepdims=1),
+            helper.make_node("Add", [f"{out}_var", "eps"], [f"{out}_ve"]),
+            helper.make_node("Sqrt", [f"{out}_ve"], [f"{out}_std"]),
+            helper.make_node("Div", [f"{out}_d", f"{out}_std"], [f"{out}_n"]),
+            helper.make_node("Mul", [f"{out}_n", gamma], [f"{out}_s"]),
+            helper.make_node("Add", [f"{out}_s", beta], [out])]
+
+
+def _one_block(first_norm, d=7, tokens=5, extra_inits=()):
+    """x [2, T, 1] -> MatMul -> x0; x0 + W(first_norm(x0)) -> LN -> MatMul."""
+    inits = [const("w_in", rng.standard_normal((1, d)).astype(np.float32)),
+             const("w_b", rng.standard_normal((d, d)).astype(np.float32)),
+             const("w_head", rng.standard_normal((d, 3)).astype(np.float32)),
+             const("g", (1 + 0.3 * rng.standard_normal(d)).astype(np.float32)),
+             const("b", (0.3 * rng.standard_normal(d)).astype(np.float32)),
+             const("eps", np.float32(1e-3)), *extra_inits]
+    nodes = [helper.make_node("MatMul", ["x", "w_in"], ["x0"]), *first_norm("x0", "h"),
+             helper.make_node("MatMul", ["h", "w_b"], ["br"]), helper.make_node("Add", ["x0", "br"], ["x1"]),
+             helper.make_node("LayerNormalization", ["x1", "g", "b"], ["f"], axis=-1),
+             helper.make_node("MatMul", ["f", "w_head"], ["y"])]
+    model = make_model(nodes, [tensor("x", shape=(2, tokens, 1))], [tensor("y", shape=(2, tokens, 3))], inits)
+    return model, {"x": rng.standard_normal((2, tokens, 1)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("form", ["op", "decomposed"])
+def test_layernorm_over_the_last_two_axes_of_the_stream_is_refused(form):
+    """Found from outside (fuzz_tf_02048): LN over [-2, -1] was converted as if over [-1].
+    Centring shifts each token by its own mean, which a norm over tokens and hidden sees."""
+    if form == "op":
+        first = lambda x, out: [helper.make_node("LayerNormalization", [x, "g", "b"], [out], axis=-2, name="two_axes")]  # noqa: E731
+    else:
+        first = lambda x, out: _ln_decomposed(x, out, [-2, -1], "g", "b")  # noqa: E731
+    model, feeds = _one_block(first)
+    result, rewritten = _run(model)
+    assert not result.modified and "normalizes the last 2 axes, not the hidden axis alone" in result.refusals[0].reason
+    _assert_same(model, rewritten, feeds)
+
+
+def test_two_axis_layernorm_with_a_token_by_hidden_beta_is_refused_not_a_crash():
+    """Found from outside (fuzz_tf_00584): gamma/beta of shape [T, D] crashed the beta fold."""
+    d, tokens = 7, 5
+    extra = [const("g2", (1 + 0.3 * rng.standard_normal((tokens, d))).astype(np.float32)),
+             const("b2", (0.3 * rng.standard_normal((tokens, d))).astype(np.float32))]
+    model, feeds = _one_block(lambda x, out: _ln_decomposed(x, out, [-2, -1], "g2", "b2"), d, tokens, extra)
+    result, rewritten = _run(model)
+    assert not result.modified and "normalizes the last 2 axes" in result.refusals[0].reason
+    _assert_same(model, rewritten, feeds)
+
+
+def _tied_start(embscale: bool, decomposed: bool):
+    """ids -> Gather(table) [* sqrt(d)] + pos -> one Pre-LN block -> LN -> x @ table^T."""
+    d, vocab = 8, 12
+    inits = [const("table", rng.standard_normal((vocab, d)).astype(np.float32)),
+             const("scale", np.float32(np.sqrt(d))), const("pos", rng.standard_normal((4, d)).astype(np.float32)),
+             const("g", (1 + 0.3 * rng.standard_normal(d)).astype(np.float32)),
+             const("b", (0.3 * rng.standard_normal(d)).astype(np.float32)), const("eps", np.float32(1e-5)),
+             const("w", rng.standard_normal((d, d)).astype(np.float32))]
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"])]
+    if embscale:
+        nodes.append(helper.make_node("Mul", ["e", "scale"], ["es"]))
+    nodes.append(helper.make_node("Add", ["es" if embscale else "e", "pos"], ["x0"]))
+    nodes += (_ln_decomposed("x0", "h", [-1], "g", "b") if decomposed else
+              [helper.make_node("LayerNormalization", ["x0", "g", "b"], ["h"], axis=-1)])
+    nodes += [helper.make_node("MatMul", ["h", "w"], ["br"]), helper.make_node("Add", ["x0", "br"], ["x1"]),
+              helper.make_node("LayerNormalization", ["x1", "g", "b"], ["f"], axis=-1),
+              helper.make_node("Transpose", ["table"], ["tt"], perm=[1, 0]), helper.make_node("MatMul", ["f", "tt"], ["y"])]
+    model = make_model(nodes, [tensor("ids", TensorProto.INT64, (2, 4))], [tensor("y", shape=(2, 4, vocab))], inits)
+    return model, {"ids": rng.integers(0, vocab, (2, 4)).astype(np.int64)}
+
+
+def test_refused_initial_writer_leaves_nothing_of_its_plan_behind():
+    """Found from outside: in `Gather(tied table) * sqrt(d) + pos` the scalar Mul was taken for
+    a LayerScale and removed, while the refused tied table was rolled back (relative error
+    0.5). Each writer is planned on its own now: refused, it gets an explicit recentring."""
+    model, feeds = _tied_start(embscale=True, decomposed=False)
+    result, rewritten = _run(model)
+    assert result.modified and "LayerScale" not in " ".join(result.changes)
+    assert any("inserted x - ReduceMean(x) after 'x0'" in c and "shared" in c for c in result.changes)
+    assert "scale" in {i for n in rewritten.graph.node if n.op_type == "Mul" for i in n.input}  # the Mul stays
+    _assert_same(model, rewritten, feeds)
+
+
+def test_tied_embedding_and_a_decomposed_first_layernorm():
+    """Found from outside (fuzz_tf_02756, and a speech encoder export): the explicit recentring
+    moved the LN's readers, and the conversion then looked for its ReduceMean on the old value
+    (StopIteration). The conversion keeps the nodes it matched."""
+    model, feeds = _tied_start(embscale=False, decomposed=True)
+    result, rewritten = _run(model)
+    assert result.modified and "converted 2 LayerNorm(s)" in result.changes[0]
+    _assert_same(model, rewritten, feeds)
+
+
+def test_layernorm_scale_that_is_a_graph_input():
+    """Found from outside: LayerNormalization(x, gamma=graph input) crashed (AttributeError).
+    The conversion never needs gamma's values: it stays the RMSNorm's scale, fed as before."""
+    d = 8
+    nodes = [helper.make_node("LayerNormalization", ["x", "gin", "b"], ["h"], axis=-1),
+             helper.make_node("MatMul", ["h", "w"], ["br"]), helper.make_node("Add", ["x", "br"], ["x2"]),
+             helper.make_node("LayerNormalization", ["x2", "g", "b"], ["y"], axis=-1)]
+    inits = [const("g", np.ones(d, np.float32)), const("b", (0.3 * rng.standard_normal(d)).astype(np.float32)),
+             const("w", rng.standard_normal((d, d)).astype(np.float32))]
+    model = make_model(nodes, [tensor("x", shape=(2, d)), tensor("gin", shape=(d,))], [tensor("y", shape=(2, d))], inits)
+    result, rewritten = _run(model)
+    assert result.modified and any("inserted x - ReduceMean(x) after 'x'" in c for c in result.changes)
+    _assert_same(model, rewritten, {"x": rng.standard_normal((2, d)).astype(np.float32),
+                                    "gin": rng.standard_normal(d).astype(np.float32)})
+
+
+def _patch_model(groups=1, inner_reader=False):
+    """image -> Conv(patch, groups) -> Reshape -> Transpose -> x0; one Pre-LN block."""
+    d, ch = 4, 2
+    inits = [const("wc", rng.standard_normal((d, ch // groups, 1, 1)).astype(np.float32)),
+             const("shape", np.array([1, d, 3], np.int64)), const("g", np.ones(d, np.float32)),
+             const("b", np.zeros(d, np.float32)), const("w", rng.standard_normal((d, d)).astype(np.float32)),
+             const("bias", rng.standard_normal(d).astype(np.float32)), const("head", rng.standard_normal((d, 2)).astype(np.float32))]
+    nodes = [helper.make_node("Conv", ["img", "wc"], ["c"], group=groups, name="patch"),
+             helper.make_node("Reshape", ["c", "shape"], ["r"]), helper.make_node("Transpose", ["r"], ["x0"], perm=[0, 2, 1]),
+             helper.make_node("LayerNormalization", ["x0", "g", "b"], ["h"], axis=-1),
+             helper.make_node("MatMul", ["h", "w"], ["m"], name="proj"), helper.make_node("Add", ["m", "bias"], ["br"]),
+             helper.make_node("Add", ["x0", "br"], ["x1"]), helper.make_node("LayerNormalization", ["x1", "g", "b"], ["f"], axis=-1),
+             helper.make_node("MatMul", ["f", "head"], ["y"])]
+    outputs = [tensor("y", shape=(1, 3, 2))] + ([tensor("m", shape=(1, 3, d))] if inner_reader else [])
+    model = make_model(nodes, [tensor("img", shape=(1, ch, 3, 1))], outputs, inits)
+    return model, {"img": rng.standard_normal((1, ch, 3, 1)).astype(np.float32)}
+
+
+def test_grouped_patch_conv_is_not_centred_per_channel():
+    """Found by the fuzzer's mutation runs: centring a grouped Conv over all output channels is
+    wrong (each channel reads other inputs); the initial value is recentred explicitly instead."""
+    model, feeds = _patch_model(groups=2)
+    result, rewritten = _run(model)
+    assert result.modified and any("grouped Conv patch writes" in c for c in result.changes)
+    _assert_same(model, rewritten, feeds)
+    result, rewritten = _run(_patch_model(groups=1)[0])
+    assert not any("inserted" in c for c in result.changes)  # an ungrouped patch Conv is centred
+
+
+def test_value_the_centring_changes_must_have_no_other_reader():
+    """The branch's MatMul output is also a graph output: centring its weight would change it."""
+    model, feeds = _patch_model(inner_reader=True)
+    result, rewritten = _run(model)
+    assert not result.modified and "'m' is read by other nodes too" in result.refusals[0].reason
+    _assert_same(model, rewritten, feeds)
+
+
+def test_positional_table_sliced_on_the_hidden_axis_is_recentred_explicitly():
+    """Centring a table that is then sliced along the hidden axis would not centre the slice."""
+    d = 4
+    inits = [const("wide", rng.standard_normal((3, d + 2)).astype(np.float32)), const("starts", np.array([0])),
+             const("ends", np.array([d])), const("axes", np.array([1])), const("g", np.ones(d, np.float32)),
+             const("b", np.zeros(d, np.float32)), const("w", rng.standard_normal((d, d)).astype(np.float32)),
+             const("w_in", rng.standard_normal((d, d)).astype(np.float32))]
+    nodes = [helper.make_node("Slice", ["wide", "starts", "ends", "axes"], ["pos"], name="cut"),
+             helper.make_node("MatMul", ["x", "w_in"], ["t"]), helper.make_node("Add", ["t", "pos"], ["x0"]), helper.make_node("LayerNormalization", ["x0", "g", "b"], ["h"], axis=-1),
+             helper.make_node("MatMul", ["h", "w"], ["br"]), helper.make_node("Add", ["x0", "br"], ["x1"]),
+             helper.make_node("LayerNormalization", ["x1", "g", "b"], ["y"], axis=-1)]
+    model = make_model(nodes, [tensor("x", shape=(2, 3, d))], [tensor("y", shape=(2, 3, d))], inits)
+    result, rewritten = _run(model)
+    assert result.modified and any("after 'x0' (Slice cut slices the hidden axis" in c for c in result.changes)
+    _assert_same(model, rewritten, {"x": rng.standard_normal((2, 3, d)).astype(np.float32)})
