@@ -153,7 +153,7 @@ def _rewrite(src: Path, dst: Path, passes, options, verification, in_place, repo
             raise NotApplied(f"requested pass(es) applied nowhere: {reasons}")
 
     step(f"saving {dst.name}")
-    staged = io.stage(model, dst, external_data=external, guard=guard,
+    staged = io.stage(model, dst, external_data=external, guard=guard, replaces_input=in_place and _same_file(src, dst),
                       progress=lambda i, n: step(f"saving {dst.name}: tensor {i}/{n}"))
     del model
     try:

@@ -133,6 +133,15 @@ def _old_opset(tmp_path):
     return save(proto, tmp_path / "old.onnx")
 
 
+def _negative_offset(tmp_path):
+    path = save(mlp(), tmp_path / "neg.onnx", external=True)
+    proto = onnx.load(str(path), load_external_data=False)
+    entry = next(e for e in proto.graph.initializer[0].external_data if e.key == "offset")
+    entry.value = "-64"
+    onnx.save(proto, str(path))
+    return path
+
+
 def _new_ir(tmp_path):
     proto = mlp()
     proto.ir_version = 14
@@ -147,6 +156,7 @@ BAD_INPUTS = {
     "old opset": (_old_opset, "opset 9; normopt supports opsets 13-26"),
     "new IR version": (_new_ir, "IR version 14"),
     "directory": (lambda t: (t / "d").mkdir() or t / "d", "is a directory"),
+    "negative external data offset": (_negative_offset, "negative external data offset"),
 }
 
 
@@ -159,7 +169,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, cli_env, case, command):
     args = {"rewrite": [bad, out], "verify": [bad, bad], "inspect": [bad]}[command]
     proc = run(command, *args, env=cli_env)
     assert_one_line_error(proc, 2, message)
-    assert not out.exists() and not list(tmp_path.glob(".out.onnx*"))
+    assert not out.exists() and not list(tmp_path.glob(".normopt-tmp-*"))
 
 
 @pytest.mark.parametrize(
@@ -168,6 +178,11 @@ def test_bad_input_exits_2_with_one_line(tmp_path, cli_env, case, command):
         (["--passes", "nope"], "unknown pass 'nope'"),
         (["--target", "gpu"], "--target must be"),
         (["--dim", "batch"], "--dim takes NAME=VALUE"),
+        (["--dim", "batch=0"], "a dimension must be at least 1"),
+        (["--rtol", "-1"], "--rtol must be a finite number >= 0"),
+        (["--atol", "nan"], "--atol must be a finite number >= 0"),
+        (["--passes", ""], "--passes names no pass"),
+        (["--passes", " , "], "--passes names no pass"),
     ],
 )
 def test_bad_options_exit_2(tmp_path, model, cli_env, args, message):
@@ -179,6 +194,9 @@ def test_bad_options_exit_2(tmp_path, model, cli_env, args, message):
 def test_output_folder_missing_or_directory(tmp_path, model, cli_env):
     assert_one_line_error(run("rewrite", model, tmp_path / "no" / "o.onnx", env=cli_env), 2, "does not exist")
     assert_one_line_error(run("rewrite", model, tmp_path, env=cli_env), 2, "is a directory")
+    (tmp_path / "file").write_text("")
+    assert_one_line_error(run("rewrite", model, tmp_path / "file" / "o.onnx", env=cli_env), 2,
+                          "output folder '" + str(tmp_path / "file") + "' is a file, not a folder")
 
 
 def test_inspect_json(model, cli_env):

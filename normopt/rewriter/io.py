@@ -309,14 +309,16 @@ class StagedModel:
         shutil.rmtree(self.path.parent, ignore_errors=True)
 
 
-def data_file_name(destination: Path, guard: Guard | None) -> str:
-    """`<OUT>.data`, or, when that is a file the guard protects (only possible when OUT
-    replaces IN, whose data file it is), `<OUT>.<k>.data`: IN's data file is never replaced
-    while IN's model file may still point into it."""
+def data_file_name(destination: Path, guard: Guard | None, replaces_input: bool) -> str:
+    """`<OUT>.data`. When OUT replaces IN (--in-place) and that is IN's data file,
+    `<OUT>.<k>.data`: IN's data file is never replaced while IN's model file may still point
+    into it. Otherwise a clash with an input file is refused."""
     name, k = f"{destination.name}.data", 0
-    while guard is not None and guard.clash(destination.parent / name):
+    while replaces_input and guard is not None and guard.clash(destination.parent / name):
         k += 1
         name = f"{destination.name}.{k}.data"
+    if guard is not None:
+        guard.check(destination.parent / name, "output data file")
     return name
 
 
@@ -342,21 +344,20 @@ def stage(
     *,
     external_data: bool,
     guard: Guard | None = None,
+    replaces_input: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> StagedModel:
     """Write `model` next to `destination` without touching it; `commit()` publishes it.
 
     With `external_data`, every initializer over EXTERNAL_THRESHOLD_BYTES goes to one data
     file (`data_file_name`; all tensors are rewritten, so nothing points at the input's data
-    file). Without it the model is embedded, which protobuf allows only up to 2 GiB.
+    file); `guard` refuses a data file that is an input file. Without it the model is embedded, which protobuf allows only up to 2 GiB.
     `progress(done, total)` is called after each external tensor is written.
     """
     destination = Path(destination)
     if not external_data and initializer_bytes(model) > EMBEDDED_LIMIT_BYTES:
         external_data = True
-    data_name = data_file_name(destination, guard) if external_data else None
-    if guard is not None and data_name is not None:
-        guard.check(destination.parent / data_name, "output data file")
+    data_name = data_file_name(destination, guard, replaces_input) if external_data else None
     try:
         tmpdir = Path(tempfile.mkdtemp(prefix=_temp_tag(), dir=destination.parent))
     except OSError as exc:
