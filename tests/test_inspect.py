@@ -20,6 +20,7 @@ NORMS = {
     "repbn": lambda e: {("batchnorm", "op"): 5},
     "unifiednorm": lambda e: {("affine", "decomposed"): 5},
     "convnext": lambda e: {("layernorm", "decomposed"): 2},
+    "clip": lambda e: {("layernorm", "decomposed" if e.opset < 17 else "op"): 6},
     **{f: (lambda e: {("layernorm", "decomposed" if e.opset < 17 else "op"): 5}) for f in LN},
 }
 

@@ -17,20 +17,12 @@ import onnx_ir as ir
 from normopt.rewriter.graph import subgraphs
 
 
-def _fresh(taken: set[str], base: str) -> str:
-    name, i = base, 0
-    while name in taken:
-        i += 1
-        name = f"{base}_{i}"
-    taken.add(name)
-    return name
-
-
 class Editor:
     def __init__(self, graph: ir.Graph) -> None:
         self.graph = graph
         self._values: set[str] = set()
         self._nodes: set[str] = set()
+        self._next: dict[str, int] = {}  # per base name: the next suffix to try
         for g in (graph, *(s for n in graph.all_nodes() for s in subgraphs(n))):
             self._values.update(v.name for v in (*g.inputs, *g.outputs, *g.initializers.values()) if v.name)
         for node in graph.all_nodes():
@@ -39,10 +31,24 @@ class Editor:
                 self._nodes.add(node.name)
 
     def value_name(self, base: str) -> str:
-        return _fresh(self._values, base)
+        return self._fresh(self._values, base)
 
     def node_name(self, base: str) -> str:
-        return _fresh(self._nodes, base)
+        return self._fresh(self._nodes, base)
+
+    def _fresh(self, taken: set[str], base: str) -> str:
+        """`base`, else `base_k` for the first free k, resuming where the last search for this
+        base stopped: each name is O(1) however often a base is asked for."""
+        key = f"{id(taken)}:{base}"
+        name, i = base, self._next.get(key, 0)
+        if i:
+            name = f"{base}_{i}"
+        while name in taken:
+            i += 1
+            name = f"{base}_{i}"
+        self._next[key] = i + 1
+        taken.add(name)
+        return name
 
     # ------------------------------------------------------------------------ new things
 

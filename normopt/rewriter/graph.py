@@ -165,7 +165,12 @@ def folded_value(value: ir.Value | None, depth: int = 8) -> np.ndarray | None:
         return None
     if node.op_type == "Shape":
         return _fold_node(node, [])
-    return _fold_node(node, [folded_value(v, depth - 1) if v is not None else None for v in node.inputs])
+    args: list[np.ndarray | None] = []
+    for i, v in enumerate(node.inputs):  # stop at the first input that is not constant
+        args.append(folded_value(v, depth - 1) if v is not None else None)
+        if args[-1] is None and not (node.op_type == "CastLike" and i == 1):
+            return None
+    return _fold_node(node, args)
 
 
 def is_constant(value: ir.Value | None) -> bool:

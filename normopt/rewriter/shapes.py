@@ -2,7 +2,7 @@
 
 TorchScript exports record few value shapes, and the passes need ranks and normalized sizes.
 `annotated(model)` fills in the types and shapes onnx shape inference finds (reading no
-weights: onnx-ir hands the C++ inference a copy without large tensors), only where the model
+weights: the inference sees the graph with its large tensors as typed inputs), only where the model
 has none, and on exit takes back every annotation no pass has changed since: what normopt
 writes differs from IN only where a pass changed something (no value_info added, which would
 also change what onnxruntime's optimizer fuses).
@@ -19,7 +19,10 @@ from collections.abc import Iterator
 
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import _c_api_utils
+
+# Initializers up to this size go to shape inference with their values (shape constants
+# feed its data propagation); larger ones as typed inputs only.
+_SMALL_TENSOR_BYTES = 1024
 
 
 def _values(model: ir.Model) -> Iterator[ir.Value]:
@@ -34,17 +37,34 @@ def _infer(proto: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
 
 
+def _structure(model: ir.Model) -> onnx.ModelProto:
+    """The model as shape inference needs it, built without touching the model and without
+    its large tensors: those become typed graph inputs (the graph alone, whatever the model's
+    size)."""
+    graph = model.graph
+    small = [v for v in graph.initializers.values()
+             if v.const_value is not None and v.const_value.nbytes <= _SMALL_TENSOR_BYTES]
+    view = ir.GraphView(graph.inputs, graph.outputs, nodes=graph, initializers=small, name=graph.name)
+    proto = onnx.ModelProto(ir_version=model.ir_version)
+    proto.graph.CopyFrom(ir.serde.serialize_graph(view))
+    listed = {v.name for v in (*graph.inputs, *small)}
+    for value in graph.initializers.values():
+        if value.name not in listed and value.const_value is not None:
+            tensor = value.const_value
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(value.name, tensor.dtype.value, list(tensor.shape)))
+    for domain, version in model.opset_imports.items():
+        proto.opset_import.append(onnx.helper.make_opsetid(domain, version))
+    for function in model.functions.values():
+        proto.functions.append(ir.serde.serialize_function(function))
+    return proto
+
+
 def _inferred(model: ir.Model) -> dict[str, ir.Value]:
     """Values of the inferred model by name, per graph in `model.graphs()` order."""
-    order = [list(g.initializers) for g in model.graphs()]
     try:
-        proto = _c_api_utils.call_onnx_api(_infer, model)
+        inferred = ir.serde.deserialize_model(_infer(_structure(model)))
     except Exception:  # inference is a help, never a requirement: without it passes refuse more
         return {}
-    finally:  # the helper re-registers large initializers last: restore the model's own order
-        for graph, names in zip(model.graphs(), order):
-            graph.initializers.data = {name: graph.initializers.data[name] for name in names}
-    inferred = ir.serde.deserialize_model(proto)
     found: dict[str, ir.Value] = {}
     for graph in inferred.graphs():
         found.update(ir.convenience.create_value_mapping(graph))
@@ -75,7 +95,7 @@ def annotated(model: ir.Model) -> Iterator[None]:
             value.type = other.type
         if other is not None and other.shape is not None and isinstance(value.type, ir.TensorType):
             value.shape = _refined(shape, other.shape)
-        if (value.type, value.shape) != (vtype, shape):  # (inference's helper types initializers too)
+        if (value.type, value.shape) != (vtype, shape):
             added[value] = (value.type, value.shape)
     try:
         yield

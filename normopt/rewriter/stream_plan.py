@@ -152,7 +152,7 @@ class Planner:
     def readers(self, starts: list[ir.Value], adds: set[ir.Node]) -> StreamRewrite:
         """Check every reader of every stream value (following carriers); the LayerNorms
         that read the stream become the plan's conversions."""
-        plan, queue, seen = StreamRewrite(), list(starts), set()
+        plan, queue, seen, converted = StreamRewrite(), list(starts), set(), set()
         while queue:
             value = queue.pop()
             if value in seen:
@@ -169,7 +169,8 @@ class Planner:
                 match = self.norm_of.get(node)
                 if match is not None and match.input is value:
                     self._check_norm(match)
-                    if all(c.match is not match for c in plan.conversions):
+                    if id(match) not in converted:
+                        converted.add(id(match))
                         plan.conversions.append(Conversion(match, self._beta_readers(match)))
                     continue
                 if (forwards(node, "value", "reshape", "move") or is_op(node, "ReduceMean")) and \
