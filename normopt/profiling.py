@@ -1,4 +1,4 @@
-"""Side-by-side latency profiling (shared/docs/benchmarks.md rules).
+"""Side-by-side latency profiling (the measurement rules: docs/design.md, "Measuring").
 
 All models run in one process; every round runs each model once, in a fresh random order, so
 drift hits all alike; onnxruntime's intra-op spinning is off (else the session that just ran

@@ -173,10 +173,6 @@ def folded_value(value: ir.Value | None, depth: int = 8) -> np.ndarray | None:
     return _fold_node(node, args)
 
 
-def is_constant(value: ir.Value | None) -> bool:
-    return folded_value(value) is not None
-
-
 # --------------------------------------------------------------------------- shapes, ops
 
 

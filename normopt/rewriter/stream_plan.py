@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from normopt.rewriter.graph import folded_value, forwards, int_list, is_op, rank, readers, sole_reader, static_shape
+from normopt.rewriter.graph import folded_value, forwards, int_list, is_op, rank, readers, static_shape
 from normopt.rewriter.linear_fold import bias_add_after, fold_problem
 from normopt.rewriter.norms import NormMatch
 

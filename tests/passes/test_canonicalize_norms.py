@@ -98,7 +98,6 @@ def test_a_norm_reading_another_norms_output():
     """Found from outside (TorchScript opset 14, a LayerNorm on the embeddings read by the first
     block's LayerNorm): the second fusion read the value the first had replaced, and the output
     failed onnx.checker. Each fusion reads its input where the pattern reads it now."""
-    from onnx import helper
 
     from tests.helpers import const, make_model, ort_run, tensor
     from tests.passes.test_preln_to_rmsnorm import _ln_decomposed
