@@ -29,7 +29,7 @@ def one(seed: int) -> dict:
     case = fuzzing.graph(choices)
     names, options = fuzzing.pipeline_choice(choices)
     try:
-        fuzzing.ort_outputs(case.model, case.feeds)
+        fuzzing.ort_run(case.model, case.feeds)
     except Exception as exc:  # the generator made a graph onnxruntime rejects: not normopt's
         return {"seed": seed, "family": case.family, "invalid": str(exc).splitlines()[0][:200]}
     verdict = fuzzing.judge(case, names, options)

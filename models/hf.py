@@ -142,12 +142,12 @@ def llama(large: bool = False) -> Built:
 
 
 class _ImageModel(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, output: str = "logits") -> None:
         super().__init__()
-        self.model = model
+        self.model, self.output = model, output
 
     def forward(self, pixel_values):
-        return self.model(pixel_values=pixel_values).logits
+        return getattr(self.model(pixel_values=pixel_values), self.output)
 
 
 def vit(large: bool = False) -> Built:
@@ -166,15 +166,6 @@ def vit(large: bool = False) -> Built:
                  ["logits"], {"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
 
 
-class _PooledImage(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values):
-        return self.model(pixel_values=pixel_values).pooler_output
-
-
 def clip() -> Built:
     """CLIP's vision tower: a LayerNorm on the patch + position embeddings before the Pre-LN
     blocks (pre_layrnorm), bias-free patch Conv, pooled cls token through post_layernorm."""
@@ -185,5 +176,5 @@ def clip() -> Built:
     cfg._attn_implementation = "eager"
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(BATCH, 3, cfg.image_size, cfg.image_size, generator=g)
-    return Built(_PooledImage(T.CLIPVisionModel(cfg)).eval(), {"pixel_values": pixels},
+    return Built(_ImageModel(T.CLIPVisionModel(cfg), "pooler_output").eval(), {"pixel_values": pixels},
                  ["pooled"], {"pixel_values": {0: "batch"}, "pooled": {0: "batch"}})

@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from tests.helpers import ort_run
+
 IR_VERSION = 10
 ONNX_TYPE = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float16): 2e-2}  # x output scale
@@ -549,17 +551,6 @@ def reference64(model: onnx.ModelProto, feeds: dict) -> dict[str, np.ndarray]:
     return dict(zip(names, session.run(names, wide)))
 
 
-def ort_outputs(model: onnx.ModelProto, feeds: dict) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds)))
-
-
 @dataclass
 class Verdict:
     applied: list[str]  # passes that changed the model
@@ -587,7 +578,7 @@ def judge(case: Case, names, options) -> Verdict:
 
     from normopt.passes.pipeline import run_pipeline
 
-    original = ort_outputs(case.model, case.feeds)
+    original = ort_run(case.model, case.feeds)
     try:  # the output must pass the checker as strictly as the original does
         onnx.checker.check_model(case.model, full_check=True)
         full_check = True
@@ -602,7 +593,7 @@ def judge(case: Case, names, options) -> Verdict:
         results = run_pipeline(model, names, options)
         rewritten = ir.serde.serialize_model(model)
         onnx.checker.check_model(rewritten, full_check=full_check)
-        got = ort_outputs(rewritten, case.feeds)
+        got = ort_run(rewritten, case.feeds)
         again = run_pipeline(ir.serde.deserialize_model(rewritten), names, options)
     except Exception:
         return Verdict([], crash=traceback.format_exc(limit=6))
