@@ -112,7 +112,10 @@ class Editor:
         old.replace_all_uses_with(new, replace_graph_outputs=True)
         old.name = self.value_name(f"{name}.replaced")
         new.name = name
-        new.type, new.shape = new.type or old.type, new.shape or old.shape
+        if new.type is None:
+            new.type = old.type
+        if new.shape is None:
+            new.shape = old.shape
 
     def add_after(self, node: ir.Node, op: str, constant: np.ndarray, base: str) -> ir.Node:
         """Insert `node.output (op) constant` after `node`; every former reader of the output
