@@ -12,7 +12,8 @@ Decomposed forms (x may come through a Cast, the "compute precision" wrapper):
              (or d * Reciprocal(Sqrt(.)), or d * (1 / Sqrt(.))), then [* scale] [+ bias]
   RMSNorm    v = ReduceMean(x*x | x^2); y = x / Sqrt(v + eps) (same three division forms),
              then [* scale]
-  A Cast back to the input dtype may follow the core, before or after scale and bias.
+  A Cast back to the input dtype may follow the core, before or after scale and bias, when the
+  input came through a Cast (the two halves of a compute-dtype wrapper).
 Ops: LayerNormalization, RMSNormalization (opset 23), ORT's SimplifiedLayerNormalization,
 com.microsoft Skip(Simplified)LayerNormalization, BatchNormalization (also between two
 Transposes, and SLAB's RepBN `BN(x) + alpha*x`), and chains of two or more per-channel
@@ -180,23 +181,39 @@ def _rsqrt_tail(var: ir.Value, numerator: ir.Value) -> tuple[float, str, list[ir
     return None
 
 
-def _input_cast(x: ir.Value, pattern_readers: int) -> tuple[ir.Value, list[ir.Node]]:
-    """Look through a Cast feeding the pattern (read by nothing else): the compute-dtype wrapper."""
+def _input_cast(x: ir.Value, pattern_readers: int, claimed: set[ir.Node]) -> tuple[ir.Value, list[ir.Node]]:
+    """Look through a Cast feeding the pattern (read by nothing else): the compute-dtype
+    wrapper, unless an earlier match ends with it (a norm's output Cast feeding the next norm
+    belongs to the first; the second then reads the Cast's output)."""
     node = x.producer()
-    if is_op(node, "Cast") and not x.is_graph_output() and len(readers(x)) == pattern_readers:
+    if is_op(node, "Cast") and node not in claimed and not x.is_graph_output() and len(readers(x)) == pattern_readers:
         return node.inputs[0], [node]
     return x, []
 
 
-def _epilogue(y: ir.Value, k: int, with_bias: bool) -> tuple[ir.Value, list[ir.Node], ir.Value | None, ir.Value | None, ir.Node | None]:
+def _dtype(value: ir.Value) -> ir.DataType | None:
+    """A value's dtype: recorded, or the target of the Cast that makes it."""
+    node = value.producer()
+    if value.dtype is None and is_op(node, "Cast"):
+        return ir.DataType(node.attributes.get_int("to"))
+    return value.dtype
+
+
+def _epilogue(y: ir.Value, k: int, with_bias: bool, cast_back: ir.DataType | bool
+              ) -> tuple[ir.Value, list[ir.Node], ir.Value | None, ir.Value | None, ir.Node | None]:
     """After the core: [Cast] [Mul scale] [Cast] [Add bias] [Cast], each at most once,
-    each the sole reader of the value before it. Returns output, nodes, scale, bias, out_cast."""
+    each the sole reader of the value before it. Returns output, nodes, scale, bias, out_cast.
+    A Cast joins only when it casts back to the norm's input dtype (`cast_back`; True: any,
+    the dtype is unknown but the input came through a Cast; False: none): a Cast to another
+    dtype is the next op's business (the input Cast of the next norm, say)."""
     nodes, scale, bias, cast = [], None, None, None
     while True:
         node = sole_reader(y)
         if node is None:
             break
         if is_op(node, "Cast") and cast is None:
+            if not cast_back or (cast_back is not True and node.attributes.get_int("to") != cast_back):
+                break
             cast = node
         elif is_op(node, "Mul") and scale is None and bias is None:
             other = _other(node, y)
@@ -218,19 +235,21 @@ def _epilogue(y: ir.Value, k: int, with_bias: bool) -> tuple[ir.Value, list[ir.N
 
 
 def _decomposed(kind: str, first: ir.Node, x: ir.Value, axes, core: list[ir.Node], y: ir.Value,
-                eps: float, compute: str, pattern_readers: int, centring=None) -> NormMatch | None:
-    source, cast_in = _input_cast(x, pattern_readers)
+                eps: float, compute: str, pattern_readers: int, claimed: set[ir.Node],
+                centring=None) -> NormMatch | None:
+    source, cast_in = _input_cast(x, pattern_readers, claimed)
     k = _trailing(axes, rank(x) if rank(x) is not None else rank(source))  # a Cast keeps rank
     if k is None:
         return None
-    output, tail, scale, bias, cast_out = _epilogue(y, -k, with_bias=kind == "layernorm")
+    back = _dtype(source) or bool(cast_in)
+    output, tail, scale, bias, cast_out = _epilogue(y, -k, with_bias=kind == "layernorm", cast_back=back)
     detail = {"output_cast": cast_out is not None} if cast_in or cast_out else {}
     return NormMatch(kind, "decomposed", source, output, [*cast_in, first, *core, *tail], k, eps,
                      scale, bias, compute, detail, core_input=x, core_output=y,
                      entry=(cast_in[0] if cast_in else first, 0), anchor=first, centring=centring)
 
 
-def _match_layernorm(mean_node: ir.Node) -> NormMatch | None:
+def _match_layernorm(mean_node: ir.Node, claimed: set[ir.Node]) -> NormMatch | None:
     """Anchored at the first ReduceMean (the mean of x)."""
     x, axes = mean_node.inputs[0], _reduce_axes(mean_node)
     sub = sole_reader(mean_node.outputs[0])
@@ -251,11 +270,11 @@ def _match_layernorm(mean_node: ir.Node) -> NormMatch | None:
             return None
         eps, compute, nodes, y = tail  # d has two readers: the square and the division found
         return _decomposed("layernorm", mean_node, x, axes, [sub, square, var_node, *nodes], y, eps,
-                           compute, pattern_readers=2, centring=(mean_node, sub))
+                           compute, pattern_readers=2, claimed=claimed, centring=(mean_node, sub))
     return None
 
 
-def _match_rmsnorm(square: ir.Node) -> NormMatch | None:
+def _match_rmsnorm(square: ir.Node, claimed: set[ir.Node]) -> NormMatch | None:
     """Anchored at the square of x (Pow 2 or Mul(x, x))."""
     x = square.inputs[0]
     if x is None or not _squares(square, x):
@@ -268,7 +287,8 @@ def _match_rmsnorm(square: ir.Node) -> NormMatch | None:
     if tail is None:
         return None
     eps, compute, nodes, y = tail
-    return _decomposed("rmsnorm", square, x, axes, [var_node, *nodes], y, eps, compute, pattern_readers=2)
+    return _decomposed("rmsnorm", square, x, axes, [var_node, *nodes], y, eps, compute, pattern_readers=2,
+                       claimed=claimed)
 
 
 # ------------------------------------------------------------------------------ fused ops
@@ -408,10 +428,10 @@ def find_norms(graph: ir.Graph) -> list[NormMatch]:
         if node.domain in ONNX_DOMAINS + ("com.microsoft",):
             take(_match_op(node))
             if node.op_type == "ReduceMean":
-                take(_match_layernorm(node))
+                take(_match_layernorm(node, claimed))
     for node in graph:
         if node.op_type in ("Pow", "Mul") and node not in claimed:
-            take(_match_rmsnorm(node))
+            take(_match_rmsnorm(node, claimed))
     for node in graph:
         if node not in claimed and node.op_type in ("Mul", "Add", "Sub", "Div"):
             take(_match_affine_chain(node, claimed))

@@ -143,3 +143,42 @@ def test_property_a_match_computes_its_norm_and_fusing_it_changes_nothing(v):
         assert len(matches) == 1 and matches[0].axis == -v.k and matches[0].epsilon == pytest.approx(v.eps, rel=1e-6)
     elif v.mutation != "extra_use" or v.kind == "layernorm":
         assert matches == []
+
+
+def test_input_cast_of_a_norm_is_not_taken_for_the_previous_norms_output_cast():
+    """Found by the fuzzer (not idempotent): an fp16 LN computed in fp16 is read by a second LN
+    through its Cast to fp32. The first LN's epilogue took that Cast as its output Cast, the
+    second lost it and its core was taken for an RMSNorm; after a first canonicalize run the
+    second was found. The Cast now belongs to the norm it is the input of."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from tests.helpers import const, make_model, tensor
+
+    def ln(x, out, suffix, cast):
+        src = f"{out}_f" if cast else x
+        nodes = [helper.make_node("Cast", [x], [src], to=TensorProto.FLOAT)] if cast else []
+        nodes += [helper.make_node("ReduceMean", [src], [f"{out}_mu"], axes=[-1]),
+                  helper.make_node("Sub", [src, f"{out}_mu"], [f"{out}_d"]),
+                  helper.make_node("Mul", [f"{out}_d", f"{out}_d"], [f"{out}_sq"]),
+                  helper.make_node("ReduceMean", [f"{out}_sq"], [f"{out}_var"], axes=[-1]),
+                  helper.make_node("Add", [f"{out}_var", f"eps{suffix}"], [f"{out}_ve"]),
+                  helper.make_node("Sqrt", [f"{out}_ve"], [f"{out}_std"]),
+                  helper.make_node("Div", [f"{out}_d", f"{out}_std"], [f"{out}_n"]),
+                  helper.make_node("Mul", [f"{out}_n", f"g{suffix}"], [f"{out}_s"]),
+                  helper.make_node("Add", [f"{out}_s", f"b{suffix}"], [out if not cast else f"{out}_y"])]
+        if cast:
+            nodes.append(helper.make_node("Cast", [f"{out}_y"], [out], to=TensorProto.FLOAT16))
+        return nodes
+
+    inits = []
+    for suffix, dtype in (("16", np.float16), ("32", np.float32)):
+        inits += [const(f"eps{suffix}", dtype(1e-5)), const(f"g{suffix}", np.linspace(0.5, 1.5, 6).astype(dtype)),
+                  const(f"b{suffix}", np.linspace(-1, 1, 6).astype(dtype))]
+    proto = make_model(ln("x", "first", "16", False) + ln("first", "y", "32", True),
+                       [tensor("x", TensorProto.FLOAT16, (2, 6))], [tensor("y", TensorProto.FLOAT16, (2, 6))], inits)
+    model = ir.serde.deserialize_model(proto)
+    assert [(m.kind, m.input.name) for m in find_norms(model.graph)] == [("layernorm", "x"), ("layernorm", "first")]
+    options = Options(target="onnx")
+    assert CanonicalizeNorms(options).run(model).changes == ["fused 2 decomposed layernorm -> LayerNormalization"]
+    assert not CanonicalizeNorms(options).run(model).modified
