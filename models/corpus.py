@@ -40,7 +40,9 @@ class Entry:
         from models import cnn, hf, transformer
 
         families = {
-            "clip": hf.clip, "gpt2": hf.gpt2, "gpt2hidden": hf.gpt2hidden, "gpt2narrow": hf.gpt2narrow, "opt": hf.opt, "gptneox": hf.gptneox, "vit": hf.vit, "bert": hf.bert,
+            "clip": hf.clip, "bloom": hf.bloom, "swin": hf.swin, "wav2vec2": hf.wav2vec2, "whisper": hf.whisper,
+            "periln": transformer.periln, "mixln": transformer.mixln, "scaledpool": transformer.scaledpool,
+            "gpt2": hf.gpt2, "gpt2hidden": hf.gpt2hidden, "gpt2narrow": hf.gpt2narrow, "opt": hf.opt, "gptneox": hf.gptneox, "vit": hf.vit, "bert": hf.bert,
             "llama": hf.llama, "preln": transformer.preln, "repbn": transformer.repbn,
             "unifiednorm": transformer.unifiednorm, "resnet18": cnn.resnet18,
             "mobilenetv2": cnn.mobilenetv2, "convnext": cnn.convnext,
@@ -64,11 +66,14 @@ class Paths:
             return {k: f[k] for k in f.files}
 
 
-FAMILIES = ["gpt2", "gpt2hidden", "opt", "gptneox", "vit", "bert", "clip", "llama", "preln", "repbn",
-            "unifiednorm", "resnet18", "mobilenetv2", "convnext"]
+FAMILIES = ["gpt2", "gpt2hidden", "opt", "gptneox", "vit", "bert", "clip", "bloom", "swin", "wav2vec2", "whisper",
+            "llama", "preln", "periln", "mixln", "scaledpool", "repbn", "unifiednorm", "resnet18", "mobilenetv2",
+            "convnext"]
+# Exports per family where not all of them work (Whisper: TorchScript cannot export aten::diff).
+FAMILY_EXPORTS = {"llama": ("ts14", "ts17", "dyn18", "dyn23"), "whisper": ("dyn18",)}
 CORPUS: dict[str, Entry] = {}
 for _family in FAMILIES:
-    for _suffix in ("ts14", "ts17", "dyn18") + (("dyn23",) if _family == "llama" else ()):
+    for _suffix in FAMILY_EXPORTS.get(_family, ("ts14", "ts17", "dyn18")):
         CORPUS[f"{_family}-{_suffix}"] = Entry(f"{_family}-{_suffix}", _family, *EXPORTS[_suffix])
 LARGE = {
     "gpt2-768x12-ts17": Entry("gpt2-768x12-ts17", "gpt2", "ts", 17, large=True),

@@ -178,3 +178,77 @@ def clip() -> Built:
     pixels = torch.randn(BATCH, 3, cfg.image_size, cfg.image_size, generator=g)
     return Built(_ImageModel(T.CLIPVisionModel(cfg), "pooler_output").eval(), {"pixel_values": pixels},
                  ["pooled"], {"pixel_values": {0: "batch"}, "pooled": {0: "batch"}})
+
+
+def bloom() -> Built:
+    """Pre-LN LM with a LayerNorm on the word embeddings before the first block (ALiBi, tied head)."""
+    T = _transformers()
+
+    cfg = _small(T.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=VOCAB))
+    return _text(T.BloomForCausalLM(cfg))
+
+
+def swin() -> Built:
+    """Hierarchical vision transformer: shifted windows (Reshape/Transpose, roll) in the branches,
+    stages joined by patch merging (strided token slices joined on the hidden axis, LayerNorm,
+    a linear reduction that starts the next stage's stream)."""
+    T = _transformers()
+
+    cfg = T.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
+                       num_labels=10)
+    cfg._attn_implementation = "eager"
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(BATCH, 3, 32, 32, generator=g)
+    return Built(_ImageModel(T.SwinForImageClassification(cfg)).eval(), {"pixel_values": pixels},
+                 ["logits"], {"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
+
+
+class _Audio(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_values):
+        return self.model(input_values=input_values).last_hidden_state
+
+
+def wav2vec2() -> Built:
+    """Speech encoder, Pre-LN ("stable layer norm"): a conv front end with GELU, a feature
+    projection with its own LayerNorm, a grouped-conv positional embedding added to the
+    stream (it reads the stream's start), Pre-LN blocks, a final LayerNorm."""
+    T = _transformers()
+
+    cfg = T.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                           conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                           num_conv_pos_embedding_groups=4, do_stable_layer_norm=True, feat_extract_norm="layer")
+    cfg._attn_implementation = "eager"
+    g = torch.Generator().manual_seed(0)
+    audio = torch.randn(BATCH, 400, generator=g)
+    return Built(_Audio(T.Wav2Vec2Model(cfg)).eval(), {"input_values": audio}, ["hidden"],
+                 {"input_values": {0: "batch", 1: "samples"}, "hidden": {0: "batch", 1: "frames"}})
+
+
+class _Seq2Seq(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_features, decoder_input_ids):
+        return self.model(input_features=input_features, decoder_input_ids=decoder_input_ids).logits
+
+
+def whisper() -> Built:
+    """Encoder-decoder, Pre-LN on both sides; the decoder's cross-attention reads the encoder's
+    final LayerNorm output. (TorchScript cannot export it: aten::diff; dynamo only.)"""
+    T = _transformers()
+
+    cfg = _small(T.WhisperConfig(vocab_size=VOCAB, num_mel_bins=8, encoder_layers=2, encoder_attention_heads=4,
+                                 decoder_layers=2, decoder_attention_heads=4, d_model=32, encoder_ffn_dim=64,
+                                 decoder_ffn_dim=64, max_source_positions=16, max_target_positions=16,
+                                 decoder_start_token_id=0))
+    g = torch.Generator().manual_seed(0)
+    inputs = {"input_features": torch.randn(BATCH, 8, 32, generator=g),
+              "decoder_input_ids": torch.randint(0, VOCAB, (BATCH, 5), generator=g)}
+    return Built(_Seq2Seq(T.WhisperForConditionalGeneration(cfg)).eval(), inputs, ["logits"],
+                 {"input_features": {0: "batch"}, "decoder_input_ids": {0: "batch", 1: "target"},
+                  "logits": {0: "batch", 1: "target"}})

@@ -1,4 +1,5 @@
-"""Hand-written transformers: Pre-LN (text), RepBN (SLAB-style, vision), Unified-Norm (vision).
+"""Hand-written transformers: Pre-LN, Peri-LN, Mix-LN and scaled-embedding / mean-pooled text
+models, RepBN (SLAB-style, vision), Unified-Norm (vision).
 
 Same block everywhere, x = x + attn(norm1(x)); x = x + mlp(norm2(x)); only the norm differs:
 - "ln":      nn.LayerNorm over the hidden axis;
@@ -57,29 +58,47 @@ NORMS = {"ln": nn.LayerNorm, "repbn": RepBN, "unified": UnifiedNorm}
 
 
 class Block(nn.Module):
-    def __init__(self, d: int, heads: int, norm: str) -> None:
+    """layout "pre": x + f(norm(x)); "peri": x + norm_out(f(norm(x))) (Peri-LN normalizes the
+    branch outputs too); "post": norm(x + f(x))."""
+
+    def __init__(self, d: int, heads: int, norm: str, layout: str = "pre") -> None:
         super().__init__()
+        self.layout = layout
         self.norm1, self.norm2 = NORMS[norm](d), NORMS[norm](d)
         self.attn = Attention(d, heads)
         self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        if layout == "peri":
+            self.out1, self.out2 = NORMS[norm](d), NORMS[norm](d)
 
     def forward(self, x):
+        if self.layout == "post":
+            x = self.norm1(x + self.attn(x))
+            return self.norm2(x + self.mlp(x))
+        if self.layout == "peri":
+            x = x + self.out1(self.attn(self.norm1(x)))
+            return x + self.out2(self.mlp(self.norm2(x)))
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 
 class TextTransformer(nn.Module):
-    def __init__(self, norm: str) -> None:
+    """`layouts`: one per block (see Block); `embed_scale`: tokens x sqrt(d) (fairseq, T5-style);
+    `pool`: mean over tokens, then the final norm and a classification head."""
+
+    def __init__(self, norm: str, layouts: tuple[str, ...] = ("pre",) * LAYERS, embed_scale: bool = False,
+                 pool: bool = False) -> None:
         super().__init__()
         self.tokens = nn.Embedding(VOCAB, D)
         self.positions = nn.Parameter(torch.randn(1, 64, D) * 0.02)
-        self.blocks = nn.Sequential(*[Block(D, HEADS, norm) for _ in range(LAYERS)])
+        self.blocks = nn.Sequential(*[Block(D, HEADS, norm, layout) for layout in layouts])
         self.norm = NORMS[norm](D)
         self.head = nn.Linear(D, VOCAB)
+        self.scale, self.pool = (D ** 0.5 if embed_scale else 1.0), pool
 
     def forward(self, input_ids):
-        x = self.tokens(input_ids) + self.positions[:, : input_ids.shape[1]]
-        return self.head(self.norm(self.blocks(x)))
+        x = self.tokens(input_ids) * self.scale + self.positions[:, : input_ids.shape[1]]
+        x = self.blocks(x)
+        return self.head(self.norm(x.mean(dim=1) if self.pool else x))
 
 
 class VisionTransformer(nn.Module):
@@ -109,12 +128,31 @@ def _randomize_custom_norms(module: nn.Module, seed: int) -> None:
                 sub.running_var.copy_(0.5 + torch.rand(sub.running_var.shape, generator=g))
 
 
-def preln() -> Built:
+def _text(module: TextTransformer) -> Built:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=g)
     axes = {0: "batch", 1: "sequence"}
-    return Built(TextTransformer("ln").eval(), {"input_ids": ids}, ["logits"],
-                 {"input_ids": axes, "logits": axes})
+    return Built(module.eval(), {"input_ids": ids}, ["logits"],
+                 {"input_ids": axes, "logits": {0: "batch"} if module.pool else axes})
+
+
+def preln() -> Built:
+    return _text(TextTransformer("ln"))
+
+
+def periln() -> Built:
+    """Peri-LN: LayerNorms before each branch and on each branch output."""
+    return _text(TextTransformer("ln", ("peri",) * LAYERS))
+
+
+def mixln() -> Built:
+    """Mix-LN: a Post-LN first block, then Pre-LN blocks."""
+    return _text(TextTransformer("ln", ("post", "pre", "pre")))
+
+
+def scaledpool() -> Built:
+    """Pre-LN with embeddings scaled by sqrt(d) and a mean-pooled classification head."""
+    return _text(TextTransformer("ln", embed_scale=True, pool=True))
 
 
 def _vision(norm: str, large: bool = False) -> Built:

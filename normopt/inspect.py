@@ -71,5 +71,6 @@ def _describe(model: ir.Model, path: Path, target: str) -> dict:
         info["passes"][name] = {
             "applies": plan.applies,
             "reason": plan.summary() if plan.applies else plan.why_not(),
+            **({"stats": plan.stats} if plan.stats else {}),
         }
     return info

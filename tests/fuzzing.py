@@ -223,7 +223,8 @@ def _branch(c, b: Builder, h: str, d: int, rank2: bool) -> str:
 
 EXTRAS = ("hidden_output", "extra_reader", "branch_reader", "inner_reader", "two_axis_ln", "rms_in_stream",
           "post_ln", "nonlinear_writer", "gather_hidden", "shared_weight", "hidden_concat", "pos_slice",
-          "pos_slice_hidden", "reshape_carrier", "transpose_carrier", "pool_all")
+          "pos_slice_hidden", "reshape_carrier", "transpose_carrier", "pool_all", "embedding_ln", "peri_ln",
+          "mix_ln", "patch_merge", "ln_stats", "split_carrier", "pad_carrier")
 
 
 def _embedding(c, b: Builder, start: str, shape: tuple, d: int, rank2: bool, extras: set, notes: list):
@@ -290,6 +291,8 @@ def transformer(c) -> Case:
     if "cls" in notes:
         tokens += 1
         shape = (batch, tokens, d)
+    if "embedding_ln" in extras:  # the stream starts at a LayerNorm's output
+        x = layer_norm(c, b, x, d, opset, len(shape))
     side: list[tuple[str, int]] = []  # (value, width) computed from stream readers; added into y
     layers = c.integer(1, 3) if c.coin(0.9) else 0
     shared_w = None
@@ -317,13 +320,35 @@ def transformer(c) -> Case:
                 notes.append("layerscale")
             if "nonlinear_writer" in extras and i == 0:
                 br = b.op("Relu", [br])
+            if "peri_ln" in extras:  # Peri-LN: the branch output is normalized too
+                br = layer_norm(c, b, br, d, opset, len(shape))
             if "branch_reader" in extras and i == 0:
                 side.append((br, d))
             branches.append(br)
         total = branches[0] if len(branches) == 1 else b.op("Add", branches)
         x = b.op("Add", [x, total] if c.coin() else [total, x])
-        if "post_ln" in extras and i == layers - 1:
+        if "post_ln" in extras and i == layers - 1 or "mix_ln" in extras and i == 0:
             x = layer_norm(c, b, x, d, opset, len(shape))
+        if "ln_stats" in extras and i == 0 and opset >= 17:  # a LayerNorm whose Mean is read
+            normed, mean = b.op("LayerNormalization", [x, b.const(np.ones(d), "g"), b.const(np.zeros(d), "b")], 2, axis=-1)
+            side += [(normed, d), (b.op("Cast", [mean], to=ONNX_TYPE[b.dtype]), 1)]  # Mean is float32
+        if "patch_merge" in extras and i == 0 and not rank2 and tokens >= 2 and tokens % 2 == 0:
+            # Swin's patch merging: strided token slices joined on the hidden axis, LN, reduction
+            pieces = [b.op("Slice", [x, b.const(np.array([k]), "starts", np.int64), b.const(np.array([tokens]), "ends", np.int64),
+                                     b.const(np.array([1]), "axes", np.int64), b.const(np.array([2]), "steps", np.int64)])
+                      for k in (0, 1)]
+            merged = layer_norm(c, b, b.op("Concat", pieces, axis=-1), 2 * d, opset, 3)
+            x = _linear(c, b, merged, 2 * d, d, rank2)
+            tokens //= 2
+            shape = (batch, tokens, d)
+            notes.append("patch merged")
+        if "split_carrier" in extras and not rank2 and tokens >= 2:
+            parts = b.op("Split", [x, b.const(np.array([1, tokens - 1]), "split", np.int64)], 2, axis=1)
+            x = b.op("Concat", list(parts), axis=1)
+        if "pad_carrier" in extras and not rank2:
+            padded = b.op("Pad", [x, b.const(np.array([0, 1, 0, 0, 0, 0]), "pads", np.int64)])
+            x = b.op("Slice", [padded, b.const(np.array([1]), "starts", np.int64), b.const(np.array([tokens + 1]), "ends", np.int64),
+                               b.const(np.array([1]), "axes", np.int64)])
         if "hidden_output" in extras and i == 0:
             b.output(x)
         if "extra_reader" in extras and i == 0:
@@ -357,6 +382,8 @@ def transformer(c) -> Case:
     for value, width in side:  # what the extra readers computed reaches the output
         if pool != "none":
             value = _reduce_mean(b, value, [1], opset >= 18, keepdims=0)
+        elif "patch merged" in notes and not rank2:  # computed before the tokens were halved
+            value = _reduce_mean(b, value, [1], opset >= 18, keepdims=1)
         y = b.op("Add", [y, b.op("MatMul", [value, b.weight((width, outputs))])])
     b.output(y)
     return Case("transformer", b.model(opset), b.feeds, notes)

@@ -38,13 +38,13 @@ def test_the_judge_catches_a_wrong_rewrite(monkeypatch):
     with a LayerNorm over the last two axes is converted wrongly and the judge says so."""
     from normopt.rewriter import stream_plan
 
-    check = stream_plan.Planner._check_norm
+    check = stream_plan.Planner.norm_problem
 
     def without_axis_check(match):
         match.axis = -1
         return check(match)
 
-    monkeypatch.setattr(stream_plan.Planner, "_check_norm", staticmethod(without_axis_check))
+    monkeypatch.setattr(stream_plan.Planner, "norm_problem", staticmethod(without_axis_check))
     wrong = 0
     for seed in range(400):
         choices = fuzzing.RandomChoices(seed)

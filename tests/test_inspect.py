@@ -20,7 +20,9 @@ NORMS = {
     "repbn": lambda e: {("batchnorm", "op"): 5},
     "unifiednorm": lambda e: {("affine", "decomposed"): 5},
     "convnext": lambda e: {("layernorm", "decomposed"): 2},
-    "clip": lambda e: {("layernorm", "decomposed" if e.opset < 17 else "op"): 6},
+    **{f: (lambda e, n=n: {("layernorm", "decomposed" if e.opset < 17 else "op"): n})
+       for f, n in {"clip": 6, "bloom": 6, "swin": 11, "wav2vec2": 8, "whisper": 12, "periln": 9, "mixln": 7,
+                    "scaledpool": 5}.items()},
     **{f: (lambda e: {("layernorm", "decomposed" if e.opset < 17 else "op"): 5}) for f in LN},
 }
 

@@ -45,6 +45,8 @@ class Plan:
     changed_outputs: list[str] = field(default_factory=list)
     # why there is no candidate at all (no norm of the kind the pass rewrites, ...)
     idle: str | None = None
+    # counts worth reporting (candidates, converted, ...), in inspect and the report
+    stats: dict[str, int] = field(default_factory=dict)
 
     @property
     def applies(self) -> bool:
@@ -73,6 +75,7 @@ class PassResult:
     changes: list[str]
     refusals: list[Refusal]
     changed_outputs: list[str] = field(default_factory=list)
+    stats: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -81,6 +84,7 @@ class PassResult:
             "changes": self.changes,
             "refusals": [{"candidate": r.candidate, "reason": r.reason} for r in self.refusals],
             "changed_outputs": self.changed_outputs,
+            "stats": self.stats,
         }
 
 
@@ -105,6 +109,7 @@ class Pass(abc.ABC):
         """Plan and apply (repeatedly for a `repeats` pass); refusals are the last plan's:
         the candidates that still do not apply."""
         plan = self.plan(model)
+        stats = dict(plan.stats)  # what the first plan found (later rounds see the rewritten model)
         changes: list[str] = []
         changed: list[str] = []
         for _ in range(max_rounds if self.repeats else 1):
@@ -117,7 +122,7 @@ class Pass(abc.ABC):
         refusals = list(plan.refusals)
         if plan.idle and not changes:
             refusals.append(Refusal("model", plan.idle))
-        return PassResult(self.name, bool(changes), _merged(changes), refusals, changed)
+        return PassResult(self.name, bool(changes), _merged(changes), refusals, changed, stats)
 
 
 def _merged(lines: list[str]) -> list[str]:

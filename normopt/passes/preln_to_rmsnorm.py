@@ -1,28 +1,25 @@
-"""`preln-to-rmsnorm`: make a Pre-LN transformer's residual stream zero-mean, then every LayerNorm
-that reads it is an RMSNorm (Jiang et al., NeurIPS 2023; docs/rewrites.md, section 1).
+"""`preln-to-rmsnorm`: make the inputs of LayerNorms zero-mean, then each is an RMSNorm (Jiang et
+al., NeurIPS 2023; docs/rewrites.md, section 1): a Pre-LN transformer's residual stream, and
+wherever else a LayerNorm's input can be recentred exactly.
 
 Before: x0 = embed(...)          x_{i+1} = x_i + W_i(f_i(LN(x_i)))        y = head(LN(x_n))
 After:  x0' = x0 - mean(x0)      x'_{i+1} = x'_i + W'_i(f_i(RMSNorm(x'_i)))  y = head(RMSNorm(x'_n))
         with every writer centred (W' = W - W.mean(out axis), b' = b - mean(b)), so x'_i =
         x_i - mean(x_i) and RMSNorm(x'_i) = LN(x_i) exactly (same epsilon, same gamma/beta).
-Conditions (each refusal names the node; the planning is rewriter.stream_plan):
-  1. the model classifies as pre-ln (rewriter.stream): not Post-LN, not already RMSNorm;
-  2. every reader of a stream value is a LayerNorm over the hidden axis alone (converted), a
-     residual Add, a reader of its shape or dtype only (Shape, Size, CastLike's type input),
-     or an op that keeps every token's hidden vector whole (Cast, Reshape keeping the hidden
-     size last, Transpose/Gather/Slice/Squeeze/Unsqueeze away from the hidden axis,
-     ReduceMean over token axes), whose output then joins the stream and is checked the same;
-  3. no stream value is a graph output (hidden states would change), unless
-     `allow_hidden_state_change`;
-  4. every branch output is written by linear ops with constant weights (MatMul, Gemm, an
-     ungrouped Conv, their bias Adds, sums of such branches as in parallel blocks),
-     optionally scaled by a per-channel LayerScale Mul, which is folded into them first (W*g,
-     b*g) and removed; the initial stream value by embedding Gathers, constants, a patch Conv,
-     Concat/Expand/Slice/Reshape/Transpose of those. Every value whose numbers change has no
-     other reader. An initial value it cannot centre through its weights (a graph input, an
-     activation, an embedding table shared with a tied LM head, whose copy would cost its full
-     size) gets one explicit `x - ReduceMean(x)` instead;
-  5. weights shared with other nodes are copied before centring (copy-on-write).
+Decided per LayerNorm (the analysis is rewriter.stream_plan); each norm that stays says why:
+  1. the norm normalizes the hidden axis alone (a LayerNormalization op or a decomposed LN; not a
+     fused Skip* op; its Mean/InvStdDev outputs unread);
+  2. every value recentred with its input is read only by such norms, by merges that carry the
+     recentring on (residual Adds, Cast, Reshape keeping the hidden size, token-axis
+     Gather/Slice/Transpose/Expand/Pad/Split, mean pooling, Concat along a token axis), or by
+     readers of its shape or dtype only; a value that something else reads keeps its numbers,
+     and the merges it feeds are recentred explicitly after it;
+  3. no recentred value is a graph output (hidden states), unless `allow_hidden_state_change`;
+  4. the writers are centred where they can be (linear ops with constant weights along their
+     output axis, ungrouped Convs, embedding tables, constants; LayerScale folded in first;
+     every value the centring changes has no other reader), else recentred explicitly;
+  5. a region is recentred only when it converts more norms than it needs explicit
+     recentrings (one mean each); shared weights are copied before centring.
 Conversion: a decomposed LN loses its ReduceMean and Sub (d = x - mean(x) = x now), which
 leaves the decomposed RMSNorm form onnxruntime fuses; a LayerNormalization op becomes
 RMSNormalization (opset >= 23) or that decomposed form (statistics in float32 for fp16/bf16
@@ -42,7 +39,6 @@ from normopt.rewriter.edit import Editor
 from normopt.rewriter.graph import default_opset, folded_value
 from normopt.rewriter.linear_fold import Fold, fold_weights
 from normopt.rewriter.norms import find_norms
-from normopt.rewriter.stream import analyze
 from normopt.rewriter.stream_plan import Conversion, Planner, Refuse, StreamRewrite
 
 
@@ -143,32 +139,36 @@ class PreLNToRMSNorm(Pass):
     summary = "recentre a Pre-LN transformer's residual stream; its LayerNorms become RMSNorms"
 
     def plan(self, model: ir.Model) -> Plan:
-        graph = model.graph
-        norms = find_norms(graph)
-        stream = analyze(graph, norms)
-        if stream.architecture != "pre-ln":
-            why = {
-                "pre-rmsnorm": "already Pre-RMSNorm: nothing to recentre",
-                "post-ln": "Post-LN: the LayerNorms read the sum after each residual Add, not a stream that can be recentred",
-            }.get(stream.architecture, f"architecture is {stream.architecture}: {'; '.join(stream.reasons)}")
-            return Plan(refusals=[Refusal("model", why)])
+        norms = find_norms(model.graph)
+        layernorms = [m for m in norms if m.kind == "layernorm"]
+        if not layernorms:
+            rms = any(m.kind == "rmsnorm" for m in norms)
+            return Plan(idle="no LayerNorm" + (": its norms are RMSNorms already, nothing to recentre" if rms else ""))
         planner = Planner(norms, self.options.allow_hidden_state_change)
-        adds = {r.node for r in stream.residual_adds}
-        try:
-            rewrite = planner.readers([*stream.initial, *(r.node.outputs[0] for r in stream.residual_adds)], adds)
-            for r in stream.residual_adds:
-                try:
-                    rewrite.merge(planner.writer(r.branch, r.node))
-                except Refuse as exc:
-                    raise Refuse(f"branch written into the stream by residual Add {r.node.name}: {exc}") from None
-        except Refuse as exc:
-            return Plan(refusals=[Refusal("model", str(exc))])
-        for value in stream.initial:  # each in a plan of its own, merged only if it succeeds
-            try:
-                rewrite.merge(planner.writer(value))
-            except Refuse as exc:
-                rewrite.recentred.append((value, str(exc)))
-        return Plan(actions=[rewrite], changed_outputs=planner.changed_outputs)
+        rewrite, plan = StreamRewrite(), Plan()
+        decided: set[int] = set()
+        for comp in planner.components([m.input for m in layernorms]):
+            regions, frozen = planner.regions(comp)
+            for m in comp.norms:
+                if m.input in frozen:
+                    decided.add(id(m))
+                    plan.refusals.append(Refusal(f"layernorm at {m.where()}", frozen[m.input]))
+            for region in regions:
+                result = planner.plan(region)
+                decided.update(id(m) for m in region.norms)
+                if isinstance(result, StreamRewrite):
+                    rewrite.merge(result)
+                    plan.changed_outputs += region.changed_outputs()
+                else:
+                    plan.refusals += [Refusal(f"layernorm at {m.where()}", result) for m in region.norms]
+        for m in layernorms:  # the ones that cannot be converted whatever their input
+            if id(m) not in decided:
+                plan.refusals.append(Refusal(f"layernorm at {m.where()}", planner.norm_problem(m)))
+        if rewrite.conversions:
+            plan.actions.append(rewrite)
+        plan.stats = {"layernorms": len(layernorms), "converted": len(rewrite.conversions),
+                      "recentrings": len(rewrite.recentred), "centred_constants": len(rewrite.centred)}
+        return plan
 
     def apply(self, model: ir.Model, plan: Plan) -> list[str]:
         edit = Editor(model.graph)
@@ -176,11 +176,14 @@ class PreLNToRMSNorm(Pass):
         rewrite: StreamRewrite = plan.actions[0]
         for (node, index), axis in rewrite.centred.items():
             original = folded_value(node.inputs[index])
-            values = original.astype(np.float64)
-            if (node, index) in rewrite.scaled:  # LayerScale first: W*g along the hidden axis
-                values = numerics.scale_along(values, rewrite.scaled[(node, index)], axis)
-            edit.set_constant_input(node, index, numerics.center(values, axis).astype(original.dtype),
-                                    f"{node.name}.centred")
+            if axis is None:  # a shift along the whole hidden axis: the recentring removes it
+                centred = np.zeros_like(original)
+            else:
+                values = original.astype(np.float64)
+                if (node, index) in rewrite.scaled:  # LayerScale first: W*g along the hidden axis
+                    values = numerics.scale_along(values, rewrite.scaled[(node, index)], axis)
+                centred = numerics.center(values, axis).astype(original.dtype)
+            edit.set_constant_input(node, index, centred, f"{node.name}.centred")
         for mul in rewrite.layerscales:  # folded into the writer: y = z * g is z now
             data = next(v for v in mul.inputs if folded_value(v) is None)
             mul.outputs[0].replace_all_uses_with(data)

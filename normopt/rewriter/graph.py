@@ -23,6 +23,7 @@ FORWARDS = {
     "Identity": "value", "Cast": "value",
     "Reshape": "reshape", "Flatten": "reshape", "Squeeze": "reshape", "Unsqueeze": "reshape",
     "Transpose": "move", "Gather": "move", "Slice": "move", "Concat": "move", "Expand": "move", "Tile": "move",
+    "Split": "move", "Pad": "move",
 }
 
 

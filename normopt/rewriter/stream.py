@@ -38,6 +38,7 @@ class ResidualAdd:
     pre: list[NormMatch] = field(default_factory=list)  # norms reading the skip, feeding the branch
     post: NormMatch | None = None  # the norm between this block and a neighbouring one
     peri: NormMatch | None = None  # the norm that ends the branch
+    start_norm: NormMatch | None = None  # the norm whose output starts the stream this Add reads
 
 
 @dataclass
@@ -155,11 +156,12 @@ def analyze(graph: ir.Graph, norms: list[NormMatch]) -> StreamAnalysis:
                  or n.output is r.branch]
         r.peri = by_output.get(r.branch)
         norm = by_output.get(skip)
-        if norm is not None:  # Post-LN: this block reads a normalized stream ...
+        previous = by_add_output.get(_source(norm.input)) if norm is not None else None
+        if previous is not None:  # Post-LN: this block reads the previous block's sum, normalized
             r.post = norm
-            previous = by_add_output.get(_source(norm.input))
-            if previous is not None:  # ... which the previous block wrote through that norm
-                previous.post = previous.post or norm
+            previous.post = previous.post or norm
+        elif norm is not None:  # a norm before the first block (embeddings, pre-encoder, stage start)
+            r.start_norm = norm
     outputs = {r.node.outputs[0] for r in adds}
     carried = [_carried_from(r.skip, norm_inputs) for r in adds]
     initial = [v for v in dict.fromkeys(carried) if v not in outputs]
@@ -186,6 +188,9 @@ def _classify(adds: list[ResidualAdd], seq_norms: list[NormMatch], norms: list[N
     post = [r for r in adds if r.post]
     peri = [r for r in adds if r.peri]
     counts = f"{n} residual Adds: {len(pre)} pre-norm, {len(post)} post-norm, {len(peri)} branch-output norm"
+    starts = [r.start_norm.where() for r in adds if r.start_norm is not None]
+    start_note = ([f"{len(starts)} norm(s) write the start of a stream (before its first block): {', '.join(starts)}"]
+                  if starts else [])
     if not pre and not post and not peri:
         if seq_norms:
             why = (f"its {len(seq_norms)} LayerNorm/RMSNorm(s) read values off the stream "
@@ -196,6 +201,9 @@ def _classify(adds: list[ResidualAdd], seq_norms: list[NormMatch], norms: list[N
         return "none", [f"{n} residual Adds, none normalized by a LayerNorm or RMSNorm: {why}"]
     if len(post) == n and not pre:
         return "post-ln", [counts, "every block input is a norm's output (normalized after the residual Add)"]
+    deciders = [f"Add {r.node.name or r.node.outputs[0].name}: " + (", ".join(
+        k for k, v in (("pre", r.pre), ("post", r.post), ("branch-output", r.peri)) if v) or "no norm")
+        for r in adds if not (r.pre and not r.post and not r.peri)]
     kinds = {m.kind for r in pre for m in r.pre}
     if len(pre) == n and not post:
         if len(peri) == n:
@@ -203,5 +211,7 @@ def _classify(adds: list[ResidualAdd], seq_norms: list[NormMatch], norms: list[N
         if not peri and len(kinds) == 1:
             kind = kinds.pop()
             label = "pre-ln" if kind == "layernorm" else "pre-rmsnorm"
-            return label, [counts, f"every branch reads the raw stream through a {kind}"]
-    return "mixed", [counts, f"norm kinds before branches: {', '.join(sorted(kinds)) or 'none'}"]
+            return label, [counts, f"every branch reads the raw stream through a {kind}", *start_note]
+    return "mixed", [counts, f"norm kinds before branches: {', '.join(sorted(kinds)) or 'none'}",
+                     *([f"not plain pre-norm: {'; '.join(deciders[:3])}" + (f" (+{len(deciders) - 3} more)" if len(deciders) > 3 else "")]
+                       if deciders else []), *start_note]

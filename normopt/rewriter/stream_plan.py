@@ -1,18 +1,27 @@
-"""Planning the recentring of a Pre-LN residual stream (analysis only: nothing is edited).
+"""Deciding, per LayerNorm, whether its input can be made zero-mean, and planning it
+(analysis only: nothing is edited; docs/rewrites.md, section 1).
 
-The stream becomes zero-mean along its hidden axis (the last) when its initial value and every
-branch written into it are (docs/rewrites.md, section 1). `Planner` works out, without editing:
-  - which norms read the stream and become RMSNorms (each must normalize the hidden axis alone:
-    centring shifts every token by its own mean, which a norm over more axes would see), and
-    whether each one's beta folds into the linear ops reading it;
-  - which constants to centre so that a writer writes zero-mean values: the linear op's weight
-    along its output axis and its bias, embedding tables, positional constants, a patch Conv;
-    a LayerScale `Mul` on the way is folded into them first;
-  - every value whose numbers the centring changes has no reader but the path to the stream
-    (else that reader would see the change), and no stream value is read by anything that is
-    not mean-blind or that does not carry zero-mean on.
-Each writer is planned into a fresh `StreamRewrite` that the caller merges only when it
-succeeds, so a refused writer leaves nothing of itself behind.
+A recentring replaces a value x by x - mean(x) along its hidden axis (the last). A LayerNorm
+over exactly that axis sees no change, and reads a zero-mean input: it is an RMSNorm. Every
+other reader must be shown not to see the change:
+  - Components. A merge (`merge_inputs`: Add/Sub, ops that keep each token's hidden vector
+    whole, Concat along another axis) carries a recentring of its inputs on to its output, and
+    its output is recentred exactly when all of its data inputs are. So the values linked by
+    merges, starting from the LayerNorms' inputs, form components; every other reader of a
+    component value blocks that value (a Concat along the hidden axis too: recentred apart,
+    its pieces shift by different amounts, which a norm over the whole sees).
+  - Regions. A blocked value keeps its numbers, and so does everything flowing into it; a merge
+    whose output is not blocked but one of whose inputs is gets an explicit `x - ReduceMean(x)`
+    after it (its own numbers stay; its readers read the recentred ones). What remains falls
+    apart into regions, each recentred on its own.
+  - Sources: the values of a region not written by a merge. Their writers are centred (a linear
+    op's weight along its output axis and its bias, embedding tables, positional constants, a
+    patch Conv; a LayerScale `Mul` is folded in first), each planned into a fresh
+    `StreamRewrite` merged only when it succeeds; a writer that cannot be centred (an
+    activation, a LayerNorm's affine output, a table shared with a tied head, a graph input)
+    gets an explicit recentring instead.
+  - Cost. Each explicit recentring costs one mean; each LayerNorm converted saves one. A region
+    is recentred only when it converts more LayerNorms than it needs recentrings.
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ from normopt.rewriter.linear_fold import bias_add_after, fold_problem
 from normopt.rewriter.norms import NormMatch
 
 MAX_DEPTH = 64
+MERGING_OPS = ("Add", "Sub", "Concat", "Cast", "Identity", "Reshape", "Transpose", "Gather", "Slice", "Squeeze",
+               "Unsqueeze", "ReduceMean", "Expand", "Pad", "Split", "Tile")
 
 
 class Refuse(Exception):
@@ -45,7 +56,7 @@ class Conversion:
 @dataclass
 class StreamRewrite:
     conversions: list[Conversion] = field(default_factory=list)
-    centred: dict[tuple[ir.Node, int], int] = field(default_factory=dict)  # (node, input) -> axis
+    centred: dict[tuple[ir.Node, int], int | None] = field(default_factory=dict)  # (node, input) -> axis, None: zero
     scaled: dict[tuple[ir.Node, int], np.ndarray] = field(default_factory=dict)  # LayerScale folded in first
     layerscales: list[ir.Node] = field(default_factory=list)  # Muls removed once folded
     recentred: list[tuple[ir.Value, str]] = field(default_factory=list)  # explicit x - mean(x), and why
@@ -84,7 +95,11 @@ def _hidden_through(node: ir.Node, out_axis: int) -> int:
     """The input axis that becomes `out_axis` (non-negative) of a shape-moving node's output,
     for ops that keep each output position's hidden vector a whole input hidden vector."""
     out_rank, in_rank = rank(node.outputs[0]), rank(node.inputs[0])
-    if node.op_type in ("Cast", "Identity", "Expand", "Slice"):
+    if node.op_type == "Expand":  # broadcasting aligns trailing axes
+        if out_rank is None or in_rank is None or out_axis - (out_rank - in_rank) < 0:
+            raise Refuse(f"Expand {node.name} adds the hidden axis (or ranks are unknown)")
+        return out_axis - (out_rank - in_rank)
+    if node.op_type in ("Cast", "Identity", "Slice"):
         if out_rank is None or in_rank is None or out_rank != in_rank:
             raise Refuse(f"rank unknown around {node.op_type} {node.name}")
         if node.op_type == "Slice":
@@ -131,6 +146,17 @@ def keeps_hidden(node: ir.Node) -> bool:
             return False
         out_r = r + len(axes) if node.op_type == "Unsqueeze" else r
         return all(a % out_r != out_r - 1 for a in axes)
+    if is_op(node, "Split"):
+        return node.attributes.get_int("axis", 0) % r != last
+    if is_op(node, "Expand", "Tile"):  # repeats tokens, never the hidden vector's entries
+        a, b = static_shape(node.inputs[0]), static_shape(node.outputs[0])
+        return a is not None and b is not None and bool(a) and a[-1] == b[-1]
+    if is_op(node, "Pad"):  # zeros added on token axes only (zero is zero-mean)
+        pads = folded_value(node.inputs[1]) if len(node.inputs) > 1 else None
+        fill = folded_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros(())
+        plain = node.attributes.get_string("mode", "constant") == "constant" and len(node.inputs) <= 3
+        return (plain and pads is not None and pads.size == 2 * r and pads[last] == 0 and pads[-1] == 0
+                and fill is not None and np.all(fill == 0))
     return False
 
 
@@ -142,57 +168,246 @@ def _broadcasts_over_last(array: np.ndarray) -> bool:
 # ------------------------------------------------------------------------------ planner
 
 
+@dataclass
+class Component:
+    """Values linked by merges (see `merge_inputs`): recentring a value changes every value it
+    flows into through one, and a merge's output is recentred by its writers only if all its
+    data inputs are. `norms`: the LayerNorms over the hidden axis reading its values;
+    `blockers`: values whose numbers must not change (a reader would see it), with why."""
+
+    values: list[ir.Value] = field(default_factory=list)
+    merges: list[ir.Node] = field(default_factory=list)
+    norms: list[NormMatch] = field(default_factory=list)
+    blockers: dict[ir.Value, str] = field(default_factory=dict)
+
+
+@dataclass
+class Region:
+    """The part of a component that is recentred: `values` change; `starts` are recentred by
+    an explicit `x - ReduceMean(x)` (their own numbers stay, their readers read the recentred
+    ones) because a merge input of theirs must keep its numbers; `merges` are those whose
+    output changes (their constants are centred)."""
+
+    values: list[ir.Value]
+    norms: list[NormMatch]
+    merges: list[ir.Node]
+    starts: dict[ir.Value, str]  # -> why its inputs keep their numbers
+
+    def changed_outputs(self) -> list[str]:
+        return [v.name for v in self.values if v.is_graph_output() and v not in self.starts]
+
+    def sources(self) -> list[ir.Value]:
+        """Values whose writers are centred (or recentred explicitly when they cannot be)."""
+        merges, starts = set(self.merges), set(self.starts)
+        return [v for v in self.values if v.producer() not in merges and v not in starts]
+
+
+def _hidden_size(value: ir.Value) -> int | None:
+    """The static size of a value's last axis, or None."""
+    shape = value.shape
+    return shape[-1] if shape is not None and len(shape) and isinstance(shape[-1], int) else None
+
+
+def merge_inputs(node: ir.Node | None) -> list[ir.Value] | None:
+    """The data inputs through which `node` carries a recentring on to its output unchanged in
+    kind (x - mean(x) at every position, along the hidden axis, the last), or None: Add/Sub
+    of values with the same hidden size (and constants, centred with them); Concat along another
+    axis; ops that keep every token's hidden vector whole (Cast, Reshape keeping the hidden size,
+    token-axis Gather/Slice/Transpose/Expand/Pad/Split, mean pooling over tokens)."""
+    if node is None or not is_op(node, *MERGING_OPS):
+        return None
+    data = [v for v in node.inputs if v is not None and folded_value(v) is None]
+    out = node.outputs[0]
+    if is_op(node, "Add", "Sub"):
+        hidden = _hidden_size(out)
+        if len(node.inputs) != 2 or hidden is None or any(_hidden_size(v) != hidden for v in data):
+            return None
+        return data or None
+    if is_op(node, "Concat"):
+        r = rank(out)
+        if r is None or node.attributes.get_int("axis", 0) % r == r - 1:
+            return None  # pieces recentred apart are not the whole recentred
+        return data or None
+    source = node.inputs[0] if node.inputs else None
+    if source is None or source not in data or source in node.inputs[1:] or not keeps_hidden(node):
+        return None
+    return [source]
+
+
 class Planner:
     def __init__(self, norms: list[NormMatch], allow_hidden: bool) -> None:
         self.allow_hidden = allow_hidden
-        self.changed_outputs: list[str] = []
         self.norm_of = {n: m for m in norms if m.kind in ("layernorm", "rmsnorm") for n in m.nodes}
 
-    # ------------------------------------------------------------------ readers of the stream
-    def readers(self, starts: list[ir.Value], adds: set[ir.Node]) -> StreamRewrite:
-        """Check every reader of every stream value (following carriers); the LayerNorms
-        that read the stream become the plan's conversions."""
-        plan, queue, seen, converted = StreamRewrite(), list(starts), set(), set()
+    # ---------------------------------------------------------------------- components
+    def components(self, seeds: list[ir.Value]) -> list[Component]:
+        """The components holding `seeds` (the inputs of the LayerNorms), each found once."""
+        found: list[Component] = []
+        seen: set[ir.Value] = set()
+        for seed in seeds:
+            if seed not in seen:
+                found.append(self._component(seed, seen))
+        return found
+
+    def _component(self, seed: ir.Value, seen: set[ir.Value]) -> Component:
+        comp, queue, merges, norms = Component(), [seed], set(), set()
+
+        def block(value: ir.Value, why: str) -> None:
+            comp.blockers.setdefault(value, why)
+
         while queue:
             value = queue.pop()
             if value in seen:
                 continue
             seen.add(value)
-            if value.is_graph_output():
-                if not self.allow_hidden:
-                    raise Refuse(f"stream value '{value.name}' is a graph output: its hidden states would "
-                                 "change (pass --allow-hidden-state-change to accept that)")
-                self.changed_outputs.append(value.name)
+            comp.values.append(value)
+            if value.is_graph_output() and not self.allow_hidden:
+                block(value, f"'{value.name}' is a graph output: it would change (pass "
+                             "--allow-hidden-state-change to accept that)")
+            producer = value.producer()
+            inputs = merge_inputs(producer)
+            if inputs is not None:
+                if producer not in merges:
+                    merges.add(producer)
+                    comp.merges.append(producer)
+                queue.extend(inputs)
             for node in readers(value, numbers_only=True):  # shape/dtype-only readers see no change
-                if node in adds:
-                    continue
                 match = self.norm_of.get(node)
                 if match is not None and match.input is value:
-                    self._check_norm(match)
-                    if id(match) not in converted:
-                        converted.add(id(match))
-                        plan.conversions.append(Conversion(match, self._beta_readers(match)))
+                    problem = self.norm_problem(match)
+                    if problem:
+                        block(value, problem)
+                    elif id(match) not in norms:
+                        norms.add(id(match))
+                        comp.norms.append(match)
                     continue
-                if (forwards(node, "value", "reshape", "move") or is_op(node, "ReduceMean")) and \
-                        node.inputs[0] is value and value not in node.inputs[1:] and keeps_hidden(node):
-                    queue.extend(node.outputs[:1])
+                inputs = merge_inputs(node)
+                if inputs is not None and value in inputs:
+                    if node not in merges:
+                        merges.add(node)
+                        comp.merges.append(node)
+                    queue.extend(node.outputs)
                     continue
-                raise Refuse(f"{node.op_type} {node.name} reads stream value '{value.name}' and would see "
-                             "the recentred values (not shift-invariant)")
+                if is_op(node, "Concat"):
+                    block(value, f"Concat {node.name} joins '{value.name}' with other pieces along the hidden "
+                                 "axis: recentred apart, the pieces would shift by different amounts, which a norm "
+                                 "over the whole sees")
+                else:
+                    block(value, f"{node.op_type} {node.name} reads '{value.name}' and would see the recentred "
+                                 "values (not shift-invariant)")
+        return comp
+
+    @staticmethod
+    def regions(comp: Component) -> tuple[list[Region], dict[ir.Value, str]]:
+        """The parts of `comp` that can be recentred, and the values that must keep their
+        numbers (with why). A blocked value keeps its numbers, and so does everything flowing
+        into it; a merge fed by such a value is recentred explicitly at its output, which in
+        turn fixes all of its inputs. What is left falls apart into regions along its merges."""
+        merges = set(comp.merges)
+        frozen: dict[ir.Value, str] = {}
+        closed: set[ir.Value] = set()
+
+        def freeze(value: ir.Value, why: str) -> None:  # it, and all that flows into it
+            stack = [value]
+            while stack:
+                v = stack.pop()
+                frozen.setdefault(v, why)
+                if v not in closed:
+                    closed.add(v)
+                    if v.producer() in merges:
+                        stack.extend(merge_inputs(v.producer()))
+
+        for value, why in comp.blockers.items():
+            freeze(value, why)
+        starts: dict[ir.Value, str] = {}
+        changed = True
+        while changed:
+            changed = False
+            for value in comp.values:
+                producer = value.producer()
+                if value in frozen or value in starts or producer not in merges:
+                    continue
+                inputs = merge_inputs(producer)
+                kept = next((v for v in inputs if v in frozen), None)
+                if kept is not None:  # its inputs keep their numbers: recentre it explicitly
+                    starts[value] = f"it is computed from '{kept.name}', which must keep its numbers: {frozen[kept]}"
+                    for v in inputs:
+                        freeze(v, frozen[kept])
+                    changed = True
+        free = [v for v in comp.values if v not in frozen]
+        region_of: dict[ir.Value, int] = {}
+        groups: list[list[ir.Value]] = []
+        for value in free:  # regions: linked by merges whose output and inputs all change
+            if value in region_of:
+                continue
+            group, stack = [], [value]
+            region_of[value] = len(groups)
+            while stack:
+                v = stack.pop()
+                group.append(v)
+                linked = []
+                producer = v.producer()
+                if producer in merges and v not in starts:
+                    linked += merge_inputs(producer)
+                for node in readers(v, numbers_only=True):
+                    if node in merges and v in merge_inputs(node):
+                        linked += [o for o in node.outputs if o not in starts]
+                for other in linked:
+                    if other not in frozen and other not in region_of:
+                        region_of[other] = len(groups)
+                        stack.append(other)
+            groups.append(group)
+        regions = []
+        for group in groups:
+            members = set(group)
+            regions.append(Region(
+                values=group,
+                norms=[m for m in comp.norms if m.input in members],
+                merges=[n for n in comp.merges if any(o in members and o not in starts for o in n.outputs)],
+                starts={v: why for v, why in starts.items() if v in members}))
+        return regions, frozen
+
+    def plan(self, region: Region) -> StreamRewrite | str:
+        """A plan recentring the region and converting its LayerNorms, or why not: the
+        explicit recentrings it needs cost as much as the norms it converts save."""
+        if not region.norms:
+            return "no LayerNorm reads it"
+        plan = StreamRewrite()
+        try:
+            for node in region.merges:  # constants added into the region are centred with it
+                if is_op(node, "Add", "Sub", "Concat"):
+                    for i, v in enumerate(node.inputs):
+                        if v is not None and folded_value(v) is not None:
+                            self._centre(plan, None, node, i, -1)
+        except Refuse as exc:
+            return str(exc)
+        plan.recentred += list(region.starts.items())
+        for source in region.sources():  # each in a plan of its own, merged only if it succeeds
+            try:
+                plan.merge(self.writer(source))
+            except Refuse as exc:
+                plan.recentred.append((source, str(exc)))
+        if len(plan.recentred) >= len(region.norms):
+            why = "; ".join(f"'{v.name}': {reason}" for v, reason in plan.recentred[:2])
+            return (f"{len(region.norms)} LayerNorm(s) would need {len(plan.recentred)} explicit recentring(s), "
+                    f"which cost as much as they save ({why})")
+        plan.conversions = [Conversion(m, self._beta_readers(m)) for m in region.norms]
         return plan
 
     @staticmethod
-    def _check_norm(match: NormMatch) -> None:
+    def norm_problem(match: NormMatch) -> str | None:
+        """Why this norm cannot be converted (and sees a recentring of its input), or None."""
         where = match.where()
         if match.kind != "layernorm":
-            raise Refuse(f"{match.kind} {where} reads the stream (mixed norms)")
+            return f"{match.kind} {where} is not shift-invariant (already an RMSNorm?)"
         if match.form == "op" and not is_op(match.nodes[0], "LayerNormalization"):
-            raise Refuse(f"{match.nodes[0].op_type} {where} reads the stream (a fused op normopt does not convert)")
+            return f"{match.nodes[0].op_type} {where} is a fused op normopt does not convert"
         if match.axis != -1:
-            raise Refuse(f"LayerNorm {where} normalizes the last {match.normalized_axes} axes, not the hidden "
-                         "axis alone: it would see each token's own shift")
+            return (f"LayerNorm {where} normalizes the last {match.normalized_axes} axes, not the hidden "
+                    "axis alone: it would see each token's own shift")
         if match.form == "op" and any(o.uses() or o.is_graph_output() for o in match.nodes[0].outputs[1:]):
-            raise Refuse(f"LayerNormalization {where}'s Mean/InvStdDev outputs are read")
+            return f"LayerNormalization {where}'s Mean/InvStdDev outputs are read"
+        return None
 
     @staticmethod
     def _beta_readers(match: NormMatch) -> list[tuple[ir.Node, ir.Node | None]]:
@@ -225,11 +440,9 @@ class Planner:
         return found
 
     # ----------------------------------------------------------------------------- writers
-    def writer(self, value: ir.Value, reader: ir.Node | None = None) -> StreamRewrite:
-        """A fresh plan centring everything that writes `value` (a branch output read by
-        `reader`, its residual Add, or an initial stream value) along its hidden axis."""
-        if reader is not None and (value.is_graph_output() or readers(value, numbers_only=True) != [reader]):
-            raise Refuse(f"'{value.name}' is read by other nodes too (they would see the centring)")
+    def writer(self, value: ir.Value) -> StreamRewrite:
+        """A fresh plan centring everything that writes `value` (a component's source, whose
+        readers the component has checked) along its hidden axis."""
         plan = StreamRewrite()
         self._centre_writer(plan, value, None, 0, None)
         return plan
@@ -322,12 +535,14 @@ class Planner:
 
     @staticmethod
     def _centre(plan: StreamRewrite, scale: np.ndarray | None, node: ir.Node, index: int, axis: int) -> None:
-        """Plan centring of a constant input along `axis` (negative: counted from its end)."""
+        """Plan centring of a constant input along `axis` (negative: counted from its end). A
+        constant broadcast along the hidden axis adds the same to every hidden entry, a shift
+        the recentring removes: centred, it is zero (axis None)."""
         array = folded_value(node.inputs[index])
-        if array.ndim < -axis or array.shape[axis] == 1:  # broadcast along the hidden axis
-            if np.all(array == 0):
-                return
-            raise Refuse(f"constant '{node.inputs[index].name}' is added along the whole hidden axis")
+        if array.ndim < -axis or array.shape[axis] == 1:
+            if np.any(array != 0):
+                plan.centred[(node, index)] = None
+            return
         plan.centred[(node, index)] = axis
         if scale is not None:
             if scale.size not in (1, array.shape[axis]):

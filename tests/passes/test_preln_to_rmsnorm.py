@@ -15,56 +15,105 @@ from models.corpus import CORPUS
 from normopt.passes.preln_to_rmsnorm import PreLNToRMSNorm
 from normopt.rewriter import io
 from tests.helpers import annotate
+from normopt.rewriter.graph import folded_value
 from normopt.rewriter.norms import find_norms
 from normopt.passes.base import Options
 from normopt.rewrite import rewrite
 from normopt.verify import VerifyOptions, compare_output
 from tests.helpers import assert_matches_reference, const, make_model, ort_run, tensor
 
-PRE_LN = sorted(n for n, e in CORPUS.items() if e.family in ("gpt2", "opt", "gptneox", "vit", "preln"))
-UNTOUCHED = {"bert": "Post-LN", "llama": "already Pre-RMSNorm", "clip": "architecture is mixed", "resnet18": "architecture is none",
-             "repbn": "architecture is none", "convnext": "architecture is none"}
+# Families with Pre-LN blocks: (LayerNorms, converted, explicit recentrings) per export
+PRE_LN = {
+    "gpt2": (5, 5, 0), "opt": (5, 5, 0), "gptneox": (5, 5, 0), "vit": (5, 5, 0), "preln": (5, 5, 0),
+    "scaledpool": (5, 5, 0),  # tokens x sqrt(d) folded into the table; the mean-pooled final norm too
+    "clip": (6, 6, 1), "bloom": (6, 6, 1),  # a LayerNorm on the embeddings writes the stream: one recentring
+    "whisper": (12, 12, 2),  # encoder (after its conv + GELU front end) and decoder: one recentring each
+    "periln": (9, 9, 4),  # branch-output norms read linear outputs; the stream is recentred after each
+    "mixln": (7, 5, 1),  # the Post-LN block's 2 stay; one recentring at the Post-LN/Pre-LN boundary
+    "wav2vec2": (8, 7, 1),  # the feature projection's norm stays (no gain); the stream is recentred after
+                            # the conv positional embedding, which reads the stream's start
+    # stage 1 (4) and its patch-merging norm stay: the merge joins recentred token slices on the
+    # hidden axis, which would shift each piece by its own mean (see test_patch_merging_is_not_recentred)
+    "swin": (11, 6, 0),
+}
+PRE_LN_EXPORTS = sorted(n for n, e in CORPUS.items() if e.family in PRE_LN)
 
 
 @pytest.mark.parametrize("target", ["onnx", "ort"])
-@pytest.mark.parametrize("name", PRE_LN)
+@pytest.mark.parametrize("name", PRE_LN_EXPORTS)
 def test_every_stream_layernorm_becomes_rmsnorm(corpus, tmp_path, name, target):
     paths = corpus(name)
+    total, count, recentrings = PRE_LN[CORPUS[name].family]
     out = tmp_path / "out.onnx"
     passes = ["preln-to-rmsnorm"] + (["canonicalize-norms"] if target == "ort" else [])
     report = rewrite(paths.model, out, passes=passes, options=Options(target=target),
                      verification=VerifyOptions(inputs=paths.load_inputs()))
-    assert report.passes[0].modified and "converted 5 LayerNorm(s)" in report.passes[0].changes[0]
+    result = report.passes[0]
+    assert result.modified and f"converted {count} LayerNorm(s)" in result.changes[0], result.refusals
+    assert result.stats == {"layernorms": total, "converted": count, "recentrings": recentrings,
+                            "centred_constants": result.stats["centred_constants"]}
+    assert len(result.refusals) == total - count  # each norm that stays says why
     model = io.load(out)
     kinds = collections.Counter(m.kind for m in find_norms(model.graph))
-    assert kinds == {"rmsnorm": 5}
+    assert kinds == {"rmsnorm": count, **({"layernorm": total - count} if total > count else {})}
     ops = collections.Counter(n.op_type for n in model.graph)
     if target == "ort":
-        assert ops["SimplifiedLayerNormalization"] == 5
+        assert ops["SimplifiedLayerNormalization"] == count
     assert_matches_reference(out, paths)
+    annotate(model)
     again = PreLNToRMSNorm().run(model)
-    assert not again.modified and "already Pre-RMSNorm" in again.refusals[0].reason
+    assert not again.modified  # idempotent
+    if total == count:
+        assert "its norms are RMSNorms already" in again.refusals[0].reason
 
 
-@pytest.mark.parametrize("family,reason", sorted(UNTOUCHED.items()))
-def test_other_architectures_are_left_alone(corpus, family, reason):
+@pytest.mark.parametrize("family,reason", [
+    ("llama", "no LayerNorm: its norms are RMSNorms already"),
+    ("resnet18", "no LayerNorm"),
+    ("repbn", "no LayerNorm"),
+    # ConvNeXt's LayerNorm reads a depthwise Conv's output: one recentring per norm, no gain
+    ("convnext", "would need 1 explicit recentring(s), which cost as much as they save"),
+])
+def test_models_where_nothing_converts_say_why(corpus, family, reason):
     model = io.load(corpus(f"{family}-ts17").model)
     annotate(model)
     result = PreLNToRMSNorm().run(model)
-    assert not result.modified and reason in result.refusals[0].reason
+    assert not result.modified and result.refusals and all(reason in r.reason for r in result.refusals)
+
+
+def test_post_ln_blocks_stay_and_the_embedding_norm_converts(corpus, tmp_path):
+    """BERT: each block's LayerNorm writes the stream the next block's Q/K/V read, so those
+    stay (each refusal names the reader); the embedding LayerNorm reads centrable tables."""
+    paths = corpus("bert-ts17")
+    report = rewrite(paths.model, tmp_path / "out.onnx", passes=["preln-to-rmsnorm"],
+                     verification=VerifyOptions(inputs=paths.load_inputs()))
+    result = report.passes[0]
+    assert result.stats["converted"] == 1 and len(result.refusals) == 4
+    for refusal in result.refusals:  # one recentring each, no gain; the blocker is named
+        assert "would need 1 explicit recentring(s), which cost as much as they save" in refusal.reason
+        assert "which must keep its numbers: MatMul" in refusal.reason and "would see the recentred values" in refusal.reason
+    assert_matches_reference(tmp_path / "out.onnx", paths)
 
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "normopt", *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
-def test_hidden_state_outputs_refused_unless_allowed(corpus, tmp_path):
+def test_hidden_state_outputs_stay_unless_allowed(corpus, tmp_path):
+    """GPT-2 returning every hidden state: without the flag the norms reading an output stay
+    (the outputs keep their numbers) and the last block's converts after one recentring; with
+    it every norm converts and the stream outputs are reported as changed."""
     src, out, report = corpus("gpt2hidden-ts17").model, tmp_path / "o.onnx", tmp_path / "r.json"
-    proc = _cli("rewrite", src, out, "--passes", "preln-to-rmsnorm", "--explain")
-    assert proc.returncode == 3 and not out.exists()
-    assert "stream value 'hidden_" in proc.stderr and "--allow-hidden-state-change" in proc.stderr
+    proc = _cli("rewrite", src, out, "--passes", "preln-to-rmsnorm", "--explain", "--report", report)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(report.read_text())
+    assert data["passes"][0]["stats"]["converted"] == 2 and data["verification"]["ok"]
+    reasons = [r["reason"] for r in data["passes"][0]["refusals"]]
+    assert any("'hidden_1' is a graph output" in r and "--allow-hidden-state-change" in r for r in reasons)
+    assert all(o["skipped"] is None for o in data["verification"]["outputs"])  # every output unchanged
     proc = _cli("rewrite", src, out, "--passes", "preln-to-rmsnorm", "--allow-hidden-state-change", "--report", report)
     assert proc.returncode == 0, proc.stderr
+    assert json.loads(report.read_text())["passes"][0]["stats"]["converted"] == 5
     checks = {o["name"]: o for o in json.loads(report.read_text())["verification"]["outputs"]}
     assert checks["logits"]["skipped"] is None and checks["logits"]["max_rel"] < 1e-5
     assert checks["hidden_0"]["skipped"] and checks["hidden_1"]["skipped"]  # the stream: changed on request
@@ -171,7 +220,7 @@ def test_shared_table_gets_one_explicit_recentring_not_a_copy():
     ir_model = ir.serde.deserialize_model(model)
     annotate(ir_model)
     result = PreLNToRMSNorm().run(ir_model)
-    assert result.modified and any("inserted x - ReduceMean(x) after 'x0'" in c and "shared" in c for c in result.changes)
+    assert result.modified and any("inserted x - ReduceMean(x) after 'tok'" in c and "shared" in c for c in result.changes)
     assert len(ir_model.graph.initializers["table"].uses()) == 2  # still one table, still shared
     _convert(model)
 
@@ -180,7 +229,7 @@ def test_shared_table_gets_one_explicit_recentring_not_a_copy():
 def test_non_shift_invariant_reader_refused_by_name(op):
     reader = (lambda x: helper.make_node(op, [x], ["extra"], name="culprit"), None, (2, 4, 8))
     reason = _convert(_blocks(reader=reader), expect=False)
-    assert f"{op} culprit reads stream value 'x1'" in reason
+    assert f"{op} culprit reads 'x1' and would see the recentred values" in reason
 
 
 def test_shape_and_token_readers_are_allowed():
@@ -193,7 +242,7 @@ def test_shape_and_token_readers_are_allowed():
 
     _convert(_blocks(reader=(pool_then_norm, None, (2, 8))))
     # the pooled vector itself is a stream value: as a graph output it would change
-    assert "stream value 'extra' is a graph output" in _convert(_blocks(reader=(pool, None, (2, 8))), expect=False)
+    assert "'extra' is a graph output" in _convert(_blocks(reader=(pool, None, (2, 8))), expect=False)
     _convert(_blocks(reader=(lambda x: helper.make_node("Shape", [x], ["extra"]), TensorProto.INT64, (3,))))
 
     def cast_like(x):  # reads only the stream's dtype (dynamo exports do this)
@@ -208,28 +257,39 @@ def test_reduce_over_hidden_axis_is_refused():
         return helper.make_node("ReduceMean", [x], ["extra"], axes=[-1], keepdims=1, name="hidden_mean")
 
     reason = _convert(_blocks(reader=(hidden_mean, None, (2, 4, 1))), expect=False)
-    assert "ReduceMean hidden_mean reads stream value" in reason
+    assert "ReduceMean hidden_mean reads 'x1'" in reason
 
 
 def test_stream_output_refused_unless_allowed():
-    assert "stream value 'x1' is a graph output" in _convert(_blocks(stream_output=True), expect=False)
+    assert "'x1' is a graph output" in _convert(_blocks(stream_output=True), expect=False)
     ir_model = ir.serde.deserialize_model(_blocks(stream_output=True))
     annotate(ir_model)
     result = PreLNToRMSNorm(Options(allow_hidden_state_change=True)).run(ir_model)
     assert result.modified and result.changed_outputs == ["x1"]
 
 
-def test_non_linear_branch_writer_refused_by_name():
-    reason = _convert(_blocks(branch_tail="Tanh"), expect=False)
-    assert "branch written into the stream" in reason and "Tanh" in reason
+def test_non_linear_branch_writer_gets_an_explicit_recentring():
+    """Each block's branch ends in Tanh: the branches are recentred explicitly (2), which buys
+    3 LayerNorms; each recentring names the writer it could not centre."""
+    rewritten = _convert(_blocks(branch_tail="Tanh"))
+    ir_model = ir.serde.deserialize_model(_blocks(branch_tail="Tanh"))
+    annotate(ir_model)
+    changes = PreLNToRMSNorm().run(ir_model).changes
+    assert "converted 3 LayerNorm(s) reading the stream to RMSNorm" in changes[0]
+    assert sum("inserted x - ReduceMean(x)" in c and "Tanh" in c for c in changes) == 2
+    assert collections.Counter(n.op_type for n in rewritten.graph.node)["ReduceMean"] == 2 + 3  # 2 means, 3 RMS
 
 
 def test_layernorm_statistics_outputs_read():
+    """The LN whose Mean output is read stays (named); the stream it reads keeps its numbers,
+    the rest of the stream is recentred once after it, and the two later norms convert."""
     model = _blocks()
     ln = next(n for n in model.graph.node if n.op_type == "LayerNormalization")
     ln.output.extend(["ln_mean"])
     model.graph.output.append(helper.make_tensor_value_info("ln_mean", TensorProto.FLOAT, None))
-    assert "Mean/InvStdDev outputs are read" in _convert(model, expect=False)
+    result, rewritten = _run(model)
+    assert result.stats["converted"] == 2 and any("Mean/InvStdDev outputs are read" in r.reason for r in result.refusals)
+    _assert_same(model, rewritten, {"ids": np.array([[1, 5, 7, 2], [3, 3, 0, 9]], np.int64)})
 
 
 def test_beta_folds_into_the_linear_readers_only():
@@ -330,7 +390,8 @@ def test_layernorm_over_the_last_two_axes_of_the_stream_is_refused(form):
         first = lambda x, out: _ln_decomposed(x, out, [-2, -1], "g", "b")  # noqa: E731
     model, feeds = _one_block(first)
     result, rewritten = _run(model)
-    assert not result.modified and "normalizes the last 2 axes, not the hidden axis alone" in result.refusals[0].reason
+    reasons = [r.reason for r in result.refusals]
+    assert not result.modified and any("normalizes the last 2 axes, not the hidden axis alone" in r for r in reasons)
     _assert_same(model, rewritten, feeds)
 
 
@@ -341,7 +402,7 @@ def test_two_axis_layernorm_with_a_token_by_hidden_beta_is_refused_not_a_crash()
              const("b2", (0.3 * rng.standard_normal((tokens, d))).astype(np.float32))]
     model, feeds = _one_block(lambda x, out: _ln_decomposed(x, out, [-2, -1], "g2", "b2"), d, tokens, extra)
     result, rewritten = _run(model)
-    assert not result.modified and "normalizes the last 2 axes" in result.refusals[0].reason
+    assert not result.modified and any("normalizes the last 2 axes" in r.reason for r in result.refusals)
     _assert_same(model, rewritten, feeds)
 
 
@@ -373,7 +434,7 @@ def test_refused_initial_writer_leaves_nothing_of_its_plan_behind():
     model, feeds = _tied_start(embscale=True, decomposed=False)
     result, rewritten = _run(model)
     assert result.modified and "LayerScale" not in " ".join(result.changes)
-    assert any("inserted x - ReduceMean(x) after 'x0'" in c and "shared" in c for c in result.changes)
+    assert any("inserted x - ReduceMean(x) after 'es'" in c and "shared" in c for c in result.changes)
     assert "scale" in {i for n in rewritten.graph.node if n.op_type == "Mul" for i in n.input}  # the Mul stays
     _assert_same(model, rewritten, feeds)
 
@@ -434,11 +495,13 @@ def test_grouped_patch_conv_is_not_centred_per_channel():
 
 
 def test_value_the_centring_changes_must_have_no_other_reader():
-    """The branch's MatMul output is also a graph output: centring its weight would change it."""
+    """The branch's MatMul output is also a graph output: centring its weight would change it.
+    It keeps its numbers; the branch is recentred explicitly after its bias Add instead."""
     model, feeds = _patch_model(inner_reader=True)
     result, rewritten = _run(model)
-    assert not result.modified and "'m' is read by other nodes too" in result.refusals[0].reason
-    _assert_same(model, rewritten, feeds)
+    assert result.modified and any("after 'br' (it is computed from 'm', which must keep its numbers: 'm' is a graph "
+                                   "output" in c for c in result.changes)
+    _assert_same(model, rewritten, feeds)  # 'm' (an output) included
 
 
 def test_positional_table_sliced_on_the_hidden_axis_is_recentred_explicitly():
@@ -454,5 +517,60 @@ def test_positional_table_sliced_on_the_hidden_axis_is_recentred_explicitly():
              helper.make_node("LayerNormalization", ["x1", "g", "b"], ["y"], axis=-1)]
     model = make_model(nodes, [tensor("x", shape=(2, 3, d))], [tensor("y", shape=(2, 3, d))], inits)
     result, rewritten = _run(model)
-    assert result.modified and any("after 'x0' (Slice cut slices the hidden axis" in c for c in result.changes)
+    assert result.modified and any("after 'pos' (Slice cut slices the hidden axis" in c for c in result.changes)
     _assert_same(model, rewritten, {"x": rng.standard_normal((2, 3, d)).astype(np.float32)})
+
+
+def _patch_merging(d=4, tokens=4):
+    """x0 (centrable) -> Pre-LN block -> patch merging (even/odd token slices joined on the
+    hidden axis, LN over 2d, reduction to d) -> Pre-LN block -> LN."""
+    inits = [const("w_in", rng.standard_normal((3, d)).astype(np.float32)),
+             const("g", (1 + 0.3 * rng.standard_normal(d)).astype(np.float32)), const("b", (0.3 * rng.standard_normal(d)).astype(np.float32)),
+             const("g2", (1 + 0.3 * rng.standard_normal(2 * d)).astype(np.float32)), const("b2", np.zeros(2 * d, np.float32)),
+             const("w0", rng.standard_normal((d, d)).astype(np.float32)), const("w1", rng.standard_normal((d, d)).astype(np.float32)),
+             const("red", rng.standard_normal((2 * d, d)).astype(np.float32)), const("zero", np.array([0])),
+             const("one", np.array([1])), const("end", np.array([tokens])), const("ax", np.array([1])), const("two", np.array([2]))]
+    nodes = [helper.make_node("MatMul", ["x", "w_in"], ["x0"]),
+             helper.make_node("LayerNormalization", ["x0", "g", "b"], ["h0"], axis=-1, name="stage1_ln"),
+             helper.make_node("MatMul", ["h0", "w0"], ["br0"]), helper.make_node("Add", ["x0", "br0"], ["x1"]),
+             helper.make_node("Slice", ["x1", "zero", "end", "ax", "two"], ["even"]),
+             helper.make_node("Slice", ["x1", "one", "end", "ax", "two"], ["odd"]),
+             helper.make_node("Concat", ["even", "odd"], ["merged"], axis=-1, name="merge"),
+             helper.make_node("LayerNormalization", ["merged", "g2", "b2"], ["mn"], axis=-1, name="merge_ln"),
+             helper.make_node("MatMul", ["mn", "red"], ["s0"]),
+             helper.make_node("LayerNormalization", ["s0", "g", "b"], ["h1"], axis=-1, name="stage2_ln"),
+             helper.make_node("MatMul", ["h1", "w1"], ["br1"]), helper.make_node("Add", ["s0", "br1"], ["s1"]),
+             helper.make_node("LayerNormalization", ["s1", "g", "b"], ["y"], axis=-1, name="final_ln")]
+    model = make_model(nodes, [tensor("x", shape=(2, tokens, 3))], [tensor("y", shape=(2, tokens // 2, d))], inits)
+    return model, {"x": rng.standard_normal((2, tokens, 3)).astype(np.float32)}
+
+
+def test_patch_merging_is_not_recentred(monkeypatch):
+    """Swin-style patch merging joins token slices of the stage-1 stream on the hidden axis.
+    Recentred, each slice would shift by its own token's mean, and the LayerNorm over the joined
+    vector sees those different shifts: stage 1 keeps its numbers (its norm and the merge's
+    stay, named); stage 2, which starts at the reduction, converts. Treating the Concat as
+    carrying the recentring (a zero-mean concat of zero-mean pieces) would be wrong, as the
+    second half shows."""
+    from normopt.rewriter import stream_plan
+
+    model, feeds = _patch_merging()
+    result, rewritten = _run(model)
+    assert result.stats["converted"] == 2  # stage2_ln, final_ln
+    reasons = {r.candidate: r.reason for r in result.refusals}
+    for ln in ("stage1_ln", "merge_ln"):
+        assert "Concat merge" in reasons[f"layernorm at {ln}"] and "along the hidden axis" in reasons[f"layernorm at {ln}"]
+    _assert_same(model, rewritten, feeds)
+
+    merge = stream_plan.merge_inputs
+
+    def concat_carries_it(node):  # the unsound rule: a Concat of zero-mean pieces is zero-mean
+        if node is not None and node.op_type == "Concat":
+            return [v for v in node.inputs if folded_value(v) is None]
+        return merge(node)
+
+    monkeypatch.setattr(stream_plan, "merge_inputs", concat_carries_it)
+    result, wrong = _run(model)
+    assert result.stats["converted"] == 4
+    before, after = ort_run(model, feeds)["y"], ort_run(wrong, feeds)["y"]
+    assert np.abs(after - before).max() > 0.1 * np.abs(before).max()

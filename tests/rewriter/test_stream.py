@@ -14,7 +14,9 @@ from tests.helpers import const, make_model, tensor
 EXPECTED = {
     "gpt2": "pre-ln", "gpt2hidden": "pre-ln", "opt": "pre-ln", "gptneox": "pre-ln", "vit": "pre-ln", "preln": "pre-ln",
     "bert": "post-ln", "llama": "pre-rmsnorm", "resnet18": "none", "mobilenetv2": "none",
-    "clip": "mixed",  # its LayerNorm on the embeddings reads as a post-norm
+    "clip": "pre-ln", "bloom": "pre-ln",  # with a LayerNorm on the embeddings (named in the reasons)
+    "swin": "pre-ln", "whisper": "pre-ln", "scaledpool": "pre-ln", "periln": "peri-ln", "mixln": "mixed",
+    "wav2vec2": "mixed",  # its conv positional embedding is a residual Add without a norm
     "repbn": "none", "unifiednorm": "none", "convnext": "none",
 }
 RESIDUAL_ADDS = {"gpt2": 4, "gpt2hidden": 4, "opt": 4, "gptneox": 2, "vit": 4, "preln": 4, "bert": 4, "llama": 4, "clip": 4}
@@ -26,6 +28,8 @@ def test_corpus_architecture(corpus, name):
     result = analyze(graph, find_norms(graph))
     family = CORPUS[name].family
     assert result.architecture == EXPECTED[family], result.reasons
+    if family in ("clip", "bloom"):
+        assert any("1 norm(s) write the start of a stream" in r for r in result.reasons)
     if family in RESIDUAL_ADDS:
         assert len(result.residual_adds) == RESIDUAL_ADDS[family]  # no mask or GELU Adds
         assert len(result.final_norms) == (0 if family == "clip" else 1)  # CLIP normalizes the pooled cls token
