@@ -1,6 +1,6 @@
 """Pre-LN -> Pre-RMSNorm end to end and in the norm ops, ORT CPU, one interleaved run.
 
-    python benchmarks/preln.py [--rounds 30] [--threads 2] [--skip-peer]
+    python benchmarks/preln.py [--rounds 30] [--threads 2] [--skip-peer] [--only SUBSTRING]
 
 Variants per model: the original; `normopt rewrite` with --target onnx (decomposed RMSNorm that
 onnxruntime fuses, or RMSNormalization at opset >= 23) and with --target ort
@@ -29,12 +29,16 @@ CASES = [
     ("gpt2-768x12-ts17", "GPT-2 768x12, 1x128 tokens", "gpt2", 12, 768, {"batch": 1, "seq": 128}),
     ("vit-b16-dyn18", "ViT-B/16, batch 1", "vit", 12, 768, {"batch": 1}),
     ("gpt2-128x4-ts17", "GPT-2 128x4 (norm-heavy), 8x512 tokens", "gpt2", 4, 128, {"batch": 8, "seq": 512}),
+    # per-norm decisions: a hierarchical vision model (its last stage converts) and an LM with a
+    # LayerNorm on its embeddings (one explicit recentring); no peer for these model types
+    ("swin-t-ts17", "Swin-T, batch 1", None, 0, 0, {"batch": 1}),
+    ("bloom-512x8-ts17", "BLOOM 512x8 (embedding LN), 1x128 tokens", None, 0, 0, {"batch": 1, "seq": 128}),
 ]
 
 
 def feeds_for(entry: str, sizes: dict) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    if entry.startswith("vit"):
+    if entry.startswith(("vit", "swin")):
         return {"pixel_values": rng.standard_normal((sizes["batch"], 3, 224, 224)).astype(np.float32)}
     b, s = sizes["batch"], sizes["seq"]
     return {"input_ids": rng.integers(0, 128, (b, s)).astype(np.int64), "attention_mask": np.ones((b, s), np.int64)}
@@ -61,6 +65,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-peer", action="store_true", help="leave out onnxruntime's transformers optimizer")
+    parser.add_argument("--only", help="run only the models whose label contains this")
     args = parser.parse_args()
     env = environment(args.threads)
     table = Table(title=f"preln-to-rmsnorm, ORT {env['onnxruntime']} CPU, ORT_ENABLE_ALL, {args.threads} threads, "
@@ -70,6 +75,8 @@ def main() -> int:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for entry, label, model_type, heads, hidden, sizes in CASES:
+            if args.only and args.only not in label:
+                continue
             src = build(entry).model
             feeds = feeds_for(entry, sizes)
             variants = {"original": src}
@@ -77,7 +84,7 @@ def main() -> int:
                 dst = Path(tmp) / f"{entry}-{target}.onnx"
                 rewrite(src, dst, options=Options(target=target), verification=VerifyOptions(inputs=feeds))
                 variants[f"normopt --target {target}"] = dst
-            if not args.skip_peer:
+            if not args.skip_peer and model_type is not None:
                 from onnxruntime.transformers import optimizer
 
                 peer = Path(tmp) / f"{entry}-ortopt.onnx"

@@ -86,6 +86,8 @@ LARGE = {
     "resnet18-full-dyn18": Entry("resnet18-full-dyn18", "resnet18", "dynamo", 18, large=True),
     "resnet18-full-dyn18-folded": Entry("resnet18-full-dyn18-folded", "resnet18", "dynamo", 18, large=True, keep_bn=False),
     "repbn-vits-dyn18": Entry("repbn-vits-dyn18", "repbn", "dynamo", 18, large=True),
+    "swin-t-ts17": Entry("swin-t-ts17", "swin", "ts", 17, large=True),
+    "bloom-512x8-ts17": Entry("bloom-512x8-ts17", "bloom", "ts", 17, large=True),
 }
 
 

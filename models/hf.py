@@ -180,25 +180,30 @@ def clip() -> Built:
                  ["pooled"], {"pixel_values": {0: "batch"}, "pooled": {0: "batch"}})
 
 
-def bloom() -> Built:
-    """Pre-LN LM with a LayerNorm on the word embeddings before the first block (ALiBi, tied head)."""
+def bloom(large: bool = False) -> Built:
+    """Pre-LN LM with a LayerNorm on the word embeddings before the first block (ALiBi, tied
+    head). Large: 512 wide, 8 layers, 8 heads (vocab kept small: the head is not the point)."""
     T = _transformers()
 
-    cfg = _small(T.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=VOCAB))
+    d, layers, heads = (512, 8, 8) if large else (64, 2, 4)
+    cfg = _small(T.BloomConfig(hidden_size=d, n_layer=layers, n_head=heads, vocab_size=VOCAB))
     return _text(T.BloomForCausalLM(cfg))
 
 
-def swin() -> Built:
+def swin(large: bool = False) -> Built:
     """Hierarchical vision transformer: shifted windows (Reshape/Transpose, roll) in the branches,
     stages joined by patch merging (strided token slices joined on the hidden axis, LayerNorm,
-    a linear reduction that starts the next stage's stream)."""
+    a linear reduction that starts the next stage's stream). Large: Swin-T at 224x224, batch 1."""
     T = _transformers()
 
-    cfg = T.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
-                       num_labels=10)
+    if large:
+        cfg = T.SwinConfig(image_size=224, num_labels=1000)  # Swin-T: 96 wide, depths 2-2-6-2
+    else:
+        cfg = T.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                           window_size=4, num_labels=10)
     cfg._attn_implementation = "eager"
     g = torch.Generator().manual_seed(0)
-    pixels = torch.randn(BATCH, 3, 32, 32, generator=g)
+    pixels = torch.randn(1 if large else BATCH, 3, cfg.image_size, cfg.image_size, generator=g)
     return Built(_ImageModel(T.SwinForImageClassification(cfg)).eval(), {"pixel_values": pixels},
                  ["logits"], {"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
 
