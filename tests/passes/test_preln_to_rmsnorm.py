@@ -574,3 +574,16 @@ def test_patch_merging_is_not_recentred(monkeypatch):
     assert result.stats["converted"] == 4
     before, after = ort_run(model, feeds)["y"], ort_run(wrong, feeds)["y"]
     assert np.abs(after - before).max() > 0.1 * np.abs(before).max()
+
+
+def test_an_rmsnorm_reading_the_stream_keeps_it():
+    """An RMSNorm is not shift-invariant: the stream value it reads keeps its numbers, and the
+    stream is recentred explicitly after the next residual Add (the recentring names why)."""
+    model = _blocks(opset=23)
+    first = next(n for n in model.graph.node if n.op_type == "LayerNormalization")
+    first.op_type = "RMSNormalization"
+    del first.input[2]
+    result, rewritten = _run(model)
+    assert result.stats == {"layernorms": 2, "converted": 2, "recentrings": 1, "centred_constants": 2}
+    assert any("after 'x1'" in c and "is not shift-invariant" in c for c in result.changes)
+    _assert_same(model, rewritten, {"ids": np.array([[1, 5, 7, 2], [3, 3, 0, 9]], np.int64)})
