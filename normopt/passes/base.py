@@ -35,6 +35,7 @@ class Options:
 class Refusal:
     candidate: str
     reason: str
+    idle: bool = field(default=False, compare=False)  # "no candidate at all" (Plan.idle), not a candidate's
 
 
 @dataclass
@@ -76,6 +77,14 @@ class PassResult:
     refusals: list[Refusal]
     changed_outputs: list[str] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)
+
+    def then(self, later: PassResult) -> PassResult:
+        """This result followed by the same pass's next round: all changes, the last refusals
+        (without a later "nothing to do" once an earlier round did something)."""
+        modified = self.modified or later.modified
+        return PassResult(self.name, modified, _merged(self.changes + later.changes),
+                          [r for r in later.refusals if not (r.idle and modified)],
+                          list(dict.fromkeys(self.changed_outputs + later.changed_outputs)), self.stats)
 
     def to_json(self) -> dict:
         return {
@@ -121,7 +130,7 @@ class Pass(abc.ABC):
                 plan = self.plan(model)
         refusals = list(plan.refusals)
         if plan.idle and not changes:
-            refusals.append(Refusal("model", plan.idle))
+            refusals.append(Refusal("model", plan.idle, idle=True))
         return PassResult(self.name, bool(changes), _merged(changes), refusals, changed, stats)
 
 

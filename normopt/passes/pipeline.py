@@ -1,8 +1,10 @@
 """The passes by name, the default pipeline, and the function that runs a pipeline.
 
 A pipeline is: annotate shapes (so the passes see ranks and normalized sizes), the passes in
-order, then `cleanup` whatever was asked; the annotations no pass used are taken back before
-the model is written (rewriter.shapes).
+order and `cleanup` whatever was asked, repeated until none of the passes asked for changes the
+model (one pass's edits can make a candidate of an earlier one: a fold that gives a tied head its
+own weight frees the embedding table for centring); the annotations no pass used are taken back
+before the model is written (rewriter.shapes). So a second run changes nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ PASSES: dict[str, type[Pass]] = {
 DEFAULT_PIPELINE: tuple[str, ...] = ("preln-to-rmsnorm", "canonicalize-norms", "fold-affine-norms")
 # Run after every pipeline, whatever was asked.
 FINAL_PASSES: tuple[str, ...] = ("cleanup",)
+MAX_ROUNDS = 8
 
 
 def resolve(names: Sequence[str] | None) -> list[str]:
@@ -49,12 +52,20 @@ def run_pipeline(
     options: Options | None = None,
     on_pass: Callable[[str], None] | None = None,
 ) -> list[PassResult]:
-    """Run `names` then the final passes (each once); results in run order."""
-    results = []
+    """Run `names` then the final passes, again until none of `names` changes the model; one
+    result per pass, in run order."""
+    results: dict[str, PassResult] = {}
+    order = [*names, *(n for n in FINAL_PASSES if n not in names)]
     with annotated(model):
-        for name in [*names, *(n for n in FINAL_PASSES if n not in names)]:
-            if on_pass:
-                on_pass(name)
-            results.append(PASSES[name](options).run(model))
-    return results
+        for _ in range(MAX_ROUNDS):
+            changed = False
+            for name in order:  # cleanup each round: a dead reader would still share a weight
+                if on_pass:
+                    on_pass(name)
+                result = PASSES[name](options).run(model)
+                results[name] = results[name].then(result) if name in results else result
+                changed |= result.modified and name in names
+            if not changed:
+                break
+    return list(results.values())
 

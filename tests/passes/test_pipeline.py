@@ -33,3 +33,35 @@ def test_plan_why_not():
     assert Plan(idle="no norm").why_not() == "model: no norm"
     plan = Plan(refusals=[Refusal("node a", "reason one"), Refusal("node b", "reason two")])
     assert plan.why_not() == "node a: reason one (+1 more)"
+
+
+def test_the_pipeline_repeats_until_nothing_changes():
+    """Found by the fuzzer (not idempotent): a tied table blocks preln-to-rmsnorm; then
+    fold-affine-norms folds the norm's fp16 affine (left outside the fused op by its Cast) into
+    the head, which gets a weight of its own and frees the table; only a second run converted
+    the norm. The pipeline now repeats until nothing changes, so a second run changes nothing."""
+    import numpy as np
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from normopt.passes.pipeline import DEFAULT_PIPELINE, run_pipeline
+    from tests.helpers import const, make_model, tensor
+
+    h = TensorProto.FLOAT16
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("Add", ["e", "pos"], ["x"]),
+             helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceMean", ["xf"], ["mu"], axes=[-1]), helper.make_node("Sub", ["xf", "mu"], ["d"]),
+             helper.make_node("Mul", ["d", "d"], ["sq"]), helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1]),
+             helper.make_node("Add", ["var", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["std"]),
+             helper.make_node("Div", ["d", "std"], ["n"]), helper.make_node("Cast", ["n"], ["n16"], to=h),
+             helper.make_node("Mul", ["n16", "g"], ["s"]), helper.make_node("Add", ["s", "b"], ["f"]),
+             helper.make_node("Transpose", ["table"], ["tt"], perm=[1, 0]), helper.make_node("MatMul", ["f", "tt"], ["y"])]
+    inits = [const("table", rng.standard_normal((10, 6)).astype(np.float16)), const("pos", rng.standard_normal((3, 6)).astype(np.float16)),
+             const("eps", np.float32(1e-5)), const("g", (1 + rng.random(6)).astype(np.float16)),
+             const("b", rng.standard_normal(6).astype(np.float16))]
+    proto = make_model(nodes, [tensor("ids", TensorProto.INT64, (2, 3))], [tensor("y", h, (2, 3, 10))], inits)
+    model = ir.serde.deserialize_model(proto)
+    first = {r.name: r for r in run_pipeline(model, list(DEFAULT_PIPELINE))}
+    assert first["preln-to-rmsnorm"].modified and first["fold-affine-norms"].modified
+    assert not any(r.modified for r in run_pipeline(model, list(DEFAULT_PIPELINE)))
