@@ -19,6 +19,8 @@ from typing import Any, ClassVar, Literal
 
 import onnx_ir as ir
 
+from normopt.rewriter.graph import frozen_graph
+
 Target = Literal["onnx", "ort", "tensorrt"]
 
 
@@ -36,6 +38,12 @@ class Refusal:
     candidate: str
     reason: str
     idle: bool = field(default=False, compare=False)  # "no candidate at all" (Plan.idle), not a candidate's
+    settled: bool = field(default=False, compare=False)  # no other pass's edit can lift it (the opset)
+
+    @property
+    def may_change(self) -> bool:
+        """Could another pass's edits make this candidate possible?"""
+        return not (self.idle or self.settled)
 
 
 @dataclass
@@ -117,7 +125,8 @@ class Pass(abc.ABC):
     def run(self, model: ir.Model, max_rounds: int = 64) -> PassResult:
         """Plan and apply (repeatedly for a `repeats` pass); refusals are the last plan's:
         the candidates that still do not apply."""
-        plan = self.plan(model)
+        with frozen_graph():
+            plan = self.plan(model)
         stats = dict(plan.stats)  # what the first plan found (later rounds see the rewritten model)
         changes: list[str] = []
         changed: list[str] = []
@@ -127,7 +136,8 @@ class Pass(abc.ABC):
             changes += self.apply(model, plan)
             changed += plan.changed_outputs
             if self.repeats:
-                plan = self.plan(model)
+                with frozen_graph():
+                    plan = self.plan(model)
         refusals = list(plan.refusals)
         if plan.idle and not changes:
             refusals.append(Refusal("model", plan.idle, idle=True))

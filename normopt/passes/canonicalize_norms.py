@@ -156,8 +156,9 @@ class CanonicalizeNorms(Pass):
             if match.kind not in ("layernorm", "rmsnorm") or match.form != "decomposed":
                 continue
             result = _plan_one(match, opset, self.options.target)
-            if isinstance(result, str):
-                plan.refusals.append(Refusal(f"{match.kind} at {match.where()}", result))
+            if isinstance(result, str):  # no other pass changes the opset or the target
+                settled = isinstance(_fused_op(match.kind, opset, self.options.target), str)
+                plan.refusals.append(Refusal(f"{match.kind} at {match.where()}", result, settled=settled))
             else:
                 plan.actions.append(result)
         if not plan.actions and not plan.refusals:

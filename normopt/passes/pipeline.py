@@ -1,10 +1,12 @@
 """The passes by name, the default pipeline, and the function that runs a pipeline.
 
 A pipeline is: annotate shapes (so the passes see ranks and normalized sizes), the passes in
-order and `cleanup` whatever was asked, repeated until none of the passes asked for changes the
-model (one pass's edits can make a candidate of an earlier one: a fold that gives a tied head its
-own weight frees the embedding table for centring); the annotations no pass used are taken back
-before the model is written (rewriter.shapes). So a second run changes nothing.
+order and `cleanup` whatever was asked (a pass after one that changed the model always runs);
+then again every pass that refused a candidate while a later pass changed the model (one
+pass's edits can free a candidate of an earlier one: a fold that gives a tied head its own
+weight frees the embedding table for centring), until none changes anything; the annotations
+no pass used are taken back before the model is written (rewriter.shapes). So a second run
+changes nothing.
 """
 
 from __future__ import annotations
@@ -52,20 +54,29 @@ def run_pipeline(
     options: Options | None = None,
     on_pass: Callable[[str], None] | None = None,
 ) -> list[PassResult]:
-    """Run `names` then the final passes, again until none of `names` changes the model; one
-    result per pass, in run order."""
+    """Run `names` then the final passes; then again those that refused a candidate while a pass
+    after them changed the model, until none does. One result per pass, in run order."""
     results: dict[str, PassResult] = {}
-    order = [*names, *(n for n in FINAL_PASSES if n not in names)]
+    finals = [n for n in FINAL_PASSES if n not in names]
+    order = [*names, *finals]
+    pending = set(order)
     with annotated(model):
         for _ in range(MAX_ROUNDS):
-            changed = False
-            for name in order:  # cleanup each round: a dead reader would still share a weight
+            ran: list[tuple[str, bool]] = []
+            for name in order:
+                # a pass runs when pending, or when a pass before it changed the model this round
+                if name not in pending and not any(m for _, m in ran):
+                    continue
                 if on_pass:
                     on_pass(name)
                 result = PASSES[name](options).run(model)
                 results[name] = results[name].then(result) if name in results else result
-                changed |= result.modified and name in names
-            if not changed:
+                ran.append((name, result.modified))
+            # again: the passes that refused a candidate a later pass's edits may have freed
+            # (cleanup each round: a dead reader still shares a weight)
+            pending = {n for i, (n, _) in enumerate(ran) if n in names and any(m for _, m in ran[i + 1:])
+                       and any(r.may_change for r in results[n].refusals)}
+            if not pending:
                 break
+            pending.update(finals)
     return list(results.values())
-

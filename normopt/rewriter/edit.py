@@ -66,7 +66,7 @@ class Editor:
     def initializer(self, base: str, array: np.ndarray) -> ir.Value:
         """Register `array` as a new initializer named after `base`."""
         name = self.value_name(base)
-        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        value = ir.Value(name=name, const_value=ir.Tensor(np.asarray(array), name=name))
         self.graph.register_initializer(value)
         return value
 

@@ -7,6 +7,9 @@ every walk through a graph: `LINEAR_OPS` (ops with a weight normopt can rewrite)
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import onnx_ir as ir
 
@@ -153,11 +156,38 @@ _FOLDABLE = set(_ELEMENTWISE) | {"Shape", "CastLike", "Expand", "Reshape", "Unsq
                                  "Transpose"}
 
 
+_memo: dict[int, tuple[ir.Value, np.ndarray | None]] | None = None
+
+
+@contextlib.contextmanager
+def frozen_graph() -> Iterator[None]:
+    """Within the block the graph is not edited, so `folded_value` may remember its answers
+    (analysis asks the same values again and again: every Mul and Add of a norm search)."""
+    global _memo
+    outer = _memo
+    _memo = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _memo = outer
+
+
 def folded_value(value: ir.Value | None, depth: int = 8) -> np.ndarray | None:
     """Like `constant_value`, but also evaluates the small constant subgraphs exporters leave
     unfolded: elementwise math (`sqrt(running_var + eps)`), a Linear's `Transpose(W)`, and the
     shape arithmetic dynamo uses for a conv bias (`Expand(CastLike(0, x), Shape(W)[0:1])`).
     Analysis only: nothing is written back to the graph."""
+    if _memo is not None and value is not None and depth == 8:
+        hit = _memo.get(id(value))
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        result = _folded(value, depth)
+        _memo[id(value)] = (value, result)
+        return result
+    return _folded(value, depth)
+
+
+def _folded(value: ir.Value | None, depth: int) -> np.ndarray | None:
     direct = constant_value(value)
     if direct is not None or value is None or depth == 0:
         return direct

@@ -1,3 +1,4 @@
+import onnx_ir as ir
 import pytest
 
 from normopt.errors import BadInput
@@ -65,3 +66,37 @@ def test_the_pipeline_repeats_until_nothing_changes():
     first = {r.name: r for r in run_pipeline(model, list(DEFAULT_PIPELINE))}
     assert first["preln-to-rmsnorm"].modified and first["fold-affine-norms"].modified
     assert not any(r.modified for r in run_pipeline(model, list(DEFAULT_PIPELINE)))
+
+
+def test_a_pass_after_one_that_changed_the_model_runs_again(monkeypatch):
+    """Round 1: `a` refuses a candidate, `c` changes the model, so `a` runs again; when `a`
+    then changes the model, `b` (after it) runs again too, though `b` refused nothing; a pass
+    with nothing left that another pass could free is not run again (each round costs a pass
+    over the whole graph)."""
+    from normopt.passes.base import Pass
+    from normopt.passes.pipeline import run_pipeline
+
+    calls: list[str] = []
+
+    def stub(name: str, modifies):  # modifies(k): does the k-th run (0-based) change the model?
+        class Stub(Pass):
+            summary = "stub"
+
+            def plan(self, model):
+                k = calls.count(name)
+                calls.append(name)
+                if modifies(k):
+                    return Plan(actions=["edit"])
+                return Plan(refusals=[Refusal("x", "later perhaps")] if name == "a" and k == 0 else [], idle="none")
+
+            def apply(self, model, plan):
+                return ["did 1 thing"]
+        Stub.name = name
+        return Stub
+
+    passes = {"a": stub("a", lambda k: k == 1), "b": stub("b", lambda k: k == 1),
+              "c": stub("c", lambda k: k == 0), "cleanup": stub("cleanup", lambda k: False)}
+    monkeypatch.setattr(pipeline, "PASSES", passes)
+    results = {r.name: r for r in run_pipeline(ir.Model(ir.Graph([], [], nodes=[]), ir_version=10), ["a", "b", "c"])}
+    assert calls == ["a", "b", "c", "cleanup", "a", "b", "c", "cleanup"]
+    assert results["a"].modified and results["b"].modified and results["c"].modified
