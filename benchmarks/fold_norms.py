@@ -1,6 +1,6 @@
 """ORT CPU latency of `fold-affine-norms`, in one run, interleaved.
 
-    python benchmarks/fold_norms.py [--rounds 30] [--threads 2]
+    python benchmarks/fold_norms.py [--rounds 30] [--reps 2] [--threads 2]
 
 - ResNet-18 (torchvision width, 224x224, batch 1), dynamo export with BatchNorm kept
   (optimize=False: the conv bias arrives through Expand, and onnxruntime keeps all 20 BNs):
@@ -17,7 +17,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import environment, interleaved, runner, summarize, write
+from common import CELLS, cells, compare, environment, write
+
+VS_PEER = "normopt folded (x the exporter's folded export)"
 
 
 def main() -> int:
@@ -30,12 +32,14 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--reps", type=int, default=2, help="repetitions, each with fresh sessions")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     env = environment(args.threads)
     table = Table(title=f"fold-affine-norms, ORT {env['onnxruntime']} CPU, ORT_ENABLE_ALL, {args.threads} threads, "
-                        f"{args.rounds} interleaved rounds (paired median ratios)")
-    for col in ("model", "variant", "median ms", "p90 ms", "x original", "note"):
+                        f"{args.reps} x {args.rounds} interleaved rounds (paired median ratios to the original "
+                        f"unless noted)")
+    for col in ("model", "variant", *CELLS, "note"):
         table.add_column(col)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -44,25 +48,22 @@ def main() -> int:
             folded = Path(tmp) / f"{entry}-folded.onnx"
             report = rewrite(paths.model, folded, passes=["fold-affine-norms"],
                              verification=VerifyOptions(inputs=paths.load_inputs()))
-            feeds = paths.load_inputs()
-            runners = {"original": runner(paths.model, feeds, args.threads),
-                       "normopt folded": runner(folded, feeds, args.threads)}
+            variants = {"original": paths.model, "normopt folded": folded}
+            against = {}
             if peer:
-                runners["exporter folded"] = runner(build(peer).model, feeds, args.threads)
-            summary = summarize(interleaved(runners, rounds=args.rounds), "original")
-            if peer:
-                ratio = summarize(interleaved({k: runners[k] for k in ("exporter folded", "normopt folded")},
-                                              rounds=args.rounds, seed=1), "exporter folded")["normopt folded"]["ratio"]
-                summary["normopt folded"]["x_exporter_folded"] = ratio
-            for name, s in summary.items():
+                variants["exporter folded"] = build(peer).model
+                variants[VS_PEER] = folded
+                against[VS_PEER] = "exporter folded"
+            figures = compare(variants, "original", paths.load_inputs(), threads=args.threads, rounds=args.rounds,
+                              reps=args.reps, against=against)
+            for name, figure in figures.items():
                 note = "; ".join(report.passes[0].changes) if name == "normopt folded" else ""
-                if "x_exporter_folded" in s:
-                    note += f"; {s['x_exporter_folded']:.3f}x the exporter's folded export"
-                table.add_row(entry, name, f"{s['median_ms']:.2f}", f"{s['p90_ms']:.2f}", f"{s['ratio']:.3f}", note)
-            results[entry] = {"summary": summary, "changes": report.passes[0].changes,
+                table.add_row(entry, name, *cells(figure), note)
+            results[entry] = {"figures": {k: f.to_json() for k, f in figures.items()}, "against": against,
+                              "changes": report.passes[0].changes,
                               "max_rel_error": max(o.max_rel for o in report.verification.outputs)}
-    Console(width=160).print(table)
-    print(f"wrote {write('fold_norms', {'environment': env, 'rounds': args.rounds, 'results': results})}")
+    Console(width=200).print(table)
+    print(f"wrote {write('fold_norms', {'environment': env, 'rounds': args.rounds, 'reps': args.reps, 'results': results})}")
     return 0
 
 

@@ -1,12 +1,15 @@
 """Pre-LN -> Pre-RMSNorm end to end and in the norm ops, ORT CPU, one interleaved run.
 
-    python benchmarks/preln.py [--rounds 30] [--threads 2] [--skip-peer] [--only SUBSTRING]
+    python benchmarks/preln.py [--rounds 30] [--reps 2] [--threads 2] [--skip-peer] [--only SUBSTRING]
 
 Variants per model: the original; `normopt rewrite` with --target onnx (decomposed RMSNorm that
 onnxruntime fuses, or RMSNormalization at opset >= 23) and with --target ort
 (SimplifiedLayerNormalization); the original after onnxruntime's transformers optimizer (the
 peer; its CPU SkipLayerNormalization is known to be slow). Figures: end-to-end median latency,
-paired per-round ratio to the original; and from onnxruntime's profiler (after its own
+paired per-round ratio to the original with its bootstrap 95% interval and an A/A control row
+(the original in a second session); the optimizer's output alone and normopt --target ort
+followed by the optimizer (its ratio is to the optimizer alone: what a user of that optimizer
+gains by adding normopt); and from onnxruntime's profiler (after its own
 ORT_ENABLE_ALL fusions) the time in norm ops (LayerNormalization, SimplifiedLayerNormalization,
 RMSNormalization, Skip*LayerNormalization) plus the Add ops (the residual Adds a Skip* norm
 absorbs are Adds elsewhere), per run, as a ratio to the original.
@@ -19,8 +22,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import numpy as np
-from common import environment, interleaved, op_breakdown, runner, summarize, write
+from common import CELLS, CONTROL, cells, compare, environment, op_breakdown, write
+from common import feeds as bench_feeds
 
 from normopt.profiling import NORM_OPS
 
@@ -36,12 +39,8 @@ CASES = [
 ]
 
 
-def feeds_for(entry: str, sizes: dict) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    if entry.startswith(("vit", "swin")):
-        return {"pixel_values": rng.standard_normal((sizes["batch"], 3, 224, 224)).astype(np.float32)}
-    b, s = sizes["batch"], sizes["seq"]
-    return {"input_ids": rng.integers(0, 128, (b, s)).astype(np.int64), "attention_mask": np.ones((b, s), np.int64)}
+PEER = "ORT transformers optimizer alone"
+PAIRED = "normopt --target ort, then the optimizer (x optimizer alone)"
 
 
 def norm_time(path: Path, feeds: dict, threads: int) -> dict:
@@ -63,14 +62,15 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--reps", type=int, default=2, help="repetitions, each with fresh sessions")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-peer", action="store_true", help="leave out onnxruntime's transformers optimizer")
     parser.add_argument("--only", help="run only the models whose label contains this")
     args = parser.parse_args()
     env = environment(args.threads)
     table = Table(title=f"preln-to-rmsnorm, ORT {env['onnxruntime']} CPU, ORT_ENABLE_ALL, {args.threads} threads, "
-                        f"{args.rounds} interleaved rounds")
-    for col in ("model", "variant", "median ms", "x original (paired)", "norm+Add ms/run", "x original"):
+                        f"{args.reps} x {args.rounds} interleaved rounds; ratios to the original unless noted")
+    for col in ("model", "variant", *CELLS, "norm+Add ms/run", "x original"):
         table.add_column(col)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,32 +78,39 @@ def main() -> int:
             if args.only and args.only not in label:
                 continue
             src = build(entry).model
-            feeds = feeds_for(entry, sizes)
+            feeds = bench_feeds(build(entry).load_inputs(), **sizes)
             variants = {"original": src}
             for target in ("onnx", "ort"):
                 dst = Path(tmp) / f"{entry}-{target}.onnx"
                 rewrite(src, dst, options=Options(target=target), verification=VerifyOptions(inputs=feeds))
                 variants[f"normopt --target {target}"] = dst
+            against = {}
             if not args.skip_peer and model_type is not None:
                 from onnxruntime.transformers import optimizer
 
-                peer = Path(tmp) / f"{entry}-ortopt.onnx"
-                optimizer.optimize_model(str(src), model_type=model_type, num_heads=heads, hidden_size=hidden,
-                                         use_gpu=False).save_model_to_file(str(peer))
-                variants["ORT transformers optimizer (peer)"] = peer
-            summary = summarize(interleaved({k: runner(v, feeds, args.threads) for k, v in variants.items()},
-                                            rounds=args.rounds), "original")
+                def optimized(path: Path, name: str) -> Path:
+                    out = Path(tmp) / name
+                    optimizer.optimize_model(str(path), model_type=model_type, num_heads=heads, hidden_size=hidden,
+                                             use_gpu=False).save_model_to_file(str(out))
+                    return out
+
+                variants[PEER] = optimized(src, f"{entry}-ortopt.onnx")
+                variants[PAIRED] = optimized(variants["normopt --target ort"], f"{entry}-ort-ortopt.onnx")
+                against[PAIRED] = PEER
+            figures = compare(variants, "original", feeds, threads=args.threads, rounds=args.rounds, reps=args.reps,
+                              against=against)
             profiles = {k: norm_time(v, feeds, args.threads) for k, v in variants.items()}
-            base = profiles["original"]["norm_plus_add_ms"]
-            for k in variants:
-                p = profiles[k]
-                table.add_row(label, k, f"{summary[k]['median_ms']:.2f}", f"{summary[k]['ratio']:.3f}",
-                              f"{p['norm_plus_add_ms']:.3f} (norms {p['norm_ms']:.3f})", f"{p['norm_plus_add_ms'] / base:.3f}")
-                summary[k]["profile"] = p
-                summary[k]["norm_plus_add_ratio"] = p["norm_plus_add_ms"] / base
-            results[label] = summary
-    Console(width=170).print(table)
-    print(f"wrote {write('preln', {'environment': env, 'rounds': args.rounds, 'results': results})}")
+            results[label] = {}
+            for k, figure in figures.items():
+                p = profiles[k.removesuffix(CONTROL)]
+                ref = profiles[against.get(k, "original")]["norm_plus_add_ms"]
+                table.add_row(label, k, *cells(figure), f"{p['norm_plus_add_ms']:.3f} (norms {p['norm_ms']:.3f})",
+                              f"{p['norm_plus_add_ms'] / ref:.3f}")
+                results[label][k] = {**figure.to_json(), "against": against.get(k, "original"), "profile": p,
+                                     "norm_plus_add_ratio": p["norm_plus_add_ms"] / ref,
+                                     "norm_ratio": p["norm_ms"] / profiles[against.get(k, "original")]["norm_ms"]}
+    Console(width=200).print(table)
+    print(f"wrote {write('preln', {'environment': env, 'rounds': args.rounds, 'reps': args.reps, 'results': results})}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""ResNet-18, MobileNetV2 and a ConvNeXt in plain torch (torchvision cannot run on CPU torch).
+"""ResNet-18, MobileNetV2 and a ConvNeXt in plain torch (torchvision cannot run on CPU torch), and
+timm's channels-first ConvNeXt.
 
 Same topology as torchvision's, narrower (base width 16 / width multiplier 0.5) so they export
 in seconds. ResNet and MobileNet are exported with BatchNorm kept (`keep_bn`): exporters fold
@@ -132,3 +133,17 @@ def mobilenetv2() -> Built:
 
 def convnext(large: bool = False) -> Built:
     return _image(ConvNeXt(d=128, blocks=4) if large else ConvNeXt(), keep_bn=False)
+
+
+def convnext2d(large: bool = False) -> Built:
+    """timm's ConvNeXt as its class builds it (convnext_tiny and up): the stem's and the
+    downsampling layers' norms are timm's LayerNorm2d (NCHW permuted to NHWC, LayerNorm over
+    the channels, permuted back), the blocks' norms are channels-last LayerNorms before Linear
+    MLPs. Large: convnext_atto's depths and widths (2, 2, 6, 2 blocks of 40-320 channels) at
+    128x128; small: four stages of one block, 8-32 channels."""
+    import models._torchvision_shim  # noqa: F401  (timm imports torchvision)
+    from timm.models.convnext import ConvNeXt as TimmConvNeXt
+
+    config = dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320)) if large else dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+    module = TimmConvNeXt(**config, ls_init_value=0.5, num_classes=10)
+    return _image(module, keep_bn=False, size=128 if large else IMAGE, batch=1 if large else 2)

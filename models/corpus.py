@@ -45,7 +45,7 @@ class Entry:
             "gpt2": hf.gpt2, "gpt2hidden": hf.gpt2hidden, "gpt2narrow": hf.gpt2narrow, "opt": hf.opt, "gptneox": hf.gptneox, "vit": hf.vit, "bert": hf.bert,
             "llama": hf.llama, "preln": transformer.preln, "repbn": transformer.repbn,
             "unifiednorm": transformer.unifiednorm, "resnet18": cnn.resnet18,
-            "mobilenetv2": cnn.mobilenetv2, "convnext": cnn.convnext,
+            "mobilenetv2": cnn.mobilenetv2, "convnext": cnn.convnext, "convnext2d": cnn.convnext2d,
         }
         build = families[self.family]
         return (lambda: build(large=True)) if self.large else build
@@ -68,7 +68,7 @@ class Paths:
 
 FAMILIES = ["gpt2", "gpt2hidden", "opt", "gptneox", "vit", "bert", "clip", "bloom", "swin", "wav2vec2", "whisper",
             "llama", "preln", "periln", "mixln", "scaledpool", "repbn", "unifiednorm", "resnet18", "mobilenetv2",
-            "convnext"]
+            "convnext", "convnext2d"]
 # Exports per family where not all of them work (Whisper: TorchScript cannot export aten::diff).
 FAMILY_EXPORTS = {"llama": ("ts14", "ts17", "dyn18", "dyn23"), "whisper": ("dyn18",)}
 CORPUS: dict[str, Entry] = {}
@@ -83,6 +83,9 @@ LARGE = {
     "llama-512x4-dyn18": Entry("llama-512x4-dyn18", "llama", "dynamo", 18, large=True),
     "convnext-128x4-dyn18": Entry("convnext-128x4-dyn18", "convnext", "dynamo", 18, large=True),
     "convnext-128x4-ts14": Entry("convnext-128x4-ts14", "convnext", "ts", 14, large=True),
+    # timm's LayerNorm2d (channels-first ConvNeXt): exports where a fused norm needs Transposes
+    **{f"convnext2d-bench-{s}": Entry(f"convnext2d-bench-{s}", "convnext2d", *EXPORTS[s], large=True)
+       for s in ("ts14", "ts17", "dyn18")},
     "resnet18-full-dyn18": Entry("resnet18-full-dyn18", "resnet18", "dynamo", 18, large=True),
     "resnet18-full-dyn18-folded": Entry("resnet18-full-dyn18-folded", "resnet18", "dynamo", 18, large=True, keep_bn=False),
     "repbn-vits-dyn18": Entry("repbn-vits-dyn18", "repbn", "dynamo", 18, large=True),

@@ -229,6 +229,9 @@ def rewrite(
     in_place: Annotated[bool, typer.Option("--in-place", help="Allow OUT to be IN (replaced atomically).")] = False,
     allow_hidden_state_change: Annotated[bool, typer.Option("--allow-hidden-state-change", help="Let preln-to-rmsnorm rewrite models that output residual-stream values (those outputs change).")] = False,
     profile_after: Annotated[bool, typer.Option("--profile", help="After writing OUT, time IN vs OUT side by side (ORT CPU).")] = False,
+    guard: Annotated[Optional[str], typer.Option("--guard", help="speed: time OUT against IN on the target's backend and drop the changes that make it slower.")] = None,
+    threads: Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads for --guard speed and --profile.")] = 2,
+    timings: Annotated[bool, typer.Option("--timings", help="Print where the time went (load, checker, shape annotation, each pass, save, verification, guard).")] = False,
     dim: DimOpt = None,
     inputs: InputsOpt = None,
     rtol: RtolOpt = None,
@@ -239,7 +242,13 @@ def rewrite(
     from normopt.passes.base import Options
     from normopt.rewrite import RewriteReport, rewrite as run_rewrite
 
+    from normopt.guard import SpeedGuard
+
     _check_target(target)
+    if guard not in (None, "speed"):
+        raise BadInput(f"--guard takes 'speed', not '{guard}'")
+    if threads < 1:
+        raise BadInput("--threads must be at least 1")
     names = [n.strip() for n in passes.split(",") if n.strip()] if passes is not None else None
     checks = _verify_options(inputs, dim, rtol, atol, seed)
     result = RewriteReport(str(src), str(dst))
@@ -247,16 +256,34 @@ def rewrite(
         with _progress(f"loading {src.name}") as step:
             run_rewrite(src, dst, passes=names, verification=None if no_verify else checks,
                         options=Options(target=target, allow_hidden_state_change=allow_hidden_state_change),
+                        speed_guard=SpeedGuard(threads=threads, inputs=checks) if guard else None,
                         in_place=in_place, report_path=report, on_step=step, report=result)
     finally:
         if result.passes:
             _print_rewrite(result, explain)
         if result.verification is not None:
             out.print(_verify_table(result.verification))
+        if result.guard is not None:
+            out.print(f"speed guard ({result.guard.backend}, {threads} threads): {result.guard.verdict}",
+                      markup=False, highlight=False)
+        if timings:
+            _print_timings(result.seconds)
     err.print(f"wrote {dst}", highlight=False)
     if profile_after:  # on the inputs verification used (generated only with --no-verify)
         feeds = result.feeds if result.feeds is not None else _feeds(src, checks)
-        _run_profile([src, dst], feeds, "ort-cpu", 2, 3, 30, None, None)
+        _run_profile([src, dst], feeds, "ort-cpu", threads, 3, 30, None, None)
+
+
+def _print_timings(seconds: dict[str, float]) -> None:
+    table = Table(title="timings (seconds; an indented step is part of the next one that is not)")
+    table.add_column("step")
+    table.add_column("s", justify="right")
+    table.add_column("share", justify="right")
+    total = seconds.get("total") or 1.0
+    for step, s in seconds.items():
+        inner = step.startswith(("load: ", "pass ", "shape annotation"))
+        table.add_row(("  " if inner else "") + step, f"{s:.3f}", f"{100 * s / total:.0f}%")
+    out.print(table)
 
 
 def _print_rewrite(result, explain: bool) -> None:

@@ -109,10 +109,98 @@ def summarize(times: Mapping[str, list[float]], baseline: str, batch: int = 1) -
     return out
 
 
+def ratio_interval(ratios: Sequence[float], seed: int = 0, resamples: int = 2000) -> tuple[float, float]:
+    """Bootstrap 95% interval of the median of paired per-round ratios."""
+    data = np.asarray(ratios, dtype=float)
+    if data.size < 2:
+        return (float(data[0]), float(data[0])) if data.size else (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    medians = np.median(data[rng.integers(0, data.size, (resamples, data.size))], axis=1)
+    return float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
+
+
+CONTROL = " (A/A)"  # suffix of the control row: the baseline in a second session of its own
+
+
+def verdict(ratio: float, low: float, high: float, control: float | None) -> str:
+    """"faster" / "slower", or "within noise" when the interval holds 1.0 or the A/A control
+    is off by at least as much as the effect."""
+    if low <= 1.0 <= high or (control is not None and abs(ratio - 1.0) <= abs(control - 1.0)):
+        return "within noise"
+    return "faster" if ratio < 1.0 else "slower"
+
+
+@dataclass
+class Figure:
+    """One model against the baseline: the paired ratio (median of per-round ratios, every
+    repetition pooled), its bootstrap 95% interval, each repetition's own median, the verdict."""
+
+    ratio: float
+    low: float
+    high: float
+    reps: list[float]
+    median_ms: float
+    p90_ms: float
+    verdict: str
+
+    def text(self) -> str:
+        return f"{self.ratio:.3f} [{self.low:.3f}, {self.high:.3f}]"
+
+    def to_json(self) -> dict:
+        return {"ratio": self.ratio, "ci95": [self.low, self.high], "reps": self.reps,
+                "median_ms": self.median_ms, "p90_ms": self.p90_ms, "verdict": self.verdict}
+
+
+def compare(models: Mapping[str, str | os.PathLike | Callable[[], Callable[[], None]]], baseline: str,
+            feeds: Mapping[str, np.ndarray] | None = None, *, backend: str = "ort-cpu", threads: int = 2,
+            rounds: int = 30, reps: int = 2, warmup: int = 3, seed: int = 0,
+            against: Mapping[str, str] | None = None,
+            on_round: Callable[[int], None] | None = None) -> dict[str, Figure]:
+    """Time every model against `baseline` and against itself (the A/A control row, named
+    `baseline + CONTROL`): `reps` repetitions, each with fresh sessions and `rounds` interleaved
+    rounds in a fresh random order. A model is a path (an onnxruntime session is made for it,
+    run on `feeds`) or a factory returning a fresh runner. `against` names, for some rows,
+    another row to take the ratio to instead (normopt + a peer tool vs the peer tool alone).
+    Returns one Figure per row, the baseline's own row (ratio 1) first."""
+    def make(model) -> Callable[[], None]:
+        if callable(model):
+            return model()
+        s = session(model, backend, threads)
+        return lambda: s.run(None, dict(feeds or {}))
+
+    rows = {baseline: models[baseline], baseline + CONTROL: models[baseline],
+            **{k: v for k, v in models.items() if k != baseline}}
+    ratios: dict[str, list[float]] = {k: [] for k in rows}
+    per_rep: dict[str, list[float]] = {k: [] for k in rows}
+    ms: dict[str, list[float]] = {k: [] for k in rows}
+    done = 0
+    for rep in range(reps):
+        runners = {k: make(v) for k, v in rows.items()}
+        times = interleaved(runners, rounds=rounds, warmup=warmup, seed=seed + rep,
+                            on_round=None if on_round is None else (lambda r: on_round(done + r)))
+        del runners
+        done += rounds
+        for k, ts in times.items():
+            paired = [t / b for t, b in zip(ts, times[(against or {}).get(k, baseline)])]
+            ratios[k] += paired
+            per_rep[k].append(statistics.median(paired))
+            ms[k] += [t * 1e3 for t in ts]
+    control = statistics.median(ratios[baseline + CONTROL])
+    out = {}
+    for k in rows:
+        ratio = statistics.median(ratios[k])
+        low, high = ratio_interval(ratios[k], seed)
+        out[k] = Figure(ratio, low, high, per_rep[k], statistics.median(ms[k]), float(np.percentile(ms[k], 90)),
+                        "baseline" if k == baseline else "A/A control" if k == baseline + CONTROL
+                        else verdict(ratio, low, high, control))
+    return out
+
+
 def op_breakdown(path: str | os.PathLike, feeds: Mapping[str, np.ndarray], backend: str = "ort-cpu",
-                 threads: int = 2, runs: int = 10) -> dict[str, float]:
-    """Milliseconds per run spent in each op type (onnxruntime's profiler, after its fusions);
-    the first (warm-up) run is left out."""
+                 threads: int = 2, runs: int = 10, by: str = "op") -> dict[str, float]:
+    """Milliseconds per run spent in each op type (`by="op"`) or in each node of the graph
+    onnxruntime runs after its fusions (`by="node"`, keys `node name (op type)`), from its
+    profiler; the first (warm-up) run is left out."""
     with tempfile.TemporaryDirectory() as tmp:
         s = session(path, backend, threads, profile_prefix=str(Path(tmp) / "profile"))
         for _ in range(1 + runs):
@@ -120,12 +208,13 @@ def op_breakdown(path: str | os.PathLike, feeds: Mapping[str, np.ndarray], backe
         events = json.loads(Path(s.end_profiling()).read_text())
     model_runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
     cutoff, counted = (model_runs[0]["ts"] + model_runs[0]["dur"], runs) if model_runs else (0, 1 + runs)
-    per_op: dict[str, float] = {}
+    spent: dict[str, float] = {}
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e.get("ts", 0) >= cutoff:
             op = e.get("args", {}).get("op_name", "?")
-            per_op[op] = per_op.get(op, 0.0) + e["dur"] / 1e3 / counted
-    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+            key = op if by == "op" else f"{e['name'].removesuffix('_kernel_time')} ({op})"
+            spent[key] = spent.get(key, 0.0) + e["dur"] / 1e3 / counted
+    return dict(sorted(spent.items(), key=lambda kv: -kv[1]))
 
 
 def environment(threads: int, backend: str) -> dict:

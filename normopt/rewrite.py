@@ -16,18 +16,21 @@ own path is what was wrong.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 
 from normopt.errors import BadInput, InternalError, NormoptError, NotApplied, VerificationFailed
+from normopt.guard import GuardReport, SpeedGuard, guard_speed
 from normopt.passes.base import Options, PassResult
 from normopt.passes.pipeline import resolve, run_pipeline
 from normopt.rewriter import io
 from normopt.rewriter.graph import op_histogram
+from normopt.timings import recording
+from normopt.timings import step as timed
 from normopt.verify import ModelRunError, VerifyOptions, VerifyReport, input_feeds, verify
 
 
@@ -43,6 +46,7 @@ class RewriteReport:
     written: bool = False
     error: str | None = None
     exit_code: int = 0
+    guard: GuardReport | None = None
     feeds: dict | None = None  # the inputs verification ran on (not in the JSON report)
 
     def to_json(self) -> dict:
@@ -56,6 +60,7 @@ class RewriteReport:
             "nodes_before": self.nodes_before,
             "nodes_after": self.nodes_after,
             "verification": self.verification.to_json() if self.verification else None,
+            "speed_guard": self.guard.to_json() if self.guard else None,
             "seconds": self.seconds,
         }
 
@@ -86,12 +91,14 @@ def rewrite(
     passes: Sequence[str] | None = None,
     options: Options | None = None,
     verification: VerifyOptions | None = VerifyOptions(),
+    speed_guard: SpeedGuard | None = None,
     in_place: bool = False,
     report_path: str | os.PathLike | None = None,
     on_step: Callable[[str], None] | None = None,
     report: RewriteReport | None = None,
 ) -> RewriteReport:
-    """Rewrite `src` into `dst`, verified unless `verification` is None. Fills and returns
+    """Rewrite `src` into `dst`, verified unless `verification` is None, and with `speed_guard`
+    never slower than `src` on the target's backend (normopt.guard). Fills and returns
     `report` (also on failure: the exception carries the exit code, the report says how far
     it got) and writes it to `report_path` when given."""
     src, dst = Path(src), Path(dst)
@@ -107,7 +114,9 @@ def rewrite(
             io.check_writable_folder(report_path, "report")
             _guard_outputs(guard, src, dst, report_path, in_place)
             report_ok = True
-        _rewrite(src, dst, passes, options, verification, in_place, report_path, guard, on_step or (lambda _m: None), report)
+        with recording(report.seconds), timed("total"):
+            _rewrite(src, dst, passes, options, verification, speed_guard, in_place, report_path, guard,
+                     on_step or (lambda _m: None), report)
     except NormoptError as exc:
         report.error, report.exit_code = str(exc), exc.exit_code
         if report_path is not None and guard.clash(report_path):
@@ -119,7 +128,8 @@ def rewrite(
     return report
 
 
-def _rewrite(src: Path, dst: Path, passes, options, verification, in_place, report_path, guard, step, report) -> None:
+def _rewrite(src: Path, dst: Path, passes, options, verification, speed_guard, in_place, report_path, guard, step,
+             report) -> None:
     io.check_readable_file(src)
     if dst.is_dir():
         raise BadInput(f"output '{dst}' is a directory; give a file path")
@@ -128,21 +138,20 @@ def _rewrite(src: Path, dst: Path, passes, options, verification, in_place, repo
     names = resolve(passes)
     io.remove_stale_temps(dst.parent)
 
-    t0 = time.perf_counter()
     step(f"loading {src.name}")
-    model = io.load(src)
+    with timed("load"):
+        model = io.load(src)
     for data_file in io.external_data_files(model):
         guard.protect(data_file, "input data file")
     _guard_outputs(guard, src, dst, report_path, in_place)
-    if verification is not None:  # from the model as loaded: no second load of IN for its inputs
-        report.feeds = input_feeds(model, verification.inputs, verification.dims, verification.seed)
+    feeds_from = verification or (speed_guard.inputs or VerifyOptions() if speed_guard else None)
+    if feeds_from is not None:  # from the model as loaded: no second load of IN for its inputs
+        report.feeds = input_feeds(model, feeds_from.inputs, feeds_from.dims, feeds_from.seed)
     external = io.uses_external_data(model)
     report.nodes_before = op_histogram(model)
-    t1 = time.perf_counter()
-    report.passes = run_pipeline(model, names, options, on_pass=lambda n: step(f"pass {n}"))
+    with timed("passes"):
+        report.passes = run_pipeline(model, names, options, on_pass=lambda n: step(f"pass {n}"))
     report.nodes_after = op_histogram(model)
-    t2 = time.perf_counter()
-    report.seconds.update(load=t1 - t0, passes=t2 - t1)
     if passes is not None:
         idle = [r for r in report.passes if r.name in names and not r.modified]
         if idle:
@@ -152,23 +161,32 @@ def _rewrite(src: Path, dst: Path, passes, options, verification, in_place, repo
             )
             raise NotApplied(f"requested pass(es) applied nowhere: {reasons}")
 
-    step(f"saving {dst.name}")
-    staged = io.stage(model, dst, external_data=external, guard=guard, replaces_input=in_place and _same_file(src, dst),
-                      progress=lambda i, n: step(f"saving {dst.name}: tensor {i}/{n}"))
-    del model
-    try:
+    def stage(model: ir.Model) -> io.StagedModel:
+        step(f"saving {dst.name}")
+        return io.stage(model, dst, external_data=external, guard=guard, replaces_input=in_place and _same_file(src, dst),
+                        progress=lambda i, n: step(f"saving {dst.name}: tensor {i}/{n}"))
+
+    def check(path: Path) -> None:
         try:
-            onnx.checker.check_model(str(staged.path))
+            with timed("output checker"):
+                onnx.checker.check_model(str(path))
         except onnx.checker.ValidationError as exc:
             raise InternalError(
                 f"the rewritten model fails onnx.checker (a bug in normopt; nothing written): "
                 f"{str(exc).strip().splitlines()[0]}"
             ) from None
-        t3 = time.perf_counter()
-        report.seconds["save"] = t3 - t2
         if verification is not None:
-            _verify(src, staged.path, dst, verification, step, report)
-            report.seconds["verify"] = time.perf_counter() - t3
+            with timed("verify"):
+                _verify(src, path, dst, verification, step, report)
+
+    staged = stage(model)
+    del model
+    try:
+        check(staged.path)
+        if speed_guard is not None:
+            with timed("speed guard"):
+                staged, report.guard = guard_speed(src, staged, names, options or Options(), report.passes,
+                                                   report.feeds, speed_guard, stage, check, step)
         staged.commit()
     except BaseException:
         staged.discard()

@@ -22,7 +22,7 @@ NORMS = {
     "convnext": lambda e: {("layernorm", "decomposed"): 2},
     **{f: (lambda e, n=n: {("layernorm", "decomposed" if e.opset < 17 else "op"): n})
        for f, n in {"clip": 6, "bloom": 6, "swin": 11, "wav2vec2": 8, "whisper": 12, "periln": 9, "mixln": 7,
-                    "scaledpool": 5}.items()},
+                    "scaledpool": 5, "convnext2d": 9}.items()},
     **{f: (lambda e: {("layernorm", "decomposed" if e.opset < 17 else "op"): 5}) for f in LN},
 }
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from normopt.profiling import interleaved, summarize
+from normopt.profiling import CONTROL, compare, interleaved, ratio_interval, summarize, verdict
 
 
 def run(*args):
@@ -64,3 +64,39 @@ def test_interleaving_and_paired_ratio_are_computed_per_round():
     summary = summarize({"a": [1.0, 2.0, 4.0], "b": [2.0, 2.0, 2.0]}, "a", batch=4)
     assert summary["b"]["ratio"] == 1.0 and summary["a"]["median_ms"] == 2000.0
     assert summary["a"]["throughput_per_s"] == pytest.approx(2.0) and np.isclose(summary["b"]["std_ms"], 0)
+
+
+def test_verdict_needs_an_interval_off_one_and_an_effect_beyond_the_control():
+    assert verdict(1.05, 1.03, 1.07, control=1.00) == "slower"
+    assert verdict(0.95, 0.93, 0.97, control=1.01) == "faster"
+    assert verdict(1.05, 0.99, 1.10, control=1.00) == "within noise"  # the interval holds 1.0
+    assert verdict(1.02, 1.01, 1.03, control=0.97) == "within noise"  # the A/A control is off by more
+
+
+def test_ratio_interval_brackets_the_median_and_narrows_with_more_rounds():
+    rng = np.random.default_rng(0)
+    few, many = rng.normal(1.05, 0.05, 10), rng.normal(1.05, 0.05, 1000)
+    lo_few, hi_few = ratio_interval(few)
+    lo_many, hi_many = ratio_interval(many)
+    assert lo_few <= np.median(few) <= hi_few and lo_many <= np.median(many) <= hi_many
+    assert hi_many - lo_many < (hi_few - lo_few) / 3
+    assert ratio_interval([1.2]) == (1.2, 1.2)
+
+
+def test_compare_has_a_control_row_repetitions_with_fresh_runners_and_other_references():
+    made = []
+
+    def factory(name):
+        def make():
+            made.append(name)
+            return lambda: None
+        return make
+
+    figures = compare({"a": factory("a"), "b": factory("b"), "c": factory("c")}, "a", rounds=4, reps=3,
+                      warmup=0, against={"c": "b"})
+    assert list(figures) == ["a", "a" + CONTROL, "b", "c"]
+    assert sorted(made) == ["a"] * 6 + ["b"] * 3 + ["c"] * 3  # fresh runners each repetition; the control is a second one
+    assert figures["a"].verdict == "baseline" and figures["a" + CONTROL].verdict == "A/A control"
+    assert all(len(f.reps) == 3 for f in figures.values()) and figures["a"].ratio == 1.0
+    assert figures["b"].verdict in ("faster", "slower", "within noise")
+    assert set(figures["c"].to_json()) == {"ratio", "ci95", "reps", "median_ms", "p90_ms", "verdict"}

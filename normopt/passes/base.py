@@ -27,10 +27,13 @@ Target = Literal["onnx", "ort", "tensorrt"]
 @dataclass(frozen=True)
 class Options:
     """Settings every pass may read. `target` picks which fused ops a pass may emit;
-    `allow_hidden_state_change` lets preln-to-rmsnorm rewrite models that output stream values."""
+    `allow_hidden_state_change` lets preln-to-rmsnorm rewrite models that output stream values;
+    `skip_sites`: sites (named in a result's `units`) to leave as they are, because the speed
+    guard measured their rewrite slower."""
 
     target: Target = "onnx"
     allow_hidden_state_change: bool = False
+    skip_sites: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ class Plan:
     idle: str | None = None
     # counts worth reporting (candidates, converted, ...), in inspect and the report
     stats: dict[str, int] = field(default_factory=dict)
+    # the actions in groups the speed guard may drop one by one (label -> sites, see Options)
+    units: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def applies(self) -> bool:
@@ -85,6 +90,7 @@ class PassResult:
     refusals: list[Refusal]
     changed_outputs: list[str] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)
+    units: dict[str, list[str]] = field(default_factory=dict)  # what it applied, in groups (Plan.units)
 
     def then(self, later: PassResult) -> PassResult:
         """This result followed by the same pass's next round: all changes, the last refusals
@@ -92,7 +98,8 @@ class PassResult:
         modified = self.modified or later.modified
         return PassResult(self.name, modified, _merged(self.changes + later.changes),
                           [r for r in later.refusals if not (r.idle and modified)],
-                          list(dict.fromkeys(self.changed_outputs + later.changed_outputs)), self.stats)
+                          list(dict.fromkeys(self.changed_outputs + later.changed_outputs)), self.stats,
+                          {k: [*self.units.get(k, []), *later.units.get(k, [])] for k in {**self.units, **later.units}})
 
     def to_json(self) -> dict:
         return {
@@ -130,18 +137,21 @@ class Pass(abc.ABC):
         stats = dict(plan.stats)  # what the first plan found (later rounds see the rewritten model)
         changes: list[str] = []
         changed: list[str] = []
+        units: dict[str, list[str]] = {}
         for _ in range(max_rounds if self.repeats else 1):
             if not plan.applies:
                 break
             changes += self.apply(model, plan)
             changed += plan.changed_outputs
+            for label, sites in plan.units.items():
+                units.setdefault(label, []).extend(sites)
             if self.repeats:
                 with frozen_graph():
                     plan = self.plan(model)
         refusals = list(plan.refusals)
         if plan.idle and not changes:
             refusals.append(Refusal("model", plan.idle, idle=True))
-        return PassResult(self.name, bool(changes), _merged(changes), refusals, changed, stats)
+        return PassResult(self.name, bool(changes), _merged(changes), refusals, changed, stats, units)
 
 
 def _merged(lines: list[str]) -> list[str]:

@@ -47,6 +47,15 @@ class Fusion:
     def describe(self) -> str:
         return f"{self.match.kind} at {self.match.where()} -> {self.op}"
 
+    def group(self) -> str:
+        """Fusions alike for speed: the same op, in the same layout (between Transposes: the
+        layout changes an exporter wrote around a channels-first norm)."""
+        producer = self.match.input.producer()
+        readers = [u.node for u in self.replaced.uses()]
+        between = producer is not None and producer.op_type == "Transpose" and readers and all(
+            n.op_type == "Transpose" for n in readers)
+        return f"{self.match.kind} -> {self.op}" + (" between Transposes" if between else "")
+
 
 def _fused_op(kind: str, opset: int, target: str) -> tuple[str, str] | str:
     """(op, domain) or the reason there is none."""
@@ -155,12 +164,17 @@ class CanonicalizeNorms(Pass):
         for match in find_norms(model.graph):
             if match.kind not in ("layernorm", "rmsnorm") or match.form != "decomposed":
                 continue
+            if match.where() in self.options.skip_sites:
+                plan.refusals.append(Refusal(f"{match.kind} at {match.where()}", "left decomposed: the speed guard "
+                                             "measured the fused op slower here", settled=True))
+                continue
             result = _plan_one(match, opset, self.options.target)
             if isinstance(result, str):  # no other pass changes the opset or the target
                 settled = isinstance(_fused_op(match.kind, opset, self.options.target), str)
                 plan.refusals.append(Refusal(f"{match.kind} at {match.where()}", result, settled=settled))
             else:
                 plan.actions.append(result)
+                plan.units.setdefault(result.group(), []).append(match.where())
         if not plan.actions and not plan.refusals:
             plan.idle = "no decomposed LayerNorm or RMSNorm"
         return plan

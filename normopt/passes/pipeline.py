@@ -22,6 +22,7 @@ from normopt.passes.cleanup import Cleanup
 from normopt.passes.fold_affine_norms import FoldAffineNorms
 from normopt.passes.preln_to_rmsnorm import PreLNToRMSNorm
 from normopt.rewriter.shapes import annotated
+from normopt.timings import step
 
 PASSES: dict[str, type[Pass]] = {
     p.name: p for p in (PreLNToRMSNorm, CanonicalizeNorms, FoldAffineNorms, Cleanup)
@@ -69,7 +70,8 @@ def run_pipeline(
                     continue
                 if on_pass:
                     on_pass(name)
-                result = PASSES[name](options).run(model)
+                with step(f"pass {name}"):
+                    result = PASSES[name](options).run(model)
                 results[name] = results[name].then(result) if name in results else result
                 ran.append((name, result.modified))
             # again: the passes that refused a candidate a later pass's edits may have freed

@@ -38,8 +38,8 @@ from normopt.rewriter import numerics
 from normopt.rewriter.edit import Editor
 from normopt.rewriter.graph import default_opset, folded_value
 from normopt.rewriter.linear_fold import Fold, fold_weights
-from normopt.rewriter.norms import find_norms
-from normopt.rewriter.stream_plan import Conversion, Planner, Refuse, StreamRewrite
+from normopt.rewriter.norms import NormMatch, find_norms
+from normopt.rewriter.stream_plan import Conversion, Planner, StreamRewrite
 
 
 def _axes_input(edit: Editor, opset: int, axes: list[int], attrs: dict, name: str) -> list[ir.Value]:
@@ -134,6 +134,28 @@ def _fold_beta(edit: Editor, conversion: Conversion) -> None:
         fold_weights(edit, Fold(np.ones_like(beta), beta, "following", node, bias_add))
 
 
+def _no_gain(match: NormMatch, opset: int, target: str) -> str | None:
+    """Why converting this LayerNorm would not pay on `target`, or None. A LayerNormalization op
+    on an NCHW tensor permuted to NHWC and back (a channels-first norm: timm's LayerNorm2d)
+    would become the decomposed RMSNorm (no RMSNormalization below opset 23): onnxruntime then
+    moves the permutes through the decomposed ops, cannot fuse them (the reduction is no longer
+    on the last axis), and keeps permutes it had cancelled around its NCHWc Convs (timm
+    ConvNeXt, opset 17, 8x128x128: 1.03x slower). --target ort emits a fused op there, opset
+    >= 23 RMSNormalization."""
+    if match.form != "op" or opset >= 23 or target == "ort":
+        return None
+    producer, readers = match.input.producer(), [u.node for u in match.nodes[0].outputs[0].uses()]
+    if not (_permutes(producer, (0, 2, 3, 1)) and readers and all(_permutes(n, (0, 3, 1, 2)) for n in readers)):
+        return None
+    return (f"stays a LayerNormalization: on NCHW permuted to NHWC and back its RMSNorm would be decomposed "
+            f"(opset {opset} has no RMSNormalization), which onnxruntime does not fuse there (measured slower; "
+            "--target ort or opset >= 23 converts it)")
+
+
+def _permutes(node: ir.Node | None, perm: tuple[int, ...]) -> bool:
+    return node is not None and node.op_type == "Transpose" and tuple(node.attributes.get_ints("perm", ())) == perm
+
+
 class PreLNToRMSNorm(Pass):
     name = "preln-to-rmsnorm"
     summary = "recentre a Pre-LN transformer's residual stream; its LayerNorms become RMSNorms"
@@ -144,7 +166,9 @@ class PreLNToRMSNorm(Pass):
         if not layernorms:
             rms = any(m.kind == "rmsnorm" for m in norms)
             return Plan(idle="no LayerNorm" + (": its norms are RMSNorms already, nothing to recentre" if rms else ""))
-        planner = Planner(norms, self.options.allow_hidden_state_change)
+        opset = default_opset(model)
+        planner = Planner(norms, self.options.allow_hidden_state_change,
+                          lambda m: _no_gain(m, opset, self.options.target))
         rewrite, plan = StreamRewrite(), Plan()
         decided: set[int] = set()
         for comp in planner.components([m.input for m in layernorms]):
@@ -158,6 +182,7 @@ class PreLNToRMSNorm(Pass):
                 decided.update(id(m) for m in region.norms)
                 if isinstance(result, StreamRewrite):
                     rewrite.merge(result)
+                    plan.refusals += [Refusal(f"layernorm at {m.where()}", why) for m, why in result.kept]
                     plan.changed_outputs += region.changed_outputs()
                 else:
                     plan.refusals += [Refusal(f"layernorm at {m.where()}", result) for m in region.norms]

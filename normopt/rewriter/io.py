@@ -32,6 +32,7 @@ from google.protobuf.message import DecodeError
 
 from normopt.errors import BadInput
 from normopt.rewriter import ort_ops  # noqa: F401  (checker knows ORT's contrib norm ops)
+from normopt.timings import step
 
 # The upper bounds are what onnxruntime 1.31 (which verifies every rewrite) can load.
 MIN_OPSET = 13
@@ -137,18 +138,21 @@ def load(path: str | os.PathLike) -> ir.Model:
     # parse costs, not at a second copy beside the first. Its verdict waits for the more
     # specific checks below (not ONNX, version, missing data file), which come first.
     try:
-        onnx.checker.check_model(str(path))
+        with step("load: checker"):
+            onnx.checker.check_model(str(path))
         checker_error = None
     except Exception as exc:  # ValidationError, or a parse failure the checks below explain
         checker_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    proto = _parse(path)
+    with step("load: parse"):
+        proto = _parse(path)
     _check_versions(proto, path)
     _check_external_files(proto, path)
     if checker_error is not None:
         raise BadInput(f"'{path}' fails onnx.checker: {checker_error}")
     described = {v.name for v in proto.graph.value_info}
-    model = ir.serde.deserialize_model(proto)
-    del proto
+    with step("load: to IR"):
+        model = ir.serde.deserialize_model(proto)
+        del proto
     model.meta[DESCRIBED_INITIALIZERS] = {name for name in model.graph.initializers if name in described}
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     return model
@@ -364,7 +368,7 @@ def stage(
         raise BadInput(f"cannot write into '{destination.parent}': {exc.strerror or exc}") from None
     staged = StagedModel(tmpdir / destination.name, destination, data_name)
     try:
-        with _undescribed_initializers(model):
+        with _undescribed_initializers(model), step("save"):
             ir.save(
                 model,
                 staged.path,

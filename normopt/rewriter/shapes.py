@@ -20,6 +20,8 @@ from collections.abc import Iterator
 import onnx
 import onnx_ir as ir
 
+from normopt.timings import step
+
 # Initializers up to this size go to shape inference with their values (shape constants
 # feed its data propagation); larger ones as typed inputs only.
 _SMALL_TENSOR_BYTES = 1024
@@ -87,7 +89,8 @@ def annotated(model: ir.Model) -> Iterator[None]:
     """Within the block, values carry inferred types and shapes where the model had none."""
     before = {v: (v.type, v.shape) for v in _values(model)}
     outputs = {v for g in model.graphs() for v in g.outputs}
-    inferred = _inferred(model)
+    with step("shape annotation"):
+        inferred = _inferred(model)
     added: dict[ir.Value, tuple] = {}
     for value, (vtype, shape) in before.items():
         other = inferred.get(value.name) if value.name else None
@@ -104,3 +107,11 @@ def annotated(model: ir.Model) -> Iterator[None]:
             # unless a pass has changed it since, or it became a graph output (which must be typed)
             if (value.type, value.shape) == annotation and (not value.is_graph_output() or value in outputs):
                 value.type, value.shape = before[value]
+        # A value a pass created has the shape the annotation gave the value it replaces (or
+        # none): it keeps only the shape IN gave that value, if any. (onnxruntime fuses more
+        # where shapes are known, not always for the better: BERT's Add + LayerNorm became its
+        # slower SkipLayerNormalization on CPU.)
+        described = {v.name: before[v][1] for v in before if v.name}
+        for value in _values(model):
+            if value not in before and not value.is_graph_output() and not value.is_initializer():
+                value.shape = described.get(value.name)

@@ -26,12 +26,13 @@ other reader must be shown not to see the change:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
-from normopt.rewriter.graph import folded_value, forwards, int_list, is_op, rank, readers, static_shape
+from normopt.rewriter.graph import folded_value, int_list, is_op, rank, readers, static_shape
 from normopt.rewriter.linear_fold import bias_add_after, fold_problem
 from normopt.rewriter.norms import NormMatch
 
@@ -60,6 +61,7 @@ class StreamRewrite:
     scaled: dict[tuple[ir.Node, int], np.ndarray] = field(default_factory=dict)  # LayerScale folded in first
     layerscales: list[ir.Node] = field(default_factory=list)  # Muls removed once folded
     recentred: list[tuple[ir.Value, str]] = field(default_factory=list)  # explicit x - mean(x), and why
+    kept: list[tuple[NormMatch, str]] = field(default_factory=list)  # LayerNorms left as they are, and why
 
     def merge(self, other: StreamRewrite) -> None:
         self.conversions += other.conversions
@@ -67,6 +69,7 @@ class StreamRewrite:
         self.scaled.update(other.scaled)
         self.layerscales += other.layerscales
         self.recentred += other.recentred
+        self.kept += other.kept
 
     def describe(self) -> str:
         betas = sum(1 for c in self.conversions if c.beta_readers)
@@ -235,8 +238,12 @@ def merge_inputs(node: ir.Node | None) -> list[ir.Value] | None:
 
 
 class Planner:
-    def __init__(self, norms: list[NormMatch], allow_hidden: bool) -> None:
+    def __init__(self, norms: list[NormMatch], allow_hidden: bool,
+                 no_gain: Callable[[NormMatch], str | None] = lambda _m: None) -> None:
+        """`no_gain(norm)`: why converting that norm would not pay on the target (it then stays a
+        LayerNorm, which a recentred input does not change, and buys no recentring)."""
         self.allow_hidden = allow_hidden
+        self.no_gain = no_gain
         self.norm_of = {n: m for m in norms if m.kind in ("layernorm", "rmsnorm") for n in m.nodes}
 
     # ---------------------------------------------------------------------- components
@@ -372,6 +379,9 @@ class Planner:
         explicit recentrings it needs cost as much as the norms it converts save."""
         if not region.norms:
             return "no LayerNorm reads it"
+        kept = {id(m): why for m in region.norms if (why := self.no_gain(m)) is not None}
+        if len(kept) == len(region.norms):
+            return next(iter(kept.values()))
         plan = StreamRewrite()
         try:
             for node in region.merges:  # constants added into the region are centred with it
@@ -387,11 +397,13 @@ class Planner:
                 plan.merge(self.writer(source))
             except Refuse as exc:
                 plan.recentred.append((source, str(exc)))
-        if len(plan.recentred) >= len(region.norms):
+        gaining = [m for m in region.norms if id(m) not in kept]
+        if len(plan.recentred) >= len(gaining):
             why = "; ".join(f"'{v.name}': {reason}" for v, reason in plan.recentred[:2])
-            return (f"{len(region.norms)} LayerNorm(s) would need {len(plan.recentred)} explicit recentring(s), "
+            return (f"{len(gaining)} LayerNorm(s) would need {len(plan.recentred)} explicit recentring(s), "
                     f"which cost as much as they save ({why})")
-        plan.conversions = [Conversion(m, self._beta_readers(m)) for m in region.norms]
+        plan.conversions = [Conversion(m, self._beta_readers(m)) for m in gaining]
+        plan.kept = [(m, kept[id(m)]) for m in region.norms if id(m) in kept]
         return plan
 
     @staticmethod

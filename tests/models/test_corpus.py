@@ -42,6 +42,10 @@ def test_export_has_the_structure_it_claims(corpus, name):
     elif entry.family == "convnext":
         # two hand-written LNs (two ReduceMeans each) and the global average pool
         assert count["ReduceMean"] == 5 and not count["LayerNormalization"]
+    elif entry.family == "convnext2d":
+        # 9 LayerNorms (5 of them timm's LayerNorm2d), each between permutes to and from NHWC
+        assert count["Transpose"] == 18
+        assert count["LayerNormalization"] == (0 if entry.opset < 17 else 9)
     else:
         assert entry.family == "unifiednorm"
         assert count["Sqrt"] == 5 and not count["LayerNormalization"] and not count["BatchNormalization"]

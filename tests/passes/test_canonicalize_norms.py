@@ -17,7 +17,7 @@ from tests.norm_graphs import Variant, build
 # decomposed norms per export that canonicalize can fuse, by target
 LN_TS14 = {f"{f}-ts14": 5 for f in ("gpt2", "gpt2hidden", "opt", "gptneox", "vit", "bert", "preln")} | {
     "convnext-ts14": 2, "clip-ts14": 6, "bloom-ts14": 6, "swin-ts14": 11, "wav2vec2-ts14": 8, "periln-ts14": 9,
-    "mixln-ts14": 7, "scaledpool-ts14": 5}
+    "mixln-ts14": 7, "scaledpool-ts14": 5, "convnext2d-ts14": 9}
 FUSED = {
     **{(name, "ort"): {"LayerNormalization": n} for name, n in LN_TS14.items()},  # ORT's contrib op
     ("convnext-ts17", "onnx"): {"LayerNormalization": 2},

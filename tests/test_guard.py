@@ -1,0 +1,78 @@
+"""`rewrite --guard speed`: a change that measures slower is dropped and reported; the rest stay.
+
+The slowdown is made on purpose and large (200 extra MatMuls by an identity matrix, exactly
+equivalent, several times the model's own time), so the test does not depend on small timing
+differences."""
+
+import collections
+import json
+
+import numpy as np
+import onnx_ir as ir
+
+from normopt.guard import SpeedGuard, units
+from normopt.passes import pipeline
+from normopt.passes.base import Pass, PassResult, Plan
+from normopt.rewrite import rewrite
+from normopt.rewriter import io
+from normopt.rewriter.edit import Editor
+from normopt.verify import VerifyOptions
+from tests.helpers import assert_matches_reference
+
+
+class SlowDown(Pass):
+    """Appends 200 MatMuls by the identity to the first graph output (x @ I == x exactly)."""
+
+    name = "slow-down"
+    summary = "test only: an exactly equivalent rewrite that is much slower"
+
+    def plan(self, model: ir.Model) -> Plan:
+        done = any(n.name.startswith("slow") for n in model.graph)
+        return Plan(idle="done already") if done else Plan(actions=["slow"])
+
+    def apply(self, model: ir.Model, plan: Plan) -> list[str]:
+        edit = Editor(model.graph)
+        out = model.graph.outputs[0]
+        eye = edit.initializer("slow.eye", np.eye(out.shape[-1], dtype=np.float32))
+        value, last, first = out, out.producer(), None
+        for i in range(200):
+            node = edit.node("MatMul", [value, eye], name=f"slow{i}", like=out)
+            model.graph.insert_after(last, node)
+            value, last, first = node.outputs[0], node, first or node
+        edit.take_over(out, value)  # the graph output reads the chain's end ...
+        first.replace_input_with(0, out)  # ... which starts at the original output
+        return ["appended 200 identity MatMul(s)"]
+
+
+def test_a_pass_that_makes_the_model_slower_is_dropped_and_reported(corpus, tmp_path, monkeypatch):
+    monkeypatch.setitem(pipeline.PASSES, "slow-down", SlowDown)
+    paths = corpus("gpt2-ts17")
+    out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
+    report = rewrite(paths.model, out, passes=["preln-to-rmsnorm", "slow-down"], report_path=report_path,
+                     verification=VerifyOptions(inputs=paths.load_inputs()), speed_guard=SpeedGuard())
+    guard = report.guard
+    assert guard.dropped == ["slow-down"] and guard.kept == ["preln-to-rmsnorm"], guard.verdict
+    assert guard.steps[0]["rewritten"].verdict == "slower"
+    assert {"original", "original (A/A)", "current", "without preln-to-rmsnorm", "without slow-down"} == set(guard.steps[1])
+    assert guard.final.verdict != "slower" and "dropped slow-down (measured slower)" in guard.verdict
+    ops = collections.Counter(n.op_type for n in io.load(out).graph)
+    assert ops["MatMul"] < 100  # the identity MatMuls are gone ...
+    assert ops["LayerNormalization"] == 0  # ... preln-to-rmsnorm's conversion stays
+    assert_matches_reference(out, paths)
+    data = json.loads(report_path.read_text())["speed_guard"]
+    assert data["dropped"] == ["slow-down"] and data["steps"][0]["rewritten"]["verdict"] == "slower"
+
+
+def test_a_rewrite_that_is_not_slower_is_kept_whole(corpus, tmp_path):
+    paths = corpus("gpt2-ts17")
+    report = rewrite(paths.model, tmp_path / "out.onnx", verification=VerifyOptions(inputs=paths.load_inputs()),
+                     speed_guard=SpeedGuard(rounds=5))
+    assert report.guard.kept and len(report.guard.steps) in (1, 2)  # 2 only if timing noise called it slower
+    assert "speed guard" in report.seconds
+
+
+def test_units_split_a_pass_into_the_groups_it_reports():
+    results = [PassResult("preln-to-rmsnorm", True, ["x"], []),
+               PassResult("canonicalize-norms", True, ["y"], [], units={"a": ["n1"], "b": ["n2", "n3"]}),
+               PassResult("fold-affine-norms", False, [], []), PassResult("cleanup", True, ["z"], [])]
+    assert [str(u) for u in units(results)] == ["preln-to-rmsnorm", "canonicalize-norms (a)", "canonicalize-norms (b)"]
