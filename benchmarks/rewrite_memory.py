@@ -86,14 +86,17 @@ def child(variant: str, src: str, dst: str) -> None:
     if variant == "plain":
         import onnx_ir as ir
 
+        t1 = time.perf_counter()
         model = ir.load(src)
         external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+        t2 = time.perf_counter()
         ir.save(model, dst, external_data=Path(dst).name + ".data" if external else None)
         code = 0
-        steps = {}
+        steps = {"import": t1 - t, "load": t2 - t1, "save": time.perf_counter() - t2}
     else:
         from normopt.cli import app
 
+        imported = time.perf_counter() - t
         report = Path(dst).with_suffix(".report.json")
         args = ["rewrite", src, dst, "--report", str(report)] + (["--no-verify"] if variant == "rewrite-no-verify" else [])
         try:
@@ -101,7 +104,7 @@ def child(variant: str, src: str, dst: str) -> None:
             code = 0
         except SystemExit as exc:
             code = exc.code
-        steps = json.loads(report.read_text())["seconds"]
+        steps = {"import": imported, **json.loads(report.read_text())["seconds"]}
         report.unlink()
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -168,11 +171,14 @@ def main() -> int:
                       f"{rss / model_bytes:.2f}")
     console = Console(width=200)
     console.print(table)
-    steps = Table(title="where `rewrite --no-verify` spends its time (s, medians)")
+    steps = Table(title="where the time goes (s, medians; rewrite's steps from its report)")
     steps.add_column("step")
-    steps.add_column("s", justify="right")
-    for name in runs["rewrite-no-verify"][0]["steps"]:
-        steps.add_row(name, f"{statistics.median(x['steps'].get(name, 0.0) for x in runs['rewrite-no-verify']):.2f}")
+    for v in ("plain", "rewrite-no-verify"):
+        steps.add_column(v, justify="right")
+    names = list(dict.fromkeys([*runs["rewrite-no-verify"][0]["steps"], *runs["plain"][0]["steps"]]))
+    for name in names:
+        steps.add_row(name, *(f"{statistics.median(x['steps'].get(name, 0.0) for x in runs[v]):.2f}"
+                              for v in ("plain", "rewrite-no-verify")))
     console.print(steps)
     RESULTS.mkdir(exist_ok=True)
     suffix = f"_{Path(args.model).stem}" if args.model else "_embedded" if args.embedded else ""

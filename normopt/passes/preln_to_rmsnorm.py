@@ -204,10 +204,10 @@ class PreLNToRMSNorm(Pass):
             if axis is None:  # a shift along the whole hidden axis: the recentring removes it
                 centred = np.zeros_like(original)
             else:
-                values = original.astype(np.float64)
+                values = original
                 if (node, index) in rewrite.scaled:  # LayerScale first: W*g along the hidden axis
                     values = numerics.scale_along(values, rewrite.scaled[(node, index)], axis)
-                centred = numerics.center(values, axis).astype(original.dtype)
+                centred = numerics.center(values, axis, original.dtype)
             edit.set_constant_input(node, index, centred, f"{node.name}.centred")
         for mul in rewrite.layerscales:  # folded into the writer: y = z * g is z now
             data = next(v for v in mul.inputs if folded_value(v) is None)

@@ -91,6 +91,16 @@ def constant_value(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+def constant_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """The shape of the constant `value` holds (as `folded_value` sees constants), or None when
+    it is not constant. An initializer's shape is read without reading its data (a copy of
+    the weight, for an embedded model)."""
+    if value is not None and value.const_value is not None and not value.is_graph_input():
+        return tuple(value.const_value.shape)
+    array = folded_value(value)
+    return None if array is None else array.shape
+
+
 def _constant_attribute(attr: ir.Attr) -> np.ndarray | None:
     """A Constant node's value (read without touching the node: onnx-ir's get_const_tensor
     renames the attribute's tensor, an edit a query must not make)."""

@@ -1,7 +1,7 @@
 """Load and save ONNX models through onnx-ir, safely.
 
-- Loading validates the file first (exists, parses, checker-valid, supported opset and IR version,
-  every external data file present and long enough) and raises `BadInput` with one line saying
+- Loading validates the file first (exists, parses, supported opset and IR version, every
+  external data file present and long enough, the graph checker-valid: `check_structure`) and raises `BadInput` with one line saying
   what is wrong. External data stays memory-mapped: weights are read only when a pass touches
   them, so memory stays near one copy of the model.
 - Saving is atomic: the model (and its external data file) is written into a temporary folder
@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -39,6 +40,8 @@ MIN_OPSET = 13
 MAX_OPSET = 26
 MIN_IR_VERSION = 7
 MAX_IR_VERSION = 13
+# Initializers up to this size keep their values in `structure_proto`.
+SMALL_TENSOR_BYTES = 1024
 # A protobuf cannot exceed 2 GiB; leave room for the graph itself.
 EMBEDDED_LIMIT_BYTES = 1_800_000_000
 EXTERNAL_THRESHOLD_BYTES = 1024
@@ -112,7 +115,11 @@ def _check_external_files(proto: onnx.ModelProto, path: Path) -> None:
         data = path.parent / location
         if not data.is_file():
             raise BadInput(f"'{path}' references external data file '{data}', which is missing")
-        size = data.stat().st_size
+        stat = data.stat()
+        if stat.st_nlink > 1:  # onnx refuses to read such a file (another name may alias it)
+            raise BadInput(f"external data file '{data}' has {stat.st_nlink} hard links; onnx does not read "
+                           "a data file with several names: copy it to a file of its own")
+        size = stat.st_size
         if size < end:
             raise BadInput(
                 f"external data file '{data}' is truncated: {size} bytes, tensors need {end}"
@@ -133,29 +140,64 @@ def _all_initializer_protos(graph: onnx.GraphProto):
 def load(path: str | os.PathLike) -> ir.Model:
     """Validate and load a model; external data stays memory-mapped (read on first access)."""
     path = check_readable_file(path)
-    # The checker first, by path (it handles > 2 GB models and resolves external data): its
-    # C++ copy of an embedded model is gone before ours is parsed, so memory peaks at what one
-    # parse costs, not at a second copy beside the first. Its verdict waits for the more
-    # specific checks below (not ONNX, version, missing data file), which come first.
-    try:
-        with step("load: checker"):
-            onnx.checker.check_model(str(path))
-        checker_error = None
-    except Exception as exc:  # ValidationError, or a parse failure the checks below explain
-        checker_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     with step("load: parse"):
         proto = _parse(path)
     _check_versions(proto, path)
     _check_external_files(proto, path)
-    if checker_error is not None:
-        raise BadInput(f"'{path}' fails onnx.checker: {checker_error}")
     described = {v.name for v in proto.graph.value_info}
     with step("load: to IR"):
-        model = ir.serde.deserialize_model(proto)
+        try:
+            model = ir.serde.deserialize_model(proto)
+        except Exception as exc:
+            raise BadInput(f"'{path}' fails onnx.checker: {_first_line(exc)}") from None
         del proto
+    # The checker reads the graph, not the weights (the whole file would be parsed again:
+    # +25% on an embedded GPT-2's rewrite); their sizes were checked above, their values are
+    # read where a pass needs them.
+    with step("load: checker"):
+        problem = check_structure(model)
+    if problem is not None:
+        raise BadInput(f"'{path}' fails onnx.checker: {problem}")
     model.meta[DESCRIBED_INITIALIZERS] = {name for name in model.graph.initializers if name in described}
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     return model
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def structure_proto(model: ir.Model) -> onnx.ModelProto:
+    """The model without its large tensors, which become typed graph inputs: what the checker
+    and shape inference need (the graph alone, whatever the model's size), built without
+    touching the model and without reading a weight. Small embedded initializers (shape
+    constants, which feed shape inference's data propagation) keep their values."""
+    graph = model.graph
+    small = [v for v in graph.initializers.values() if v.const_value is not None
+             and v.const_value.nbytes <= SMALL_TENSOR_BYTES and not isinstance(v.const_value, ir.ExternalTensor)]
+    view = ir.GraphView(graph.inputs, graph.outputs, nodes=graph, initializers=small, name=graph.name)
+    proto = onnx.ModelProto(ir_version=model.ir_version)
+    proto.graph.CopyFrom(ir.serde.serialize_graph(view))
+    listed = {v.name for v in (*graph.inputs, *small)}
+    for value in graph.initializers.values():
+        if value.name not in listed and value.const_value is not None:
+            tensor = value.const_value
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(value.name, tensor.dtype.value, list(tensor.shape)))
+    for domain, version in model.opset_imports.items():
+        proto.opset_import.append(onnx.helper.make_opsetid(domain, version))
+    for function in model.functions.values():
+        proto.functions.append(ir.serde.serialize_function(function))
+    return proto
+
+
+def check_structure(model: ir.Model) -> str | None:
+    """What onnx.checker finds wrong with the model's graph (its large tensors checked only for
+    type and shape), or None."""
+    try:
+        onnx.checker.check_model(structure_proto(model))
+    except Exception as exc:  # ValidationError, or a graph the serializer rejects
+        return _first_line(exc)
+    return None
 
 
 def uses_external_data(model: ir.Model) -> bool:
@@ -369,13 +411,16 @@ def stage(
     staged = StagedModel(tmpdir / destination.name, destination, data_name)
     try:
         with _undescribed_initializers(model), step("save"):
-            ir.save(
-                model,
-                staged.path,
-                external_data=staged.data_name,
-                size_threshold_bytes=EXTERNAL_THRESHOLD_BYTES,
-                callback=(lambda _t, info: progress(info.index + 1, info.total)) if progress else None,
-            )
+            if data_name is None and _streamable(model):
+                _write_embedded(model, staged.path, progress)
+            else:
+                ir.save(
+                    model,
+                    staged.path,
+                    external_data=staged.data_name,
+                    size_threshold_bytes=EXTERNAL_THRESHOLD_BYTES,
+                    callback=(lambda _t, info: progress(info.index + 1, info.total)) if progress else None,
+                )
     except OSError as exc:
         staged.discard()
         raise BadInput(f"cannot write '{destination}': {exc.strerror or exc}") from None
@@ -383,6 +428,62 @@ def stage(
         staged.discard()
         raise
     return staged
+
+
+def _streamable(model: ir.Model) -> bool:
+    """Whether `_write_embedded` writes what onnx-ir's save would: every initializer in memory
+    (an external one stays external there) and none with a quantization annotation."""
+    return all(v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor)
+               and QUANT_ANNOTATION not in v.meta for v in model.graph.initializers.values())
+
+
+QUANT_ANNOTATION = "quant_parameter_tensor_names"  # onnx-ir's meta key for a value's annotation
+
+
+def _wire_field(number: int, length: int) -> bytes:
+    """The tag and length that start a length-delimited protobuf field."""
+    out = bytearray()
+    for value in (number << 3 | 2, length):
+        while value > 0x7F:
+            out.append(value & 0x7F | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out)
+
+
+def _write_embedded(model: ir.Model, path: Path, progress: Callable[[int, int], None] | None) -> None:
+    """Write `model` with its tensors inside the file, one tensor in memory at a time: first the
+    model without initializers, then for each initializer, in order, one more `graph` field
+    holding that initializer alone. Protobuf merges the occurrences of a message field (their
+    repeated fields concatenate), so every reader sees one graph with every initializer, the
+    bytes onnx-ir's save would give. That save builds the whole model proto and one string of
+    it (a 650 MB GPT-2: 3-4 s and two more copies of the weights in memory)."""
+    graph = model.graph
+    shell = copy.copy(model)
+    shell.graph = ir.GraphView(graph.inputs, graph.outputs, nodes=graph, name=graph.name, doc_string=graph.doc_string,
+                               opset_imports=graph.opset_imports, metadata_props=graph.metadata_props)
+    proto = ir.serde.serialize_model(shell)
+    inputs = {v.name for v in graph.inputs}
+    described = [ir.serde.serialize_value(v) for v in graph.initializers.values() if v.name and v.name not in inputs
+                 and (v.type is not None or v.shape is not None or v.metadata_props or v.doc_string)]
+    if described:  # where onnx-ir's save puts them: before the nodes' value_info
+        rest = list(proto.graph.value_info)
+        del proto.graph.value_info[:]
+        proto.graph.value_info.extend(described + rest)
+    initializers = list(graph.initializers.values())
+    with open(path, "wb") as f:
+        f.write(proto.SerializeToString())
+        del proto
+        for i, value in enumerate(initializers):
+            tensor = ir.serde.serialize_tensor(value.const_value)
+            tensor.name = value.name
+            data = tensor.SerializeToString()
+            del tensor
+            f.write(_wire_field(7, len(_wire_field(5, len(data))) + len(data)))  # ModelProto.graph
+            f.write(_wire_field(5, len(data)))  # GraphProto.initializer
+            f.write(data)
+            if progress:
+                progress(i + 1, len(initializers))
 
 
 def save(model: ir.Model, destination: str | os.PathLike, *, external_data: bool) -> None:

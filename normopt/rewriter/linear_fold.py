@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from normopt.rewriter import numerics
 from normopt.rewriter.edit import Editor
-from normopt.rewriter.graph import folded_value, is_op, sole_reader
+from normopt.rewriter.graph import constant_shape, folded_value, is_op, sole_reader
 
 
 @dataclass
@@ -36,7 +36,7 @@ def bias_add_data(node: ir.Node | None) -> ir.Value | None:
     """For `Add(data, constant)` (either order) the data input, else None."""
     if not is_op(node, "Add") or len(node.inputs) != 2:
         return None
-    constant = [folded_value(v) is not None for v in node.inputs]
+    constant = [constant_shape(v) is not None for v in node.inputs]
     if constant.count(True) != 1:
         return None
     return node.inputs[constant.index(False)]
@@ -52,16 +52,16 @@ def bias_add_after(linear: ir.Node) -> ir.Node | None:
     return add if add is not None and bias_add_data(add) is out else None
 
 
-def _weight_channels(linear: ir.Node, w: np.ndarray, input_side: bool) -> int:
-    """How many channels the weight axis a fold scales has."""
+def _weight_channels(linear: ir.Node, shape: tuple[int, ...], input_side: bool) -> int:
+    """How many channels the weight axis a fold scales has (`shape`: the weight's)."""
     op, groups = linear.op_type, linear.attributes.get_int("group", 1)
     if op == "Conv":
-        return w.shape[1] * groups if input_side else w.shape[0]
+        return shape[1] * groups if input_side else shape[0]
     if op == "ConvTranspose":
-        return w.shape[1] * groups
+        return shape[1] * groups
     trans_b = op == "Gemm" and linear.attributes.get_int("transB", 0)
     k_axis, n_axis = (1, 0) if trans_b else (-2, -1)
-    return w.shape[k_axis] if input_side else w.shape[n_axis]
+    return shape[k_axis] if input_side else shape[n_axis]
 
 
 def fold_problem(linear: ir.Node, value: ir.Value, channels: int, input_side: bool) -> str | None:
@@ -74,19 +74,19 @@ def fold_problem(linear: ir.Node, value: ir.Value, channels: int, input_side: bo
         return f"{where} is not a linear op the affine folds into"
     if input_side and (linear.inputs[0] is not value or value in linear.inputs[1:]):
         return f"it is not only the data input of {where}"
-    w = folded_value(linear.inputs[1]) if len(linear.inputs) > 1 else None
-    if w is None:
+    shape = constant_shape(linear.inputs[1]) if len(linear.inputs) > 1 else None
+    if shape is None:
         return f"{where} has no constant weight"
-    if op == "MatMul" and (w.ndim < 2 or (input_side and w.ndim != 2)):
-        return f"{where} has a {w.ndim}-D weight"
-    if op == "MatMul" and folded_value(linear.inputs[0]) is not None:
+    if op == "MatMul" and (len(shape) < 2 or (input_side and len(shape) != 2)):
+        return f"{where} has a {len(shape)}-D weight"
+    if op == "MatMul" and constant_shape(linear.inputs[0]) is not None:
         return f"{where}'s first input is constant too"
-    if len(linear.inputs) > 2 and linear.inputs[2] is not None and folded_value(linear.inputs[2]) is None:
+    if len(linear.inputs) > 2 and linear.inputs[2] is not None and constant_shape(linear.inputs[2]) is None:
         return f"{where} has a non-constant bias"
     if op == "Gemm" and input_side and linear.attributes.get_int("transA", 0):
         return "Gemm with transA=1 reads its input transposed"
-    if _weight_channels(linear, w, input_side) != channels:
-        return f"the affine has {channels} channels, {where}'s weight {_weight_channels(linear, w, input_side)}"
+    if _weight_channels(linear, shape, input_side) != channels:
+        return f"the affine has {channels} channels, {where}'s weight {_weight_channels(linear, shape, input_side)}"
     return None
 
 

@@ -73,9 +73,21 @@ def into_matmul_output(weight, bias, a, c) -> tuple[np.ndarray, np.ndarray]:
 
 def into_matmul_input(weight, bias, a, c) -> tuple[np.ndarray, np.ndarray]:
     """y = a*x + c on the last axis, then y @ W + b (W [K, N]):  W' = diag(a) W,
-    b' = b + c @ W."""
+    b' = b + c @ W.  With a == 1 (a LayerNorm's beta alone) W' is W itself, not a copy."""
+    if np.all(_f64(a) == 1):
+        return np.asarray(weight), _f64(bias) + _dot64(c, weight)
     w = _f64(weight)
     return _f64(a)[:, None] * w, _f64(bias) + _f64(c) @ w
+
+
+def _dot64(c, w, block_bytes: int = 1 << 22) -> np.ndarray:
+    """c @ w (w [K, N]) in float64, a block of rows at a time: no float64 copy of w."""
+    w = np.asarray(w)
+    c, out = _f64(c), np.zeros(w.shape[1:], np.float64)
+    per = max(1, block_bytes // max(1, 8 * w[0].size))
+    for start in range(0, w.shape[0], per):
+        out += c[start:start + per] @ _f64(w[start:start + per])
+    return out
 
 
 def into_conv_input(weight, bias, a, c, groups: int) -> tuple[np.ndarray, np.ndarray]:
@@ -112,14 +124,27 @@ def into_gemm_input(weight, bias, a, c, alpha: float, beta: float, trans_b: bool
     return (w2.T if trans_b else w2), alpha * shift + (0.0 if bias is None else beta * _f64(bias))
 
 
-def center(array, axis: int) -> np.ndarray:
+def center(array, axis: int, dtype=None, block_bytes: int = 1 << 22) -> np.ndarray:
     """array - array.mean(axis): every slice along `axis` sums to zero. A linear writer
     y = x W + b writes a zero-mean vector for every x iff W' = W - mean over the output axis,
     b' = b - mean(b). Embedding table [V, D]: axis=-1 (each row). MatMul weight W[in, out]:
     axis=-1 (over outputs). Gemm transB weight W[out, in]: axis=0. Conv weight [C_out, ...]:
-    axis=0 (over output channels). A bias [D]: axis=-1."""
-    a = _f64(array)
-    return a - a.mean(axis=axis, keepdims=True)
+    axis=0 (over output channels). A bias [D]: axis=-1.
+    Computed in float64 a block of slices at a time (about `block_bytes` of float64: a GPT-2
+    embedding table never exists whole in float64) and returned in `dtype` (float64 if None)."""
+    a = np.asarray(array)
+    out = np.empty(a.shape, np.float64 if dtype is None else dtype)
+    if a.ndim < 2:
+        out[...] = _f64(a) - _f64(a).mean(axis=axis, keepdims=True)
+        return out
+    other = 1 if axis % a.ndim == 0 else 0  # blocks along an axis the mean does not run over
+    per = max(1, block_bytes // max(1, 8 * a.size // max(1, a.shape[other])))
+    for start in range(0, a.shape[other], per):
+        block = [slice(None)] * a.ndim
+        block[other] = slice(start, start + per)
+        part = _f64(a[tuple(block)])
+        out[tuple(block)] = part - part.mean(axis=axis, keepdims=True)
+    return out
 
 
 def scale_along(array, g, axis: int) -> np.ndarray:

@@ -20,11 +20,9 @@ from collections.abc import Iterator
 import onnx
 import onnx_ir as ir
 
+from normopt.rewriter.io import structure_proto
 from normopt.timings import step
 
-# Initializers up to this size go to shape inference with their values (shape constants
-# feed its data propagation); larger ones as typed inputs only.
-_SMALL_TENSOR_BYTES = 1024
 
 
 def _values(model: ir.Model) -> Iterator[ir.Value]:
@@ -39,32 +37,10 @@ def _infer(proto: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
 
 
-def _structure(model: ir.Model) -> onnx.ModelProto:
-    """The model as shape inference needs it, built without touching the model and without
-    its large tensors: those become typed graph inputs (the graph alone, whatever the model's
-    size)."""
-    graph = model.graph
-    small = [v for v in graph.initializers.values()
-             if v.const_value is not None and v.const_value.nbytes <= _SMALL_TENSOR_BYTES]
-    view = ir.GraphView(graph.inputs, graph.outputs, nodes=graph, initializers=small, name=graph.name)
-    proto = onnx.ModelProto(ir_version=model.ir_version)
-    proto.graph.CopyFrom(ir.serde.serialize_graph(view))
-    listed = {v.name for v in (*graph.inputs, *small)}
-    for value in graph.initializers.values():
-        if value.name not in listed and value.const_value is not None:
-            tensor = value.const_value
-            proto.graph.input.append(onnx.helper.make_tensor_value_info(value.name, tensor.dtype.value, list(tensor.shape)))
-    for domain, version in model.opset_imports.items():
-        proto.opset_import.append(onnx.helper.make_opsetid(domain, version))
-    for function in model.functions.values():
-        proto.functions.append(ir.serde.serialize_function(function))
-    return proto
-
-
 def _inferred(model: ir.Model) -> dict[str, ir.Value]:
     """Values of the inferred model by name, per graph in `model.graphs()` order."""
     try:
-        inferred = ir.serde.deserialize_model(_infer(_structure(model)))
+        inferred = ir.serde.deserialize_model(_infer(structure_proto(model)))
     except Exception:  # inference is a help, never a requirement: without it passes refuse more
         return {}
     found: dict[str, ir.Value] = {}

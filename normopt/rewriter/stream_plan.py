@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from normopt.rewriter.graph import folded_value, int_list, is_op, rank, readers, static_shape
+from normopt.rewriter.graph import constant_shape, folded_value, int_list, is_op, rank, readers, static_shape
 from normopt.rewriter.linear_fold import bias_add_after, fold_problem
 from normopt.rewriter.norms import NormMatch
 
@@ -219,7 +219,7 @@ def merge_inputs(node: ir.Node | None) -> list[ir.Value] | None:
     token-axis Gather/Slice/Transpose/Expand/Pad/Split, mean pooling over tokens)."""
     if node is None or not is_op(node, *MERGING_OPS):
         return None
-    data = [v for v in node.inputs if v is not None and folded_value(v) is None]
+    data = [v for v in node.inputs if v is not None and constant_shape(v) is None]
     out = node.outputs[0]
     if is_op(node, "Add", "Sub"):
         hidden = _hidden_size(out)
@@ -486,7 +486,7 @@ class Planner:
             if op == "Concat" and node.attributes.get_int("axis", 0) % r == hidden:
                 raise Refuse(f"Concat {node.name} joins pieces along the hidden axis")
             for i, v in enumerate(node.inputs):
-                if folded_value(v) is not None:
+                if constant_shape(v) is not None:
                     self._centre(plan, scale, node, i, hidden - r)
                     continue
                 rv = rank(v)
@@ -494,8 +494,8 @@ class Planner:
                     raise Refuse(f"'{v.name}' is added along the whole hidden axis of '{value.name}' (or its rank is unknown)")
                 self._recurse(plan, node, v, rv - (r - hidden), depth, scale)
             return
-        weight = folded_value(node.inputs[1]) if len(node.inputs) > 1 else None
-        if op == "MatMul" and weight is not None and weight.ndim >= 2 and last:
+        weight = constant_shape(node.inputs[1]) if len(node.inputs) > 1 else None
+        if op == "MatMul" and weight is not None and len(weight) >= 2 and last:
             self._centre(plan, scale, node, 1, -1)
             return
         if op == "Gemm" and weight is not None and last:
@@ -510,8 +510,8 @@ class Planner:
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 self._centre(plan, scale, node, 2, -1)
             return
-        table = folded_value(node.inputs[0]) if node.inputs else None
-        if op == "Gather" and node.attributes.get_int("axis", 0) == 0 and table is not None and table.ndim >= 2 and last:
+        table = constant_shape(node.inputs[0]) if node.inputs else None
+        if op == "Gather" and node.attributes.get_int("axis", 0) == 0 and table is not None and len(table) >= 2 and last:
             shared = node.inputs[0]
             if len(readers(shared)) > 1 or shared.is_graph_output():
                 raise Refuse(f"embedding table '{shared.name}' is shared (tied LM head?)")
@@ -521,7 +521,7 @@ class Planner:
             return
         if op in ("Cast", "Identity", "Expand", "Slice", "Transpose", "Reshape", "Flatten"):
             axis = _hidden_through(node, hidden)
-            if folded_value(node.inputs[0]) is not None:
+            if constant_shape(node.inputs[0]) is not None:
                 self._centre(plan, scale, node, 0, axis - rank(node.inputs[0]))
             else:
                 self._recurse(plan, node, node.inputs[0], axis, depth, scale)

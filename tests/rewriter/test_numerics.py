@@ -74,3 +74,24 @@ def test_matmul_both_sides():
     a, c = rng.standard_normal(5), rng.standard_normal(5)
     w2, b2 = am.into_matmul_input(w, b, a, c)
     np.testing.assert_allclose(x @ w2 + b2, (a * x + c) @ w + b, rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape,axis", [((50, 7), -1), ((50, 7), 0), ((3, 4, 5, 6), 0), ((3, 4, 5, 6), -1), ((9,), -1)])
+def test_center_in_blocks_equals_the_whole_computation(shape, axis):
+    """Large tables are centred a block at a time (bounded float64 memory): same numbers."""
+    a = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    whole = a.astype(np.float64) - a.astype(np.float64).mean(axis=axis, keepdims=True)
+    for block_bytes in (8, 1 << 26):
+        assert np.array_equal(am.center(a, axis, block_bytes=block_bytes), whole)
+        assert np.array_equal(am.center(a, axis, np.float32, block_bytes=block_bytes), whole.astype(np.float32))
+
+
+def test_a_shift_alone_leaves_the_weight_and_moves_the_bias_exactly():
+    """A LayerNorm's beta folded into the MatMul reading it: W stays (no copy), b' = b + beta W
+    (computed in float64 a block of rows at a time)."""
+    w = rng.standard_normal((300, 7)).astype(np.float32)
+    b, c = rng.standard_normal(7), rng.standard_normal(300)
+    w2, b2 = am.into_matmul_input(w, b, np.ones(300), c)
+    assert w2 is w or np.shares_memory(w2, w)
+    np.testing.assert_allclose(b2, b + c @ w.astype(np.float64), rtol=1e-13)
+    np.testing.assert_allclose(am._dot64(c, w, block_bytes=64), c @ w.astype(np.float64), rtol=1e-13)
