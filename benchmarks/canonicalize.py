@@ -7,7 +7,9 @@ Cases where onnxruntime's own optimizer (ORT_ENABLE_ALL) leaves a norm decompose
   (--target ort);
 - ConvNeXt 128x4: hand-written LayerNorm over the last axis of an NHWC tensor ->
   LayerNormalization. onnxruntime 1.31 fuses the dynamo-18 form itself (expect ~1.00x) but
-  not the TorchScript opset-14 form, which --target ort fuses into ORT's contrib op.
+  not the TorchScript opset-14 form, which --target ort fuses into ORT's contrib op;
+- timm's ConvNeXt (atto widths), TorchScript opset 14: LayerNorm2d (permute, decomposed
+  LayerNorm over the channels, permute back) -> LayerNormalization between the permutes.
 Prints a table (rewritten / original, paired per-round ratio with its 95% interval, A/A row) and writes results/canonicalize.json.
 """
 
@@ -26,6 +28,7 @@ CASES = [
     ("llama-512x4-dyn18", "ort", "LLaMA 512x4 dyn18, 8x128 tokens", {"batch": 8, "seq": 128}),
     ("convnext-128x4-ts14", "ort", "ConvNeXt 128x4 ts14, batch 8 (64x64)", {"batch": 8}),
     ("convnext-128x4-dyn18", "onnx", "ConvNeXt 128x4 dyn18, batch 8 (64x64)", {"batch": 8}),
+    ("convnext2d-bench-ts14", "ort", "timm ConvNeXt (LayerNorm2d) ts14, batch 8 (128x128)", {"batch": 8}),
 ]
 
 

@@ -66,11 +66,12 @@ def test_interleaving_and_paired_ratio_are_computed_per_round():
     assert summary["a"]["throughput_per_s"] == pytest.approx(2.0) and np.isclose(summary["b"]["std_ms"], 0)
 
 
-def test_verdict_needs_an_interval_off_one_and_an_effect_beyond_the_control():
-    assert verdict(1.05, 1.03, 1.07, control=1.00) == "slower"
-    assert verdict(0.95, 0.93, 0.97, control=1.01) == "faster"
-    assert verdict(1.05, 0.99, 1.10, control=1.00) == "within noise"  # the interval holds 1.0
-    assert verdict(1.02, 1.01, 1.03, control=0.97) == "within noise"  # the A/A control is off by more
+def test_verdict_needs_an_interval_off_one_and_apart_from_the_controls():
+    assert verdict(1.05, 1.03, 1.07, control=(0.99, 1.01)) == "slower"
+    assert verdict(0.95, 0.93, 0.97, control=(0.99, 1.02)) == "faster"
+    assert verdict(1.05, 0.99, 1.10, control=(0.99, 1.01)) == "within noise"  # the interval holds 1.0
+    # a copy of the baseline measured as far off: no change at all looks like this
+    assert verdict(0.988, 0.984, 0.996, control=(0.990, 1.004)) == "within noise"
 
 
 def test_ratio_interval_brackets_the_median_and_narrows_with_more_rounds():
