@@ -32,7 +32,7 @@ from normopt.rewriter import io
 from normopt.rewriter.graph import op_histogram
 from normopt.timings import recording
 from normopt.timings import step as timed
-from normopt.verify import ModelRunError, VerifyOptions, VerifyReport, input_feeds, verify
+from normopt.verify import ModelRunError, VerifyOptions, VerifyReport, input_trials, verify
 
 
 @dataclass
@@ -48,7 +48,8 @@ class RewriteReport:
     error: str | None = None
     exit_code: int = 0
     guard: GuardReport | None = None
-    feeds: dict | None = None  # the inputs verification ran on (not in the JSON report)
+    feeds: dict | None = None  # the first input set verification ran on (not in the JSON report)
+    trials: list[dict] | None = None  # every input set verification ran on
 
     def to_json(self) -> dict:
         return {
@@ -147,7 +148,8 @@ def _rewrite(src: Path, dst: Path, passes, options, verification, speed_guard, i
     _guard_outputs(guard, src, dst, report_path, in_place)
     feeds_from = verification or (speed_guard.inputs or VerifyOptions() if speed_guard else None)
     if feeds_from is not None:  # from the model as loaded: no second load of IN for its inputs
-        report.feeds = input_feeds(model, feeds_from.inputs, feeds_from.dims, feeds_from.seed)
+        report.trials = input_trials(model, feeds_from)
+        report.feeds = report.trials[0]
     external = io.uses_external_data(model)
     report.nodes_before = op_histogram(model)
     with timed("passes"):
@@ -194,7 +196,7 @@ def _rewrite(src: Path, dst: Path, passes, options, verification, speed_guard, i
 def _verify(src: Path, staged: Path, dst: Path, verification: VerifyOptions, step, report: RewriteReport) -> None:
     changed = {o: f"changed on request by {r.name}" for r in report.passes for o in r.changed_outputs}
     try:
-        report.verification = verify(src, staged, verification, feeds=report.feeds, on_step=step,
+        report.verification = verify(src, staged, verification, trials=report.trials, on_step=step,
                                      changed_on_request=changed)
     except ModelRunError as exc:
         if exc.path == staged:  # the original runs, the rewrite does not: our failure

@@ -54,3 +54,68 @@ def test_the_judge_catches_a_wrong_rewrite(monkeypatch):
                 warnings.simplefilter("ignore", RuntimeWarning)
                 wrong += bool(fuzzing.judge(case, ["preln-to-rmsnorm"], Options()).wrong)
     assert wrong > 0
+
+
+def _wrong_cases(monkeypatch, family, names, mutate, seeds):
+    """The fuzzer's graphs that a pass made wrong on purpose (`mutate`) turns wrong, by the judge."""
+    mutate(monkeypatch)
+    found = []
+    for seed in seeds:
+        case = family(fuzzing.RandomChoices(seed))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            if fuzzing.judge(case, names, Options()).wrong:
+                found.append(case)
+    monkeypatch.undo()
+    return found
+
+
+def _no_axis_check(monkeypatch):
+    from normopt.rewriter import stream_plan
+
+    check = stream_plan.Planner.norm_problem
+
+    def without_axis_check(match):
+        match.axis = -1
+        return check(match)
+
+    monkeypatch.setattr(stream_plan.Planner, "norm_problem", staticmethod(without_axis_check))
+
+
+def _centre_the_wrong_axis(monkeypatch):
+    from normopt.rewriter import numerics
+
+    center = numerics.center
+    monkeypatch.setattr(numerics, "center", lambda a, axis, dtype=None: center(a, 0 if axis % max(1, a.ndim) else -1, dtype))
+
+
+def _batchnorm_without_epsilon(monkeypatch):
+    from normopt.rewriter import numerics
+
+    affine = numerics.batchnorm_affine
+    monkeypatch.setattr(numerics, "batchnorm_affine", lambda g, b, m, v, eps, alpha=0.0: affine(g, b, m, v, 0.0, alpha))
+
+
+@pytest.mark.parametrize("family,names,mutate", [
+    (fuzzing.transformer, ["preln-to-rmsnorm"], _no_axis_check),
+    (fuzzing.transformer, ["preln-to-rmsnorm"], _centre_the_wrong_axis),
+    (fuzzing.cnn, ["fold-affine-norms"], _batchnorm_without_epsilon),
+], ids=["no-axis-check", "wrong-centring-axis", "bn-without-eps"])
+def test_the_default_verification_rejects_every_wrong_rewrite_the_fuzzer_finds(monkeypatch, tmp_path, family, names, mutate):
+    """normopt's own gate (noise-aware by default) must still reject what the judge calls
+    wrong: each pass made wrong on purpose, the graphs it breaks, verified as `rewrite` does."""
+    import onnx
+
+    from normopt.errors import VerificationFailed
+    from normopt.rewrite import rewrite
+    from normopt.verify import VerifyOptions
+
+    wrong = _wrong_cases(monkeypatch, family, names, mutate, range(150))
+    assert wrong, "the mutation broke no graph: the test would prove nothing"
+    mutate(monkeypatch)
+    for i, case in enumerate(wrong):
+        src = tmp_path / f"{i}.onnx"
+        onnx.save(case.model, src)
+        with warnings.catch_warnings(), pytest.raises(VerificationFailed):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            rewrite(src, tmp_path / f"{i}.out.onnx", passes=names, verification=VerifyOptions(inputs=case.feeds))
