@@ -98,15 +98,27 @@ def _parse_dims(items: list[str] | None) -> dict[str, int]:
 def _feeds(model: Path, options) -> dict:
     """Inputs for `model`: the .npz given, else generated from its input specs."""
     from normopt.rewriter import io
-    from normopt.verify import input_feeds
+    from normopt.verify import input_trials
 
-    return input_feeds(io.load(model), options.inputs, options.dims, options.seed)
+    return input_trials(io.load(model), options)[0]
 
 
-def _verify_options(inputs, dim, rtol, atol, seed, trials=2):
+def _parse_shapes(items: list[str] | None) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        sizes = value.strip().lower().split("x")
+        if not sep or not name or not all(s.strip().isdigit() for s in sizes):
+            raise BadInput(f"--shape takes NAME=AxBxC with whole numbers (e.g. input_ids=1x128), got '{item}'")
+        shapes[name.strip()] = tuple(int(s) for s in sizes)
+    return shapes
+
+
+def _verify_options(inputs, dim, rtol, atol, seed, trials=2, shape=None):
     from normopt.verify import VerifyOptions
 
-    return VerifyOptions(inputs=inputs, dims=_parse_dims(dim), rtol=rtol, atol=atol, seed=seed, trials=trials)
+    return VerifyOptions(inputs=inputs, dims=_parse_dims(dim), shapes=_parse_shapes(shape), rtol=rtol, atol=atol,
+                         seed=seed, trials=trials)
 
 
 def _check_target(target: str) -> None:
@@ -146,6 +158,10 @@ def _main(
 DimOpt = Annotated[
     Optional[list[str]],
     typer.Option("--dim", help="Symbolic dim size, NAME=VALUE (repeatable)."),
+]
+ShapeOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--shape", help="An input's whole shape, NAME=AxB (repeatable; e.g. input_ids=1x128)."),
 ]
 InputsOpt = Annotated[Optional[Path], typer.Option("--inputs", help="Inputs by name in an .npz file.")]
 RtolOpt = Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance (x output scale).")]
@@ -240,6 +256,7 @@ def rewrite(
     atol: AtolOpt = None,
     seed: SeedOpt = 0,
     trials: TrialsOpt = 2,
+    shape: ShapeOpt = None,
 ) -> None:
     """Rewrite IN into OUT. Exit 0 written; 1 verification failed; 2 bad input; 3 a requested pass applied nowhere."""
     from normopt.passes.base import Options
@@ -253,7 +270,7 @@ def rewrite(
     if threads < 1:
         raise BadInput("--threads must be at least 1")
     names = [n.strip() for n in passes.split(",") if n.strip()] if passes is not None else None
-    checks = _verify_options(inputs, dim, rtol, atol, seed, trials)
+    checks = _verify_options(inputs, dim, rtol, atol, seed, trials, shape)
     result = RewriteReport(str(src), str(dst))
     try:
         with _progress(f"loading {src.name}") as step:
@@ -266,6 +283,7 @@ def rewrite(
             _print_rewrite(result, explain)
         if result.verification is not None:
             out.print(_verify_table(result.verification))
+            _warn_note(result.verification)
         if result.guard is not None:
             out.print(f"speed guard ({result.guard.backend}, {threads} threads): {result.guard.verdict}",
                       markup=False, highlight=False)
@@ -322,6 +340,7 @@ def verify(
     atol: AtolOpt = None,
     seed: SeedOpt = 0,
     trials: TrialsOpt = 2,
+    shape: ShapeOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
 ) -> None:
     """Run A and B in onnxruntime (CPU, no graph optimizations) on the same inputs and compare
@@ -329,13 +348,19 @@ def verify(
     from normopt.verify import verify as run_verify
 
     with _progress(f"loading {model_a.name}") as step:
-        report = run_verify(model_a, model_b, _verify_options(inputs, dim, rtol, atol, seed, trials), on_step=step)
+        report = run_verify(model_a, model_b, _verify_options(inputs, dim, rtol, atol, seed, trials, shape), on_step=step)
     if json_out:
         out.print_json(data=report.to_json())
     else:
         out.print(_verify_table(report))
+    _warn_note(report)
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _warn_note(report) -> None:
+    if report.note:
+        err.print(f"normopt: warning: {report.note}", markup=False, highlight=False)
 
 
 def _profile_tables(report) -> None:
@@ -393,6 +418,7 @@ def profile(
     backend: Annotated[str, typer.Option("--backend", help="ort-cpu | ort-cuda | tensorrt.")] = "ort-cpu",
     threads: Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads.")] = 2,
     dim: DimOpt = None,
+    shape: ShapeOpt = None,
     inputs: InputsOpt = None,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs per model first.")] = 3,
     runs: Annotated[int, typer.Option("--runs", help="Timed runs per model (interleaved).")] = 30,
@@ -413,7 +439,7 @@ def profile(
         if path is not None:
             io.check_writable_folder(path, what)
             guard.check(path, what)
-    feeds = _feeds(models[0], _verify_options(inputs, dim, None, None, seed))
+    feeds = _feeds(models[0], _verify_options(inputs, dim, None, None, seed, shape=shape))
     _run_profile(models, feeds, backend, threads, warmup, runs, json_path, plot_path)
 
 

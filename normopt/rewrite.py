@@ -32,7 +32,7 @@ from normopt.rewriter import io
 from normopt.rewriter.graph import op_histogram
 from normopt.timings import recording
 from normopt.timings import step as timed
-from normopt.verify import ModelRunError, VerifyOptions, VerifyReport, input_trials, verify
+from normopt.verify import ModelRunError, VerifyOptions, VerifyReport, fallback_trials, input_trials, verify
 
 
 @dataclass
@@ -49,7 +49,8 @@ class RewriteReport:
     exit_code: int = 0
     guard: GuardReport | None = None
     feeds: dict | None = None  # the first input set verification ran on (not in the JSON report)
-    trials: list[dict] | None = None  # every input set verification ran on
+    trials: list[dict] | None = None  # every input set verification runs on
+    fallback: list[dict] | None = None  # generated inputs with unset dims at 1, if the others fail
 
     def to_json(self) -> dict:
         return {
@@ -149,6 +150,7 @@ def _rewrite(src: Path, dst: Path, passes, options, verification, speed_guard, i
     feeds_from = verification or (speed_guard.inputs or VerifyOptions() if speed_guard else None)
     if feeds_from is not None:  # from the model as loaded: no second load of IN for its inputs
         report.trials = input_trials(model, feeds_from)
+        report.fallback = fallback_trials(model, feeds_from)
         report.feeds = report.trials[0]
     external = io.uses_external_data(model)
     report.nodes_before = op_histogram(model)
@@ -196,7 +198,8 @@ def _rewrite(src: Path, dst: Path, passes, options, verification, speed_guard, i
 def _verify(src: Path, staged: Path, dst: Path, verification: VerifyOptions, step, report: RewriteReport) -> None:
     changed = {o: f"changed on request by {r.name}" for r in report.passes for o in r.changed_outputs}
     try:
-        report.verification = verify(src, staged, verification, trials=report.trials, on_step=step,
+        report.verification = verify(src, staged, verification, trials=report.trials, fallback=report.fallback,
+                                     on_step=step,
                                      changed_on_request=changed)
     except ModelRunError as exc:
         if exc.path == staged:  # the original runs, the rewrite does not: our failure
@@ -204,6 +207,9 @@ def _verify(src: Path, staged: Path, dst: Path, verification: VerifyOptions, ste
             raise InternalError(f"the rewritten model does not run (a bug in normopt; nothing written): {reason}") from None
         raise
     report.verification.model_b = str(dst)
+    if report.verification.note:  # it ran on the fallback inputs: the speed guard times those too
+        report.trials = report.fallback
+        report.feeds = report.fallback[0]
     if not report.verification.ok:
         worst = report.verification.failures()[0]
         raise VerificationFailed(

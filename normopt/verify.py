@@ -54,6 +54,7 @@ class VerifyOptions:
 
     inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None
     dims: Mapping[str, int] = field(default_factory=dict)
+    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # whole shapes per input name
     rtol: float | None = None
     atol: float | None = None
     seed: int = DEFAULT_SEED
@@ -68,6 +69,9 @@ class VerifyOptions:
         for name, size in self.dims.items():
             if size < 1:
                 raise BadInput(f"--dim {name}={size}: a dimension must be at least 1")
+        for name, shape in self.shapes.items():
+            if any(size < 1 for size in shape):
+                raise BadInput(f"--shape {name}={'x'.join(map(str, shape))}: every dimension must be at least 1")
 
 
 def default_dim(name: str | None) -> int:
@@ -102,9 +106,17 @@ def _gather_bound(value: ir.Value) -> int | None:
     return min(bounds) if bounds else None
 
 
-def _resolve_shape(value: ir.Value, dims: Mapping[str, int]) -> tuple[int, ...]:
+def _resolve_shape(value: ir.Value, dims: Mapping[str, int],
+                   shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
+    if value.name in shapes:
+        shape = tuple(shapes[value.name])
+        if value.shape is not None and (len(shape) != len(value.shape) or any(
+                isinstance(d, int) and d != n for d, n in zip(value.shape, shape))):
+            raise BadInput(f"--shape {value.name}={'x'.join(map(str, shape))} does not fit the input's shape "
+                           f"{_spec(value.shape)}")
+        return shape
     if value.shape is None:
-        raise BadInput(f"input '{value.name}' has no shape; pass --inputs FILE.npz")
+        raise BadInput(f"input '{value.name}' has no shape; pass --shape {value.name}=AxB or --inputs FILE.npz")
     out = []
     for d in value.shape:
         if isinstance(d, int):
@@ -119,18 +131,41 @@ def model_inputs(model: ir.Model) -> list[ir.Value]:
     return [v for v in model.graph.inputs if not v.is_initializer()]
 
 
+def _spec(shape: ir.Shape | None) -> str:
+    return "?" if shape is None else "[" + ", ".join(str(d) if isinstance(d, int) else (d.value or "?")
+                                                      for d in shape) + "]"
+
+
+def describe_inputs(model: ir.Model) -> str:
+    """The inputs a caller feeds, with their dims: `ids [batch, seq], mask [batch, seq]`."""
+    return ", ".join(f"{v.name} {_spec(v.shape)}" for v in model_inputs(model)) or "none"
+
+
 def make_inputs(
-    model: ir.Model, dims: Mapping[str, int] | None = None, seed: int = DEFAULT_SEED
+    model: ir.Model, dims: Mapping[str, int] | None = None, seed: int = DEFAULT_SEED,
+    shapes: Mapping[str, tuple[int, ...]] | None = None, unset: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Random inputs for `model`: floats ~ N(0, 1); integer ids inside the tables they index;
-    integer/bool inputs named like masks all ones; symbolic dims from `dims` or defaults."""
-    dims = dict(dims or {})
+    integer/bool inputs named like masks all ones; an input's whole shape from `shapes`, its
+    symbolic dims from `dims`, else defaults (`unset`, when given, for every named dim not set;
+    unnamed ones are 1 anyway).
+    A name in `dims` or `shapes` the model does not have is an error that lists the real ones."""
+    dims, shapes = dict(dims or {}), dict(shapes or {})
+    inputs = model_inputs(model)
+    known = {d.value for v in inputs if v.shape is not None for d in v.shape if not isinstance(d, int) and d.value}
+    if unknown := sorted(set(dims) - known):
+        raise BadInput(f"--dim {', '.join(unknown)}: no input has a dimension of that name; the inputs are "
+                       f"{describe_inputs(model)} (use --shape NAME=AxB for an unnamed dimension)")
+    if unknown := sorted(set(shapes) - {v.name for v in inputs}):
+        raise BadInput(f"--shape {', '.join(unknown)}: the model has no such input; its inputs are {describe_inputs(model)}")
+    if unset is not None:
+        dims = {**{name: unset for name in known}, **dims}
     rng = np.random.default_rng(seed)
     feeds = {}
-    for value in model_inputs(model):
+    for value in inputs:
         if not isinstance(value.type, ir.TensorType):
             raise BadInput(f"input '{value.name}' is a {value.type}, not a tensor; pass --inputs")
-        shape = _resolve_shape(value, dims)
+        shape = _resolve_shape(value, dims, shapes)
         dtype = value.dtype.numpy()
         if np.issubdtype(dtype, np.floating) or dtype == ml_dtypes.bfloat16:
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)
@@ -178,33 +213,31 @@ def check_feeds(model: ir.Model, arrays: Mapping[str, np.ndarray], source: str) 
     return feeds
 
 
-def input_feeds(
-    spec: ir.Model,
-    inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
-    dims: Mapping[str, int] | None = None,
-    seed: int = DEFAULT_SEED,
-) -> dict[str, np.ndarray]:
-    """The inputs to run `spec` on: a mapping (checked), an .npz file, or generated ones."""
-    if inputs is None:
-        return make_inputs(spec, dims, seed)
-    if isinstance(inputs, Mapping):
-        return check_feeds(spec, inputs, "the inputs given")
-    return load_inputs(inputs, spec)
-
-
 def input_trials(spec: ir.Model, options: VerifyOptions) -> list[dict[str, np.ndarray]]:
     """The input sets verification runs on: the given ones, or `options.trials` generated draws."""
+    if isinstance(options.inputs, Mapping):
+        return [check_feeds(spec, options.inputs, "the inputs given")]
     if options.inputs is not None:
-        return [input_feeds(spec, options.inputs)]
-    return [make_inputs(spec, options.dims, options.seed + i) for i in range(options.trials)]
+        return [load_inputs(options.inputs, spec)]
+    return [make_inputs(spec, options.dims, options.seed + i, options.shapes) for i in range(options.trials)]
+
+
+def fallback_trials(spec: ir.Model, options: VerifyOptions) -> list[dict[str, np.ndarray]] | None:
+    """Where inputs are generated: the same draws with every symbolic dim the user did not set
+    at 1 (a model that runs only at batch 1, or at its exported size), to retry with once."""
+    if options.inputs is not None:
+        return None
+    return [make_inputs(spec, options.dims, options.seed + i, options.shapes, unset=1) for i in range(options.trials)]
 
 
 class ModelRunError(BadInput):
-    """onnxruntime could not load or run `path` (which model failed decides the exit code)."""
+    """onnxruntime could not load or run `path` (which model failed decides the exit code;
+    `running`: it loaded, and failed on the inputs)."""
 
-    def __init__(self, path: str | os.PathLike, message: str) -> None:
+    def __init__(self, path: str | os.PathLike, message: str, running: bool = False) -> None:
         super().__init__(message)
         self.path = Path(path)
+        self.running = running
 
 
 def run_ort(path: str | os.PathLike, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -234,11 +267,7 @@ def run_ort_all(path: str | os.PathLike, feed_sets: list[Mapping[str, np.ndarray
         names = [o.name for o in session.get_outputs()]
         return [dict(zip(names, session.run(names, dict(feeds)))) for feeds in feed_sets]
     except Exception as exc:
-        raise ModelRunError(
-            path,
-            f"onnxruntime failed to run '{path}': {_first_line(exc)} "
-            "(set symbolic dims with --dim NAME=VALUE or pass --inputs FILE.npz)"
-        ) from None
+        raise ModelRunError(path, f"onnxruntime failed to run '{path}': {_first_line(exc)}", running=True) from None
 
 
 def _first_line(exc: Exception) -> str:
@@ -346,6 +375,7 @@ class VerifyReport:
     inputs: dict[str, dict] = field(default_factory=dict)
     outputs: list[OutputCheck] = field(default_factory=list)
     trials: int = 1
+    note: str | None = None  # how the inputs had to change (a retry with dims at 1)
 
     @property
     def ok(self) -> bool:
@@ -361,6 +391,7 @@ class VerifyReport:
             "ok": self.ok,
             "inputs": self.inputs,
             "trials": self.trials,
+            "note": self.note,
             "outputs": [vars(o) for o in self.outputs],
         }
 
@@ -371,13 +402,15 @@ def verify(
     options: VerifyOptions | None = None,
     *,
     trials: list[Mapping[str, np.ndarray]] | None = None,
+    fallback: list[Mapping[str, np.ndarray]] | None = None,
     on_step: Callable[[str], None] | None = None,
     changed_on_request: Mapping[str, str] | None = None,
 ) -> VerifyReport:
     """Run A then B on the same inputs and compare every output of A by name.
 
     The inputs are `trials` when given (input sets already checked: A is then not loaded
-    here), else those `options` name or generate from A's input specs. Where an output fails
+    here; `fallback`: the generated ones with unset dims at 1, to retry with once when A fails on
+    them), else those `options` name or generate from A's input specs. Where an output fails
     the tolerance, A's own noise is measured (A again under ORT_ENABLE_ALL and on nudged
     inputs) and judged against. `changed_on_request` maps outputs a rewrite changes at the
     user's request to the reason (compared and reported, not required to match). Raises
@@ -389,12 +422,27 @@ def verify(
     model_a, model_b = Path(model_a), Path(model_b)
     check_readable_file(model_b)
     if trials is None:
-        trials = input_trials(load(model_a), options)
+        spec = load(model_a)
+        trials, fallback = input_trials(spec, options), fallback_trials(spec, options)
+        del spec
     report = VerifyReport(str(model_a), str(model_b), trials=len(trials))
-    report.inputs = {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in trials[0].items()}
     if on_step:
         on_step(f"running {model_a.name}")
-    refs = run_ort_all(model_a, trials)
+    try:
+        refs = run_ort_all(model_a, trials)
+    except ModelRunError as exc:
+        if not exc.running or fallback is None:
+            raise
+        generated = _shapes_text(trials[0])
+        try:
+            refs, trials = run_ort_all(model_a, fallback), fallback
+        except ModelRunError:
+            raise ModelRunError(model_a, f"{exc} (on generated inputs {generated}, and again with every symbolic "
+                                "dim at 1: set the sizes the model runs at with --dim NAME=VALUE or --shape "
+                                "NAME=AxB, or pass --inputs FILE.npz)", running=True) from None
+        report.note = (f"'{model_a.name}' failed on the generated inputs {generated} ({exc}); "
+                       f"verified with every symbolic dim not set at 1: {_shapes_text(trials[0])}")
+    report.inputs = {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in trials[0].items()}
     if on_step:
         on_step(f"running {model_b.name}")
     gots = run_ort_all(model_b, trials)
@@ -417,6 +465,10 @@ def verify(
         if changed_on_request and check.name in changed_on_request:
             check.ok, check.skipped = True, changed_on_request[check.name]
     return report
+
+
+def _shapes_text(feeds: Mapping[str, np.ndarray]) -> str:
+    return ", ".join(f"{k} {'x'.join(map(str, v.shape)) or 'scalar'}" for k, v in feeds.items())
 
 
 def _worst(checks: list[OutputCheck]) -> OutputCheck:

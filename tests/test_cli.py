@@ -292,3 +292,11 @@ def test_rewritten_model_that_does_not_run_exits_4(tmp_path, model, broken_passe
     assert result.exit_code == 4, result.output
     assert "rewritten model does not run (a bug in normopt" in result.output and not out.exists()
     assert ".normopt-tmp-" not in result.output
+
+
+def test_input_shapes_by_name_and_unknown_names(model, cli_env):
+    proc = run("verify", model, model, "--shape", "x=3x8", "--json", env=cli_env)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["inputs"]["x"]["shape"] == [3, 8]
+    assert_one_line_error(run("verify", model, model, "--shape", "x=3,8", env=cli_env), 2, "--shape takes NAME=AxBxC")
+    assert_one_line_error(run("verify", model, model, "--dim", "seq=4", env=cli_env), 2,
+                          "--dim seq: no input has a dimension of that name; the inputs are x [batch, 8]")

@@ -189,3 +189,31 @@ def test_inputs_are_drawn_per_trial_and_the_worst_trial_is_reported(tmp_path):
     assert verify(path, path, VerifyOptions(inputs={"x": np.ones((2, 8), np.float32)}, trials=3)).trials == 1
     with pytest.raises(BadInput, match="--trials must be at least 1"):
         VerifyOptions(trials=0)
+
+
+def _batch_one_only(tmp_path):
+    """x [batch, 8] reshaped to [1, 8]: runs at batch 1 only (like an exporter's RotaryEmbedding)."""
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["y"])]
+    return save(make_model(nodes, [tensor("x", shape=("batch", 8))], [tensor("y", shape=(1, 8))],
+                           [const("shape", np.array([1, 8], np.int64))]), tmp_path / "b1.onnx")
+
+
+def test_a_model_that_fails_on_generated_inputs_is_retried_once_with_dims_at_one(tmp_path):
+    path = _batch_one_only(tmp_path)
+    report = verify(path, path)
+    assert report.ok and report.inputs["x"]["shape"] == [1, 8]
+    assert "failed on the generated inputs x 2x8" in report.note and "x 1x8" in report.note
+    with pytest.raises(BadInput, match=r"again with every symbolic dim at 1: set the sizes .* --dim NAME=VALUE or --shape"):
+        verify(path, path, VerifyOptions(shapes={"x": (3, 8)}))
+
+
+def test_dim_and_shape_names_the_model_lacks_are_errors_that_list_the_real_ones(tmp_path):
+    path = _batch_one_only(tmp_path)
+    with pytest.raises(BadInput, match=r"--dim batch_size: no input has a dimension of that name; the inputs are x \[batch, 8\]"):
+        verify(path, path, VerifyOptions(dims={"batch_size": 1}))
+    with pytest.raises(BadInput, match=r"--shape ids: the model has no such input; its inputs are x \[batch, 8\]"):
+        verify(path, path, VerifyOptions(shapes={"ids": (1, 8)}))
+    with pytest.raises(BadInput, match=r"--shape x=1x9 does not fit the input's shape \[batch, 8\]"):
+        verify(path, path, VerifyOptions(shapes={"x": (1, 9)}))
+    assert verify(path, path, VerifyOptions(shapes={"x": (1, 8)})).note is None
+    assert verify(path, path, VerifyOptions(dims={"batch": 1})).note is None
