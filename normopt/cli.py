@@ -1,7 +1,8 @@
 """normopt command line: inspect, rewrite, verify, passes.
 
 Results (tables, --json) go to stdout; progress, warnings and errors go to stderr. Exit codes are
-in normopt.errors. User errors print one line and never a traceback (--debug shows it).
+in normopt.errors. User errors print one line and never a traceback (--debug shows it). Without
+a terminal, output is full width (nothing cut to 80 columns) and progress is a periodic line.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import contextlib
 import functools
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Optional
@@ -27,8 +30,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Exact norm rewrites for ONNX graphs.",
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+def _console(stderr: bool = False) -> Console:
+    """Rich on a terminal; without one (CI logs, pipes) the same text at full width: nothing is
+    cut to 80 columns ("hidden_s…"), whatever COLUMNS says."""
+    console = Console(stderr=stderr, soft_wrap=True)
+    return console if console.is_terminal else Console(stderr=stderr, soft_wrap=True, width=100_000)
+
+
+out = _console()
+err = _console(stderr=True)
+HEARTBEAT_S = 10.0
 _state = {"debug": False}
 INTERNAL_ERROR = 4
 
@@ -77,12 +88,26 @@ def _command(fn: Callable) -> Callable:
 
 @contextlib.contextmanager
 def _progress(first: str) -> Iterator[Callable[[str], None]]:
-    """A spinner on stderr naming the current step (only on a terminal)."""
-    if not err.is_terminal:
-        yield lambda _msg: None
+    """A spinner on stderr naming the current step; without a terminal, a line on stderr every
+    HEARTBEAT_S seconds naming the step still running (a quick run, or a quick error, prints
+    none: an error stays one line)."""
+    if err.is_terminal:
+        with err.status(first) as status:
+            yield lambda msg: status.update(msg)
         return
-    with err.status(first) as status:
-        yield lambda msg: status.update(msg)
+    current, done, start = [first], threading.Event(), time.monotonic()
+
+    def heartbeat() -> None:
+        while not done.wait(HEARTBEAT_S):
+            err.print(f"normopt: {current[0]} ({time.monotonic() - start:.0f} s)", markup=False, highlight=False)
+
+    thread = threading.Thread(target=heartbeat, daemon=True)
+    thread.start()
+    try:
+        yield lambda msg: current.__setitem__(0, msg)
+    finally:
+        done.set()
+        thread.join()
 
 
 def _parse_dims(items: list[str] | None) -> dict[str, int]:
@@ -250,6 +275,7 @@ def rewrite(
     guard: Annotated[Optional[str], typer.Option("--guard", help="speed: time OUT against IN on the target's backend and drop the changes that make it slower.")] = None,
     threads: Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads for --guard speed and --profile.")] = 2,
     timings: Annotated[bool, typer.Option("--timings", help="Print where the time went (load, checker, shape annotation, each pass, save, verification, guard).")] = False,
+    require_change: Annotated[bool, typer.Option("--require-change", help="Exit 3 (nothing written) when no pass changes the model.")] = False,
     dim: DimOpt = None,
     inputs: InputsOpt = None,
     rtol: RtolOpt = None,
@@ -258,7 +284,7 @@ def rewrite(
     trials: TrialsOpt = 2,
     shape: ShapeOpt = None,
 ) -> None:
-    """Rewrite IN into OUT. Exit 0 written; 1 verification failed; 2 bad input; 3 a requested pass applied nowhere."""
+    """Rewrite IN into OUT. Exit 0 written; 1 verification failed; 2 bad input; 3 a requested pass applied nowhere (or, with --require-change, none changed the model)."""
     from normopt.passes.base import Options
     from normopt.rewrite import RewriteReport, rewrite as run_rewrite
 
@@ -277,19 +303,26 @@ def rewrite(
             run_rewrite(src, dst, passes=names, verification=None if no_verify else checks,
                         options=Options(target=target, allow_hidden_state_change=allow_hidden_state_change),
                         speed_guard=SpeedGuard(threads=threads, inputs=checks) if guard else None,
+                        require_change=require_change,
                         in_place=in_place, report_path=report, on_step=step, report=result)
     finally:
         if result.passes:
             _print_rewrite(result, explain)
         if result.verification is not None:
             out.print(_verify_table(result.verification))
+            if not result.verification.ok and not out.stderr:  # a failing check belongs in the error log too
+                err.print(_verify_table(result.verification))
             _warn_note(result.verification)
         if result.guard is not None:
             out.print(f"speed guard ({result.guard.backend}, {threads} threads): {result.guard.verdict}",
                       markup=False, highlight=False)
         if timings:
             _print_timings(result.seconds)
-    err.print(f"wrote {dst}", highlight=False)
+    if result.changed:
+        err.print(f"wrote {dst}", highlight=False)
+    else:
+        err.print(f"unchanged: no pass changed the model; wrote {dst} with IN's graph (--require-change makes "
+                  "this exit 3)", highlight=False, markup=False)
     if profile_after:  # on the inputs verification used (generated only with --no-verify)
         feeds = result.feeds if result.feeds is not None else _feeds(src, checks)
         _run_profile([src, dst], feeds, "ort-cpu", threads, 3, 30, None, None)
@@ -353,6 +386,8 @@ def verify(
         out.print_json(data=report.to_json())
     else:
         out.print(_verify_table(report))
+    if not report.ok:
+        err.print(_verify_table(report))
     _warn_note(report)
     if not report.ok:
         raise typer.Exit(1)

@@ -52,11 +52,17 @@ class RewriteReport:
     trials: list[dict] | None = None  # every input set verification runs on
     fallback: list[dict] | None = None  # generated inputs with unset dims at 1, if the others fail
 
+    @property
+    def changed(self) -> bool:
+        """Whether any pass changed the model (else OUT holds IN's graph)."""
+        return any(p.modified for p in self.passes)
+
     def to_json(self) -> dict:
         return {
             "input": self.input,
             "output": self.output,
             "written": self.written,
+            "changed": self.changed,
             "exit_code": self.exit_code,
             "error": self.error,
             "passes": [p.to_json() for p in self.passes],
@@ -95,13 +101,15 @@ def rewrite(
     options: Options | None = None,
     verification: VerifyOptions | None = VerifyOptions(),
     speed_guard: SpeedGuard | None = None,
+    require_change: bool = False,
     in_place: bool = False,
     report_path: str | os.PathLike | None = None,
     on_step: Callable[[str], None] | None = None,
     report: RewriteReport | None = None,
 ) -> RewriteReport:
     """Rewrite `src` into `dst`, verified unless `verification` is None, and with `speed_guard`
-    never slower than `src` on the target's backend (normopt.guard). Fills and returns
+    never slower than `src` on the target's backend (normopt.guard); `require_change`: a run
+    where no pass changes the model is NotApplied (nothing written). Fills and returns
     `report` (also on failure: the exception carries the exit code, the report says how far
     it got) and writes it to `report_path` when given."""
     src, dst = Path(src), Path(dst)
@@ -118,8 +126,8 @@ def rewrite(
             _guard_outputs(guard, src, dst, report_path, in_place)
             report_ok = True
         with recording(report.seconds), timed("total"):
-            _rewrite(src, dst, passes, options, verification, speed_guard, in_place, report_path, guard,
-                     on_step or (lambda _m: None), report)
+            _rewrite(src, dst, passes, options, verification, speed_guard, require_change, in_place, report_path,
+                     guard, on_step or (lambda _m: None), report)
     except NormoptError as exc:
         report.error, report.exit_code = str(exc), exc.exit_code
         if report_path is not None and guard.clash(report_path):
@@ -131,8 +139,8 @@ def rewrite(
     return report
 
 
-def _rewrite(src: Path, dst: Path, passes, options, verification, speed_guard, in_place, report_path, guard, step,
-             report) -> None:
+def _rewrite(src: Path, dst: Path, passes, options, verification, speed_guard, require_change, in_place,
+             report_path, guard, step, report) -> None:
     io.check_readable_file(src)
     if dst.is_dir():
         raise BadInput(f"output '{dst}' is a directory; give a file path")
@@ -157,6 +165,10 @@ def _rewrite(src: Path, dst: Path, passes, options, verification, speed_guard, i
     with timed("passes"):
         report.passes = run_pipeline(model, names, options, on_pass=lambda n: step(f"pass {n}"))
     report.nodes_after = op_histogram(model)
+    if require_change and not report.changed:
+        raise NotApplied("no pass changed the model (--require-change); nothing written: "
+                         + "; ".join(f"{r.name}: {r.refusals[0].candidate}: {r.refusals[0].reason}"
+                                     for r in report.passes if r.refusals))
     if passes is not None:
         idle = [r for r in report.passes if r.name in names and not r.modified]
         if idle:

@@ -300,3 +300,32 @@ def test_input_shapes_by_name_and_unknown_names(model, cli_env):
     assert_one_line_error(run("verify", model, model, "--shape", "x=3,8", env=cli_env), 2, "--shape takes NAME=AxBxC")
     assert_one_line_error(run("verify", model, model, "--dim", "seq=4", env=cli_env), 2,
                           "--dim seq: no input has a dimension of that name; the inputs are x [batch, 8]")
+
+
+def test_logs_without_a_terminal_are_full_width(corpus, tmp_path, cli_env):
+    """Found from outside: in CI (no terminal, 80 columns) rich cut cells to "hidden_s…" and
+    reasons mid-word; without a terminal normopt prints full-width text."""
+    env = {**cli_env, "COLUMNS": "80"}
+    proc = run("rewrite", corpus("bert-ts17").model, tmp_path / "o.onnx", "--explain", "--timings", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "…" not in proc.stdout + proc.stderr
+    assert "opset 17 has no RMSNormalization (needs >= 23); --target ort emits onnxruntime's SimplifiedLayerNormalization" in proc.stdout
+    proc = run("inspect", corpus("bert-ts17").model, env=env)
+    assert proc.returncode == 0 and "…" not in proc.stdout
+
+
+def test_a_rewrite_that_changes_nothing_says_so_and_require_change_makes_it_exit_3(tmp_path, model, cli_env):
+    out = tmp_path / "o.onnx"
+    proc = run("rewrite", model, out, env=cli_env)
+    assert proc.returncode == 0 and "unchanged: no pass changed the model" in proc.stderr
+    out.unlink()
+    assert_one_line_error(run("rewrite", model, out, "--require-change", env=cli_env), 3,
+                          "no pass changed the model (--require-change); nothing written")
+    assert not out.exists()
+
+
+def test_a_failing_verification_shows_its_table_on_stderr_too(tmp_path, model, broken_passes, cli_env):
+    broken = tmp_path / "broken.onnx"
+    assert CliRunner().invoke(app, ["rewrite", str(model), str(broken), "--passes", "corrupt", "--no-verify"]).exit_code == 0
+    proc = run("verify", model, broken, env=cli_env)
+    assert proc.returncode == 1 and "FAIL" in proc.stderr and "FAIL" in proc.stdout
