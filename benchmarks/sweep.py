@@ -36,7 +36,7 @@ def node_changes(a: Path, b: Path, example: dict, threads: int, top: int) -> lis
     before = op_breakdown(a, example, "ort-cpu", threads, runs=10, by="node")
     after = op_breakdown(b, example, "ort-cpu", threads, runs=10, by="node")
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in {*before, *after}}
-    return [f"{k}: {before.get(k, 0.0):.3f} -> {after.get(k, 0.0):.3f} ms"
+    return [f"{k[0]} ({k[1]}): {before.get(k, 0.0):.3f} -> {after.get(k, 0.0):.3f} ms"
             for k in sorted(delta, key=lambda k: -abs(delta[k]))[:top]]
 
 

@@ -19,6 +19,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from normopt import __version__
@@ -161,10 +162,10 @@ def _verify_table(report) -> Table:
         table.add_column(col)
     for o in report.outputs:
         tol = "exact" if o.rtol is None else f"{o.rtol:g}, {o.atol:g}"
-        status = (f"[yellow]changed[/] ({o.skipped})" if o.skipped else
+        status = (f"[yellow]changed[/] ({escape(o.skipped)})" if o.skipped else
                   "[green]ok[/] (within the original's own noise)" if o.within_noise else
-                  "[green]ok[/]" if o.ok else f"[red]FAIL[/] {o.problem or ''}")
-        table.add_row(o.name, o.dtype, str(o.shape), _fmt(o.max_abs), _fmt(o.max_rel),
+                  "[green]ok[/]" if o.ok else f"[red]FAIL[/] {escape(o.problem or '')}")
+        table.add_row(escape(o.name), o.dtype, str(o.shape), _fmt(o.max_abs), _fmt(o.max_rel),
                       _fmt(o.cosine), tol, _fmt(o.noise), status)
     return table
 
@@ -233,9 +234,13 @@ def inspect(
     if json_out:
         out.print_json(data=info)
         return
-    summary = Table(title=str(model), show_header=False)
+    summary = Table(title=escape(str(model)), show_header=False)
     for key, value in info["model"].items():
-        summary.add_row(key, str(value))
+        if key in ("inputs", "outputs"):
+            value = ", ".join(f"{v['name']} {v['dtype'] or '?'} " + (
+                "?" if v["shape"] is None else "[" + ", ".join("?" if d is None else str(d) for d in v["shape"]) + "]")
+                for v in value)
+        summary.add_row(key, escape(str(value)))
     out.print(summary)
     ops = Table(title="operators")
     ops.add_column("op")
@@ -256,7 +261,7 @@ def inspect(
     for col in ("pass", "applies", "reason"):
         table.add_column(col)
     for name, p in info["passes"].items():
-        table.add_row(name, "[green]yes[/]" if p["applies"] else "no", p["reason"])
+        table.add_row(name, "[green]yes[/]" if p["applies"] else "no", escape(p["reason"]))
     out.print(table)
 
 
@@ -346,10 +351,10 @@ def _print_rewrite(result, explain: bool) -> None:
         table.add_column(col)
     for p in result.passes:
         if p.modified:
-            table.add_row(p.name, "[green]yes[/]", "\n".join(p.changes))
+            table.add_row(p.name, "[green]yes[/]", escape("\n".join(p.changes)))
         else:
             first = p.refusals[0] if p.refusals else None
-            table.add_row(p.name, "no", f"{first.candidate}: {first.reason}" if first else "nothing to do")
+            table.add_row(p.name, "no", escape(f"{first.candidate}: {first.reason}") if first else "nothing to do")
     out.print(table)
     before, after = sum(result.nodes_before.values()), sum(result.nodes_after.values())
     out.print(f"nodes: {before} -> {after}")
@@ -359,7 +364,7 @@ def _print_rewrite(result, explain: bool) -> None:
             refusals.add_column(col)
         for p in result.passes:
             for r in p.refusals:
-                refusals.add_row(p.name, r.candidate, r.reason)
+                refusals.add_row(p.name, escape(r.candidate), escape(r.reason))
         out.print(refusals if refusals.row_count else "no refusals")
 
 
@@ -399,8 +404,6 @@ def _warn_note(report) -> None:
 
 
 def _profile_tables(report) -> None:
-    from normopt.profiling import NORM_OPS
-
     first = report.models[0]
     table = Table(title=f"latency, {report.environment['backend']}, {report.environment['threads']} threads, "
                         f"{report.summary[first]['runs']} interleaved runs each")
@@ -408,7 +411,7 @@ def _profile_tables(report) -> None:
         table.add_column(col, justify="right" if col != "model" else "left")
     for n in report.models:
         s = report.summary[n]
-        table.add_row(n, f"{s['median_ms']:.3f}", f"{s['p90_ms']:.3f}", f"{s['p99_ms']:.3f}", f"{s['mean_ms']:.3f}",
+        table.add_row(escape(n), f"{s['median_ms']:.3f}", f"{s['p90_ms']:.3f}", f"{s['p99_ms']:.3f}", f"{s['mean_ms']:.3f}",
                       f"{s['std_ms']:.3f}", f"{s['throughput_per_s']:.1f}", f"{s['ratio']:.3f}")
     out.print(table)
     ops = Table(title="time per op type (ms per run, share of the model's op time)")
@@ -421,8 +424,9 @@ def _profile_tables(report) -> None:
     for op in names[:15]:
         ops.add_row(op, *(f"{report.ops[n].get(op, 0.0):.3f} ({100 * report.ops[n].get(op, 0.0) / totals[n]:.1f}%)"
                           for n in report.models))
-    norm_ms = {n: sum(v for k, v in report.ops[n].items() if k in NORM_OPS) for n in report.models}
-    ops.add_row("[bold]all norm ops[/]", *(f"{norm_ms[n]:.3f} ({100 * norm_ms[n] / totals[n]:.1f}%)" for n in report.models))
+    norm_ms = report.norms_ms
+    ops.add_row("[bold]all norms[/] (fused ops, and decomposed norms' nodes)",
+                *(f"{norm_ms[n]:.3f} ({100 * norm_ms[n] / totals[n]:.1f}%)" for n in report.models))
     out.print(ops)
 
 

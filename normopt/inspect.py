@@ -19,14 +19,15 @@ from normopt.rewriter.shapes import annotated
 from normopt.rewriter.stream import analyze
 
 
-def _shape(value: ir.Value) -> str:
+def _shape(value: ir.Value) -> list[int | str | None] | None:
+    """A list: numbers, dim names, None for an unnamed dim; None when the rank is unknown."""
     if value.shape is None:
-        return "?"
-    return "[" + ", ".join(str(d) if isinstance(d, int) else (d.value or "?") for d in value.shape) + "]"
+        return None
+    return [d if isinstance(d, int) else d.value for d in value.shape]
 
 
 def _io(values) -> list[dict]:
-    return [{"name": v.name, "dtype": str(v.dtype) if v.dtype else "?", "shape": _shape(v)} for v in values]
+    return [{"name": v.name, "dtype": str(v.dtype) if v.dtype else None, "shape": _shape(v)} for v in values]
 
 
 def inspect_model(path: str | os.PathLike, target: str = "onnx") -> dict:

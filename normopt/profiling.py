@@ -198,9 +198,9 @@ def compare(models: Mapping[str, str | os.PathLike | Callable[[], Callable[[], N
 
 
 def op_breakdown(path: str | os.PathLike, feeds: Mapping[str, np.ndarray], backend: str = "ort-cpu",
-                 threads: int = 2, runs: int = 10, by: str = "op") -> dict[str, float]:
+                 threads: int = 2, runs: int = 10, by: str = "op") -> dict:
     """Milliseconds per run spent in each op type (`by="op"`) or in each node of the graph
-    onnxruntime runs after its fusions (`by="node"`, keys `node name (op type)`), from its
+    onnxruntime runs after its fusions (`by="node"`, keys `(node name, op type)`), from its
     profiler; the first (warm-up) run is left out."""
     with tempfile.TemporaryDirectory() as tmp:
         s = session(path, backend, threads, profile_prefix=str(Path(tmp) / "profile"))
@@ -213,7 +213,7 @@ def op_breakdown(path: str | os.PathLike, feeds: Mapping[str, np.ndarray], backe
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e.get("ts", 0) >= cutoff:
             op = e.get("args", {}).get("op_name", "?")
-            key = op if by == "op" else f"{e['name'].removesuffix('_kernel_time')} ({op})"
+            key = op if by == "op" else (e["name"].removesuffix("_kernel_time"), op)
             spent[key] = spent.get(key, 0.0) + e["dur"] / 1e3 / counted
     return dict(sorted(spent.items(), key=lambda kv: -kv[1]))
 
@@ -248,10 +248,12 @@ class ProfileReport:
     times_ms: dict[str, list[float]]
     environment: dict
     inputs: dict[str, dict] = field(default_factory=dict)
+    norms_ms: dict[str, float] = field(default_factory=dict)  # fused norm ops and decomposed norms' nodes
 
     def to_json(self) -> dict:
         return {"models": self.models, "summary": self.summary, "ops_ms_per_run": self.ops,
-                "times_ms": self.times_ms, "inputs": self.inputs, "environment": self.environment}
+                "norms_ms_per_run": self.norms_ms, "times_ms": self.times_ms, "inputs": self.inputs,
+                "environment": self.environment}
 
 
 def profile(paths: Sequence[str | os.PathLike], feeds: Mapping[str, np.ndarray], *, backend: str = "ort-cpu",
@@ -270,10 +272,26 @@ def profile(paths: Sequence[str | os.PathLike], feeds: Mapping[str, np.ndarray],
     times = interleaved(runners, rounds=runs, warmup=warmup, seed=seed, on_round=on_round)
     del sessions, runners
     batch = next((v.shape[0] for v in feeds.values() if getattr(v, "ndim", 0) > 0), 1)
-    ops = {n: op_breakdown(p, feeds, backend, threads, op_runs) for n, p in zip(names, paths)}
+    ops, norms = {}, {}
+    for n, p in zip(names, paths):
+        per_node = op_breakdown(p, feeds, backend, threads, op_runs, by="node")
+        ops[n] = {}
+        for (_node, op), ms in sorted(per_node.items(), key=lambda kv: -kv[1]):
+            ops[n][op] = ops[n].get(op, 0.0) + ms
+        members = norm_nodes(p)
+        norms[n] = sum(ms for (node, op), ms in per_node.items() if op in NORM_OPS or node in members)
     return ProfileReport(names, summarize(times, names[0], batch), ops,
                          {n: [t * 1e3 for t in ts] for n, ts in times.items()}, environment(threads, backend),
-                         {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in feeds.items()})
+                         {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in feeds.items()}, norms)
+
+
+def norm_nodes(path: str | os.PathLike) -> set[str]:
+    """The names of the nodes that make up the model's norms as normopt's matcher finds them:
+    a norm onnxruntime leaves decomposed runs as these nodes and counts as a norm."""
+    from normopt.rewriter import io
+    from normopt.rewriter.norms import find_norms
+
+    return {node.name for match in find_norms(io.load(path).graph) for node in match.nodes if node.name}
 
 
 def plot(report: ProfileReport, out: str | os.PathLike) -> Path:

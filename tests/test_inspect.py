@@ -56,3 +56,17 @@ def test_target_changes_the_verdict(corpus):
     assert not inspect_model(path, "onnx")["passes"]["canonicalize-norms"]["applies"]
     verdict = inspect_model(path, "ort")["passes"]["canonicalize-norms"]
     assert verdict["applies"] and "SimplifiedLayerNormalization" in verdict["reason"]
+
+
+def test_shapes_are_lists_in_json_and_shown_in_the_table(corpus):
+    """Found from outside: shapes printed blank (rich read "[batch, 3, 64, 64]" as markup) and
+    JSON shapes were strings."""
+    path = corpus("gpt2-dyn18").model
+    proc = subprocess.run([sys.executable, "-m", "normopt", "inspect", str(path), "--json"], capture_output=True,
+                          text=True, check=True)
+    inputs = json.loads(proc.stdout)["model"]["inputs"]
+    assert inputs[0]["name"] == "input_ids" and isinstance(inputs[0]["shape"], list) and len(inputs[0]["shape"]) == 2
+    table = subprocess.run([sys.executable, "-m", "normopt", "inspect", str(path)], capture_output=True, text=True,
+                           check=True).stdout
+    dims = ", ".join(map(str, inputs[0]["shape"]))
+    assert f"input_ids INT64 [{dims}]" in table
