@@ -31,6 +31,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Exact norm rewrites for ONNX graphs.",
 )
+
+
 def _console(stderr: bool = False) -> Console:
     """Rich on a terminal; without one (CI logs, pipes) the same text at full width: nothing is
     cut to 80 columns ("hidden_s…"), whatever COLUMNS says."""
@@ -227,6 +229,7 @@ def inspect(
 ) -> None:
     """Describe a model: its norms, its architecture, and which passes apply and why not."""
     from normopt.inspect import inspect_model
+    from normopt.rewriter.graph import dims_text
 
     _check_target(target)
     with _progress(f"loading {model.name}"):
@@ -237,9 +240,7 @@ def inspect(
     summary = Table(title=escape(str(model)), show_header=False)
     for key, value in info["model"].items():
         if key in ("inputs", "outputs"):
-            value = ", ".join(f"{v['name']} {v['dtype'] or '?'} " + (
-                "?" if v["shape"] is None else "[" + ", ".join("?" if d is None else str(d) for d in v["shape"]) + "]")
-                for v in value)
+            value = ", ".join(f"{v['name']} {v['dtype'] or '?'} {dims_text(v['shape'])}" for v in value)
         summary.add_row(key, escape(str(value)))
     out.print(summary)
     ops = Table(title="operators")

@@ -13,21 +13,14 @@ import onnx_ir as ir
 from normopt.passes.base import Options
 from normopt.passes.pipeline import PASSES
 from normopt.rewriter import io
-from normopt.rewriter.graph import op_histogram
+from normopt.rewriter.graph import dim_list, op_histogram
 from normopt.rewriter.norms import find_norms
 from normopt.rewriter.shapes import annotated
 from normopt.rewriter.stream import analyze
 
 
-def _shape(value: ir.Value) -> list[int | str | None] | None:
-    """A list: numbers, dim names, None for an unnamed dim; None when the rank is unknown."""
-    if value.shape is None:
-        return None
-    return [d if isinstance(d, int) else d.value for d in value.shape]
-
-
 def _io(values) -> list[dict]:
-    return [{"name": v.name, "dtype": str(v.dtype) if v.dtype else None, "shape": _shape(v)} for v in values]
+    return [{"name": v.name, "dtype": str(v.dtype) if v.dtype else None, "shape": dim_list(v.shape)} for v in values]
 
 
 def inspect_model(path: str | os.PathLike, target: str = "onnx") -> dict:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from normopt.errors import BadInput
+from normopt.rewriter.io import first_line
 
 BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt")
 NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization",
@@ -70,7 +71,7 @@ def session(path: str | os.PathLike, backend: str = "ort-cpu", threads: int = 2,
     except BadInput:
         raise
     except Exception as exc:
-        raise BadInput(f"onnxruntime cannot load '{path}': {str(exc).strip().splitlines()[0]}") from None
+        raise BadInput(f"onnxruntime cannot load '{path}': {first_line(exc)}") from None
 
 
 def interleaved(runners: Mapping[str, Callable[[], None]], rounds: int = 30, warmup: int = 3, seed: int = 0,

@@ -30,8 +30,8 @@ import numpy as np
 import onnx_ir as ir
 
 from normopt.errors import BadInput
-from normopt.rewriter.graph import FORWARDS
-from normopt.rewriter.io import check_readable_file
+from normopt.rewriter.graph import FORWARDS, dim_list, dims_text
+from normopt.rewriter.io import check_readable_file, first_line
 
 # (rtol against the output's max |value|, atol), per output dtype.
 TOLERANCES: dict[np.dtype, tuple[float, float]] = {
@@ -113,7 +113,7 @@ def _resolve_shape(value: ir.Value, dims: Mapping[str, int],
         if value.shape is not None and (len(shape) != len(value.shape) or any(
                 isinstance(d, int) and d != n for d, n in zip(value.shape, shape))):
             raise BadInput(f"--shape {value.name}={'x'.join(map(str, shape))} does not fit the input's shape "
-                           f"{_spec(value.shape)}")
+                           f"{dims_text(dim_list(value.shape))}")
         return shape
     if value.shape is None:
         raise BadInput(f"input '{value.name}' has no shape; pass --shape {value.name}=AxB or --inputs FILE.npz")
@@ -131,14 +131,9 @@ def model_inputs(model: ir.Model) -> list[ir.Value]:
     return [v for v in model.graph.inputs if not v.is_initializer()]
 
 
-def _spec(shape: ir.Shape | None) -> str:
-    return "?" if shape is None else "[" + ", ".join(str(d) if isinstance(d, int) else (d.value or "?")
-                                                      for d in shape) + "]"
-
-
 def describe_inputs(model: ir.Model) -> str:
     """The inputs a caller feeds, with their dims: `ids [batch, seq], mask [batch, seq]`."""
-    return ", ".join(f"{v.name} {_spec(v.shape)}" for v in model_inputs(model)) or "none"
+    return ", ".join(f"{v.name} {dims_text(dim_list(v.shape))}" for v in model_inputs(model)) or "none"
 
 
 def make_inputs(
@@ -272,9 +267,7 @@ def run_ort_all(path: str | os.PathLike, feed_sets: list[Mapping[str, np.ndarray
 
 def _first_line(exc: Exception) -> str:
     """ORT's message without its status prefix and C++ source location."""
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    line = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", line)
+    line = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first_line(exc))
     return re.sub(r"\S*onnxruntime_src\S* (\S+\(.*?\) )?", "", line)
 
 

@@ -11,7 +11,6 @@ from onnx import TensorProto, helper
 from tests.helpers import const, make_model, tensor
 
 
-
 @dataclass(frozen=True)
 class Variant:
     kind: str = "layernorm"  # layernorm | rmsnorm

@@ -29,7 +29,7 @@ import onnx_ir as ir
 
 from normopt.rewriter import ort_ops  # noqa: F401  (the checker must know ORT's contrib norm ops)
 from normopt.rewriter.edit import Editor
-from normopt.rewriter.graph import constant_value, default_opset
+from normopt.rewriter.graph import constant_value, default_opset, permuted_around
 from normopt.rewriter.norms import NormMatch, find_norms
 from normopt.passes.base import Pass, Plan, Refusal
 
@@ -50,10 +50,7 @@ class Fusion:
     def group(self) -> str:
         """Fusions alike for speed: the same op, in the same layout (between Transposes: the
         layout changes an exporter wrote around a channels-first norm)."""
-        producer = self.match.input.producer()
-        readers = [u.node for u in self.replaced.uses()]
-        between = producer is not None and producer.op_type == "Transpose" and readers and all(
-            n.op_type == "Transpose" for n in readers)
+        between = permuted_around(self.match.input, self.replaced) is not None
         return f"{self.match.kind} -> {self.op}" + (" between Transposes" if between else "")
 
 
@@ -151,7 +148,6 @@ def _apply_one(edit: Editor, fusion: Fusion) -> None:
     edit.graph.insert_after(fusion.span[-1], node)
     edit.take_over(fusion.replaced, node.outputs[0])
     edit.graph.remove(fusion.span, safe=True)
-
 
 
 class CanonicalizeNorms(Pass):

@@ -60,7 +60,6 @@ def _signature(model: ir.Model) -> dict:
     }
 
 
-
 class Cleanup(Pass):
     name = "cleanup"
     summary = "remove dead nodes and unused initializers, sort nodes topologically"

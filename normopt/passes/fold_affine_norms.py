@@ -38,6 +38,7 @@ from normopt.rewriter.graph import LINEAR_OPS, folded_value, int_list, is_op, ra
 from normopt.rewriter.linear_fold import Fold, bias_add_after, bias_add_data, fold_problem, fold_weights
 from normopt.rewriter.norms import NormMatch, find_norms
 
+
 @dataclass
 class NormFold:
     match: NormMatch

@@ -36,7 +36,7 @@ import onnx_ir as ir
 from normopt.passes.base import Pass, Plan, Refusal
 from normopt.rewriter import numerics
 from normopt.rewriter.edit import Editor
-from normopt.rewriter.graph import default_opset, folded_value
+from normopt.rewriter.graph import NCHW_TO_NHWC, NHWC_TO_NCHW, default_opset, folded_value, permuted_around
 from normopt.rewriter.linear_fold import Fold, fold_weights
 from normopt.rewriter.norms import NormMatch, find_norms
 from normopt.rewriter.stream_plan import Conversion, Planner, StreamRewrite
@@ -144,16 +144,11 @@ def _no_gain(match: NormMatch, opset: int, target: str) -> str | None:
     >= 23 RMSNormalization."""
     if match.form != "op" or opset >= 23 or target == "ort":
         return None
-    producer, readers = match.input.producer(), [u.node for u in match.nodes[0].outputs[0].uses()]
-    if not (_permutes(producer, (0, 2, 3, 1)) and readers and all(_permutes(n, (0, 3, 1, 2)) for n in readers)):
+    if permuted_around(match.input, match.nodes[0].outputs[0]) != (NCHW_TO_NHWC, NHWC_TO_NCHW):
         return None
     return (f"stays a LayerNormalization: on NCHW permuted to NHWC and back its RMSNorm would be decomposed "
             f"(opset {opset} has no RMSNormalization), which onnxruntime does not fuse there (measured slower; "
             "--target ort or opset >= 23 converts it)")
-
-
-def _permutes(node: ir.Node | None, perm: tuple[int, ...]) -> bool:
-    return node is not None and node.op_type == "Transpose" and tuple(node.attributes.get_ints("perm", ())) == perm
 
 
 class PreLNToRMSNorm(Pass):

@@ -98,7 +98,7 @@ class Editor:
         value = node.inputs[index] if index < len(node.inputs) else None
         if value is not None and value.is_initializer() and not value.is_graph_input():
             value = self.private_initializer(node, index)
-            value.const_value = ir.tensor(array, name=value.name)
+            value.const_value = ir.Tensor(np.asarray(array), name=value.name)
             value.shape, value.dtype = ir.Shape(array.shape), value.const_value.dtype
             return
         if index >= len(node.inputs):

@@ -55,6 +55,31 @@ def readers(value: ir.Value, *, numbers_only: bool = False) -> list[ir.Node]:
     return list(dict.fromkeys(u.node for u in value.uses() if not (numbers_only and _reads_metadata_only(u))))
 
 
+def dim_list(shape: ir.Shape | None) -> list[int | str | None] | None:
+    """A shape as a list: numbers, dim names, None for an unnamed dim; None when unknown."""
+    return None if shape is None else [d if isinstance(d, int) else d.value for d in shape]
+
+
+def dims_text(dims: list[int | str | None] | None) -> str:
+    """`[batch, 8]`; `?` for an unknown shape or an unnamed dim."""
+    return "?" if dims is None else "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+NCHW_TO_NHWC, NHWC_TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
+
+
+def permuted_around(entry: ir.Value, exit_: ir.Value) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(perm in, perm out) when `entry` is written by a Transpose and `exit_` is read only by
+    Transposes of one perm (an exporter's layout change around an op: timm's LayerNorm2d
+    permutes NCHW to NHWC and back), else None."""
+    producer, after = entry.producer(), [u.node for u in exit_.uses()]
+    if not is_op(producer, "Transpose") or not after or exit_.is_graph_output() or not all(
+            is_op(n, "Transpose") for n in after):
+        return None
+    perms = {tuple(n.attributes.get_ints("perm", ())) for n in after}
+    return (tuple(producer.attributes.get_ints("perm", ())), perms.pop()) if len(perms) == 1 else None
+
+
 def sole_reader(value: ir.Value, *, numbers_only: bool = False) -> ir.Node | None:
     """The one node reading `value` when nothing else does and it is no graph output."""
     if value.is_graph_output():

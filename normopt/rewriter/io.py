@@ -149,7 +149,7 @@ def load(path: str | os.PathLike) -> ir.Model:
         try:
             model = ir.serde.deserialize_model(proto)
         except Exception as exc:
-            raise BadInput(f"'{path}' fails onnx.checker: {_first_line(exc)}") from None
+            raise BadInput(f"'{path}' fails onnx.checker: {first_line(exc)}") from None
         del proto
     # The checker reads the graph, not the weights (the whole file would be parsed again:
     # +25% on an embedded GPT-2's rewrite); their sizes were checked above, their values are
@@ -163,7 +163,8 @@ def load(path: str | os.PathLike) -> ir.Model:
     return model
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
+    """An exception's message as one line (its type when it has none)."""
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
@@ -196,7 +197,7 @@ def check_structure(model: ir.Model) -> str | None:
     try:
         onnx.checker.check_model(structure_proto(model))
     except Exception as exc:  # ValidationError, or a graph the serializer rejects
-        return _first_line(exc)
+        return first_line(exc)
     return None
 
 

@@ -24,7 +24,6 @@ from normopt.rewriter.io import structure_proto
 from normopt.timings import step
 
 
-
 def _values(model: ir.Model) -> Iterator[ir.Value]:
     for graph in model.graphs():
         yield from graph.inputs
