@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from normopt.profiling import CONTROL, Figure, compare, op_breakdown  # noqa: F401  (re-exported)
+from normopt.profiling import CONTROL, Figure, by_op_type, compare, node_breakdown, norm_ms, norm_nodes  # noqa: F401  (re-exported)
 from normopt.profiling import environment as _environment
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,10 +9,10 @@ peer; its CPU SkipLayerNormalization is known to be slow). Figures: end-to-end m
 paired per-round ratio to the original with its bootstrap 95% interval and an A/A control row
 (the original in a second session); the optimizer's output alone and normopt --target ort
 followed by the optimizer (its ratio is to the optimizer alone: what a user of that optimizer
-gains by adding normopt); and from onnxruntime's profiler (after its own
-ORT_ENABLE_ALL fusions) the time in norm ops (LayerNormalization, SimplifiedLayerNormalization,
-RMSNormalization, Skip*LayerNormalization) plus the Add ops (the residual Adds a Skip* norm
-absorbs are Adds elsewhere), per run, as a ratio to the original.
+gains by adding normopt); and from onnxruntime's profiler (after its own ORT_ENABLE_ALL
+fusions) the time in norms (LayerNormalization, SimplifiedLayerNormalization, RMSNormalization,
+Skip*LayerNormalization, and the nodes of norms ORT leaves decomposed) plus the other Add ops
+(the residual Adds a Skip* norm absorbs are Adds elsewhere), per run, as a ratio to the original.
 Writes results/preln.json.
 """
 
@@ -22,10 +22,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import CELLS, CONTROL, cells, compare, environment, op_breakdown, write
+from common import CELLS, CONTROL, by_op_type, cells, compare, environment, node_breakdown, norm_ms, norm_nodes, write
 from common import feeds as bench_feeds
 
-from normopt.profiling import NORM_OPS
 
 CASES = [
     # entry, label, peer model type, heads, hidden, feeds
@@ -44,10 +43,11 @@ PAIRED = "normopt --target ort, then the optimizer (x optimizer alone)"
 
 
 def norm_time(path: Path, feeds: dict, threads: int) -> dict:
-    """Milliseconds per run in norm ops and in Add ops (onnxruntime's profiler)."""
-    per_op = op_breakdown(path, feeds, "ort-cpu", threads, runs=10)
-    norms = sum(v for k, v in per_op.items() if k in NORM_OPS)
-    adds = per_op.get("Add", 0.0)
+    """Milliseconds per run in norms (fused ops and decomposed norms' nodes) and in the other Add
+    ops (onnxruntime's profiler)."""
+    per_node, members = node_breakdown(path, feeds, "ort-cpu", threads, runs=10), norm_nodes(path)
+    per_op, norms = by_op_type(per_node), norm_ms(per_node, members)
+    adds = sum(ms for (node, op), ms in per_node.items() if op == "Add" and node not in members)
     return {"norm_ms": norms, "add_ms": adds, "norm_plus_add_ms": norms + adds, "total_ms": sum(per_op.values())}
 
 

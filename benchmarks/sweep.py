@@ -19,7 +19,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import CELLS, cells, compare, environment, feeds, op_breakdown, write
+from common import CELLS, cells, compare, environment, feeds, node_breakdown, write
 
 # The inputs the benchmarks time the benchmark-size exports at (the rest use their own examples).
 BENCH_SIZES = {
@@ -33,8 +33,8 @@ BENCH_SIZES = {
 
 def node_changes(a: Path, b: Path, example: dict, threads: int, top: int) -> list[str]:
     """The `top` nodes (of onnxruntime's optimized graphs) whose time per run changed most."""
-    before = op_breakdown(a, example, "ort-cpu", threads, runs=10, by="node")
-    after = op_breakdown(b, example, "ort-cpu", threads, runs=10, by="node")
+    before = node_breakdown(a, example, "ort-cpu", threads, runs=10)
+    after = node_breakdown(b, example, "ort-cpu", threads, runs=10)
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in {*before, *after}}
     return [f"{k[0]} ({k[1]}): {before.get(k, 0.0):.3f} -> {after.get(k, 0.0):.3f} ms"
             for k in sorted(delta, key=lambda k: -abs(delta[k]))[:top]]

@@ -198,11 +198,10 @@ def compare(models: Mapping[str, str | os.PathLike | Callable[[], Callable[[], N
     return out
 
 
-def op_breakdown(path: str | os.PathLike, feeds: Mapping[str, np.ndarray], backend: str = "ort-cpu",
-                 threads: int = 2, runs: int = 10, by: str = "op") -> dict:
-    """Milliseconds per run spent in each op type (`by="op"`) or in each node of the graph
-    onnxruntime runs after its fusions (`by="node"`, keys `(node name, op type)`), from its
-    profiler; the first (warm-up) run is left out."""
+def node_breakdown(path: str | os.PathLike, feeds: Mapping[str, np.ndarray], backend: str = "ort-cpu",
+                   threads: int = 2, runs: int = 10) -> dict[tuple[str, str], float]:
+    """Milliseconds per run spent in each node of the graph onnxruntime runs after its fusions,
+    keyed `(node name, op type)`, from its profiler; the first (warm-up) run is left out."""
     with tempfile.TemporaryDirectory() as tmp:
         s = session(path, backend, threads, profile_prefix=str(Path(tmp) / "profile"))
         for _ in range(1 + runs):
@@ -210,13 +209,27 @@ def op_breakdown(path: str | os.PathLike, feeds: Mapping[str, np.ndarray], backe
         events = json.loads(Path(s.end_profiling()).read_text())
     model_runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
     cutoff, counted = (model_runs[0]["ts"] + model_runs[0]["dur"], runs) if model_runs else (0, 1 + runs)
-    spent: dict[str, float] = {}
+    spent: dict[tuple[str, str], float] = {}
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e.get("ts", 0) >= cutoff:
-            op = e.get("args", {}).get("op_name", "?")
-            key = op if by == "op" else (e["name"].removesuffix("_kernel_time"), op)
+            key = (e["name"].removesuffix("_kernel_time"), e.get("args", {}).get("op_name", "?"))
             spent[key] = spent.get(key, 0.0) + e["dur"] / 1e3 / counted
     return dict(sorted(spent.items(), key=lambda kv: -kv[1]))
+
+
+def by_op_type(per_node: Mapping[tuple[str, str], float]) -> dict[str, float]:
+    """A node breakdown summed per op type, largest first."""
+    per_op: dict[str, float] = {}
+    for (_node, op), ms in per_node.items():
+        per_op[op] = per_op.get(op, 0.0) + ms
+    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+
+
+def norm_ms(per_node: Mapping[tuple[str, str], float], members: set[str]) -> float:
+    """Milliseconds per run in the model's norms: fused norm ops, and the nodes of every norm
+    onnxruntime left decomposed (`members`: `norm_nodes` of the model; ORT keeps an unfused
+    node's name), so a decomposed original and its fused rewrite compare alike."""
+    return sum(ms for (node, op), ms in per_node.items() if op in NORM_OPS or node in members)
 
 
 def environment(threads: int, backend: str) -> dict:
@@ -275,12 +288,8 @@ def profile(paths: Sequence[str | os.PathLike], feeds: Mapping[str, np.ndarray],
     batch = next((v.shape[0] for v in feeds.values() if getattr(v, "ndim", 0) > 0), 1)
     ops, norms = {}, {}
     for n, p in zip(names, paths):
-        per_node = op_breakdown(p, feeds, backend, threads, op_runs, by="node")
-        ops[n] = {}
-        for (_node, op), ms in sorted(per_node.items(), key=lambda kv: -kv[1]):
-            ops[n][op] = ops[n].get(op, 0.0) + ms
-        members = norm_nodes(p)
-        norms[n] = sum(ms for (node, op), ms in per_node.items() if op in NORM_OPS or node in members)
+        per_node = node_breakdown(p, feeds, backend, threads, op_runs)
+        ops[n], norms[n] = by_op_type(per_node), norm_ms(per_node, norm_nodes(p))
     return ProfileReport(names, summarize(times, names[0], batch), ops,
                          {n: [t * 1e3 for t in ts] for n, ts in times.items()}, environment(threads, backend),
                          {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in feeds.items()}, norms)

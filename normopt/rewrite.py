@@ -48,9 +48,13 @@ class RewriteReport:
     error: str | None = None
     exit_code: int = 0
     guard: GuardReport | None = None
-    feeds: dict | None = None  # the first input set verification ran on (not in the JSON report)
-    trials: list[dict] | None = None  # every input set verification runs on
+    trials: list[dict] | None = None  # the input sets verification runs on (not in the JSON report)
     fallback: list[dict] | None = None  # generated inputs with unset dims at 1, if the others fail
+
+    @property
+    def feeds(self) -> dict | None:
+        """The first input set (what the speed guard and --profile time)."""
+        return self.trials[0] if self.trials else None
 
     @property
     def changed(self) -> bool:
@@ -159,7 +163,6 @@ def _rewrite(src: Path, dst: Path, passes, options, verification, speed_guard, r
     if feeds_from is not None:  # from the model as loaded: no second load of IN for its inputs
         report.trials = input_trials(model, feeds_from)
         report.fallback = fallback_trials(model, feeds_from)
-        report.feeds = report.trials[0]
     external = io.uses_external_data(model)
     report.nodes_before = op_histogram(model)
     with timed("passes"):
@@ -221,7 +224,6 @@ def _verify(src: Path, staged: Path, dst: Path, verification: VerifyOptions, ste
     report.verification.model_b = str(dst)
     if report.verification.note:  # it ran on the fallback inputs: the speed guard times those too
         report.trials = report.fallback
-        report.feeds = report.fallback[0]
     if not report.verification.ok:
         worst = report.verification.failures()[0]
         raise VerificationFailed(

@@ -177,13 +177,13 @@ class PreLNToRMSNorm(Pass):
                 decided.update(id(m) for m in region.norms)
                 if isinstance(result, StreamRewrite):
                     rewrite.merge(result)
-                    plan.refusals += [Refusal(f"layernorm at {m.where()}", why) for m, why in result.kept]
                     plan.changed_outputs += region.changed_outputs()
                 else:
                     plan.refusals += [Refusal(f"layernorm at {m.where()}", result) for m in region.norms]
         for m in layernorms:  # the ones that cannot be converted whatever their input
             if id(m) not in decided:
                 plan.refusals.append(Refusal(f"layernorm at {m.where()}", planner.norm_problem(m)))
+        plan.refusals += [Refusal(f"layernorm at {m.where()}", why) for m, why in rewrite.kept]
         if rewrite.conversions:
             plan.actions.append(rewrite)
         plan.stats = {"layernorms": len(layernorms), "converted": len(rewrite.conversions),
