@@ -115,3 +115,24 @@ def test_a_norm_reading_another_norms_output():
     onnx.checker.check_model(rewritten, full_check=True)
     feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, d)).astype(np.float32)}
     np.testing.assert_allclose(ort_run(rewritten, feeds)["y"], ort_run(proto, feeds)["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_fusions_come_in_groups_by_layout_and_a_skipped_site_stays_with_its_reason(corpus, tmp_path):
+    """timm's ConvNeXt (TorchScript 14): the LayerNorm2d norms (stem, downsampling, head) sit
+    between permutes, the block norms do not; the speed guard drops such a group through
+    `Options.skip_sites`, and those norms stay decomposed, saying why."""
+    paths = corpus("convnext2d-ts14")
+    model = io.load(paths.model)
+    result = CanonicalizeNorms(Options(target="ort")).run(model)
+    assert {k: len(v) for k, v in result.units.items()} == {
+        "layernorm -> LayerNormalization between Transposes": 5, "layernorm -> LayerNormalization": 4}
+    skip = frozenset(result.units["layernorm -> LayerNormalization between Transposes"])
+    model = io.load(paths.model)
+    result = CanonicalizeNorms(Options(target="ort", skip_sites=skip)).run(model)
+    assert list(result.units) == ["layernorm -> LayerNormalization"] and result.changes == [
+        "fused 4 decomposed layernorm -> LayerNormalization"]
+    kept = [r for r in result.refusals if "speed guard measured the fused op slower" in r.reason]
+    assert len(kept) == 5 and not any(r.may_change for r in kept)
+    out = tmp_path / "out.onnx"
+    io.save(model, out, external_data=False)
+    assert_matches_reference(out, paths)

@@ -73,30 +73,48 @@ def test_a_pass_after_one_that_changed_the_model_runs_again(monkeypatch):
     then changes the model, `b` (after it) runs again too, though `b` refused nothing; a pass
     with nothing left that another pass could free is not run again (each round costs a pass
     over the whole graph)."""
-    from normopt.passes.base import Pass
     from normopt.passes.pipeline import run_pipeline
+
+    calls = _stubs(monkeypatch, {"a": lambda k: k == 1, "b": lambda k: k == 1, "c": lambda k: k == 0},
+                   {"a": Refusal("x", "later perhaps")})
+    results = {r.name: r for r in run_pipeline(ir.Model(ir.Graph([], [], nodes=[]), ir_version=10), ["a", "b", "c"])}
+    assert calls == ["a", "b", "c", "cleanup", "a", "b", "c", "cleanup"]
+    assert results["a"].modified and results["b"].modified and results["c"].modified
+
+
+def test_a_refusal_no_other_pass_can_lift_costs_no_second_round(monkeypatch):
+    """An opset refusal (`settled`) cannot be freed by a later pass's edit: one round."""
+    from normopt.passes.pipeline import run_pipeline
+
+    calls = _stubs(monkeypatch, {"a": lambda k: False, "c": lambda k: k == 0},
+                   {"a": Refusal("x", "opset 14 has no RMSNormalization", settled=True)})
+    run_pipeline(ir.Model(ir.Graph([], [], nodes=[]), ir_version=10), ["a", "c"])
+    assert calls == ["a", "c", "cleanup"]
+
+
+def _stubs(monkeypatch, modifies: dict, first_refusal: dict) -> list[str]:
+    """Stub passes named by `modifies` (k -> does the k-th run change the model?) and cleanup;
+    a pass in `first_refusal` refuses that candidate on its first run. Returns the call log."""
+    from normopt.passes.base import Pass
 
     calls: list[str] = []
 
-    def stub(name: str, modifies):  # modifies(k): does the k-th run (0-based) change the model?
+    def stub(name: str, changes):
         class Stub(Pass):
             summary = "stub"
 
             def plan(self, model):
                 k = calls.count(name)
                 calls.append(name)
-                if modifies(k):
+                if changes(k):
                     return Plan(actions=["edit"])
-                return Plan(refusals=[Refusal("x", "later perhaps")] if name == "a" and k == 0 else [], idle="none")
+                return Plan(refusals=[first_refusal[name]] if name in first_refusal and k == 0 else [], idle="none")
 
             def apply(self, model, plan):
                 return ["did 1 thing"]
         Stub.name = name
         return Stub
 
-    passes = {"a": stub("a", lambda k: k == 1), "b": stub("b", lambda k: k == 1),
-              "c": stub("c", lambda k: k == 0), "cleanup": stub("cleanup", lambda k: False)}
+    passes = {n: stub(n, f) for n, f in {**modifies, "cleanup": lambda k: False}.items()}
     monkeypatch.setattr(pipeline, "PASSES", passes)
-    results = {r.name: r for r in run_pipeline(ir.Model(ir.Graph([], [], nodes=[]), ir_version=10), ["a", "b", "c"])}
-    assert calls == ["a", "b", "c", "cleanup", "a", "b", "c", "cleanup"]
-    assert results["a"].modified and results["b"].modified and results["c"].modified
+    return calls

@@ -161,3 +161,40 @@ def test_stage_reports_progress_per_external_tensor(tmp_path):
     io.stage(model, tmp_path / "o.onnx", external_data=True, progress=lambda i, n: calls.append((i, n))).commit()
     # w1 and w2 (16 KiB each) go external; the 256-byte bias stays under the 1 KiB threshold.
     assert calls == [(1, 2), (2, 2)]
+
+
+def test_an_embedded_model_written_a_tensor_at_a_time_is_what_onnx_ir_would_write(tmp_path):
+    """The streamed save (one `graph` field per initializer, merged by protobuf) must give the
+    model proto onnx-ir's own save gives: initializers in order, the ones IN described in
+    value_info before the nodes' entries, a subgraph with its own initializer, a model-local
+    function, metadata. Compared as parsed protos, and run."""
+    from onnx import TensorProto, helper
+
+    proto = mlp(d=64)  # 16 KiB weights
+    branch = helper.make_graph([helper.make_node("Add", ["y", "k"], ["z"])], "then", [],
+                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 64])],
+                               [onnx.numpy_helper.from_array(np.full(64, 2.0, np.float32), "k")])
+    other = helper.make_graph([helper.make_node("Neg", ["y"], ["z2"])], "else", [],
+                              [helper.make_tensor_value_info("z2", TensorProto.FLOAT, ["batch", 64])])
+    proto.graph.node.append(helper.make_node("Constant", [], ["cond"], value=helper.make_tensor("c", TensorProto.BOOL, [], [True])))
+    proto.graph.node.append(helper.make_node("If", ["cond"], ["out"], then_branch=branch, else_branch=other))
+    proto.graph.node.append(helper.make_node("Twice", ["out"], ["out2"], domain="local"))
+    proto.functions.append(helper.make_function("local", "Twice", ["a"], ["b"], [helper.make_node("Add", ["a", "a"], ["b"])],
+                                                [helper.make_opsetid("", 17)]))
+    proto.opset_import.append(helper.make_opsetid("local", 1))
+    proto.graph.output.append(helper.make_tensor_value_info("out2", TensorProto.FLOAT, ["batch", 64]))
+    proto.graph.value_info.append(helper.make_tensor_value_info("w2", TensorProto.FLOAT, [64, 64]))
+    helper.set_model_props(proto, {"author": "normopt test"})
+    src = save(proto, tmp_path / "m.onnx")
+    model = io.load(src)
+    written = tmp_path / "streamed.onnx"
+    io.save(model, written, external_data=False)
+    with io._undescribed_initializers(model):  # what io.stage hands onnx-ir's save
+        expected = ir.serde.serialize_model(model)
+    got = onnx.load(str(written))
+    assert [t.name for t in got.graph.initializer] == ["w1", "b1", "w2"]
+    assert got == expected
+    assert got.graph == onnx.load(str(src)).graph
+    x = {"x": np.ones((2, 64), np.float32)}
+    for name in ("y", "out2"):
+        np.testing.assert_array_equal(run_ort(src, x)[name], run_ort(written, x)[name])
