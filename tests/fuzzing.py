@@ -19,6 +19,7 @@ a graph, e.g. a grouped ConvTranspose, onnxruntime on a float32 copy is the refe
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import traceback
@@ -137,6 +138,9 @@ class Case:
     model: onnx.ModelProto
     feeds: dict[str, np.ndarray]
     notes: list[str] = field(default_factory=list)
+    # what preln-to-rmsnorm takes an explicit recentring to cost: half the transformers at 1, so
+    # the small graphs here still exercise recentrings the real cost would not pay for
+    recentring_cost: int | None = None
 
 
 # --------------------------------------------------------------------------- transformers
@@ -386,7 +390,11 @@ def transformer(c) -> Case:
             value = _reduce_mean(b, value, [1], opset >= 18, keepdims=1)
         y = b.op("Add", [y, b.op("MatMul", [value, b.weight((width, outputs))])])
     b.output(y)
-    return Case("transformer", b.model(opset), b.feeds, notes)
+    from normopt.rewriter.stream_plan import RECENTRING_COST
+
+    cost = c.pick([1, RECENTRING_COST])
+    notes.append(f"recentring_cost={cost}")
+    return Case("transformer", b.model(opset), b.feeds, notes, cost)
 
 
 def layer_norm_two_axes(c, b: Builder, x: str, tokens: int, d: int, opset: int) -> str:
@@ -630,6 +638,19 @@ def pipeline_choice(c):
 SENSITIVITY_SAMPLES = 8
 
 
+@contextlib.contextmanager
+def recentring_cost(cost: int | None):
+    """Within the block preln-to-rmsnorm prices an explicit recentring at `cost` (None: as is)."""
+    from normopt.rewriter import stream_plan
+
+    saved = stream_plan.RECENTRING_COST
+    stream_plan.RECENTRING_COST = saved if cost is None else cost
+    try:
+        yield
+    finally:
+        stream_plan.RECENTRING_COST = saved
+
+
 def judge(case: Case, names, options) -> Verdict:
     """Run the pipeline on the case without normopt's own check, and judge it."""
     import onnx_ir as ir
@@ -649,12 +670,13 @@ def judge(case: Case, names, options) -> Verdict:
         evaluate = reference32
         reference = evaluate(case.model, case.feeds)
     try:
-        model = ir.serde.deserialize_model(onnx.ModelProto.FromString(case.model.SerializeToString()))
-        results = run_pipeline(model, names, options)
-        rewritten = ir.serde.serialize_model(model)
-        onnx.checker.check_model(rewritten, full_check=full_check)
-        got = ort_run(rewritten, case.feeds)
-        again = run_pipeline(ir.serde.deserialize_model(rewritten), names, options)
+        with recentring_cost(case.recentring_cost):
+            model = ir.serde.deserialize_model(onnx.ModelProto.FromString(case.model.SerializeToString()))
+            results = run_pipeline(model, names, options)
+            rewritten = ir.serde.serialize_model(model)
+            onnx.checker.check_model(rewritten, full_check=full_check)
+            got = ort_run(rewritten, case.feeds)
+            again = run_pipeline(ir.serde.deserialize_model(rewritten), names, options)
     except Exception:
         return Verdict([], crash=traceback.format_exc(limit=6))
     verdict = Verdict([r.name for r in results if r.modified])

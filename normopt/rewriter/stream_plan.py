@@ -20,8 +20,10 @@ other reader must be shown not to see the change:
     `StreamRewrite` merged only when it succeeds; a writer that cannot be centred (an
     activation, a LayerNorm's affine output, a table shared with a tied head, a graph input)
     gets an explicit recentring instead.
-  - Cost. Each explicit recentring costs one mean; each LayerNorm converted saves one. A region
-    is recentred only when it converts more LayerNorms than it needs recentrings.
+  - Cost. An explicit recentring (a mean and a subtraction over the whole tensor) costs about
+    as much as RECENTRING_COST conversions of a LayerNorm to an RMSNorm save (measured, ORT
+    CPU: 1.1x to 7x by shape); a region is recentred only when it converts more LayerNorms
+    than that.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ from normopt.rewriter.linear_fold import bias_add_after, fold_problem
 from normopt.rewriter.norms import NormMatch
 
 MAX_DEPTH = 64
+# What an explicit recentring costs, in what converting one LayerNorm saves. Measured (ORT 1.32
+# CPU, 2 threads, ops timed in a chain): save / recentring 0.9 at [2, 16, 64], 0.14 at
+# [1, 128, 768], 0.41 at [8, 512, 128], 0.93 at [8, 512, 768]; Peri-LN (9 norms, 4 recentrings,
+# 2 norms a region) measured 1.02x slower with one recentring worth one conversion.
+RECENTRING_COST = 2
 MERGING_OPS = ("Add", "Sub", "Concat", "Cast", "Identity", "Reshape", "Transpose", "Gather", "Slice", "Squeeze",
                "Unsqueeze", "ReduceMean", "Expand", "Pad", "Split", "Tile")
 
@@ -376,7 +383,7 @@ class Planner:
 
     def plan(self, region: Region) -> StreamRewrite | str:
         """A plan recentring the region and converting its LayerNorms, or why not: the
-        explicit recentrings it needs cost as much as the norms it converts save."""
+        explicit recentrings it needs cost more than converting its norms saves."""
         if not region.norms:
             return "no LayerNorm reads it"
         kept = {id(m): why for m in region.norms if (why := self.no_gain(m)) is not None}
@@ -398,10 +405,11 @@ class Planner:
             except Refuse as exc:
                 plan.recentred.append((source, str(exc)))
         gaining = [m for m in region.norms if id(m) not in kept]
-        if len(plan.recentred) >= len(gaining):
+        if RECENTRING_COST * len(plan.recentred) >= len(gaining):
             why = "; ".join(f"'{v.name}': {reason}" for v, reason in plan.recentred[:2])
             return (f"{len(gaining)} LayerNorm(s) would need {len(plan.recentred)} explicit recentring(s), "
-                    f"which cost as much as they save ({why})")
+                    f"which cost more than converting them saves (a recentring costs about {RECENTRING_COST} "
+                    f"conversions) ({why})")
         plan.conversions = [Conversion(m, self._beta_readers(m)) for m in gaining]
         plan.kept = [(m, kept[id(m)]) for m in region.norms if id(m) in kept]
         return plan

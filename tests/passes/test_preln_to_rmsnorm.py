@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 
 from models.corpus import CORPUS
 from normopt.passes.preln_to_rmsnorm import PreLNToRMSNorm
-from normopt.rewriter import io
+from normopt.rewriter import io, stream_plan
 from tests.helpers import annotate
 from normopt.rewriter.graph import folded_value
 from normopt.rewriter.norms import find_norms
@@ -28,7 +28,9 @@ PRE_LN = {
     "scaledpool": (5, 5, 0),  # tokens x sqrt(d) folded into the table; the mean-pooled final norm too
     "clip": (6, 6, 1), "bloom": (6, 6, 1),  # a LayerNorm on the embeddings writes the stream: one recentring
     "whisper": (12, 12, 2),  # encoder (after its conv + GELU front end) and decoder: one recentring each
-    "periln": (9, 9, 4),  # branch-output norms read linear outputs; the stream is recentred after each
+    # branch-output norms read linear outputs and convert; the stream's 5 norms would need 4
+    # explicit recentrings (after each branch-output norm): more than they save (1.02x slower)
+    "periln": (9, 4, 0),
     "mixln": (7, 5, 1),  # the Post-LN block's 2 stay; one recentring at the Post-LN/Pre-LN boundary
     "wav2vec2": (8, 7, 1),  # the feature projection's norm stays (no gain); the stream is recentred after
                             # the conv positional embedding, which reads the stream's start
@@ -72,7 +74,7 @@ def test_every_stream_layernorm_becomes_rmsnorm(corpus, tmp_path, name, target):
     ("resnet18", "no LayerNorm"),
     ("repbn", "no LayerNorm"),
     # ConvNeXt's LayerNorm reads a depthwise Conv's output: one recentring per norm, no gain
-    ("convnext", "would need 1 explicit recentring(s), which cost as much as they save"),
+    ("convnext", "would need 1 explicit recentring(s), which cost more than converting them saves"),
 ])
 def test_models_where_nothing_converts_say_why(corpus, family, reason):
     model = io.load(corpus(f"{family}-ts17").model)
@@ -107,7 +109,7 @@ def test_post_ln_blocks_stay_and_the_embedding_norm_converts(corpus, tmp_path):
     result = report.passes[0]
     assert result.stats["converted"] == 1 and len(result.refusals) == 4
     for refusal in result.refusals:  # one recentring each, no gain; the blocker is named
-        assert "would need 1 explicit recentring(s), which cost as much as they save" in refusal.reason
+        assert "would need 1 explicit recentring(s), which cost more than converting them saves" in refusal.reason
         assert "which must keep its numbers: MatMul" in refusal.reason and "would see the recentred values" in refusal.reason
     assert_matches_reference(tmp_path / "out.onnx", paths)
 
@@ -118,16 +120,15 @@ def _cli(*args):
 
 def test_hidden_state_outputs_stay_unless_allowed(corpus, tmp_path):
     """GPT-2 returning every hidden state: without the flag the norms reading an output stay
-    (the outputs keep their numbers) and the last block's converts after one recentring; with
+    (the outputs keep their numbers); the last block's two would need one explicit recentring,
+    which costs more than converting two saves: nothing converts (exit 3, reasons named). With
     it every norm converts and the stream outputs are reported as changed."""
     src, out, report = corpus("gpt2hidden-ts17").model, tmp_path / "o.onnx", tmp_path / "r.json"
     proc = _cli("rewrite", src, out, "--passes", "preln-to-rmsnorm", "--explain", "--report", report)
-    assert proc.returncode == 0, proc.stderr
-    data = json.loads(report.read_text())
-    assert data["passes"][0]["stats"]["converted"] == 2 and data["verification"]["ok"]
-    reasons = [r["reason"] for r in data["passes"][0]["refusals"]]
+    assert proc.returncode == 3 and not out.exists(), proc.stderr
+    reasons = [r["reason"] for r in json.loads(report.read_text())["passes"][0]["refusals"]]
     assert any("'hidden_1' is a graph output" in r and "--allow-hidden-state-change" in r for r in reasons)
-    assert all(o["skipped"] is None for o in data["verification"]["outputs"])  # every output unchanged
+    assert sum("which cost more than converting them saves" in r for r in reasons) == 2
     proc = _cli("rewrite", src, out, "--passes", "preln-to-rmsnorm", "--allow-hidden-state-change", "--report", report)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(report.read_text())["passes"][0]["stats"]["converted"] == 5
@@ -148,6 +149,13 @@ def test_fp16_model(tmp_path):
 
 
 # ------------------------------------------------------------------------- hand-built
+
+
+@pytest.fixture
+def cheap_recentring(monkeypatch):
+    """Recentring mechanics on graphs too small for an explicit recentring to pay (2 or 3 norms
+    per recentring); what a recentring costs is tested on its own (Peri-LN, hidden states)."""
+    monkeypatch.setattr(stream_plan, "RECENTRING_COST", 1)
 
 
 def _blocks(dtype=np.float32, reader=None, branch_tail=None, shared_table=False, ln_op=True, opset=17,
@@ -285,6 +293,7 @@ def test_stream_output_refused_unless_allowed():
     assert result.modified and result.changed_outputs == ["x1"]
 
 
+@pytest.mark.usefixtures("cheap_recentring")
 def test_non_linear_branch_writer_gets_an_explicit_recentring():
     """Each block's branch ends in Tanh: the branches are recentred explicitly (2), which buys
     3 LayerNorms; each recentring names the writer it could not centre."""
@@ -297,6 +306,7 @@ def test_non_linear_branch_writer_gets_an_explicit_recentring():
     assert collections.Counter(n.op_type for n in rewritten.graph.node)["ReduceMean"] == 2 + 3  # 2 means, 3 RMS
 
 
+@pytest.mark.usefixtures("cheap_recentring")
 def test_layernorm_statistics_outputs_read():
     """The LN whose Mean output is read stays (named); the stream it reads keeps its numbers,
     the rest of the stream is recentred once after it, and the two later norms convert."""
@@ -444,6 +454,7 @@ def _tied_start(embscale: bool, decomposed: bool):
     return model, {"ids": rng.integers(0, vocab, (2, 4)).astype(np.int64)}
 
 
+@pytest.mark.usefixtures("cheap_recentring")
 def test_refused_initial_writer_leaves_nothing_of_its_plan_behind():
     """Found from outside: in `Gather(tied table) * sqrt(d) + pos` the scalar Mul was taken for
     a LayerScale and removed, while the refused tied table was rolled back (relative error
@@ -456,6 +467,7 @@ def test_refused_initial_writer_leaves_nothing_of_its_plan_behind():
     _assert_same(model, rewritten, feeds)
 
 
+@pytest.mark.usefixtures("cheap_recentring")
 def test_tied_embedding_and_a_decomposed_first_layernorm():
     """Found from outside (fuzz_tf_02756, and a speech encoder export): the explicit recentring
     moved the LN's readers, and the conversion then looked for its ReduceMean on the old value
@@ -466,6 +478,7 @@ def test_tied_embedding_and_a_decomposed_first_layernorm():
     _assert_same(model, rewritten, feeds)
 
 
+@pytest.mark.usefixtures("cheap_recentring")
 def test_layernorm_scale_that_is_a_graph_input():
     """Found from outside: LayerNormalization(x, gamma=graph input) crashed (AttributeError).
     The conversion never needs gamma's values: it stays the RMSNorm's scale, fed as before."""
@@ -500,6 +513,7 @@ def _patch_model(groups=1, inner_reader=False):
     return model, {"img": rng.standard_normal((1, ch, 3, 1)).astype(np.float32)}
 
 
+@pytest.mark.usefixtures("cheap_recentring")
 def test_grouped_patch_conv_is_not_centred_per_channel():
     """Found by the fuzzer's mutation runs: centring a grouped Conv over all output channels is
     wrong (each channel reads other inputs); the initial value is recentred explicitly instead."""
@@ -511,6 +525,7 @@ def test_grouped_patch_conv_is_not_centred_per_channel():
     assert not any("inserted" in c for c in result.changes)  # an ungrouped patch Conv is centred
 
 
+@pytest.mark.usefixtures("cheap_recentring")
 def test_value_the_centring_changes_must_have_no_other_reader():
     """The branch's MatMul output is also a graph output: centring its weight would change it.
     It keeps its numbers; the branch is recentred explicitly after its bias Add instead."""
@@ -521,6 +536,7 @@ def test_value_the_centring_changes_must_have_no_other_reader():
     _assert_same(model, rewritten, feeds)  # 'm' (an output) included
 
 
+@pytest.mark.usefixtures("cheap_recentring")
 def test_positional_table_sliced_on_the_hidden_axis_is_recentred_explicitly():
     """Centring a table that is then sliced along the hidden axis would not centre the slice."""
     d = 4
@@ -593,6 +609,7 @@ def test_patch_merging_is_not_recentred(monkeypatch):
     assert np.abs(after - before).max() > 0.1 * np.abs(before).max()
 
 
+@pytest.mark.usefixtures("cheap_recentring")
 def test_an_rmsnorm_reading_the_stream_keeps_it():
     """An RMSNorm is not shift-invariant: the stream value it reads keeps its numbers, and the
     stream is recentred explicitly after the next residual Add (the recentring names why)."""
