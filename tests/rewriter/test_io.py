@@ -198,3 +198,16 @@ def test_an_embedded_model_written_a_tensor_at_a_time_is_what_onnx_ir_would_writ
     x = {"x": np.ones((2, 64), np.float32)}
     for name in ("y", "out2"):
         np.testing.assert_array_equal(run_ort(src, x)[name], run_ort(written, x)[name])
+
+
+def test_an_initializer_with_a_quantization_annotation_is_saved_by_onnx_ir_and_keeps_it(tmp_path):
+    """The streamed writer does not write quantization annotations of initializers; such a
+    model goes through onnx-ir's own save, and the annotation survives."""
+    proto = mlp(d=64)
+    note = proto.graph.quantization_annotation.add(tensor_name="w2")
+    note.quant_parameter_tensor_names.add(key="SCALE_TENSOR", value="b1")
+    model = io.load(save(proto, tmp_path / "m.onnx"))
+    assert not io._streamable(model)
+    io.save(model, tmp_path / "o.onnx", external_data=False)
+    saved = onnx.load(str(tmp_path / "o.onnx")).graph.quantization_annotation
+    assert [(a.tensor_name, a.quant_parameter_tensor_names[0].value) for a in saved] == [("w2", "b1")]
