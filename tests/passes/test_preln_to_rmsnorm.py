@@ -320,13 +320,17 @@ def test_layernorm_statistics_outputs_read():
 
 
 def test_beta_folds_into_the_linear_readers_only():
-    """Each LN's beta moves into the bias of the MatMul reading it (one Add less per norm)."""
+    """Each block LN's beta moves into the bias of the MatMul reading it (one Add less per
+    norm). The final LN's reader, the head, has no bias: folding would add an Add as wide as
+    the vocabulary (GPT-2 124M: 1.01x slower), so that beta stays an Add after the norm."""
     ir_model = ir.serde.deserialize_model(_blocks())
     annotate(ir_model)
     result = PreLNToRMSNorm().run(ir_model)
-    assert "folded 3 LayerNorm beta(s) into the biases of the linear ops reading them" in result.changes
-    _convert(_blocks())
-    # the final norm's output is also a graph output: its beta must stay an Add
+    assert "folded 2 LayerNorm beta(s) into the biases of the linear ops reading them" in result.changes
+    rewritten = _convert(_blocks())
+    head = next(n for n in rewritten.graph.node if n.op_type == "MatMul" and "head" in n.input)
+    assert not [n for n in rewritten.graph.node if head.output[0] in n.input]  # no Add after the head
+    # the final norm's output is also a graph output: its beta stays an Add either way
     model = _blocks()
     model.graph.output.append(tensor("final", TensorProto.FLOAT, (2, 4, 8)))
     ir_model = ir.serde.deserialize_model(model)
