@@ -60,7 +60,7 @@ def main() -> int:
                              verification=VerifyOptions(inputs=feeds))
             figures = compare({"original": src, "rewritten": dst}, "original", feeds, threads=args.threads,
                               rounds=args.rounds, reps=args.reps)
-            fused = "; ".join(report.passes[0].changes)
+            fused = "; ".join(report.passes[0].lines)
             for row, figure in figures.items():
                 table.add_row(label, fused if row == "rewritten" else "", row, *cells(figure))
             results.append({"case": label, "entry": entry, "target": target, "fused": fused,

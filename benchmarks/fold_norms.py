@@ -57,10 +57,10 @@ def main() -> int:
             figures = compare(variants, "original", paths.load_inputs(), threads=args.threads, rounds=args.rounds,
                               reps=args.reps, against=against)
             for name, figure in figures.items():
-                note = "; ".join(report.passes[0].changes) if name == "normopt folded" else ""
+                note = "; ".join(report.passes[0].lines) if name == "normopt folded" else ""
                 table.add_row(entry, name, *cells(figure), note)
             results[entry] = {"figures": {k: f.to_json() for k, f in figures.items()}, "against": against,
-                              "changes": report.passes[0].changes,
+                              "changes": report.passes[0].lines,
                               "max_rel_error": max(o.max_rel for o in report.verification.outputs)}
     Console(width=200).print(table)
     print(f"wrote {write('fold_norms', {'environment': env, 'rounds': args.rounds, 'reps': args.reps, 'results': results})}")

@@ -352,7 +352,7 @@ def _print_rewrite(result, explain: bool) -> None:
         table.add_column(col)
     for p in result.passes:
         if p.modified:
-            table.add_row(p.name, "[green]yes[/]", escape("\n".join(p.changes)))
+            table.add_row(p.name, "[green]yes[/]", escape("\n".join(p.lines)))
         else:
             first = p.refusals[0] if p.refusals else None
             table.add_row(p.name, "no", escape(f"{first.candidate}: {first.reason}") if first else "nothing to do")

@@ -4,7 +4,7 @@ A pass works in two steps, kept apart so `inspect` can ask "would it apply?" wit
   plan(model)        analysis only: the edits it would make (`actions`, each deciding
                      everything the edit needs) and, for every candidate it skips, a `Refusal`
                      a user can read;
-  apply(model, plan) performs exactly those edits and says what changed, one line each.
+  apply(model, plan) performs exactly those edits and returns them as `Change` records.
 `run` does both. A pass that finds nothing to do returns a refusal saying why, so a user who
 asked for it by name learns the reason (the CLI exits 3 then). Passes are named in one table,
 `passes.pipeline.PASSES`.
@@ -13,7 +13,6 @@ asked for it by name learns the reason (the CLI exits 3 then). Passes are named 
 from __future__ import annotations
 
 import abc
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -82,11 +81,39 @@ class Plan:
         return f"{first.candidate}: {first.reason}{more}"
 
 
+@dataclass(frozen=True)
+class Change:
+    """One edit, as a record: `kind`, a past-tense verb (fused, folded, converted, centred,
+    recentred, removed, sorted); `what` it did in words, shared by records alike (the summary
+    counts them); the `nodes` it replaced, removed or edited and the `values` (initializers,
+    graph values) it replaced, removed or inserted after, by name as in the input model; `why`,
+    where the edit has a reason of its own (a recentring)."""
+
+    kind: str
+    what: str
+    nodes: tuple[str, ...] = ()
+    values: tuple[str, ...] = ()
+    why: str = ""
+
+    def to_json(self, pass_name: str) -> dict:
+        return {"pass": pass_name, "kind": self.kind, "what": self.what, "nodes": list(self.nodes),
+                "values": list(self.values), "why": self.why or None}
+
+
+def summary_lines(changes: list[Change]) -> list[str]:
+    """One line per kind of change, `<kind> <count> <what>` (with a reason: the values too)."""
+    groups: dict[tuple[str, str, str], list[Change]] = {}
+    for change in changes:
+        groups.setdefault((change.kind, change.what, change.why), []).append(change)
+    return [f"{kind} {len(group)} {what}" + (f": {', '.join(v for c in group for v in c.values)} ({why})" if why else "")
+            for (kind, what, why), group in groups.items()]
+
+
 @dataclass
 class PassResult:
     name: str
     modified: bool
-    changes: list[str]
+    changes: list[Change]
     refusals: list[Refusal]
     changed_outputs: list[str] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)
@@ -96,16 +123,22 @@ class PassResult:
         """This result followed by the same pass's next round: all changes, the last refusals
         (without a later "nothing to do" once an earlier round did something)."""
         modified = self.modified or later.modified
-        return PassResult(self.name, modified, _merged(self.changes + later.changes),
+        return PassResult(self.name, modified, self.changes + later.changes,
                           [r for r in later.refusals if not (r.idle and modified)],
                           list(dict.fromkeys(self.changed_outputs + later.changed_outputs)), self.stats,
                           {k: [*self.units.get(k, []), *later.units.get(k, [])] for k in {**self.units, **later.units}})
 
+    @property
+    def lines(self) -> list[str]:
+        """What changed, one line per kind of change."""
+        return summary_lines(self.changes)
+
     def to_json(self) -> dict:
+        """The pass's outcome; its changes are records in the report's top-level `changes`."""
         return {
             "name": self.name,
             "modified": self.modified,
-            "changes": self.changes,
+            "summary": self.lines,
             "refusals": [{"candidate": r.candidate, "reason": r.reason} for r in self.refusals],
             "changed_outputs": self.changed_outputs,
             "stats": self.stats,
@@ -126,8 +159,8 @@ class Pass(abc.ABC):
         """Find candidates; never edit the model."""
 
     @abc.abstractmethod
-    def apply(self, model: ir.Model, plan: Plan) -> list[str]:
-        """Carry out `plan.actions`; return one human-readable line per change."""
+    def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
+        """Carry out `plan.actions`; return a record of every edit."""
 
     def run(self, model: ir.Model, max_rounds: int = 64) -> PassResult:
         """Plan and apply (repeatedly for a `repeats` pass); refusals are the last plan's:
@@ -135,7 +168,7 @@ class Pass(abc.ABC):
         with frozen_graph():
             plan = self.plan(model)
         stats = dict(plan.stats)  # what the first plan found (later rounds see the rewritten model)
-        changes: list[str] = []
+        changes: list[Change] = []
         changed: list[str] = []
         units: dict[str, list[str]] = {}
         for _ in range(max_rounds if self.repeats else 1):
@@ -151,21 +184,5 @@ class Pass(abc.ABC):
         refusals = list(plan.refusals)
         if plan.idle and not changes:
             refusals.append(Refusal("model", plan.idle, idle=True))
-        return PassResult(self.name, bool(changes), _merged(changes), refusals, changed, stats, units)
-
-
-def _merged(lines: list[str]) -> list[str]:
-    """Lines `<verb> <n> <what>` from several rounds as one line each, their counts summed."""
-    counts: dict[tuple[str, str], int] = {}
-    out: list[str | tuple[str, str]] = []
-    for line in lines:
-        match = re.fullmatch(r"(\w+) (\d+) (.*)", line)
-        if match is None:
-            out.append(line)
-            continue
-        key = (match[1], match[3])
-        if key not in counts:
-            out.append(key)
-        counts[key] = counts.get(key, 0) + int(match[2])
-    return [f"{k[0]} {counts[k]} {k[1]}" if isinstance(k, tuple) else k for k in out]
+        return PassResult(self.name, bool(changes), changes, refusals, changed, stats, units)
 

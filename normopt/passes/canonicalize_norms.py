@@ -31,7 +31,7 @@ from normopt.rewriter import ort_ops  # noqa: F401  (the checker must know ORT's
 from normopt.rewriter.edit import Editor
 from normopt.rewriter.graph import constant_value, default_opset, permuted_around
 from normopt.rewriter.norms import NormMatch, find_norms
-from normopt.passes.base import Pass, Plan, Refusal
+from normopt.passes.base import Change, Pass, Plan, Refusal
 
 
 @dataclass
@@ -132,9 +132,11 @@ def _parameter(value: ir.Value | None, shape: tuple[int, ...], dtype) -> ir.Valu
     return np.broadcast_to(array, shape).astype(dtype)
 
 
-def _apply_one(edit: Editor, fusion: Fusion) -> None:
+def _apply_one(edit: Editor, fusion: Fusion) -> Change:
     m = fusion.match
     name = m.nodes[0].name or m.kind
+    change = Change("fused", f"decomposed {m.kind} -> {fusion.op}", tuple(n.name for n in fusion.span),
+                    (fusion.replaced.name,))
 
     def initializer(param, suffix):
         return param if isinstance(param, ir.Value) else edit.initializer(f"{name}.{suffix}", param)
@@ -148,6 +150,7 @@ def _apply_one(edit: Editor, fusion: Fusion) -> None:
     edit.graph.insert_after(fusion.span[-1], node)
     edit.take_over(fusion.replaced, node.outputs[0])
     edit.graph.remove(fusion.span, safe=True)
+    return change
 
 
 class CanonicalizeNorms(Pass):
@@ -175,12 +178,6 @@ class CanonicalizeNorms(Pass):
             plan.idle = "no decomposed LayerNorm or RMSNorm"
         return plan
 
-    def apply(self, model: ir.Model, plan: Plan) -> list[str]:
+    def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
         edit = Editor(model.graph)
-        for fusion in plan.actions:
-            _apply_one(edit, fusion)
-        counts: dict[str, int] = {}
-        for fusion in plan.actions:
-            key = f"{fusion.match.kind} -> {fusion.op}"
-            counts[key] = counts.get(key, 0) + 1
-        return [f"fused {n} decomposed {key}" for key, n in counts.items()]
+        return [_apply_one(edit, fusion) for fusion in plan.actions]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
-from normopt.passes.base import Pass, Plan
+from normopt.passes.base import Change, Pass, Plan
 
 
 def _dead_nodes(graph: ir.Graph) -> list[ir.Node]:
@@ -79,29 +79,20 @@ class Cleanup(Pass):
             actions.append("remove dead nodes in model-local functions")
         return Plan(actions, idle=None if actions else "no dead nodes, unused initializers or unsorted nodes")
 
-    def apply(self, model: ir.Model, plan: Plan) -> list[str]:
+    def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
         before = _signature(model)
         TopologicalSortPass()(model)
         RemoveUnusedNodesPass()(model)
         after = _signature(model)
-        changes = []
-        removed = [n for k, n in before["nodes"].items() if k not in after["nodes"]]
-        if removed:
-            names = ", ".join(n.name or n.op_type for n in removed[:5])
-            more = f" (+{len(removed) - 5} more)" if len(removed) > 5 else ""
-            changes.append(f"removed {len(removed)} dead node(s): {names}{more}")
-        gone = sorted(before["initializers"] - after["initializers"])
-        if gone:
-            more = f" (+{len(gone) - 5} more)" if len(gone) > 5 else ""
-            changes.append(f"removed {len(gone)} unused initializer(s): {', '.join(gone[:5])}{more}")
-        if before["function_nodes"] != after["function_nodes"]:
-            changes.append(
-                f"removed {before['function_nodes'] - after['function_nodes']} dead node(s) "
-                "in model-local functions"
-            )
-        trimmed = sum(before["outputs"][k] - count for k, count in after["outputs"].items())
-        if trimmed > 0:
-            changes.append(f"dropped {trimmed} unused optional node output(s)")
+        changes = [Change("removed", "dead node(s)", (n.name or n.op_type,))
+                   for k, n in before["nodes"].items() if k not in after["nodes"]]
+        changes += [Change("removed", "unused initializer(s)", (), (name,))
+                    for name in sorted(before["initializers"] - after["initializers"])]
+        changes += [Change("removed", "dead node(s) in model-local functions")] * (
+            before["function_nodes"] - after["function_nodes"])
+        for k, count in after["outputs"].items():
+            node = before["nodes"][k]
+            changes += [Change("dropped", "unused optional node output(s)", (node.name,))] * (before["outputs"][k] - count)
         if "sort nodes topologically" in plan.actions:
-            changes.append("sorted nodes topologically")
+            changes.append(Change("sorted", "graph(s) topologically"))
         return changes

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from normopt.passes.base import Pass, Plan, Refusal
+from normopt.passes.base import Change, Pass, Plan, Refusal
 from normopt.rewriter import numerics
 from normopt.rewriter.edit import Editor
 from normopt.rewriter.graph import LINEAR_OPS, folded_value, int_list, is_op, rank, readers, sole_reader
@@ -180,14 +180,17 @@ def _plan_following(match: NormMatch, a, c) -> Fold | str:
     return Fold(a, c, "following", reader, bias_add_after(reader))
 
 
-def _apply_one(edit: Editor, action: NormFold) -> None:
+def _apply_one(edit: Editor, action: NormFold) -> Change:
     m, fold = action.match, action.fold
+    change = Change("folded", f"{m.kind} into {fold.side} {fold.linear.op_type}",
+                    (*(n.name for n in m.nodes), fold.linear.name), (m.output.name,))
     fold_weights(edit, fold)
     if fold.side == "preceding":  # what the norm reads now (a new bias Add, if any) takes over
         edit.take_over(m.output, m.current_input())
     else:  # the linear op (or the Gather before it) and any shape-only reader read x directly
         m.output.replace_all_uses_with(m.current_input())
     edit.graph.remove(m.nodes, safe=True)
+    return change
 
 
 class FoldAffineNorms(Pass):
@@ -221,11 +224,6 @@ class FoldAffineNorms(Pass):
             plan.idle = "no BatchNorm or per-channel affine norm"
         return plan
 
-    def apply(self, model: ir.Model, plan: Plan) -> list[str]:
+    def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
         edit = Editor(model.graph)
-        counts: dict[str, int] = {}
-        for action in plan.actions:
-            _apply_one(edit, action)
-            key = f"{action.match.kind} into {action.fold.side} {action.fold.linear.op_type}"
-            counts[key] = counts.get(key, 0) + 1
-        return [f"folded {n} {key}" for key, n in counts.items()]
+        return [_apply_one(edit, action) for action in plan.actions]

@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from normopt.passes.base import Pass, Plan, Refusal
+from normopt.passes.base import Change, Pass, Plan, Refusal
 from normopt.rewriter import numerics
 from normopt.rewriter.edit import Editor
 from normopt.rewriter.graph import NCHW_TO_NHWC, NHWC_TO_NCHW, default_opset, folded_value, permuted_around
@@ -190,12 +190,19 @@ class PreLNToRMSNorm(Pass):
                       "recentrings": len(rewrite.recentred), "centred_constants": len(rewrite.centred)}
         return plan
 
-    def apply(self, model: ir.Model, plan: Plan) -> list[str]:
+    def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
         edit = Editor(model.graph)
         opset = default_opset(model)
         rewrite: StreamRewrite = plan.actions[0]
+        changes = [Change("converted", "LayerNorm(s) reading the stream to RMSNorm",
+                          tuple(n.name for n in c.match.nodes), (c.match.output.name,)) for c in rewrite.conversions]
+        changes += [Change("folded", "LayerNorm beta(s) into the biases of the linear ops reading them",
+                           tuple(r.name for r, _ in c.beta_readers), (c.match.bias.name,))
+                    for c in rewrite.conversions if c.beta_readers]
         for (node, index), axis in rewrite.centred.items():
             original = folded_value(node.inputs[index])
+            changes.append(Change("centred", "writer weight(s) along the hidden axis", (node.name,),
+                                  (node.inputs[index].name,)))
             if axis is None:  # a shift along the whole hidden axis: the recentring removes it
                 centred = np.zeros_like(original)
             else:
@@ -205,19 +212,14 @@ class PreLNToRMSNorm(Pass):
                 centred = numerics.center(values, axis, original.dtype)
             edit.set_constant_input(node, index, centred, f"{node.name}.centred")
         for mul in rewrite.layerscales:  # folded into the writer: y = z * g is z now
+            changes.append(Change("folded", "LayerScale Mul(s) into their writers", (mul.name,),
+                                  tuple(v.name for v in mul.inputs if folded_value(v) is not None)))
             data = next(v for v in mul.inputs if folded_value(v) is None)
             mul.outputs[0].replace_all_uses_with(data)
             edit.graph.remove(mul, safe=True)
-        for value, _why in rewrite.recentred:
+        for value, why in rewrite.recentred:
+            changes.append(Change("recentred", "stream value(s) with x - ReduceMean(x)", (), (value.name,), why))
             _recentre(edit, value, opset)
         for conversion in rewrite.conversions:
             _convert(edit, conversion, opset)
-        changes = [f"converted {len(rewrite.conversions)} LayerNorm(s) reading the stream to RMSNorm",
-                   f"centred {len(rewrite.centred)} writer weight(s) along the hidden axis"]
-        if rewrite.layerscales:
-            changes.append(f"folded {len(rewrite.layerscales)} LayerScale Mul(s) into their writers")
-        folded = sum(1 for c in rewrite.conversions if c.beta_readers)
-        if folded:
-            changes.append(f"folded {folded} LayerNorm beta(s) into the biases of the linear ops reading them")
-        changes += [f"inserted x - ReduceMean(x) after '{v.name}' ({why})" for v, why in rewrite.recentred]
         return changes

@@ -110,7 +110,7 @@ def test_a_norm_reading_another_norms_output():
                        [const("g", gamma), const("b", beta), const("eps", np.float32(1e-5))], opset=14)
     model = ir.serde.deserialize_model(proto)
     result = CanonicalizeNorms(Options(target="ort")).run(model)
-    assert result.changes == ["fused 2 decomposed layernorm -> LayerNormalization"]
+    assert result.lines == ["fused 2 decomposed layernorm -> LayerNormalization"]
     rewritten = ir.serde.serialize_model(model)
     onnx.checker.check_model(rewritten, full_check=True)
     feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, d)).astype(np.float32)}
@@ -129,7 +129,7 @@ def test_fusions_come_in_groups_by_layout_and_a_skipped_site_stays_with_its_reas
     skip = frozenset(result.units["layernorm -> LayerNormalization between Transposes"])
     model = io.load(paths.model)
     result = CanonicalizeNorms(Options(target="ort", skip_sites=skip)).run(model)
-    assert list(result.units) == ["layernorm -> LayerNormalization"] and result.changes == [
+    assert list(result.units) == ["layernorm -> LayerNormalization"] and result.lines == [
         "fused 4 decomposed layernorm -> LayerNormalization"]
     kept = [r for r in result.refusals if "speed guard measured the fused op slower" in r.reason]
     assert len(kept) == 5 and not any(r.may_change for r in kept)

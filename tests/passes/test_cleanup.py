@@ -38,8 +38,9 @@ def test_removes_dead_chain_and_its_initializer(tmp_path):
     proto.graph.initializer.append(const("unused_w", np.ones(8, np.float32)))
     result, out = _run_and_check(proto, tmp_path, {"x": np.ones((2, 8), np.float32)})
     assert result.modified
-    assert any("removed 2 dead node(s)" in c and "dead_mul" in c for c in result.changes)
-    assert any("unused_w" in c for c in result.changes)
+    assert result.lines[:2] == ["removed 2 dead node(s)", "removed 1 unused initializer(s)"]
+    assert [(c.nodes, c.values) for c in result.changes if c.kind == "removed"] == [
+        (("dead_mul",), ()), (("dead_relu",), ()), ((), ("unused_w",))]
     assert [n.op_type for n in out.graph] == ["MatMul", "Add", "Relu", "MatMul"]
     assert "unused_w" not in out.graph.initializers
 
@@ -53,13 +54,13 @@ def test_sorts_unsorted_graph(tmp_path):
     plan = Cleanup().plan(model)
     assert plan.actions == ["sort nodes topologically"]
     result = Cleanup().run(model)
-    assert result.changes == ["sorted nodes topologically"]
+    assert result.lines == ["sorted 1 graph(s) topologically"]
     assert [n.name for n in model.graph] == ["mm1", "add1", "relu", "mm2"]
 
 
 def test_clean_model_is_not_modified_and_says_why():
     result = Cleanup().run(_ir(mlp()))
-    assert not result.modified and result.changes == []
+    assert not result.modified and result.lines == []
     assert result.refusals[0].reason == "no dead nodes, unused initializers or unsorted nodes"
 
 
@@ -86,7 +87,7 @@ def test_value_used_only_inside_if_branch_is_kept(tmp_path):
     feeds = {"x": np.arange(16, dtype=np.float32).reshape(2, 8) - 3}
     result, out = _run_and_check(proto, tmp_path, feeds)
     assert [n.name for n in out.graph] == ["feeds_branch", "sum", "cond", "if"]
-    assert any("dead" in c for c in result.changes)
+    assert any("dead" in c for c in result.lines)
 
 
 def test_model_local_function_is_kept_and_cleaned(tmp_path):
@@ -98,7 +99,7 @@ def test_model_local_function_is_kept_and_cleaned(tmp_path):
     proto = helper.make_model(graph, functions=[function], ir_version=10,
                               opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)])
     result, out = _run_and_check(proto, tmp_path, {"x": np.linspace(-1, 1, 16, dtype=np.float32).reshape(2, 8)})
-    assert "removed 1 dead node(s) in model-local functions" in result.changes
+    assert "removed 1 dead node(s) in model-local functions" in result.lines
     assert [n.op_type for n in out.graph] == ["MyRelu"] and len(out.functions) == 1
 
 

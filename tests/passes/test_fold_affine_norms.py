@@ -72,7 +72,7 @@ def test_conv_then_bn(groups, bias):
     model = make_model(nodes + [node], [tensor("x", shape=(2, 4, 6, 6))], [tensor("y", shape=(2, 4, 6, 6))], inits + extra)
     result, out = run_fold(model, image())
     assert [n.op_type for n in out.graph] == ["Conv"] and "y" in [v.name for v in out.graph.outputs]
-    assert result.changes == ["folded 1 batchnorm into preceding Conv"]
+    assert result.lines == ["folded 1 batchnorm into preceding Conv"]
 
 
 def test_conv_transpose_then_bn():
@@ -98,7 +98,7 @@ def test_gemm_then_bn_and_bn_then_gemm(trans_b, beta, with_c):
     gemm = helper.make_node("Gemm", ["xn", "w"] + (["c"] if with_c else []), ["y"], transB=trans_b, alpha=0.7, beta=beta)
     model = make_model([node, gemm], [tensor("x", shape=(3, 5))], [tensor("y", shape=(3, 6))], inits + extra)
     result, out = run_fold(model, {"x": rng.standard_normal((3, 5)).astype(np.float32)})
-    assert [n.op_type for n in out.graph] == ["Gemm"] and "following Gemm" in result.changes[0]
+    assert [n.op_type for n in out.graph] == ["Gemm"] and "following Gemm" in result.lines[0]
 
 
 def _tokens_bn(perm_name="x"):
@@ -248,7 +248,7 @@ def test_conv_bn_bn_conv_folds_both_and_a_second_run_changes_nothing():
     model = make_model(nodes, [tensor("x", shape=(2, 4, 6, 6))], [tensor("y", shape=(2, 5, 5, 5))], inits + e1 + e2)
     result, out = run_fold(model, image())
     assert [n.op_type for n in out.graph] == ["Conv", "Conv"]
-    assert sorted(result.changes) == ["folded 1 batchnorm into following Conv", "folded 1 batchnorm into preceding Conv"]
+    assert sorted(result.lines) == ["folded 1 batchnorm into following Conv", "folded 1 batchnorm into preceding Conv"]
     assert not FoldAffineNorms().run(out).modified
 
 
@@ -261,7 +261,7 @@ def test_a_fold_that_makes_another_possible_is_made_in_the_same_run():
                        [const("w", rng.standard_normal((4, 4, 1, 1)).astype(np.float32))] + e1 + e2)
     result, out = run_fold(model, image())
     assert [n.op_type for n in out.graph] == ["Conv", "Relu"] and not result.refusals
-    assert result.changes == ["folded 2 batchnorm into preceding Conv"]
+    assert result.lines == ["folded 2 batchnorm into preceding Conv"]
 
 
 def test_norm_with_other_channel_count_than_the_weight_is_refused():

@@ -180,5 +180,5 @@ def test_input_cast_of_a_norm_is_not_taken_for_the_previous_norms_output_cast():
     model = ir.serde.deserialize_model(proto)
     assert [(m.kind, m.input.name) for m in find_norms(model.graph)] == [("layernorm", "x"), ("layernorm", "first")]
     options = Options(target="onnx")
-    assert CanonicalizeNorms(options).run(model).changes == ["fused 2 decomposed layernorm -> LayerNormalization"]
+    assert CanonicalizeNorms(options).run(model).lines == ["fused 2 decomposed layernorm -> LayerNormalization"]
     assert not CanonicalizeNorms(options).run(model).modified
