@@ -1,14 +1,17 @@
 """normopt command line: inspect, rewrite, verify, passes.
 
-Results (tables, --json) go to stdout; progress, warnings and errors go to stderr. Exit codes are
-in normopt.errors. User errors print one line and never a traceback (--debug shows it). Without
-a terminal, output is full width (nothing cut to 80 columns) and progress is a periodic line.
+Results go to stdout: tables, or with --json one JSON document (normopt.schema; also on an
+error, then with `error` and `exit_code`); --report FILE writes the same document to a file.
+Progress, warnings and errors go to stderr. Exit codes are in normopt.errors. User errors print
+one line and never a traceback (--debug shows it). Without a terminal, output is full width
+(nothing cut to 80 columns) and progress is a periodic line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import signal
 import sys
 import threading
@@ -43,7 +46,7 @@ def _console(stderr: bool = False) -> Console:
 out = _console()
 err = _console(stderr=True)
 HEARTBEAT_S = 10.0
-_state = {"debug": False}
+_state = {"debug": False, "emitted": False}
 INTERNAL_ERROR = 4
 
 
@@ -60,12 +63,17 @@ def _command(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _state["emitted"] = False
         try:
             return fn(*args, **kwargs)
         except NormoptError as exc:
             if _state["debug"]:
                 raise
             err.print(f"normopt: error: {exc}", markup=False, highlight=False)
+            if kwargs.get("json_out") and not _state["emitted"]:  # stdout still holds one document
+                from normopt.schema import document
+
+                _emit(document(fn.__name__, {}, exit_code=exc.exit_code, error=str(exc)), True, None, None)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("normopt: interrupted")
@@ -111,6 +119,38 @@ def _progress(first: str) -> Iterator[Callable[[str], None]]:
     finally:
         done.set()
         thread.join()
+
+
+def _emit(doc: dict, json_out: bool, report: Path | None, guard) -> None:
+    """The command's document: to stdout with --json, to FILE with --report (atomically,
+    never over an input: `guard`)."""
+    if report is not None:
+        from normopt.rewriter import io
+
+        guard.check(report, "--report")
+        io.write_json_atomic(report, doc)
+    if json_out:
+        _state["emitted"] = True
+        typer.echo(json.dumps(doc, indent=2))
+
+
+def _output_guard(models: list[Path], outputs: dict[str, Path | None], inputs: Path | None = None):
+    """Refuse, before any work, an output (--report, --plot) that is a model, one of its data
+    files or the --inputs file, or whose folder is not writable."""
+    from normopt.rewriter import io
+
+    guard = io.Guard()
+    wanted = {what: path for what, path in outputs.items() if path is not None}
+    for model in models:
+        io.check_readable_file(model)
+        for path in io.model_files(model) if wanted else [model]:
+            guard.protect(path, "input model" if path == model else "input data file")
+    if inputs is not None:
+        guard.protect(inputs, "inputs file")
+    for what, path in wanted.items():
+        io.check_writable_folder(path, what)
+        guard.check(path, what)
+    return guard
 
 
 def _parse_dims(items: list[str] | None) -> dict[str, int]:
@@ -196,20 +236,23 @@ RtolOpt = Annotated[Optional[float], typer.Option("--rtol", help="Relative toler
 AtolOpt = Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random inputs.")]
 TrialsOpt = Annotated[int, typer.Option("--trials", help="Random input draws to verify on (ignored with --inputs).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document (normopt.schema) to stdout instead of tables.")]
+ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Also write the JSON document to this file (atomically).")]
 
 
 @_command
-def passes(json_out: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False) -> None:
+def passes(json_out: JsonOpt = False) -> None:
     """List the passes, one line each."""
     from normopt.passes.pipeline import DEFAULT_PIPELINE, FINAL_PASSES, PASSES
+    from normopt.schema import document
 
     known = PASSES
     if json_out:
-        out.print_json(data={
+        _emit(document("passes", {
             "passes": {n: cls.summary for n, cls in sorted(known.items())},
             "default_pipeline": list(DEFAULT_PIPELINE),
             "always_after": list(FINAL_PASSES),
-        })
+        }), True, None, None)
         return
     table = Table(title="normopt passes")
     table.add_column("pass")
@@ -224,7 +267,8 @@ def passes(json_out: Annotated[bool, typer.Option("--json", help="Machine-readab
 @_command
 def inspect(
     model: Annotated[Path, typer.Argument(help="ONNX model.")],
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+    json_out: JsonOpt = False,
+    report: ReportOpt = None,
     target: Annotated[str, typer.Option("--target", help="onnx | ort | tensorrt: for the passes' verdicts.")] = "onnx",
 ) -> None:
     """Describe a model: its norms, its architecture, and which passes apply and why not."""
@@ -232,10 +276,11 @@ def inspect(
     from normopt.rewriter.graph import dims_text
 
     _check_target(target)
+    guard = _output_guard([model], {"--report": report})
     with _progress(f"loading {model.name}"):
         info = inspect_model(model, target)
+    _emit(info, json_out, report, guard)
     if json_out:
-        out.print_json(data=info)
         return
     summary = Table(title=escape(str(model)), show_header=False)
     for key, value in info["model"].items():
@@ -272,7 +317,8 @@ def rewrite(
     dst: Annotated[Path, typer.Argument(metavar="OUT", help="Output path (written only on success).")],
     passes: Annotated[Optional[str], typer.Option("--passes", help="Comma-separated pass names (default pipeline if omitted).")] = None,
     target: Annotated[str, typer.Option("--target", help="onnx | ort | tensorrt: which fused ops to emit.")] = "onnx",
-    report: Annotated[Optional[Path], typer.Option("--report", help="Write a JSON report here (also on failure).")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write the JSON document here (also on failure).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the JSON document (normopt.schema) to stdout instead of tables (also on failure).")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the onnxruntime equivalence check.")] = False,
     explain: Annotated[bool, typer.Option("--explain", help="Print every refusal with its reason.")] = False,
     in_place: Annotated[bool, typer.Option("--in-place", help="Allow OUT to be IN (replaced atomically).")] = False,
@@ -312,18 +358,9 @@ def rewrite(
                         require_change=require_change,
                         in_place=in_place, report_path=report, on_step=step, report=result)
     finally:
-        if result.passes:
-            _print_rewrite(result, explain)
-        if result.verification is not None:
-            out.print(_verify_table(result.verification))
-            if not result.verification.ok and not out.stderr:  # a failing check belongs in the error log too
-                err.print(_verify_table(result.verification))
-            _warn_note(result.verification)
-        if result.guard is not None:
-            out.print(f"speed guard ({result.guard.backend}, {threads} threads): {result.guard.verdict}",
-                      markup=False, highlight=False)
-        if timings:
-            _print_timings(result.seconds)
+        if json_out:
+            _emit(result.to_json(), True, None, None)
+        _print_rewrite_result(result, explain, timings, threads, stdout=not json_out)
     if result.changed:
         err.print(f"wrote {dst}", highlight=False)
     else:
@@ -331,7 +368,25 @@ def rewrite(
                   "this exit 3)", highlight=False, markup=False)
     if profile_after:  # on the inputs verification used (generated only with --no-verify)
         feeds = result.feeds if result.feeds is not None else _feeds(src, checks)
-        _run_profile([src, dst], feeds, "ort-cpu", threads, 3, 30, None, None)
+        _run_profile([src, dst], feeds, "ort-cpu", threads, 3, 30, seed=seed, inputs_from=inputs)
+
+
+def _print_rewrite_result(result, explain: bool, timings: bool, threads: int, stdout: bool) -> None:
+    """The tables (on stdout unless --json took it); a failing check and notes on stderr."""
+    if stdout:
+        if result.passes:
+            _print_rewrite(result, explain)
+        if result.verification is not None:
+            out.print(_verify_table(result.verification))
+        if result.guard is not None:
+            out.print(f"speed guard ({result.guard.backend}, {threads} threads): {result.guard.verdict}",
+                      markup=False, highlight=False)
+        if timings:
+            _print_timings(result.seconds)
+    if result.verification is not None:
+        if not result.verification.ok:  # a failing check belongs in the error log too
+            err.print(_verify_table(result.verification))
+        _warn_note(result.verification)
 
 
 def _print_timings(seconds: dict[str, float]) -> None:
@@ -367,6 +422,14 @@ def _print_rewrite(result, explain: bool) -> None:
             for r in p.refusals:
                 refusals.add_row(p.name, escape(r.candidate), escape(r.reason))
         out.print(refusals if refusals.row_count else "no refusals")
+        changes = Table(title="changes")
+        for col in ("pass", "kind", "what", "nodes", "values", "why"):
+            changes.add_column(col)
+        for p in result.passes:
+            for c in p.changes:
+                changes.add_row(p.name, c.kind, escape(c.what), escape(", ".join(c.nodes)), escape(", ".join(c.values)),
+                                escape(c.why))
+        out.print(changes if changes.row_count else "no changes")
 
 
 @_command
@@ -380,17 +443,18 @@ def verify(
     seed: SeedOpt = 0,
     trials: TrialsOpt = 2,
     shape: ShapeOpt = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+    json_out: JsonOpt = False,
+    report_path: Annotated[Optional[Path], typer.Option("--report", help="Also write the JSON document to this file (atomically).")] = None,
 ) -> None:
     """Run A and B in onnxruntime (CPU, no graph optimizations) on the same inputs and compare
     outputs. Exit 0 all within tolerance; 1 not; 2 bad input."""
     from normopt.verify import verify as run_verify
 
+    guard = _output_guard([model_a, model_b], {"--report": report_path}, inputs)
     with _progress(f"loading {model_a.name}") as step:
         report = run_verify(model_a, model_b, _verify_options(inputs, dim, rtol, atol, seed, trials, shape), on_step=step)
-    if json_out:
-        out.print_json(data=report.to_json())
-    else:
+    _emit(report.to_json(), json_out, report_path, guard)
+    if not json_out:
         out.print(_verify_table(report))
     if not report.ok:
         err.print(_verify_table(report))
@@ -431,22 +495,22 @@ def _profile_tables(report) -> None:
     out.print(ops)
 
 
-def _run_profile(paths, feeds, backend, threads, warmup, runs, json_path, plot_path):
+def _run_profile(paths, feeds, backend, threads, warmup, runs, *, seed=0, inputs_from=None, json_out=False,
+                 report_path=None, plot_path=None, guard=None):
     from rich.progress import Progress
-
-    from normopt.rewriter import io
 
     from normopt.profiling import plot as make_plot
     from normopt.profiling import profile as run_profile
 
     with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("profiling", total=runs)
-        report = run_profile(paths, feeds, backend=backend, threads=threads, warmup=warmup, runs=runs,
-                             on_round=lambda r: bar.update(task, completed=r))
-    _profile_tables(report)
-    if json_path is not None:
-        io.write_json_atomic(json_path, report.to_json())
-        err.print(f"wrote {json_path}", highlight=False)
+        report = run_profile(paths, feeds, backend=backend, threads=threads, warmup=warmup, runs=runs, seed=seed,
+                             inputs_from=inputs_from, on_round=lambda r: bar.update(task, completed=r))
+    if not json_out:
+        _profile_tables(report)
+    _emit(report.to_json(), json_out, report_path, guard)
+    if report_path is not None:
+        err.print(f"wrote {report_path}", highlight=False)
     if plot_path is not None:
         err.print(f"wrote {make_plot(report, plot_path)}", highlight=False)
     return report
@@ -463,24 +527,17 @@ def profile(
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs per model first.")] = 3,
     runs: Annotated[int, typer.Option("--runs", help="Timed runs per model (interleaved).")] = 30,
     seed: SeedOpt = 0,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every figure and the environment here.")] = None,
+    json_out: JsonOpt = False,
+    report_path: Annotated[Optional[Path], typer.Option("--report", help="Also write the JSON document (every figure, the environment) to this file.")] = None,
     plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Write a plot (.png or .html).")] = None,
 ) -> None:
     """Time models side by side: interleaved runs, median/p90/p99, paired ratios, time per op type."""
-    from normopt.rewriter import io
-
     if runs < 1 or warmup < 0 or threads < 1:
         raise BadInput("--runs and --threads must be at least 1, --warmup at least 0")
-    guard = io.Guard()
-    for m in models:
-        io.check_readable_file(m)
-        guard.protect(m, "input model")
-    for path, what in ((json_path, "--json"), (plot_path, "--plot")):
-        if path is not None:
-            io.check_writable_folder(path, what)
-            guard.check(path, what)
+    guard = _output_guard(models, {"--report": report_path, "--plot": plot_path}, inputs)
     feeds = _feeds(models[0], _verify_options(inputs, dim, None, None, seed, shape=shape))
-    _run_profile(models, feeds, backend, threads, warmup, runs, json_path, plot_path)
+    _run_profile(models, feeds, backend, threads, warmup, runs, seed=seed, inputs_from=inputs, json_out=json_out,
+                 report_path=report_path, plot_path=plot_path, guard=guard)
 
 
 def main() -> None:

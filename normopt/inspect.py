@@ -6,7 +6,7 @@ Analysis only: each pass is asked for its plan, never run.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import time
 
 import onnx_ir as ir
 
@@ -17,6 +17,7 @@ from normopt.rewriter.graph import dim_list, op_histogram
 from normopt.rewriter.norms import find_norms
 from normopt.rewriter.shapes import annotated
 from normopt.rewriter.stream import analyze
+from normopt.schema import document
 
 
 def _io(values) -> list[dict]:
@@ -24,23 +25,29 @@ def _io(values) -> list[dict]:
 
 
 def inspect_model(path: str | os.PathLike, target: str = "onnx") -> dict:
-    """JSON contract: `architecture` (pre-ln|post-ln|pre-rmsnorm|peri-ln|mixed|none),
-    `norms` (kind, form, axis, epsilon, nodes, ...), `passes` ({name: {applies, reason}});
-    plus `architecture_reasons`, `stream`, `model` and `operators`."""
-    path = Path(path)
-    model = io.load(path)
+    """`normopt inspect`'s document (normopt.schema): `architecture` (pre-ln|post-ln|
+    pre-rmsnorm|peri-ln|mixed|none), `norms` (kind, form, axis, epsilon, nodes, ...), `passes`
+    ({name: {applies, reason}}); plus `architecture_reasons`, `stream`, `model` and `operators`."""
+    start = time.perf_counter()
+    return describe(io.load(path), str(path), target, start)
+
+
+def describe(model: ir.Model, path: str, target: str = "onnx", start: float | None = None) -> dict:
+    """The document for a loaded model (its shapes annotated meanwhile, then taken back)."""
+    start = time.perf_counter() if start is None else start
     with annotated(model):
-        return _describe(model, path, target)
+        info = _describe(model, path, target)
+    return document("inspect", info, seconds={"total": time.perf_counter() - start})
 
 
-def _describe(model: ir.Model, path: Path, target: str) -> dict:
+def _describe(model: ir.Model, path: str, target: str) -> dict:
     norms = find_norms(model.graph)
     stream = analyze(model.graph, norms)
     subgraphs = sum(1 for node in model.graph.all_nodes() for a in node.attributes.values()
                     if a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS))
     info = {
         "model": {
-            "path": str(path),
+            "path": path,
             "ir_version": model.ir_version,
             "opsets": dict(model.opset_imports),
             "producer": f"{model.producer_name or '?'} {model.producer_version or ''}".strip(),

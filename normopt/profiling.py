@@ -24,6 +24,7 @@ import numpy as np
 
 from normopt.errors import BadInput
 from normopt.rewriter.io import first_line
+from normopt.schema import document, inputs_json, versions
 
 BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt")
 NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization",
@@ -233,14 +234,9 @@ def norm_ms(per_node: Mapping[tuple[str, str], float], members: set[str]) -> flo
 
 
 def environment(threads: int, backend: str) -> dict:
-    import onnx
     import onnxruntime
 
-    import normopt
-
-    return {"normopt": normopt.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(),
-            "cpu_count": os.cpu_count(), "threads": threads, "backend": backend,
+    return {**versions(), "cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": threads, "backend": backend,
             "providers": onnxruntime.get_available_providers()}
 
 
@@ -261,20 +257,25 @@ class ProfileReport:
     ops: dict[str, dict[str, float]]
     times_ms: dict[str, list[float]]
     environment: dict
-    inputs: dict[str, dict] = field(default_factory=dict)
+    inputs: dict | None = None  # what it ran on (normopt.schema.inputs_json)
     norms_ms: dict[str, float] = field(default_factory=dict)  # fused norm ops and decomposed norms' nodes
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"models": self.models, "summary": self.summary, "ops_ms_per_run": self.ops,
-                "norms_ms_per_run": self.norms_ms, "times_ms": self.times_ms, "inputs": self.inputs,
-                "environment": self.environment}
+        """`normopt profile`'s document (normopt.schema)."""
+        return document("profile", {"models": self.models, "summary": self.summary, "ops_ms_per_run": self.ops,
+                                    "norms_ms_per_run": self.norms_ms, "times_ms": self.times_ms,
+                                    "environment": self.environment}, seconds=self.seconds, inputs=self.inputs)
 
 
 def profile(paths: Sequence[str | os.PathLike], feeds: Mapping[str, np.ndarray], *, backend: str = "ort-cpu",
             threads: int = 2, warmup: int = 3, runs: int = 30, op_runs: int = 10, seed: int = 0,
+            inputs_from: str | os.PathLike | None = None,
             on_round: Callable[[int], None] | None = None) -> ProfileReport:
     """Time every model interleaved, then break each down by op type. Keys are the paths as given
-    (the same file twice gets a #2 suffix)."""
+    (the same file twice gets a #2 suffix). `inputs_from`: the .npz the feeds came from (for the
+    report; None: generated with `seed`)."""
+    start = time.perf_counter()
     names: list[str] = []
     for p in paths:
         name, i = str(p), 2
@@ -292,7 +293,7 @@ def profile(paths: Sequence[str | os.PathLike], feeds: Mapping[str, np.ndarray],
         ops[n], norms[n] = by_op_type(per_node), norm_ms(per_node, norm_nodes(p))
     return ProfileReport(names, summarize(times, names[0], batch), ops,
                          {n: [t * 1e3 for t in ts] for n, ts in times.items()}, environment(threads, backend),
-                         {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in feeds.items()}, norms)
+                         inputs_json([feeds], inputs_from, seed), norms, {"total": time.perf_counter() - start})
 
 
 def norm_nodes(path: str | os.PathLike) -> set[str]:

@@ -30,6 +30,7 @@ from normopt.passes.base import Options, PassResult
 from normopt.passes.pipeline import resolve, run_pipeline
 from normopt.rewriter import io
 from normopt.rewriter.graph import op_histogram
+from normopt.schema import document, inputs_json
 from normopt.timings import recording
 from normopt.timings import step as timed
 from normopt.verify import ModelRunError, VerifyOptions, VerifyReport, fallback_trials, input_trials, verify
@@ -48,8 +49,9 @@ class RewriteReport:
     error: str | None = None
     exit_code: int = 0
     guard: GuardReport | None = None
-    trials: list[dict] | None = None  # the input sets verification runs on (not in the JSON report)
+    trials: list[dict] | None = None  # the input sets verification runs on (their hashes in `inputs`)
     fallback: list[dict] | None = None  # generated inputs with unset dims at 1, if the others fail
+    inputs: dict | None = None  # what verification and the speed guard ran on (normopt.schema.inputs_json)
 
     @property
     def feeds(self) -> dict | None:
@@ -62,20 +64,19 @@ class RewriteReport:
         return any(p.modified for p in self.passes)
 
     def to_json(self) -> dict:
-        return {
+        """`normopt rewrite`'s document (normopt.schema): every change as a record, uncut."""
+        return document("rewrite", {
             "input": self.input,
             "output": self.output,
             "written": self.written,
             "changed": self.changed,
-            "exit_code": self.exit_code,
-            "error": self.error,
             "passes": [p.to_json() for p in self.passes],
+            "changes": [c.to_json(p.name) for p in self.passes for c in p.changes],
             "nodes_before": self.nodes_before,
             "nodes_after": self.nodes_after,
-            "verification": self.verification.to_json() if self.verification else None,
+            "verification": self.verification.body() if self.verification else None,
             "speed_guard": self.guard.to_json() if self.guard else None,
-            "seconds": self.seconds,
-        }
+        }, exit_code=self.exit_code, error=self.error, seconds=self.seconds, inputs=self.inputs)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -163,6 +164,7 @@ def _rewrite(src: Path, dst: Path, passes, options, verification, speed_guard, r
     if feeds_from is not None:  # from the model as loaded: no second load of IN for its inputs
         report.trials = input_trials(model, feeds_from)
         report.fallback = fallback_trials(model, feeds_from)
+        report.inputs = inputs_json(report.trials, feeds_from.inputs, feeds_from.seed)
     external = io.uses_external_data(model)
     report.nodes_before = op_histogram(model)
     with timed("passes"):
@@ -223,7 +225,7 @@ def _verify(src: Path, staged: Path, dst: Path, verification: VerifyOptions, ste
         raise
     report.verification.model_b = str(dst)
     if report.verification.note:  # it ran on the fallback inputs: the speed guard times those too
-        report.trials = report.fallback
+        report.trials, report.inputs = report.fallback, report.verification.inputs
     if not report.verification.ok:
         worst = report.verification.failures()[0]
         raise VerificationFailed(

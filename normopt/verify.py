@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ import onnx_ir as ir
 from normopt.errors import BadInput
 from normopt.rewriter.graph import FORWARDS, dim_list, dims_text
 from normopt.rewriter.io import check_readable_file, first_line
+from normopt.schema import document, inputs_json
 
 # (rtol against the output's max |value|, atol), per output dtype.
 TOLERANCES: dict[np.dtype, tuple[float, float]] = {
@@ -365,10 +367,10 @@ def _nudged(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 class VerifyReport:
     model_a: str
     model_b: str
-    inputs: dict[str, dict] = field(default_factory=dict)
+    inputs: dict | None = None  # what it ran on (normopt.schema.inputs_json)
     outputs: list[OutputCheck] = field(default_factory=list)
-    trials: int = 1
     note: str | None = None  # how the inputs had to change (a retry with dims at 1)
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -377,16 +379,15 @@ class VerifyReport:
     def failures(self) -> list[OutputCheck]:
         return [o for o in self.outputs if not o.ok]
 
+    def body(self) -> dict:
+        """The comparison's own fields (also inside a rewrite's document)."""
+        return {"model_a": self.model_a, "model_b": self.model_b, "ok": self.ok, "note": self.note,
+                "outputs": [vars(o) for o in self.outputs]}
+
     def to_json(self) -> dict:
-        return {
-            "model_a": self.model_a,
-            "model_b": self.model_b,
-            "ok": self.ok,
-            "inputs": self.inputs,
-            "trials": self.trials,
-            "note": self.note,
-            "outputs": [vars(o) for o in self.outputs],
-        }
+        """`normopt verify`'s document (normopt.schema)."""
+        return document("verify", self.body(), exit_code=0 if self.ok else 1, seconds=self.seconds,
+                        inputs=self.inputs)
 
 
 def verify(
@@ -411,6 +412,7 @@ def verify(
     """
     from normopt.rewriter.io import load
 
+    start = time.perf_counter()
     options = options or VerifyOptions()
     model_a, model_b = Path(model_a), Path(model_b)
     check_readable_file(model_b)
@@ -418,7 +420,7 @@ def verify(
         spec = load(model_a)
         trials, fallback = input_trials(spec, options), fallback_trials(spec, options)
         del spec
-    report = VerifyReport(str(model_a), str(model_b), trials=len(trials))
+    report = VerifyReport(str(model_a), str(model_b))
     if on_step:
         on_step(f"running {model_a.name}")
     try:
@@ -435,7 +437,7 @@ def verify(
                                 "NAME=AxB, or pass --inputs FILE.npz)", running=True) from None
         report.note = (f"'{model_a.name}' failed on the generated inputs {generated} ({exc}); "
                        f"verified with every symbolic dim not set at 1: {_shapes_text(trials[0])}")
-    report.inputs = {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in trials[0].items()}
+    report.inputs = inputs_json(trials, options.inputs, options.seed)
     if on_step:
         on_step(f"running {model_b.name}")
     gots = run_ort_all(model_b, trials)
@@ -457,6 +459,7 @@ def verify(
     for check in report.outputs:  # outputs the user asked to change are reported, not required
         if changed_on_request and check.name in changed_on_request:
             check.ok, check.skipped = True, changed_on_request[check.name]
+    report.seconds["total"] = time.perf_counter() - start
     return report
 
 

@@ -74,9 +74,9 @@ def test_verify_same_model_exits_0_and_perturbed_exits_1(tmp_path, model, cli_en
 def test_verify_options(tmp_path, model, cli_env):
     np.savez(tmp_path / "in.npz", x=np.ones((3, 8), np.float32))
     proc = run("verify", model, model, "--inputs", tmp_path / "in.npz", "--json", env=cli_env)
-    assert json.loads(proc.stdout)["inputs"]["x"]["shape"] == [3, 8]
+    assert json.loads(proc.stdout)["inputs"]["trials"][0]["x"]["shape"] == [3, 8]
     proc = run("verify", model, model, "--dim", "batch=5", "--rtol", "0", "--atol", "0", "--json", env=cli_env)
-    assert proc.returncode == 0 and json.loads(proc.stdout)["inputs"]["x"]["shape"] == [5, 8]
+    assert proc.returncode == 0 and json.loads(proc.stdout)["inputs"]["trials"][0]["x"]["shape"] == [5, 8]
 
 
 def test_rewrite_writes_and_reports(tmp_path, dead_model, cli_env):
@@ -84,10 +84,12 @@ def test_rewrite_writes_and_reports(tmp_path, dead_model, cli_env):
     before = {p.name: digest(p) for p in tmp_path.iterdir()}
     proc = run("rewrite", dead_model, out, "--report", report, env=cli_env)
     assert proc.returncode == 0, proc.stderr
-    assert "removed 1 dead node(s): dead" in proc.stdout
+    assert "removed 1 dead node(s)" in proc.stdout
     assert out.exists() and (tmp_path / "out.onnx.data").exists()  # input had external data
     data = json.loads(report.read_text())
     assert data["written"] and data["exit_code"] == 0 and data["verification"]["ok"]
+    assert {"pass": "cleanup", "kind": "removed", "what": "dead node(s)", "nodes": ["dead"], "values": [],
+            "why": None} in data["changes"]
     passes = {p["name"]: p for p in data["passes"]}
     assert list(passes) == [*DEFAULT_PIPELINE, "cleanup"] and passes["cleanup"]["modified"]
     assert passes["canonicalize-norms"]["refusals"][0]["reason"] == "no decomposed LayerNorm or RMSNorm"
@@ -220,7 +222,7 @@ class _Corrupt(pass_base.Pass):
     def apply(self, model, plan):
         value = next(iter(model.graph.initializers.values()))
         value.const_value = ir.tensor(value.const_value.numpy() * 2, name=value.name)
-        return ["doubled " + value.name]
+        return [pass_base.Change("doubled", "an initializer", (), (value.name,))]
 
 
 class _Unrunnable(_Corrupt):
@@ -232,7 +234,7 @@ class _Unrunnable(_Corrupt):
         value = model.graph.initializers["w1"]
         value.const_value = ir.tensor(np.ones((8, 3), np.float32), name="w1")
         value.shape = ir.Shape([8, 3])
-        return ["reshaped w1"]
+        return [pass_base.Change("reshaped", "an initializer", (), ("w1",))]
 
 
 class _Crash(_Corrupt):
@@ -296,7 +298,7 @@ def test_rewritten_model_that_does_not_run_exits_4(tmp_path, model, broken_passe
 
 def test_input_shapes_by_name_and_unknown_names(model, cli_env):
     proc = run("verify", model, model, "--shape", "x=3x8", "--json", env=cli_env)
-    assert proc.returncode == 0 and json.loads(proc.stdout)["inputs"]["x"]["shape"] == [3, 8]
+    assert proc.returncode == 0 and json.loads(proc.stdout)["inputs"]["trials"][0]["x"]["shape"] == [3, 8]
     assert_one_line_error(run("verify", model, model, "--shape", "x=3,8", env=cli_env), 2, "--shape takes NAME=AxBxC")
     assert_one_line_error(run("verify", model, model, "--dim", "seq=4", env=cli_env), 2,
                           "--dim seq: no input has a dimension of that name; the inputs are x [batch, 8]")

@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from normopt.guard import SpeedGuard, units
 from normopt.passes import pipeline
-from normopt.passes.base import Options, Pass, PassResult, Plan
+from normopt.passes.base import Change, Options, Pass, PassResult, Plan
 from normopt.rewrite import rewrite
 from normopt.rewriter import io
 from normopt.rewriter.edit import Editor
@@ -30,7 +30,7 @@ class SlowDown(Pass):
         done = any(n.name.startswith("slow") for n in model.graph)
         return Plan(idle="done already") if done else Plan(actions=["slow"])
 
-    def apply(self, model: ir.Model, plan: Plan) -> list[str]:
+    def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
         edit = Editor(model.graph)
         out = model.graph.outputs[0]
         eye = edit.initializer("slow.eye", np.eye(out.shape[-1], dtype=np.float32))
@@ -41,7 +41,7 @@ class SlowDown(Pass):
             value, last, first = node.outputs[0], node, first or node
         edit.take_over(out, value)  # the graph output reads the chain's end ...
         first.replace_input_with(0, out)  # ... which starts at the original output
-        return ["appended 200 identity MatMul(s)"]
+        return [Change("appended", "identity MatMul(s)", (f"slow{i}",)) for i in range(200)]
 
 
 def test_a_pass_that_makes_the_model_slower_is_dropped_and_reported(corpus, tmp_path, monkeypatch):
@@ -101,7 +101,7 @@ def test_the_guard_drops_one_group_of_fusions_and_keeps_the_rest(corpus, tmp_pat
 
 
 def test_units_split_a_pass_into_the_groups_it_reports():
-    results = [PassResult("preln-to-rmsnorm", True, ["x"], []),
-               PassResult("canonicalize-norms", True, ["y"], [], units={"a": ["n1"], "b": ["n2", "n3"]}),
-               PassResult("fold-affine-norms", False, [], []), PassResult("cleanup", True, ["z"], [])]
+    results = [PassResult("preln-to-rmsnorm", True, [Change("did", "x")], []),
+               PassResult("canonicalize-norms", True, [Change("did", "y")], [], units={"a": ["n1"], "b": ["n2", "n3"]}),
+               PassResult("fold-affine-norms", False, [], []), PassResult("cleanup", True, [Change("did", "z")], [])]
     assert [str(u) for u in units(results)] == ["preln-to-rmsnorm", "canonicalize-norms (a)", "canonicalize-norms (b)"]

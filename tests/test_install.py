@@ -41,6 +41,10 @@ def test_the_wheel_installs_alone_and_rewrites(tmp_path):
     src = _conv_bn(tmp_path / "m.onnx")
     proc = run(venv / "bin" / "normopt", "rewrite", src, tmp_path / "out.onnx")
     assert "folded 1 batchnorm" in proc.stdout
+    api = run(venv / "bin" / "python", "-c", "import onnx, normopt, normopt.schema as s; "
+              f"m, r = normopt.rewrite(onnx.load({str(src)!r})); "
+              "print(s.schema()['title'], r.to_json()['versions']['normopt'], len(m.graph.node))")
+    assert api.stdout.split()[-2:] == ["0.1.0", "1"]  # the schema file ships in the wheel
     modules = run(venv / "bin" / "python", "-c", "import sys, normopt.cli; "
                   "print(sorted(m for m in ('torch', 'triton', 'onnxruntime', 'matplotlib') if m in sys.modules))")
     assert modules.stdout.strip() == "[]"  # heavy imports wait for the commands that need them

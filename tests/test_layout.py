@@ -56,7 +56,7 @@ def test_passes_import_no_pass_and_the_core_imports_nothing_above_it():
     for module in passes:
         assert not graph[module] & passes, f"{module} imports another pass: {graph[module] & passes}"
         assert "normopt.passes.pipeline" not in graph[module]
-    above = ("normopt.passes", "normopt.plugins", "normopt.engine", "normopt.cli", "normopt.rewrite",
+    above = ("normopt.api", "normopt.passes", "normopt.plugins", "normopt.engine", "normopt.cli", "normopt.rewrite",
              "normopt.verify", "normopt.inspect", "normopt.profiling")
     for module, deps in graph.items():
         if module.startswith("normopt.rewriter"):

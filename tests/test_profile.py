@@ -22,7 +22,7 @@ def test_profile_two_models_json_and_plots(corpus, tmp_path):
     out = tmp_path / "r.onnx"
     assert run("rewrite", a, out).returncode == 0
     report, png, html = tmp_path / "p.json", tmp_path / "p.png", tmp_path / "p.html"
-    proc = run("profile", a, out, "--runs", "3", "--warmup", "1", "--json", report, "--plot", png)
+    proc = run("profile", a, out, "--runs", "3", "--warmup", "1", "--report", report, "--plot", png)
     assert proc.returncode == 0, proc.stderr
     assert "x first (paired)" in proc.stdout and "time per op type" in proc.stdout and "all norms" in proc.stdout
     data = json.loads(report.read_text())

@@ -197,5 +197,5 @@ def test_report_is_written_atomically_on_failure_too(tmp_path, cli_env):
 def test_profile_never_writes_over_a_model_it_times(tmp_path, cli_env):
     src = save(mlp(), tmp_path / "m.onnx")
     before = digests(tmp_path)
-    assert_one_line_error(run("profile", src, "--runs", "1", "--json", src, env=cli_env), 2, "--json")
+    assert_one_line_error(run("profile", src, "--runs", "1", "--report", src, env=cli_env), 2, "--report")
     assert digests(tmp_path) == before

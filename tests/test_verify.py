@@ -110,7 +110,7 @@ def test_verify_with_inputs_file(tmp_path):
     a = save(mlp(), tmp_path / "a.onnx")
     np.savez(tmp_path / "in.npz", x=np.ones((5, 8), np.float32))
     report = verify(a, a, VerifyOptions(inputs=tmp_path / "in.npz"))
-    assert report.ok and report.inputs["x"]["shape"] == [5, 8]
+    assert report.ok and report.inputs["trials"][0]["x"]["shape"] == [5, 8]
     spec = ir.serde.deserialize_model(mlp())
     np.savez(tmp_path / "wrong.npz", z=np.ones((5, 8), np.float32))
     with pytest.raises(BadInput, match="wrong.npz' lacks input.*x .*holds z"):
@@ -185,8 +185,9 @@ def test_no_noise_loosens_the_bound_past_its_cap(tmp_path):
 def test_inputs_are_drawn_per_trial_and_the_worst_trial_is_reported(tmp_path):
     path = save(mlp(), tmp_path / "m.onnx")
     report = verify(path, path, VerifyOptions(trials=3))
-    assert report.trials == 3 and report.ok and report.to_json()["trials"] == 3
-    assert verify(path, path, VerifyOptions(inputs={"x": np.ones((2, 8), np.float32)}, trials=3)).trials == 1
+    assert len(report.inputs["trials"]) == 3 and report.ok and report.to_json()["inputs"]["seed"] == 0
+    given = verify(path, path, VerifyOptions(inputs={"x": np.ones((2, 8), np.float32)}, trials=3)).inputs
+    assert given["source"] == "given" and given["seed"] is None and len(given["trials"]) == 1
     with pytest.raises(BadInput, match="--trials must be at least 1"):
         VerifyOptions(trials=0)
 
@@ -201,7 +202,7 @@ def _batch_one_only(tmp_path):
 def test_a_model_that_fails_on_generated_inputs_is_retried_once_with_dims_at_one(tmp_path):
     path = _batch_one_only(tmp_path)
     report = verify(path, path)
-    assert report.ok and report.inputs["x"]["shape"] == [1, 8]
+    assert report.ok and report.inputs["trials"][0]["x"]["shape"] == [1, 8]
     assert "failed on the generated inputs x 2x8" in report.note and "x 1x8" in report.note
     with pytest.raises(BadInput, match=r"again with every symbolic dim at 1: set the sizes .* --dim NAME=VALUE or --shape"):
         verify(path, path, VerifyOptions(shapes={"x": (3, 8)}))

@@ -224,6 +224,30 @@ def external_data_files(model: ir.Model) -> list[Path]:
                    if isinstance(v.const_value, ir.ExternalTensor)})
 
 
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """The model file and every external data file it names, read without the weights (the
+    files a report or plot must not write; parses the protobuf, so only where one is asked for)."""
+    import onnx
+
+    path = Path(path)
+    with contextlib.suppress(Exception):  # an unreadable model fails later, where it is used
+        model = onnx.load(path, load_external_data=False)
+        tensors = [t for g in _graphs(model.graph) for t in g.initializer] + [
+            a.t for g in _graphs(model.graph) for n in g.node for a in n.attribute if a.HasField("t")]
+        names = {e.value for t in tensors for e in t.external_data if e.key == "location"}
+        return [path, *sorted(path.parent / n for n in names)]
+    return [path]
+
+
+def _graphs(graph):
+    """A GraphProto and every subgraph in it."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _graphs(sub)
+
+
 # ------------------------------------------------------------------------------ input safety
 
 

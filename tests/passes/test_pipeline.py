@@ -3,7 +3,7 @@ import pytest
 
 from normopt.errors import BadInput
 from normopt.passes import pipeline
-from normopt.passes.base import Plan, Refusal
+from normopt.passes.base import Change, Plan, Refusal
 
 
 def test_table_names_every_pass_by_its_own_name():
@@ -111,7 +111,7 @@ def _stubs(monkeypatch, modifies: dict, first_refusal: dict) -> list[str]:
                 return Plan(refusals=[first_refusal[name]] if name in first_refusal and k == 0 else [], idle="none")
 
             def apply(self, model, plan):
-                return ["did 1 thing"]
+                return [Change("did", "thing")]
         Stub.name = name
         return Stub
 

@@ -1,0 +1,122 @@
+"""The Python API: model in (path, onnx.ModelProto, onnx_ir.Model), the same kind out."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import helper
+
+import normopt
+from normopt.errors import BadInput, NotApplied, VerificationFailed
+from tests.helpers import const, mlp, ort_run, save
+
+ROOT = Path(__file__).resolve().parents[1]
+FEEDS = {"x": np.linspace(-2, 2, 16, dtype=np.float32).reshape(2, 8)}
+
+
+def dead_mlp() -> onnx.ModelProto:
+    proto = mlp()
+    proto.graph.node.append(helper.make_node("Neg", ["x"], ["dead"], name="dead"))
+    return proto
+
+
+def test_a_model_proto_comes_back_rewritten_and_the_one_passed_in_is_unchanged():
+    proto = dead_mlp()
+    before = proto.SerializeToString()
+    rewritten, report = normopt.rewrite(proto)
+    assert isinstance(rewritten, onnx.ModelProto) and proto.SerializeToString() == before
+    assert report.changed and report.verification.ok and report.to_json()["command"] == "rewrite"
+    assert [n.op_type for n in rewritten.graph.node] == ["MatMul", "Add", "Relu", "MatMul"]
+    np.testing.assert_array_equal(ort_run(rewritten, FEEDS)["y"], ort_run(proto, FEEDS)["y"])
+
+
+def test_an_onnx_ir_model_comes_back_as_one():
+    model = ir.serde.deserialize_model(dead_mlp())
+    rewritten, report = normopt.rewrite(model, verify=False)
+    assert isinstance(rewritten, ir.Model) and report.verification is None
+    assert [n.op_type for n in rewritten.graph] == ["MatMul", "Add", "Relu", "MatMul"]
+    assert "Neg" in [n.op_type for n in model.graph]  # the model passed in keeps its nodes
+
+
+def test_a_path_is_written_to_output_and_never_over_the_input(tmp_path):
+    src = save(dead_mlp(), tmp_path / "m.onnx", external=True)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    out, report = normopt.rewrite(src, tmp_path / "o.onnx", report=tmp_path / "r.json")
+    assert out == tmp_path / "o.onnx" and out.exists() and report.written and (tmp_path / "r.json").exists()
+    assert {k: p.read_bytes() for k, p in ((p.name, p) for p in tmp_path.iterdir()) if k in before} == before
+    with pytest.raises(BadInput, match="needs an output path"):
+        normopt.rewrite(src)
+    with pytest.raises(BadInput, match="is the input"):
+        normopt.rewrite(src, src)
+    with pytest.raises(BadInput, match="not int"):
+        normopt.rewrite(3)
+    with pytest.raises(BadInput, match="leave out `output`"):
+        normopt.rewrite(mlp(), tmp_path / "x.onnx")
+
+
+def test_errors_carry_the_cli_exit_codes():
+    with pytest.raises(NotApplied, match="preln-to-rmsnorm") as info:
+        normopt.rewrite(mlp(), passes=["preln-to-rmsnorm"])
+    assert info.value.exit_code == 3
+    with pytest.raises(BadInput, match="--trials must be at least 1"):
+        normopt.rewrite(mlp(), trials=0)
+
+
+def test_verify_and_inspect_take_every_kind(tmp_path):
+    a, b = mlp(0), mlp(1)
+    assert normopt.verify(a, ir.serde.deserialize_model(a)).ok
+    report = normopt.verify(save(a, tmp_path / "a.onnx"), b, inputs=FEEDS)
+    assert not report.ok and report.to_json()["exit_code"] == 1 and report.inputs["source"] == "given"
+    info = normopt.inspect(a)
+    assert info["command"] == "inspect" and info["model"]["path"] == "<in memory>"
+    assert normopt.inspect(tmp_path / "a.onnx")["operators"] == info["operators"]
+
+
+def test_a_wrong_in_memory_rewrite_is_refused(monkeypatch):
+    from normopt.passes import pipeline
+    from normopt.passes.base import Change, Pass, Plan
+
+    class Double(Pass):
+        name, summary = "double", "doubles a weight (wrong on purpose)"
+
+        def plan(self, model):
+            return Plan(["double w1"])
+
+        def apply(self, model, plan):
+            value = model.graph.initializers["w1"]
+            value.const_value = ir.tensor(value.const_value.numpy() * 2, name="w1")
+            return [Change("doubled", "a weight", (), ("w1",))]
+
+    monkeypatch.setitem(pipeline.PASSES, "double", Double)
+    with pytest.raises(VerificationFailed):
+        normopt.rewrite(mlp(), passes=["double"])
+
+
+def test_the_api_names_stay_functions_when_the_submodules_are_imported():
+    code = ("import normopt.rewrite, normopt.verify, normopt.inspect\n"
+            "from normopt.rewrite import RewriteReport\n"
+            "import normopt, sys\n"
+            "assert callable(normopt.rewrite) and callable(normopt.verify) and callable(normopt.inspect)\n"
+            "assert sys.modules['normopt.rewrite'].RewriteReport is RewriteReport\n"
+            "assert 'onnxruntime' not in sys.modules and 'torch' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs(tmp_path, corpus, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Python API"):]
+    example = re.search(r"```python\n(.*?)```", section, re.S)[1]
+    shutil.copy(corpus("gpt2-ts14").model, tmp_path / "model.onnx")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "README.md", "exec"), {})
+    assert {"model.rms.onnx", "model.opt.onnx"} <= set(os.listdir(tmp_path))
