@@ -32,10 +32,10 @@ import numpy as np
 import onnx_ir as ir
 
 from normopt.passes.base import Change, Pass, Plan, Refusal
-from normopt.rewriter import numerics
 from normopt.rewriter.edit import Editor
-from normopt.rewriter.graph import LINEAR_OPS, folded_value, int_list, is_op, rank, readers, sole_reader
-from normopt.rewriter.linear_fold import Fold, bias_add_after, bias_add_data, fold_problem, fold_weights
+from normopt.rewriter.graph import folded_value, int_list, is_op
+from normopt.rewriter.linear_fold import (Fold, bias_add_after, channel_axis, expects_channel, fold_problem, fold_weights,
+                                          norm_affine, norm_rank, plan_preceding, single_reader)
 from normopt.rewriter.norms import NormMatch, find_norms
 
 
@@ -47,80 +47,6 @@ class NormFold:
     def describe(self) -> str:
         f = self.fold
         return f"{self.match.kind} at {self.match.where()} into {f.side} {f.linear.op_type} {f.linear.name}"
-
-
-def _affine(match: NormMatch) -> tuple[np.ndarray, np.ndarray]:
-    if match.kind == "batchnorm":
-        bn = next(n for n in match.nodes if n.op_type == "BatchNormalization")
-        gamma, beta, mean, var = (folded_value(v) for v in bn.inputs[1:5])
-        return numerics.batchnorm_affine(gamma, beta, mean, var, match.epsilon, match.detail.get("repbn_alpha", 0.0))
-    steps, channels = [], 1
-    for node in match.nodes:
-        k = next(folded_value(v) for v in node.inputs if folded_value(v) is not None)
-        steps.append((node.op_type, k))
-        channels = max(channels, k.size)
-    return numerics.chain_affine(steps, channels)
-
-
-def _norm_rank(match: NormMatch, linear: ir.Node | None) -> int | None:
-    for value in (match.input, match.output):
-        if rank(value) is not None:
-            return rank(value)
-    if linear is not None and linear.op_type in ("Conv", "ConvTranspose"):
-        w = folded_value(linear.inputs[1])
-        return None if w is None else w.ndim
-    return None
-
-
-def _channel_axis(match: NormMatch, r: int | None) -> int | None:
-    """The channel axis of the norm's input, non-negative."""
-    if match.kind == "batchnorm" and not match.detail.get("transposed"):
-        return 1
-    return None if r is None else r + match.axis
-
-
-def _single_reader(value: ir.Value) -> ir.Node | str:
-    """The one node reading `value`'s numbers, or why there is not one (shape/dtype-only
-    readers do not count: the fold keeps both, so they can read the other side)."""
-    if value.is_graph_output():
-        return f"'{value.name}' is a graph output"
-    reader = sole_reader(value, numbers_only=True)
-    return reader if reader is not None else f"'{value.name}' has {len(readers(value, numbers_only=True))} readers"
-
-
-def _expects_channel(linear: ir.Node, axis: int | None, r: int | None, input_side: bool) -> str | None:
-    """Why the channel axis does not map onto the weight axis, or None when it does."""
-    if axis is None:
-        return "the rank of the normalized tensor is unknown"
-    if linear.op_type in ("Conv", "ConvTranspose"):
-        return None if axis == 1 else f"channel axis {axis} is not the conv's channel axis 1"
-    if r is None or axis != r - 1:
-        return f"channel axis {axis} is not the last axis a {linear.op_type} contracts or produces"
-    if linear.op_type == "Gemm" and input_side and linear.attributes.get_int("transA", 0):
-        return "Gemm with transA=1 reads its input transposed"
-    return None
-
-
-def _plan_preceding(match: NormMatch, a, c) -> Fold | str:
-    producer = match.input.producer()
-    bias_add = None
-    linear_out = bias_add_data(producer)
-    if linear_out is not None and is_op(linear_out.producer(), "MatMul"):
-        bias_add, producer = producer, linear_out.producer()
-        reader = _single_reader(linear_out)
-        if not isinstance(reader, ir.Node):
-            return reader
-    if not is_op(producer, *LINEAR_OPS):
-        return f"not produced by {'/'.join(sorted(LINEAR_OPS))} (by {producer.op_type if producer else 'a graph input'})"
-    reader = _single_reader(match.input)
-    if not isinstance(reader, ir.Node):
-        return reader
-    r = _norm_rank(match, producer)
-    problem = (_expects_channel(producer, _channel_axis(match, r), r, input_side=False)
-               or fold_problem(producer, match.input, a.size, input_side=False))
-    if problem:
-        return problem
-    return Fold(a, c, "preceding", producer, bias_add)
 
 
 def _token_axis_op(node: ir.Node, data_rank: int) -> int | str:
@@ -150,11 +76,11 @@ def _token_axis_op(node: ir.Node, data_rank: int) -> int | str:
 
 
 def _plan_following(match: NormMatch, a, c) -> Fold | str:
-    reader = _single_reader(match.output)
+    reader = single_reader(match.output)
     if not isinstance(reader, ir.Node):
         return reader
-    r = _norm_rank(match, None)
-    axis = _channel_axis(match, r)
+    r = norm_rank(match, None)
+    axis = channel_axis(match, r)
     value = match.output
     while is_op(reader, "Gather", "Slice", "Squeeze", "Unsqueeze") and reader.inputs[0] is value:
         if r is None or axis != r - 1:
@@ -163,12 +89,12 @@ def _plan_following(match: NormMatch, a, c) -> Fold | str:
         if isinstance(r, str):
             return r
         axis, value = r - 1, reader.outputs[0]
-        reader = _single_reader(value)
+        reader = single_reader(value)
         if not isinstance(reader, ir.Node):
             return reader
     if not is_op(reader, "Conv", "MatMul", "Gemm"):
         return f"read by {reader.op_type} {reader.name}, not by Conv/MatMul/Gemm"
-    problem = _expects_channel(reader, axis, r, input_side=True) or fold_problem(reader, value, a.size, input_side=True)
+    problem = expects_channel(reader, axis, r, input_side=True) or fold_problem(reader, value, a.size, input_side=True)
     if problem:
         return problem
     if reader.op_type == "Conv" and np.any(c != 0):
@@ -210,8 +136,8 @@ class FoldAffineNorms(Pass):
             if match.kind not in ("batchnorm", "affine"):
                 continue
             where = f"{match.kind} at {match.where()}"
-            affine = _affine(match)
-            before = _plan_preceding(match, *affine)
+            affine = norm_affine(match)
+            before = plan_preceding(match, *affine)
             fold = before if isinstance(before, Fold) else _plan_following(match, *affine)
             if isinstance(fold, Fold) and fold.linear in used:
                 fold = f"{fold.linear.op_type} {fold.linear.name} already takes another norm"

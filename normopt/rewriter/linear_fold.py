@@ -1,4 +1,5 @@
-"""Folding a per-channel affine `y = a*x + c` into the weights of a linear op.
+"""Folding a per-channel affine `y = a*x + c` into the weights of a linear op, and finding
+the linear op that produces a norm's input (`plan_preceding`).
 
 Shared by every pass that removes an affine by moving it into a Conv / ConvTranspose / Gemm /
 MatMul: BatchNorm and affine-chain folds, and a converted LayerNorm's beta. The caller plans
@@ -17,7 +18,8 @@ import onnx_ir as ir
 
 from normopt.rewriter import numerics
 from normopt.rewriter.edit import Editor
-from normopt.rewriter.graph import constant_shape, folded_value, is_op, sole_reader
+from normopt.rewriter.graph import LINEAR_OPS, constant_shape, folded_value, is_op, rank, readers, sole_reader
+from normopt.rewriter.norms import NormMatch
 
 
 @dataclass
@@ -136,3 +138,81 @@ def fold_weights(edit: Editor, fold: Fold) -> None:
         edit.set_constant_input(bias_node, bias_index, b2, f"{node.name}.bias")
     elif np.any(b2 != 0):
         edit.add_after(node, "Add", b2, f"{node.name}.folded_bias")
+
+
+def norm_affine(match: NormMatch) -> tuple[np.ndarray, np.ndarray]:
+    """(a, c) of a BatchNorm or affine-chain match: y = a*x + c per channel."""
+    if match.kind == "batchnorm":
+        bn = next(n for n in match.nodes if n.op_type == "BatchNormalization")
+        gamma, beta, mean, var = (folded_value(v) for v in bn.inputs[1:5])
+        return numerics.batchnorm_affine(gamma, beta, mean, var, match.epsilon, match.detail.get("repbn_alpha", 0.0))
+    steps, channels = [], 1
+    for node in match.nodes:
+        k = next(folded_value(v) for v in node.inputs if folded_value(v) is not None)
+        steps.append((node.op_type, k))
+        channels = max(channels, k.size)
+    return numerics.chain_affine(steps, channels)
+
+
+def norm_rank(match: NormMatch, linear: ir.Node | None) -> int | None:
+    """The rank of the normalized tensor (from the values, else from a Conv weight)."""
+    for value in (match.input, match.output):
+        if rank(value) is not None:
+            return rank(value)
+    if linear is not None and linear.op_type in ("Conv", "ConvTranspose"):
+        w = folded_value(linear.inputs[1])
+        return None if w is None else w.ndim
+    return None
+
+
+def channel_axis(match: NormMatch, r: int | None) -> int | None:
+    """The channel axis of the norm's input, non-negative."""
+    if match.kind == "batchnorm" and not match.detail.get("transposed"):
+        return 1
+    return None if r is None else r + match.axis
+
+
+def single_reader(value: ir.Value) -> ir.Node | str:
+    """The one node reading `value`'s numbers, or why there is not one (shape/dtype-only
+    readers do not count: the fold keeps both, so they can read the other side)."""
+    if value.is_graph_output():
+        return f"'{value.name}' is a graph output"
+    reader = sole_reader(value, numbers_only=True)
+    return reader if reader is not None else f"'{value.name}' has {len(readers(value, numbers_only=True))} readers"
+
+
+def expects_channel(linear: ir.Node, axis: int | None, r: int | None, input_side: bool) -> str | None:
+    """Why the channel axis does not map onto the weight axis, or None when it does."""
+    if axis is None:
+        return "the rank of the normalized tensor is unknown"
+    if linear.op_type in ("Conv", "ConvTranspose"):
+        return None if axis == 1 else f"channel axis {axis} is not the conv's channel axis 1"
+    if r is None or axis != r - 1:
+        return f"channel axis {axis} is not the last axis a {linear.op_type} contracts or produces"
+    if linear.op_type == "Gemm" and input_side and linear.attributes.get_int("transA", 0):
+        return "Gemm with transA=1 reads its input transposed"
+    return None
+
+
+def plan_preceding(match: NormMatch, a, c) -> Fold | str:
+    """The fold of `a*x + c` into the linear op (and its bias Add) that produces the norm's
+    input, or why there is none."""
+    producer = match.input.producer()
+    bias_add = None
+    linear_out = bias_add_data(producer)
+    if linear_out is not None and is_op(linear_out.producer(), "MatMul"):
+        bias_add, producer = producer, linear_out.producer()
+        reader = single_reader(linear_out)
+        if not isinstance(reader, ir.Node):
+            return reader
+    if not is_op(producer, *LINEAR_OPS):
+        return f"not produced by {'/'.join(sorted(LINEAR_OPS))} (by {producer.op_type if producer else 'a graph input'})"
+    reader = single_reader(match.input)
+    if not isinstance(reader, ir.Node):
+        return reader
+    r = norm_rank(match, producer)
+    problem = (expects_channel(producer, channel_axis(match, r), r, input_side=False)
+               or fold_problem(producer, match.input, a.size, input_side=False))
+    if problem:
+        return problem
+    return Fold(a, c, "preceding", producer, bias_add)
