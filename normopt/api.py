@@ -86,6 +86,7 @@ def rewrite(
     passes: Sequence[str] | None = None,
     target: str = "onnx",
     allow_hidden_state_change: bool = False,
+    tune_params: str = "constants",
     verify: bool = True,
     inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
     dims: Mapping[str, int] | None = None,
@@ -119,7 +120,9 @@ def rewrite(
     if kind != "path" and output is not None:
         raise BadInput("an in-memory model is returned, not written: leave out `output` (or pass a path)")
     checks = _verify_options(inputs, dims, shapes, rtol, atol, seed, trials)
-    options = Options(target=target, allow_hidden_state_change=allow_hidden_state_change)
+    if tune_params not in ("constants", "inputs", "inputs:all"):
+        raise BadInput(f"tune_params must be constants, inputs or inputs:all, not '{tune_params}'")
+    options = Options(target=target, allow_hidden_state_change=allow_hidden_state_change, tune_params=tune_params)
     guard = SpeedGuard(threads=threads, inputs=checks) if speed_guard else None
     with tempfile.TemporaryDirectory(prefix="normopt-") as tmp, _as_file(model, Path(tmp), "input.onnx") as src:
         dst = Path(output) if output is not None else Path(tmp) / "output.onnx"

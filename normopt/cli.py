@@ -328,6 +328,7 @@ def rewrite(
     threads: Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads for --guard speed and --profile.")] = 2,
     timings: Annotated[bool, typer.Option("--timings", help="Print where the time went (load, checker, shape annotation, each pass, save, verification, guard).")] = False,
     require_change: Annotated[bool, typer.Option("--require-change", help="Exit 3 (nothing written) when no pass changes the model.")] = False,
+    tune_params: Annotated[str, typer.Option("--tune-params", help="convbn-tune: constants | inputs (BN parameters become graph inputs with their values as defaults) | inputs:all (weights and biases too).")] = "constants",
     dim: DimOpt = None,
     inputs: InputsOpt = None,
     rtol: RtolOpt = None,
@@ -347,13 +348,16 @@ def rewrite(
         raise BadInput(f"--guard takes 'speed', not '{guard}'")
     if threads < 1:
         raise BadInput("--threads must be at least 1")
+    if tune_params not in ("constants", "inputs", "inputs:all"):
+        raise BadInput(f"--tune-params takes constants, inputs or inputs:all, not '{tune_params}'")
     names = [n.strip() for n in passes.split(",") if n.strip()] if passes is not None else None
     checks = _verify_options(inputs, dim, rtol, atol, seed, trials, shape)
     result = RewriteReport(str(src), str(dst))
     try:
         with _progress(f"loading {src.name}") as step:
             run_rewrite(src, dst, passes=names, verification=None if no_verify else checks,
-                        options=Options(target=target, allow_hidden_state_change=allow_hidden_state_change),
+                        options=Options(target=target, allow_hidden_state_change=allow_hidden_state_change,
+                                        tune_params=tune_params),
                         speed_guard=SpeedGuard(threads=threads, inputs=checks) if guard else None,
                         require_change=require_change,
                         in_place=in_place, report_path=report, on_step=step, report=result)

@@ -28,11 +28,13 @@ class Options:
     """Settings every pass may read. `target` picks which fused ops a pass may emit;
     `allow_hidden_state_change` lets preln-to-rmsnorm rewrite models that output stream values;
     `skip_sites`: sites (named in a result's `units`) to leave as they are, because the speed
-    guard measured their rewrite slower."""
+    guard measured their rewrite slower; `tune_params`: which parameters convbn-tune makes
+    graph inputs (constants: none; inputs: the BatchNorms'; inputs:all: the weights too)."""
 
     target: Target = "onnx"
     allow_hidden_state_change: bool = False
     skip_sites: frozenset[str] = frozenset()
+    tune_params: Literal["constants", "inputs", "inputs:all"] = "constants"
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,14 @@ from normopt.errors import BadInput
 from normopt.passes.base import Options, Pass, PassResult
 from normopt.passes.canonicalize_norms import CanonicalizeNorms
 from normopt.passes.cleanup import Cleanup
+from normopt.passes.convbn_tune import ConvBNTune
 from normopt.passes.fold_affine_norms import FoldAffineNorms
 from normopt.passes.preln_to_rmsnorm import PreLNToRMSNorm
 from normopt.rewriter.shapes import annotated
 from normopt.timings import step
 
 PASSES: dict[str, type[Pass]] = {
-    p.name: p for p in (PreLNToRMSNorm, CanonicalizeNorms, FoldAffineNorms, Cleanup)
+    p.name: p for p in (PreLNToRMSNorm, CanonicalizeNorms, FoldAffineNorms, ConvBNTune, Cleanup)
 }
 # The default pipeline, in order.
 DEFAULT_PIPELINE: tuple[str, ...] = ("preln-to-rmsnorm", "canonicalize-norms", "fold-affine-norms")

@@ -319,8 +319,8 @@ def _match_op(node: ir.Node) -> NormMatch | None:
         return NormMatch(kind, "op", node.inputs[0], node.outputs[0], [node], -1,
                          _float_attr(node, "epsilon", 1e-12), node.inputs[2], bias, "FLOAT",
                          {"fused_residual_add": True}, entry=(node, 0))
-    if is_op(node, "BatchNormalization") and node.attributes.get_int("training_mode", 0) == 0:
-        return _match_batchnorm(node)
+    if is_op(node, "BatchNormalization"):
+        return match_batchnorm(node)
     return None
 
 
@@ -335,8 +335,13 @@ def _same_source(a: ir.Value | None, b: ir.Value | None) -> bool:
             and pa.attributes.get_ints("perm") == pb.attributes.get_ints("perm"))
 
 
-def _match_batchnorm(bn: ir.Node) -> NormMatch | None:
-    if any(folded_value(v) is None for v in bn.inputs[1:5]):
+def match_batchnorm(bn: ir.Node, constant: bool = True) -> NormMatch | None:
+    """An inference-mode BatchNormalization (with the Transposes around a token BN, and SLAB's
+    RepBN `BN(x) + alpha*x`) as a match; with `constant` only where its parameters are
+    constants (an affine to fold), else also where they are graph inputs or computed."""
+    if bn.attributes.get_int("training_mode", 0) != 0 or len(bn.inputs) < 5:
+        return None
+    if constant and any(folded_value(v) is None for v in bn.inputs[1:5]):
         return None  # statistics or affine not constant: not an inference-time affine
     x, y, nodes, detail, axis, entry = bn.inputs[0], bn.outputs[0], [bn], {}, 1, (bn, 0)
     add = sole_reader(y)
@@ -362,8 +367,15 @@ def _match_batchnorm(bn: ir.Node) -> NormMatch | None:
             x, y, entry = transpose_in.inputs[0], transpose_out.outputs[0], (transpose_in, 0)
             detail["transposed"] = True
     return NormMatch("batchnorm", "op", x, y, nodes, axis, _float_attr(bn, "epsilon", 1e-5),
-                     bn.inputs[1], bn.inputs[2], str(ir.DataType.from_numpy(folded_value(bn.inputs[1]).dtype)), detail,
-                     entry=entry)
+                     bn.inputs[1], bn.inputs[2], _dtype_name(bn.inputs[1]), detail, entry=entry)
+
+
+def _dtype_name(value: ir.Value) -> str | None:
+    """A parameter's dtype: its constant's, else its declared one."""
+    array = folded_value(value)
+    if array is not None:
+        return str(ir.DataType.from_numpy(array.dtype))
+    return None if value.dtype is None else str(value.dtype)
 
 
 # -------------------------------------------------------------------------- affine chains
