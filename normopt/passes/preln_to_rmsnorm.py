@@ -42,20 +42,11 @@ from normopt.rewriter.norms import NormMatch, find_norms
 from normopt.rewriter.stream_plan import Conversion, Planner, StreamRewrite
 
 
-def _axes_input(edit: Editor, opset: int, axes: list[int], attrs: dict, name: str) -> list[ir.Value]:
-    if opset >= 18:
-        return [edit.initializer(f"{name}.axes", np.array(axes, np.int64))]
-    attrs["axes"] = axes
-    return []
-
-
 def _recentre(edit: Editor, value: ir.Value, opset: int) -> None:
     """Insert y = value - ReduceMean(value, last axis) and make every reader read y."""
     uses = list(value.uses())  # before the new nodes become readers too
-    attrs: dict = {"keepdims": 1}
     base = value.name or "stream"
-    mean = edit.node("ReduceMean", [value, *_axes_input(edit, opset, [-1], attrs, f"{base}.recentre")], attrs,
-                     name=f"{base}.recentre_mean")
+    mean = edit.reduce_mean(value, [-1], opset, name=f"{base}.recentre_mean")
     sub = edit.node("Sub", [value, mean.outputs[0]], name=f"{base}.recentred", like=value)
     if value.producer() is None:  # a graph input
         edit.graph.insert_before(next(iter(edit.graph)), [mean, sub])
@@ -76,10 +67,8 @@ def _rms_nodes(edit: Editor, x: ir.Value, gamma: ir.Value, eps: float, stash_typ
     if wide:
         nodes.append(edit.node("Cast", [x], {"to": ir.DataType.FLOAT}, name=f"{name}.to_float32"))
         x = nodes[-1].outputs[0]
-    attrs: dict = {"keepdims": 1}
     nodes.append(edit.node("Pow", [x, edit.initializer(f"{name}.two", np.array(2, compute))], name=f"{name}.square"))
-    nodes.append(edit.node("ReduceMean", [nodes[-1].outputs[0], *_axes_input(edit, opset, [-1], attrs, name)], attrs,
-                           name=f"{name}.mean_square"))
+    nodes.append(edit.reduce_mean(nodes[-1].outputs[0], [-1], opset, name=f"{name}.mean_square"))
     nodes.append(edit.node("Add", [nodes[-1].outputs[0], edit.initializer(f"{name}.eps", np.array(eps, compute))],
                            name=f"{name}.add_eps"))
     nodes.append(edit.node("Sqrt", [nodes[-1].outputs[0]], name=f"{name}.rms"))

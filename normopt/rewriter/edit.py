@@ -63,6 +63,14 @@ class Editor:
             out.type, out.shape = like.type, like.shape
         return node
 
+    def reduce_mean(self, x: ir.Value, axes: list[int], opset: int, *, name: str) -> ir.Node:
+        """ReduceMean(x) over `axes`, keepdims=1: the axes are an input from opset 18, an
+        attribute before."""
+        if opset >= 18:
+            return self.node("ReduceMean", [x, self.initializer(f"{name}.axes", np.array(axes, np.int64))],
+                             {"keepdims": 1}, name=name)
+        return self.node("ReduceMean", [x], {"keepdims": 1, "axes": axes}, name=name)
+
     def initializer(self, base: str, array: np.ndarray) -> ir.Value:
         """Register `array` as a new initializer named after `base`."""
         name = self.value_name(base)
