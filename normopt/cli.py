@@ -467,6 +467,43 @@ def verify(
         raise typer.Exit(1)
 
 
+@_command
+def recalibrate(
+    src: Annotated[Path, typer.Argument(metavar="IN", help="Model with BatchNorms (plain, or after convbn-tune); never modified.")],
+    dst: Annotated[Path, typer.Argument(metavar="OUT", help="Output path (written only on success).")],
+    data: Annotated[Path, typer.Option("--data", help="Calibration inputs: an .npz of arrays by input name with a leading sample axis, or a folder of such files.")],
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per batch.")] = 32,
+    batches: Annotated[Optional[int], typer.Option("--batches", help="Use at most this many batches (default: all the data).")] = None,
+    stats: Annotated[str, typer.Option("--stats", help="torch: average of the batches' mean and unbiased variance (PyTorch train mode, momentum=None); pooled: over every sample at once.")] = "torch",
+    json_out: JsonOpt = False,
+    report_path: Annotated[Optional[Path], typer.Option("--report", help="Also write the JSON document to this file (atomically).")] = None,
+) -> None:
+    """Re-estimate every BatchNorm's running mean and variance from calibration data (AdaBN),
+    streaming over batches. Exit 0 written; 2 bad input (model or data)."""
+    from normopt.recalibrate import recalibrate as run_recalibrate
+
+    guard = _output_guard([src], {"--report": report_path}, data if data.is_file() else None)
+    with _progress(f"loading {src.name}") as step:
+        result = run_recalibrate(src, dst, data, batch_size=batch_size, batches=batches, stats=stats, on_step=step)
+    _emit(result.to_json(), json_out, report_path, guard)
+    if not json_out:
+        layers = Table(title=f"recalibrated {len(result.layers)} BatchNorm(s) on {result.samples} samples "
+                             f"({result.batches} batches, --stats {result.stats})")
+        for col in ("BatchNorm", "channels", "max mean shift (old stds)", "var ratio new/old"):
+            layers.add_column(col)
+        for layer in result.layers:
+            layers.add_row(escape(layer["name"]), str(layer["channels"]), f"{layer['mean_shift_max']:.3g}",
+                           f"{layer['var_ratio_min']:.3g} .. {layer['var_ratio_max']:.3g}")
+        out.print(layers)
+        drift = Table(title="outputs on the first calibration batch, recalibrated vs original")
+        for col in ("output", "max abs change", "relative to its scale"):
+            drift.add_column(col)
+        for d in result.drift:
+            drift.add_row(escape(d["output"]), _fmt(d["max_abs"]), _fmt(d["max_rel"]))
+        out.print(drift)
+    err.print(f"wrote {dst}", highlight=False)
+
+
 def _warn_note(report) -> None:
     if report.note:
         err.print(f"normopt: warning: {report.note}", markup=False, highlight=False)

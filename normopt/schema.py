@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 SCHEMA_VERSION = 1
-COMMANDS = ("inspect", "rewrite", "verify", "profile", "passes")
+COMMANDS = ("inspect", "rewrite", "verify", "profile", "passes", "recalibrate")
 
 
 def _version(*distributions: str) -> str | None:

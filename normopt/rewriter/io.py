@@ -305,6 +305,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def temp_folder(beside: Path):
+    """A temporary folder beside `beside` (same file system), named after this run so a later
+    run removes it if this one is killed; removed on exit."""
+    folder = Path(tempfile.mkdtemp(prefix=_temp_tag(), dir=beside.parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def remove_stale_temps(folder: Path) -> list[Path]:
     """Remove temp files and folders a killed normopt run on this host left in `folder`
     (SIGKILL leaves them: no handler runs). Returns what was removed."""

@@ -1,0 +1,323 @@
+"""`recalibrate`: re-estimate every BatchNorm's running mean and variance from calibration data
+(AdaBN), streaming, with the rest of the rewrite contract (IN never written, OUT atomic).
+
+How: a calibration copy of the model runs in onnxruntime, in which every BatchNorm normalizes
+with its batch's own statistics, as PyTorch's train mode does (so each layer sees the inputs it
+will see once the layers before it are recalibrated), and outputs, per batch and channel, the
+mean and the (biased) variance of what it normalizes, computed in float64 over the batch and
+every position (axis 1 is the channel axis; a token BN's Transposes are outside it). Per batch
+only those [C] vectors are kept. The new statistics:
+  --stats torch (default): the average over batches of each batch's mean and unbiased variance,
+      what PyTorch's running statistics hold after train-mode passes with momentum=None
+      (torch.optim.swa_utils.update_bn);
+  --stats pooled: mean and unbiased variance over every calibration sample and position at
+      once (batches combined with Chan's formula).
+Verification is not "outputs equal" here (the point is to change them): the report gives each
+layer's change and the outputs' drift on the first calibration batch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from normopt.errors import BadInput
+from normopt.rewriter import io
+from normopt.rewriter.edit import Editor
+from normopt.rewriter.graph import default_opset
+from normopt.schema import document
+
+STATS = ("torch", "pooled")
+
+
+@dataclass
+class Site:
+    """One BatchNorm: what it normalizes (`x`, channel axis 1), the value it writes (`y`), its
+    parameters by name."""
+
+    name: str
+    x: ir.Value
+    y: ir.Value
+    gamma: ir.Value
+    beta: ir.Value
+    mean: ir.Value
+    var: ir.Value
+    epsilon: float
+    replaces: list[ir.Node]
+
+
+def find_sites(model: ir.Model) -> list[Site]:
+    """Every BatchNormalization of the main graph; refuses (BadInput) one whose statistics are
+    not initializers of their own (a computed statistic has no name to update, a shared one
+    would be updated twice)."""
+    sites, problems = [], []
+    for node in model.graph:
+        if node.op_type != "BatchNormalization":
+            continue
+        where = f"BatchNormalization '{node.name}'"
+        if node.attributes.get_int("training_mode", 0):
+            problems.append(f"{where} runs in training mode")
+            continue
+        mean, var = node.inputs[3], node.inputs[4]
+        for what, value in (("mean", mean), ("variance", var)):
+            if not value.is_initializer():
+                problems.append(f"{where}: its running {what} '{value.name}' is not an initializer")
+            elif len(value.uses()) > 1:
+                problems.append(f"{where}: its running {what} '{value.name}' is shared with another node")
+        sites.append(Site(node.name or f"batchnorm{len(sites)}", node.inputs[0], node.outputs[0], *node.inputs[1:5],
+                          node.attributes.get_float("epsilon", 1e-5), [node]))
+    if problems:
+        raise BadInput("cannot recalibrate: " + "; ".join(problems))
+    if not sites:
+        raise BadInput("the model has no BatchNormalization to recalibrate")
+    return sites
+
+
+def calibration_model(model: ir.Model, sites: list[Site]) -> list[tuple[str, str, str]]:
+    """Turn `model` into its calibration copy (in place): each site normalizes with its batch's
+    statistics and outputs them. Returns, per site, the names of its batch mean, batch
+    (biased) variance and element-count outputs."""
+    edit, opset, names = Editor(model.graph), default_opset(model), []
+    double = ir.DataType.DOUBLE
+    model.graph.outputs.clear()
+    for site in sites:
+        base = f"{site.name}.calibration"
+        dtype = site.x.dtype or site.gamma.dtype or ir.DataType.FLOAT
+        nodes: list[ir.Node] = []
+
+        def op(kind: str, inputs: list, suffix: str, **attributes) -> ir.Value:
+            nodes.append(edit.node(kind, inputs, attributes, name=f"{base}.{suffix}"))
+            return nodes[-1].outputs[0]
+
+        def constant(array: np.ndarray, suffix: str) -> ir.Value:
+            return edit.initializer(f"{base}.{suffix}", array)
+
+        channels_last = constant(np.array([1, -1, 1], np.int64), "channel_shape")
+        x3 = op("Cast", [op("Reshape", [site.x, constant(np.array([0, 0, -1], np.int64), "flat")], "flat")], "wide",
+                to=double)
+        nodes.append(edit.reduce_mean(x3, [0, 2], opset, name=f"{base}.batch_mean"))
+        mean = nodes[-1].outputs[0]
+        centred = op("Sub", [x3, mean], "centred")
+        nodes.append(edit.reduce_mean(op("Mul", [centred, centred], "squared"), [0, 2], opset, name=f"{base}.batch_var"))
+        var = nodes[-1].outputs[0]
+        std = op("Sqrt", [op("Add", [var, constant(np.array(site.epsilon, np.float64), "epsilon")], "var_eps")], "std")
+        gamma = op("Reshape", [op("Cast", [site.gamma], "gamma_wide", to=double), channels_last], "gamma")
+        beta = op("Reshape", [op("Cast", [site.beta], "beta_wide", to=double), channels_last], "beta")
+        y3 = op("Add", [op("Mul", [op("Div", [centred, std], "normalized"), gamma], "scaled"), beta], "shifted")
+        y = op("Reshape", [op("Cast", [y3], "narrow", to=dtype), op("Shape", [site.x], "shape")], "y")
+        outputs = [op("Reshape", [mean, constant(np.array([-1], np.int64), "vector")], "mean_out"),
+                   op("Reshape", [var, constant(np.array([-1], np.int64), "vector_2")], "var_out"),
+                   op("Size", [site.x], "size")]
+        edit.graph.insert_after(site.replaces[-1], nodes)
+        site.y.replace_all_uses_with(y)
+        edit.graph.remove(site.replaces, safe=True)
+        model.graph.outputs.extend(outputs)
+        names.append(tuple(v.name for v in outputs))
+    return names
+
+
+@dataclass
+class Moments:
+    """Per channel, in float64: what each statistic mode needs, batch by batch."""
+
+    batches: int = 0
+    mean_sum: np.ndarray | float = 0.0  # torch: sums of batch means and unbiased variances
+    var_sum: np.ndarray | float = 0.0
+    n: int = 0  # pooled: Chan's running count, mean and M2
+    mean: np.ndarray | float = 0.0
+    m2: np.ndarray | float = 0.0
+
+    def add(self, mean: np.ndarray, var_biased: np.ndarray, n: int) -> None:
+        self.batches += 1
+        self.mean_sum = self.mean_sum + mean
+        self.var_sum = self.var_sum + var_biased * n / (n - 1)
+        total = self.n + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * n / total
+        self.m2 = self.m2 + var_biased * n + delta ** 2 * self.n * n / total
+        self.n = total
+
+    def result(self, stats: str) -> tuple[np.ndarray, np.ndarray]:
+        if stats == "torch":
+            return self.mean_sum / self.batches, self.var_sum / self.batches
+        return np.asarray(self.mean), self.m2 / (self.n - 1)
+
+
+def calibration_batches(data: Path, spec: ir.Model, batch_size: int, limit: int | None) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of `batch_size` samples (the last one may be smaller) from an .npz of arrays
+    with a leading sample axis, or from every .npz in a folder (in name order), each file
+    checked against the model's inputs; at most `limit` batches."""
+    from normopt.verify import check_feeds
+
+    files = [data] if data.is_file() else sorted(data.glob("*.npz")) if data.is_dir() else []
+    if not files:
+        raise BadInput(f"--data '{data}' is neither an .npz file nor a folder holding .npz files")
+    pending: dict[str, list[np.ndarray]] = {}
+    held, produced = 0, 0
+    for path in files:
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+        except (OSError, ValueError, EOFError) as exc:
+            raise BadInput(f"cannot read --data file '{path}': {exc}") from None
+        arrays = check_feeds(spec, arrays, f"--data file '{path}'")
+        counts = {k: (a.shape[0] if a.ndim else 0) for k, a in arrays.items()}
+        if len(set(counts.values())) != 1:
+            raise BadInput(f"--data file '{path}': the inputs hold different numbers of samples {counts}")
+        for k, a in arrays.items():
+            pending.setdefault(k, []).append(a)
+        held += next(iter(counts.values()))
+        while held >= batch_size:
+            batch = {k: np.concatenate(v) for k, v in pending.items()}
+            yield {k: a[:batch_size] for k, a in batch.items()}
+            produced += 1
+            if limit is not None and produced >= limit:
+                return
+            pending, held = {k: [a[batch_size:]] for k, a in batch.items()}, held - batch_size
+    if held:
+        yield {k: np.concatenate(v) for k, v in pending.items()}
+    elif not produced:
+        raise BadInput(f"--data '{data}' holds no samples")
+
+
+@dataclass
+class RecalibrateReport:
+    input: str
+    output: str
+    data: str
+    stats: str
+    batch_size: int
+    batches: int = 0
+    samples: int = 0
+    layers: list[dict] = field(default_factory=list)
+    drift: list[dict] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    written: bool = False
+
+    def to_json(self) -> dict:
+        """`normopt recalibrate`'s document (normopt.schema)."""
+        calibration = self.seconds.get("calibration") or 0.0
+        return document("recalibrate", {
+            "input": self.input, "output": self.output, "written": self.written, "stats": self.stats,
+            "data": {"source": self.data, "batches": self.batches, "samples": self.samples, "batch_size": self.batch_size,
+                     "samples_per_s": self.samples / calibration if calibration else None},
+            "layers": self.layers, "drift": self.drift}, seconds=self.seconds)
+
+
+def recalibrate(src: str | os.PathLike, dst: str | os.PathLike, data: str | os.PathLike, *, batch_size: int = 32,
+                batches: int | None = None, stats: str = "torch",
+                on_step: Callable[[str], None] | None = None) -> RecalibrateReport:
+    """Write `src` with every BatchNorm's running mean and variance re-estimated on `data` to
+    `dst` (never over an input file)."""
+    from normopt.verify import run_ort_all
+
+    src, dst, data = Path(src), Path(dst), Path(data)
+    step = on_step or (lambda _m: None)
+    if batch_size < 1 or (batches is not None and batches < 1):
+        raise BadInput("--batch-size and --batches must be at least 1")
+    if stats not in STATS:
+        raise BadInput(f"--stats takes {' or '.join(STATS)}, not '{stats}'")
+    report = RecalibrateReport(str(src), str(dst), str(data), stats, batch_size)
+    start = time.perf_counter()
+    guard = io.Guard()
+    io.check_readable_file(src)
+    for path in io.model_files(src):
+        guard.protect(path, "input model" if path == src else "input data file")
+    for path in [data, *(data.glob("*.npz") if data.is_dir() else [])]:
+        guard.protect(path, "--data file")
+    if dst.is_dir():
+        raise BadInput(f"output '{dst}' is a directory; give a file path")
+    io.check_writable_folder(dst)
+    guard.check(dst, "output")
+
+    io.remove_stale_temps(dst.parent)
+    model = io.load(src)
+    external = io.uses_external_data(model)
+    sites = find_sites(model)
+    before = {s.name: (s.mean.const_value.numpy().astype(np.float64), s.var.const_value.numpy().astype(np.float64),
+                       s.epsilon) for s in sites}
+    spec = _input_spec(model)
+    spec_inputs = {v.name for v in spec.graph.inputs}
+    data_iter = calibration_batches(data, spec, batch_size, batches)
+    names = calibration_model(model, sites)
+    moments = {s.name: Moments() for s in sites}
+    first: dict[str, np.ndarray] | None = None
+    with io.temp_folder(dst) as tmp:
+        calibrating = tmp / "calibration.onnx"
+        io.save(model, calibrating, external_data=True)
+        del model
+        session = _session(calibrating)
+        t0 = time.perf_counter()
+        for batch in data_iter:
+            first = first if first is not None else batch
+            step(f"calibrating: batch {report.batches + 1} ({report.samples} samples so far)")
+            outputs = session.run([n for triple in names for n in triple], {k: v for k, v in batch.items() if k in spec_inputs})
+            for i, site in enumerate(sites):
+                mean, var, size = outputs[3 * i: 3 * i + 3]
+                n = int(size) // mean.size
+                if n < 2:
+                    raise BadInput(f"a batch gives BatchNormalization '{site.name}' {n} value per channel: "
+                                   "a variance needs 2 or more (use a larger --batch-size)")
+                moments[site.name].add(mean, var, n)
+            report.batches += 1
+            report.samples += len(next(iter(batch.values())))
+        report.seconds["calibration"] = time.perf_counter() - t0
+        del session
+
+    step(f"writing {dst.name}")
+    out = io.load(src)
+    for site in find_sites(out):
+        mean, var = moments[site.name].result(stats)
+        old_mean, old_var, eps = before[site.name]
+        for value, array in ((site.mean, mean), (site.var, var)):
+            dtype = value.const_value.dtype.numpy()
+            value.const_value = ir.Tensor(array.reshape(value.const_value.shape.numpy()).astype(dtype), name=value.name)
+        report.layers.append({"name": site.name, "channels": int(mean.size), "mean": site.mean.name, "var": site.var.name,
+                              "mean_shift_max": float(np.max(np.abs(mean - old_mean) / np.sqrt(old_var + eps))),
+                              "var_ratio_min": float(np.min((var + eps) / (old_var + eps))),
+                              "var_ratio_max": float(np.max((var + eps) / (old_var + eps)))})
+    staged = io.stage(out, dst, external_data=external, guard=guard)
+    del out
+    try:
+        if first is not None:
+            step("measuring the outputs' drift")
+            feeds = {k: v for k, v in first.items() if k in spec_inputs}
+            a, b = run_ort_all(src, [feeds])[0], run_ort_all(staged.path, [feeds])[0]
+            for name, ref in a.items():
+                diff = np.abs(b[name].astype(np.float64) - ref.astype(np.float64))
+                scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+                report.drift.append({"output": name, "max_abs": float(diff.max()) if diff.size else 0.0,
+                                     "max_rel": float(diff.max()) / scale if diff.size and scale else None})
+        staged.commit()
+    except BaseException:
+        staged.discard()
+        raise
+    report.written = True
+    report.seconds["total"] = time.perf_counter() - start
+    return report
+
+
+def _input_spec(model: ir.Model) -> ir.Model:
+    """A model holding only copies of `model`'s inputs (what batches are checked against),
+    so the model itself can be dropped."""
+    inputs = [ir.Value(name=v.name, type=v.type, shape=v.shape) for v in model.graph.inputs if not v.is_initializer()]
+    return ir.Model(ir.Graph(inputs, [], nodes=[]), ir_version=model.ir_version)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        from normopt.errors import InternalError
+
+        raise InternalError(f"the calibration model does not load in onnxruntime (a bug in normopt): {exc}") from None

@@ -1,0 +1,145 @@
+"""`normopt recalibrate`: BatchNorm statistics re-estimated from calibration data match
+PyTorch's own (train mode, momentum=None: torch.optim.swa_utils.update_bn); bad data is one
+line and exit 2; IN is never written."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from normopt.recalibrate import Moments
+from tests.helpers import const, make_model, save, tensor
+from tests.test_cli import assert_one_line_error, run
+from tests.test_schema import VALIDATOR
+
+rng = np.random.default_rng(0)
+
+
+def test_moments_give_torch_s_average_and_the_pooled_statistics():
+    batches = [rng.standard_normal((n, 3)) * [1, 2, 3] + [0, 1, -1] + i for i, n in enumerate((5, 5, 2))]
+    moments = Moments()
+    for b in batches:
+        moments.add(b.mean(0), b.var(0), len(b))
+    mean, var = moments.result("torch")
+    np.testing.assert_allclose(mean, np.mean([b.mean(0) for b in batches], 0), rtol=1e-12)
+    np.testing.assert_allclose(var, np.mean([b.var(0, ddof=1) for b in batches], 0), rtol=1e-12)
+    everything = np.concatenate(batches)
+    mean, var = moments.result("pooled")
+    np.testing.assert_allclose(mean, everything.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(var, everything.var(0, ddof=1), rtol=1e-12)
+
+
+def _torch_reference(family: str, tmp_path, batches):
+    """Export `family` (BN kept), and PyTorch's update_bn statistics over `batches`."""
+    import torch
+
+    from models import cnn, transformer
+    from models.common import export, randomize_norms_and_biases
+
+    torch.manual_seed(0)
+    built = {"resnet18": cnn.resnet18, "repbn": transformer.repbn}[family]()
+    randomize_norms_and_biases(built.module, seed=1)
+    path = tmp_path / "model.onnx"
+    export(built, path, exporter="ts", opset=17)
+    module = copy.deepcopy(built.module)
+    torch.optim.swa_utils.update_bn([torch.from_numpy(b) for b in batches], module)
+    expected = {k: v.numpy().astype(np.float64) for k, v in module.state_dict().items()
+                if k.endswith(("running_mean", "running_var"))}
+    return path, next(iter(built.inputs)), expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["resnet18", "repbn"])
+def test_the_statistics_match_pytorch_s_update_bn(tmp_path, cli_env, family):
+    shape = {"resnet18": (3, 64, 64), "repbn": (3, 32, 32)}[family]
+    samples = (rng.standard_normal((10, *shape)) * 1.5 + 0.3).astype(np.float32)
+    batches = [samples[:4], samples[4:8], samples[8:]]  # the last batch is smaller, as in a loader
+    src, name, expected = _torch_reference(family, tmp_path, batches)
+    data = tmp_path / "data"
+    data.mkdir()
+    np.savez(data / "a.npz", **{name: samples[:6]})  # batches cross the files
+    np.savez(data / "b.npz", **{name: samples[6:]})
+    before = src.read_bytes()
+    out = tmp_path / "out.onnx"
+    proc = run("recalibrate", src, out, "--data", data, "--batch-size", "4", "--json", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    VALIDATOR.validate(doc)
+    assert doc["data"]["batches"] == 3 and doc["data"]["samples"] == 10 and src.read_bytes() == before
+    got = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in onnx.load(out).graph.initializer}
+    assert len(expected) >= 4 and set(expected) <= set(got)
+    first = next(iter(expected)).rsplit(".", 1)[0]
+    for key, reference in expected.items():
+        # to 1e-6 of each tensor's scale where the BN's input is computed alike (the first one);
+        # deeper, torch's and onnxruntime's float32 convolutions differ by a few 1e-6 by then
+        tol = 1e-6 if key.startswith(first + ".") else 2e-5
+        np.testing.assert_allclose(got[key], reference, rtol=0, atol=tol * np.abs(reference).max(), err_msg=key)
+    assert [layer["var"] for layer in doc["layers"]] == [k for k in expected if k.endswith("running_var")]
+    assert doc["drift"][0]["max_abs"] > 0  # the outputs move: that is the point
+
+
+def bn_model(stats_as_input: bool = False) -> onnx.ModelProto:
+    inits = [const("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)),
+             const("g", np.ones(4, np.float32)), const("b", np.zeros(4, np.float32)), const("v", np.ones(4, np.float32))]
+    inputs = [tensor("x", shape=("n", 3, 8, 8))]
+    if stats_as_input:
+        inputs.append(tensor("m", shape=(4,)))
+    else:
+        inits.append(const("m", np.zeros(4, np.float32)))
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn")]
+    return make_model(nodes, inputs, [tensor("y", shape=("n", 4, 8, 8))], inits)
+
+
+@pytest.fixture
+def bn_file(tmp_path):
+    return save(bn_model(), tmp_path / "m.onnx")
+
+
+def test_bad_data_is_one_line_and_exit_2(tmp_path, bn_file, cli_env):
+    out = tmp_path / "o.onnx"
+    cases = {
+        "lacks input(s) x": {"image": np.zeros((4, 3, 8, 8), np.float32)},
+        "input 'x' is float64, the model expects float32": {"x": np.zeros((4, 3, 8, 8))},
+        "input 'x' has shape [4, 3, 9, 8], the model expects ['n', 3, 8, 8]": {"x": np.zeros((4, 3, 9, 8), np.float32)},
+        "holds no samples": {"x": np.zeros((0, 3, 8, 8), np.float32)},
+    }
+    for message, arrays in cases.items():
+        np.savez(tmp_path / "d.npz", **arrays)
+        assert_one_line_error(run("recalibrate", bn_file, out, "--data", tmp_path / "d.npz", env=cli_env), 2, message)
+    (tmp_path / "junk.npz").write_text("not an npz")
+    assert_one_line_error(run("recalibrate", bn_file, out, "--data", tmp_path / "junk.npz", env=cli_env), 2, "cannot read")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run("recalibrate", bn_file, out, "--data", tmp_path / "empty", env=cli_env), 2, "neither")
+    assert not out.exists()
+
+
+def test_statistics_that_are_not_initializers_and_in_place_writes_are_refused(tmp_path, bn_file, cli_env):
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((4, 3, 8, 8)).astype(np.float32))
+    computed = save(bn_model(stats_as_input=True), tmp_path / "c.onnx")
+    assert_one_line_error(run("recalibrate", computed, tmp_path / "o.onnx", "--data", tmp_path / "d.npz", env=cli_env),
+                          2, "its running mean 'm' is not an initializer")
+    before = bn_file.read_bytes()
+    assert_one_line_error(run("recalibrate", bn_file, bn_file, "--data", tmp_path / "d.npz", env=cli_env), 2,
+                          "normopt never writes its inputs")
+    assert bn_file.read_bytes() == before
+    no_bn = save(make_model([helper.make_node("Relu", ["x"], ["y"])], [tensor("x")], [tensor("y")]), tmp_path / "r.onnx")
+    assert_one_line_error(run("recalibrate", no_bn, tmp_path / "o.onnx", "--data", tmp_path / "d.npz", env=cli_env), 2,
+                          "no BatchNormalization")
+
+
+def test_a_batch_of_one_value_per_channel_is_refused(tmp_path, cli_env):
+    model = bn_model()
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 1
+    model.graph.input[0].type.tensor_type.shape.dim[3].dim_value = 1
+    model.graph.output[0].type.tensor_type.shape.dim[2].dim_value = 1
+    model.graph.output[0].type.tensor_type.shape.dim[3].dim_value = 1
+    src = save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=np.ones((3, 3, 1, 1), np.float32))
+    assert_one_line_error(run("recalibrate", src, tmp_path / "o.onnx", "--data", tmp_path / "d.npz", "--batch-size", "1",
+                              env=cli_env), 2, "1 value per channel")
