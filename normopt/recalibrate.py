@@ -28,6 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from normopt.errors import BadInput
+from normopt.passes.convbn_tune import tune_records
 from normopt.rewriter import io
 from normopt.rewriter.edit import Editor
 from normopt.rewriter.graph import default_opset
@@ -38,8 +39,9 @@ STATS = ("torch", "pooled")
 
 @dataclass
 class Site:
-    """One BatchNorm: what it normalizes (`x`, channel axis 1), the value it writes (`y`), its
-    parameters by name."""
+    """One BatchNorm: what it normalizes (`x`: channel axis 1, or the last axis for a tuned
+    Gemm/MatMul), the value whose readers read its result (`y`), its parameters, the nodes
+    its calibration form replaces."""
 
     name: str
     x: ir.Value
@@ -50,13 +52,24 @@ class Site:
     var: ir.Value
     epsilon: float
     replaces: list[ir.Node]
+    channel_last: bool = False
 
 
 def find_sites(model: ir.Model) -> list[Site]:
-    """Every BatchNormalization of the main graph; refuses (BadInput) one whose statistics are
+    """Every BatchNormalization of the main graph, and every block convbn-tune made of one
+    (their statistics still named: the tuned op gets its original weight and bias back, so
+    call this on the calibration copy); refuses (BadInput) a BatchNorm whose statistics are
     not initializers of their own (a computed statistic has no name to update, a shared one
     would be updated twice)."""
     sites, problems = [], []
+    for record in tune_records(model):
+        site = _tuned_site(model, record)
+        if isinstance(site, str):
+            problems.append(site)
+        else:
+            sites.append(site)
+    for site in sites:
+        _check_statistics(site, f"BatchNorm '{site.name}' (tuned into {site.y.producer().op_type})", problems)
     for node in model.graph:
         if node.op_type != "BatchNormalization":
             continue
@@ -64,19 +77,61 @@ def find_sites(model: ir.Model) -> list[Site]:
         if node.attributes.get_int("training_mode", 0):
             problems.append(f"{where} runs in training mode")
             continue
-        mean, var = node.inputs[3], node.inputs[4]
-        for what, value in (("mean", mean), ("variance", var)):
-            if not value.is_initializer():
-                problems.append(f"{where}: its running {what} '{value.name}' is not an initializer")
-            elif len(value.uses()) > 1:
-                problems.append(f"{where}: its running {what} '{value.name}' is shared with another node")
         sites.append(Site(node.name or f"batchnorm{len(sites)}", node.inputs[0], node.outputs[0], *node.inputs[1:5],
                           node.attributes.get_float("epsilon", 1e-5), [node]))
+        _check_statistics(sites[-1], where, problems)
     if problems:
         raise BadInput("cannot recalibrate: " + "; ".join(problems))
     if not sites:
         raise BadInput("the model has no BatchNormalization to recalibrate")
     return sites
+
+
+def _check_statistics(site: Site, where: str, problems: list[str]) -> None:
+    for what, value in (("mean", site.mean), ("variance", site.var)):
+        if not value.is_initializer():
+            problems.append(f"{where}: its running {what} '{value.name}' is not an initializer")
+        elif len(value.uses()) > 1:
+            problems.append(f"{where}: its running {what} '{value.name}' is shared with another node")
+
+
+def _tuned_site(model: ir.Model, record: dict) -> Site | str:
+    """A convbn-tune block as the BatchNorm it was: where the calibration copy must put it back
+    (what the linear op computed with its original W and b), or why the graph no longer
+    matches the record."""
+    graph = model.graph
+    values = {v.name: v for v in (*graph.inputs, *graph.initializers.values(), *(o for n in graph for o in n.outputs))}
+    nodes = {n.name: n for n in graph}
+    node = nodes.get(record["node"])
+    names = [record[k] for k in ("weight", "gamma", "beta", "mean", "var")] + ([record["bias"]] if record["bias"] else [])
+    add = nodes.get(record["bias_add"]) if record["bias_add"] else None
+    if (node is None or node.op_type != record["op"] or any(n not in values for n in names)
+            or (record["op"] == "MatMul" and (add is None or node.outputs[0] not in add.inputs))):
+        return (f"BatchNorm '{record['bn']}' was tuned into {record['op']} '{record['node']}', which the graph no "
+                "longer has as recorded (edited after convbn-tune?)")
+    return Site(record["bn"], *_untuned_output(node, add, record, values),
+                *(values[record[k]] for k in ("gamma", "beta", "mean", "var")), record["epsilon"], [],
+                channel_last=record["op"] in ("Gemm", "MatMul"))
+
+
+def _untuned_output(node: ir.Node, add: ir.Node | None, record: dict, values: dict) -> tuple[ir.Value, ir.Value]:
+    """Give the tuned op back its original weight and bias (the calibration copy computes what
+    the BatchNorm read); returns (that value, the value whose readers read the BatchNorm)."""
+    node.replace_input_with(1, values[record["weight"]])
+    bias = values[record["bias"]] if record["bias"] else None
+    if add is not None:  # MatMul: its bias Add, the original one or the one the pass added
+        index = 1 - list(add.inputs).index(node.outputs[0])
+        if bias is None:
+            return node.outputs[0], add.outputs[0]
+        add.replace_input_with(index, bias)
+        return add.outputs[0], add.outputs[0]
+    if bias is None:
+        node.resize_inputs(2)
+    else:
+        node.replace_input_with(2, bias)
+    if record["gemm_beta"] is not None:
+        node.attributes["beta"] = ir.AttrFloat32("beta", record["gemm_beta"])
+    return node.outputs[0], node.outputs[0]
 
 
 def calibration_model(model: ir.Model, sites: list[Site]) -> list[tuple[str, str, str]]:
@@ -90,6 +145,7 @@ def calibration_model(model: ir.Model, sites: list[Site]) -> list[tuple[str, str
         base = f"{site.name}.calibration"
         dtype = site.x.dtype or site.gamma.dtype or ir.DataType.FLOAT
         nodes: list[ir.Node] = []
+        readers = list(site.y.uses())  # before the calibration nodes read it too
 
         def op(kind: str, inputs: list, suffix: str, **attributes) -> ir.Value:
             nodes.append(edit.node(kind, inputs, attributes, name=f"{base}.{suffix}"))
@@ -99,7 +155,8 @@ def calibration_model(model: ir.Model, sites: list[Site]) -> list[tuple[str, str
             return edit.initializer(f"{base}.{suffix}", array)
 
         channels_last = constant(np.array([1, -1, 1], np.int64), "channel_shape")
-        x3 = op("Cast", [op("Reshape", [site.x, constant(np.array([0, 0, -1], np.int64), "flat")], "flat")], "wide",
+        flat = [-1, site.gamma.shape[0], 1] if site.channel_last else [0, 0, -1]  # [N', C, L]
+        x3 = op("Cast", [op("Reshape", [site.x, constant(np.array(flat, np.int64), "flat")], "flat")], "wide",
                 to=double)
         nodes.append(edit.reduce_mean(x3, [0, 2], opset, name=f"{base}.batch_mean"))
         mean = nodes[-1].outputs[0]
@@ -114,8 +171,9 @@ def calibration_model(model: ir.Model, sites: list[Site]) -> list[tuple[str, str
         outputs = [op("Reshape", [mean, constant(np.array([-1], np.int64), "vector")], "mean_out"),
                    op("Reshape", [var, constant(np.array([-1], np.int64), "vector_2")], "var_out"),
                    op("Size", [site.x], "size")]
-        edit.graph.insert_after(site.replaces[-1], nodes)
-        site.y.replace_all_uses_with(y)
+        for use in readers:
+            use.node.replace_input_with(use.idx, y)
+        edit.graph.insert_after(site.y.producer(), nodes)
         edit.graph.remove(site.replaces, safe=True)
         model.graph.outputs.extend(outputs)
         names.append(tuple(v.name for v in outputs))
@@ -166,7 +224,7 @@ def calibration_batches(data: Path, spec: ir.Model, batch_size: int, limit: int 
                 arrays = {k: f[k] for k in f.files}
         except (OSError, ValueError, EOFError) as exc:
             raise BadInput(f"cannot read --data file '{path}': {exc}") from None
-        arrays = check_feeds(spec, arrays, f"--data file '{path}'")
+        arrays = check_feeds(spec, arrays, f"--data file '{path}'", any_first_dim=True)
         counts = {k: (a.shape[0] if a.ndim else 0) for k, a in arrays.items()}
         if len(set(counts.values())) != 1:
             raise BadInput(f"--data file '{path}': the inputs hold different numbers of samples {counts}")
@@ -175,13 +233,14 @@ def calibration_batches(data: Path, spec: ir.Model, batch_size: int, limit: int 
         held += next(iter(counts.values()))
         while held >= batch_size:
             batch = {k: np.concatenate(v) for k, v in pending.items()}
-            yield {k: a[:batch_size] for k, a in batch.items()}
+            yield check_feeds(spec, {k: a[:batch_size] for k, a in batch.items()},
+                              f"a batch of {batch_size} (--batch-size)")
             produced += 1
             if limit is not None and produced >= limit:
                 return
             pending, held = {k: [a[batch_size:]] for k, a in batch.items()}, held - batch_size
     if held:
-        yield {k: np.concatenate(v) for k, v in pending.items()}
+        yield check_feeds(spec, {k: np.concatenate(v) for k, v in pending.items()}, f"the last batch, {held} sample(s)")
     elif not produced:
         raise BadInput(f"--data '{data}' holds no samples")
 
@@ -240,8 +299,8 @@ def recalibrate(src: str | os.PathLike, dst: str | os.PathLike, data: str | os.P
     model = io.load(src)
     external = io.uses_external_data(model)
     sites = find_sites(model)
-    before = {s.name: (s.mean.const_value.numpy().astype(np.float64), s.var.const_value.numpy().astype(np.float64),
-                       s.epsilon) for s in sites}
+    before = {s.name: (s.mean.name, s.var.name, s.epsilon, s.mean.const_value.numpy().astype(np.float64),
+                       s.var.const_value.numpy().astype(np.float64)) for s in sites}
     spec = _input_spec(model)
     spec_inputs = {v.name for v in spec.graph.inputs}
     data_iter = calibration_batches(data, spec, batch_size, batches)
@@ -272,13 +331,12 @@ def recalibrate(src: str | os.PathLike, dst: str | os.PathLike, data: str | os.P
 
     step(f"writing {dst.name}")
     out = io.load(src)
-    for site in find_sites(out):
-        mean, var = moments[site.name].result(stats)
-        old_mean, old_var, eps = before[site.name]
-        for value, array in ((site.mean, mean), (site.var, var)):
+    for name, (mean_name, var_name, eps, old_mean, old_var) in before.items():
+        mean, var = moments[name].result(stats)
+        for value, array in ((out.graph.initializers[mean_name], mean), (out.graph.initializers[var_name], var)):
             dtype = value.const_value.dtype.numpy()
             value.const_value = ir.Tensor(array.reshape(value.const_value.shape.numpy()).astype(dtype), name=value.name)
-        report.layers.append({"name": site.name, "channels": int(mean.size), "mean": site.mean.name, "var": site.var.name,
+        report.layers.append({"name": name, "channels": int(mean.size), "mean": mean_name, "var": var_name,
                               "mean_shift_max": float(np.max(np.abs(mean - old_mean) / np.sqrt(old_var + eps))),
                               "var_ratio_min": float(np.min((var + eps) / (old_var + eps))),
                               "var_ratio_max": float(np.max((var + eps) / (old_var + eps)))})

@@ -187,9 +187,11 @@ def load_inputs(path: str | os.PathLike, model: ir.Model) -> dict[str, np.ndarra
     return check_feeds(model, arrays, f"inputs file '{path}'")
 
 
-def check_feeds(model: ir.Model, arrays: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+def check_feeds(model: ir.Model, arrays: Mapping[str, np.ndarray], source: str,
+                any_first_dim: bool = False) -> dict[str, np.ndarray]:
     """The arrays for the model's inputs, each checked against the input's dtype, rank and
-    static dims, so a wrong inputs file is blamed on the file, not on the model."""
+    static dims (with `any_first_dim`, all but the first: samples to be batched), so a wrong
+    inputs file is blamed on the file, not on the model."""
     missing = [v.name for v in model_inputs(model) if v.name not in arrays]
     if missing:
         known = ", ".join(sorted(arrays)) or "nothing"
@@ -202,7 +204,9 @@ def check_feeds(model: ir.Model, arrays: Mapping[str, np.ndarray], source: str) 
             raise BadInput(f"{source}: input '{value.name}' is {array.dtype}, the model expects {np.dtype(expected)}")
         if value.shape is not None:
             dims = list(value.shape)
-            wrong = len(dims) != array.ndim or any(isinstance(d, int) and d != n for d, n in zip(dims, array.shape))
+            skip = 1 if any_first_dim else 0
+            wrong = len(dims) != array.ndim or any(isinstance(d, int) and d != n
+                                                   for d, n in zip(dims[skip:], array.shape[skip:]))
             if wrong:
                 want = [d if isinstance(d, int) else (d.value or "?") for d in dims]
                 raise BadInput(f"{source}: input '{value.name}' has shape {list(array.shape)}, the model expects {want}")

@@ -143,3 +143,41 @@ def test_a_batch_of_one_value_per_channel_is_refused(tmp_path, cli_env):
     np.savez(tmp_path / "d.npz", x=np.ones((3, 3, 1, 1), np.float32))
     assert_one_line_error(run("recalibrate", src, tmp_path / "o.onnx", "--data", tmp_path / "d.npz", "--batch-size", "1",
                               env=cli_env), 2, "1 value per channel")
+
+
+def _stats(path) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(path).graph.initializer}
+
+
+@pytest.mark.parametrize("case", ["conv+bias", "conv", "gemm transB beta", "token bn", "token bn, no bias"])
+def test_a_tuned_model_recalibrates_as_its_batchnorm_original(tmp_path, cli_env, case):
+    from tests.passes.test_convbn_tune import CASES, tune
+
+    model, feeds = CASES[case]()
+    _, tuned = tune(model, "inputs")
+    plain, tuned_path = save(model, tmp_path / "plain.onnx"), save(tuned, tmp_path / "tuned.onnx")
+    x = feeds["x"]
+    np.savez(tmp_path / "d.npz", x=np.concatenate([x * 2 + 1, x - 0.5, x * 0.5]))
+    for src, out in ((plain, tmp_path / "p.onnx"), (tuned_path, tmp_path / "t.onnx")):
+        proc = run("recalibrate", src, out, "--data", tmp_path / "d.npz", "--batch-size", str(len(x)), env=cli_env)
+        assert proc.returncode == 0, proc.stderr
+    a, b = _stats(tmp_path / "p.onnx"), _stats(tmp_path / "t.onnx")
+    for name in ("bn_m", "bn_v"):
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-6)
+        assert not np.allclose(a[name], _stats(plain)[name])  # they did move
+    from tests.helpers import ort_run
+
+    np.testing.assert_allclose(ort_run(onnx.load(tmp_path / "t.onnx"), feeds)["y"],
+                               ort_run(onnx.load(tmp_path / "p.onnx"), feeds)["y"], rtol=1e-4, atol=1e-4)
+
+
+def test_a_tune_record_the_graph_no_longer_matches_is_refused(tmp_path, cli_env):
+    from tests.passes.test_convbn_tune import conv_bn, tune
+
+    model, feeds = conv_bn()
+    _, tuned = tune(model)
+    next(n for n in tuned.graph.node if n.op_type == "Conv").name = "renamed"
+    src = save(tuned, tmp_path / "t.onnx")
+    np.savez(tmp_path / "d.npz", x=feeds["x"])
+    assert_one_line_error(run("recalibrate", src, tmp_path / "o.onnx", "--data", tmp_path / "d.npz", env=cli_env), 2,
+                          "which the graph no longer has as recorded")

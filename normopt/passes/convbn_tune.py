@@ -22,10 +22,13 @@ Conditions:
   3. with --tune-params inputs, every parameter that becomes an input is an initializer.
 Formula: BN(W x + b) = s * (W x + b - mean) + beta = (W * s) x + (b - mean) * s + beta, the
 deploy fold's formula (rewriter.numerics.batchnorm_affine) computed by the graph instead.
+Each block is recorded in the model's metadata (RECORDS_KEY: the linear op, W, b, the BN's
+parameters and epsilon, by name), so `normopt recalibrate` finds the BatchNorms again.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +41,13 @@ from normopt.rewriter.linear_fold import Fold, bias_add_data, plan_preceding
 from normopt.rewriter.norms import NormMatch, match_batchnorm
 
 WIDE = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)  # computed in float32
+RECORDS_KEY = "normopt.convbn_tune"  # model metadata: a JSON list, one record per tuned block
+
+
+def tune_records(model: ir.Model) -> list[dict]:
+    """The blocks convbn-tune recorded: {bn, node, op, weight, bias (None: the op had none),
+    gemm_beta, bias_add (a MatMul's bias Add node), gamma, beta, mean, var, epsilon}."""
+    return json.loads(model.metadata_props.get(RECORDS_KEY, "[]"))
 
 
 @dataclass
@@ -137,10 +147,13 @@ class _Builder:
         return self.edit.initializer(f"{self.base}.{suffix}", array)
 
 
-def _apply_one(edit: Editor, block: TuneBlock) -> Change:
+def _apply_one(edit: Editor, block: TuneBlock) -> tuple[Change, dict]:
     bn, fold, linear = block.bn, block.fold, block.fold.linear
     gamma, beta, mean, var = bn.inputs[1:5]
     weight = linear.inputs[1]
+    for node in (linear, fold.bias_add):  # the record finds them by name
+        if node is not None and not node.name:
+            node.name = edit.node_name(node.op_type)
     dtype = weight.dtype or ir.DataType.FLOAT
     compute = ir.DataType.FLOAT if dtype in WIDE else dtype
     change = Change("tuned", f"batchnorm into {linear.op_type}, its weight computed in the graph",
@@ -156,6 +169,12 @@ def _apply_one(edit: Editor, block: TuneBlock) -> Change:
     new_weight = g.back(g.op("Mul", [g.wide(weight, "weight"), s_w], "weight_fp"), dtype, "weight")
     slot = _bias_slot(fold)
     old_bias = slot[0].inputs[slot[1]] if slot else None
+    record = {"bn": bn.name, "node": linear.name, "op": linear.op_type, "weight": weight.name,
+              "bias": old_bias.name if old_bias is not None else None,
+              "gemm_beta": linear.attributes.get_float("beta", 1.0) if linear.op_type == "Gemm" else None,
+              "bias_add": fold.bias_add.name if fold.bias_add is not None else None,
+              "gamma": gamma.name, "beta": beta.name, "mean": mean.name, "var": var.name,
+              "epsilon": float(block.match.epsilon)}
     if linear.op_type == "Gemm" and old_bias is not None and linear.attributes.get_float("beta", 1.0) != 1.0:
         factor = g.constant(np.array(linear.attributes.get_float("beta", 1.0), compute.numpy()), "gemm_beta")
         biased = g.op("Mul", [g.wide(old_bias, "bias"), factor], "bias_times_beta")
@@ -175,6 +194,7 @@ def _apply_one(edit: Editor, block: TuneBlock) -> Change:
     elif linear.op_type == "MatMul":
         out = linear.outputs[0]
         add = edit.node("Add", [out, new_bias], name=f"{g.base}.bias_add", like=out)
+        record["bias_add"] = add.name
         edit.graph.insert_after(linear, add)
         edit.take_over(out, add.outputs[0])
         add.replace_input_with(0, out)
@@ -184,7 +204,7 @@ def _apply_one(edit: Editor, block: TuneBlock) -> Change:
     m = block.match
     edit.take_over(m.output, m.current_input())
     edit.graph.remove(m.nodes, safe=True)
-    return change
+    return change, record
 
 
 class ConvBNTune(Pass):
@@ -213,7 +233,10 @@ class ConvBNTune(Pass):
         blocks: list[TuneBlock] = plan.actions
         params = [v for b in blocks for v in (*b.bn.inputs[1:5], *(_weight_and_bias(b.fold)
                                                                     if self.options.tune_params == "inputs:all" else []))]
-        changes = [_apply_one(edit, b) for b in blocks]
+        applied = [_apply_one(edit, b) for b in blocks]
+        changes = [change for change, _ in applied]
+        records = tune_records(model) + [record for _, record in applied]
+        model.metadata_props[RECORDS_KEY] = json.dumps(records)
         if self.options.tune_params != "constants":
             inputs = set(model.graph.inputs)
             for value in dict.fromkeys(params):
