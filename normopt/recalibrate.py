@@ -143,7 +143,9 @@ def calibration_model(model: ir.Model, sites: list[Site]) -> list[tuple[str, str
     model.graph.outputs.clear()
     for site in sites:
         base = f"{site.name}.calibration"
-        dtype = site.x.dtype or site.gamma.dtype or ir.DataType.FLOAT
+        # a BN reads what it reads now: an earlier site may have replaced its input
+        x = site.replaces[0].inputs[0] if site.replaces else site.x
+        dtype = x.dtype or site.gamma.dtype or ir.DataType.FLOAT
         nodes: list[ir.Node] = []
         readers = list(site.y.uses())  # before the calibration nodes read it too
 
@@ -156,7 +158,7 @@ def calibration_model(model: ir.Model, sites: list[Site]) -> list[tuple[str, str
 
         channels_last = constant(np.array([1, -1, 1], np.int64), "channel_shape")
         flat = [-1, site.gamma.shape[0], 1] if site.channel_last else [0, 0, -1]  # [N', C, L]
-        x3 = op("Cast", [op("Reshape", [site.x, constant(np.array(flat, np.int64), "flat")], "flat")], "wide",
+        x3 = op("Cast", [op("Reshape", [x, constant(np.array(flat, np.int64), "flat")], "flat")], "wide",
                 to=double)
         nodes.append(edit.reduce_mean(x3, [0, 2], opset, name=f"{base}.batch_mean"))
         mean = nodes[-1].outputs[0]
@@ -167,10 +169,10 @@ def calibration_model(model: ir.Model, sites: list[Site]) -> list[tuple[str, str
         gamma = op("Reshape", [op("Cast", [site.gamma], "gamma_wide", to=double), channels_last], "gamma")
         beta = op("Reshape", [op("Cast", [site.beta], "beta_wide", to=double), channels_last], "beta")
         y3 = op("Add", [op("Mul", [op("Div", [centred, std], "normalized"), gamma], "scaled"), beta], "shifted")
-        y = op("Reshape", [op("Cast", [y3], "narrow", to=dtype), op("Shape", [site.x], "shape")], "y")
+        y = op("Reshape", [op("Cast", [y3], "narrow", to=dtype), op("Shape", [x], "shape")], "y")
         outputs = [op("Reshape", [mean, constant(np.array([-1], np.int64), "vector")], "mean_out"),
                    op("Reshape", [var, constant(np.array([-1], np.int64), "vector_2")], "var_out"),
-                   op("Size", [site.x], "size")]
+                   op("Size", [x], "size")]
         for use in readers:
             use.node.replace_input_with(use.idx, y)
         edit.graph.insert_after(site.y.producer(), nodes)

@@ -631,8 +631,9 @@ def pipeline_choice(c):
     from normopt.passes.base import Options
     from normopt.passes.pipeline import DEFAULT_PIPELINE
 
-    names = c.pick([list(DEFAULT_PIPELINE)] * 3 + [[n] for n in DEFAULT_PIPELINE])
-    return names, Options(target=c.pick(["onnx", "ort"]), allow_hidden_state_change=c.coin(0.3))
+    names = c.pick([list(DEFAULT_PIPELINE)] * 3 + [[n] for n in DEFAULT_PIPELINE] + [["convbn-tune"]])
+    return names, Options(target=c.pick(["onnx", "ort"]), allow_hidden_state_change=c.coin(0.3),
+                          tune_params=c.pick(["constants", "inputs", "inputs:all"]))
 
 
 SENSITIVITY_SAMPLES = 8

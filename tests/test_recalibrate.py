@@ -181,3 +181,21 @@ def test_a_tune_record_the_graph_no_longer_matches_is_refused(tmp_path, cli_env)
     np.savez(tmp_path / "d.npz", x=feeds["x"])
     assert_one_line_error(run("recalibrate", src, tmp_path / "o.onnx", "--data", tmp_path / "d.npz", env=cli_env), 2,
                           "which the graph no longer has as recorded")
+
+
+def test_a_batchnorm_after_a_tuned_one_recalibrates_on_what_the_tuned_one_gives_it(tmp_path, cli_env):
+    from tests.passes.test_convbn_tune import bn_inits, bn_node, conv_bn, tune
+
+    model, feeds = conv_bn()
+    model.graph.node[1].output[0] = "y1"
+    model.graph.initializer.extend(bn_inits("bn2", 6))
+    model.graph.node.append(bn_node("bn2", "y1", "y"))
+    _, tuned = tune(model)  # the first BN tuned, the second stays
+    plain, tuned_path = save(model, tmp_path / "plain.onnx"), save(tuned, tmp_path / "tuned.onnx")
+    x = feeds["x"]
+    np.savez(tmp_path / "d.npz", x=np.concatenate([x * 2 + 1, x - 0.5]))
+    for src, out in ((plain, tmp_path / "p.onnx"), (tuned_path, tmp_path / "t.onnx")):
+        assert run("recalibrate", src, out, "--data", tmp_path / "d.npz", "--batch-size", "2", env=cli_env).returncode == 0
+    a, b = _stats(tmp_path / "p.onnx"), _stats(tmp_path / "t.onnx")
+    for name in ("bn_m", "bn_v", "bn2_m", "bn2_v"):
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-6, err_msg=name)

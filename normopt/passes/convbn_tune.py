@@ -19,7 +19,8 @@ Conditions:
      linear op's output (or its bias Add's) is read only by the BN and is no graph output, its
      weight is constant, its output-channel axis is the BN's channel axis with as many
      channels; a ConvTranspose only with group 1;
-  3. with --tune-params inputs, every parameter that becomes an input is an initializer.
+  3. with --tune-params inputs, every parameter that becomes an input is an initializer;
+  4. one BatchNorm per op: in Conv -> BN -> BN the second stays (a second run changes nothing).
 Formula: BN(W x + b) = s * (W x + b - mean) + beta = (W * s) x + (b - mean) * s + beta, the
 deploy fold's formula (rewriter.numerics.batchnorm_affine) computed by the graph instead.
 Each block is recorded in the model's metadata (RECORDS_KEY: the linear op, W, b, the BN's
@@ -72,7 +73,7 @@ def _channels(bn: ir.Node) -> int | None:
     return None
 
 
-def _plan_one(bn: ir.Node, tune_params: str) -> TuneBlock | str:
+def _plan_one(bn: ir.Node, tune_params: str, tuned: dict[str, str]) -> TuneBlock | str:
     match = match_batchnorm(bn, constant=False)
     if match is None:
         return "it runs in training mode or lacks its statistics"
@@ -85,6 +86,9 @@ def _plan_one(bn: ir.Node, tune_params: str) -> TuneBlock | str:
     if isinstance(fold, str):
         return fold
     linear = fold.linear
+    if linear.name in tuned:  # Conv -> BN -> BN: the second one stays a BatchNorm
+        return (f"{linear.op_type} {linear.name} already computes its weight from BatchNorm '{tuned[linear.name]}' "
+                "(one BatchNorm per op in tune mode; this one stays, recalibrate updates it too)")
     if linear.op_type == "ConvTranspose" and linear.attributes.get_int("group", 1) != 1:
         return f"ConvTranspose {linear.name} has groups (only group 1 is tuned)"
     if tune_params != "constants":
@@ -213,10 +217,11 @@ class ConvBNTune(Pass):
 
     def plan(self, model: ir.Model) -> Plan:
         plan, used = Plan(), set()
+        tuned = {r["node"]: r["bn"] for r in tune_records(model)}
         for node in model.graph:
             if node.op_type != "BatchNormalization":
                 continue
-            block = _plan_one(node, self.options.tune_params)
+            block = _plan_one(node, self.options.tune_params, tuned)
             if isinstance(block, TuneBlock) and block.fold.linear in used:
                 block = f"{block.fold.linear.op_type} {block.fold.linear.name} already takes another BatchNorm"
             if isinstance(block, str):

@@ -1,7 +1,7 @@
 """The passes by name, the default pipeline, and the function that runs a pipeline.
 
-A pipeline is: annotate shapes (so the passes see ranks and normalized sizes), the passes in
-order and `cleanup` whatever was asked (a pass after one that changed the model always runs);
+A pipeline is: annotate shapes (so the passes see ranks and normalized sizes; afresh in every
+round), the passes in order and `cleanup` whatever was asked (a pass after one that changed the model always runs);
 then again every pass that refused a candidate while a later pass changed the model (one
 pass's edits can free a candidate of an earlier one: a fold that gives a tied head its own
 weight frees the embedding table for centring), until none changes anything; the annotations
@@ -62,8 +62,10 @@ def run_pipeline(
     finals = [n for n in FINAL_PASSES if n not in names]
     order = [*names, *finals]
     pending = set(order)
-    with annotated(model):
-        for _ in range(MAX_ROUNDS):
+    for _ in range(MAX_ROUNDS):
+        # annotated afresh each round: the values an earlier round created get their shapes
+        # too, so a round plans as a new run on that round's input would (idempotence)
+        with annotated(model):
             ran: list[tuple[str, bool]] = []
             for name in order:
                 # a pass runs when pending, or when a pass before it changed the model this round
@@ -75,11 +77,11 @@ def run_pipeline(
                     result = PASSES[name](options).run(model)
                 results[name] = results[name].then(result) if name in results else result
                 ran.append((name, result.modified))
-            # again: the passes that refused a candidate a later pass's edits may have freed
-            # (cleanup each round: a dead reader still shares a weight)
-            pending = {n for i, (n, _) in enumerate(ran) if n in names and any(m for _, m in ran[i + 1:])
-                       and any(r.may_change for r in results[n].refusals)}
-            if not pending:
-                break
-            pending.update(finals)
+        # again: the passes that refused a candidate a later pass's edits may have freed
+        # (cleanup each round: a dead reader still shares a weight)
+        pending = {n for i, (n, _) in enumerate(ran) if n in names and any(m for _, m in ran[i + 1:])
+                   and any(r.may_change for r in results[n].refusals)}
+        if not pending:
+            break
+        pending.update(finals)
     return list(results.values())

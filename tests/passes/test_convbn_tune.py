@@ -268,3 +268,15 @@ def test_every_bn_the_fold_removes_is_tuned_in_the_exports(corpus, tmp_path, nam
     values = {first.input[1]: rng.uniform(-2, 2, c).astype(np.float32), first.input[2]: rng.standard_normal(c).astype(np.float32),
               first.input[3]: rng.standard_normal(c).astype(np.float32), first.input[4]: rng.uniform(0.1, 3, c).astype(np.float32)}
     assert_close(ort_run(replaced(proto, values), feeds), ort_run(replaced(tuned, values), feeds))
+
+
+def test_a_second_batchnorm_after_a_tuned_op_stays_and_a_second_run_changes_nothing():
+    model, feeds = conv_bn()
+    model.graph.node[1].output[0] = "y1"
+    model.graph.initializer.extend(bn_inits("bn2", 6))
+    model.graph.node.append(bn_node("bn2", "y1", "y"))
+    _, tuned = tune(model)
+    assert [n.op_type for n in tuned.graph.node].count("BatchNormalization") == 1
+    result, again = tune(tuned, expect_modified=False)
+    assert "already computes its weight from BatchNorm 'bn'" in result.refusals[0].reason
+    assert_close(ort_run(model, feeds), ort_run(again, feeds))

@@ -118,3 +118,52 @@ def _stubs(monkeypatch, modifies: dict, first_refusal: dict) -> list[str]:
     passes = {n: stub(n, f) for n, f in {**modifies, "cleanup": lambda k: False}.items()}
     monkeypatch.setattr(pipeline, "PASSES", passes)
     return calls
+
+
+def test_a_later_round_sees_the_shapes_of_what_an_earlier_round_created(monkeypatch):
+    """Regression (fuzz seed 72616: a second run converted LayerNorms a re-run round had refused,
+    because values canonicalize-norms created in round 1 had no rank in round 2): each round is
+    annotated afresh, as a new run would be."""
+    import numpy as np
+    from onnx import helper
+
+    from normopt.passes.base import Pass
+    from tests.helpers import const, make_model, tensor
+
+    seen: list = []
+
+    class Creates(Pass):  # round 1: replaces Relu(x) by a new Neg(Neg(x)) whose outputs have no shape
+        name, summary = "creates", "stub"
+
+        def plan(self, model):
+            new = [n for n in model.graph if n.name.startswith("created")]
+            seen.append([v.shape for n in new for v in n.outputs])
+            relu = [n for n in model.graph if n.op_type == "Relu"]
+            return Plan(actions=relu, refusals=[Refusal("another candidate", "another pass may free it")])
+
+        def apply(self, model, plan):
+            relu = plan.actions[0]
+            first = ir.node("Neg", [relu.inputs[0]], name="created1")
+            second = ir.node("Neg", [first.outputs[0]], name="created2")
+            first.outputs[0].name, second.outputs[0].name = "n1", "n2"
+            model.graph.insert_after(relu, [first, second])
+            relu.outputs[0].replace_all_uses_with(second.outputs[0], replace_graph_outputs=True)
+            model.graph.remove(relu, safe=True)
+            return [Change("replaced", "Relu")]
+
+    class Later(Pass):  # changes the model once, after `creates`: `creates` runs again
+        name, summary = "later", "stub"
+
+        def plan(self, model):
+            return Plan(actions=["x"]) if "mark" not in model.metadata_props else Plan(idle="none")
+
+        def apply(self, model, plan):
+            model.metadata_props["mark"] = "1"
+            return [Change("marked", "model")]
+
+    monkeypatch.setattr(pipeline, "PASSES", {"creates": Creates, "later": Later, "cleanup": Later})
+    model = ir.serde.deserialize_model(make_model(
+        [helper.make_node("Relu", ["x"], ["y"], name="relu"), helper.make_node("Add", ["y", "b"], ["z"], name="add")],
+        [tensor("x", shape=(2, 8))], [tensor("z", shape=(2, 8))], [const("b", np.ones(8, np.float32))]))
+    pipeline.run_pipeline(model, ["creates", "later"])
+    assert seen[0] == [] and seen[1] == [ir.Shape([2, 8]), ir.Shape([2, 8])]
