@@ -246,15 +246,17 @@ def test_a_computed_parameter_cannot_become_an_input():
 # ------------------------------------------------------------------------ real exports
 
 
+@pytest.mark.parametrize("tune_params", ["constants", "inputs"])
 @pytest.mark.parametrize("name", BN_EXPORTS)
-def test_every_bn_the_fold_removes_is_tuned_in_the_exports(corpus, tmp_path, name):
+def test_every_bn_the_fold_removes_is_tuned_in_the_exports(corpus, tmp_path, name, tune_params):
     paths = corpus(name)
     proto = onnx.load(paths.model)
     bns = [n for n in proto.graph.node if n.op_type == "BatchNormalization"]
     model = io.load(paths.model)
     annotate(model)
-    result = ConvBNTune().run(model)
-    assert result.modified and not result.refusals and len(result.changes) == len(bns)
+    result = ConvBNTune(Options(tune_params=tune_params)).run(model)
+    assert result.modified and not result.refusals
+    assert len([c for c in result.changes if c.kind == "tuned"]) == len(bns)
     out = tmp_path / "out.onnx"
     io.save(model, out, external_data=False)
     tuned = onnx.load(out)
@@ -268,6 +270,9 @@ def test_every_bn_the_fold_removes_is_tuned_in_the_exports(corpus, tmp_path, nam
     values = {first.input[1]: rng.uniform(-2, 2, c).astype(np.float32), first.input[2]: rng.standard_normal(c).astype(np.float32),
               first.input[3]: rng.standard_normal(c).astype(np.float32), first.input[4]: rng.uniform(0.1, 3, c).astype(np.float32)}
     assert_close(ort_run(replaced(proto, values), feeds), ort_run(replaced(tuned, values), feeds))
+    if tune_params == "inputs":  # fed instead of replaced: the same
+        assert {i.name for i in tuned.graph.input} >= set(values)
+        assert_close(ort_run(replaced(proto, values), feeds), ort_run(tuned, {**feeds, **values}))
 
 
 def test_a_second_batchnorm_after_a_tuned_op_stays_and_a_second_run_changes_nothing():
