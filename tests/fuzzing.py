@@ -631,7 +631,8 @@ def pipeline_choice(c):
     from normopt.passes.base import Options
     from normopt.passes.pipeline import DEFAULT_PIPELINE
 
-    names = c.pick([list(DEFAULT_PIPELINE)] * 3 + [[n] for n in DEFAULT_PIPELINE] + [["convbn-tune"]])
+    names = c.pick([list(DEFAULT_PIPELINE)] * 3 + [[n] for n in DEFAULT_PIPELINE]
+                   + [["convbn-tune"], ["canonicalize-norms", "fold-norm-affine"]])
     return names, Options(target=c.pick(["onnx", "ort"]), allow_hidden_state_change=c.coin(0.3),
                           tune_params=c.pick(["constants", "inputs", "inputs:all"]))
 

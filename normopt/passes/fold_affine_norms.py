@@ -33,9 +33,9 @@ import onnx_ir as ir
 
 from normopt.passes.base import Change, Pass, Plan, Refusal
 from normopt.rewriter.edit import Editor
-from normopt.rewriter.graph import folded_value, int_list, is_op
+from normopt.rewriter.graph import is_op
 from normopt.rewriter.linear_fold import (Fold, bias_add_after, channel_axis, expects_channel, fold_problem, fold_weights,
-                                          norm_affine, norm_rank, plan_preceding, single_reader)
+                                          norm_affine, norm_rank, plan_preceding, single_reader, token_axis_op)
 from normopt.rewriter.norms import NormMatch, find_norms
 
 
@@ -49,32 +49,6 @@ class NormFold:
         return f"{self.match.kind} at {self.match.where()} into {f.side} {f.linear.op_type} {f.linear.name}"
 
 
-def _token_axis_op(node: ir.Node, data_rank: int) -> int | str:
-    """Rank after a Gather/Slice/Squeeze/Unsqueeze that leaves the last (channel) axis alone,
-    or why it does not."""
-    op = node.op_type
-    if op == "Gather":
-        index = folded_value(node.inputs[1])
-        if index is None or node.attributes.get_int("axis", 0) % data_rank == data_rank - 1:
-            return "read through a Gather on the channel axis"
-        return data_rank - 1 + index.ndim
-    if op == "Slice":
-        starts = folded_value(node.inputs[1])
-        sliced = int_list(node, "", 3) if len(node.inputs) > 3 and node.inputs[3] is not None else (
-            None if starts is None else list(range(starts.size)))
-        return "read through a Slice on the channel axis" if sliced is None or any(
-            a % data_rank == data_rank - 1 for a in sliced) else data_rank
-    changed = int_list(node, "axes", 1)
-    if changed is None:
-        return f"read by {op} {node.name}"
-    if op == "Squeeze":  # removes axes of the input: the last one must stay
-        touches_last, out_rank = any(a % data_rank == data_rank - 1 for a in changed), data_rank - len(changed)
-    else:  # inserts axes of the output: none may become the last one
-        out_rank = data_rank + len(changed)
-        touches_last = any(a % out_rank == out_rank - 1 for a in changed)
-    return f"read through a {op} at the channel axis" if touches_last else out_rank
-
-
 def _plan_following(match: NormMatch, a, c) -> Fold | str:
     reader = single_reader(match.output)
     if not isinstance(reader, ir.Node):
@@ -85,7 +59,7 @@ def _plan_following(match: NormMatch, a, c) -> Fold | str:
     while is_op(reader, "Gather", "Slice", "Squeeze", "Unsqueeze") and reader.inputs[0] is value:
         if r is None or axis != r - 1:
             return f"read through {reader.op_type} {reader.name} with the channel axis not last"
-        r = _token_axis_op(reader, r)
+        r = token_axis_op(reader, r)
         if isinstance(r, str):
             return r
         axis, value = r - 1, reader.outputs[0]

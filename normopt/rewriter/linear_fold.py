@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from normopt.rewriter import numerics
 from normopt.rewriter.edit import Editor
-from normopt.rewriter.graph import LINEAR_OPS, constant_shape, folded_value, is_op, rank, readers, sole_reader
+from normopt.rewriter.graph import LINEAR_OPS, constant_shape, folded_value, int_list, is_op, rank, readers, sole_reader
 from normopt.rewriter.norms import NormMatch
 
 
@@ -216,3 +216,29 @@ def plan_preceding(match: NormMatch, a, c) -> Fold | str:
     if problem:
         return problem
     return Fold(a, c, "preceding", producer, bias_add)
+
+
+def token_axis_op(node: ir.Node, data_rank: int) -> int | str:
+    """Rank after a Gather/Slice/Squeeze/Unsqueeze that leaves the last (channel) axis alone,
+    or why it does not."""
+    op = node.op_type
+    if op == "Gather":
+        index = folded_value(node.inputs[1])
+        if index is None or node.attributes.get_int("axis", 0) % data_rank == data_rank - 1:
+            return "read through a Gather on the channel axis"
+        return data_rank - 1 + index.ndim
+    if op == "Slice":
+        starts = folded_value(node.inputs[1])
+        sliced = int_list(node, "", 3) if len(node.inputs) > 3 and node.inputs[3] is not None else (
+            None if starts is None else list(range(starts.size)))
+        return "read through a Slice on the channel axis" if sliced is None or any(
+            a % data_rank == data_rank - 1 for a in sliced) else data_rank
+    changed = int_list(node, "axes", 1)
+    if changed is None:
+        return f"read by {op} {node.name}"
+    if op == "Squeeze":  # removes axes of the input: the last one must stay
+        touches_last, out_rank = any(a % data_rank == data_rank - 1 for a in changed), data_rank - len(changed)
+    else:  # inserts axes of the output: none may become the last one
+        out_rank = data_rank + len(changed)
+        touches_last = any(a % out_rank == out_rank - 1 for a in changed)
+    return f"read through a {op} at the channel axis" if touches_last else out_rank
