@@ -67,6 +67,13 @@ class Plan:
     def applies(self) -> bool:
         return bool(self.actions)
 
+    def decide(self, candidate: str, outcome: Any) -> None:
+        """Record a candidate's outcome: an action, or (a string) the reason it is refused."""
+        if isinstance(outcome, str):
+            self.refusals.append(Refusal(candidate, outcome))
+        else:
+            self.actions.append(outcome)
+
     def summary(self) -> str:
         """One line: what would change (actions describe themselves where they can)."""
         described = [a.describe() if hasattr(a, "describe") else str(a) for a in self.actions]

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from normopt.passes.base import Change, Pass, Plan, Refusal
+from normopt.passes.base import Change, Pass, Plan
 from normopt.rewriter.edit import Editor
 from normopt.rewriter.graph import constant_shape
 from normopt.rewriter.linear_fold import Fold, bias_add_data, plan_preceding
@@ -224,11 +224,9 @@ class ConvBNTune(Pass):
             block = _plan_one(node, self.options.tune_params, tuned)
             if isinstance(block, TuneBlock) and block.fold.linear in used:
                 block = f"{block.fold.linear.op_type} {block.fold.linear.name} already takes another BatchNorm"
-            if isinstance(block, str):
-                plan.refusals.append(Refusal(f"batchnorm {node.name}", block))
-            else:
+            if isinstance(block, TuneBlock):
                 used.add(block.fold.linear)
-                plan.actions.append(block)
+            plan.decide(f"batchnorm {node.name}", block)
         if not plan.actions and not plan.refusals:
             plan.idle = "no BatchNormalization"
         return plan

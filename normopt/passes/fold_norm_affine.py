@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from normopt.passes.base import Change, Pass, Plan, Refusal
+from normopt.passes.base import Change, Pass, Plan
 from normopt.rewriter.edit import Editor
 from normopt.rewriter.graph import folded_value, rank, readers
 from normopt.rewriter.linear_fold import Fold, bias_add_after, fold_problem, fold_weights, token_axis_op
@@ -148,11 +148,7 @@ class FoldNormAffine(Pass):
         for match in find_norms(model.graph):
             if match.kind not in ("layernorm", "rmsnorm"):
                 continue
-            action = _plan_one(match)
-            if isinstance(action, str):
-                plan.refusals.append(Refusal(f"{match.kind} at {match.where()}", action))
-            else:
-                plan.actions.append(action)
+            plan.decide(f"{match.kind} at {match.where()}", _plan_one(match))
         if not plan.actions and not plan.refusals:
             plan.idle = "no LayerNorm or RMSNorm"
         return plan
