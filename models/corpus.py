@@ -43,7 +43,7 @@ class Entry:
             "clip": hf.clip, "bloom": hf.bloom, "swin": hf.swin, "wav2vec2": hf.wav2vec2, "whisper": hf.whisper,
             "periln": transformer.periln, "mixln": transformer.mixln, "scaledpool": transformer.scaledpool,
             "gpt2": hf.gpt2, "gpt2hidden": hf.gpt2hidden, "gpt2narrow": hf.gpt2narrow, "opt": hf.opt, "gptneox": hf.gptneox, "vit": hf.vit, "bert": hf.bert,
-            "llama": hf.llama, "preln": transformer.preln, "repbn": transformer.repbn,
+            "llama": hf.llama, "preln": transformer.preln, "repbn": transformer.repbn, "repbnpool": transformer.repbnpool,
             "unifiednorm": transformer.unifiednorm, "resnet18": cnn.resnet18,
             "mobilenetv2": cnn.mobilenetv2, "convnext": cnn.convnext, "convnext2d": cnn.convnext2d,
         }
@@ -67,7 +67,7 @@ class Paths:
 
 
 FAMILIES = ["gpt2", "gpt2hidden", "opt", "gptneox", "vit", "bert", "clip", "bloom", "swin", "wav2vec2", "whisper",
-            "llama", "preln", "periln", "mixln", "scaledpool", "repbn", "unifiednorm", "resnet18", "mobilenetv2",
+            "llama", "preln", "periln", "mixln", "scaledpool", "repbn", "repbnpool", "unifiednorm", "resnet18", "mobilenetv2",
             "convnext", "convnext2d"]
 # Exports per family where not all of them work (Whisper: TorchScript cannot export aten::diff).
 FAMILY_EXPORTS = {"llama": ("ts14", "ts17", "dyn18", "dyn23"), "whisper": ("dyn18",)}

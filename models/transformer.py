@@ -103,8 +103,9 @@ class TextTransformer(nn.Module):
 
 class VisionTransformer(nn.Module):
     def __init__(self, norm: str, classes: int = 10, d: int = D, heads: int = HEADS, layers: int = LAYERS,
-                 patch: int = PATCH, image: int = IMAGE) -> None:
+                 patch: int = PATCH, image: int = IMAGE, pool: str = "cls") -> None:
         super().__init__()
+        self.pool = pool  # cls: the cls token's features; mean: the mean over every token
         self.patch = nn.Conv2d(3, d, patch, patch)
         self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         self.positions = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, d) * 0.02)
@@ -115,7 +116,8 @@ class VisionTransformer(nn.Module):
     def forward(self, image):
         x = self.patch(image).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.positions
-        return self.head(self.norm(self.blocks(x))[:, 0])
+        x = self.norm(self.blocks(x))
+        return self.head(x.mean(dim=1) if self.pool == "mean" else x[:, 0])
 
 
 def _randomize_custom_norms(module: nn.Module, seed: int) -> None:
@@ -155,12 +157,13 @@ def scaledpool() -> Built:
     return _text(TextTransformer("ln", embed_scale=True, pool=True))
 
 
-def _vision(norm: str, large: bool = False) -> Built:
+def _vision(norm: str, large: bool = False, pool: str = "cls") -> Built:
     """Small (64 wide, 2 layers, 32x32) or ViT-S/16 size (384 wide, 12 layers, 6 heads, 224x224)."""
     g = torch.Generator().manual_seed(0)
     size = 224 if large else IMAGE
     image = torch.randn(1 if large else 2, 3, size, size, generator=g)
-    module = (VisionTransformer(norm, 1000, 384, 6, 12, 16, 224) if large else VisionTransformer(norm)).eval()
+    module = (VisionTransformer(norm, 1000, 384, 6, 12, 16, 224, pool=pool) if large
+              else VisionTransformer(norm, pool=pool)).eval()
     _randomize_custom_norms(module, seed=1)
     return Built(module, {"image": image}, ["logits"],
                  {"image": {0: "batch"}, "logits": {0: "batch"}}, keep_bn=True)
@@ -168,6 +171,12 @@ def _vision(norm: str, large: bool = False) -> Built:
 
 def repbn(large: bool = False) -> Built:
     return _vision("repbn", large)
+
+
+def repbnpool(large: bool = False) -> Built:
+    """The RepBN ViT with a mean-pooled head: its final BatchNorm reaches the head through a
+    mean over tokens."""
+    return _vision("repbn", large, pool="mean")
 
 
 def unifiednorm(large: bool = False) -> Built:

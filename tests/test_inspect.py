@@ -18,6 +18,7 @@ NORMS = {
     "resnet18": lambda e: {("batchnorm", "op"): 20},
     "mobilenetv2": lambda e: {("batchnorm", "op"): 52},
     "repbn": lambda e: {("batchnorm", "op"): 5},
+    "repbnpool": lambda e: {("batchnorm", "op"): 5},
     "unifiednorm": lambda e: {("affine", "decomposed"): 5},
     "convnext": lambda e: {("layernorm", "decomposed"): 2},
     **{f: (lambda e, n=n: {("layernorm", "decomposed" if e.opset < 17 else "op"): n})
@@ -37,7 +38,7 @@ def test_inspect_finds_every_norm(corpus, name):
         assert n["nodes"] and n["dtype"] == "FLOAT"
         if n["kind"] in ("layernorm", "rmsnorm"):
             assert n["axis"] == -1 and 0 < n["epsilon"] < 1e-4
-    if entry.family == "repbn":
+    if entry.family in ("repbn", "repbnpool"):
         assert all(n["transposed"] and n["repbn_alpha"] > 0 for n in info["norms"])
 
 

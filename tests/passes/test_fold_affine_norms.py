@@ -14,7 +14,7 @@ from normopt.rewriter.norms import find_norms
 from tests.helpers import assert_matches_reference, const, make_model, ort_run, tensor
 
 rng = np.random.default_rng(0)
-FOLDABLE = sorted(n for n, e in CORPUS.items() if e.family in ("resnet18", "mobilenetv2", "repbn", "unifiednorm"))
+FOLDABLE = sorted(n for n, e in CORPUS.items() if e.family in ("resnet18", "mobilenetv2", "repbn", "repbnpool", "unifiednorm"))
 
 
 @pytest.mark.parametrize("name", FOLDABLE)
@@ -283,3 +283,48 @@ def test_following_gemm_with_a_computed_bias_is_refused():
     inits = [const("w", rng.standard_normal((5, 6)).astype(np.float32)), const("p", rng.standard_normal((5, 6)).astype(np.float32))]
     model = make_model([nodes[0], nodes[1], nodes[3], nodes[2]], [tensor("x", shape=(3, 5))], [tensor("y", shape=(3, 6))], inits + extra)
     assert "has a non-constant bias" in refusal(model)
+
+
+# ------------------------------------------------------------ through pooling (issue "Structural re-parameterization")
+
+
+def test_bn_then_global_pool_flatten_gemm_folds_into_the_head():
+    node, inits = bn("bn", "r", "y", 4)
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), node,
+             helper.make_node("GlobalAveragePool", ["y"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat", axis=1),
+             helper.make_node("Gemm", ["f", "w", "cb"], ["z"], name="head", transB=1)]
+    inits += [const("w", rng.standard_normal((3, 4)).astype(np.float32)), const("cb", rng.standard_normal(3).astype(np.float32))]
+    model = make_model(nodes, [tensor("x", shape=(2, 4, 6, 6))], [tensor("z", shape=(2, 3))], inits)
+    result, out = run_fold(model, image())
+    assert "following Gemm" in result.lines[0] and "BatchNormalization" not in [n.op_type for n in out.graph]
+
+
+@pytest.mark.parametrize("pool", ["ReduceMean", "ReduceSum"])
+def test_token_bn_then_pooling_over_tokens_folds_into_the_head(pool):
+    """A BN transformer's mean-pooled head: tokens -> token BN -> mean (or sum) over tokens -> MatMul."""
+    nodes, inits = _tokens_bn("r")
+    pooling = (helper.make_node(pool, ["yn"], ["p"], name="pool", axes=[1], keepdims=0) if pool == "ReduceMean"
+               else helper.make_node(pool, ["yn", "axes"], ["p"], name="pool", keepdims=0))  # axes an input from 13
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), *nodes, pooling,
+             helper.make_node("MatMul", ["p", "w"], ["z"], name="head")]
+    inits += [const("w", rng.standard_normal((8, 3)).astype(np.float32)), const("axes", np.array([1], np.int64))]
+    model = make_model(nodes, [tensor("x", shape=(2, 5, 8))], [tensor("z", shape=(2, 3))], inits)
+    result, out = run_fold(model, {"x": rng.standard_normal((2, 5, 8)).astype(np.float32)})
+    assert "following MatMul" in result.lines[0]
+
+
+def test_pooling_that_reads_the_channels_or_sums_unknown_counts_is_refused():
+    nodes, inits = _tokens_bn("r")
+    base = [helper.make_node("Relu", ["x"], ["r"], name="relu"), *nodes]
+    inits.append(const("w", rng.standard_normal((5, 3)).astype(np.float32)))
+    over_channels = make_model(base + [helper.make_node("ReduceMean", ["yn"], ["p"], name="pool", axes=[2], keepdims=0),
+                                       helper.make_node("MatMul", ["p", "w"], ["z"], name="head")],
+                               [tensor("x", shape=(2, 5, 8))], [tensor("z", shape=(2, 3))], inits)
+    assert "ReduceMean pool reduces the channel axis" in refusal(over_channels)
+    inits[-1] = const("w", rng.standard_normal((8, 3)).astype(np.float32))
+    unknown = make_model(base + [helper.make_node("ReduceSum", ["yn", "axes"], ["p"], name="pool", keepdims=0),
+                                 helper.make_node("MatMul", ["p", "w"], ["z"], name="head")],
+                         [tensor("x", shape=(2, "tokens", 8))], [tensor("z", shape=(2, 3))],
+                         inits + [const("axes", np.array([1], np.int64))], opset=18)
+    assert "ReduceSum pool sums dims of unknown size" in refusal(unknown)
