@@ -472,6 +472,37 @@ def _conv(c, b: Builder, x: str, cin: int, hw: tuple[int, int]) -> tuple[str, in
     return y, cout, "Conv", out
 
 
+def _parallel(c, b: Builder, x: str, ch: int, notes: list) -> str:
+    """Parallel branches of x summed (RepVGG, ACNet): Convs (some followed by a BN) with centred
+    pads, with an identity or BN(x) branch, by Adds or a Sum; now and then one branch's window
+    shifted (merge-branches must refuse it). Keeps the channels and the spatial size."""
+    groups = c.pick(_divisors(ch))
+    k = c.pick([1, 3])
+    dilation = c.integer(1, 2) if k == 3 else 1
+    branches = []
+    for shape in c.pick([[(k, k), (1, 1)], [(k, k), (1, k), (k, 1)], [(k, k)]]):
+        pads = [dilation * (shape[0] - 1) // 2, dilation * (shape[1] - 1) // 2] * 2
+        if pads[2] >= 1 and c.coin(0.1):
+            pads = [pads[0] + 1, pads[1], pads[2] - 1, pads[3]]
+            notes.append("shifted branch window")
+        bias = [b.const(0.2 * b.rng.standard_normal(ch), "cb")] if c.coin(0.5) else []
+        y = b.op("Conv", [x, b.weight((ch, ch // groups, *shape)), *bias], group=groups, kernel_shape=list(shape),
+                 pads=pads, dilations=[dilation, dilation])
+        branches.append(_batchnorm(b, y, ch) if c.coin(0.5) else y)
+    extra = c.pick(["none", "identity", "bn"])
+    if extra == "bn" or (extra == "none" and len(branches) == 1):
+        branches.append(_batchnorm(b, x, ch))
+    elif extra == "identity":
+        branches.append(x)
+    notes.append(f"parallel branches ({len(branches)}, k={k}, groups={groups})")
+    if c.coin(0.3):
+        return b.op("Sum", branches)
+    out = branches[0]
+    for branch in branches[1:]:
+        out = b.op("Add", [out, branch])
+    return out
+
+
 def cnn(c) -> Case:
     dtype = c.pick([np.float32, np.float32, np.float32, np.float16])
     b = Builder(np.random.default_rng(c.integer(0, 2**31 - 1)), dtype)
@@ -484,6 +515,8 @@ def cnn(c) -> Case:
         x = b.input((batch, ch, *hw))
         shared = None
         for _ in range(c.integer(1, 3)):
+            if c.coin(0.25):
+                x = _parallel(c, b, x, ch, notes)
             if c.coin(0.8):
                 if c.coin(0.1) and shared is not None and shared[1] == ch:
                     x = b.op("Conv", [x, shared[0]], kernel_shape=[1, 1])

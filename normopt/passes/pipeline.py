@@ -22,15 +22,17 @@ from normopt.passes.cleanup import Cleanup
 from normopt.passes.convbn_tune import ConvBNTune
 from normopt.passes.fold_affine_norms import FoldAffineNorms
 from normopt.passes.fold_norm_affine import FoldNormAffine
+from normopt.passes.merge_branches import MergeBranches
 from normopt.passes.preln_to_rmsnorm import PreLNToRMSNorm
 from normopt.rewriter.shapes import annotated
 from normopt.timings import step
 
 PASSES: dict[str, type[Pass]] = {
-    p.name: p for p in (PreLNToRMSNorm, CanonicalizeNorms, FoldAffineNorms, FoldNormAffine, ConvBNTune, Cleanup)
+    p.name: p for p in (PreLNToRMSNorm, CanonicalizeNorms, FoldAffineNorms, MergeBranches, FoldNormAffine, ConvBNTune,
+                        Cleanup)
 }
 # The default pipeline, in order.
-DEFAULT_PIPELINE: tuple[str, ...] = ("preln-to-rmsnorm", "canonicalize-norms", "fold-affine-norms")
+DEFAULT_PIPELINE: tuple[str, ...] = ("preln-to-rmsnorm", "canonicalize-norms", "fold-affine-norms", "merge-branches")
 # Run after every pipeline, whatever was asked.
 FINAL_PASSES: tuple[str, ...] = ("cleanup",)
 MAX_ROUNDS = 8

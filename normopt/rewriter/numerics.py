@@ -153,3 +153,32 @@ def scale_along(array, g, axis: int) -> np.ndarray:
     a = _f64(array)
     g = _f64(g).reshape(-1)
     return a * g.reshape([g.size if i == axis % a.ndim else 1 for i in range(a.ndim)])
+
+
+def merged_kernel(branches: Sequence[tuple[np.ndarray, np.ndarray]], kernel: Sequence[int],
+                  out_channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Parallel convolutions of one input, summed, as one: every branch's weight [C_out, C_in/G,
+    k_1, k_2, ..] zero-padded, centred, to `kernel` (each k_i's margin (K_i - k_i) / 2 per side,
+    which is exactly where its own padding put it), then the weights and the biases summed:
+    W = sum_i pad(W_i), b = sum_i b_i. `branches`: (weight, bias) pairs in any float dtype."""
+    total = np.zeros((out_channels, branches[0][0].shape[1], *kernel))
+    bias = np.zeros(out_channels)
+    for weight, b in branches:
+        w = _f64(weight)
+        margins = [((k - s) // 2, (k - s) // 2) for k, s in zip(kernel, w.shape[2:])]
+        total += np.pad(w, [(0, 0), (0, 0), *margins])
+        bias += _f64(b)
+    return total, bias
+
+
+def identity_kernel(channels: int, groups: int, kernel: Sequence[int], scale=None) -> np.ndarray:
+    """A grouped convolution weight [C, C/G, k..] that maps every channel to itself (times
+    `scale[c]`, a per-channel affine's a; 1 without): a 1 at the kernel centre of channel c's
+    own input within its group, c mod (C/G)."""
+    per_group = channels // groups
+    w = np.zeros((channels, per_group, *kernel))
+    centre = tuple(k // 2 for k in kernel)
+    s = np.ones(channels) if scale is None else _f64(scale).reshape(channels)
+    for c in range(channels):
+        w[(c, c % per_group, *centre)] = s[c]
+    return w
