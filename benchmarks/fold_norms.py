@@ -1,4 +1,4 @@
-"""ORT CPU latency of `fold-affine-norms`, in one run, interleaved.
+"""ORT CPU latency of `fold-affine-norms` and `merge-branches`, in one run, interleaved.
 
     python benchmarks/fold_norms.py [--rounds 30] [--reps 2] [--threads 2]
 
@@ -7,8 +7,14 @@
   original vs normopt-folded vs the exporter's own folded export (the peer).
 - RepBN ViT-S/16 (SLAB-style BN(x) + alpha*x on token features, 224x224, batch 1), dynamo:
   original vs folded.
-Goals (issue "Fold ..."): ResNet-18 <= 0.70x and <= 1.00x the exporter's folded export;
-RepBN ViT-S <= 0.88x. Writes results/fold_norms.json.
+- timm's RepVGG-A0 (224x224, batch 1), dynamo, in its training form (3x3+BN, 1x1+BN, identity
+  BN per block): original vs normopt's default pipeline (folds, then merge-branches) vs the
+  export of timm's own reparameterize_model() (the peer).
+- The RepBN transformer with a mean-pooled head (corpus size, dynamo, batch 8): its last BN
+  folds into the head through the mean over tokens.
+Goals (issues "Fold ...", "Structural re-parameterization"): ResNet-18 <= 0.70x and <= 1.00x
+the exporter's folded export; RepBN ViT-S <= 0.88x; RepVGG <= 1.00x timm's reparameterized
+export. Writes results/fold_norms.json.
 """
 
 from __future__ import annotations
@@ -17,9 +23,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import CELLS, cells, compare, environment, write
-
-VS_PEER = "normopt folded (x the exporter's folded export)"
+from common import CELLS, cells, compare, environment, feeds, write
 
 
 def main() -> int:
@@ -43,24 +47,30 @@ def main() -> int:
         table.add_column(col)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for entry, peer in (("resnet18-full-dyn18", "resnet18-full-dyn18-folded"), ("repbn-vits-dyn18", None)):
+        for entry, peer, passes, batch in (
+                ("resnet18-full-dyn18", ("exporter folded", "resnet18-full-dyn18-folded"), ["fold-affine-norms"], None),
+                ("repbn-vits-dyn18", None, ["fold-affine-norms"], None),
+                ("repvgg-a0-dyn18", ("timm reparameterized", "repvgg-a0-deploy-dyn18"), None, None),
+                ("repbnpool-dyn18", None, ["fold-affine-norms"], 8)):
             paths = build(entry)
+            example = feeds(paths.load_inputs(), batch=batch) if batch else paths.load_inputs()
             folded = Path(tmp) / f"{entry}-folded.onnx"
-            report = rewrite(paths.model, folded, passes=["fold-affine-norms"],
-                             verification=VerifyOptions(inputs=paths.load_inputs()))
+            report = rewrite(paths.model, folded, passes=passes, verification=VerifyOptions(inputs=example))
             variants = {"original": paths.model, "normopt folded": folded}
             against = {}
             if peer:
-                variants["exporter folded"] = build(peer).model
-                variants[VS_PEER] = folded
-                against[VS_PEER] = "exporter folded"
-            figures = compare(variants, "original", paths.load_inputs(), threads=args.threads, rounds=args.rounds,
+                variants[peer[0]] = build(peer[1]).model
+                vs_peer = f"normopt folded (x {peer[0]})"
+                variants[vs_peer] = folded
+                against[vs_peer] = peer[0]
+            figures = compare(variants, "original", example, threads=args.threads, rounds=args.rounds,
                               reps=args.reps, against=against)
+            applied = [line for p in report.passes if p.modified and p.name != "cleanup" for line in p.lines]
             for name, figure in figures.items():
-                note = "; ".join(report.passes[0].lines) if name == "normopt folded" else ""
+                note = "; ".join(applied) if name == "normopt folded" else ""
                 table.add_row(entry, name, *cells(figure), note)
             results[entry] = {"figures": {k: f.to_json() for k, f in figures.items()}, "against": against,
-                              "changes": report.passes[0].lines,
+                              "changes": applied,
                               "max_rel_error": max(o.max_rel for o in report.verification.outputs)}
     Console(width=200).print(table)
     print(f"wrote {write('fold_norms', {'environment': env, 'rounds': args.rounds, 'reps': args.reps, 'results': results})}")

@@ -147,3 +147,32 @@ def convnext2d(large: bool = False) -> Built:
     config = dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320)) if large else dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
     module = TimmConvNeXt(**config, ls_init_value=0.5, num_classes=10)
     return _image(module, keep_bn=False, size=128 if large else IMAGE, batch=1 if large else 2)
+
+
+def _repvgg_module(large: bool):
+    import dataclasses
+
+    import models._torchvision_shim  # noqa: F401  (timm imports torchvision)
+    from timm.models.byobnet import ByobNet, model_cfgs
+
+    cfg = model_cfgs["repvgg_a0"]
+    if not large:
+        cfg = dataclasses.replace(cfg, stem_chs=8, blocks=tuple(dataclasses.replace(b, c=max(b.c // 16, 8), d=min(b.d, 2))
+                                                               for b in cfg.blocks))
+    return ByobNet(cfg, num_classes=1000 if large else 10)
+
+
+def repvgg(large: bool = False) -> Built:
+    """timm's RepVGG in its training form: per block a 3x3 Conv+BN, a 1x1 Conv+BN and, where the
+    shapes allow, an identity BatchNorm, summed. Large: RepVGG-A0 (48-1280 channels) at
+    224x224, 1000 classes; small: its stages at 1/16 width, at most 2 blocks each, 64x64."""
+    return _image(_repvgg_module(large), size=224 if large else IMAGE, batch=1 if large else 2)
+
+
+def repvgg_deploy(large: bool = False) -> Built:
+    """The same RepVGG after timm's own reparameterize_model(): one 3x3 Conv per block (the
+    model's own deploy form, the peer merge-branches is measured against)."""
+    from timm.utils.model import reparameterize_model
+
+    return _image(reparameterize_model(_repvgg_module(large).eval()), keep_bn=False,
+                  size=224 if large else IMAGE, batch=1 if large else 2)

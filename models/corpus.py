@@ -46,6 +46,7 @@ class Entry:
             "llama": hf.llama, "preln": transformer.preln, "repbn": transformer.repbn, "repbnpool": transformer.repbnpool,
             "unifiednorm": transformer.unifiednorm, "resnet18": cnn.resnet18,
             "mobilenetv2": cnn.mobilenetv2, "convnext": cnn.convnext, "convnext2d": cnn.convnext2d,
+            "repvgg": cnn.repvgg, "repvggdeploy": cnn.repvgg_deploy,
         }
         build = families[self.family]
         return (lambda: build(large=True)) if self.large else build
@@ -68,7 +69,7 @@ class Paths:
 
 FAMILIES = ["gpt2", "gpt2hidden", "opt", "gptneox", "vit", "bert", "clip", "bloom", "swin", "wav2vec2", "whisper",
             "llama", "preln", "periln", "mixln", "scaledpool", "repbn", "repbnpool", "unifiednorm", "resnet18", "mobilenetv2",
-            "convnext", "convnext2d"]
+            "convnext", "convnext2d", "repvgg"]
 # Exports per family where not all of them work (Whisper: TorchScript cannot export aten::diff).
 FAMILY_EXPORTS = {"llama": ("ts14", "ts17", "dyn18", "dyn23"), "whisper": ("dyn18",)}
 CORPUS: dict[str, Entry] = {}
@@ -89,6 +90,9 @@ LARGE = {
     "resnet18-full-dyn18": Entry("resnet18-full-dyn18", "resnet18", "dynamo", 18, large=True),
     "resnet18-full-dyn18-folded": Entry("resnet18-full-dyn18-folded", "resnet18", "dynamo", 18, large=True, keep_bn=False),
     "repbn-vits-dyn18": Entry("repbn-vits-dyn18", "repbn", "dynamo", 18, large=True),
+    # timm's RepVGG-A0: training form (BN kept), and timm's own reparameterized deploy form
+    "repvgg-a0-dyn18": Entry("repvgg-a0-dyn18", "repvgg", "dynamo", 18, large=True),
+    "repvgg-a0-deploy-dyn18": Entry("repvgg-a0-deploy-dyn18", "repvggdeploy", "dynamo", 18, large=True),
     "swin-t-ts17": Entry("swin-t-ts17", "swin", "ts", 17, large=True),
     "bloom-512x8-ts17": Entry("bloom-512x8-ts17", "bloom", "ts", 17, large=True),
 }

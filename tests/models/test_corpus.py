@@ -14,7 +14,7 @@ from tests.helpers import assert_matches_reference
 
 LN_COUNTS = {"gpt2": 5, "gpt2hidden": 5, "opt": 5, "gptneox": 5, "vit": 5, "bert": 5, "preln": 5, "clip": 6,
              "bloom": 6, "swin": 11, "wav2vec2": 8, "whisper": 12, "periln": 9, "mixln": 7, "scaledpool": 5}
-BN_COUNTS = {"resnet18": 20, "mobilenetv2": 52, "repbn": 5, "repbnpool": 5}
+BN_COUNTS = {"resnet18": 20, "mobilenetv2": 52, "repbn": 5, "repbnpool": 5, "repvgg": 19}
 
 
 def digest(path):

@@ -3,6 +3,8 @@ branches become one Conv, exactly; every mismatch is refused with its reason."""
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -145,3 +147,22 @@ def test_a_residual_add_is_no_candidate():
                        [tensor("x", shape=(2, 8, 6, 6))], [tensor("y", shape=(2, 8, 6, 6))], inits)
     result, _ = merge(model, expect_modified=False)
     assert [r.reason for r in result.refusals] == ["no sum of parallel Conv branches of one input"]
+
+
+@pytest.mark.parametrize("name", ["repvgg-ts14", "repvgg-ts17", "repvgg-dyn18"])
+def test_timm_repvgg_becomes_one_conv_per_block(corpus, tmp_path, name):
+    """timm's RepVGG in its training form (BN kept): the default pipeline folds each branch's BN,
+    then merges the 3x3, 1x1 and identity-BN branches of every block into one 3x3 Conv."""
+    from normopt.rewrite import rewrite
+    from normopt.verify import VerifyOptions
+    from tests.helpers import assert_matches_reference
+
+    paths = corpus(name)
+    out = tmp_path / "out.onnx"
+    report = rewrite(paths.model, out, verification=VerifyOptions(inputs=paths.load_inputs()))
+    ops = collections.Counter(n.op_type for n in onnx.load(out).graph.node)
+    blocks = collections.Counter(n.op_type for n in onnx.load(paths.model).graph.node)["Relu"]  # one per block
+    assert ops["BatchNormalization"] == 0 and ops["Conv"] == blocks == 8 and ops["Add"] == 0
+    merged = next(p for p in report.passes if p.name == "merge-branches")
+    assert merged.lines == ["merged 8 parallel branches into one Conv"]
+    assert_matches_reference(out, paths)
