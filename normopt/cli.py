@@ -241,18 +241,19 @@ ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Also write 
 
 
 @_command
-def passes(json_out: JsonOpt = False) -> None:
+def passes(json_out: JsonOpt = False, report: ReportOpt = None) -> None:
     """List the passes, one line each."""
     from normopt.passes.pipeline import DEFAULT_PIPELINE, FINAL_PASSES, PASSES
     from normopt.schema import document
 
     known = PASSES
+    guard = _output_guard([], {"--report": report})
+    _emit(document("passes", {
+        "passes": {n: cls.summary for n, cls in sorted(known.items())},
+        "default_pipeline": list(DEFAULT_PIPELINE),
+        "always_after": list(FINAL_PASSES),
+    }), json_out, report, guard)
     if json_out:
-        _emit(document("passes", {
-            "passes": {n: cls.summary for n, cls in sorted(known.items())},
-            "default_pipeline": list(DEFAULT_PIPELINE),
-            "always_after": list(FINAL_PASSES),
-        }), True, None, None)
         return
     table = Table(title="normopt passes")
     table.add_column("pass")

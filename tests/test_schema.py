@@ -53,8 +53,8 @@ def test_every_command_prints_one_document_of_the_schema(tmp_path, corpus, cli_e
     profile = document(run("profile", src, out, "--runs", "2", "--warmup", "0", "--json", env=cli_env))
     assert profile["models"] == [str(src), str(out)] and profile["environment"]["threads"] == 2
 
-    passes = document(run("passes", "--json", env=cli_env))
-    assert "preln-to-rmsnorm" in passes["passes"]
+    passes = document(run("passes", "--json", "--report", tmp_path / "p.json", env=cli_env))
+    assert "preln-to-rmsnorm" in passes["passes"] and json.loads((tmp_path / "p.json").read_text())["passes"] == passes["passes"]
 
 
 def test_an_error_is_a_document_too(tmp_path, cli_env):
