@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from normopt.verify import VerifyReport
 
 ModelLike = TypeVar("ModelLike")  # str | os.PathLike | onnx.ModelProto | onnx_ir.Model
+IN_MEMORY = "<in memory>"  # what reports name an in-memory model by
 
 
 def _kind(model: Any) -> str:
@@ -110,6 +111,7 @@ def rewrite(
     from normopt.errors import BadInput
     from normopt.guard import SpeedGuard
     from normopt.passes.base import Options
+    from normopt.rewrite import RewriteReport
     from normopt.rewrite import rewrite as run
 
     if target not in ("onnx", "ort", "tensorrt"):
@@ -126,8 +128,9 @@ def rewrite(
     guard = SpeedGuard(threads=threads, inputs=checks) if speed_guard else None
     with tempfile.TemporaryDirectory(prefix="normopt-") as tmp, _as_file(model, Path(tmp), "input.onnx") as src:
         dst = Path(output) if output is not None else Path(tmp) / "output.onnx"
-        result = run(src, dst, passes=passes, options=options, verification=checks if verify else None,
-                     speed_guard=guard, require_change=require_change, report_path=report)
+        result = RewriteReport(str(src), str(dst)) if kind == "path" else RewriteReport(IN_MEMORY, IN_MEMORY)
+        run(src, dst, passes=passes, options=options, verification=checks if verify else None,
+            speed_guard=guard, require_change=require_change, report_path=report, report=result)
         return (dst if kind == "path" else _read_back(dst, kind)), result
 
 
@@ -163,4 +166,4 @@ def inspect(model: ModelLike, target: str = "onnx") -> dict:
     kind = _kind(model)
     if kind == "path":
         return inspect_model(model, target)
-    return describe(ir.from_proto(model) if kind == "proto" else model, "<in memory>", target)
+    return describe(ir.from_proto(model) if kind == "proto" else model, IN_MEMORY, target)

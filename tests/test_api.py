@@ -35,6 +35,7 @@ def test_a_model_proto_comes_back_rewritten_and_the_one_passed_in_is_unchanged()
     rewritten, report = normopt.rewrite(proto)
     assert isinstance(rewritten, onnx.ModelProto) and proto.SerializeToString() == before
     assert report.changed and report.verification.ok and report.to_json()["command"] == "rewrite"
+    assert report.input == report.output == "<in memory>"
     assert [n.op_type for n in rewritten.graph.node] == ["MatMul", "Add", "Relu", "MatMul"]
     np.testing.assert_array_equal(ort_run(rewritten, FEEDS)["y"], ort_run(proto, FEEDS)["y"])
 
