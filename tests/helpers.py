@@ -92,3 +92,17 @@ def annotate(model) -> None:
     context = annotated(model)
     context.__enter__()
     _KEPT.append(context)
+
+
+def run_pass(pass_, model: onnx.ModelProto, expect_modified: bool = True, full_check: bool = True):
+    """Run one pass (an instance) on a copy of `model` as the pipeline would (shapes annotated);
+    returns its result and the rewritten proto, checked by onnx.checker."""
+    import onnx_ir as ir
+
+    ir_model = ir.serde.deserialize_model(model)
+    annotate(ir_model)
+    result = pass_.run(ir_model)
+    assert result.modified == expect_modified, result.refusals
+    rewritten = ir.serde.serialize_model(ir_model)
+    onnx.checker.check_model(rewritten, full_check=full_check)
+    return result, rewritten

@@ -15,7 +15,7 @@ from normopt.passes.base import Options
 from normopt.passes.convbn_tune import ConvBNTune
 from normopt.passes.fold_affine_norms import FoldAffineNorms
 from normopt.rewriter import io
-from tests.helpers import annotate, const, make_model, ort_run, tensor
+from tests.helpers import annotate, const, make_model, ort_run, run_pass, tensor
 
 rng = np.random.default_rng(0)
 BN_EXPORTS = sorted(n for n, e in CORPUS.items() if e.family in ("resnet18", "mobilenetv2"))
@@ -67,13 +67,7 @@ def matmul_token_bn(bias=True):
 
 
 def tune(model: onnx.ModelProto, tune_params: str = "constants", expect_modified: bool = True):
-    ir_model = ir.serde.deserialize_model(model)
-    annotate(ir_model)
-    result = ConvBNTune(Options(tune_params=tune_params)).run(ir_model)
-    assert result.modified == expect_modified, result.refusals
-    rewritten = ir.serde.serialize_model(ir_model)
-    onnx.checker.check_model(rewritten, full_check=True)
-    return result, rewritten
+    return run_pass(ConvBNTune(Options(tune_params=tune_params)), model, expect_modified)
 
 
 def replaced(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -13,7 +12,7 @@ from models.corpus import CORPUS
 from normopt.passes.fold_norm_affine import FoldNormAffine
 from normopt.rewriter import io, ort_ops  # noqa: F401  (the checker must know SimplifiedLayerNormalization)
 from normopt.rewriter.norms import find_norms
-from tests.helpers import annotate, assert_matches_reference, const, make_model, ort_run, tensor
+from tests.helpers import annotate, assert_matches_reference, const, make_model, ort_run, run_pass, tensor
 
 rng = np.random.default_rng(0)
 D = 8
@@ -51,11 +50,7 @@ def norm_to_readers(op="LayerNormalization", opset=17, bias=True, readers=("q", 
 
 
 def run(model: onnx.ModelProto, expect_modified: bool = True):
-    ir_model = ir.serde.deserialize_model(model)
-    annotate(ir_model)
-    result = FoldNormAffine().run(ir_model)
-    assert result.modified == expect_modified, result.refusals
-    return result, ir.serde.serialize_model(ir_model)
+    return run_pass(FoldNormAffine(), model, expect_modified, full_check=False)
 
 
 @pytest.mark.parametrize("op,opset,bias", [("LayerNormalization", 17, True), ("LayerNormalization", 17, False),

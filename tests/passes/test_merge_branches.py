@@ -13,7 +13,7 @@ from onnx import helper
 
 from normopt.passes.merge_branches import MergeBranches
 from normopt.passes.pipeline import run_pipeline
-from tests.helpers import annotate, const, make_model, ort_run, tensor
+from tests.helpers import const, make_model, ort_run, run_pass, tensor
 
 rng = np.random.default_rng(0)
 
@@ -60,13 +60,7 @@ def summed(branches, extra_inits=(), cin=8, hw=6, out_shape=(2, 8, 6, 6), sum_op
 
 
 def merge(model, expect_modified=True):
-    ir_model = ir.serde.deserialize_model(model)
-    annotate(ir_model)
-    result = MergeBranches().run(ir_model)
-    assert result.modified == expect_modified, result.refusals
-    out = ir.serde.serialize_model(ir_model)
-    onnx.checker.check_model(out, full_check=True)
-    return result, out
+    return run_pass(MergeBranches(), model, expect_modified)
 
 
 CASES = {
