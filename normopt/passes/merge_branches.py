@@ -5,14 +5,15 @@ Before: x -> Conv_1(W_1, b_1) ... Conv_n(W_n, b_n), and x itself or a per-channe
         (BN(x): RepVGG's identity branch), summed by Adds (any tree) or a Sum
 After:  x -> Conv(W, b) with W = sum of the branch kernels zero-padded, centred, to the largest
         kernel (an identity branch: a 1 at the centre of each channel's own input; an affine
-        a*x + c: a there, c into the bias), b = sum of the biases; the largest kernel's pads
+        a*x + c: a there, c into the bias), b = sum of the biases; the window's pads
 Conditions:
   1. every branch is a Conv of x (constant weight and bias, explicit pads), x itself, or a
      per-channel affine of x (BatchNormalization, a constant Mul/Add chain) over the channel
      axis; at least two branches, one a Conv; each branch's output read only by the sum;
-  2. the Convs share strides, dilations and groups; each kernel fits centred in the largest
-     ((K - k) even) and its pads are the largest kernel's minus dilation * (K - k) / 2 per side
-     (so every branch sees the same input window); otherwise the refusal names the mismatch;
+  2. the Convs share strides, dilations and groups; each kernel fits centred in the merged
+     window K (per axis the largest, (K - k) even), and every Conv's pads plus dilation *
+     (K - k) / 2 per side give the same window pads (every branch reads the same input window:
+     1x3 + 3x1 merge into a 3x3); otherwise the refusal names the mismatch;
   3. an identity or affine branch needs stride 1, as many output as input channels and
      "same" padding (dilation * (K - 1) / 2 per side).
 Sequential branches (DBB's 1x1 -> kxk, AvgPool) are not merged. BN after each Conv folds first
@@ -24,7 +25,7 @@ same window (rewriter.numerics.merged_kernel / identity_kernel, float64).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -43,7 +44,9 @@ class Merge:
     x: ir.Value
     convs: list[ir.Node]
     affines: list[tuple[np.ndarray | None, np.ndarray | None, list[ir.Node]]]  # identity: (None, None, [])
-    chain: list[ir.Node] = field(default_factory=list)  # the Adds
+    chain: list[ir.Node]  # the inner Adds
+    kernel: list[int]  # the merged window, and the pads every branch's own pads put it at
+    pads: list[int]
 
     def describe(self) -> str:
         return f"{len(self.convs) + len(self.affines)} branches summed at {self.root.name} into one Conv"
@@ -113,16 +116,16 @@ def _plan_one(root: ir.Node, affines: dict[ir.Value, NormMatch]) -> Merge | str 
     weights = [folded_value(c.inputs[1]) for c in convs]
     kernel = [max(w.shape[2 + i] for w in weights) for i in range(weights[0].ndim - 2)]
     dilations, rank = _attr(convs[0], "dilations"), len(kernel)
-    widest = max(convs, key=lambda c: folded_value(c.inputs[1]).shape[2:] == tuple(kernel))
-    pads = _attr(widest, "pads")
+    pads = None  # the window's pads: each Conv's own pads plus its margin (1x3 + 3x1 make a 3x3)
     for conv, w in zip(convs, weights):
         margin = [k - s for k, s in zip(kernel, w.shape[2:])]
         if any(m % 2 for m in margin):
             return f"Conv {conv.name}'s kernel {list(w.shape[2:])} does not centre in {kernel}"
-        want = [p - dilations[i % rank] * margin[i % rank] // 2 for i, p in enumerate(pads)]
-        if _attr(conv, "pads") != want:
-            return (f"Conv {conv.name}'s pads {_attr(conv, 'pads')} do not centre it in the {kernel} window "
-                    f"(need {want})")
+        window = [p + dilations[i % rank] * margin[i % rank] // 2 for i, p in enumerate(_attr(conv, "pads"))]
+        if pads is not None and window != pads:
+            return (f"Conv {conv.name}'s pads {_attr(conv, 'pads')} put its {kernel} window at pads {window}, "
+                    f"{convs[0].name}'s at {pads}: the branches read different windows")
+        pads = window
     out_channels = weights[0].shape[0]
     branches = []
     for value in leaves:
@@ -143,24 +146,22 @@ def _plan_one(root: ir.Node, affines: dict[ir.Value, NormMatch]) -> Merge | str 
             if match.axis not in (1, 1 - rank - 2) or a.size != out_channels:
                 return f"the affine branch '{value.name}' is not per channel over axis 1"
             branches.append((a, c, match.nodes))
-    return Merge(root, x, convs, branches, chain)
+    return Merge(root, x, convs, branches, chain, kernel, pads)
 
 
 def _apply_one(edit: Editor, merge: Merge) -> Change:
-    convs = merge.convs
+    convs, kernel = merge.convs, merge.kernel
     weights = [folded_value(c.inputs[1]) for c in convs]
-    kernel = [max(w.shape[2 + i] for w in weights) for i in range(weights[0].ndim - 2)]
     out_channels, group = weights[0].shape[0], _attr(convs[0], "group")
     parts = [(w, folded_value(c.inputs[2]) if len(c.inputs) > 2 and c.inputs[2] is not None else np.zeros(out_channels))
              for c, w in zip(convs, weights)]
     parts += [(numerics.identity_kernel(out_channels, group, kernel, a), np.zeros(out_channels) if c is None else c)
               for a, c, _ in merge.affines]
     w, b = numerics.merged_kernel(parts, kernel, out_channels)
-    widest = next(c for c, wt in zip(convs, weights) if list(wt.shape[2:]) == kernel)
     dtype = weights[0].dtype
-    name = widest.name or "merged"
-    attrs = {"kernel_shape": kernel, "pads": _attr(widest, "pads"), "strides": _attr(widest, "strides"),
-             "dilations": _attr(widest, "dilations"), "group": group}
+    name = convs[0].name or "merged"
+    attrs = {"kernel_shape": kernel, "pads": merge.pads, "strides": _attr(convs[0], "strides"),
+             "dilations": _attr(convs[0], "dilations"), "group": group}
     conv = edit.node("Conv", [merge.x, edit.initializer(f"{name}.merged_weight", w.astype(dtype)),
                               edit.initializer(f"{name}.merged_bias", b.astype(dtype))], attrs,
                      name=f"{name}.merged", like=merge.root.outputs[0])

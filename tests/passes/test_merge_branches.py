@@ -69,6 +69,7 @@ CASES = {
                                                   sum_op=True),
     "acnet": lambda: summed([conv("c3", (3, 3), [1, 1, 1, 1]), conv("h", (1, 3), [0, 1, 0, 1]),
                              conv("v", (3, 1), [1, 0, 1, 0], bias=False)]),
+    "1x3 + 3x1 (no 3x3 among them)": lambda: summed([conv("h", (1, 3), [0, 1, 0, 1]), conv("v", (3, 1), [1, 0, 1, 0]), "x"]),
     "grouped": lambda: summed([conv("c3", (3, 3), [1, 1, 1, 1], group=2), conv("c1", (1, 1), [0, 0, 0, 0], group=2),
                                bn_of_x()]),
     "depthwise": lambda: summed([conv("c5", (5, 5), [2, 2, 2, 2], group=8), conv("c3", (3, 3), [1, 1, 1, 1], group=8), "x"]),
@@ -118,8 +119,8 @@ def test_mismatches_are_refused_with_their_reason():
         "the Convs differ in dilations")
     assert refusal(summed([conv("a", (3, 3), [1, 1, 1, 1], group=2), conv("b", (1, 1), [0, 0, 0, 0])])[0]).startswith(
         "the Convs differ in group")
-    assert "Conv b's pads [2, 2, 0, 0] do not centre it in the [3, 3] window (need [1, 1, 1, 1])" in refusal(
-        summed([conv("a", (3, 3), [1, 1, 1, 1]), conv("b", (3, 3), [2, 2, 0, 0])])[0])
+    assert ("Conv b's pads [2, 2, 0, 0] put its [3, 3] window at pads [2, 2, 0, 0], a's at [1, 1, 1, 1]: the "
+            "branches read different windows") in refusal(summed([conv("a", (3, 3), [1, 1, 1, 1]), conv("b", (3, 3), [2, 2, 0, 0])])[0])
     assert "does not centre in [3, 3]" in refusal(
         summed([conv("a", (3, 3), [1, 1, 1, 1]), conv("b", (2, 2), [0, 0, 1, 1])])[0])
     wide = summed([conv("a", (3, 3), [1, 1, 1, 1], cin=1, cout=8), "x"], cin=1)[0]  # x broadcasts over channels
@@ -160,3 +161,16 @@ def test_timm_repvgg_becomes_one_conv_per_block(corpus, tmp_path, name):
     merged = next(p for p in report.passes if p.name == "merge-branches")
     assert merged.lines == ["merged 8 parallel branches into one Conv"]
     assert_matches_reference(out, paths)
+
+
+def test_auto_pad_and_an_identity_beside_strided_convs_are_refused():
+    model, _ = summed([conv("a", (3, 3), [1, 1, 1, 1]), conv("b", (1, 1), [0, 0, 0, 0])])
+    a = model.graph.node[0]
+    del a.attribute[[at.name for at in a.attribute].index("pads")]
+    a.attribute.append(helper.make_attribute("auto_pad", "SAME_UPPER"))
+    assert refusal(model) == "Conv a pads by auto_pad, not explicitly"
+    strided = summed([conv("a", (3, 3), [1, 1, 1, 1], stride=2), conv("b", (1, 1), [0, 0, 0, 0], stride=2), "x"],
+                     hw=1, out_shape=(2, 8, 1, 1))[0]  # 1x1 images: stride 2 keeps the size, the sum is valid
+    result, out = merge(strided)  # the inner sum of the two Convs still merges; the identity stays added
+    assert [r.reason for r in result.refusals] == ["the identity branch 'x' needs stride 1, the Convs have [2, 2]"]
+    assert [n.op_type for n in out.graph.node] == ["Conv", "Add", "Identity", "Relu"]
