@@ -38,7 +38,7 @@ import onnx_ir as ir
 from normopt.passes.base import Change, Pass, Plan
 from normopt.rewriter.edit import Editor
 from normopt.rewriter.graph import constant_shape
-from normopt.rewriter.linear_fold import Fold, bias_add_data, plan_preceding
+from normopt.rewriter.linear_fold import Fold, bias_of, bias_slot, plan_preceding
 from normopt.rewriter.norms import NormMatch, match_batchnorm
 
 WIDE = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)  # computed in float32
@@ -99,20 +99,9 @@ def _plan_one(bn: ir.Node, tune_params: str, tuned: dict[str, str]) -> TuneBlock
     return TuneBlock(match, fold, channels)
 
 
-def _bias_slot(fold: Fold) -> tuple[ir.Node, int] | None:
-    """Where the linear op's bias is: (node, input index), or None."""
-    if fold.bias_add is not None:
-        data = bias_add_data(fold.bias_add)
-        return fold.bias_add, 1 - list(fold.bias_add.inputs).index(data)
-    if fold.linear.op_type in ("Conv", "ConvTranspose", "Gemm") and len(fold.linear.inputs) > 2 \
-            and fold.linear.inputs[2] is not None:
-        return fold.linear, 2
-    return None
-
-
 def _weight_and_bias(fold: Fold) -> list[ir.Value]:
-    slot = _bias_slot(fold)
-    return [fold.linear.inputs[1], *([slot[0].inputs[slot[1]]] if slot else [])]
+    bias = bias_of(fold)
+    return [fold.linear.inputs[1], *([bias] if bias is not None else [])]
 
 
 def _scale_shape(linear: ir.Node, weight_rank: int, channels: int) -> list[int] | None:
@@ -171,8 +160,7 @@ def _apply_one(edit: Editor, block: TuneBlock) -> tuple[Change, dict]:
     s_w = s if shape is None else g.op("Reshape", [s, g.constant(np.array(shape, np.int64), "scale_shape")],
                                        "scale_for_weight")
     new_weight = g.back(g.op("Mul", [g.wide(weight, "weight"), s_w], "weight_fp"), dtype, "weight")
-    slot = _bias_slot(fold)
-    old_bias = slot[0].inputs[slot[1]] if slot else None
+    old_bias = bias_of(fold)
     record = {"bn": bn.name, "node": linear.name, "op": linear.op_type, "weight": weight.name,
               "bias": old_bias.name if old_bias is not None else None,
               "gemm_beta": linear.attributes.get_float("beta", 1.0) if linear.op_type == "Gemm" else None,
@@ -193,9 +181,8 @@ def _apply_one(edit: Editor, block: TuneBlock) -> tuple[Change, dict]:
     linear.replace_input_with(1, new_weight)
     if linear.op_type == "Gemm":
         linear.attributes["beta"] = ir.AttrFloat32("beta", 1.0)  # beta is inside the bias now
-    if slot is not None:
-        slot[0].replace_input_with(slot[1], new_bias)
-    elif linear.op_type == "MatMul":
+    node, index = bias_slot(fold)
+    if node is None:  # a MatMul without a bias Add gets one
         out = linear.outputs[0]
         add = edit.node("Add", [out, new_bias], name=f"{g.base}.bias_add", like=out)
         record["bias_add"] = add.name
@@ -203,8 +190,9 @@ def _apply_one(edit: Editor, block: TuneBlock) -> tuple[Change, dict]:
         edit.take_over(out, add.outputs[0])
         add.replace_input_with(0, out)
     else:
-        linear.resize_inputs(3)
-        linear.replace_input_with(2, new_bias)
+        if index >= len(node.inputs):
+            node.resize_inputs(index + 1)
+        node.replace_input_with(index, new_bias)
     m = block.match
     edit.take_over(m.output, m.current_input())
     edit.graph.remove(m.nodes, safe=True)

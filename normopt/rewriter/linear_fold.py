@@ -92,8 +92,9 @@ def fold_problem(linear: ir.Node, value: ir.Value, channels: int, input_side: bo
     return None
 
 
-def _bias_slot(fold: Fold) -> tuple[ir.Node | None, int | None]:
-    """Where the linear op's bias lives: (node, input index), or (None, None) for none."""
+def bias_slot(fold: Fold) -> tuple[ir.Node | None, int | None]:
+    """Where the linear op's bias lives or would go: (node, input index); (None, None) for a
+    MatMul without a bias Add."""
     if fold.bias_add is not None:
         return fold.bias_add, 1 if folded_value(fold.bias_add.inputs[1]) is not None else 0
     if fold.linear.op_type in ("Conv", "ConvTranspose", "Gemm"):
@@ -101,12 +102,18 @@ def _bias_slot(fold: Fold) -> tuple[ir.Node | None, int | None]:
     return None, None
 
 
+def bias_of(fold: Fold) -> ir.Value | None:
+    """The linear op's bias value, or None."""
+    node, index = bias_slot(fold)
+    return node.inputs[index] if node is not None and index < len(node.inputs) else None
+
+
 def fold_weights(edit: Editor, fold: Fold) -> None:
     """Give the linear op the weight and bias that absorb the affine."""
     node, a, c, op = fold.linear, fold.a, fold.c, fold.linear.op_type
     w = folded_value(node.inputs[1])
-    bias_node, bias_index = _bias_slot(fold)
-    bias_value = bias_node.inputs[bias_index] if bias_node is not None and bias_index < len(bias_node.inputs) else None
+    bias_node, bias_index = bias_slot(fold)
+    bias_value = bias_of(fold)
     b = folded_value(bias_value)  # any broadcastable shape; None when absent
     attrs = node.attributes
     groups, trans_b = attrs.get_int("group", 1), bool(attrs.get_int("transB", 0))
