@@ -39,9 +39,10 @@ import onnx_ir as ir
 
 from normopt.passes.base import Change, Pass, Plan, Refusal
 from normopt.rewriter.edit import Editor
-from normopt.rewriter.graph import int_list, is_op
-from normopt.rewriter.linear_fold import (Fold, bias_add_after, channel_axis, expects_channel, fold_problem, fold_weights,
-                                          norm_affine, norm_rank, plan_preceding, single_reader, token_axis_op)
+from normopt.rewriter.graph import is_op
+from normopt.rewriter.linear_fold import (CARRIERS, Fold, bias_add_after, carried, channel_axis, expects_channel,
+                                          fold_problem, fold_weights, norm_affine, norm_rank, plan_preceding,
+                                          single_reader)
 from normopt.rewriter.norms import NormMatch, find_norms
 
 
@@ -55,52 +56,6 @@ class NormFold:
         return f"{self.match.kind} at {self.match.where()} into {f.side} {f.linear.op_type} {f.linear.name}"
 
 
-def _carried(node: ir.Node, value: ir.Value, r: int | None, axis: int | None) -> tuple[int, int, float] | str:
-    """What a per-channel affine of `value` (rank r, channel axis `axis`) becomes through
-    `node`: (rank, channel axis, factor on the shift c) after it, or why it does not pass.
-    Token-axis Gather/Slice/Squeeze/Unsqueeze (channel axis last); mean or sum pooling over other
-    axes (ReduceMean, GlobalAveragePool: mean(a*x + c) = a*mean(x) + c; ReduceSum over n
-    positions: n*c); a Reshape/Flatten of a value whose dims after the channel axis are all 1 to
-    [..., C] (its channels are contiguous already)."""
-    op, out = node.op_type, node.outputs[0]
-    if r is None or axis is None:
-        return f"read through {op} {node.name} with the rank unknown"
-    if op in ("Gather", "Slice", "Squeeze", "Unsqueeze"):
-        if axis != r - 1:
-            return f"read through {op} {node.name} with the channel axis not last"
-        after = token_axis_op(node, r)
-        return after if isinstance(after, str) else (after, after - 1, 1.0)
-    if op == "GlobalAveragePool":
-        return (r, axis, 1.0) if axis == 1 else f"GlobalAveragePool {node.name} pools the channel axis"
-    if op in ("ReduceMean", "ReduceSum"):
-        axes = int_list(node, "axes", 1)
-        if axes is None:
-            return f"{op} {node.name} reduces every axis, the channel axis too"
-        axes = sorted({a % r for a in axes})
-        if axis in axes:
-            return f"{op} {node.name} reduces the channel axis"
-        factor = 1.0
-        if op == "ReduceSum":
-            sizes = [value.shape[a] if value.shape is not None else None for a in axes]
-            if not all(isinstance(n, int) for n in sizes):
-                return f"ReduceSum {node.name} sums dims of unknown size (the shift would scale by their count)"
-            factor = float(np.prod(sizes))
-        if node.attributes.get_int("keepdims", 1):
-            return r, axis, factor
-        return r - len(axes), axis - sum(a < axis for a in axes), factor
-    if op in ("Reshape", "Flatten"):
-        shape, out_shape = value.shape, out.shape
-        channels = shape[axis] if shape is not None else None
-        if (shape is None or out_shape is None or not isinstance(channels, int) or out_shape[-1] != channels
-                or any(d != 1 for d in list(shape)[axis + 1:])):
-            return f"{op} {node.name} does not keep the channel axis whole and last"
-        return len(out_shape), len(out_shape) - 1, 1.0
-    return f"read by {op} {node.name}, not by Conv/MatMul/Gemm"
-
-
-CARRIERS = ("Gather", "Slice", "Squeeze", "Unsqueeze", "GlobalAveragePool", "ReduceMean", "ReduceSum", "Reshape", "Flatten")
-
-
 def _plan_following(match: NormMatch, a, c) -> Fold | str:
     reader = single_reader(match.output)
     if not isinstance(reader, ir.Node):
@@ -109,7 +64,7 @@ def _plan_following(match: NormMatch, a, c) -> Fold | str:
     axis = channel_axis(match, r)
     value, factor = match.output, 1.0
     while is_op(reader, *CARRIERS) and reader.inputs[0] is value:
-        step = _carried(reader, value, r, axis)
+        step = carried(reader, value, r, axis)
         if isinstance(step, str):
             return step
         r, axis, factor, value = step[0], step[1], factor * step[2], reader.outputs[0]

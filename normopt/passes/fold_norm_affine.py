@@ -5,8 +5,9 @@ it saves the norm's elementwise scale and shift, which a TensorRT norm plugin th
 Before: y = Norm(x) * gamma + beta  (LayerNormalization, RMSNormalization, onnxruntime's
         SimplifiedLayerNormalization; over the last axis) -> every reader z_i = y W_i + b_i
         (MatMul [+ bias Add], Gemm; a parallel block's q, k, v: every reader), also through
-        ops that keep each token's channels together: a Reshape to [..., d] (dynamo's
-        view before addmm), Gather/Slice/Squeeze/Unsqueeze on other axes (a ViT's x[:, 0])
+        the carriers fold-affine-norms reads through (linear_fold.carried): a Reshape to
+        [..., d] (dynamo's view before addmm), Gather/Slice/Squeeze/Unsqueeze on other axes (a
+        ViT's x[:, 0]), mean or sum pooling over tokens (a sum scales beta by its count)
 After:  y0 = Norm(x) with scale ones and no bias -> z_i = y0 (diag(gamma) W_i) + (b_i + beta W_i)
         (a bias is added only where none existed and beta W_i is non-zero)
 Conditions:
@@ -33,7 +34,7 @@ import onnx_ir as ir
 from normopt.passes.base import Change, Pass, Plan
 from normopt.rewriter.edit import Editor
 from normopt.rewriter.graph import folded_value, rank, readers
-from normopt.rewriter.linear_fold import Fold, bias_add_after, fold_problem, fold_weights, token_axis_op
+from normopt.rewriter.linear_fold import CARRIERS, Fold, bias_add_after, carried, fold_problem, fold_weights
 from normopt.rewriter.norms import NormMatch, find_norms
 
 OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
@@ -61,34 +62,29 @@ def _shared(reader: ir.Node, fold: Fold) -> str | None:
     return None
 
 
-def _linear_readers(value: ir.Value, d: int) -> list[tuple[ir.Node, ir.Value]] | str:
-    """Every (linear op, the value it reads) that `value`'s numbers reach through carriers, or
-    why a reader is neither."""
+def _linear_readers(value: ir.Value, r: int | None, axis: int | None,
+                    factor: float = 1.0) -> list[tuple[ir.Node, ir.Value, float]] | str:
+    """Every (linear op, the value it reads, the factor on the shift) that `value`'s numbers
+    reach through carriers of whole channel vectors (linear_fold.carried), or why a reader is
+    neither."""
     found = []
     for reader in readers(value, numbers_only=True):
         if reader.op_type in ("MatMul", "Gemm"):
-            found.append((reader, value))
+            found.append((reader, value, factor))
             continue
-        out = reader.outputs[0] if reader.outputs else None
-        if out is None or reader.inputs[0] is not value or not _carries(reader, value, out, d):
+        if reader.op_type not in CARRIERS or reader.inputs[0] is not value:
             return f"read by {reader.op_type} {reader.name}, not by a MatMul or Gemm"
+        step = carried(reader, value, r, axis)
+        if isinstance(step, str):
+            return step
+        out = reader.outputs[0]
         if out.is_graph_output():
             return f"'{out.name}' ({reader.op_type} of its output) is a graph output"
-        further = _linear_readers(out, d)
+        further = _linear_readers(out, step[0], step[1], factor * step[2])
         if isinstance(further, str):
             return further
         found += further
     return found
-
-
-def _carries(node: ir.Node, value: ir.Value, out: ir.Value, d: int) -> bool:
-    """Whether `node` moves whole channel vectors of `value` (last axis, d wide) into `out`."""
-    r = rank(value)
-    if r is None or rank(out) is None or value.shape[-1] != d or out.shape[-1] != d:
-        return False
-    if node.op_type == "Reshape":
-        return True  # row-major: [..., d] to [..., d] keeps every run of d channels together
-    return node.op_type in ("Gather", "Slice", "Squeeze", "Unsqueeze") and isinstance(token_axis_op(node, r), int)
 
 
 def _plan_one(match: NormMatch) -> AffineFold | str:
@@ -111,13 +107,14 @@ def _plan_one(match: NormMatch) -> AffineFold | str:
         return "already affine-free"
     if match.output.is_graph_output():
         return f"its output '{match.output.name}' is a graph output"
-    linear = _linear_readers(match.output, d)
+    r = rank(match.output)
+    linear = _linear_readers(match.output, r, None if r is None else r - 1)
     if isinstance(linear, str):
         return linear
     folds = []
-    for reader, value in linear:
+    for reader, value, factor in linear:
         problem = fold_problem(reader, value, d, input_side=True)
-        fold = Fold(gamma, beta, "following", reader, bias_add_after(reader))
+        fold = Fold(gamma, beta * factor, "following", reader, bias_add_after(reader))
         shared = None if problem else _shared(reader, fold)
         if problem or shared:
             return problem or f"{reader.op_type} {reader.name}'s weight '{shared}' is shared with another node (folding would copy it)"

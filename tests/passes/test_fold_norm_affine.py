@@ -166,6 +166,16 @@ def _through(carrier_nodes, carrier_inits, out_shape, reader_input="c"):
         {"x": rng.standard_normal((2, 3, D)).astype(np.float32)}
 
 
+@pytest.mark.parametrize("pool", ["ReduceMean", "ReduceSum"])
+def test_the_affine_reaches_a_head_through_pooling_over_tokens(pool):
+    """Mean pooling carries beta as it is; a sum over 3 tokens carries 3 beta."""
+    pooling = (helper.make_node(pool, ["n"], ["c"], name="pool", axes=[1], keepdims=0) if pool == "ReduceMean"
+               else helper.make_node(pool, ["n", "axes"], ["c"], name="pool", keepdims=0))  # opset 17 forms
+    model, feeds = _through([pooling], [const("axes", np.array([1], np.int64))], (2, 5))
+    result, folded = run(model)
+    np.testing.assert_allclose(ort_run(folded, feeds)["y"], ort_run(model, feeds)["y"], rtol=1e-5, atol=1e-5)
+
+
 def test_the_affine_reaches_readers_through_carriers_that_keep_channels_together():
     flat = _through([helper.make_node("Reshape", ["n", "to"], ["c"], name="flat")],
                     [const("to", np.array([-1, D], np.int64))], (6, 5))
@@ -177,7 +187,7 @@ def test_the_affine_reaches_readers_through_carriers_that_keep_channels_together
     split = _through([helper.make_node("Reshape", ["n", "to"], ["c"], name="split")],
                      [const("to", np.array([2, 3, 2, D // 2], np.int64))], (2, 3, 2, 5))
     split[0].graph.initializer[2].CopyFrom(const("w", rng.standard_normal((D // 2, 5)).astype(np.float32)))
-    assert refusal(split[0]) == "read by Reshape split, not by a MatMul or Gemm"
+    assert refusal(split[0]) == "Reshape split does not keep the channel axis whole and last"
     channel = _through([helper.make_node("Gather", ["n", "idx"], ["c"], name="pick", axis=2)],
                        [const("idx", np.arange(D)[::-1].copy())], (2, 3, 5))
-    assert refusal(channel[0]) == "read by Gather pick, not by a MatMul or Gemm"  # a permutation of the channels
+    assert refusal(channel[0]) == "read through a Gather on the channel axis"  # a permutation of the channels
