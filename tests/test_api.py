@@ -17,7 +17,7 @@ from onnx import helper
 
 import normopt
 from normopt.errors import BadInput, NotApplied, VerificationFailed
-from tests.helpers import const, mlp, ort_run, save
+from tests.helpers import mlp, ort_run, save
 
 ROOT = Path(__file__).resolve().parents[1]
 FEEDS = {"x": np.linspace(-2, 2, 16, dtype=np.float32).reshape(2, 8)}

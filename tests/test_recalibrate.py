@@ -199,3 +199,20 @@ def test_a_batchnorm_after_a_tuned_one_recalibrates_on_what_the_tuned_one_gives_
     a, b = _stats(tmp_path / "p.onnx"), _stats(tmp_path / "t.onnx")
     for name in ("bn_m", "bn_v", "bn2_m", "bn2_v"):
         np.testing.assert_allclose(b[name], a[name], rtol=1e-6, err_msg=name)
+
+
+def test_shared_and_training_mode_statistics_are_refused(tmp_path, cli_env):
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((4, 3, 8, 8)).astype(np.float32))
+    model = bn_model()
+    model.graph.node.append(helper.make_node("Add", ["y", "m"], ["z"], name="reads_mean"))  # m has a second reader
+    model.graph.output[0].name = "z"
+    shared = save(model, tmp_path / "s.onnx")
+    assert_one_line_error(run("recalibrate", shared, tmp_path / "o.onnx", "--data", tmp_path / "d.npz", env=cli_env), 2,
+                          "its running mean 'm' is shared with another node")
+    model = bn_model()
+    model.graph.node[1].attribute.append(helper.make_attribute("training_mode", 1))
+    model.graph.node[1].output.extend(["rm", "rv"])
+    model.opset_import[0].version = 15
+    training = save(model, tmp_path / "t.onnx")
+    assert_one_line_error(run("recalibrate", training, tmp_path / "o.onnx", "--data", tmp_path / "d.npz", env=cli_env), 2,
+                          "BatchNormalization 'bn' runs in training mode")

@@ -204,17 +204,11 @@ class ConvBNTune(Pass):
     summary = "Conv/Gemm/MatMul -> BatchNorm as one op whose weight the graph computes from the named BN parameters"
 
     def plan(self, model: ir.Model) -> Plan:
-        plan, used = Plan(), set()
+        plan = Plan()  # (a linear op's output is read by its BN alone: no two blocks share an op)
         tuned = {r["node"]: r["bn"] for r in tune_records(model)}
         for node in model.graph:
-            if node.op_type != "BatchNormalization":
-                continue
-            block = _plan_one(node, self.options.tune_params, tuned)
-            if isinstance(block, TuneBlock) and block.fold.linear in used:
-                block = f"{block.fold.linear.op_type} {block.fold.linear.name} already takes another BatchNorm"
-            if isinstance(block, TuneBlock):
-                used.add(block.fold.linear)
-            plan.decide(f"batchnorm {node.name}", block)
+            if node.op_type == "BatchNormalization":
+                plan.decide(f"batchnorm {node.name}", _plan_one(node, self.options.tune_params, tuned))
         if not plan.actions and not plan.refusals:
             plan.idle = "no BatchNormalization"
         return plan

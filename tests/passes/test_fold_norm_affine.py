@@ -191,3 +191,11 @@ def test_the_affine_reaches_readers_through_carriers_that_keep_channels_together
     channel = _through([helper.make_node("Gather", ["n", "idx"], ["c"], name="pick", axis=2)],
                        [const("idx", np.arange(D)[::-1].copy())], (2, 3, 5))
     assert refusal(channel[0]) == "read through a Gather on the channel axis"  # a permutation of the channels
+
+
+def test_a_scale_that_is_not_constant_is_refused():
+    model, _ = norm_to_readers(readers=("k",))
+    gamma = next(i for i in model.graph.initializer if i.name == "g")
+    model.graph.initializer.remove(gamma)
+    model.graph.input.append(tensor("g", shape=(D,)))
+    assert refusal(model) == "its scale or bias is not constant"
