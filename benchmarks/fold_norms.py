@@ -12,6 +12,9 @@
   export of timm's own reparameterize_model() (the peer).
 - The RepBN transformer with a mean-pooled head (corpus size, dynamo, batch 8): its last BN
   folds into the head through the mean over tokens.
+- An ACNet block, a Diverse Branch Block (four branches, two sequential) and a DEA-Net DEConv
+  (kernel computed in forward), 64 channels at 112x112, dynamo, training form: original vs
+  normopt's default pipeline (one Conv per block).
 Goals (issues "Fold ...", "Structural re-parameterization"): ResNet-18 <= 0.70x and <= 1.00x
 the exporter's folded export; RepBN ViT-S <= 0.88x; RepVGG <= 1.00x timm's reparameterized
 export. Writes results/fold_norms.json.
@@ -51,7 +54,8 @@ def main() -> int:
                 ("resnet18-full-dyn18", ("exporter folded", "resnet18-full-dyn18-folded"), ["fold-affine-norms"], None),
                 ("repbn-vits-dyn18", None, ["fold-affine-norms"], None),
                 ("repvgg-a0-dyn18", ("timm reparameterized", "repvgg-a0-deploy-dyn18"), None, None),
-                ("repbnpool-dyn18", None, ["fold-affine-norms"], 8)):
+                ("repbnpool-dyn18", None, ["fold-affine-norms"], 8),
+                ("repblocks-64-dyn18", None, None, None)):
             paths = build(entry)
             example = feeds(paths.load_inputs(), batch=batch) if batch else paths.load_inputs()
             folded = Path(tmp) / f"{entry}-folded.onnx"

@@ -37,7 +37,7 @@ class Entry:
     keep_bn: bool | None = None  # override the builder: False lets the exporter fold Conv+BN
 
     def builder(self) -> Callable:
-        from models import cnn, hf, transformer
+        from models import cnn, hf, reparam, transformer
 
         families = {
             "clip": hf.clip, "bloom": hf.bloom, "swin": hf.swin, "wav2vec2": hf.wav2vec2, "whisper": hf.whisper,
@@ -46,7 +46,7 @@ class Entry:
             "llama": hf.llama, "preln": transformer.preln, "repbn": transformer.repbn, "repbnpool": transformer.repbnpool,
             "unifiednorm": transformer.unifiednorm, "resnet18": cnn.resnet18,
             "mobilenetv2": cnn.mobilenetv2, "convnext": cnn.convnext, "convnext2d": cnn.convnext2d,
-            "repvgg": cnn.repvgg, "repvggdeploy": cnn.repvgg_deploy,
+            "repvgg": cnn.repvgg, "repvggdeploy": cnn.repvgg_deploy, "repblocks": reparam.repblocks,
         }
         build = families[self.family]
         return (lambda: build(large=True)) if self.large else build
@@ -69,13 +69,16 @@ class Paths:
 
 FAMILIES = ["gpt2", "gpt2hidden", "opt", "gptneox", "vit", "bert", "clip", "bloom", "swin", "wav2vec2", "whisper",
             "llama", "preln", "periln", "mixln", "scaledpool", "repbn", "repbnpool", "unifiednorm", "resnet18", "mobilenetv2",
-            "convnext", "convnext2d", "repvgg"]
+            "convnext", "convnext2d", "repvgg", "repblocks"]
 # Exports per family where not all of them work (Whisper: TorchScript cannot export aten::diff).
 FAMILY_EXPORTS = {"llama": ("ts14", "ts17", "dyn18", "dyn23"), "whisper": ("dyn18",)}
 CORPUS: dict[str, Entry] = {}
 for _family in FAMILIES:
     for _suffix in FAMILY_EXPORTS.get(_family, ("ts14", "ts17", "dyn18")):
         CORPUS[f"{_family}-{_suffix}"] = Entry(f"{_family}-{_suffix}", _family, *EXPORTS[_suffix])
+# timm's RepVGG exported with Conv+BN folded by the exporter: only the identity BNs stay
+for _suffix in ("ts17", "dyn18"):
+    CORPUS[f"repvgg-folded-{_suffix}"] = Entry(f"repvgg-folded-{_suffix}", "repvgg", *EXPORTS[_suffix], keep_bn=False)
 LARGE = {
     "gpt2-768x12-ts17": Entry("gpt2-768x12-ts17", "gpt2", "ts", 17, large=True),
     "gpt2-768x12-dyn18": Entry("gpt2-768x12-dyn18", "gpt2", "dynamo", 18, large=True),
@@ -93,6 +96,8 @@ LARGE = {
     # timm's RepVGG-A0: training form (BN kept), and timm's own reparameterized deploy form
     "repvgg-a0-dyn18": Entry("repvgg-a0-dyn18", "repvgg", "dynamo", 18, large=True),
     "repvgg-a0-deploy-dyn18": Entry("repvgg-a0-deploy-dyn18", "repvggdeploy", "dynamo", 18, large=True),
+    # an ACNet block, a Diverse Branch Block and a DEConv, 64 channels, training form
+    "repblocks-64-dyn18": Entry("repblocks-64-dyn18", "repblocks", "dynamo", 18, large=True),
     "swin-t-ts17": Entry("swin-t-ts17", "swin", "ts", 17, large=True),
     "bloom-512x8-ts17": Entry("bloom-512x8-ts17", "bloom", "ts", 17, large=True),
 }

@@ -19,7 +19,8 @@ NORMS = {
     "mobilenetv2": lambda e: {("batchnorm", "op"): 52},
     "repbn": lambda e: {("batchnorm", "op"): 5},
     "repbnpool": lambda e: {("batchnorm", "op"): 5},
-    "repvgg": lambda e: {("batchnorm", "op"): 19},
+    "repvgg": lambda e: {("batchnorm", "op"): 19 if e.keep_bn is None else 3},  # the exporter folds Conv+BN
+    "repblocks": lambda e: {("batchnorm", "op"): 9},
     "unifiednorm": lambda e: {("affine", "decomposed"): 5},
     "convnext": lambda e: {("layernorm", "decomposed"): 2},
     **{f: (lambda e, n=n: {("layernorm", "decomposed" if e.opset < 17 else "op"): n})

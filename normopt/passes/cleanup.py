@@ -15,19 +15,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from normopt.passes.base import Change, Pass, Plan
-
-
-def _dead_nodes(graph: ir.Graph) -> list[ir.Node]:
-    """Nodes none of whose outputs reaches a graph output, found in one reverse sweep."""
-    outputs = set(graph.outputs)
-    dead: set[ir.Node] = set()
-    for node in reversed(list(graph)):
-        if all(
-            out not in outputs and all(use.node in dead for use in out.uses())
-            for out in node.outputs
-        ):
-            dead.add(node)
-    return [n for n in graph if n in dead]
+from normopt.rewriter.graph import dead_nodes
 
 
 def _unused_initializers(graph: ir.Graph, dead: list[ir.Node]) -> list[str]:
@@ -66,7 +54,7 @@ class Cleanup(Pass):
 
     def plan(self, model: ir.Model) -> Plan:
         graph = model.graph
-        dead = _dead_nodes(graph)
+        dead = dead_nodes(graph)
         actions: list[str] = []
         if dead:
             actions.append(f"remove {len(dead)} dead node(s)")
@@ -75,7 +63,7 @@ class Cleanup(Pass):
             actions.append(f"remove {len(unused)} unused initializer(s)")
         if not _is_sorted(graph):
             actions.append("sort nodes topologically")
-        if any(_dead_nodes(f) for f in model.functions.values()):
+        if any(dead_nodes(f) for f in model.functions.values()):
             actions.append("remove dead nodes in model-local functions")
         return Plan(actions, idle=None if actions else "no dead nodes, unused initializers or unsorted nodes")
 

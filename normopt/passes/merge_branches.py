@@ -1,31 +1,36 @@
-"""`merge-branches`: parallel convolution branches of one input, summed, become one Conv
-(structural re-parameterization: RepVGG, ACNet, Diverse Branch Block's parallel branches).
+"""`merge-branches`: parallel branches of one input, summed, become one Conv (structural
+re-parameterization: RepVGG, ACNet, Diverse Branch Block), and a Conv whose kernel is computed
+from constants in the graph (DEA-Net's DEConv) reads it as one constant.
 
-Before: x -> Conv_1(W_1, b_1) ... Conv_n(W_n, b_n), and x itself or a per-channel affine of x
-        (BN(x): RepVGG's identity branch), summed by Adds (any tree) or a Sum
-After:  x -> Conv(W, b) with W = sum of the branch kernels zero-padded, centred, to the largest
-        kernel (an identity branch: a 1 at the centre of each channel's own input; an affine
-        a*x + c: a there, c into the bias), b = sum of the biases; the window's pads
+Before: x -> branch_1 ... branch_n, summed by Adds (any tree) or a Sum. A branch is x itself or
+        a chain of stages from x: Conv (constant weight and bias), a per-channel affine
+        (BatchNormalization, a constant Mul/Add chain), AveragePool, and Pad with a constant
+        (Pad, or DBB's pad(y - v) + v: per-channel v)
+After:  x -> Conv(W, b): every branch as one convolution of x, their kernels zero-padded,
+        centred, to the largest window and summed, their biases summed
 Conditions:
-  1. every branch is a Conv of x (constant weight and bias, explicit pads), x itself, or a
-     per-channel affine of x (BatchNormalization, a constant Mul/Add chain) over the channel
-     axis; at least two branches, one a Conv; each branch's output read only by the sum;
-  2. the Convs share strides, dilations and groups; each kernel fits centred in the merged
-     window K (per axis the largest, (K - k) even), and every Conv's pads plus dilation *
-     (K - k) / 2 per side give the same window pads (every branch reads the same input window:
-     1x3 + 3x1 merge into a 3x3); otherwise the refusal names the mismatch;
-  3. an identity or affine branch needs stride 1, as many output as input channels and
-     "same" padding (dilation * (K - 1) / 2 per side).
-Sequential branches (DBB's 1x1 -> kxk, AvgPool) are not merged. BN after each Conv folds first
-(fold-affine-norms runs before this pass in the default pipeline).
-Formula: sum_i (W_i * x + b_i) = (sum_i pad(W_i)) * x + sum_i b_i: convolution is linear in the
-kernel, and a centred zero-padded kernel with its padding reduced by the margin computes the
-same window (rewriter.numerics.merged_kernel / identity_kernel, float64).
+  1. at least two branches, one with a Conv; each branch's values read only by the next stage
+     (its output only by the sum);
+  2. a chain composes only where one of two Convs in sequence is 1x1 (stride 1, unpadded when it
+     is the lower one), and a padding between them (a Conv's zero pads, an AveragePool's, an
+     explicit Pad) pads with what the lower stages give a zero input (the lower stages' bias:
+     DBB pads with BN(0) for this; equal to float32 rounding); AveragePool counts its padding
+     (count_include_pad=1) and floors (ceil_mode=0);
+  3. the branches with a Conv share strides, dilations and groups; each kernel centres in the
+     merged window K (per axis the largest, (K - k) even), and every branch's pads plus dilation *
+     (K - k) / 2 per side give the same window pads (1x3 + 3x1 merge into a 3x3); otherwise the
+     refusal names the mismatch;
+  4. a branch of per-channel stages only (identity, affine, average pool of x) needs the Convs'
+     stride, as many output as input channels and that window; it takes the Convs' groups.
+Formula: convolution is linear in the kernel, so sum_i (W_i * x + b_i) = (sum_i pad(W_i)) * x +
+sum_i b_i with each kernel centred in the merged window; a 1x1 Conv M after or before a Conv W
+is the Conv M W (rewriter.numerics.compose_kernels); a per-channel stage a*x + c scales the
+kernel's output channels and shifts the bias (all in float64).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_ir as ir
@@ -33,23 +38,141 @@ import onnx_ir as ir
 from normopt.passes.base import Change, Pass, Plan
 from normopt.rewriter import numerics
 from normopt.rewriter.edit import Editor
-from normopt.rewriter.graph import folded_value, is_op, readers, sole_reader
-from normopt.rewriter.linear_fold import norm_affine
+from normopt.rewriter.branches import Stage, deep_constant, only_reader, walk
+from normopt.rewriter.graph import constant_value, dead_nodes, is_op, sole_reader
 from normopt.rewriter.norms import NormMatch, find_norms
+
+@dataclass
+class Branch:
+    """One operand of the sum as a convolution of x: W * x + b with these attributes."""
+
+    name: str  # for messages: "Conv <name>" or the operand's value name
+    weight: np.ndarray  # float64 [C_out, C_in/group, k..]
+    bias: np.ndarray
+    pads: list[int]
+    strides: list[int]
+    dilations: list[int] | None  # None: a 1x1 kernel, any dilation
+    group: int
+    per_channel: bool  # identity / affine / pool of x only: takes the Convs' groups
+    nodes: list[ir.Node] = field(default_factory=list)
+    pending: tuple[list[int], np.ndarray] | None = None  # an explicit pad not yet read by a Conv
+
+    @property
+    def kernel(self) -> list[int]:
+        return list(self.weight.shape[2:])
 
 
 @dataclass
 class Merge:
     root: ir.Node  # the Add (or Sum) whose output the merged Conv gives
     x: ir.Value
-    convs: list[ir.Node]
-    affines: list[tuple[np.ndarray | None, np.ndarray | None, list[ir.Node]]]  # identity: (None, None, [])
+    branches: list[Branch]
     chain: list[ir.Node]  # the inner Adds
-    kernel: list[int]  # the merged window, and the pads every branch's own pads put it at
+    kernel: list[int]
     pads: list[int]
+    strides: list[int]
+    dilations: list[int]
+    group: int
 
     def describe(self) -> str:
-        return f"{len(self.convs) + len(self.affines)} branches summed at {self.root.name} into one Conv"
+        return f"{len(self.branches)} branches summed at {self.root.name} into one Conv"
+
+
+@dataclass
+class Materialize:
+    conv: ir.Node
+    weight: np.ndarray
+    bias: np.ndarray | None
+
+    def describe(self) -> str:
+        return f"the kernel of {self.conv.name}, computed in the graph, as a constant"
+
+
+# ------------------------------------------------------------------------- composition
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal to float32 rounding (16 ulps of the larger magnitude)."""
+    a, b = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64))
+    return bool(np.all(np.abs(a - b) <= 16 * np.finfo(np.float32).eps * np.maximum(np.abs(a).max(initial=0), 1e-30)))
+
+
+def _pointwise(branch: Branch) -> bool:
+    return all(k == 1 for k in branch.kernel) and all(s == 1 for s in branch.strides) and not any(branch.pads)
+
+
+def _compose(below: Branch, upper: Stage, label: str) -> Branch | str:
+    """The branch `below`, then the Conv / pool `upper` (reading `below.pending`'s pad if any)."""
+    channels = below.weight.shape[0]
+    if upper.op == "pool":
+        weight, bias = numerics.per_channel_kernel(np.ones(channels), upper.kernel), np.zeros(channels)
+        group, dilations = channels, [1] * len(upper.kernel)
+    else:
+        weight, bias, group, dilations = upper.weight, upper.bias, upper.group, upper.dilations
+    if weight.shape[1] * group != channels:
+        return f"{label} reads {channels} channels, its kernel {weight.shape[1] * group}"
+    pads, fill = list(upper.pads), 0.0
+    if below.pending is not None:
+        if any(pads):
+            return f"{label} pads the input another Pad already padded"
+        pads, fill = below.pending
+    one = all(k == 1 for k in weight.shape[2:]) and all(s == 1 for s in upper.strides)
+    if not _pointwise(below) and not (one and not any(pads)):
+        return f"{label} reads a {below.kernel} Conv's output: one of two Convs in sequence must be 1x1"
+    if any(pads) and not _same(fill, below.bias):
+        return (f"{label} pads with {_show(fill)} where the stages before it give {_show(below.bias)} for a zero input: "
+                "the merged Conv would pad with that")
+    if _pointwise(below):
+        attrs = dict(pads=pads, strides=list(upper.strides),
+                     dilations=None if all(k == 1 for k in weight.shape[2:]) else list(dilations))
+    else:
+        attrs = dict(pads=below.pads, strides=below.strides, dilations=below.dilations)
+    w, b, g = numerics.compose_kernels(weight, bias, group, below.weight, below.bias, below.group)
+    return replace(below, weight=w, bias=b, group=g, per_channel=below.per_channel and upper.op == "pool",
+                   nodes=below.nodes + upper.nodes, pending=None,
+                   name=label if upper.op == "conv" else below.name, **attrs)
+
+
+def _show(values) -> str:
+    v = np.asarray(values, np.float64).reshape(-1)
+    return f"{v[0]:.4g}" if v.size == 1 or np.all(v == v[0]) else f"[{v[0]:.4g}, {v[1]:.4g}, ...]"
+
+
+def _identity(name: str, channels: int, rank: int) -> Branch:
+    return Branch(name, numerics.per_channel_kernel(np.ones(channels), [1] * rank), np.zeros(channels),
+                  [0] * 2 * rank, [1] * rank, None, channels, True)
+
+
+def _branch(leaf: ir.Value, stages: list[Stage], channels: int, rank: int) -> Branch | str:
+    """The stages (bottom-up, reading x: `channels` channels, `rank` spatial axes) as one
+    convolution of x."""
+    branch = _identity(leaf.name, channels, rank)
+    for stage in stages:
+        if stage.op in ("conv", "pool"):
+            composed = _compose(branch, stage, f"Conv {stage.nodes[0].name}" if stage.op == "conv"
+                                else f"AveragePool {stage.nodes[0].name}")
+            if isinstance(composed, str):
+                return composed
+            branch = composed
+        elif stage.op == "affine":
+            if {np.size(stage.scale), np.size(stage.bias)} - {1, branch.bias.size}:
+                return f"the affine '{stage.nodes[-1].outputs[0].name}' has not one value per channel"
+            a = np.broadcast_to(np.asarray(stage.scale, np.float64).reshape(-1), branch.bias.shape)
+            c = np.broadcast_to(np.asarray(stage.bias, np.float64).reshape(-1), branch.bias.shape)
+            pending = None if branch.pending is None else (branch.pending[0], a * branch.pending[1] + c)
+            branch = replace(branch, weight=numerics.scale_along(branch.weight, a, 0), bias=a * branch.bias + c,
+                             nodes=branch.nodes + stage.nodes, pending=pending)
+        else:  # pad
+            if branch.pending is not None:
+                return f"'{leaf.name}' is padded twice"
+            fill = np.broadcast_to(np.asarray(stage.bias, np.float64).reshape(-1), branch.bias.shape)
+            branch = replace(branch, pending=(stage.pads, fill), nodes=branch.nodes + stage.nodes)
+    if branch.pending is not None:
+        return f"'{leaf.name}' ends in a Pad"
+    return branch
+
+
+# ------------------------------------------------------------------------------- plan
 
 
 def _leaves(node: ir.Node, chain: list[ir.Node]) -> list[ir.Value]:
@@ -65,138 +188,157 @@ def _leaves(node: ir.Node, chain: list[ir.Node]) -> list[ir.Value]:
     return out
 
 
-def _source(value: ir.Value, affines: dict[ir.Value, NormMatch]) -> ir.Value:
-    """The input a branch reads: a Conv's data input, an affine's input, else the value itself."""
-    producer = value.producer()
-    if is_op(producer, "Conv"):
-        return producer.inputs[0]
-    if value in affines:
-        return affines[value].input
-    return value
-
-
-def _conv_problem(convs: list[ir.Node]) -> str | None:
-    for conv in convs:
-        if folded_value(conv.inputs[1]) is None or (len(conv.inputs) > 2 and conv.inputs[2] is not None
-                                                    and folded_value(conv.inputs[2]) is None):
-            return f"Conv {conv.name} has no constant weight or bias"
-        if conv.attributes.get_string("auto_pad", "NOTSET") != "NOTSET":
-            return f"Conv {conv.name} pads by auto_pad, not explicitly"
-    for attr in ("strides", "dilations", "group"):
-        values = {str(_attr(c, attr)) for c in convs}
-        if len(values) > 1:
-            return f"the Convs differ in {attr} ({', '.join(sorted(values))})"
-    return None
-
-
-def _attr(conv: ir.Node, name: str):
-    rank = folded_value(conv.inputs[1]).ndim - 2
-    if name == "group":
-        return conv.attributes.get_int("group", 1)
-    if name == "pads":
-        return list(conv.attributes.get_ints("pads", [0] * 2 * rank))
-    return list(conv.attributes.get_ints(name, [1] * rank))
-
-
-def _plan_one(root: ir.Node, affines: dict[ir.Value, NormMatch]) -> Merge | str | None:
+def _plan_one(root: ir.Node, affines: dict[ir.Value, NormMatch], dead: set[ir.Node]) -> Merge | str | None:
     """The merge at `root`, why the candidate there is refused, or None (no candidate)."""
     chain: list[ir.Node] = []
     leaves = _leaves(root, chain)
-    sources = {_source(v, affines) for v in leaves}
-    convs = [v.producer() for v in leaves if is_op(v.producer(), "Conv")]
-    if len(sources) != 1 or not convs or len(leaves) < 2:
+    walks = {leaf: walk(leaf, affines, dead, root.graph) for leaf in leaves}
+    starts = {source for source, _ in walks.values()}
+    for leaf in leaves:  # an operand that another one starts from is the identity branch
+        if leaf in starts:
+            walks[leaf] = (leaf, [])
+    sources = {source for source, _ in walks.values()}
+    convs = [s for _, stages in walks.values() for s in stages if not isinstance(s, str) and s.op == "conv"]
+    if len(sources) != 1 or len(leaves) < 2 or not any(
+            isinstance(s, str) or s.op == "conv" for _, stages in walks.values() for s in stages):
         return None  # not parallel branches of one input (a residual Add, ...)
     x = sources.pop()
-    for value in leaves:
-        if value is not x and (value.is_graph_output() or len(readers(value)) > 1):
-            return f"the branch '{value.name}' is read elsewhere too"
-    problem = _conv_problem(convs)
-    if problem:
+    for leaf in leaves:
+        if leaf is not x and only_reader(leaf, dead) is None:
+            return f"the branch '{leaf.name}' is read elsewhere too"
+    problem = next((s for _, stages in walks.values() for s in stages if isinstance(s, str)), None)
+    if problem or not convs:
         return problem
-    weights = [folded_value(c.inputs[1]) for c in convs]
-    kernel = [max(w.shape[2 + i] for w in weights) for i in range(weights[0].ndim - 2)]
-    dilations, rank = _attr(convs[0], "dilations"), len(kernel)
-    pads = None  # the window's pads: each Conv's own pads plus its margin (1x3 + 3x1 make a 3x3)
-    for conv, w in zip(convs, weights):
-        margin = [k - s for k, s in zip(kernel, w.shape[2:])]
-        if any(m % 2 for m in margin):
-            return f"Conv {conv.name}'s kernel {list(w.shape[2:])} does not centre in {kernel}"
-        window = [p + dilations[i % rank] * margin[i % rank] // 2 for i, p in enumerate(_attr(conv, "pads"))]
-        if pads is not None and window != pads:
-            return (f"Conv {conv.name}'s pads {_attr(conv, 'pads')} put its {kernel} window at pads {window}, "
-                    f"{convs[0].name}'s at {pads}: the branches read different windows")
-        pads = window
-    out_channels = weights[0].shape[0]
+    bottom = convs[0]  # a walk's lowest Conv: only per-channel stages before it, it reads x's channels
+    channels, rank = bottom.weight.shape[1] * bottom.group, bottom.weight.ndim - 2
     branches = []
-    for value in leaves:
-        if is_op(value.producer(), "Conv"):
-            continue
-        if any(s != 1 for s in _attr(convs[0], "strides")):
-            return f"the identity branch '{value.name}' needs stride 1, the Convs have {_attr(convs[0], 'strides')}"
-        if out_channels != weights[0].shape[1] * _attr(convs[0], "group"):
-            return f"the identity branch '{value.name}' keeps {weights[0].shape[1] * _attr(convs[0], 'group')} channels, the Convs give {out_channels}"
-        same = [dilations[i % rank] * (kernel[i % rank] - 1) // 2 for i in range(2 * rank)]
-        if pads != same:
-            return f"the identity branch '{value.name}' needs 'same' pads {same}, the Convs have {pads}"
-        if value is x:
-            branches.append((None, None, []))
-        else:
-            match = affines[value]
-            a, c = norm_affine(match)
-            if match.axis not in (1, 1 - rank - 2) or a.size != out_channels:
-                return f"the affine branch '{value.name}' is not per channel over axis 1"
-            branches.append((a, c, match.nodes))
-    return Merge(root, x, convs, branches, chain, kernel, pads)
+    for leaf in leaves:
+        branch = _branch(leaf, walks[leaf][1], channels, rank)
+        if isinstance(branch, str):
+            return branch
+        branches.append(branch)
+    return _window(root, x, branches, chain)
 
 
-def _apply_one(edit: Editor, merge: Merge) -> Change:
-    convs, kernel = merge.convs, merge.kernel
-    weights = [folded_value(c.inputs[1]) for c in convs]
-    out_channels, group = weights[0].shape[0], _attr(convs[0], "group")
-    parts = [(w, folded_value(c.inputs[2]) if len(c.inputs) > 2 and c.inputs[2] is not None else np.zeros(out_channels))
-             for c, w in zip(convs, weights)]
-    parts += [(numerics.identity_kernel(out_channels, group, kernel, a), np.zeros(out_channels) if c is None else c)
-              for a, c, _ in merge.affines]
-    w, b = numerics.merged_kernel(parts, kernel, out_channels)
-    dtype = weights[0].dtype
-    name = convs[0].name or "merged"
-    attrs = {"kernel_shape": kernel, "pads": merge.pads, "strides": _attr(convs[0], "strides"),
-             "dilations": _attr(convs[0], "dilations"), "group": group}
+def _window(root, x, branches: list[Branch], chain) -> Merge | str:
+    """The merged Conv's window and attributes, or the mismatch between the branches."""
+    convs = [b for b in branches if not b.per_channel]
+    for attr in ("strides", "dilations", "group"):  # a pooling branch's window is undilated too
+        values = {str(getattr(b, attr)) for b in (branches if attr == "dilations" else convs)
+                  if getattr(b, attr) is not None}
+        if len(values) > 1:
+            return f"the Convs differ in {attr} ({', '.join(sorted(values))})"
+    first = convs[0]
+    rank = len(first.strides)
+    dilations = next((b.dilations for b in convs if b.dilations is not None), [1] * rank)
+    out_channels, group = first.weight.shape[0], first.group
+    kernel = [max(b.kernel[i] for b in branches) for i in range(rank)]
+    pads = None
+    for b in convs + [b for b in branches if b.per_channel]:
+        if b.per_channel:
+            name = f"the identity branch '{b.name}'"
+            if b.strides != first.strides:
+                return f"{name} needs stride {_stride(b.strides)}, the Convs have {first.strides}"
+            if b.weight.shape[0] != out_channels:
+                return f"{name} keeps {b.weight.shape[0]} channels, the Convs give {out_channels}"
+            if b.dilations is None and b.kernel == [1] * rank:
+                same = [dilations[i % rank] * (kernel[i % rank] - 1) // 2 for i in range(2 * rank)]
+                if pads != same:
+                    return f"{name} needs 'same' pads {same}, the Convs have {pads}"
+                continue
+        margin = [k - s for k, s in zip(kernel, b.kernel)]
+        if any(m % 2 for m in margin):
+            return f"{b.name}'s kernel {b.kernel} does not centre in {kernel}"
+        window = [p + dilations[i % rank] * margin[i % rank] // 2 for i, p in enumerate(b.pads)]
+        if pads is not None and window != pads:
+            return (f"{b.name}'s pads {b.pads} put its {kernel} window at pads {window}, "
+                    f"{first.name.removeprefix('Conv ')}'s at {pads}: the branches read different windows")
+        pads = window
+    for i, b in enumerate(branches):
+        if b.per_channel:
+            grouped = numerics.regroup(numerics.ungroup(b.weight, b.group), group)
+            branches[i] = replace(b, weight=grouped, group=group)
+    return Merge(root, x, branches, chain, kernel, pads, first.strides, dilations, group)
+
+
+def _stride(strides: list[int]) -> str:
+    return str(strides[0]) if len(set(strides)) == 1 else str(strides)
+
+
+def _apply_one(edit: Editor, merge: Merge, dtype) -> Change:
+    w, b = numerics.merged_kernel([(br.weight, br.bias) for br in merge.branches], merge.kernel,
+                                  merge.branches[0].weight.shape[0])
+    name = next(n.name for br in merge.branches for n in br.nodes if n.op_type == "Conv") or "merged"
+    attrs = {"kernel_shape": merge.kernel, "pads": merge.pads, "strides": merge.strides,
+             "dilations": merge.dilations, "group": merge.group}
     conv = edit.node("Conv", [merge.x, edit.initializer(f"{name}.merged_weight", w.astype(dtype)),
                               edit.initializer(f"{name}.merged_bias", b.astype(dtype))], attrs,
                      name=f"{name}.merged", like=merge.root.outputs[0])
-    change = Change("merged", "parallel branches into one Conv",
-                    (merge.root.name, *(n.name for n in merge.chain), *(c.name for c in convs),
-                     *(n.name for _, _, nodes in merge.affines for n in nodes)), (merge.root.outputs[0].name,))
+    removed = [merge.root, *merge.chain, *(n for br in merge.branches for n in br.nodes)]
+    change = Change("merged", "parallel branches into one Conv", tuple(n.name for n in removed),
+                    (merge.root.outputs[0].name,))
     edit.graph.insert_before(merge.root, conv)
     edit.take_over(merge.root.outputs[0], conv.outputs[0])
-    edit.graph.remove([merge.root, *merge.chain, *convs, *(n for _, _, nodes in merge.affines for n in nodes)],
-                      safe=True)
+    order = {n: i for i, n in enumerate(edit.graph)}
+    for node in sorted(removed, key=order.__getitem__, reverse=True):  # readers first
+        if not any(out.uses() for out in node.outputs):
+            edit.graph.remove(node, safe=True)  # else a dead reader still holds it: cleanup's
     return change
+
+
+def _computed_kernel(conv: ir.Node) -> Materialize | None:
+    """A Conv whose weight is computed from constants in the graph (not one constant)."""
+    weight = conv.inputs[1] if len(conv.inputs) > 1 else None
+    if weight is None or constant_value(weight) is not None:
+        return None
+    array = deep_constant(weight)
+    if array is None:
+        return None
+    bias = conv.inputs[2] if len(conv.inputs) > 2 else None
+    bias_array = None if bias is None or constant_value(bias) is not None else deep_constant(bias)
+    return Materialize(conv, array, bias_array)
 
 
 class MergeBranches(Pass):
     name = "merge-branches"
-    summary = "merge parallel Conv branches of one input (RepVGG, ACNet) and identity/BN branches into one Conv"
+    summary = ("merge parallel branches of one input (RepVGG, ACNet, DBB: Conv, identity, BN, pool, 1x1 -> kxk) "
+               "into one Conv; a kernel computed in the graph (DEConv) becomes a constant")
 
     def plan(self, model: ir.Model) -> Plan:
-        plan, claimed = Plan(), set()
+        plan, claimed, dead = Plan(), set(), set(dead_nodes(model.graph))
         affines = {m.output: m for m in find_norms(model.graph)
                    if m.kind in ("batchnorm", "affine") and not m.detail.get("transposed")
                    and "repbn_alpha" not in m.detail}
         for node in reversed(list(model.graph)):  # outer sums first: they cover the inner ones
             if not is_op(node, "Add", "Sum") or node in claimed:
                 continue
-            merge = _plan_one(node, affines)
+            merge = _plan_one(node, affines, dead)
             if merge is None:
                 continue
             plan.decide(f"sum at {node.name}", merge)
             if isinstance(merge, Merge):
-                claimed.update([node, *merge.chain])
+                claimed.update([node, *merge.chain, *(n for b in merge.branches for n in b.nodes)])
+        for node in model.graph:
+            if is_op(node, "Conv") and node not in claimed:
+                computed = _computed_kernel(node)
+                if computed is not None:
+                    plan.actions.append(computed)
         if not plan.actions and not plan.refusals:
-            plan.idle = "no sum of parallel Conv branches of one input"
+            plan.idle = "no sum of parallel Conv branches of one input, no kernel computed in the graph"
         return plan
 
     def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
         edit = Editor(model.graph)
-        return [_apply_one(edit, merge) for merge in plan.actions]
+        changes = []
+        for action in plan.actions:
+            if isinstance(action, Merge):
+                dtype = deep_constant(next(n for b in action.branches for n in b.nodes if n.op_type == "Conv").inputs[1]).dtype
+                changes.append(_apply_one(edit, action, dtype))
+            else:
+                conv = action.conv
+                inputs = [(1, action.weight, "weight")] + ([(2, action.bias, "bias")] if action.bias is not None else [])
+                for index, array, what in inputs:
+                    conv.replace_input_with(index, edit.initializer(f"{conv.name}.{what}", array))
+                changes.append(Change("folded", "computed Conv kernel(s) into constants", (conv.name,),
+                                      (conv.inputs[1].name,)))
+        return changes

@@ -8,6 +8,7 @@ every walk through a graph: `LINEAR_OPS` (ops with a weight normopt can rewrite)
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import numpy as np
@@ -80,6 +81,19 @@ def permuted_around(entry: ir.Value, exit_: ir.Value) -> tuple[tuple[int, ...], 
     return (tuple(producer.attributes.get_ints("perm", ())), perms.pop()) if len(perms) == 1 else None
 
 
+def dead_nodes(graph: ir.Graph) -> list[ir.Node]:
+    """Nodes none of whose outputs reaches a graph output, found in one reverse sweep."""
+    outputs = set(graph.outputs)
+    dead: set[ir.Node] = set()
+    for node in reversed(list(graph)):
+        if all(
+            out not in outputs and all(use.node in dead for use in out.uses())
+            for out in node.outputs
+        ):
+            dead.add(node)
+    return [n for n in graph if n in dead]
+
+
 def sole_reader(value: ir.Value, *, numbers_only: bool = False) -> ir.Node | None:
     """The one node reading `value` when nothing else does and it is no graph output."""
     if value.is_graph_output():
@@ -140,6 +154,8 @@ def _constant_attribute(attr: ir.Attr) -> np.ndarray | None:
 _ELEMENTWISE = {
     "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide,
     "Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Neg": np.negative, "Pow": np.power,
+    "Max": lambda *a: functools.reduce(np.maximum, a), "Min": lambda *a: functools.reduce(np.minimum, a),
+    "Identity": np.asarray,
 }
 
 
@@ -157,7 +173,8 @@ def _fold_node(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | Non
         with np.errstate(all="ignore"):
             return np.asarray(_ELEMENTWISE[op](*args), dtype=args[0].dtype)
     if op == "Shape":  # needs only the input's static shape, not its values
-        shape = static_shape(node.inputs[0])
+        array = constant_value(node.inputs[0])
+        shape = static_shape(node.inputs[0]) if array is None else array.shape
         if shape is None:
             return None
         return np.array(shape, np.int64)[attrs.get_int("start", 0):attrs.get_int("end", len(shape)) or None]
@@ -184,14 +201,45 @@ def _fold_node(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | Non
         return np.transpose(args[0], perm)
     if op == "Concat" and all(a is not None for a in args):
         return np.concatenate(args, axis=attrs.get_int("axis", 0))
+    return _fold_indexing(node, args)
+
+
+def _fold_indexing(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | None:
+    """Cast, Slice, Gather(ND), ReduceSum on constants: the ops of kernels computed in forward
+    (DEA-Net's difference convolutions take taps by index, slice and sum them)."""
+    op, attrs, data = node.op_type, node.attributes, args[0]
+    if op == "Cast":
+        dtype = ir.DataType(attrs.get_int("to")).numpy()
+        return data.astype(dtype)
+    if op == "ConstantOfShape":
+        fill = attrs["value"].as_tensor().numpy().reshape(-1) if "value" in attrs else np.zeros(1, np.float32)
+        return np.full(tuple(int(d) for d in data), fill[0], dtype=fill.dtype)
+    if op == "Gather" and args[1] is not None:
+        return np.take(data, args[1].astype(np.int64), axis=attrs.get_int("axis", 0))
+    if op == "GatherND" and args[1] is not None and attrs.get_int("batch_dims", 0) == 0:
+        index = args[1].astype(np.int64)
+        return data[tuple(np.moveaxis(index, -1, 0))]
+    if op == "Slice" and all(a is not None for a in args):
+        starts, ends = args[1], args[2]
+        axes = args[3] if len(args) > 3 else np.arange(len(starts))
+        steps = args[4] if len(args) > 4 else np.ones(len(starts), np.int64)
+        index = [slice(None)] * data.ndim
+        for start, end, axis, step in zip(starts, ends, axes, steps):
+            index[int(axis)] = slice(int(start), int(end), int(step))  # numpy clamps as ONNX does
+        return data[tuple(index)]
+    if op == "ReduceSum" and all(a is not None for a in args):
+        axes = tuple(attrs.get_ints("axes", ())) or (tuple(int(a) for a in args[1]) if len(args) > 1 else ())
+        if not axes and attrs.get_int("noop_with_empty_axes", 0):
+            return data
+        return np.sum(data, axis=axes or None, keepdims=bool(attrs.get_int("keepdims", 1))).astype(data.dtype)
     return None
 
 
 _FOLDABLE = set(_ELEMENTWISE) | {"Shape", "CastLike", "Expand", "Reshape", "Unsqueeze", "Squeeze", "Concat",
-                                 "Transpose"}
+                                 "Transpose", "Cast", "ConstantOfShape", "Gather", "GatherND", "Slice", "ReduceSum"}
 
 
-_memo: dict[int, tuple[ir.Value, np.ndarray | None]] | None = None
+_memo: dict[tuple[int, int], tuple[ir.Value, np.ndarray | None]] | None = None
 
 
 @contextlib.contextmanager
@@ -212,12 +260,13 @@ def folded_value(value: ir.Value | None, depth: int = 8) -> np.ndarray | None:
     unfolded: elementwise math (`sqrt(running_var + eps)`), a Linear's `Transpose(W)`, and the
     shape arithmetic dynamo uses for a conv bias (`Expand(CastLike(0, x), Shape(W)[0:1])`).
     Analysis only: nothing is written back to the graph."""
-    if _memo is not None and value is not None and depth == 8:
-        hit = _memo.get(id(value))
+    if _memo is not None and value is not None:
+        key = (id(value), depth)  # by depth too: a shallower search may give up where a deeper one folds
+        hit = _memo.get(key)
         if hit is not None and hit[0] is value:
             return hit[1]
         result = _folded(value, depth)
-        _memo[id(value)] = (value, result)
+        _memo[key] = (value, result)
         return result
     return _folded(value, depth)
 

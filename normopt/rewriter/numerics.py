@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import math
+
 import numpy as np
 
 
@@ -97,9 +99,7 @@ def into_conv_input(weight, bias, a, c, groups: int) -> tuple[np.ndarray, np.nda
     border outputs would see the shift only partly: callers must not fold then."""
     w = _f64(weight)
     cout, cin_g = w.shape[0], w.shape[1]
-    per_group = cout // groups
-    group_of = np.arange(cout) // per_group
-    channel = group_of[:, None] * cin_g + np.arange(cin_g)[None, :]  # [C_out, C_in/G]
+    channel = _input_channels(cout, cin_g, groups)
     expand = (slice(None), slice(None)) + (None,) * (w.ndim - 2)
     w_new = w * _f64(a)[channel][expand]
     b_new = _f64(bias) + (w.reshape(cout, cin_g, -1).sum(axis=2) * _f64(c)[channel]).sum(axis=1)
@@ -171,14 +171,65 @@ def merged_kernel(branches: Sequence[tuple[np.ndarray, np.ndarray]], kernel: Seq
     return total, bias
 
 
-def identity_kernel(channels: int, groups: int, kernel: Sequence[int], scale=None) -> np.ndarray:
-    """A grouped convolution weight [C, C/G, k..] that maps every channel to itself (times
-    `scale[c]`, a per-channel affine's a; 1 without): a 1 at the kernel centre of channel c's
-    own input within its group, c mod (C/G)."""
-    per_group = channels // groups
-    w = np.zeros((channels, per_group, *kernel))
-    centre = tuple(k // 2 for k in kernel)
-    s = np.ones(channels) if scale is None else _f64(scale).reshape(channels)
-    for c in range(channels):
-        w[(c, c % per_group, *centre)] = s[c]
-    return w
+def ungroup(weight, groups: int) -> np.ndarray:
+    """A grouped convolution weight [C_out, C_in/G, k..] as the dense [C_out, C_in, k..] one:
+    output channel o reads only its group's inputs, zeros elsewhere."""
+    w = _f64(weight)
+    out, per_group = w.shape[:2]
+    dense = np.zeros((out, per_group * groups, *w.shape[2:]))
+    outs = out // groups
+    for g in range(groups):
+        dense[g * outs:(g + 1) * outs, g * per_group:(g + 1) * per_group] = w[g * outs:(g + 1) * outs]
+    return dense
+
+
+def regroup(dense, groups: int) -> np.ndarray | None:
+    """The inverse of `ungroup`: the [C_out, C_in/G, k..] weight of a dense kernel that is block
+    diagonal over `groups`, or None where some output channel reads outside its group."""
+    out, cin = dense.shape[:2]
+    if out % groups or cin % groups:
+        return None
+    outs, per_group = out // groups, cin // groups
+    inside = ungroup(np.ones((out, per_group, *dense.shape[2:])), groups).astype(bool)
+    if np.any(dense[~inside] != 0):
+        return None
+    return np.concatenate([dense[g * outs:(g + 1) * outs, g * per_group:(g + 1) * per_group] for g in range(groups)])
+
+
+def compose_kernels(upper, upper_bias, upper_groups: int, lower, lower_bias,
+                    lower_groups: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Two convolutions in sequence, one of them 1x1 (stride 1, nothing padded between them
+    that the composite would not pad the same way), as one: upper(lower(x)) = W * x + b,
+    W[o, i, k] = sum_m upper[o, m, k] lower[m, i] (lower 1x1) or sum_m upper[o, m] lower[m, i, k]
+    (upper 1x1), b = upper_bias + sum_(m, k) upper[o, m, k] lower_bias[m]; in grouped terms, with
+    the groups of the result (a depthwise stage keeps the other's groups). Returns (W, b, G)."""
+    up, low = _f64(upper), _f64(lower)
+    mid = low.shape[0]
+    depthwise = lambda w, g: g == w.shape[0] and w.shape[1] == 1  # noqa: E731
+    bias = _f64(upper_bias) + (up.reshape(up.shape[0], up.shape[1], -1).sum(axis=2)
+                               * _f64(lower_bias)[_input_channels(up.shape[0], up.shape[1], upper_groups)]).sum(axis=1)
+    if depthwise(low, lower_groups) and all(k == 1 for k in low.shape[2:]):
+        return into_conv_input(up, upper_bias, low.reshape(-1), lower_bias, upper_groups)[0], bias, upper_groups
+    if depthwise(up, upper_groups) and all(k == 1 for k in low.shape[2:]):
+        return up * low.reshape(mid, low.shape[1], *[1] * (up.ndim - 2)), bias, lower_groups
+    if depthwise(up, upper_groups) and all(k == 1 for k in up.shape[2:]):
+        return low * up.reshape(mid, *[1] * (low.ndim - 1)), bias, lower_groups
+    dense_up, dense_low = ungroup(up, upper_groups), ungroup(low, lower_groups)
+    if all(k == 1 for k in low.shape[2:]):
+        weight = np.einsum("om...,mi->oi...", dense_up, dense_low.reshape(dense_low.shape[:2]))
+    else:
+        weight = np.einsum("om,mi...->oi...", dense_up.reshape(dense_up.shape[:2]), dense_low)
+    groups = math.gcd(upper_groups, lower_groups)
+    return regroup(weight, groups), bias, groups
+
+
+def _input_channels(out: int, per_group: int, groups: int) -> np.ndarray:
+    """[C_out, C_in/G]: the input channel each tap of a grouped weight reads."""
+    return (np.arange(out) // (out // groups))[:, None] * per_group + np.arange(per_group)[None, :]
+
+
+def per_channel_kernel(scale, kernel: Sequence[int]) -> np.ndarray:
+    """A per-channel map as a depthwise kernel [C, 1, k..]: every tap `scale[c] / prod(k)` (an
+    identity or a per-channel affine's a with k = 1; an average pool's window with a ones scale)."""
+    s = _f64(scale).reshape(-1)
+    return np.broadcast_to(s.reshape(-1, 1, *[1] * len(kernel)) / np.prod(kernel), (s.size, 1, *kernel)).copy()

@@ -141,13 +141,14 @@ def test_a_residual_add_is_no_candidate():
                         helper.make_node("Add", ["a", "x"], ["y"], name="add")],
                        [tensor("x", shape=(2, 8, 6, 6))], [tensor("y", shape=(2, 8, 6, 6))], inits)
     result, _ = merge(model, expect_modified=False)
-    assert [r.reason for r in result.refusals] == ["no sum of parallel Conv branches of one input"]
+    assert [r.reason for r in result.refusals] == ["no sum of parallel Conv branches of one input, no kernel computed in the graph"]
 
 
-@pytest.mark.parametrize("name", ["repvgg-ts14", "repvgg-ts17", "repvgg-dyn18"])
+@pytest.mark.parametrize("name", ["repvgg-ts14", "repvgg-ts17", "repvgg-dyn18", "repvgg-folded-ts17", "repvgg-folded-dyn18"])
 def test_timm_repvgg_becomes_one_conv_per_block(corpus, tmp_path, name):
-    """timm's RepVGG in its training form (BN kept): the default pipeline folds each branch's BN,
-    then merges the 3x3, 1x1 and identity-BN branches of every block into one 3x3 Conv."""
+    """timm's RepVGG in its training form (BN kept, or Conv+BN folded by the exporter): the
+    default pipeline folds each branch's BN, then merges the 3x3, 1x1 and identity-BN branches of
+    every block into one 3x3 Conv."""
     from normopt.rewrite import rewrite
     from normopt.verify import VerifyOptions
     from tests.helpers import assert_matches_reference
@@ -174,3 +175,123 @@ def test_auto_pad_and_an_identity_beside_strided_convs_are_refused():
     result, out = merge(strided)  # the inner sum of the two Convs still merges; the identity stays added
     assert [r.reason for r in result.refusals] == ["the identity branch 'x' needs stride 1, the Convs have [2, 2]"]
     assert [n.op_type for n in out.graph.node] == ["Conv", "Add", "Identity", "Relu"]
+
+
+def conv_of(source: str, name: str, k, pads, cin=8, cout=8, bias=True, group=1):
+    node, inits = conv(name, k, pads, cin=cin, cout=cout, bias=bias, group=group)
+    node.input[0] = source
+    return node, inits
+
+
+def shifted_pad(source: str, name: str, values: np.ndarray, p=1):
+    """DBB's BN-and-pad: pad(y - v) + v, v per channel."""
+    v = const(f"{name}_v", values.reshape(1, -1, 1, 1).astype(np.float32))
+    pads = const(f"{name}_pads", np.array([0, 0, p, p, 0, 0, p, p], np.int64))
+    nodes = [helper.make_node("Sub", [source, v.name], [f"{name}_s"], name=f"{name}_sub"),
+             helper.make_node("Pad", [f"{name}_s", pads.name], [f"{name}_p"], name=f"{name}_pad"),
+             helper.make_node("Add", [f"{name}_p", v.name], [name], name=f"{name}_add")]
+    return nodes, [v, pads]
+
+
+def chain(*parts):
+    nodes, inits = [], []
+    for made, more in parts:
+        nodes += made if isinstance(made, list) else [made]
+        inits += more
+    return nodes, inits
+
+
+def dbb_one_kxk(bias_value=None):
+    """1x1 Conv (bias b1) -> pad with b1 -> 3x3 Conv without pads: DBB's sequential branch."""
+    first, inits = conv_of("x", "c1", (1, 1), [0, 0, 0, 0])
+    b1 = next(numpy_helper_to_array(i) for i in inits if i.name == "c1_b")
+    return chain((first, inits), shifted_pad("c1", "bp", b1 if bias_value is None else bias_value),
+                 conv_of("bp", "ck", (3, 3), [0, 0, 0, 0]))
+
+
+def numpy_helper_to_array(init):
+    return onnx.numpy_helper.to_array(init)
+
+
+def avg_branch():
+    """1x1 Conv -> pad with its bias -> 3x3 AveragePool -> BN: DBB's pooling branch."""
+    first, inits = conv_of("x", "a1", (1, 1), [0, 0, 0, 0])
+    b1 = next(numpy_helper_to_array(i) for i in inits if i.name == "a1_b")
+    pool = helper.make_node("AveragePool", ["ap"], ["pool"], name="pool", kernel_shape=[3, 3])
+    bn, more = bn_of_x("pool_bn")
+    bn.input[0] = "pool"
+    return chain((first, inits), shifted_pad("a1", "ap", b1), (pool, []), (bn, more))
+
+
+SEQUENTIAL = {
+    "DBB: 3x3 + 1x1 -> pad(b1) -> 3x3 + 1x1 -> pad -> avg-pool -> BN + identity BN": lambda: summed(
+        [conv("c3", (3, 3), [1, 1, 1, 1]), dbb_one_kxk(), avg_branch(), bn_of_x()]),
+    "1x1 without bias -> 3x3 zero-padded": lambda: summed(
+        [conv("c3", (3, 3), [1, 1, 1, 1]), chain(conv_of("x", "u", (1, 1), [0, 0, 0, 0], bias=False),
+                                                 conv_of("u", "k", (3, 3), [1, 1, 1, 1]))]),
+    "3x3 -> 1x1": lambda: summed([conv("c3", (3, 3), [1, 1, 1, 1]),
+                                  chain(conv_of("x", "k", (3, 3), [1, 1, 1, 1]), conv_of("k", "u", (1, 1), [0, 0, 0, 0]))]),
+    "average pool of x beside a depthwise 3x3": lambda: summed(
+        [conv("dw", (3, 3), [1, 1, 1, 1], group=8),
+         (helper.make_node("AveragePool", ["x"], ["pool"], name="pool", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                           count_include_pad=1), [])]),
+}
+
+
+@pytest.mark.parametrize("case", SEQUENTIAL)
+def test_sequential_branches_merge_too(case):
+    model, feeds = SEQUENTIAL[case]()
+    result, out = merge(model)
+    ops = [n.op_type for n in out.graph.node]
+    assert ops.count("Conv") == 1 and not {"BatchNormalization", "AveragePool", "Pad", "Add"} & set(ops), ops
+    before, after = ort_run(model, feeds)["y"], ort_run(out, feeds)["y"]
+    np.testing.assert_allclose(after, before, rtol=0, atol=2e-5 * np.abs(before).max())
+
+
+def test_a_padding_that_is_not_the_lower_stages_value_for_zero_is_refused():
+    """A 1x1 Conv with a bias, then a zero-padded 3x3: the border sees 0, not b1; one Conv of the
+    zero-padded input would see b1 there."""
+    branch = chain(conv_of("x", "u", (1, 1), [0, 0, 0, 0]), conv_of("u", "k", (3, 3), [1, 1, 1, 1]))
+    reason = refusal(summed([conv("c3", (3, 3), [1, 1, 1, 1]), branch])[0])
+    assert reason.startswith("Conv k pads with 0 where the stages before it give [") and "for a zero input" in reason
+    assert refusal(summed([conv("c3", (3, 3), [1, 1, 1, 1]), dbb_one_kxk(bias_value=np.ones(8))])[0]).startswith(
+        "Conv ck pads with 1 where the stages before it give [")
+
+
+def test_sequences_that_are_no_convolution_are_refused():
+    two = chain(conv_of("x", "k1", (3, 3), [1, 1, 1, 1]), conv_of("k1", "k2", (3, 3), [1, 1, 1, 1]))
+    assert refusal(summed([conv("c3", (3, 3), [1, 1, 1, 1]), two])[0]) == (
+        "Conv k2 reads a [3, 3] Conv's output: one of two Convs in sequence must be 1x1")
+    pool = helper.make_node("AveragePool", ["x"], ["pool"], name="pool", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    assert refusal(summed([conv("dw", (3, 3), [1, 1, 1, 1], group=8), (pool, [])])[0]) == (
+        "AveragePool pool leaves its padding out of the count (count_include_pad=0): not a convolution")
+
+
+def test_a_kernel_computed_in_the_graph_becomes_a_constant():
+    """DEConv: the kernel is a sum of kernels computed from weights in forward."""
+    w1, w2 = (const(n, rng.standard_normal((8, 8, 3, 3)).astype(np.float32)) for n in ("w1", "w2"))
+    nodes = [helper.make_node("Neg", ["w2"], ["w2n"], name="neg"), helper.make_node("Add", ["w1", "w2n"], ["w"], name="sum"),
+             helper.make_node("Conv", ["x", "w"], ["y"], name="deconv", pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [tensor("x", shape=(2, 8, 6, 6))], [tensor("y", shape=(2, 8, 6, 6))], [w1, w2])
+    feeds = {"x": rng.standard_normal((2, 8, 6, 6)).astype(np.float32)}
+    result, out = merge(model)
+    assert [c.kind for c in result.changes] == ["folded"]
+    assert [n.op_type for n in out.graph.node if n.name != "neg" and n.name != "sum"] == ["Conv"]
+    np.testing.assert_array_equal(ort_run(out, feeds)["y"], ort_run(model, feeds)["y"])
+
+
+@pytest.mark.parametrize("name", ["repblocks-ts14", "repblocks-ts17", "repblocks-dyn18"])
+def test_acnet_dbb_and_deconv_blocks_become_one_conv_each(corpus, tmp_path, name):
+    """The ACNet block, the Diverse Branch Block (all four branches) and DEA-Net's DEConv in their
+    training form: one Conv per block after the default pipeline, nothing else of them left."""
+    from normopt.rewrite import rewrite
+    from normopt.verify import VerifyOptions
+    from tests.helpers import assert_matches_reference
+
+    paths = corpus(name)
+    out = tmp_path / "out.onnx"
+    rewrite(paths.model, out, verification=VerifyOptions(inputs=paths.load_inputs()))
+    ops = collections.Counter(n.op_type for n in onnx.load(out).graph.node)
+    assert ops["Conv"] == 4  # the stem and one per block
+    assert not {"BatchNormalization", "Pad", "AveragePool", "Add", "Sub", "ScatterND", "Concat"} & set(ops), ops
+    assert_matches_reference(out, paths)

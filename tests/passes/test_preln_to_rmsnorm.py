@@ -546,8 +546,9 @@ def test_value_the_centring_changes_must_have_no_other_reader():
 
 
 @pytest.mark.usefixtures("cheap_recentring")
-def test_positional_table_sliced_on_the_hidden_axis_is_recentred_explicitly():
-    """Centring a table that is then sliced along the hidden axis would not centre the slice."""
+def test_positional_table_sliced_on_the_hidden_axis_is_centred_after_the_slice():
+    """Centring a table that is then sliced along the hidden axis would not centre the slice: the
+    slice (a constant, evaluated) is centred, the table is left as it is."""
     d = 4
     inits = [const("wide", rng.standard_normal((3, d + 2)).astype(np.float32)), const("starts", np.array([0])),
              const("ends", np.array([d])), const("axes", np.array([1])), const("g", np.ones(d, np.float32)),
@@ -559,8 +560,36 @@ def test_positional_table_sliced_on_the_hidden_axis_is_recentred_explicitly():
              helper.make_node("LayerNormalization", ["x1", "g", "b"], ["y"], axis=-1)]
     model = make_model(nodes, [tensor("x", shape=(2, 3, d))], [tensor("y", shape=(2, 3, d))], inits)
     result, rewritten = _run(model)
-    assert result.modified and recentred(result)["pos"].startswith("Slice cut slices the hidden axis")
+    assert result.modified and not recentred(result)
+    add = next(n for n in rewritten.graph.node if n.op_type == "Add" and n.input[0] == "t")
+    centred = next(onnx.numpy_helper.to_array(i) for i in rewritten.graph.initializer if i.name == add.input[1])
+    np.testing.assert_allclose(centred.sum(-1), 0, atol=1e-6)
+    wide = next(onnx.numpy_helper.to_array(i) for i in rewritten.graph.initializer if i.name == "wide")
+    np.testing.assert_array_equal(wide, onnx.numpy_helper.to_array(inits[0]))
     _assert_same(model, rewritten, {"x": rng.standard_normal((2, 3, d)).astype(np.float32)})
+
+
+@pytest.mark.usefixtures("cheap_recentring")
+def test_a_computed_table_sliced_on_the_hidden_axis_is_recentred_explicitly():
+    """The table is a graph input: its slice is no constant to centre, and centring the input
+    upstream would not centre the slice."""
+    d = 4
+    inits = [const("starts", np.array([0])), const("ends", np.array([d])), const("axes", np.array([1])),
+             const("g", np.ones(d, np.float32)), const("b", np.zeros(d, np.float32)),
+             const("w", rng.standard_normal((d, d)).astype(np.float32)), const("w_in", rng.standard_normal((d, d)).astype(np.float32)),
+             const("w_t", rng.standard_normal((d + 2, d + 2)).astype(np.float32))]
+    nodes = [helper.make_node("MatMul", ["table", "w_t"], ["wide"], name="make"),
+             helper.make_node("Slice", ["wide", "starts", "ends", "axes"], ["pos"], name="cut"),
+             helper.make_node("MatMul", ["x", "w_in"], ["t"]), helper.make_node("Add", ["t", "pos"], ["x0"]),
+             helper.make_node("LayerNormalization", ["x0", "g", "b"], ["h"], axis=-1),
+             helper.make_node("MatMul", ["h", "w"], ["br"]), helper.make_node("Add", ["x0", "br"], ["x1"]),
+             helper.make_node("LayerNormalization", ["x1", "g", "b"], ["y"], axis=-1)]
+    model = make_model(nodes, [tensor("x", shape=(2, 3, d)), tensor("table", shape=(3, d + 2))],
+                       [tensor("y", shape=(2, 3, d))], inits)
+    result, rewritten = _run(model)
+    assert result.modified and recentred(result)["pos"].startswith("Slice cut slices the hidden axis")
+    _assert_same(model, rewritten, {"x": rng.standard_normal((2, 3, d)).astype(np.float32),
+                                    "table": rng.standard_normal((3, d + 2)).astype(np.float32)})
 
 
 def _patch_merging(d=4, tokens=4):

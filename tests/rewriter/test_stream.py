@@ -17,7 +17,7 @@ EXPECTED = {
     "clip": "pre-ln", "bloom": "pre-ln",  # with a LayerNorm on the embeddings (named in the reasons)
     "swin": "pre-ln", "whisper": "pre-ln", "scaledpool": "pre-ln", "periln": "peri-ln", "mixln": "mixed",
     "wav2vec2": "mixed",  # its conv positional embedding is a residual Add without a norm
-    "repbn": "none", "repbnpool": "none", "unifiednorm": "none", "convnext": "none", "convnext2d": "none", "repvgg": "none",
+    "repbn": "none", "repbnpool": "none", "unifiednorm": "none", "convnext": "none", "convnext2d": "none", "repvgg": "none", "repblocks": "none",
 }
 RESIDUAL_ADDS = {"gpt2": 4, "gpt2hidden": 4, "opt": 4, "gptneox": 2, "vit": 4, "preln": 4, "bert": 4, "llama": 4, "clip": 4}
 
