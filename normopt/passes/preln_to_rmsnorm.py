@@ -30,6 +30,8 @@ runs next, fuses them for --target ort.
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import onnx_ir as ir
 
@@ -123,16 +125,24 @@ def _fold_beta(edit: Editor, conversion: Conversion) -> None:
         fold_weights(edit, Fold(np.ones_like(beta), beta, "following", node, bias_add))
 
 
-def _no_gain(match: NormMatch, opset: int, target: str) -> str | None:
-    """Why converting this LayerNorm would not pay on `target`, or None. A LayerNormalization op
-    on an NCHW tensor permuted to NHWC and back (a channels-first norm: timm's LayerNorm2d)
-    would become the decomposed RMSNorm (no RMSNormalization below opset 23): onnxruntime then
-    moves the permutes through the decomposed ops, cannot fuse them (the reduction is no longer
-    on the last axis), and keeps permutes it had cancelled around its NCHWc Convs (timm
-    ConvNeXt, opset 17, 8x128x128: 1.03x slower). --target ort emits a fused op there, opset
-    >= 23 RMSNormalization."""
+def _no_gain(match: NormMatch, opset: int, target: str, shared: set[ir.Value]) -> str | None:
+    """Why converting this LayerNorm would not pay on `target`, or None. Below opset 23 a
+    LayerNormalization op becomes the decomposed RMSNorm (no RMSNormalization op), which
+    onnxruntime fuses back except where:
+    - the norm is on an NCHW tensor permuted to NHWC and back (a channels-first norm: timm's
+      LayerNorm2d): onnxruntime moves the permutes through the decomposed ops, cannot fuse them
+      (the reduction is no longer on the last axis), and keeps permutes it had cancelled around
+      its NCHWc Convs (timm ConvNeXt, opset 17, 8x128x128: 1.03x slower);
+    - another LayerNormalization reads the same input (GPT-NeoX's parallel block): onnxruntime
+      shares the two decomposed norms' statistics and fuses neither (GPT-NeoX, opset 17: 1.02x
+      slower).
+    --target ort emits a fused op there, opset >= 23 RMSNormalization."""
     if match.form != "op" or opset >= 23 or target == "ort":
         return None
+    if match.input in shared:
+        return (f"stays a LayerNormalization: another norm reads its input, and two decomposed RMSNorms of one "
+                f"input (opset {opset} has no RMSNormalization) are not fused by onnxruntime (measured slower; "
+                "--target ort or opset >= 23 converts it)")
     if permuted_around(match.input, match.nodes[0].outputs[0]) != (NCHW_TO_NHWC, NHWC_TO_NCHW):
         return None
     return (f"stays a LayerNormalization: on NCHW permuted to NHWC and back its RMSNorm would be decomposed "
@@ -151,8 +161,10 @@ class PreLNToRMSNorm(Pass):
             rms = any(m.kind == "rmsnorm" for m in norms)
             return Plan(idle="no LayerNorm" + (": its norms are RMSNorms already, nothing to recentre" if rms else ""))
         opset = default_opset(model)
+        readers = collections.Counter(m.input for m in layernorms if m.form == "op")
+        shared = {v for v, n in readers.items() if n > 1}
         planner = Planner(norms, self.options.allow_hidden_state_change,
-                          lambda m: _no_gain(m, opset, self.options.target))
+                          lambda m: _no_gain(m, opset, self.options.target, shared))
         rewrite, plan = StreamRewrite(), Plan()
         decided: set[int] = set()
         for comp in planner.components([m.input for m in layernorms]):
