@@ -88,6 +88,7 @@ def rewrite(
     target: str = "onnx",
     allow_hidden_state_change: bool = False,
     tune_params: str = "constants",
+    trt_version: str | None = None,
     verify: bool = True,
     inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
     dims: Mapping[str, int] | None = None,
@@ -124,7 +125,15 @@ def rewrite(
     checks = _verify_options(inputs, dims, shapes, rtol, atol, seed, trials)
     if tune_params not in ("constants", "inputs", "inputs:all"):
         raise BadInput(f"tune_params must be constants, inputs or inputs:all, not '{tune_params}'")
-    options = Options(target=target, allow_hidden_state_change=allow_hidden_state_change, tune_params=tune_params)
+    if trt_version is not None:
+        from normopt.plugins.spec import parse_version
+
+        try:
+            parse_version(trt_version)
+        except ValueError as exc:
+            raise BadInput(f"trt_version: {exc}") from None
+    options = Options(target=target, allow_hidden_state_change=allow_hidden_state_change, tune_params=tune_params,
+                      trt_version=trt_version)
     guard = SpeedGuard(threads=threads, inputs=checks) if speed_guard else None
     with tempfile.TemporaryDirectory(prefix="normopt-") as tmp, _as_file(model, Path(tmp), "input.onnx") as src:
         dst = Path(output) if output is not None else Path(tmp) / "output.onnx"

@@ -194,6 +194,19 @@ def _check_target(target: str) -> None:
         raise BadInput(f"--target must be onnx, ort or tensorrt, not '{target}'")
 
 
+def _check_trt_version(version: str | None, target: str) -> None:
+    if version is None:
+        return
+    if target != "tensorrt":
+        raise BadInput("--trt-version goes with --target tensorrt")
+    from normopt.plugins.spec import parse_version
+
+    try:
+        parse_version(version)
+    except ValueError as exc:
+        raise BadInput(f"--trt-version: {exc}") from None
+
+
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3g}"
 
@@ -330,6 +343,7 @@ def rewrite(
     timings: Annotated[bool, typer.Option("--timings", help="Print where the time went (load, checker, shape annotation, each pass, save, verification, guard).")] = False,
     require_change: Annotated[bool, typer.Option("--require-change", help="Exit 3 (nothing written) when no pass changes the model.")] = False,
     tune_params: Annotated[str, typer.Option("--tune-params", help="convbn-tune: constants | inputs (BN parameters become graph inputs with their values as defaults) | inputs:all (weights and biases too).")] = "constants",
+    trt_version: Annotated[Optional[str], typer.Option("--trt-version", help="--target tensorrt: the TensorRT version to emit for (MAJOR.MINOR, >= 10.9; default: the installed one, else 11.4).")] = None,
     dim: DimOpt = None,
     inputs: InputsOpt = None,
     rtol: RtolOpt = None,
@@ -351,6 +365,7 @@ def rewrite(
         raise BadInput("--threads must be at least 1")
     if tune_params not in ("constants", "inputs", "inputs:all"):
         raise BadInput(f"--tune-params takes constants, inputs or inputs:all, not '{tune_params}'")
+    _check_trt_version(trt_version, target)
     names = [n.strip() for n in passes.split(",") if n.strip()] if passes is not None else None
     checks = _verify_options(inputs, dim, rtol, atol, seed, trials, shape)
     result = RewriteReport(str(src), str(dst))
@@ -358,7 +373,7 @@ def rewrite(
         with _progress(f"loading {src.name}") as step:
             run_rewrite(src, dst, passes=names, verification=None if no_verify else checks,
                         options=Options(target=target, allow_hidden_state_change=allow_hidden_state_change,
-                                        tune_params=tune_params),
+                                        tune_params=tune_params, trt_version=trt_version),
                         speed_guard=SpeedGuard(threads=threads, inputs=checks) if guard else None,
                         require_change=require_change,
                         in_place=in_place, report_path=report, on_step=step, report=result)
@@ -577,9 +592,82 @@ def profile(
     if runs < 1 or warmup < 0 or threads < 1:
         raise BadInput("--runs and --threads must be at least 1, --warmup at least 0")
     guard = _output_guard(models, {"--report": report_path, "--plot": plot_path}, inputs)
-    feeds = _feeds(models[0], _verify_options(inputs, dim, None, None, seed, shape=shape))
+    from normopt.profiling import ENGINE_SUFFIXES
+
+    engines = [m.suffix in ENGINE_SUFFIXES for m in models]
+    if any(engines):  # TensorRT engine files: random inputs of their profiles' opt shapes
+        if backend != "tensorrt" or not all(engines):
+            raise BadInput("engine files (.engine, .plan, .trt) are timed with --backend tensorrt, and only "
+                           "with other engine files")
+        from normopt.engine.trt import load_tensorrt
+        from normopt.rewriter.io import check_readable_file
+
+        load_tensorrt("profile --backend tensorrt")
+        for m in models:
+            check_readable_file(m)
+        feeds = {}
+    else:
+        feeds = _feeds(models[0], _verify_options(inputs, dim, None, None, seed, shape=shape))
     _run_profile(models, feeds, backend, threads, warmup, runs, seed=seed, inputs_from=inputs, json_out=json_out,
                  report_path=report_path, plot_path=plot_path, guard=guard)
+
+
+@_command
+def build(
+    src: Annotated[Path, typer.Argument(metavar="IN", help="ONNX model (a --target tensorrt rewrite, or any).")],
+    dst: Annotated[Path, typer.Argument(metavar="OUT", help="Engine file (written atomically).")],
+    shape: Annotated[Optional[list[str]], typer.Option("--shape", help="NAME:MIN/OPT/MAX optimization profile of a dynamic input, each AxBxC (repeatable).")] = None,
+    dim: DimOpt = None,
+    timing_cache: Annotated[Optional[Path], typer.Option("--timing-cache", help="TensorRT timing cache to read and update.")] = None,
+    workspace: Annotated[int, typer.Option("--workspace", help="Builder workspace, MiB.")] = 4096,
+    plugins: Annotated[str, typer.Option("--plugins", help="aot (PTX in the engine, runs without Python) | jit.")] = "aot",
+    json_out: JsonOpt = False,
+) -> None:
+    """Build a TensorRT engine (strongly typed, normopt's norm plugins registered). Needs TensorRT: exit 2 without it."""
+    from normopt.engine.build import build_engine, profile_shapes
+    from normopt.engine.trt import load_tensorrt
+    from normopt.rewriter.io import check_readable_file
+    from normopt.schema import document
+
+    load_tensorrt("normopt build")
+    if plugins not in ("aot", "jit"):
+        raise BadInput(f"--plugins takes aot or jit, not '{plugins}'")
+    if workspace < 1:
+        raise BadInput("--workspace must be at least 1 MiB")
+    check_readable_file(src)
+    _output_guard([src], {"OUT": dst, "--timing-cache": timing_cache})
+    profiles = profile_shapes(_input_dims(src), _parse_profiles(shape), _parse_dims(dim))
+    summary = build_engine(src, dst, shapes=profiles, workspace_mb=workspace, timing_cache=timing_cache, plugins=plugins)
+    _emit(document("build", {"input": str(src), "output": str(dst), **summary}), json_out, None, None)
+    if not json_out:
+        out.print(", ".join(f"{n} {kind}" for kind, n in sorted(summary["layers"].items())), highlight=False)
+    err.print(f"wrote {dst}", highlight=False)
+
+
+def _input_dims(model: Path) -> dict[str, list]:
+    """The graph inputs' dims (numbers, dim names) without loading the weights."""
+    import onnx
+
+    proto = onnx.load(str(model), load_external_data=False)
+    names = {i.name for i in proto.graph.initializer}
+    return {i.name: [d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in i.type.tensor_type.shape.dim]
+            for i in proto.graph.input if i.name not in names}
+
+
+def _parse_profiles(items: list[str] | None) -> dict[str, tuple]:
+    """NAME:MIN/OPT/MAX with each shape AxBxC -> name -> (min, opt, max)."""
+    out = {}
+    for item in items or []:
+        name, _, spec = item.rpartition(":")
+        parts = spec.split("/")
+        try:
+            shapes = tuple(tuple(int(d) for d in p.split("x")) for p in parts)
+        except ValueError:
+            shapes = ()
+        if not name or len(shapes) != 3 or len({len(s) for s in shapes}) != 1:
+            raise BadInput(f"--shape takes NAME:MIN/OPT/MAX with shapes like 1x128/8x128/16x128, not '{item}'")
+        out[name] = shapes
+    return out
 
 
 def main() -> None:

@@ -77,7 +77,8 @@ def session(path: str | os.PathLike, backend: str = "ort-cpu", threads: int = 2,
 
 def interleaved(runners: Mapping[str, Callable[[], None]], rounds: int = 30, warmup: int = 3, seed: int = 0,
                 on_round: Callable[[int], None] | None = None) -> dict[str, list[float]]:
-    """Seconds per call for each runner: one call each per round, in a random order per round."""
+    """Seconds per call for each runner: one call each per round, in a random order per round (a
+    runner that returns a number has timed itself: a GPU runner's CUDA events)."""
     for run in runners.values():
         for _ in range(warmup):
             run()
@@ -88,8 +89,8 @@ def interleaved(runners: Mapping[str, Callable[[], None]], rounds: int = 30, war
         rng.shuffle(order)
         for name in order:
             t = time.perf_counter()
-            runners[name]()
-            times[name].append(time.perf_counter() - t)
+            own = runners[name]()
+            times[name].append(own if isinstance(own, float) else time.perf_counter() - t)
         if on_round:
             on_round(r + 1)
     return times
@@ -282,6 +283,8 @@ def profile(paths: Sequence[str | os.PathLike], feeds: Mapping[str, np.ndarray],
         while name in names:
             name, i = f"{p}#{i}", i + 1
         names.append(name)
+    if backend == "tensorrt" and all(Path(p).suffix in ENGINE_SUFFIXES for p in paths):
+        return _profile_engines(names, paths, warmup, runs, seed, on_round, start)
     sessions = {n: session(p, backend, threads) for n, p in zip(names, paths)}
     runners = {n: (lambda s=s: s.run(None, dict(feeds))) for n, s in sessions.items()}
     times = interleaved(runners, rounds=runs, warmup=warmup, seed=seed, on_round=on_round)
@@ -294,6 +297,21 @@ def profile(paths: Sequence[str | os.PathLike], feeds: Mapping[str, np.ndarray],
     return ProfileReport(names, summarize(times, names[0], batch), ops,
                          {n: [t * 1e3 for t in ts] for n, ts in times.items()}, environment(threads, backend),
                          inputs_json([feeds], inputs_from, seed), norms, {"total": time.perf_counter() - start})
+
+
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+
+
+def _profile_engines(names, paths, warmup, runs, seed, on_round, start) -> ProfileReport:
+    """TensorRT engine files: CUDA-event times, interleaved; per-layer times as the op table."""
+    from normopt.engine.timing import engine_runner
+
+    made = {n: engine_runner(Path(p)) for n, p in zip(names, paths)}
+    times = interleaved({n: run for n, (run, _) in made.items()}, rounds=runs, warmup=warmup, seed=seed,
+                        on_round=on_round)
+    layers = {n: layer_times() for n, (_, layer_times) in made.items()}
+    return ProfileReport(names, summarize(times, names[0]), layers, {n: [t * 1e3 for t in ts] for n, ts in times.items()},
+                         environment(1, "tensorrt"), None, {}, {"total": time.perf_counter() - start})
 
 
 def norm_nodes(path: str | os.PathLike) -> set[str]:

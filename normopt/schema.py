@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 SCHEMA_VERSION = 1
-COMMANDS = ("inspect", "rewrite", "verify", "profile", "passes", "recalibrate")
+COMMANDS = ("inspect", "rewrite", "verify", "profile", "passes", "recalibrate", "build")
 
 
 def _version(*distributions: str) -> str | None:

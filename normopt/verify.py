@@ -31,6 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from normopt.errors import BadInput
+from normopt.plugins.spec import DOMAIN as PLUGIN_DOMAIN
 from normopt.rewriter.graph import FORWARDS, dim_list, dims_text
 from normopt.rewriter.io import check_readable_file, first_line
 from normopt.schema import document, inputs_json
@@ -260,6 +261,8 @@ def run_ort_all(path: str | os.PathLike, feed_sets: list[Mapping[str, np.ndarray
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types, all one-line worthy
         reason = _first_line(exc)
+        if f"{PLUGIN_DOMAIN}:" in reason:  # normopt's TensorRT plugins: run their CPU reference
+            return _run_lowered(Path(path), feed_sets, optimized)
         if "Could not find an implementation" in reason:
             reason += (" (onnxruntime's CPU build has no kernel for it in this dtype, e.g. bfloat16;"
                        " verification is impossible there: rewrite with --no-verify)")
@@ -269,6 +272,22 @@ def run_ort_all(path: str | os.PathLike, feed_sets: list[Mapping[str, np.ndarray
         return [dict(zip(names, session.run(names, dict(feeds)))) for feeds in feed_sets]
     except Exception as exc:
         raise ModelRunError(path, f"onnxruntime failed to run '{path}': {_first_line(exc)}", running=True) from None
+
+
+def _run_lowered(path: Path, feed_sets: list[Mapping[str, np.ndarray]], optimized: bool) -> list[dict[str, np.ndarray]]:
+    """A --target tensorrt graph: its plugin nodes lowered to their float64 references
+    (normopt.plugins.reference), written to a temporary folder beside it, run as any model."""
+    from normopt.plugins.reference import lower
+    from normopt.rewriter import io
+
+    model = io.load(path)
+    if not lower(model):
+        raise ModelRunError(path, f"onnxruntime cannot load '{path}': it uses domain '{PLUGIN_DOMAIN}' but no "
+                                  "normopt plugin op")
+    with io.temp_folder(path) as folder:
+        lowered = folder / "lowered.onnx"
+        io.save(model, lowered, external_data=io.uses_external_data(model))
+        return run_ort_all(lowered, feed_sets, optimized)
 
 
 def _first_line(exc: Exception) -> str:

@@ -35,6 +35,7 @@ class Options:
     allow_hidden_state_change: bool = False
     skip_sites: frozenset[str] = frozenset()
     tune_params: Literal["constants", "inputs", "inputs:all"] = "constants"
+    trt_version: str | None = None  # --target tensorrt: the TensorRT to emit for (default: installed, else newest)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ Before: x -> ReduceMean -> Sub -> Pow -> ReduceMean -> Add(eps) -> Sqrt -> Div -
         (and every other decomposed form `rewriter.norms` matches, Cast wrappers included)
 After:  x -> LayerNormalization(axis, epsilon, stash_type=1)(x, g, b)   (opset >= 17, or
                                               --target ort: onnxruntime's contrib op below 17)
-        x -> RMSNormalization(x, g)                 (RMSNorm, --target onnx|tensorrt, opset >= 23)
+        x -> RMSNormalization(x, g)                 (RMSNorm, --target onnx, opset >= 23; --target
+                                                     tensorrt also needs TensorRT >= 10.15)
+        x -> normopt::NormoptRMSNorm(x, g)          (RMSNorm, --target tensorrt otherwise: the plugin)
         x -> SimplifiedLayerNormalization(x, g)     (RMSNorm, --target ort)
 Conditions:
   1. the match is exact (see rewriter.norms: private intermediates, same trailing axes,
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from normopt.plugins.spec import DOMAIN, NATIVE_RMSNORM, RMS_NORM, target_version
 from normopt.rewriter import ort_ops  # noqa: F401  (the checker must know ORT's contrib norm ops)
 from normopt.rewriter.edit import Editor
 from normopt.rewriter.graph import constant_value, default_opset, permuted_around
@@ -54,8 +57,9 @@ class Fusion:
         return f"{self.match.kind} -> {self.op}" + (" between Transposes" if between else "")
 
 
-def _fused_op(kind: str, opset: int, target: str) -> tuple[str, str] | str:
-    """(op, domain) or the reason there is none."""
+def _fused_op(kind: str, opset: int, target: str, native_rms: bool = True) -> tuple[str, str] | str:
+    """(op, domain) or the reason there is none. `native_rms`: --target tensorrt's TensorRT
+    imports RMSNormalization (>= 10.15); otherwise its RMSNorm is normopt's plugin."""
     if kind == "layernorm":
         if opset >= 17 or target == "ort":  # onnxruntime runs its contrib LayerNormalization at any opset
             return "LayerNormalization", ""
@@ -63,6 +67,8 @@ def _fused_op(kind: str, opset: int, target: str) -> tuple[str, str] | str:
                 "onnxruntime's LayerNormalization, which it runs at any opset")
     if target == "ort":
         return "SimplifiedLayerNormalization", ""
+    if target == "tensorrt" and not (opset >= 23 and native_rms):
+        return RMS_NORM.op_type, DOMAIN
     if opset >= 23:
         return "RMSNormalization", ""
     return (f"opset {opset} has no RMSNormalization (needs >= 23); --target ort emits "
@@ -105,8 +111,8 @@ def _absorbed_epilogue(match: NormMatch):
     return value, scale, bias, kept
 
 
-def _plan_one(match: NormMatch, opset: int, target: str) -> Fusion | str:
-    op = _fused_op(match.kind, opset, target)
+def _plan_one(match: NormMatch, opset: int, target: str, native_rms: bool) -> Fusion | str:
+    op = _fused_op(match.kind, opset, target, native_rms)
     if isinstance(op, str):
         return op
     shape = _normalized_shape(match)
@@ -145,8 +151,10 @@ def _apply_one(edit: Editor, fusion: Fusion) -> Change:
     inputs = [m.current_core_input(), initializer(fusion.scale, "scale")]
     if fusion.bias is not None:
         inputs.append(initializer(fusion.bias, "bias"))
-    node = edit.node(fusion.op, inputs, {"axis": m.axis, "epsilon": float(m.epsilon), "stash_type": 1},
-                     domain=fusion.domain, name=f"{name}.{fusion.op}", like=fusion.replaced)
+    attributes = (RMS_NORM.attributes(m.epsilon) if fusion.domain == DOMAIN
+                  else {"axis": m.axis, "epsilon": float(m.epsilon), "stash_type": 1})
+    node = edit.node(fusion.op, inputs, attributes, domain=fusion.domain, name=f"{name}.{fusion.op}",
+                     like=fusion.replaced)
     edit.graph.insert_after(fusion.span[-1], node)
     edit.take_over(fusion.replaced, node.outputs[0])
     edit.graph.remove(fusion.span, safe=True)
@@ -159,6 +167,7 @@ class CanonicalizeNorms(Pass):
 
     def plan(self, model: ir.Model) -> Plan:
         opset = default_opset(model)
+        native_rms = self.options.target != "tensorrt" or target_version(self.options.trt_version) >= NATIVE_RMSNORM
         plan = Plan()
         for match in find_norms(model.graph):
             if match.kind not in ("layernorm", "rmsnorm") or match.form != "decomposed":
@@ -167,9 +176,9 @@ class CanonicalizeNorms(Pass):
                 plan.refusals.append(Refusal(f"{match.kind} at {match.where()}", "left decomposed: the speed guard "
                                              "measured the fused op slower here", settled=True))
                 continue
-            result = _plan_one(match, opset, self.options.target)
+            result = _plan_one(match, opset, self.options.target, native_rms)
             if isinstance(result, str):  # no other pass changes the opset or the target
-                settled = isinstance(_fused_op(match.kind, opset, self.options.target), str)
+                settled = isinstance(_fused_op(match.kind, opset, self.options.target, native_rms), str)
                 plan.refusals.append(Refusal(f"{match.kind} at {match.where()}", result, settled=settled))
             else:
                 plan.actions.append(result)
@@ -180,4 +189,6 @@ class CanonicalizeNorms(Pass):
 
     def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
         edit = Editor(model.graph)
+        if any(fusion.domain == DOMAIN for fusion in plan.actions):
+            model.opset_imports.setdefault(DOMAIN, 1)
         return [_apply_one(edit, fusion) for fusion in plan.actions]

@@ -24,15 +24,17 @@ from normopt.passes.fold_affine_norms import FoldAffineNorms
 from normopt.passes.fold_norm_affine import FoldNormAffine
 from normopt.passes.merge_branches import MergeBranches
 from normopt.passes.preln_to_rmsnorm import PreLNToRMSNorm
+from normopt.passes.tensorrt_norms import TensorRTNorms
 from normopt.rewriter.shapes import annotated
 from normopt.timings import step
 
 PASSES: dict[str, type[Pass]] = {
-    p.name: p for p in (PreLNToRMSNorm, CanonicalizeNorms, FoldAffineNorms, MergeBranches, FoldNormAffine, ConvBNTune,
-                        Cleanup)
+    p.name: p for p in (PreLNToRMSNorm, CanonicalizeNorms, FoldAffineNorms, MergeBranches, TensorRTNorms,
+                        FoldNormAffine, ConvBNTune, Cleanup)
 }
 # The default pipeline, in order.
-DEFAULT_PIPELINE: tuple[str, ...] = ("preln-to-rmsnorm", "canonicalize-norms", "fold-affine-norms", "merge-branches")
+DEFAULT_PIPELINE: tuple[str, ...] = ("preln-to-rmsnorm", "canonicalize-norms", "fold-affine-norms", "merge-branches",
+                                     "tensorrt-norms")
 # Run after every pipeline, whatever was asked.
 FINAL_PASSES: tuple[str, ...] = ("cleanup",)
 MAX_ROUNDS = 8

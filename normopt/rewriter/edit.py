@@ -64,12 +64,15 @@ class Editor:
         return node
 
     def reduce_mean(self, x: ir.Value, axes: list[int], opset: int, *, name: str) -> ir.Node:
-        """ReduceMean(x) over `axes`, keepdims=1: the axes are an input from opset 18, an
-        attribute before."""
-        if opset >= 18:
-            return self.node("ReduceMean", [x, self.initializer(f"{name}.axes", np.array(axes, np.int64))],
+        return self.reduce("ReduceMean", x, axes, opset, name=name)
+
+    def reduce(self, op: str, x: ir.Value, axes: list[int], opset: int, *, name: str) -> ir.Node:
+        """ReduceMean / ReduceSum(x) over `axes`, keepdims=1: the axes are an input from opset
+        18 (ReduceSum: 13), an attribute before."""
+        if opset >= (13 if op == "ReduceSum" else 18):
+            return self.node(op, [x, self.initializer(f"{name}.axes", np.array(axes, np.int64))],
                              {"keepdims": 1}, name=name)
-        return self.node("ReduceMean", [x], {"keepdims": 1, "axes": axes}, name=name)
+        return self.node(op, [x], {"keepdims": 1, "axes": axes}, name=name)
 
     def initializer(self, base: str, array: np.ndarray) -> ir.Value:
         """Register `array` as a new initializer named after `base`."""

@@ -349,11 +349,15 @@ def check_writable_folder(path: Path, what: str = "output") -> None:
 
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write through a temp file beside `path`, then rename: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=_temp_tag(), suffix=".json", dir=path.parent)
+    write_bytes_atomic(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write through a temp file beside `path`, then rename: a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=_temp_tag(), suffix=path.suffix, dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         _replace(Path(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

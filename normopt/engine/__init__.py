@@ -1,0 +1,4 @@
+"""TensorRT engines: building them (with normopt's norm plugins registered) and timing them.
+
+TensorRT is an optional extra, imported lazily inside the commands that need it: without it
+each of them fails with one line naming what to install (`trt.load_tensorrt`)."""
