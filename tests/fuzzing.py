@@ -694,7 +694,8 @@ def pipeline_choice(c):
     from normopt.passes.pipeline import DEFAULT_PIPELINE
 
     names = c.pick([list(DEFAULT_PIPELINE)] * 3 + [[n] for n in DEFAULT_PIPELINE]
-                   + [["convbn-tune"], ["canonicalize-norms", "fold-norm-affine"]])
+                   + [["convbn-tune"], ["canonicalize-norms", "fold-norm-affine"],
+                      ["preln-to-rmsnorm", "preln-to-crmsnorm"]])
     return names, Options(target=c.pick(["onnx", "ort", "tensorrt"]), allow_hidden_state_change=c.coin(0.3),
                           tune_params=c.pick(["constants", "inputs", "inputs:all"]), trt_version=c.pick(["10.9", "11.4"]))
 

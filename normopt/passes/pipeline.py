@@ -23,6 +23,7 @@ from normopt.passes.convbn_tune import ConvBNTune
 from normopt.passes.fold_affine_norms import FoldAffineNorms
 from normopt.passes.fold_norm_affine import FoldNormAffine
 from normopt.passes.merge_branches import MergeBranches
+from normopt.passes.preln_to_crmsnorm import PreLNToCRMSNorm
 from normopt.passes.preln_to_rmsnorm import PreLNToRMSNorm
 from normopt.passes.tensorrt_norms import TensorRTNorms
 from normopt.rewriter.shapes import annotated
@@ -30,7 +31,7 @@ from normopt.timings import step
 
 PASSES: dict[str, type[Pass]] = {
     p.name: p for p in (PreLNToRMSNorm, CanonicalizeNorms, FoldAffineNorms, MergeBranches, TensorRTNorms,
-                        FoldNormAffine, ConvBNTune, Cleanup)
+                        FoldNormAffine, PreLNToCRMSNorm, ConvBNTune, Cleanup)
 }
 # The default pipeline, in order.
 DEFAULT_PIPELINE: tuple[str, ...] = ("preln-to-rmsnorm", "canonicalize-norms", "fold-affine-norms", "merge-branches",

@@ -1,0 +1,116 @@
+"""`preln-to-crmsnorm`: a zero-mean Pre-RMSNorm stream carried in d-1 coordinates, its norms
+CRMSNorms (Jiang et al. 2023, Sec. 3.2; the plan: rewriter.crms; docs/rewrites.md, section 9).
+
+Before: x (width d, zero-mean: preln-to-rmsnorm ran first) -> RMSNorm(x) * g -> y W
+After:  x' = x[:d-1] (every writer's constant cut to its first d-1 hidden entries) ->
+        y' = x' / sqrt((sum x'^2 + (sum x')^2) / d + eps) -> y' W',
+        W'[i] = g_i W[i] - g_{d-1} W[d-1]  (i < d-1)
+Conditions: rewriter.crms (a Pre-RMSNorm stream read only by its residual Adds and norms, no
+graph output; writers that are constants, MatMul / Gemm / Gather / token-axis Slice / scalar Mul /
+Add, each constant zero-mean along the hidden axis; float32 RMSNorms over the last axis whose
+outputs only MatMul / Gemm with constant weights read). Not in the default pipeline: on ORT CPU
+the d-1 width rarely pays (run it with preln-to-rmsnorm before it, and measure).
+Formula: x zero-mean, so x_{d-1} = -sum(x'): sum x^2 = sum x'^2 + (sum x')^2, and
+y W = y' W[:d-1] + y_{d-1} W[d-1] = y' (W[:d-1] - W[d-1]) (gamma folded into W first).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from normopt.passes.base import Change, Pass, Plan
+from normopt.rewriter.crms import CRMSPlan, plan_stream
+from normopt.rewriter.edit import Editor
+from normopt.rewriter.graph import default_opset, folded_value
+from normopt.rewriter.linear_fold import Fold, bias_add_after, fold_weights
+from normopt.rewriter.norms import NormMatch, find_norms
+from normopt.rewriter.stream import analyze
+
+
+def _narrow(value: ir.Value, d: int) -> None:
+    shape = value.shape
+    if shape is not None and len(shape) and shape[-1] == d:
+        value.shape = ir.Shape([*list(shape)[:-1], d - 1])
+
+
+def _crms_norm(edit: Editor, match: NormMatch, d: int, opset: int) -> ir.Value:
+    """y' = x' / sqrt((sum x'^2 + (sum x')^2) / d + eps), inserted after the norm's last node."""
+    x, name = match.input, match.nodes[0].name or "rmsnorm"
+    new: list[ir.Node] = []
+
+    def add(op, inputs, suffix):
+        node = edit.node(op, inputs, name=f"{name}.crms_{suffix}")
+        new.append(node)
+        return node.outputs[0]
+
+    sq = edit.reduce("ReduceSum", add("Mul", [x, x], "square"), [-1], opset, name=f"{name}.crms_sum_sq")
+    s = edit.reduce("ReduceSum", x, [-1], opset, name=f"{name}.crms_sum")
+    new += [sq, s]
+    total = add("Add", [sq.outputs[0], add("Mul", [s.outputs[0], s.outputs[0]], "sum2")], "total")
+    mean = add("Div", [total, edit.initializer(f"{name}.crms_d", np.array(d, np.float32))], "mean_sq")
+    eps = edit.initializer(f"{name}.crms_eps", np.array(match.epsilon, np.float32))
+    y = add("Div", [x, add("Sqrt", [add("Add", [mean, eps], "eps")], "rms")], "normalized")
+    edit.graph.insert_after(match.nodes[-1], new)
+    return y
+
+
+class PreLNToCRMSNorm(Pass):
+    name = "preln-to-crmsnorm"
+    summary = "carry a zero-mean Pre-RMSNorm stream in d-1 coordinates; its RMSNorms become CRMSNorms"
+
+    def plan(self, model: ir.Model) -> Plan:
+        norms = find_norms(model.graph)
+        if not any(m.kind == "rmsnorm" for m in norms):
+            return Plan(idle="no RMSNorm (run preln-to-rmsnorm first)")
+        plan = Plan()
+        plan.decide("residual stream", plan_stream(analyze(model.graph, norms), model.graph))
+        return plan
+
+    def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
+        edit, opset = Editor(model.graph), default_opset(model)
+        changes = []
+        for crms in plan.actions:
+            changes += _apply(edit, crms, opset)
+        return changes
+
+
+def _apply(edit: Editor, crms: CRMSPlan, opset: int) -> list[Change]:
+    d = crms.d
+    changes = [Change("cut", "writer constant(s) to d-1 hidden entries", (cut.node.name,),
+                      (cut.node.inputs[cut.index].name,)) for cut in crms.cuts]
+    for cut in crms.cuts:
+        name = cut.node.inputs[cut.index].name or cut.node.name
+        edit.set_constant_input(cut.node, cut.index, np.ascontiguousarray(cut.new), f"{name}.crms")
+    for match in crms.norms:
+        changes.append(Change("converted", "RMSNorm(s) to CRMSNorm (width d-1)", tuple(n.name for n in match.nodes),
+                              (match.output.name,)))
+        y = _crms_norm(edit, match, d, opset)
+        affine = crms.affines[id(match)]
+        for reader in crms.readers[id(match)]:  # after the cuts: a branch's last MatMul is both
+            if affine.beta is not None or np.any(affine.gamma != 1):  # gamma and beta into the reader first
+                beta = np.zeros(d) if affine.beta is None else affine.beta
+                fold_weights(edit, Fold(affine.gamma, beta, "following", reader.node, bias_add_after(reader.node)))
+            current = folded_value(reader.node.inputs[1])  # a tied head's Transpose(table) too
+            w = reader.weight(current).astype(current.dtype)
+            edit.set_constant_input(reader.node, 1, np.ascontiguousarray(w), f"{reader.node.name}.crms_weight")
+        last = affine.add.outputs[0] if affine.add is not None else match.output
+        y.type, y.shape = last.type, last.shape
+        edit.take_over(last, y)
+        _narrow(y, d)
+        edit.graph.remove([*([affine.add] if affine.add is not None else []), *reversed(match.nodes)], safe=True)
+    for value in [*crms.stream, *crms.carried]:
+        if value not in crms.slices:
+            _narrow(value, d)
+    for value in crms.slices:  # after an explicit recentring: its first d-1 entries
+        changes.append(Change("cut", "recentred value(s) sliced to d-1 hidden entries", (value.producer().name,),
+                              (value.name,)))
+        uses = list(value.uses())
+        starts, ends, axes = (edit.initializer(f"{value.name}.crms_{k}", np.array([v], np.int64))
+                              for k, v in (("start", 0), ("end", d - 1), ("axis", -1)))
+        cut = edit.node("Slice", [value, starts, ends, axes], name=f"{value.name}.crms_slice", like=value)
+        edit.graph.insert_after(value.producer(), cut)
+        for use in uses:
+            use.node.replace_input_with(use.idx, cut.outputs[0])
+        _narrow(cut.outputs[0], d)
+    return changes
