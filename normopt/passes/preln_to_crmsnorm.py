@@ -55,6 +55,27 @@ def _crms_norm(edit: Editor, match: NormMatch, d: int, opset: int) -> ir.Value:
     return y
 
 
+def _restore_width(edit: Editor, shape: ir.Node, d: int) -> None:
+    """Shape(x') -> Shape(x') + [0, .., 0, 1] where its range holds the last axis: d again."""
+    rank = len(shape.inputs[0].shape)
+    start = shape.attributes.get_int("start", 0)
+    end = shape.attributes.get_int("end", rank)
+    start, end = (start + rank if start < 0 else start), min(end + rank if end < 0 else end, rank)
+    if end < rank or end <= start:
+        return
+    out = shape.outputs[0]
+    uses = list(out.uses())
+    one = np.zeros(end - start, np.int64)
+    one[-1] = 1
+    fixed = edit.node("Add", [out, edit.initializer(f"{shape.name}.crms_width", one)], name=f"{shape.name}.crms_d",
+                      like=out)
+    edit.graph.insert_after(shape, fixed)
+    for use in uses:
+        use.node.replace_input_with(use.idx, fixed.outputs[0])
+    if out.is_graph_output():
+        edit.take_over(out, fixed.outputs[0])
+
+
 class PreLNToCRMSNorm(Pass):
     name = "preln-to-crmsnorm"
     summary = "carry a zero-mean Pre-RMSNorm stream in d-1 coordinates; its RMSNorms become CRMSNorms"
@@ -102,6 +123,8 @@ def _apply(edit: Editor, crms: CRMSPlan, opset: int) -> list[Change]:
     for value in [*crms.stream, *crms.carried]:
         if value not in crms.slices:
             _narrow(value, d)
+    for shape in dict.fromkeys(crms.shape_reads):  # what reads a cut value's shape sees d
+        _restore_width(edit, shape, d)
     for value in crms.slices:  # after an explicit recentring: its first d-1 entries
         changes.append(Change("cut", "recentred value(s) sliced to d-1 hidden entries", (value.producer().name,),
                               (value.name,)))

@@ -14,7 +14,7 @@ Conditions (each refusal says which failed):
   1. the stream is Pre-RMSNorm (rewriter.stream): residual Adds, each branch read through an
      RMSNorm; its values are read only by the residual Adds and the norms (no graph output);
   2. every writer is a constant, or a MatMul / Gemm / Gather / Slice (token axes) / scalar Mul
-     / Reshape keeping the hidden axis last / Add of writers whose constant's last axis is the
+     / Cast / Reshape keeping the hidden axis last / Add of writers whose constant's last axis is the
      hidden axis, read only on its way into the stream, or an explicit recentring
      x - ReduceMean(x) (zero-mean by construction: a Slice to d-1 follows it); and zero-mean: each constant's rows sum to 0 along the hidden axis (to float32
      rounding: 1e-4 of the row's absolute sum), as preln-to-rmsnorm's centring leaves them;
@@ -76,6 +76,7 @@ class CRMSPlan:
     carriers: list[ir.Node] = field(default_factory=list)  # Reshapes between a norm and its readers
     reshapes: set[ir.Node] = field(default_factory=set)  # every Reshape whose target is cut
     slices: list[ir.Value] = field(default_factory=list)  # explicit recentrings: a Slice to d-1 after each
+    shape_reads: list[ir.Node] = field(default_factory=list)  # Shape nodes reading a cut value: their d restored
 
     def describe(self) -> str:
         return f"a stream of width {self.d} -> {self.d - 1}: {len(self.norms)} norm(s), {len(self.cuts)} constant(s) cut"
@@ -146,6 +147,9 @@ def _writer(value: ir.Value, d: int, plan: CRMSPlan) -> None:
     if _recentring(node):  # x - mean(x): zero-mean by construction; a Slice after it cuts it
         plan.slices.append(value)
         return
+    if is_op(node, "Cast", "Identity"):  # elementwise: the cut commutes with it
+        _through(node.inputs[0], node, d, plan)
+        return
     if is_op(node, "Reshape"):  # dynamo's view(B, T, d) of a Gemm's [B*T, d]
         _reshape_cut(node, d, plan)
         _through(node.inputs[0], node, d, plan)
@@ -195,9 +199,22 @@ def _reshape_cut(node: ir.Node, d: int, plan: CRMSPlan) -> None:
     plan.shapes.append(node.inputs[1])
 
 
+def _shape_readers(value: ir.Value, plan: CRMSPlan) -> None:
+    """Shape nodes reading `value`, which is cut: their last entry gets d back (TorchScript's
+    `b, n, d = x.shape` must keep computing with d). Size would need numel: refused."""
+    for node in readers(value):
+        if is_op(node, "Size"):
+            raise Refuse(f"Size {node.name} reads '{value.name}', which is cut")
+        if is_op(node, "Shape"):
+            if value.shape is None:
+                raise Refuse(f"Shape {node.name} reads '{value.name}', whose rank is unknown")
+            plan.shape_reads.append(node)
+
+
 def _through(value: ir.Value, reader: ir.Node, d: int, plan: CRMSPlan) -> None:
-    if sole_reader(value) is not reader:
+    if sole_reader(value, numbers_only=True) is not reader:
         raise Refuse(f"'{value.name}' is read elsewhere too: cutting it would change what that reads")
+    _shape_readers(value, plan)
     plan.carried.append(value)
     _writer(value, d, plan)
 
@@ -214,7 +231,7 @@ def _norm(match: NormMatch, plan: CRMSPlan) -> None:
     if gamma is None or gamma.size not in (1, plan.d):
         raise Refuse(f"the RMSNorm at {where} has no constant per-entry scale")
     gamma = np.broadcast_to(gamma.astype(np.float64).reshape(-1), (plan.d,))
-    out, beta, add = match.output, None, sole_reader(match.output)
+    out, beta, add = match.output, None, sole_reader(match.output, numbers_only=True)
     consts = [constant_value(v) for v in add.inputs] if is_op(add, "Add") else []
     if sum(c is not None for c in consts) == 1:  # the LayerNorm's beta, left as an Add
         beta = next(c for c in consts if c is not None)
@@ -246,12 +263,14 @@ def _through_carriers(value: ir.Value, plan: CRMSPlan) -> list[ir.Node]:
     """The nodes reading `value`, through Reshapes that keep the hidden axis last (dynamo's
     view(-1, d) before a Gemm), whose targets are then cut too."""
     out = []
-    for node in readers(value):
+    _shape_readers(value, plan)
+    for node in readers(value, numbers_only=True):
         if is_op(node, "Reshape") and not node.outputs[0].is_graph_output():
             _reshape_cut(node, plan.d, plan)
             plan.carriers.append(node)
             plan.carried.append(node.outputs[0])
-            out += readers(node.outputs[0])
+            _shape_readers(node.outputs[0], plan)
+            out += readers(node.outputs[0], numbers_only=True)
         else:
             out.append(node)
     return out
@@ -275,14 +294,16 @@ def plan_stream(analysis: StreamAnalysis, graph: ir.Graph) -> CRMSPlan | str:
         for value in stream:
             if value.is_graph_output():
                 raise Refuse(f"the stream value '{value.name}' is a graph output")
-            for node in readers(value):
+            _shape_readers(value, plan)
+            for node in readers(value, numbers_only=True):
                 if node not in adds and node not in members:
                     raise Refuse(f"{node.op_type} {node.name} reads the stream value '{value.name}'")
         for value in analysis.initial:
             _writer(value, d, plan)
         for r in analysis.residual_adds:
-            if sole_reader(r.branch) is not r.node:
+            if sole_reader(r.branch, numbers_only=True) is not r.node:
                 raise Refuse(f"the branch output '{r.branch.name}' is read elsewhere too")
+            _shape_readers(r.branch, plan)
             plan.carried.append(r.branch)
             _writer(r.branch, d, plan)
         for match in norms.values():
