@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from normopt.rewriter.graph import LINEAR_OPS, forwards, is_op, readers
+from normopt.rewriter.graph import LINEAR_OPS, constant_value, forwards, is_op, readers
 from normopt.rewriter.norms import NormMatch
 
 ARCHITECTURES = ("pre-ln", "post-ln", "pre-rmsnorm", "peri-ln", "mixed", "none")
@@ -122,7 +122,8 @@ def find_residual_adds(graph: ir.Graph, norm_inputs: dict[ir.Value, ir.Value] | 
         if a is None or b is None or a is b:
             continue
         for skip, branch in ((a, b), (b, a)):
-            if len(readers(skip)) > 1 and _reaches_through_linear(skip, branch, order):
+            # a constant is never the stream (a beta two norms share reaches the later one's input)
+            if len(readers(skip)) > 1 and constant_value(skip) is None and _reaches_through_linear(skip, branch, order):
                 candidates.append(ResidualAdd(node, skip, branch))
                 break
     outputs = {r.node.outputs[0] for r in candidates}

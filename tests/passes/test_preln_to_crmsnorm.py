@@ -144,7 +144,7 @@ def test_an_explicit_recentring_is_sliced(tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
     d = 6
     inits = [const("g", (1 + 0.2 * rng.standard_normal(d)).astype(np.float32)),
-             const("b", np.zeros(d, np.float32)),
+             const("b", (0.1 * rng.standard_normal(d)).astype(np.float32)),  # one beta, both norms: no residual
              const("w1", rng.standard_normal((d, d)).astype(np.float32)), const("w2", rng.standard_normal((d, d)).astype(np.float32)),
              const("head", rng.standard_normal((d, 3)).astype(np.float32))]
     nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["h"], axis=-1),

@@ -106,3 +106,20 @@ def test_stream_json_lists_writers_and_readers(corpus):
     roles = [w["role"] for w in data["writers"]]
     assert roles.count("initial") == 1 and roles.count("branch") == 4
     assert set(data["other_readers"]) <= {"Shape"}  # GPT-2's stream feeds only norms, Adds, Shape
+
+
+def test_a_beta_two_norms_share_is_no_residual_skip():
+    """One constant beta added after both RMSNorms (exporters share equal initializers): it reaches
+    the second norm's input through the first block's MatMul, but a constant is never the stream."""
+    d = 4
+    rng = np.random.default_rng(0)
+    inits = [const("g", np.ones(d, np.float32)), const("beta", rng.standard_normal(d).astype(np.float32)),
+             const("w", rng.standard_normal((d, d)).astype(np.float32)), const("head", rng.standard_normal((d, 2)).astype(np.float32))]
+    nodes = [helper.make_node("RMSNormalization", ["x", "g"], ["n0"], axis=-1),
+             helper.make_node("Add", ["n0", "beta"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["br"]),
+             helper.make_node("Add", ["x", "br"], ["x1"]), helper.make_node("RMSNormalization", ["x1", "g"], ["n1"], axis=-1),
+             helper.make_node("Add", ["n1", "beta"], ["z"]), helper.make_node("MatMul", ["z", "head"], ["y"])]
+    model = ir.serde.deserialize_model(make_model(nodes, [tensor("x", shape=(2, 3, d))], [tensor("y", shape=(2, 3, 2))],
+                                                  inits, opset=23))
+    analysis = analyze(model.graph, find_norms(model.graph))
+    assert analysis.architecture == "pre-rmsnorm" and [r.node.outputs[0].name for r in analysis.residual_adds] == ["x1"]
