@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from normopt.errors import BadInput
-from normopt.plugins.spec import NATIVE_RMSNORM, OLDEST, parse_version
+from normopt.plugins.spec import OLDEST, parse_version
 
 INSTALL = ("pip install 'normopt[tensorrt]' (NVIDIA's TensorRT wheels, from NVIDIA's index; "
            "not installable in every environment)")
@@ -15,12 +15,11 @@ INSTALL = ("pip install 'normopt[tensorrt]' (NVIDIA's TensorRT wheels, from NVID
 class Caps:
     version: tuple[int, int]
     strongly_typed_flag: bool  # 10.x: ask for a strongly typed network; 11 is always strongly typed
-    native_rmsnorm: bool  # the ONNX parser imports RMSNormalization (10.15)
     numpy_attr_bug: bool  # <= 11.1 converts plugin scalar fields with float(1-element array): NumPy < 2.4
 
     @classmethod
     def of(cls, version: tuple[int, int]) -> Caps:
-        return cls(version, version[0] < 11, version >= NATIVE_RMSNORM, version < (11, 2))
+        return cls(version, version[0] < 11, version < (11, 2))
 
 
 def load_tensorrt(what: str):

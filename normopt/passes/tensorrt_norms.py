@@ -87,9 +87,9 @@ class TensorRTNorms(Pass):
                 extra = any(o.uses() or o.is_graph_output() for o in node.outputs[1:])
                 plan.decide(f"{node.op_type} {node.name}", f"LayerNormalization {node.name}: its Mean/InvStdDev outputs "
                             "are read (they would become float32)" if extra else Action("fp32", node))
+        planned = {a.node for a in plan.actions if a.kind == "plugin"}
         for node in model.graph:  # plugins now and those this plan makes
-            planned = any(a.node is node and a.kind == "plugin" for a in plan.actions)
-            if (node.domain == DOMAIN and node.op_type == RMS_NORM.op_type) or planned:
+            if (node.domain == DOMAIN and node.op_type == RMS_NORM.op_type) or node in planned:
                 add = _fusable(node)
                 if add is not None and add not in fused:
                     fused.add(add)

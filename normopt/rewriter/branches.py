@@ -31,8 +31,6 @@ class Stage:
     group: int = 1
 
 
-
-
 def only_reader(value: ir.Value, dead: set[ir.Node]) -> ir.Node | None:
     """The one live node reading `value` (dead readers, which cleanup removes, do not count)."""
     if value.is_graph_output():

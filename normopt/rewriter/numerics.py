@@ -206,10 +206,10 @@ def compose_kernels(upper, upper_bias, upper_groups: int, lower, lower_bias,
     up, low = _f64(upper), _f64(lower)
     mid = low.shape[0]
     depthwise = lambda w, g: g == w.shape[0] and w.shape[1] == 1  # noqa: E731
+    if depthwise(low, lower_groups) and all(k == 1 for k in low.shape[2:]):  # a per-channel affine before a Conv
+        return (*into_conv_input(up, upper_bias, low.reshape(-1), lower_bias, upper_groups), upper_groups)
     bias = _f64(upper_bias) + (up.reshape(up.shape[0], up.shape[1], -1).sum(axis=2)
                                * _f64(lower_bias)[_input_channels(up.shape[0], up.shape[1], upper_groups)]).sum(axis=1)
-    if depthwise(low, lower_groups) and all(k == 1 for k in low.shape[2:]):
-        return into_conv_input(up, upper_bias, low.reshape(-1), lower_bias, upper_groups)[0], bias, upper_groups
     if depthwise(up, upper_groups) and all(k == 1 for k in low.shape[2:]):
         return up * low.reshape(mid, low.shape[1], *[1] * (up.ndim - 2)), bias, lower_groups
     if depthwise(up, upper_groups) and all(k == 1 for k in up.shape[2:]):

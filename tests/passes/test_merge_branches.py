@@ -295,3 +295,26 @@ def test_acnet_dbb_and_deconv_blocks_become_one_conv_each(corpus, tmp_path, name
     assert ops["Conv"] == 4  # the stem and one per block
     assert not {"BatchNormalization", "Pad", "AveragePool", "Add", "Sub", "ScatterND", "Concat"} & set(ops), ops
     assert_matches_reference(out, paths)
+
+
+def test_dbb_padding_by_slice_assignment_is_left_and_the_rest_merges(tmp_path):
+    """DBB as its own code writes BN-and-pad (slice assignment, exported as shape-dependent
+    ScatterND chains): not proven a constant pad, so its two sequential branches stay; the kxk
+    and 1x1 branches still merge, and the rewrite equals the original."""
+    torch = pytest.importorskip("torch")
+    from models.common import Built, export, randomize_norms_and_biases
+    from models.reparam import DiverseBranchBlock
+    from normopt.rewrite import rewrite
+    from normopt.verify import VerifyOptions
+
+    block = DiverseBranchBlock(4, slice_assign=True).eval()
+    randomize_norms_and_biases(block, seed=1)
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    src = tmp_path / "dbb.onnx"
+    export(Built(block, {"x": x}, ["y"], keep_bn=True), src, exporter="ts", opset=17)
+    out = tmp_path / "out.onnx"
+    report = rewrite(src, out, verification=VerifyOptions(inputs={"x": x.numpy()}))
+    merged = next(p for p in report.passes if p.name == "merge-branches")
+    assert report.verification.ok and merged.lines[0] == "merged 1 parallel branches into one Conv"
+    ops = collections.Counter(n.op_type for n in onnx.load(out).graph.node)
+    assert ops["ScatterND"] and ops["Conv"] == 4  # merged kxk+1x1, the pool branch's 1x1, the 1x1 -> kxk pair

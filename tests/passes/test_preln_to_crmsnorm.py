@@ -80,6 +80,10 @@ def _refusal(model_path, tmp_path, passes=PASSES) -> str:
     ("opt-ts17", "Reshape /model/decoder/layers.0/Reshape reads the stream value"),
     ("llama-dyn18", "the table of node_embedding does not sum to 0 along the hidden axis: the stream is not zero-mean"),
     ("bert-ts17", "not Pre-RMSNorm"),
+    # GPT-2's Conv1D reshapes the norm output to (-1, x.size(-1)): a target computed from its shape
+    ("gpt2-ts17", "target shape is computed: its hidden size is not a constant to cut"),
+    ("vit-ts17", "writes into the stream: not a cut CRMS can make"),  # the cls token's Concat
+    ("clip-ts17", "Gather /model/Gather reads the stream value"),  # the pooled token
 ])
 def test_preconditions_that_fail_are_named(corpus, tmp_path, name, reason):
     assert reason in _refusal(corpus(name).model, tmp_path)
@@ -198,3 +202,25 @@ def test_a_24_layer_stream_keeps_its_accuracy(tmp_path):
     rms = np.abs(run_ort(tmp_path / "rms.onnx", feeds)["y"] - want).max()
     crms = np.abs(run_ort(tmp_path / "crms.onnx", feeds)["y"] - want).max()
     assert crms <= max(4 * rms, 1e-5 * np.abs(want).max()), (crms, rms)
+
+
+def test_a_norm_read_by_a_non_linear_op_is_refused(tmp_path):
+    """Only a linear reader can take the dropped entry (W[i] - W[d-1]); a Relu reading the final
+    norm is named."""
+    import numpy as np
+
+    from tests.helpers import const, make_model, tensor
+
+    rng = np.random.default_rng(0)
+    d = 8
+    inits = [const("table", rng.standard_normal((12, d)).astype(np.float32)), const("g", np.ones(d, np.float32)),
+             const("b", np.zeros(d, np.float32)), const("w", rng.standard_normal((d, d)).astype(np.float32))]
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["x0"]),
+             helper.make_node("LayerNormalization", ["x0", "g", "b"], ["h"], axis=-1),
+             helper.make_node("MatMul", ["h", "w"], ["br"]), helper.make_node("Add", ["x0", "br"], ["x1"]),
+             helper.make_node("LayerNormalization", ["x1", "g", "b"], ["z"], axis=-1),
+             helper.make_node("Relu", ["z"], ["y"], name="act")]
+    model = make_model(nodes, [tensor("ids", onnx.TensorProto.INT64, (3,))], [tensor("y", shape=(3, d))], inits)
+    src = tmp_path / "in.onnx"
+    onnx.save(model, src)
+    assert "Relu act reads the RMSNorm at" in _refusal(src, tmp_path)
