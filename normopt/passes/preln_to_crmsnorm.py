@@ -36,23 +36,10 @@ def _narrow(value: ir.Value, d: int) -> None:
 
 def _crms_norm(edit: Editor, match: NormMatch, d: int, opset: int) -> ir.Value:
     """y' = x' / sqrt((sum x'^2 + (sum x')^2) / d + eps), inserted after the norm's last node."""
-    x, name = match.input, match.nodes[0].name or "rmsnorm"
-    new: list[ir.Node] = []
-
-    def add(op, inputs, suffix):
-        node = edit.node(op, inputs, name=f"{name}.crms_{suffix}")
-        new.append(node)
-        return node.outputs[0]
-
-    sq = edit.reduce("ReduceSum", add("Mul", [x, x], "square"), [-1], opset, name=f"{name}.crms_sum_sq")
-    s = edit.reduce("ReduceSum", x, [-1], opset, name=f"{name}.crms_sum")
-    new += [sq, s]
-    total = add("Add", [sq.outputs[0], add("Mul", [s.outputs[0], s.outputs[0]], "sum2")], "total")
-    mean = add("Div", [total, edit.initializer(f"{name}.crms_d", np.array(d, np.float32))], "mean_sq")
-    eps = edit.initializer(f"{name}.crms_eps", np.array(match.epsilon, np.float32))
-    y = add("Div", [x, add("Sqrt", [add("Add", [mean, eps], "eps")], "rms")], "normalized")
-    edit.graph.insert_after(match.nodes[-1], new)
-    return y
+    nodes = edit.rms_core(match.input, float(match.epsilon), np.float32, opset,
+                          name=f"{match.nodes[0].name or 'rmsnorm'}.crms", width=d)
+    edit.graph.insert_after(match.nodes[-1], nodes)
+    return nodes[-1].outputs[0]
 
 
 def _restore_width(edit: Editor, shape: ir.Node, d: int) -> None:

@@ -69,12 +69,7 @@ def _rms_nodes(edit: Editor, x: ir.Value, gamma: ir.Value, eps: float, stash_typ
     if wide:
         nodes.append(edit.node("Cast", [x], {"to": ir.DataType.FLOAT}, name=f"{name}.to_float32"))
         x = nodes[-1].outputs[0]
-    nodes.append(edit.node("Pow", [x, edit.initializer(f"{name}.two", np.array(2, compute))], name=f"{name}.square"))
-    nodes.append(edit.reduce_mean(nodes[-1].outputs[0], [-1], opset, name=f"{name}.mean_square"))
-    nodes.append(edit.node("Add", [nodes[-1].outputs[0], edit.initializer(f"{name}.eps", np.array(eps, compute))],
-                           name=f"{name}.add_eps"))
-    nodes.append(edit.node("Sqrt", [nodes[-1].outputs[0]], name=f"{name}.rms"))
-    nodes.append(edit.node("Div", [x, nodes[-1].outputs[0]], name=f"{name}.normalize"))
+    nodes += edit.rms_core(x, eps, compute, opset, name=name)
     if wide:
         nodes.append(edit.node("Cast", [nodes[-1].outputs[0]], {"to": dtype}, name=f"{name}.to_input_dtype"))
     nodes.append(edit.node("Mul", [nodes[-1].outputs[0], gamma], name=f"{name}.scale"))

@@ -78,21 +78,14 @@ def _lower_one(edit: Editor, node: ir.Node, opset: int) -> None:
         total = add("Add", [x, node.inputs[1]], suffix=".sum")
         x = total
     xd = add("Cast", [x], {"to": ir.DataType.DOUBLE})
-    square = add("Mul", [xd, xd])
-    if spec is CRMS_NORM:  # the implicit d-th entry is -sum(x): (sum(x^2) + sum(x)^2) / (n + 1)
-        sq = edit.reduce("ReduceSum", square, [-1], opset, name=f"{name}.ref.sum_sq")
-        s = edit.reduce("ReduceSum", xd, [-1], opset, name=f"{name}.ref.sum")
-        new += [sq, s]
-        width = add("Gather", [add("Shape", [x]), const(np.array([-1], np.int64), "ref.last")])
-        n = add("Cast", [width], {"to": ir.DataType.DOUBLE})
-        total_sq = add("Add", [sq.outputs[0], add("Mul", [s.outputs[0], s.outputs[0]])])
-        ms = add("Div", [total_sq, add("Add", [n, const(np.float64(1), "ref.one")])])
-    else:
-        mean = edit.reduce("ReduceMean", square, [-1], opset, name=f"{name}.ref.mean_sq")
-        new.append(mean)
-        ms = mean.outputs[0]
-    rms = add("Sqrt", [add("Add", [ms, const(np.float64(eps), "ref.eps")])])
-    y = add("Mul", [add("Div", [xd, rms]), add("Cast", [weight], {"to": ir.DataType.DOUBLE})])
+    width = None
+    if spec is CRMS_NORM:  # the implicit d-th entry is -sum(x): d = n + 1
+        n = add("Cast", [add("Gather", [add("Shape", [x]), const(np.array([-1], np.int64), "ref.last")])],
+                {"to": ir.DataType.DOUBLE})
+        width = add("Add", [n, const(np.float64(1), "ref.one")])
+    new += edit.rms_core(xd, eps, np.float64, opset, name=f"{name}.ref", width=width)
+    normalized = new[-1].outputs[0]
+    y = add("Mul", [normalized, add("Cast", [weight], {"to": ir.DataType.DOUBLE})])
     y = add("Cast", [y], {"to": dtype})
     outs = [total, y] if spec is ADD_RMS_NORM else [y]
     edit.graph.insert_before(node, new)

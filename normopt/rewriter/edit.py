@@ -74,6 +74,29 @@ class Editor:
                              {"keepdims": 1}, name=name)
         return self.node(op, [x], {"keepdims": 1, "axes": axes}, name=name)
 
+    def rms_core(self, x: ir.Value, eps: float, dtype, opset: int, *, name: str,
+                 width: float | ir.Value | None = None) -> list[ir.Node]:
+        """x / Sqrt(mean(x^2) + eps) over the last axis, computed in `dtype` (x's; the constants
+        are made in it), the form onnxruntime fuses into its RMSNorm. With `width` (CRMSNorm: x
+        holds the first d-1 entries of a zero-mean vector, width = d, a number or a value of
+        `dtype`) the mean of squares is (ReduceSum(x^2) + ReduceSum(x)^2) / width. The nodes in
+        order (not inserted); the last one's output is the normalized x."""
+        nodes = [self.node("Pow", [x, self.initializer(f"{name}.two", np.array(2, dtype))], name=f"{name}.square")]
+        if width is None:
+            nodes.append(self.reduce_mean(nodes[-1].outputs[0], [-1], opset, name=f"{name}.mean_square"))
+        else:
+            total = self.reduce("ReduceSum", x, [-1], opset, name=f"{name}.sum")
+            nodes += [self.reduce("ReduceSum", nodes[-1].outputs[0], [-1], opset, name=f"{name}.sum_square"), total]
+            nodes.append(self.node("Mul", [total.outputs[0], total.outputs[0]], name=f"{name}.square_of_sum"))
+            nodes.append(self.node("Add", [nodes[-3].outputs[0], nodes[-1].outputs[0]], name=f"{name}.sum_squares"))
+            d = width if isinstance(width, ir.Value) else self.initializer(f"{name}.width", np.array(width, dtype))
+            nodes.append(self.node("Div", [nodes[-1].outputs[0], d], name=f"{name}.mean_square"))
+        nodes.append(self.node("Add", [nodes[-1].outputs[0], self.initializer(f"{name}.eps", np.array(eps, dtype))],
+                               name=f"{name}.add_eps"))
+        nodes.append(self.node("Sqrt", [nodes[-1].outputs[0]], name=f"{name}.rms"))
+        nodes.append(self.node("Div", [x, nodes[-1].outputs[0]], name=f"{name}.normalize"))
+        return nodes
+
     def initializer(self, base: str, array: np.ndarray) -> ir.Value:
         """Register `array` as a new initializer named after `base`."""
         name = self.value_name(base)
