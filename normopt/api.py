@@ -98,6 +98,7 @@ def rewrite(
     seed: int = 0,
     trials: int = 2,
     speed_guard: bool = False,
+    crms: str | None = None,
     threads: int = 2,
     require_change: bool = False,
     report: str | os.PathLike | None = None,
@@ -105,7 +106,8 @@ def rewrite(
     """Rewrite `model` with `passes` (None: the default pipeline) for `target` (onnx | ort |
     tensorrt), verified in onnxruntime unless `verify=False` (inputs: arrays by name, an .npz
     path, or generated from `dims`/`shapes`/`seed`, `trials` draws), with `speed_guard` never
-    slower than the original on the target's backend. A path needs `output` (written only on
+    slower than the original on the target's backend; `crms` off | on | auto (None: auto where
+    `passes` names preln-to-crmsnorm: kept only where it times faster than Pre-RMSNorm). A path needs `output` (written only on
     success, never over `model`); an in-memory model comes back as the same kind. Returns
     (rewritten model, RewriteReport); `report.to_json()` is the CLI's --json document, also
     written to `report` when given."""
@@ -134,12 +136,12 @@ def rewrite(
             raise BadInput(f"trt_version: {exc}") from None
     options = Options(target=target, allow_hidden_state_change=allow_hidden_state_change, tune_params=tune_params,
                       trt_version=trt_version)
-    guard = SpeedGuard(threads=threads, inputs=checks) if speed_guard else None
+    timing = SpeedGuard(threads=threads, inputs=checks)
     with tempfile.TemporaryDirectory(prefix="normopt-") as tmp, _as_file(model, Path(tmp), "input.onnx") as src:
         dst = Path(output) if output is not None else Path(tmp) / "output.onnx"
         result = RewriteReport(str(src), str(dst)) if kind == "path" else RewriteReport(IN_MEMORY, IN_MEMORY)
         run(src, dst, passes=passes, options=options, verification=checks if verify else None,
-            speed_guard=guard, require_change=require_change, report_path=report, report=result)
+            speed_guard=timing if speed_guard else None, crms=crms, timing=timing, require_change=require_change, report_path=report, report=result)
         return (dst if kind == "path" else _read_back(dst, kind)), result
 
 

@@ -339,7 +339,8 @@ def rewrite(
     allow_hidden_state_change: Annotated[bool, typer.Option("--allow-hidden-state-change", help="Let preln-to-rmsnorm rewrite models that output residual-stream values (those outputs change).")] = False,
     profile_after: Annotated[bool, typer.Option("--profile", help="After writing OUT, time IN vs OUT side by side (ORT CPU).")] = False,
     guard: Annotated[Optional[str], typer.Option("--guard", help="speed: time OUT against IN on the target's backend and drop the changes that make it slower.")] = None,
-    threads: Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads for --guard speed and --profile.")] = 2,
+    crms: Annotated[Optional[str], typer.Option("--crms", help="off | on | auto: Pre-CRMSNorm (preln-to-crmsnorm, a d-1 stream); auto (the default where --passes names it; on / auto add it to the default pipeline) keeps it only where it times faster than Pre-RMSNorm.")] = None,
+    threads: Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads for --guard speed, --crms auto and --profile.")] = 2,
     timings: Annotated[bool, typer.Option("--timings", help="Print where the time went (load, checker, shape annotation, each pass, save, verification, guard).")] = False,
     require_change: Annotated[bool, typer.Option("--require-change", help="Exit 3 (nothing written) when no pass changes the model.")] = False,
     tune_params: Annotated[str, typer.Option("--tune-params", help="convbn-tune: constants | inputs (BN parameters become graph inputs with their values as defaults) | inputs:all (weights and biases too).")] = "constants",
@@ -368,13 +369,14 @@ def rewrite(
     _check_trt_version(trt_version, target)
     names = [n.strip() for n in passes.split(",") if n.strip()] if passes is not None else None
     checks = _verify_options(inputs, dim, rtol, atol, seed, trials, shape)
+    timing = SpeedGuard(threads=threads, inputs=checks)
     result = RewriteReport(str(src), str(dst))
     try:
         with _progress(f"loading {src.name}") as step:
             run_rewrite(src, dst, passes=names, verification=None if no_verify else checks,
                         options=Options(target=target, allow_hidden_state_change=allow_hidden_state_change,
                                         tune_params=tune_params, trt_version=trt_version),
-                        speed_guard=SpeedGuard(threads=threads, inputs=checks) if guard else None,
+                        speed_guard=timing if guard else None, crms=crms, timing=timing,
                         require_change=require_change,
                         in_place=in_place, report_path=report, on_step=step, report=result)
     finally:
@@ -398,6 +400,9 @@ def _print_rewrite_result(result, explain: bool, timings: bool, threads: int, st
             _print_rewrite(result, explain)
         if result.verification is not None:
             out.print(_verify_table(result.verification))
+        if result.crms is not None:
+            out.print(f"--crms auto ({result.crms.backend}, {threads} threads): RMS {result.crms.rms.text()} x original; "
+                      f"{result.crms.why}", markup=False, highlight=False)
         if result.guard is not None:
             out.print(f"speed guard ({result.guard.backend}, {threads} threads): {result.guard.verdict}",
                       markup=False, highlight=False)

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from normopt import crms_choice
 from normopt.errors import BadInput, InternalError, NormoptError, NotApplied, VerificationFailed
+from normopt.crms_choice import CRMSChoice
 from normopt.guard import GuardReport, SpeedGuard, guard_speed
 from normopt.passes.base import Options, PassResult
 from normopt.passes.pipeline import resolve, run_pipeline
@@ -49,6 +51,7 @@ class RewriteReport:
     error: str | None = None
     exit_code: int = 0
     guard: GuardReport | None = None
+    crms: CRMSChoice | None = None  # what --crms auto measured and kept
     trials: list[dict] | None = None  # the input sets verification runs on (their hashes in `inputs`)
     fallback: list[dict] | None = None  # generated inputs with unset dims at 1, if the others fail
     inputs: dict | None = None  # what verification and the speed guard ran on (normopt.schema.inputs_json)
@@ -76,6 +79,7 @@ class RewriteReport:
             "nodes_after": self.nodes_after,
             "verification": self.verification.body() if self.verification else None,
             "speed_guard": self.guard.to_json() if self.guard else None,
+            "crms_choice": self.crms.to_json() if self.crms else None,
         }, exit_code=self.exit_code, error=self.error, seconds=self.seconds, inputs=self.inputs)
 
 
@@ -106,6 +110,8 @@ def rewrite(
     options: Options | None = None,
     verification: VerifyOptions | None = VerifyOptions(),
     speed_guard: SpeedGuard | None = None,
+    crms: str | None = None,
+    timing: SpeedGuard | None = None,
     require_change: bool = False,
     in_place: bool = False,
     report_path: str | os.PathLike | None = None,
@@ -113,7 +119,9 @@ def rewrite(
     report: RewriteReport | None = None,
 ) -> RewriteReport:
     """Rewrite `src` into `dst`, verified unless `verification` is None, and with `speed_guard`
-    never slower than `src` on the target's backend (normopt.guard); `require_change`: a run
+    never slower than `src` on the target's backend (normopt.guard); `crms` off | on | auto
+    (None: auto where the pipeline holds preln-to-crmsnorm; normopt.crms_choice), auto timed
+    with `timing` (default: `speed_guard`'s settings, else SpeedGuard()); `require_change`: a run
     where no pass changes the model is NotApplied (nothing written). Fills and returns
     `report` (also on failure: the exception carries the exit code, the report says how far
     it got) and writes it to `report_path` when given."""
@@ -131,8 +139,8 @@ def rewrite(
             _guard_outputs(guard, src, dst, report_path, in_place)
             report_ok = True
         with recording(report.seconds), timed("total"):
-            _rewrite(src, dst, passes, options, verification, speed_guard, require_change, in_place, report_path,
-                     guard, on_step or (lambda _m: None), report)
+            _rewrite(src, dst, passes, options, verification, speed_guard, crms, timing or speed_guard or SpeedGuard(),
+                     require_change, in_place, report_path, guard, on_step or (lambda _m: None), report)
     except NormoptError as exc:
         report.error, report.exit_code = str(exc), exc.exit_code
         if report_path is not None and guard.clash(report_path):
@@ -144,14 +152,14 @@ def rewrite(
     return report
 
 
-def _rewrite(src: Path, dst: Path, passes, options, verification, speed_guard, require_change, in_place,
-             report_path, guard, step, report) -> None:
+def _rewrite(src: Path, dst: Path, passes, options, verification, speed_guard, crms, timing, require_change,
+             in_place, report_path, guard, step, report) -> None:
     io.check_readable_file(src)
     if dst.is_dir():
         raise BadInput(f"output '{dst}' is a directory; give a file path")
     io.check_writable_folder(dst)
     _guard_outputs(guard, src, dst, report_path, in_place)
-    names = resolve(passes)
+    names, crms = crms_choice.pipeline(resolve(passes), crms, requested=passes is not None)
     io.remove_stale_temps(dst.parent)
 
     step(f"loading {src.name}")
@@ -160,7 +168,8 @@ def _rewrite(src: Path, dst: Path, passes, options, verification, speed_guard, r
     for data_file in io.external_data_files(model):
         guard.protect(data_file, "input data file")
     _guard_outputs(guard, src, dst, report_path, in_place)
-    feeds_from = verification or (speed_guard.inputs or VerifyOptions() if speed_guard else None)
+    timed_by = speed_guard or (timing if crms == "auto" else None)
+    feeds_from = verification or (timed_by.inputs or VerifyOptions() if timed_by else None)
     if feeds_from is not None:  # from the model as loaded: no second load of IN for its inputs
         report.trials = input_trials(model, feeds_from)
         report.fallback = fallback_trials(model, feeds_from)
@@ -201,6 +210,12 @@ def _rewrite(src: Path, dst: Path, passes, options, verification, speed_guard, r
     del model
     try:
         check(staged.path)
+        if crms == "auto" and crms_choice.applied(report.passes):
+            with timed("crms choice"):
+                staged, report.crms, report.passes, histogram = crms_choice.choose(
+                    src, staged, names, options or Options(), report.passes, report.feeds, timing, stage, check, step)
+            if report.crms.kept == "RMS":
+                names, report.nodes_after = [n for n in names if n != crms_choice.PASS], histogram
         if speed_guard is not None:
             with timed("speed guard"):
                 staged, report.guard = guard_speed(src, staged, names, options or Options(), report.passes,

@@ -72,7 +72,10 @@ class PreLNToCRMSNorm(Pass):
         if not any(m.kind == "rmsnorm" for m in norms):
             return Plan(idle="no RMSNorm (run preln-to-rmsnorm first)")
         plan = Plan()
-        plan.decide("residual stream", plan_stream(analyze(model.graph, norms), model.graph))
+        outcome = plan_stream(analyze(model.graph, norms), model.graph)
+        plan.decide("residual stream", outcome)
+        if isinstance(outcome, CRMSPlan):
+            plan.stats["width"] = outcome.d
         return plan
 
     def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
