@@ -65,7 +65,7 @@ def main() -> int:
             for name, (passes, target) in VARIANTS.items():
                 dst = Path(tmp) / f"{entry}-{name.replace(' ', '_')}.onnx"
                 try:
-                    rewrite(src, dst, passes=passes, options=Options(target=target),
+                    rewrite(src, dst, passes=passes, options=Options(target=target), crms="on",
                             verification=VerifyOptions(inputs=feeds))
                     variants[name] = dst
                 except NotApplied as exc:

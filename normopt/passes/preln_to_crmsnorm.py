@@ -28,10 +28,15 @@ from normopt.rewriter.norms import NormMatch, find_norms
 from normopt.rewriter.stream import analyze
 
 
-def _narrow(value: ir.Value, d: int) -> None:
+def _narrow(value: ir.Value, d: int, axis: int | None = None) -> None:
     shape = value.shape
-    if shape is not None and len(shape) and shape[-1] == d:
-        value.shape = ir.Shape([*list(shape)[:-1], d - 1])
+    if shape is None or not len(shape):
+        return
+    dims = list(shape)
+    axis = len(dims) - 1 if axis is None else axis
+    if dims[axis] == d:
+        dims[axis] = d - 1
+        value.shape = ir.Shape(dims)
 
 
 def _crms_norm(edit: Editor, match: NormMatch, d: int, opset: int) -> ir.Value:
@@ -42,18 +47,18 @@ def _crms_norm(edit: Editor, match: NormMatch, d: int, opset: int) -> ir.Value:
     return nodes[-1].outputs[0]
 
 
-def _restore_width(edit: Editor, shape: ir.Node, d: int) -> None:
-    """Shape(x') -> Shape(x') + [0, .., 0, 1] where its range holds the last axis: d again."""
+def _restore_width(edit: Editor, shape: ir.Node, d: int, axis: int) -> None:
+    """Shape(x') -> Shape(x') + one-hot(axis) where its range holds the hidden axis: d again."""
     rank = len(shape.inputs[0].shape)
     start = shape.attributes.get_int("start", 0)
     end = shape.attributes.get_int("end", rank)
     start, end = (start + rank if start < 0 else start), min(end + rank if end < 0 else end, rank)
-    if end < rank or end <= start:
+    if not start <= axis < end:
         return
     out = shape.outputs[0]
     uses = list(out.uses())
     one = np.zeros(end - start, np.int64)
-    one[-1] = 1
+    one[axis - start] = 1
     fixed = edit.node("Add", [out, edit.initializer(f"{shape.name}.crms_width", one)], name=f"{shape.name}.crms_d",
                       like=out)
     edit.graph.insert_after(shape, fixed)
@@ -61,6 +66,43 @@ def _restore_width(edit: Editor, shape: ir.Node, d: int) -> None:
         use.node.replace_input_with(use.idx, fixed.outputs[0])
     if out.is_graph_output():
         edit.take_over(out, fixed.outputs[0])
+
+
+def _expose(edit: Editor, x: ir.Value, d: int, opset: int, gamma: np.ndarray | None = None,
+            beta: np.ndarray | None = None) -> None:
+    """The graph output slot of the cut `x` (zero-mean) reads [x', -sum(x')] (* gamma + beta):
+    the d-vector the original output held; x's readers keep reading x'."""
+    name = x.name
+    total = edit.reduce("ReduceSum", x, [-1], opset, name=f"{name}.crms_sum")
+    neg = edit.node("Neg", [total.outputs[0]], name=f"{name}.crms_last", like=total.outputs[0])
+    whole = edit.node("Concat", [x, neg.outputs[0]], {"axis": -1}, name=f"{name}.crms_whole", like=x)
+    nodes = [total, neg, whole]
+    for op, vector in (("Mul", gamma), ("Add", beta)):
+        if vector is not None and np.any(vector != (1 if op == "Mul" else 0)):
+            nodes.append(edit.node(op, [nodes[-1].outputs[0], edit.initializer(f"{name}.crms_{op.lower()}",
+                                                                               vector.astype(np.float32))],
+                                   name=f"{name}.crms_{op.lower()}", like=x))
+    edit.graph.insert_after(x.producer(), nodes)
+    out = nodes[-1].outputs[0]
+    readers = [(u.node, u.idx) for u in x.uses()]
+    edit.take_over(x, out)  # the output slot and name; every reader reads x' again
+    for node, idx in readers:
+        node.replace_input_with(idx, x)
+    out.shape = ir.Shape([*list(x.shape)[:-1], d]) if x.shape is not None else None
+
+
+def _expand_to_one(edit: Editor, node: ir.Node, k: int) -> None:
+    """Expand(x, s) -> Expand(x, s * (1 - e_k) + e_k): entry k of its shape becomes 1."""
+    s = node.inputs[1]
+    n = s.shape[0]
+    mask, one = np.ones(n, np.int64), np.zeros(n, np.int64)
+    mask[k], one[k] = 0, 1
+    kept = edit.node("Mul", [s, edit.initializer(f"{node.name}.crms_mask", mask)], name=f"{node.name}.crms_mask",
+                     like=s)
+    fixed = edit.node("Add", [kept.outputs[0], edit.initializer(f"{node.name}.crms_one", one)],
+                      name=f"{node.name}.crms_shape", like=s)
+    edit.graph.insert_before(node, [kept, fixed])
+    node.replace_input_with(1, fixed.outputs[0])
 
 
 class PreLNToCRMSNorm(Pass):
@@ -72,7 +114,7 @@ class PreLNToCRMSNorm(Pass):
         if not any(m.kind == "rmsnorm" for m in norms):
             return Plan(idle="no RMSNorm (run preln-to-rmsnorm first)")
         plan = Plan()
-        outcome = plan_stream(analyze(model.graph, norms), model.graph)
+        outcome = plan_stream(analyze(model.graph, norms), norms, self.options.allow_hidden_state_change)
         plan.decide("residual stream", outcome)
         if isinstance(outcome, CRMSPlan):
             plan.stats["width"] = outcome.d
@@ -109,12 +151,23 @@ def _apply(edit: Editor, crms: CRMSPlan, opset: int) -> list[Change]:
         y.type, y.shape = last.type, last.shape
         edit.take_over(last, y)
         _narrow(y, d)
+        for value in crms.exposed_norms[id(match)]:  # the original output, gamma and beta included
+            value = y if value is last else value
+            _expose(edit, value, d, opset, affine.gamma, affine.beta)
+            changes.append(Change("restored", "graph output(s) to width d: x' and -sum(x')", (), (value.name,)))
         edit.graph.remove([*([affine.add] if affine.add is not None else []), *reversed(match.nodes)], safe=True)
-    for value in [*crms.stream, *crms.carried]:
+    for value, axis in [*((v, None) for v in crms.stream), *crms.carried]:
         if value not in crms.slices:
-            _narrow(value, d)
-    for shape in dict.fromkeys(crms.shape_reads):  # what reads a cut value's shape sees d
-        _restore_width(edit, shape, d)
+            _narrow(value, d, axis)
+    for value in crms.exposed:
+        if value.is_graph_output():  # a stream value (a norm's output was taken over by its CRMSNorm's)
+            _expose(edit, value, d, opset)
+            changes.append(Change("restored", "graph output(s) to width d: x' and -sum(x')", (), (value.name,)))
+    for shape, axis in dict.fromkeys(crms.shape_reads):  # what reads a cut value's shape sees d
+        if shape not in crms.own_shapes:
+            _restore_width(edit, shape, d, axis)
+    for node, k in crms.expands:
+        _expand_to_one(edit, node, k)
     for value in crms.slices:  # after an explicit recentring: its first d-1 entries
         changes.append(Change("cut", "recentred value(s) sliced to d-1 hidden entries", (value.producer().name,),
                               (value.name,)))

@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from normopt.rewriter.graph import constant_value, folded_value, is_op, readers, sole_reader
+from normopt.rewriter.graph import (constant_shape, constant_value, folded_value, int_list, is_op, rank, readers,
+                                    sole_reader, static_shape)
 from normopt.rewriter.norms import NormMatch
 from normopt.rewriter.stream import StreamAnalysis
+from normopt.rewriter.stream_plan import Refuse, hidden_through
 
 CENTRED = 1e-4  # a row sums to 0 within this fraction of its absolute sum
 
@@ -71,19 +73,20 @@ class CRMSPlan:
     norms: list[NormMatch] = field(default_factory=list)
     readers: dict[int, list[Reader]] = field(default_factory=dict)  # id(norm) -> its readers
     affines: dict[int, Affine] = field(default_factory=dict)  # id(norm) -> its gamma and beta, folded into its readers
-    carried: list[ir.Value] = field(default_factory=list)  # values between writers and the stream, norms and readers
-    shapes: list[ir.Value] = field(default_factory=list)  # computed Reshape targets whose last piece is cut
+    carried: list[tuple[ir.Value, int | None]] = field(default_factory=list)  # values between writers and the stream, norms and readers, with their hidden axis (None: the last)
+    shapes: list[ir.Value] = field(default_factory=list)  # computed Reshape targets with a piece cut
     carriers: list[ir.Node] = field(default_factory=list)  # Reshapes between a norm and its readers
-    reshapes: set[ir.Node] = field(default_factory=set)  # every Reshape whose target is cut
+    reshapes: set[ir.Node] = field(default_factory=set)  # every Reshape carrying a cut value
     slices: list[ir.Value] = field(default_factory=list)  # explicit recentrings: a Slice to d-1 after each
-    shape_reads: list[ir.Node] = field(default_factory=list)  # Shape nodes reading a cut value: their d restored
+    shape_reads: list[tuple[ir.Node, int]] = field(default_factory=list)  # Shape nodes reading a cut value (and its hidden axis): d restored there
+    own_shapes: set[ir.Node] = field(default_factory=set)  # ... except those building that value's own Reshape target
+    expands: list[tuple[ir.Node, int]] = field(default_factory=list)  # Expands whose computed shape gets 1 at this entry
+    exposed: list[ir.Value] = field(default_factory=list)  # stream values that are graph outputs, output whole: x' and -sum(x')
+    exposed_norms: dict[int, list[ir.Value]] = field(default_factory=dict)  # id(norm) -> its graph outputs (its own, a Reshape's), output whole
+    follows: list[tuple[ir.Value, int, ir.Node]] = field(default_factory=list)  # (value, axis, Shape): a target entry read from a value that must be cut there
 
     def describe(self) -> str:
         return f"a stream of width {self.d} -> {self.d - 1}: {len(self.norms)} norm(s), {len(self.cuts)} constant(s) cut"
-
-
-class Refuse(Exception):
-    pass
 
 
 def _centred(array: np.ndarray, what: str) -> None:
@@ -93,73 +96,85 @@ def _centred(array: np.ndarray, what: str) -> None:
                      "(run preln-to-rmsnorm first)")
 
 
-def _writer(value: ir.Value, d: int, plan: CRMSPlan) -> None:
-    """Plan the cuts that make `value` (added into the stream) d-1 wide, or Refuse."""
-    node = value.producer()
+def _constant(node: ir.Node, index: int, axis: int, plan: CRMSPlan, what: str) -> None:
+    """A constant input written into the stream, `axis` (negative) its hidden axis: zero-mean
+    along it and cut to its first d-1 entries; broadcast along it (size 1, or no such axis), it
+    adds the same to every entry and must be 0."""
+    array = folded_value(node.inputs[index])
+    if array is None:
+        raise Refuse(f"{what} is not a constant")
+    if array.ndim < -axis or array.shape[axis] == 1:
+        if np.any(array != 0):
+            raise Refuse(f"{what} adds the same to every hidden entry: the stream is not zero-mean")
+        return
+    if array.shape[axis] != plan.d:
+        raise Refuse(f"{what} has {array.shape[axis]} entries along the hidden axis, not {plan.d}")
+    _centred(np.moveaxis(array, axis, -1), what)
+    plan.cuts.append(Cut(node, index, np.take(array, np.arange(plan.d - 1), axis=axis)))
+
+
+def _writer(value: ir.Value, hidden: int | None, plan: CRMSPlan) -> None:
+    """Plan the cuts that make `value` (added into the stream) d-1 wide along its `hidden` axis
+    (non-negative; None: the last), or Refuse."""
+    node, r = value.producer(), rank(value)
     if node is None:
         raise Refuse(f"'{value.name}' (written into the stream) is a graph input")
-    if is_op(node, "Add"):
-        for i, v in enumerate(node.inputs):
-            array = constant_value(v)
-            if array is not None:
-                if array.shape[-1:] != (d,):
-                    raise Refuse(f"Add {node.name} adds a constant of shape {list(array.shape)}, not one "
-                                 "value per hidden entry")
-                _centred(array, f"the constant '{v.name}' added by {node.name}")
-                plan.cuts.append(Cut(node, i, array[..., :-1]))
-            else:
-                _through(v, node, d, plan)
-        return
-    if is_op(node, "MatMul") and constant_value(node.inputs[1]) is not None:
-        w = constant_value(node.inputs[1])
-        if w.ndim != 2:
-            raise Refuse(f"MatMul {node.name} has a {w.ndim}-D weight")
-        _centred(w, f"the weight of {node.name}")
-        plan.cuts.append(Cut(node, 1, w[..., :-1]))
-        return
-    if is_op(node, "Gemm") and constant_value(node.inputs[1]) is not None:
-        w = constant_value(node.inputs[1])
-        trans_b = node.attributes.get_int("transB", 0)
-        _centred(w.T if trans_b else w, f"the weight of {node.name}")
-        if trans_b:
-            raise Refuse(f"Gemm {node.name} has transB=1: its hidden axis is the weight's first")
-        plan.cuts.append(Cut(node, 1, w[..., :-1]))
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            c = constant_value(node.inputs[2])
-            if c is None or c.shape[-1:] != (d,):
-                raise Refuse(f"Gemm {node.name}'s bias is not a constant with one value per hidden entry")
-            _centred(c, f"the bias of {node.name}")
-            plan.cuts.append(Cut(node, 2, c[..., :-1]))
-        return
-    if is_op(node, "Gather") and constant_value(node.inputs[0]) is not None and node.attributes.get_int("axis", 0) == 0:
-        table = constant_value(node.inputs[0])
-        _centred(table, f"the table of {node.name}")
-        plan.cuts.append(Cut(node, 0, table[..., :-1]))
-        return
-    if is_op(node, "Slice") and constant_value(node.inputs[0]) is not None:
-        table = constant_value(node.inputs[0])
-        axes = folded_value(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
-        if axes is None or any(int(a) % table.ndim == table.ndim - 1 for a in axes.reshape(-1)):
-            raise Refuse(f"Slice {node.name} may slice the hidden axis")
-        _centred(table, f"the table sliced by {node.name}")
-        plan.cuts.append(Cut(node, 0, table[..., :-1]))
-        return
-    if _recentring(node):  # x - mean(x): zero-mean by construction; a Slice after it cuts it
+    if r is None:
+        raise Refuse(f"the rank of '{value.name}' (written into the stream) is unknown")
+    hidden = r - 1 if hidden is None else hidden
+    last, op = hidden == r - 1, node.op_type
+    if last and _recentring(node):  # x - mean(x): zero-mean by construction; a Slice after it cuts it
         plan.slices.append(value)
         return
-    if is_op(node, "Cast", "Identity"):  # elementwise: the cut commutes with it
-        _through(node.inputs[0], node, d, plan)
+    if is_op(node, "Add", "Concat"):
+        if op == "Concat" and node.attributes.get_int("axis", 0) % r == hidden:
+            raise Refuse(f"Concat {node.name} joins pieces along the hidden axis")
+        done = set()
+        for i, v in enumerate(node.inputs):
+            if constant_shape(v) is not None:
+                _constant(node, i, hidden - r, plan, f"the constant '{v.name}' of {op} {node.name}")
+            elif v not in done:
+                done.add(v)
+                rv = rank(v)
+                if rv is None or rv < r - hidden:
+                    raise Refuse(f"'{v.name}' is added along the whole hidden axis of '{value.name}' (or its rank is unknown)")
+                _through(v, node, rv - (r - hidden), plan)
         return
-    if is_op(node, "Reshape"):  # dynamo's view(B, T, d) of a Gemm's [B*T, d]
-        _reshape_cut(node, d, plan)
-        _through(node.inputs[0], node, d, plan)
+    weight = constant_shape(node.inputs[1]) if len(node.inputs) > 1 else None
+    if op == "MatMul" and last and weight is not None and len(weight) == 2:
+        _constant(node, 1, -1, plan, f"the weight of {node.name}")
         return
-    if is_op(node, "Mul"):
-        consts = [constant_value(v) for v in node.inputs]
-        if sum(c is not None for c in consts) == 1 and next(c for c in consts if c is not None).size == 1:
-            _through(next(v for v, c in zip(node.inputs, consts) if c is None), node, d, plan)
-            return
-    raise Refuse(f"{node.op_type} {node.name} writes into the stream: not a cut CRMS can make")
+    if op == "Gemm" and last and weight is not None:
+        _constant(node, 1, -2 if node.attributes.get_int("transB", 0) else -1, plan, f"the weight of {node.name}")
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            _constant(node, 2, -1, plan, f"the bias of {node.name}")
+        return
+    if op == "Conv" and hidden == 1 and weight is not None:  # output channels
+        if node.attributes.get_int("group", 1) != 1:
+            raise Refuse(f"grouped Conv {node.name} writes into the stream: cutting a channel changes its groups")
+        _constant(node, 1, -len(weight), plan, f"the weight of {node.name}")
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            _constant(node, 2, -1, plan, f"the bias of {node.name}")
+        return
+    if op == "Gather" and last and node.attributes.get_int("axis", 0) == 0 and constant_shape(node.inputs[0]):
+        _constant(node, 0, -1, plan, f"the table of {node.name}")
+        return
+    if op == "Mul" and [constant_shape(v) is not None and folded_value(v).size == 1 for v in node.inputs].count(True) == 1:
+        scaled = next(v for v in node.inputs if constant_shape(v) is None)  # a scalar scale commutes with the cut
+        _through(scaled, node, hidden - r + rank(scaled) if rank(scaled) is not None else None, plan)
+        return
+    if op in ("Cast", "Identity", "Expand", "Slice", "Transpose", "Reshape"):
+        axis = hidden_through(node, hidden)
+        if op == "Reshape":
+            _reshape(node, hidden, axis, plan)
+        if op == "Expand":
+            _expand(node, hidden, plan)
+        if constant_shape(node.inputs[0]) is not None:
+            _constant(node, 0, axis - rank(node.inputs[0]), plan, f"the constant '{node.inputs[0].name}' of {node.name}")
+        else:
+            _through(node.inputs[0], node, axis, plan)
+        return
+    raise Refuse(f"{op} {node.name} writes into the stream: not a cut CRMS can make")
 
 
 def _recentring(node: ir.Node) -> bool:
@@ -178,45 +193,121 @@ def _recentring(node: ir.Node) -> bool:
         and mean.attributes.get_int("keepdims", 1) == 1
 
 
-def _reshape_cut(node: ir.Node, d: int, plan: CRMSPlan) -> None:
-    """A Reshape keeping the hidden axis last, of size d: its target's last entry becomes d-1
-    (a constant target, or the constant last piece of a Concat that builds it)."""
-    source = node.inputs[0].shape
-    if source is None or not len(source) or source[-1] != d:
-        raise Refuse(f"Reshape {node.name} does not keep the hidden axis last")
+def _entry(node: ir.Node, entry: int, out_hidden: int, in_hidden: int, what: str) -> int | None:
+    """What a shape's entry at the hidden axis becomes once cut (None: it follows the cut by
+    itself: -1 infers d-1, 0 copies the input's d-1), or Refuse."""
+    if entry == -1 or (entry == 0 and out_hidden == in_hidden and not node.attributes.get_int("allowzero", 0)):
+        return None
+    if entry != node.outputs[0].shape[out_hidden]:
+        raise Refuse(f"{what} gives the hidden axis {entry} entries, not its size")
+    return entry - 1
+
+
+def _reshape(node: ir.Node, out_hidden: int, in_hidden: int, plan: CRMSPlan) -> None:
+    """A Reshape carrying the hidden axis (in_hidden -> out_hidden): its target's entry there
+    must follow the cut: a constant d becomes d-1 (the target, or the constant piece of the
+    Concat that builds it), -1 and 0 follow by themselves, and so does an entry read from the
+    input's own shape at its hidden axis (TorchScript's `x.view(-1, x.size(-1))`)."""
     plan.reshapes.add(node)
-    target = constant_value(node.inputs[1])
+    target = folded_value(node.inputs[1])
     if target is not None:
-        if int(target[-1]) != d:
-            raise Refuse(f"Reshape {node.name} does not keep the hidden axis last")
-        plan.cuts.append(Cut(node, 1, np.concatenate([target[:-1], [d - 1]]).astype(target.dtype)))
+        new = _entry(node, int(target[out_hidden]), out_hidden, in_hidden, f"Reshape {node.name}'s target")
+        if new is not None:
+            plan.cuts.append(Cut(node, 1, np.concatenate([target[:out_hidden], [new], target[out_hidden + 1:]])
+                                 .astype(target.dtype)))
         return
-    concat = node.inputs[1].producer()
-    piece = constant_value(concat.inputs[-1]) if is_op(concat, "Concat") else None
-    if piece is None or piece.reshape(-1).tolist() != [d]:
+    concat, offset = node.inputs[1].producer(), 0
+    if not is_op(concat, "Concat"):
         raise Refuse(f"Reshape {node.name}'s target shape is computed: its hidden size is not a constant to cut")
-    plan.cuts.append(Cut(concat, len(concat.inputs) - 1, np.array([d - 1], piece.dtype)))
-    plan.shapes.append(node.inputs[1])
+    for index, piece in enumerate(concat.inputs):
+        size = static_shape(piece)
+        if size is None or len(size) != 1:
+            raise Refuse(f"Reshape {node.name}'s target is built from pieces of unknown length")
+        if offset + size[0] > out_hidden:
+            break
+        offset += size[0]
+    k = out_hidden - offset
+    array = folded_value(piece)
+    if array is not None:
+        new = _entry(node, int(array[k]), out_hidden, in_hidden, f"Reshape {node.name}'s target")
+        if new is not None:
+            plan.cuts.append(Cut(concat, index, np.concatenate([array[:k], [new], array[k + 1:]]).astype(array.dtype)))
+            plan.shapes.append(node.inputs[1])
+        return
+    shape = _own_dim(piece, k, node.inputs[0], in_hidden, concat, plan)
+    if shape is None:
+        raise Refuse(f"Reshape {node.name}'s target shape is computed: its hidden size is not a constant to cut")
+    plan.own_shapes.add(shape)
 
 
-def _shape_readers(value: ir.Value, plan: CRMSPlan) -> None:
-    """Shape nodes reading `value`, which is cut: their last entry gets d back (TorchScript's
-    `b, n, d = x.shape` must keep computing with d). Size would need numel: refused."""
+def _own_dim(piece: ir.Value, k: int, x: ir.Value, hidden: int, concat: ir.Node, plan: CRMSPlan) -> ir.Node | None:
+    """The Shape node when entry k of `piece` is x's size along its hidden axis, read by a
+    chain used only to build this target (Shape(x) sliced or gathered, a one-entry piece
+    squeezed and unsqueezed on the way: TorchScript's `x.size(-1)`); that size is cut with x,
+    as it must be."""
+    node, chain = piece.producer(), []
+    while is_op(node, "Unsqueeze", "Squeeze"):
+        chain.append(node)
+        node = node.inputs[0].producer()
+    if is_op(node, "Gather") and node.attributes.get_int("axis", 0) == 0:
+        index = folded_value(node.inputs[1])
+        at = None if index is None or index.size != 1 else int(index.reshape(-1)[0])
+    elif is_op(node, "Slice"):
+        starts, steps = folded_value(node.inputs[1]), int_list(node, "", 4)
+        at = None if starts is None or starts.size != 1 or steps not in (None, [1]) else int(starts[0]) + k
+    else:
+        return None
+    chain.append(node)
+    shape = node.inputs[0].producer()
+    if at is None or not is_op(shape, "Shape") or shape.attributes.get_int("start", 0) != 0 or "end" in shape.attributes:
+        return None
+    for link, reader in zip([shape, *reversed(chain)], [*reversed(chain), concat]):
+        if readers(link.outputs[0]) != [reader] or link.outputs[0].is_graph_output():
+            return None
+    y, r = shape.inputs[0], rank(shape.inputs[0])
+    if r is None or (y is x and at % r != hidden):
+        return None
+    if y is not x:  # another value's size (GPT-2 keeps the embeddings' x.size(-1)): it must be cut there too
+        plan.follows.append((y, at % r, shape))
+    return shape
+
+
+def _expand(node: ir.Node, out_hidden: int, plan: CRMSPlan) -> None:
+    """Expand(x, s): s's entry at the hidden axis is 1 or d (x has d there); once x has d-1 it
+    must be 1: a constant entry d is cut to 1, a computed one is set to 1 in the graph."""
+    size = static_shape(node.inputs[1])
+    out_rank = rank(node.outputs[0])
+    if size is None or out_rank is None:
+        raise Refuse(f"Expand {node.name}'s shape has an unknown length")
+    k = out_hidden - (out_rank - size[0])
+    if k < 0:
+        return
+    target = folded_value(node.inputs[1])
+    if target is None:
+        plan.expands.append((node, k))
+    elif int(target[k]) != 1:
+        plan.cuts.append(Cut(node, 1, np.concatenate([target[:k], [1], target[k + 1:]]).astype(target.dtype)))
+
+
+def _shape_readers(value: ir.Value, hidden: int | None, plan: CRMSPlan) -> None:
+    """Shape nodes reading `value`, which is cut: their entry at the hidden axis gets d back
+    (TorchScript's `b, n, d = x.shape` must keep computing with d), unless the shape only
+    builds the target of value's own Reshape (CRMSPlan.own_shapes). Size would need numel: refused."""
     for node in readers(value):
         if is_op(node, "Size"):
             raise Refuse(f"Size {node.name} reads '{value.name}', which is cut")
         if is_op(node, "Shape"):
             if value.shape is None:
                 raise Refuse(f"Shape {node.name} reads '{value.name}', whose rank is unknown")
-            plan.shape_reads.append(node)
+            plan.shape_reads.append((node, len(value.shape) - 1 if hidden is None else hidden))
 
 
-def _through(value: ir.Value, reader: ir.Node, d: int, plan: CRMSPlan) -> None:
+def _through(value: ir.Value, reader: ir.Node, hidden: int | None, plan: CRMSPlan) -> None:
     if sole_reader(value, numbers_only=True) is not reader:
         raise Refuse(f"'{value.name}' is read elsewhere too: cutting it would change what that reads")
-    _shape_readers(value, plan)
-    plan.carried.append(value)
-    _writer(value, d, plan)
+    _shape_readers(value, hidden, plan)
+    plan.carried.append((value, hidden))
+    _writer(value, hidden, plan)
 
 
 def _norm(match: NormMatch, plan: CRMSPlan) -> None:
@@ -241,11 +332,10 @@ def _norm(match: NormMatch, plan: CRMSPlan) -> None:
         out = add.outputs[0]
     else:
         add = None
-    if out.is_graph_output():
-        raise Refuse(f"the RMSNorm at {where} is a graph output")
     plan.affines[id(match)] = Affine(gamma, beta, add)
+    shown = plan.exposed_norms.setdefault(id(match), [])
     found = []
-    for node in _through_carriers(out, plan):
+    for node in _through_carriers(out, plan, shown):
         w = folded_value(node.inputs[1]) if is_op(node, "MatMul", "Gemm") and len(node.inputs) > 1 else None
         if w is None or node.inputs[0].producer() not in (out.producer(), *plan.carriers) or w.ndim != 2 or (
                 is_op(node, "Gemm") and node.attributes.get_int("transA", 0)):
@@ -259,25 +349,53 @@ def _norm(match: NormMatch, plan: CRMSPlan) -> None:
     plan.readers[id(match)] = found
 
 
-def _through_carriers(value: ir.Value, plan: CRMSPlan) -> list[ir.Node]:
+def _through_carriers(value: ir.Value, plan: CRMSPlan, shown: list[ir.Value]) -> list[ir.Node]:
     """The nodes reading `value`, through Reshapes that keep the hidden axis last (dynamo's
     view(-1, d) before a Gemm), whose targets are then cut too."""
     out = []
-    _shape_readers(value, plan)
+    if value.is_graph_output():  # y = [y', -sum(y')] (y is zero-mean as x is), then gamma and beta
+        shown.append(value)
+    _shape_readers(value, None, plan)
     for node in readers(value, numbers_only=True):
-        if is_op(node, "Reshape") and not node.outputs[0].is_graph_output():
-            _reshape_cut(node, plan.d, plan)
+        if _carries(node, value, plan):
             plan.carriers.append(node)
-            plan.carried.append(node.outputs[0])
-            _shape_readers(node.outputs[0], plan)
-            out += readers(node.outputs[0], numbers_only=True)
+            plan.carried.append((node.outputs[0], None))
+            out += _through_carriers(node.outputs[0], plan, shown)
         else:
             out.append(node)
     return out
 
 
-def plan_stream(analysis: StreamAnalysis, graph: ir.Graph) -> CRMSPlan | str:
-    """The CRMS plan of the graph's residual stream, or why there is none."""
+def _carries(node: ir.Node, value: ir.Value, plan: CRMSPlan) -> bool:
+    """Does `node` carry the cut `value` on with the hidden axis last and whole: a Reshape that
+    keeps it last (its target then follows the cut), or a Gather / Slice of tokens?"""
+    if node.inputs[0] is not value:
+        return False
+    if is_op(node, "Reshape"):
+        a, b = value.shape, node.outputs[0].shape
+        if a is None or b is None or not len(b) or b[-1] != plan.d:
+            raise Refuse(f"Reshape {node.name} does not keep the hidden axis last")
+        _reshape(node, len(b) - 1, len(a) - 1, plan)
+        return True
+    return _selects_tokens(node, value)
+
+
+def _selects_tokens(node: ir.Node, value: ir.Value) -> bool:
+    """Gather / Slice along axes other than the last of `value`: each output hidden vector is a
+    whole input one (a pooled token), still cut."""
+    r = rank(value)
+    if r is None or node.inputs[0] is not value:
+        return False
+    if is_op(node, "Gather"):
+        return node.attributes.get_int("axis", 0) % r != r - 1
+    if is_op(node, "Slice"):
+        axes = int_list(node, "", 3) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        return axes is not None and all(a % r != r - 1 for a in axes)
+    return False
+
+
+def plan_stream(analysis: StreamAnalysis, found: list[NormMatch], allow_hidden_state_change: bool = False) -> CRMSPlan | str:
+    """The CRMS plan of the graph's residual stream (`found`: the graph's norms), or why there is none."""
     if analysis.architecture != "pre-rmsnorm":
         return f"the stream is {analysis.architecture}, not Pre-RMSNorm (run preln-to-rmsnorm first)"
     stream = list(dict.fromkeys([*analysis.initial, *(r.node.outputs[0] for r in analysis.residual_adds)]))
@@ -291,23 +409,43 @@ def plan_stream(analysis: StreamAnalysis, graph: ir.Graph) -> CRMSPlan | str:
         norms = {n.nodes[0]: n for r in analysis.residual_adds for n in r.pre} | {
             n.nodes[0]: n for n in analysis.final_norms}
         members = {node for n in norms.values() for node in n.nodes}
-        for value in stream:
+        pending = list(stream)
+        while pending:  # the stream, and what carries it on whole (OPT's reshape to (-1, d), CLIP's pooled token)
+            value = pending.pop()
             if value.is_graph_output():
-                raise Refuse(f"the stream value '{value.name}' is a graph output")
-            _shape_readers(value, plan)
+                if not allow_hidden_state_change:
+                    raise Refuse(f"the stream value '{value.name}' is a graph output (--allow-hidden-state-change "
+                                 "outputs it whole: its d-1 entries and minus their sum)")
+                plan.exposed.append(value)
+            _shape_readers(value, None, plan)
             for node in readers(value, numbers_only=True):
-                if node not in adds and node not in members:
+                if node in adds or node in members:
+                    continue
+                match = next((m for m in found if m.input is value and node in m.nodes), None)
+                if match is not None:  # a norm of a carried value (CLIP's post-norm of the pooled token)
+                    norms[match.nodes[0]] = match
+                    members.update(match.nodes)
+                    continue
+                if not _carries(node, value, plan):
                     raise Refuse(f"{node.op_type} {node.name} reads the stream value '{value.name}'")
+                plan.carried.append((node.outputs[0], None))
+                pending.append(node.outputs[0])
         for value in analysis.initial:
-            _writer(value, d, plan)
+            _writer(value, None, plan)
         for r in analysis.residual_adds:
             if sole_reader(r.branch, numbers_only=True) is not r.node:
                 raise Refuse(f"the branch output '{r.branch.name}' is read elsewhere too")
-            _shape_readers(r.branch, plan)
-            plan.carried.append(r.branch)
-            _writer(r.branch, d, plan)
+            _shape_readers(r.branch, None, plan)
+            plan.carried.append((r.branch, None))
+            _writer(r.branch, None, plan)
         for match in norms.values():
             _norm(match, plan)
+        cut = {v: len(v.shape) - 1 if axis is None else axis
+               for v, axis in [*((v, None) for v in stream), *plan.carried] if v.shape is not None}
+        for value, axis, shape in plan.follows:
+            if cut.get(value) != axis:
+                raise Refuse(f"{shape.op_type} {shape.name} reads the size of '{value.name}', which is not cut, into "
+                             "a Reshape target of a cut value")
         for value in plan.shapes:
             for node in readers(value):
                 if node not in plan.reshapes:

@@ -101,7 +101,7 @@ def _sliced_axes(node: ir.Node) -> list[int] | None:
     return None if starts is None else list(range(starts.size))
 
 
-def _hidden_through(node: ir.Node, out_axis: int) -> int:
+def hidden_through(node: ir.Node, out_axis: int) -> int:
     """The input axis that becomes `out_axis` (non-negative) of a shape-moving node's output,
     for ops that keep each output position's hidden vector a whole input hidden vector."""
     out_rank, in_rank = rank(node.outputs[0]), rank(node.inputs[0])
@@ -538,7 +538,7 @@ class Planner:
         if op == "Mul" and last and scale is None and self._layerscale(plan, node, value, depth):
             return
         if op in ("Cast", "Identity", "Expand", "Slice", "Transpose", "Reshape", "Flatten"):
-            axis = _hidden_through(node, hidden)
+            axis = hidden_through(node, hidden)
             if constant_shape(node.inputs[0]) is not None:
                 self._centre(plan, scale, node, 0, axis - rank(node.inputs[0]))
             else:

@@ -26,7 +26,7 @@ def test_the_stream_becomes_d_minus_1_wide_and_equal(corpus, tmp_path):
     weights 63 rows; outputs equal to the reference."""
     paths = corpus("preln-dyn18")
     out = tmp_path / "out.onnx"
-    report = rewrite(paths.model, out, passes=PASSES, verification=VerifyOptions(inputs=paths.load_inputs()))
+    report = rewrite(paths.model, out, passes=PASSES, crms="on", verification=VerifyOptions(inputs=paths.load_inputs()))
     crms = next(p for p in report.passes if p.name == "preln-to-crmsnorm")
     assert crms.lines == ["cut 10 writer constant(s) to d-1 hidden entries", "converted 5 RMSNorm(s) to CRMSNorm (width d-1)"]
     widths = _widths(out)
@@ -43,7 +43,7 @@ def test_gpt2_dynamo_export_is_carried_in_d_minus_1(corpus, tmp_path):
     Add (folded into the tied LM head, which gets its own weight); equal to the reference."""
     paths = corpus("gpt2-dyn18")
     out = tmp_path / "out.onnx"
-    report = rewrite(paths.model, out, passes=PASSES, verification=VerifyOptions(inputs=paths.load_inputs()))
+    report = rewrite(paths.model, out, passes=PASSES, crms="on", verification=VerifyOptions(inputs=paths.load_inputs()))
     crms = next(p for p in report.passes if p.name == "preln-to-crmsnorm")
     assert crms.lines[1] == "converted 5 RMSNorm(s) to CRMSNorm (width d-1)"
     graph = onnx.load(out).graph
@@ -61,7 +61,7 @@ def test_more_exports_carried_in_d_minus_1(corpus, tmp_path, name):
     sliced; Whisper's decoder stream (dynamo). Equal to the reference."""
     paths = corpus(name)
     out = tmp_path / "out.onnx"
-    report = rewrite(paths.model, out, passes=PASSES, verification=VerifyOptions(inputs=paths.load_inputs()))
+    report = rewrite(paths.model, out, passes=PASSES, crms="on", verification=VerifyOptions(inputs=paths.load_inputs()))
     crms = next(p for p in report.passes if p.name == "preln-to-crmsnorm")
     assert crms.modified and any(line.startswith("converted") for line in crms.lines)
     if name.startswith("preln-ts"):
@@ -76,17 +76,81 @@ def _refusal(model_path, tmp_path, passes=PASSES) -> str:
 
 
 @pytest.mark.parametrize(("name", "reason"), [
-    # OPT reshapes the stream between blocks: a Reshape reading a stream value is not cut yet
-    ("opt-ts17", "Reshape /model/decoder/layers.0/Reshape reads the stream value"),
     ("llama-dyn18", "the table of node_embedding does not sum to 0 along the hidden axis: the stream is not zero-mean"),
     ("bert-ts17", "not Pre-RMSNorm"),
-    # GPT-2's Conv1D reshapes the norm output to (-1, x.size(-1)): a target computed from its shape
-    ("gpt2-ts17", "target shape is computed: its hidden size is not a constant to cut"),
-    ("vit-ts17", "writes into the stream: not a cut CRMS can make"),  # the cls token's Concat
-    ("clip-ts17", "Gather /model/Gather reads the stream value"),  # the pooled token
+    ("swin-ts17", "the stream is mixed, not Pre-RMSNorm"),  # patch merging: a Concat of tokens along the hidden axis
 ])
 def test_preconditions_that_fail_are_named(corpus, tmp_path, name, reason):
     assert reason in _refusal(corpus(name).model, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["vit-ts14", "vit-ts17", "vit-dyn18"])
+def test_vit_is_carried_in_d_minus_1(corpus, tmp_path, name):
+    """ViT: the patch Conv's output channels (through Reshape/Flatten and Transpose), the cls token
+    (expanded to the batch: its computed Expand shape gets 1 on the hidden axis) joined along the
+    token axis, the positional table: all 63 wide; the classifier reads the final norm through the
+    cls token's Gather. Equal to the reference."""
+    paths = corpus(name)
+    out = tmp_path / "out.onnx"
+    report = rewrite(paths.model, out, passes=PASSES, crms="on", verification=VerifyOptions(inputs=paths.load_inputs()))
+    assert next(p for p in report.passes if p.name == "preln-to-crmsnorm").modified
+    graph = onnx.load(out).graph
+    widths = _widths(out)
+    conv = next(n for n in graph.node if n.op_type == "Conv")
+    assert widths[conv.input[1]][0] == 63 and widths[conv.input[2]] == [63]
+    assert [w for k, w in widths.items() if "cls_token" in k] == [[1, 1, 63]]
+    assert [w for k, w in widths.items() if "position_embeddings" in k] == [[1, 17, 63]]
+    assert_matches_reference(out, paths)
+
+
+@pytest.mark.parametrize("name", ["gpt2-ts14", "gpt2-ts17", "opt-ts17", "opt-dyn18"])
+def test_shape_derived_targets_and_reshaped_streams(corpus, tmp_path, name):
+    """GPT-2 TorchScript reshapes with targets read from shapes (`x.view(-1, x.size(-1))`, and the
+    output view from the embeddings' `size(-1)`): they follow the cut by themselves, no Shape there
+    gets d back; OPT reshapes the stream itself to (-1, d) between blocks: a carrier whose
+    constant target is cut. Equal to the reference."""
+    paths = corpus(name)
+    out = tmp_path / "out.onnx"
+    report = rewrite(paths.model, out, passes=PASSES, crms="on", verification=VerifyOptions(inputs=paths.load_inputs()))
+    assert next(p for p in report.passes if p.name == "preln-to-crmsnorm").modified
+    assert any(w[-1] == 63 for w in _widths(out).values() if len(w) == 2)
+    assert_matches_reference(out, paths)
+
+
+@pytest.mark.parametrize("name", ["clip-ts17", "clip-dyn18", "wav2vec2-ts17"])
+def test_a_norm_output_that_is_a_graph_output_is_restored_whole(corpus, tmp_path, name):
+    """CLIP's pooled output (the post-norm of the cls token, a Gather of the stream) and
+    wav2vec2's last hidden state are norm outputs the model returns: they are output whole,
+    [y', -sum(y')] * gamma + beta (y is zero-mean as the stream is), 64 wide, equal to the
+    reference; the readers inside the graph read the 63-wide y'."""
+    paths = corpus(name)
+    out = tmp_path / "out.onnx"
+    report = rewrite(paths.model, out, passes=PASSES, crms="on", verification=VerifyOptions(inputs=paths.load_inputs()))
+    crms = next(p for p in report.passes if p.name == "preln-to-crmsnorm")
+    assert "restored 1 graph output(s) to width d: x' and -sum(x')" in crms.lines
+    graph = onnx.load(out).graph
+    concat = [n for n in graph.node if n.op_type == "Concat" and n.name.endswith(".crms_whole")]
+    assert len(concat) == 1
+    assert_matches_reference(out, paths)
+
+
+def test_hidden_states_are_output_whole_with_the_flag(corpus, tmp_path):
+    """GPT-2 returning its hidden states: refused without --allow-hidden-state-change; with it,
+    each stream output is [x', -sum(x')]: on a Pre-RMSNorm model (preln-to-rmsnorm's output) the
+    CRMS rewrite leaves every output, hidden states included, as it was."""
+    paths = corpus("gpt2hidden-dyn18")
+    rms = tmp_path / "rms.onnx"
+    feeds = paths.load_inputs()
+    from normopt.passes.base import Options
+
+    rewrite(paths.model, rms, passes=["preln-to-rmsnorm"], options=Options(allow_hidden_state_change=True),
+            verification=VerifyOptions(inputs=feeds))
+    assert "is a graph output (--allow-hidden-state-change outputs it whole" in _refusal(
+        rms, tmp_path, ["preln-to-crmsnorm"])
+    report = rewrite(rms, tmp_path / "out.onnx", passes=["preln-to-crmsnorm"], crms="on",
+                     options=Options(allow_hidden_state_change=True), verification=VerifyOptions(inputs=feeds))
+    assert report.verification.ok and not any(o.skipped for o in report.verification.outputs)
+    assert {o.name for o in report.verification.outputs} >= {"hidden_0", "hidden_1", "hidden_2"}
 
 
 def test_a_stream_value_that_is_a_graph_output_is_refused(corpus, tmp_path):
@@ -128,7 +192,7 @@ def test_a_matmul_that_reads_a_norm_and_writes_the_stream_gets_both_edits(tmp_pa
     model = make_model(nodes, [tensor("ids", onnx.TensorProto.INT64, (3,))], [tensor("y", shape=(3, 5))], inits)
     src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(model, src)
-    report = rewrite(src, out, passes=PASSES, verification=VerifyOptions(inputs={"ids": np.array([1, 5, 11])}))
+    report = rewrite(src, out, passes=PASSES, crms="on", verification=VerifyOptions(inputs={"ids": np.array([1, 5, 11])}))
     assert report.verification.ok
     graph = onnx.load(out).graph
     widths = {i.name: list(i.dims) for i in graph.initializer}
@@ -159,7 +223,7 @@ def test_an_explicit_recentring_is_sliced(tmp_path, monkeypatch):
     model = make_model(nodes, [tensor("x", shape=(2, 4, d))], [tensor("y", shape=(2, 4, 3))], inits)
     src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(model, src)
-    report = rewrite(src, out, passes=PASSES,
+    report = rewrite(src, out, passes=PASSES, crms="on",
                      verification=VerifyOptions(inputs={"x": rng.standard_normal((2, 4, d)).astype(np.float32)}))
     crms = next(p for p in report.passes if p.name == "preln-to-crmsnorm")
     assert "cut 1 recentred value(s) sliced to d-1 hidden entries" in crms.lines and report.verification.ok
@@ -197,7 +261,7 @@ def test_a_24_layer_stream_keeps_its_accuracy(tmp_path):
     onnx.save(model, src)
     feeds = {"ids": rng.integers(0, 50, (4, 9)).astype(np.int64)}
     rewrite(src, tmp_path / "rms.onnx", passes=["preln-to-rmsnorm"], verification=VerifyOptions(inputs=feeds))
-    rewrite(src, tmp_path / "crms.onnx", passes=PASSES, verification=VerifyOptions(inputs=feeds))
+    rewrite(src, tmp_path / "crms.onnx", passes=PASSES, crms="on", verification=VerifyOptions(inputs=feeds))
     want = run_ort(src, feeds)["y"].astype(np.float64)
     rms = np.abs(run_ort(tmp_path / "rms.onnx", feeds)["y"] - want).max()
     crms = np.abs(run_ort(tmp_path / "crms.onnx", feeds)["y"] - want).max()
@@ -224,3 +288,84 @@ def test_a_norm_read_by_a_non_linear_op_is_refused(tmp_path):
     src = tmp_path / "in.onnx"
     onnx.save(model, src)
     assert "Relu act reads the RMSNorm at" in _refusal(src, tmp_path)
+
+
+def _rms(x: str, g: str, out: str) -> list:
+    """A decomposed RMSNorm over the last axis (opset 17): x / sqrt(mean(x^2) + eps) * g."""
+    return [helper.make_node("Pow", [x, "two"], [f"{out}.sq"]),
+            helper.make_node("ReduceMean", [f"{out}.sq"], [f"{out}.ms"], axes=[-1], keepdims=1),
+            helper.make_node("Add", [f"{out}.ms", "eps"], [f"{out}.mse"]),
+            helper.make_node("Sqrt", [f"{out}.mse"], [f"{out}.rms"]),
+            helper.make_node("Div", [x, f"{out}.rms"], [f"{out}.n"]),
+            helper.make_node("Mul", [f"{out}.n", g], [out])]
+
+
+def _pre_rms_model(writer: list, inits: list, inputs: list, d: int = 8) -> onnx.ModelProto:
+    """A zero-mean Pre-RMSNorm stream (what preln-to-rmsnorm leaves) written by `writer` into
+    'x0' [2, 4, d]: one block (RMSNorm -> MatMul -> MatMul with centred columns -> residual Add)
+    and a final RMSNorm read by a head."""
+    import numpy as np
+
+    from tests.helpers import const, make_model, tensor
+
+    rng = np.random.default_rng(0)
+    w2 = rng.standard_normal((d, d))
+    inits = [*inits, const("two", np.array(2, np.float32)), const("eps", np.array(1e-5, np.float32)),
+             const("g", (1 + 0.2 * rng.standard_normal(d)).astype(np.float32)),
+             const("w1", rng.standard_normal((d, d)).astype(np.float32)),
+             const("w2", (w2 - w2.mean(1, keepdims=True)).astype(np.float32)),
+             const("head", rng.standard_normal((d, 3)).astype(np.float32))]
+    nodes = [*writer, *_rms("x0", "g", "h"), helper.make_node("MatMul", ["h", "w1"], ["t"]),
+             helper.make_node("MatMul", ["t", "w2"], ["br"]), helper.make_node("Add", ["x0", "br"], ["x1"]),
+             *_rms("x1", "g", "z"), helper.make_node("MatMul", ["z", "head"], ["y"])]
+    return make_model(nodes, inputs, [tensor("y", shape=(2, 4, 3))], inits)
+
+
+def _centred(rng, *shape):
+    import numpy as np
+
+    a = rng.standard_normal(shape)
+    return (a - a.mean(-1, keepdims=True)).astype(np.float32)
+
+
+def _writer_refusal(tmp_path, writer, inits, inputs) -> str:
+    src = tmp_path / "in.onnx"
+    onnx.save(_pre_rms_model(writer, inits, inputs), src)
+    return _refusal(src, tmp_path, ["preln-to-crmsnorm"])
+
+
+def test_writer_preconditions_are_named(tmp_path):
+    """On streams that are zero-mean Pre-RMSNorm, writers CRMS cannot cut, each named: a Concat
+    of two centred halves along the hidden axis; a non-zero constant broadcast along it (the
+    stream is not zero-mean); a Reshape target whose hidden entry is read from a value that is
+    not cut; a grouped patch Conv."""
+    import numpy as np
+
+    from tests.helpers import const, tensor
+
+    rng = np.random.default_rng(1)
+    ids = [tensor("ids", onnx.TensorProto.INT64, (2, 4))]
+    halves = [helper.make_node("Gather", ["ta", "ids"], ["a"]), helper.make_node("Gather", ["tb", "ids"], ["b"]),
+              helper.make_node("Concat", ["a", "b"], ["x0"], axis=-1, name="joined")]
+    assert "Concat joined joins pieces along the hidden axis" in _writer_refusal(
+        tmp_path, halves, [const("ta", _centred(rng, 10, 4)), const("tb", _centred(rng, 10, 4))], ids)
+
+    shifted = [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("Add", ["e", "shift"], ["x0"], name="shifted")]
+    assert "adds the same to every hidden entry: the stream is not zero-mean" in _writer_refusal(
+        tmp_path, shifted, [const("table", _centred(rng, 10, 8)), const("shift", np.array([0.5], np.float32))], ids)
+
+    other = [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("Shape", ["other"], ["s"], name="size_of_other"),
+             helper.make_node("Gather", ["s", "last"], ["sd"], axis=0), helper.make_node("Unsqueeze", ["sd", "zero"], ["sdu"]),
+             helper.make_node("Concat", ["lead", "sdu"], ["target"], axis=0),
+             helper.make_node("Reshape", ["e", "target"], ["x0"])]
+    assert "Shape size_of_other reads the size of 'other', which is not cut" in _writer_refusal(
+        tmp_path, other, [const("table", _centred(rng, 10, 8)), const("last", np.array(-1, np.int64)),
+                          const("zero", np.array([0], np.int64)), const("lead", np.array([2, 4], np.int64))],
+        [*ids, tensor("other", shape=("n", 8))])  # dynamic: not folded to a constant
+
+    w = rng.standard_normal((8, 2, 2, 2))
+    grouped = [helper.make_node("Conv", ["img", "w"], ["c"], group=2, strides=[2, 2], name="patches"),
+               helper.make_node("Reshape", ["c", "flat"], ["f"]), helper.make_node("Transpose", ["f"], ["x0"], perm=[0, 2, 1])]
+    assert "grouped Conv patches writes into the stream" in _writer_refusal(
+        tmp_path, grouped, [const("w", (w - w.mean(0)).astype(np.float32)), const("flat", np.array([2, 8, 4], np.int64))],
+        [tensor("img", shape=(2, 4, 4, 4))])
