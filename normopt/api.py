@@ -177,4 +177,6 @@ def inspect(model: ModelLike, target: str = "onnx") -> dict:
     kind = _kind(model)
     if kind == "path":
         return inspect_model(model, target)
-    return describe(ir.from_proto(model) if kind == "proto" else model, IN_MEMORY, target)
+    if kind == "proto":  # a new IR over the proto's tensors: edits never reach the caller's proto
+        return describe(ir.from_proto(model), IN_MEMORY, target)
+    return describe(model, IN_MEMORY, target, scratch=False)

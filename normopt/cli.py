@@ -323,6 +323,10 @@ def inspect(
     for name, p in info["passes"].items():
         table.add_row(name, "[green]yes[/]" if p["applies"] else "no", escape(p["reason"]))
     out.print(table)
+    crms = info["crms"]
+    after = f" after {crms['after']}" if crms["after"] else ""
+    out.print(f"Pre-CRMSNorm (rewrite --crms on|auto){after}: {'applies' if crms['applies'] else 'no'}: "
+              f"{crms['reason']}", markup=False, highlight=False)
 
 
 @_command

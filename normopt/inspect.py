@@ -12,6 +12,8 @@ import onnx_ir as ir
 
 from normopt.passes.base import Options
 from normopt.passes.pipeline import PASSES
+from normopt.passes.preln_to_crmsnorm import PreLNToCRMSNorm
+from normopt.passes.preln_to_rmsnorm import PreLNToRMSNorm
 from normopt.rewriter import io
 from normopt.rewriter.graph import dim_list, op_histogram
 from normopt.rewriter.norms import find_norms
@@ -27,20 +29,24 @@ def _io(values) -> list[dict]:
 def inspect_model(path: str | os.PathLike, target: str = "onnx") -> dict:
     """`normopt inspect`'s document (normopt.schema): `architecture` (pre-ln|post-ln|
     pre-rmsnorm|peri-ln|mixed|none), `norms` (kind, form, axis, epsilon, nodes, ...), `passes`
-    ({name: {applies, reason}}); plus `architecture_reasons`, `stream`, `model` and `operators`."""
+    ({name: {applies, reason}}), `crms` (would the stream carry d-1 coordinates, after
+    preln-to-rmsnorm where it needs that); plus `architecture_reasons`, `stream`, `model` and `operators`."""
     start = time.perf_counter()
     return describe(io.load(path), str(path), target, start)
 
 
-def describe(model: ir.Model, path: str, target: str = "onnx", start: float | None = None) -> dict:
-    """The document for a loaded model (its shapes annotated meanwhile, then taken back)."""
+def describe(model: ir.Model, path: str, target: str = "onnx", start: float | None = None,
+             scratch: bool = True) -> dict:
+    """The document for a loaded model (its shapes annotated meanwhile, then taken back);
+    `scratch`: the model is normopt's own copy, which the CRMS question may edit (a caller's
+    ir.Model is not: CRMS is then asked of the model as it is)."""
     start = time.perf_counter() if start is None else start
     with annotated(model):
-        info = _describe(model, path, target)
+        info = _describe(model, path, target, scratch)
     return document("inspect", info, seconds={"total": time.perf_counter() - start})
 
 
-def _describe(model: ir.Model, path: str, target: str) -> dict:
+def _describe(model: ir.Model, path: str, target: str, scratch: bool) -> dict:
     norms = find_norms(model.graph)
     stream = analyze(model.graph, norms)
     subgraphs = sum(1 for node in model.graph.all_nodes() for a in node.attributes.values()
@@ -74,4 +80,18 @@ def _describe(model: ir.Model, path: str, target: str) -> dict:
             "reason": plan.summary() if plan.applies else plan.why_not(),
             **({"stats": plan.stats} if plan.stats else {}),
         }
+    info["crms"] = _crms(model, info["passes"], target, scratch)
     return info
+
+
+def _crms(model: ir.Model, passes: dict, target: str, scratch: bool) -> dict:
+    """Would the stream carry d-1 coordinates (`rewrite --crms on`)? On a Pre-LN model that
+    needs preln-to-rmsnorm first: it runs here, on the loaded copy (nothing is written), and
+    preln-to-crmsnorm is asked for its plan after it. Last of all: the model is edited."""
+    crms, rms = passes[PreLNToCRMSNorm.name], passes[PreLNToRMSNorm.name]
+    if crms["applies"] or not rms["applies"] or not scratch:
+        return {"applies": crms["applies"], "after": None, "reason": crms["reason"]}
+    PreLNToRMSNorm(Options(target=target)).run(model)
+    plan = PreLNToCRMSNorm(Options(target=target)).plan(model)
+    return {"applies": plan.applies, "after": PreLNToRMSNorm.name,
+            "reason": plan.summary() if plan.applies else plan.why_not()}

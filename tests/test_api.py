@@ -121,3 +121,18 @@ def test_the_readme_example_runs(tmp_path, corpus, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(example, "README.md", "exec"), {})
     assert {"model.rms.onnx", "model.opt.onnx"} <= set(os.listdir(tmp_path))
+
+
+def test_inspect_never_edits_the_callers_model(corpus):
+    """The CRMS question needs preln-to-rmsnorm run first: on a file or a proto normopt's own
+    copy takes it; a caller's ir.Model is asked as it is, and stays as it was."""
+    import onnx
+
+    path = corpus("preln-dyn18").model
+    proto = onnx.load(path)
+    before = proto.SerializeToString()
+    assert normopt.inspect(proto)["crms"]["after"] == "preln-to-rmsnorm" and proto.SerializeToString() == before
+    model = ir.serde.deserialize_model(proto)
+    ops = sorted(n.op_type for n in model.graph)
+    crms = normopt.inspect(model)["crms"]
+    assert crms["after"] is None and not crms["applies"] and sorted(n.op_type for n in model.graph) == ops

@@ -73,3 +73,18 @@ def test_shapes_are_lists_in_json_and_shown_in_the_table(corpus):
                            check=True).stdout
     dims = ", ".join(map(str, inputs[0]["shape"]))
     assert f"input_ids INT64 [{dims}]" in table
+
+
+@pytest.mark.parametrize(("name", "applies", "after", "reason"), [
+    ("vit-ts17", True, "preln-to-rmsnorm", "a stream of width 64 -> 63: 5 norm(s), 12 constant(s) cut"),
+    ("bert-ts17", False, "preln-to-rmsnorm", "the stream is post-ln, not Pre-RMSNorm"),
+    ("llama-dyn18", False, None, "the stream is not zero-mean"),
+])
+def test_inspect_says_whether_the_stream_can_carry_d_minus_1(corpus, name, applies, after, reason):
+    """Pre-LN models are asked after preln-to-rmsnorm (run on the loaded copy; the file is not
+    touched); a model trained with RMSNorm as it is."""
+    path = corpus(name).model
+    before = path.read_bytes()
+    crms = inspect_model(path)["crms"]
+    assert (crms["applies"], crms["after"]) == (applies, after) and reason in crms["reason"]
+    assert path.read_bytes() == before

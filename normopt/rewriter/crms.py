@@ -93,7 +93,7 @@ def _centred(array: np.ndarray, what: str) -> None:
     a = array.astype(np.float64)
     if np.any(np.abs(a.sum(-1)) > CENTRED * np.abs(a).sum(-1) + 1e-30):
         raise Refuse(f"{what} does not sum to 0 along the hidden axis: the stream is not zero-mean "
-                     "(run preln-to-rmsnorm first)")
+                     "(preln-to-rmsnorm makes a Pre-LN stream zero-mean; a model trained with RMSNorm is not)")
 
 
 def _constant(node: ir.Node, index: int, axis: int, plan: CRMSPlan, what: str) -> None:
@@ -397,7 +397,8 @@ def _selects_tokens(node: ir.Node, value: ir.Value) -> bool:
 def plan_stream(analysis: StreamAnalysis, found: list[NormMatch], allow_hidden_state_change: bool = False) -> CRMSPlan | str:
     """The CRMS plan of the graph's residual stream (`found`: the graph's norms), or why there is none."""
     if analysis.architecture != "pre-rmsnorm":
-        return f"the stream is {analysis.architecture}, not Pre-RMSNorm (run preln-to-rmsnorm first)"
+        first = " (run preln-to-rmsnorm first)" if analysis.architecture == "pre-ln" else ""
+        return f"the stream is {analysis.architecture}, not Pre-RMSNorm{first}"
     stream = list(dict.fromkeys([*analysis.initial, *(r.node.outputs[0] for r in analysis.residual_adds)]))
     shape = stream[0].shape
     d = shape[-1] if shape is not None and len(shape) else None
