@@ -39,10 +39,26 @@ def _narrow(value: ir.Value, d: int, axis: int | None = None) -> None:
         value.shape = ir.Shape(dims)
 
 
-def _crms_norm(edit: Editor, match: NormMatch, d: int, opset: int) -> ir.Value:
-    """y' = x' / sqrt((sum x'^2 + (sum x')^2) / d + eps), inserted after the norm's last node."""
-    nodes = edit.rms_core(match.input, float(match.epsilon), np.float32, opset,
-                          name=f"{match.nodes[0].name or 'rmsnorm'}.crms", width=d)
+def _crms_norm(edit: Editor, match: NormMatch, d: int, opset: int, whole: np.ndarray | None = None) -> ir.Value:
+    """y' = x' / sqrt((sum x'^2 + (sum x')^2) / d + eps), inserted after the norm's last node;
+    computed in float32 (an fp16 x' is cast there and back). `whole` (the norm's gamma): the
+    output is the d-vector [y', -sum(y')] * gamma instead."""
+    name = f"{match.nodes[0].name or 'rmsnorm'}.crms"
+    x, nodes = match.input, []
+    if x.dtype != ir.DataType.FLOAT:
+        nodes.append(edit.node("Cast", [x], {"to": ir.DataType.FLOAT}, name=f"{name}.to_float"))
+        x = nodes[-1].outputs[0]
+    nodes += edit.rms_core(x, float(match.epsilon), np.float32, opset, name=name, width=d)
+    if whole is not None:
+        y = nodes[-1].outputs[0]
+        nodes.append(edit.reduce("ReduceSum", y, [-1], opset, name=f"{name}.sum_out"))
+        nodes.append(edit.node("Neg", [nodes[-1].outputs[0]], name=f"{name}.last"))
+        nodes.append(edit.node("Concat", [y, nodes[-1].outputs[0]], {"axis": -1}, name=f"{name}.whole"))
+    if match.input.dtype != ir.DataType.FLOAT:
+        nodes.append(edit.node("Cast", [nodes[-1].outputs[0]], {"to": match.input.dtype}, name=f"{name}.back"))
+    if whole is not None and np.any(whole != 1):
+        g = edit.initializer(f"{name}.gamma", whole.astype(match.input.dtype.numpy()))
+        nodes.append(edit.node("Mul", [nodes[-1].outputs[0], g], name=f"{name}.scale"))
     edit.graph.insert_after(match.nodes[-1], nodes)
     return nodes[-1].outputs[0]
 
@@ -80,7 +96,7 @@ def _expose(edit: Editor, x: ir.Value, d: int, opset: int, gamma: np.ndarray | N
     for op, vector in (("Mul", gamma), ("Add", beta)):
         if vector is not None and np.any(vector != (1 if op == "Mul" else 0)):
             nodes.append(edit.node(op, [nodes[-1].outputs[0], edit.initializer(f"{name}.crms_{op.lower()}",
-                                                                               vector.astype(np.float32))],
+                                                                               vector.astype(x.dtype.numpy()))],
                                    name=f"{name}.crms_{op.lower()}", like=x))
     edit.graph.insert_after(x.producer(), nodes)
     out = nodes[-1].outputs[0]
@@ -89,6 +105,18 @@ def _expose(edit: Editor, x: ir.Value, d: int, opset: int, gamma: np.ndarray | N
     for node, idx in readers:
         node.replace_input_with(idx, x)
     out.shape = ir.Shape([*list(x.shape)[:-1], d]) if x.shape is not None else None
+
+
+def _slice_recentred(edit: Editor, value: ir.Value, d: int) -> None:
+    """Its readers read the first d-1 entries of the recentred `value` = x - mean(x)."""
+    uses = list(value.uses())
+    starts, ends, axes = (edit.initializer(f"{value.name}.crms_{k}", np.array([v], np.int64))
+                          for k, v in (("start", 0), ("end", d - 1), ("axis", -1)))
+    cut = edit.node("Slice", [value, starts, ends, axes], name=f"{value.name}.crms_slice", like=value)
+    edit.graph.insert_after(value.producer(), cut)
+    for use in uses:
+        use.node.replace_input_with(use.idx, cut.outputs[0])
+    _narrow(cut.outputs[0], d)
 
 
 def _expand_to_one(edit: Editor, node: ir.Node, k: int) -> None:
@@ -136,16 +164,23 @@ def _apply(edit: Editor, crms: CRMSPlan, opset: int) -> list[Change]:
         name = cut.node.inputs[cut.index].name or cut.node.name
         edit.set_constant_input(cut.node, cut.index, np.ascontiguousarray(cut.new), f"{name}.crms")
     for match in crms.norms:
+        affine = crms.affines[id(match)]
+        if crms.whole:
+            changes.append(Change("converted", "RMSNorm(s) to CRMSNorm (width d-1, output whole: [y', -sum(y')])",
+                                  tuple(n.name for n in match.nodes), (match.output.name,)))
+            y = _crms_norm(edit, match, d, opset, whole=affine.gamma)
+            y.type, y.shape = match.output.type, match.output.shape
+            edit.take_over(match.output, y)
+            edit.graph.remove(list(reversed(match.nodes)), safe=True)
+            continue
         changes.append(Change("converted", "RMSNorm(s) to CRMSNorm (width d-1)", tuple(n.name for n in match.nodes),
                               (match.output.name,)))
         y = _crms_norm(edit, match, d, opset)
-        affine = crms.affines[id(match)]
         for reader in crms.readers[id(match)]:  # after the cuts: a branch's last MatMul is both
-            if affine.beta is not None or np.any(affine.gamma != 1):  # gamma and beta into the reader first
-                beta = np.zeros(d) if affine.beta is None else affine.beta
-                fold_weights(edit, Fold(affine.gamma, beta, "following", reader.node, bias_add_after(reader.node)))
+            if affine.beta is not None:  # beta into the bias first: b + beta W
+                fold_weights(edit, Fold(np.ones(d), affine.beta, "following", reader.node, bias_add_after(reader.node)))
             current = folded_value(reader.node.inputs[1])  # a tied head's Transpose(table) too
-            w = reader.weight(current).astype(current.dtype)
+            w = reader.weight(current, affine.gamma).astype(current.dtype)  # gamma with the cut: rounded once
             edit.set_constant_input(reader.node, 1, np.ascontiguousarray(w), f"{reader.node.name}.crms_weight")
         last = affine.add.outputs[0] if affine.add is not None else match.output
         y.type, y.shape = last.type, last.shape
@@ -171,12 +206,5 @@ def _apply(edit: Editor, crms: CRMSPlan, opset: int) -> list[Change]:
     for value in crms.slices:  # after an explicit recentring: its first d-1 entries
         changes.append(Change("cut", "recentred value(s) sliced to d-1 hidden entries", (value.producer().name,),
                               (value.name,)))
-        uses = list(value.uses())
-        starts, ends, axes = (edit.initializer(f"{value.name}.crms_{k}", np.array([v], np.int64))
-                              for k, v in (("start", 0), ("end", d - 1), ("axis", -1)))
-        cut = edit.node("Slice", [value, starts, ends, axes], name=f"{value.name}.crms_slice", like=value)
-        edit.graph.insert_after(value.producer(), cut)
-        for use in uses:
-            use.node.replace_input_with(use.idx, cut.outputs[0])
-        _narrow(cut.outputs[0], d)
+        _slice_recentred(edit, value, d)
     return changes

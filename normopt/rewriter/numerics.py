@@ -124,18 +124,20 @@ def into_gemm_input(weight, bias, a, c, alpha: float, beta: float, trans_b: bool
     return (w2.T if trans_b else w2), alpha * shift + (0.0 if bias is None else beta * _f64(bias))
 
 
-def center(array, axis: int, dtype=None, block_bytes: int = 1 << 22) -> np.ndarray:
+def center(array, axis: int, dtype=None, block_bytes: int = 1 << 22, diffuse: bool = False) -> np.ndarray:
     """array - array.mean(axis): every slice along `axis` sums to zero. A linear writer
     y = x W + b writes a zero-mean vector for every x iff W' = W - mean over the output axis,
     b' = b - mean(b). Embedding table [V, D]: axis=-1 (each row). MatMul weight W[in, out]:
     axis=-1 (over outputs). Gemm transB weight W[out, in]: axis=0. Conv weight [C_out, ...]:
     axis=0 (over output channels). A bias [D]: axis=-1.
     Computed in float64 a block of slices at a time (about `block_bytes` of float64: a GPT-2
-    embedding table never exists whole in float64) and returned in `dtype` (float64 if None)."""
+    embedding table never exists whole in float64) and returned in `dtype` (float64 if None);
+    `diffuse`: rounded to `dtype` by `diffused` (the slices' sums stay 0 within an ulp)."""
     a = np.asarray(array)
     out = np.empty(a.shape, np.float64 if dtype is None else dtype)
     if a.ndim < 2:
-        out[...] = _f64(a) - _f64(a).mean(axis=axis, keepdims=True)
+        centred = _f64(a) - _f64(a).mean(axis=axis, keepdims=True)
+        out[...] = diffused(centred, axis, out.dtype) if diffuse else centred
         return out
     other = 1 if axis % a.ndim == 0 else 0  # blocks along an axis the mean does not run over
     per = max(1, block_bytes // max(1, 8 * a.size // max(1, a.shape[other])))
@@ -143,8 +145,26 @@ def center(array, axis: int, dtype=None, block_bytes: int = 1 << 22) -> np.ndarr
         block = [slice(None)] * a.ndim
         block[other] = slice(start, start + per)
         part = _f64(a[tuple(block)])
-        out[tuple(block)] = part - part.mean(axis=axis, keepdims=True)
+        centred = part - part.mean(axis=axis, keepdims=True)
+        out[tuple(block)] = diffused(centred, axis, out.dtype) if diffuse else centred
     return out
+
+
+def diffused(array: np.ndarray, axis: int, dtype) -> np.ndarray:
+    """`array` (float64) rounded to `dtype` entry by entry along `axis`, each entry taking the
+    rounding error of the ones before it (error diffusion): q_i = round(a_i + e_{i-1}),
+    e_i = a_i + e_{i-1} - q_i. Each entry moves by at most half its own ulp and half its
+    predecessor's, and every prefix sum stays within half an ulp of its last entry: rounding entries alone moves a slice's sum by up to half an ulp per
+    entry when they sit just off representable values the same way (a float16 row centred by
+    a shift below half its ulp keeps its old sum: the shift is rounded away)."""
+    a = np.moveaxis(_f64(array), axis, -1)
+    out = np.empty(a.shape, dtype)
+    carry = np.zeros(a.shape[:-1])
+    for i in range(a.shape[-1]):
+        wanted = a[..., i] + carry
+        out[..., i] = wanted
+        carry = wanted - out[..., i].astype(np.float64)
+    return np.moveaxis(out, -1, axis)
 
 
 def scale_along(array, g, axis: int) -> np.ndarray:

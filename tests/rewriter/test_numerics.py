@@ -95,3 +95,18 @@ def test_a_shift_alone_leaves_the_weight_and_moves_the_bias_exactly():
     assert w2 is w or np.shares_memory(w2, w)
     np.testing.assert_allclose(b2, b + c @ w.astype(np.float64), rtol=1e-13)
     np.testing.assert_allclose(am._dot64(c, w, block_bytes=64), c @ w.astype(np.float64), rtol=1e-13)
+
+
+def test_diffused_rounding_keeps_float16_rows_summing_to_zero():
+    """A float16 row already near zero-mean, centred by a shift below half its ulp: rounding each
+    entry alone gives the old row back (its sum stays); diffused rounding carries the shift into
+    the sum: every row sums to 0 within one ulp of its largest entry, and no entry moves further."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((64, 768)) * 0.02).astype(np.float16)
+    centred = w.astype(np.float64) - w.astype(np.float64).mean(-1, keepdims=True)
+    plain = centred.astype(np.float16).astype(np.float64)
+    diffused = am.center(w, -1, np.float16, block_bytes=1 << 12, diffuse=True).astype(np.float64)
+    ulp = np.spacing(np.abs(centred).max(-1).astype(np.float16)).astype(np.float64)
+    assert np.all(np.abs(diffused.sum(-1)) <= ulp)
+    assert np.mean(np.abs(plain.sum(-1)) > ulp) > 0.5  # what the entry-by-entry rounding leaves
+    assert np.all(np.abs(diffused - centred) <= ulp[:, None])
