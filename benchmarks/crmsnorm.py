@@ -7,8 +7,9 @@ RMSNorm onnxruntime fuses); CRMS (`preln-to-rmsnorm`, `preln-to-crmsnorm`: decom
 which onnxruntime does not fuse, and a d-1 wide stream: every matrix product's K or N is d-1);
 RMS + fold-norm-affine (--target ort: SimplifiedLayerNormalization with its scale folded into
 the readers). End-to-end paired ratios to the original with bootstrap intervals and an A/A
-control, and the time in norms from onnxruntime's profiler (normopt.profiling). A model whose
-CRMS rewrite is refused says why. Writes results/crmsnorm.json.
+control, and the time in norms from onnxruntime's profiler (normopt.profiling); then what
+`rewrite --crms auto` keeps (its own side-by-side timing: CRMS against RMS) and why. A model
+whose CRMS rewrite is refused says why. Writes results/crmsnorm.json.
 """
 
 from __future__ import annotations
@@ -33,12 +34,21 @@ VARIANTS = {
 }
 
 
+def crms_nodes(path: Path) -> set[str]:
+    """The nodes of the CRMSNorms preln-to-crmsnorm made (named after their norm, `.crms.`):
+    normopt's matcher does not know that form, the profile counts them as norms by name."""
+    import onnx
+
+    return {n.name for n in onnx.load(str(path), load_external_data=False).graph.node if ".crms." in n.name}
+
+
 def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
     from models.corpus import build
     from normopt.errors import NotApplied
+    from normopt.guard import SpeedGuard
     from normopt.passes.base import Options
     from normopt.rewrite import rewrite
     from normopt.verify import VerifyOptions
@@ -65,20 +75,25 @@ def main() -> int:
             for name, (passes, target) in VARIANTS.items():
                 dst = Path(tmp) / f"{entry}-{name.replace(' ', '_')}.onnx"
                 try:
-                    rewrite(src, dst, passes=passes, options=Options(target=target), crms="on",
+                    rewrite(src, dst, passes=passes, options=Options(target=target), crms="on" if "preln-to-crmsnorm" in passes else None,
                             verification=VerifyOptions(inputs=feeds))
                     variants[name] = dst
                 except NotApplied as exc:
                     notes[name] = str(exc)
+            auto = rewrite(src, Path(tmp) / f"{entry}-auto.onnx", passes=VARIANTS["CRMS"][0],
+                           verification=VerifyOptions(inputs=feeds),
+                           timing=SpeedGuard(threads=args.threads, rounds=args.rounds, reps=args.reps)).crms
             figures = compare(variants, "original", feeds, threads=args.threads, rounds=args.rounds, reps=args.reps)
-            profiles = {k: norm_time(v, feeds, args.threads) for k, v in variants.items()}
-            results[label] = {"refused": notes}
+            profiles = {k: norm_time(v, feeds, args.threads, extra=crms_nodes(v)) for k, v in variants.items()}
+            results[label] = {"refused": notes, "auto": auto.to_json() if auto else None}
             for k, figure in figures.items():
                 p = profiles[k.removesuffix(CONTROL)]
                 table.add_row(label, k, *cells(figure), f"{p['norm_ms']:.3f}", "")
                 results[label][k] = {**figure.to_json(), "profile": p}
             for k, why in notes.items():
                 table.add_row(label, k, "", "", "", "refused", why[:120])
+            if auto is not None:
+                table.add_row(label, f"--crms auto (CRMS x RMS): kept {auto.kept}", *cells(auto.crms), "", auto.why[:160])
     Console(width=220).print(table)
     print(f"wrote {write('crmsnorm', {'environment': env, 'rounds': args.rounds, 'reps': args.reps, 'results': results})}")
     return 0

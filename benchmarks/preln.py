@@ -42,10 +42,10 @@ PEER = "ORT transformers optimizer alone"
 PAIRED = "normopt --target ort, then the optimizer (x optimizer alone)"
 
 
-def norm_time(path: Path, feeds: dict, threads: int) -> dict:
-    """Milliseconds per run in norms (fused ops and decomposed norms' nodes) and in the other Add
-    ops (onnxruntime's profiler)."""
-    per_node, members = node_breakdown(path, feeds, "ort-cpu", threads, runs=10), norm_nodes(path)
+def norm_time(path: Path, feeds: dict, threads: int, extra: set[str] = frozenset()) -> dict:
+    """Milliseconds per run in norms (fused ops, decomposed norms' nodes and the `extra` nodes) and
+    in the other Add ops (onnxruntime's profiler)."""
+    per_node, members = node_breakdown(path, feeds, "ort-cpu", threads, runs=10), norm_nodes(path) | extra
     per_op, norms = by_op_type(per_node), norm_ms(per_node, members)
     adds = sum(ms for (node, op), ms in per_node.items() if op == "Add" and node not in members)
     return {"norm_ms": norms, "add_ms": adds, "norm_plus_add_ms": norms + adds, "total_ms": sum(per_op.values())}

@@ -14,6 +14,7 @@ import functools
 import json
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -630,6 +631,9 @@ def build(
     timing_cache: Annotated[Optional[Path], typer.Option("--timing-cache", help="TensorRT timing cache to read and update.")] = None,
     workspace: Annotated[int, typer.Option("--workspace", help="Builder workspace, MiB.")] = 4096,
     plugins: Annotated[str, typer.Option("--plugins", help="aot (PTX in the engine, runs without Python) | jit.")] = "aot",
+    fp16: Annotated[bool, typer.Option("--fp16", help="Build in float16: the graph is converted first (inputs and outputs stay float32; LayerNorms reduce in float32).")] = False,
+    bf16: Annotated[bool, typer.Option("--bf16", help="Build in bfloat16 (as --fp16).")] = False,
+    trt_version: Annotated[Optional[str], typer.Option("--trt-version", help="With --fp16/--bf16: the TensorRT the fp32 norms are emitted for (default: the installed one).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Build a TensorRT engine (strongly typed, normopt's norm plugins registered). Needs TensorRT: exit 2 without it."""
@@ -645,9 +649,20 @@ def build(
         raise BadInput("--workspace must be at least 1 MiB")
     check_readable_file(src)
     _output_guard([src], {"OUT": dst, "--timing-cache": timing_cache})
+    if fp16 and bf16:
+        raise BadInput("--fp16 and --bf16 exclude each other")
     profiles = profile_shapes(_input_dims(src), _parse_profiles(shape), _parse_dims(dim))
-    summary = build_engine(src, dst, shapes=profiles, workspace_mb=workspace, timing_cache=timing_cache, plugins=plugins)
-    _emit(document("build", {"input": str(src), "output": str(dst), **summary}), json_out, None, None)
+    with tempfile.TemporaryDirectory(prefix="normopt-build-") as tmp:
+        graph, lowered = src, None
+        if fp16 or bf16:  # a strongly typed engine computes in the graph's types
+            from normopt.engine.precision import convert
+
+            graph = Path(tmp) / "lowered.onnx"
+            lowered = convert(src, graph, "fp16" if fp16 else "bf16", trt_version)
+        summary = build_engine(graph, dst, shapes=profiles, workspace_mb=workspace, timing_cache=timing_cache,
+                               plugins=plugins)
+    _emit(document("build", {"input": str(src), "output": str(dst), "precision": lowered, **summary}), json_out, None,
+          None)
     if not json_out:
         out.print(", ".join(f"{n} {kind}" for kind, n in sorted(summary["layers"].items())), highlight=False)
     err.print(f"wrote {dst}", highlight=False)

@@ -5,6 +5,8 @@ Before: x (width d, zero-mean: preln-to-rmsnorm ran first) -> RMSNorm(x) * g -> 
 After:  x' = x[:d-1] (every writer's constant cut to its first d-1 hidden entries) ->
         y' = x' / sqrt((sum x'^2 + (sum x')^2) / d + eps) -> y' W',
         W'[i] = g_i W[i] - g_{d-1} W[d-1]  (i < d-1)
+--target tensorrt: float32 CRMSNorms are normopt's NormoptCRMSNorm plugin nodes (float16 ones,
+which output the whole d-vector, stay decomposed; TensorRT fuses those ops itself).
 Conditions: rewriter.crms (a Pre-RMSNorm stream read only by its residual Adds and norms, no
 graph output; writers that are constants, MatMul / Gemm / Gather / token-axis Slice / scalar Mul /
 Add, each constant zero-mean along the hidden axis; float32 RMSNorms over the last axis whose
@@ -20,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from normopt.passes.base import Change, Pass, Plan
+from normopt.plugins.spec import CRMS_NORM, DOMAIN
 from normopt.rewriter.crms import CRMSPlan, plan_stream
 from normopt.rewriter.edit import Editor
 from normopt.rewriter.graph import default_opset, folded_value
@@ -61,6 +64,17 @@ def _crms_norm(edit: Editor, match: NormMatch, d: int, opset: int, whole: np.nda
         nodes.append(edit.node("Mul", [nodes[-1].outputs[0], g], name=f"{name}.scale"))
     edit.graph.insert_after(match.nodes[-1], nodes)
     return nodes[-1].outputs[0]
+
+
+def _crms_plugin(edit: Editor, match: NormMatch, d: int) -> ir.Value:
+    """--target tensorrt: y' = NormoptCRMSNorm(x', ones) (its kernel computes in float32; gamma
+    is in the readers), inserted after the norm's last node."""
+    name = f"{match.nodes[0].name or 'rmsnorm'}.crms"
+    ones = edit.initializer(f"{name}.weight", np.ones(d - 1, match.input.dtype.numpy()))
+    node = edit.node(CRMS_NORM.op_type, [match.input, ones], CRMS_NORM.attributes(float(match.epsilon)),
+                     domain=DOMAIN, name=f"{name}.plugin")
+    edit.graph.insert_after(match.nodes[-1], node)
+    return node.outputs[0]
 
 
 def _restore_width(edit: Editor, shape: ir.Node, d: int, axis: int) -> None:
@@ -150,13 +164,16 @@ class PreLNToCRMSNorm(Pass):
 
     def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
         edit, opset = Editor(model.graph), default_opset(model)
+        plugin = self.options.target == "tensorrt"
         changes = []
         for crms in plan.actions:
-            changes += _apply(edit, crms, opset)
+            changes += _apply(edit, crms, opset, plugin and not crms.whole)
+        if any(n.domain == DOMAIN for n in model.graph):
+            model.opset_imports.setdefault(DOMAIN, 1)
         return changes
 
 
-def _apply(edit: Editor, crms: CRMSPlan, opset: int) -> list[Change]:
+def _apply(edit: Editor, crms: CRMSPlan, opset: int, plugin: bool) -> list[Change]:
     d = crms.d
     changes = [Change("cut", "writer constant(s) to d-1 hidden entries", (cut.node.name,),
                       (cut.node.inputs[cut.index].name,)) for cut in crms.cuts]
@@ -173,9 +190,14 @@ def _apply(edit: Editor, crms: CRMSPlan, opset: int) -> list[Change]:
             edit.take_over(match.output, y)
             edit.graph.remove(list(reversed(match.nodes)), safe=True)
             continue
-        changes.append(Change("converted", "RMSNorm(s) to CRMSNorm (width d-1)", tuple(n.name for n in match.nodes),
-                              (match.output.name,)))
-        y = _crms_norm(edit, match, d, opset)
+        if plugin:
+            changes.append(Change("converted", f"RMSNorm(s) to {CRMS_NORM.op_type} (width d-1, TensorRT plugin)",
+                                  tuple(n.name for n in match.nodes), (match.output.name,)))
+            y = _crms_plugin(edit, match, d)
+        else:
+            changes.append(Change("converted", "RMSNorm(s) to CRMSNorm (width d-1)", tuple(n.name for n in match.nodes),
+                                  (match.output.name,)))
+            y = _crms_norm(edit, match, d, opset)
         for reader in crms.readers[id(match)]:  # after the cuts: a branch's last MatMul is both
             if affine.beta is not None:  # beta into the bias first: b + beta W
                 fold_weights(edit, Fold(np.ones(d), affine.beta, "following", reader.node, bias_add_after(reader.node)))
