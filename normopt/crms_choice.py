@@ -37,15 +37,20 @@ MODES = ("off", "on", "auto")
 MATMUL_OPS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm", "MatMulInteger", "QLinearMatMul")
 
 
-def pipeline(names: Sequence[str], mode: str | None, requested: bool) -> tuple[list[str], str]:
+def pipeline(names: Sequence[str], mode: str | None, requested: bool, target: str = "onnx") -> tuple[list[str], str]:
     """The pass names to run for `mode` and the mode itself (None: auto where the pass is in
     `names`, else off). on / auto add the pass right after preln-to-rmsnorm (the stream must be
-    Pre-RMSNorm first) where `names` is the default pipeline; named passes are the user's."""
+    Pre-RMSNorm first) where `names` is the default pipeline; named passes are the user's.
+    auto for --target tensorrt is refused: onnxruntime cannot time plugin nodes, engines are
+    compared with `normopt build` and `profile --backend tensorrt`."""
     if mode not in (None, *MODES):
         raise BadInput(f"--crms takes off, on or auto, not '{mode}'")
     names = list(names)
     if mode is None:
-        return names, "auto" if PASS in names else "off"
+        mode = "auto" if PASS in names else "off"
+    if mode == "auto" and target == "tensorrt":
+        raise BadInput("--crms auto times the rewrites in onnxruntime, which cannot run TensorRT plugin nodes: "
+                       "pass --crms on (compare engines with normopt build and profile --backend tensorrt) or --crms off")
     if mode == "off":
         return [n for n in names if n != PASS], mode
     if PASS not in names:

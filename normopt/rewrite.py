@@ -159,7 +159,8 @@ def _rewrite(src: Path, dst: Path, passes, options, verification, speed_guard, c
         raise BadInput(f"output '{dst}' is a directory; give a file path")
     io.check_writable_folder(dst)
     _guard_outputs(guard, src, dst, report_path, in_place)
-    names, crms = crms_choice.pipeline(resolve(passes), crms, requested=passes is not None)
+    names, crms = crms_choice.pipeline(resolve(passes), crms, requested=passes is not None,
+                                       target=(options or Options()).target)
     io.remove_stale_temps(dst.parent)
 
     step(f"loading {src.name}")

@@ -132,3 +132,17 @@ def test_a_bad_mode_is_one_line_exit_2(corpus, tmp_path):
                            "--crms", "always"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "normopt: error: --crms takes off, on or auto, not 'always'"] and not out.exists()
+
+
+def test_auto_for_tensorrt_is_refused_before_any_work(corpus, tmp_path):
+    """onnxruntime cannot time TensorRT plugin nodes: auto (asked, or the default where the pass
+    is named) is one line, exit 2, nothing written; --crms on emits the plugins."""
+    model, out = corpus("preln-dyn18").model, tmp_path / "out.onnx"
+    base = [sys.executable, "-m", "normopt", "rewrite", str(model), str(out), "--passes", ",".join(PASSES),
+            "--target", "tensorrt", "--trt-version", "10.9"]
+    for extra in ([], ["--crms", "auto"]):
+        proc = subprocess.run([*base, *extra], capture_output=True, text=True)
+        assert proc.returncode == 2 and not out.exists() and proc.stderr.strip().splitlines() == [
+            "normopt: error: --crms auto times the rewrites in onnxruntime, which cannot run TensorRT plugin nodes: "
+            "pass --crms on (compare engines with normopt build and profile --backend tensorrt) or --crms off"]
+    assert subprocess.run([*base, "--crms", "on"], capture_output=True, text=True).returncode == 0 and out.exists()

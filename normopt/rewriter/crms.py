@@ -204,13 +204,13 @@ def _recentring(node: ir.Node) -> bool:
         and mean.attributes.get_int("keepdims", 1) == 1
 
 
-def _entry(node: ir.Node, entry: int, out_hidden: int, in_hidden: int, what: str) -> int | None:
-    """What a shape's entry at the hidden axis becomes once cut (None: it follows the cut by
-    itself: -1 infers d-1, 0 copies the input's d-1), or Refuse."""
+def _entry(node: ir.Node, entry: int, out_hidden: int, in_hidden: int, d: int, what: str) -> int | None:
+    """What a Reshape target's entry at the hidden axis becomes once cut (None: it follows the
+    cut by itself: -1 infers d-1, 0 copies the input's d-1), or Refuse."""
     if entry == -1 or (entry == 0 and out_hidden == in_hidden and not node.attributes.get_int("allowzero", 0)):
         return None
-    if entry != node.outputs[0].shape[out_hidden]:
-        raise Refuse(f"{what} gives the hidden axis {entry} entries, not its size")
+    if entry != d:
+        raise Refuse(f"{what} gives the hidden axis {entry} entries, not its size {d}")
     return entry - 1
 
 
@@ -222,7 +222,9 @@ def _reshape(node: ir.Node, out_hidden: int, in_hidden: int, plan: CRMSPlan) -> 
     plan.reshapes.add(node)
     target = folded_value(node.inputs[1])
     if target is not None:
-        new = _entry(node, int(target[out_hidden]), out_hidden, in_hidden, f"Reshape {node.name}'s target")
+        if target.ndim != 1 or target.size <= out_hidden:
+            raise Refuse(f"Reshape {node.name}'s target does not reach the hidden axis")
+        new = _entry(node, int(target[out_hidden]), out_hidden, in_hidden, plan.d, f"Reshape {node.name}'s target")
         if new is not None:
             plan.cuts.append(Cut(node, 1, np.concatenate([target[:out_hidden], [new], target[out_hidden + 1:]])
                                  .astype(target.dtype)))
@@ -240,7 +242,7 @@ def _reshape(node: ir.Node, out_hidden: int, in_hidden: int, plan: CRMSPlan) -> 
     k = out_hidden - offset
     array = folded_value(piece)
     if array is not None:
-        new = _entry(node, int(array[k]), out_hidden, in_hidden, f"Reshape {node.name}'s target")
+        new = _entry(node, int(array[k]), out_hidden, in_hidden, plan.d, f"Reshape {node.name}'s target")
         if new is not None:
             plan.cuts.append(Cut(concat, index, np.concatenate([array[:k], [new], array[k + 1:]]).astype(array.dtype)))
             plan.shapes.append(node.inputs[1])
