@@ -119,3 +119,21 @@ def test_the_default_verification_rejects_every_wrong_rewrite_the_fuzzer_finds(m
         with warnings.catch_warnings(), fuzzing.recentring_cost(case.recentring_cost), pytest.raises(VerificationFailed):
             warnings.simplefilter("ignore", RuntimeWarning)
             rewrite(src, tmp_path / f"{i}.out.onnx", passes=names, verification=VerifyOptions(inputs=case.feeds))
+
+
+def test_an_ill_conditioned_graph_is_judged_by_its_float32_sensitivity():
+    """Found by a CRMS campaign (seed 821422): a LayerNorm over two axes of a pooled, expanded
+    mean sees equal entries, x - mean(x) is exactly 0 in the original's float32 run and a few
+    ulps in the rewrite's, amplified by 1/sqrt(eps) = 1000; in float64 the rewrite is exact. The
+    judge measures the original's float32 sensitivity too (inputs and weights moved by an ulp: the
+    original's own output moves as far) and passes it."""
+    case = fuzzing.transformer(fuzzing.RandomChoices(821422))
+    _check(case, ["preln-to-rmsnorm"], Options())
+
+
+def test_a_float16_norm_with_a_float32_output_keeps_its_type():
+    """Found by a CRMS campaign (seed 822840): a float16 model's RMSNorm computed in float32 whose
+    output stays float32 (no Cast back); the CRMSNorm cast its output to the input's float16 and
+    the graph failed the checker. Its output type is the norm output's."""
+    case = fuzzing.transformer(fuzzing.RandomChoices(822840))
+    _check(case, ["preln-to-rmsnorm", "preln-to-crmsnorm"], Options())

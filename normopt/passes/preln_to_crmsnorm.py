@@ -57,10 +57,11 @@ def _crms_norm(edit: Editor, match: NormMatch, d: int, opset: int, whole: np.nda
         nodes.append(edit.reduce("ReduceSum", y, [-1], opset, name=f"{name}.sum_out"))
         nodes.append(edit.node("Neg", [nodes[-1].outputs[0]], name=f"{name}.last"))
         nodes.append(edit.node("Concat", [y, nodes[-1].outputs[0]], {"axis": -1}, name=f"{name}.whole"))
-    if match.input.dtype != ir.DataType.FLOAT:
-        nodes.append(edit.node("Cast", [nodes[-1].outputs[0]], {"to": match.input.dtype}, name=f"{name}.back"))
+    out = match.output.dtype or match.input.dtype  # an fp16 norm may output float32 (its Cast back left out)
+    if out != ir.DataType.FLOAT:
+        nodes.append(edit.node("Cast", [nodes[-1].outputs[0]], {"to": out}, name=f"{name}.back"))
     if whole is not None and np.any(whole != 1):
-        g = edit.initializer(f"{name}.gamma", whole.astype(match.input.dtype.numpy()))
+        g = edit.initializer(f"{name}.gamma", whole.astype(out.numpy()))
         nodes.append(edit.node("Mul", [nodes[-1].outputs[0], g], name=f"{name}.scale"))
     edit.graph.insert_after(match.nodes[-1], nodes)
     return nodes[-1].outputs[0]
@@ -190,7 +191,7 @@ def _apply(edit: Editor, crms: CRMSPlan, opset: int, plugin: bool) -> list[Chang
             edit.take_over(match.output, y)
             edit.graph.remove(list(reversed(match.nodes)), safe=True)
             continue
-        if plugin:
+        if plugin and match.output.dtype in (None, ir.DataType.FLOAT):  # the plugin outputs its input's type
             changes.append(Change("converted", f"RMSNorm(s) to {CRMS_NORM.op_type} (width d-1, TensorRT plugin)",
                                   tuple(n.name for n in match.nodes), (match.output.name,)))
             y = _crms_plugin(edit, match, d)
