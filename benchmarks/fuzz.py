@@ -1,19 +1,22 @@
 """The long graph-fuzz campaign: random Pre-LN and Conv/BN/affine graphs through normopt's
 pipelines, judged in onnxruntime against a float64 evaluation, without normopt's own check.
 
-    python benchmarks/fuzz.py --n 10000 [--seed 0] [--jobs 2] [--save-failures DIR]
+    python benchmarks/fuzz.py --n 10000 [--seed 0] [--jobs 2] [--save-failures DIR] [--crms]
 
 Prints the counts (graphs, applied per pass, wrong, exit 4 = crash or invalid output, passes
 silent about why they did nothing, not idempotent) and writes results/fuzz.json with the seed
 and notes of every failure; `--save-failures` writes each failing graph as an .onnx file to
-turn into a regression test. The generator and the judge are tests/fuzzing.py, which the test
-suite runs with hypothesis on a few hundred graphs.
+turn into a regression test. `--crms`: the Pre-CRMSNorm campaign instead, every graph a
+transformer through preln-to-rmsnorm + preln-to-crmsnorm (--allow-hidden-state-change on odd
+seeds). The generator and the judge are tests/fuzzing.py, which the test suite runs with
+hypothesis on a few hundred graphs.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import multiprocessing
 import time
 from pathlib import Path
@@ -21,13 +24,18 @@ from pathlib import Path
 import onnx
 from common import ROOT, write  # noqa: F401  (puts the repository root on the path)
 
+from normopt.passes.base import Options
 from tests import fuzzing
 
 
-def one(seed: int) -> dict:
+def one(seed: int, crms: bool = False) -> dict:
     choices = fuzzing.RandomChoices(seed)
-    case = fuzzing.graph(choices)
-    names, options = fuzzing.pipeline_choice(choices)
+    if crms:
+        case = fuzzing.transformer(choices)
+        names, options = ["preln-to-rmsnorm", "preln-to-crmsnorm"], Options(allow_hidden_state_change=bool(seed % 2))
+    else:
+        case = fuzzing.graph(choices)
+        names, options = fuzzing.pipeline_choice(choices)
     try:
         fuzzing.ort_run(case.model, case.feeds)
     except Exception as exc:  # the generator made a graph onnxruntime rejects: not normopt's
@@ -47,12 +55,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="first seed (graph i uses seed + i)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
     parser.add_argument("--save-failures", type=Path, help="write each failing graph here as SEED.onnx")
+    parser.add_argument("--crms", action="store_true", help="the Pre-CRMSNorm campaign: transformers through "
+                        "preln-to-rmsnorm + preln-to-crmsnorm")
     args = parser.parse_args()
     start = time.perf_counter()
     counts: collections.Counter = collections.Counter()
     failures = []
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-        for result in pool.imap_unordered(one, range(args.seed, args.seed + args.n), chunksize=8):
+        for result in pool.imap_unordered(functools.partial(one, crms=args.crms), range(args.seed, args.seed + args.n),
+                                          chunksize=8):
             counts["graphs"] += 1
             counts[f"graphs {result['family']}"] += 1
             if "invalid" in result:
