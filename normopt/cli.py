@@ -642,15 +642,15 @@ def build(
     from normopt.rewriter.io import check_readable_file
     from normopt.schema import document
 
-    load_tensorrt("normopt build")
     if plugins not in ("aot", "jit"):
         raise BadInput(f"--plugins takes aot or jit, not '{plugins}'")
     if workspace < 1:
         raise BadInput("--workspace must be at least 1 MiB")
-    check_readable_file(src)
-    _output_guard([src], {"OUT": dst, "--timing-cache": timing_cache})
     if fp16 and bf16:
         raise BadInput("--fp16 and --bf16 exclude each other")
+    load_tensorrt("normopt build")
+    check_readable_file(src)
+    _output_guard([src], {"OUT": dst, "--timing-cache": timing_cache})
     profiles = profile_shapes(_input_dims(src), _parse_profiles(shape), _parse_dims(dim))
     with tempfile.TemporaryDirectory(prefix="normopt-build-") as tmp:
         graph, lowered = src, None

@@ -117,7 +117,7 @@ def choose(src: Path, staged: io.StagedModel, names: Sequence[str], options: Opt
     """`staged` (CRMS applied) against the same pipeline without it. Returns the one to publish
     (the other is discarded), what was measured, and the pass results and op histogram of what
     is published (where RMS is kept: its run's, the CRMS pass refused with the figures)."""
-    backend = settings.backend or ("tensorrt" if options.target == "tensorrt" else "ort-cpu")
+    backend = settings.backend or "ort-cpu"  # --target tensorrt was refused (pipeline())
     width = applied(results).stats.get("width")
     step("--crms auto: building the rewrite without CRMS")
     model = io.load(src)  # the rewrite is staged: IN's weights are loaded once at a time

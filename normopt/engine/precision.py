@@ -20,7 +20,7 @@ from onnx import TensorProto, numpy_helper
 
 from normopt.errors import BadInput
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp16", "bf16")
 
 
 def convert(src: Path, dst: Path, precision: str, trt_version: str | None = None) -> dict:
@@ -30,11 +30,12 @@ def convert(src: Path, dst: Path, precision: str, trt_version: str | None = None
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     original = onnx.load(str(src))
-    floats = {i.name: numpy_helper.to_array(i) for i in original.graph.initializer if i.data_type == TensorProto.FLOAT}
-    model = convert_float_to_float16(original, keep_io_types=True, disable_shape_infer=True)
+    floats = {i.name: numpy_helper.to_array(i) for i in original.graph.initializer
+              if precision == "bf16" and i.data_type == TensorProto.FLOAT}  # bf16 only: they are rounded again
+    model = convert_float_to_float16(original, keep_io_types=True, disable_shape_infer=True)  # in place
     if precision == "bf16":
         _retype(model, floats)
-    return {"precision": precision, "initializers": len(floats), "norms_in_fp32": _norms_in_fp32(model, dst, trt_version)}
+    return {"precision": precision, "norms_in_fp32": _norms_in_fp32(model, dst, trt_version)}
 
 
 def _norms_in_fp32(model: onnx.ModelProto, dst: Path, trt_version: str | None) -> int:

@@ -32,8 +32,8 @@ import numpy as np
 import onnx_ir as ir
 
 from normopt.rewriter import numerics
-from normopt.rewriter.graph import (constant_shape, constant_value, folded_value, int_list, is_op, rank, readers,
-                                    sole_reader, static_shape)
+from normopt.rewriter.graph import (constant_shape, constant_value, folded_value, forwards, int_list, is_op, rank,
+                                    readers, sole_reader, static_shape)
 from normopt.rewriter.norms import NormMatch
 from normopt.rewriter.stream import StreamAnalysis
 from normopt.rewriter.stream_plan import Refuse, hidden_through
@@ -403,11 +403,12 @@ def _carries(node: ir.Node, value: ir.Value, plan: CRMSPlan) -> bool:
 
 
 def _shown(value: ir.Value) -> bool:
-    """Is `value`, or a reshape, selection or constant affine of it (a norm's beta), a graph output?"""
+    """Is `value`, or what passes its entries on (graph.forwards) or a constant affine of it (a
+    norm's beta), a graph output?"""
     def passes_on(node: ir.Node) -> bool:
         if is_op(node, "Add", "Mul", "Sub", "Div"):
             return any(constant_shape(v) is not None for v in node.inputs)
-        return is_op(node, "Reshape", "Gather", "Slice", "Cast", "Identity", "Squeeze", "Unsqueeze") and node.inputs[0] is value
+        return forwards(node, "value", "reshape", "move") and node.inputs[0] is value
     return value.is_graph_output() or any(_shown(n.outputs[0]) for n in readers(value, numbers_only=True) if passes_on(n))
 
 

@@ -98,8 +98,14 @@ def test_bf16_lowering_retypes_every_float16_from_the_float32_values(corpus, tmp
             assert np.array_equal(numpy_helper.to_array(init).view(np.uint16), want.view(np.uint16)), init.name
 
 
-@needs_no_tensorrt
-def test_fp16_and_bf16_together_are_refused_after_the_tensorrt_check(corpus, tmp_path):
-    """Without TensorRT the missing TensorRT is the one line (checked first)."""
-    done = normopt("build", corpus("gpt2-ts17").model, tmp_path / "m.engine", "--fp16", "--bf16")
-    assert done.returncode == 2 and "needs TensorRT" in done.stderr
+@pytest.mark.parametrize(("options", "reason"), [
+    (["--fp16", "--bf16"], "--fp16 and --bf16 exclude each other"),
+    (["--plugins", "python"], "--plugins takes aot or jit, not 'python'"),
+    (["--workspace", "0"], "--workspace must be at least 1 MiB"),
+])
+def test_bad_build_options_are_one_line_whether_or_not_tensorrt_is_there(corpus, tmp_path, options, reason):
+    """Options are checked before TensorRT is loaded: the same line here and on a TensorRT machine."""
+    out = tmp_path / "m.engine"
+    done = normopt("build", corpus("gpt2-ts17").model, out, *options)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"normopt: error: {reason}"]
+    assert not out.exists()
