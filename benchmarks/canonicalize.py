@@ -15,11 +15,10 @@ Prints a table (rewritten / original, paired per-round ratio with its 95% interv
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
-from common import CELLS, cells, compare, environment, write
+from common import CELLS, cells, compare, environment, timing_parser, write
 from common import feeds as bench_feeds
 
 CASES = [
@@ -41,10 +40,7 @@ def main() -> int:
     from normopt.rewrite import rewrite
     from normopt.verify import VerifyOptions
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--reps", type=int, default=2, help="repetitions, each with fresh sessions")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = timing_parser(__doc__, rounds=40)
     args = parser.parse_args()
     results = []
     table = Table(title=f"canonicalize-norms, ORT {environment(args.threads)['onnxruntime']} CPU, ORT_ENABLE_ALL, "

@@ -1,11 +1,12 @@
 """What every benchmark shares: the measurement rules live in normopt.profiling (ORT_ENABLE_ALL,
 fixed threads, spinning off, random order per round, paired ratios; `compare`: an A/A control
 row, at least 2 repetitions with fresh sessions, bootstrap 95% intervals, a verdict per figure);
-this adds the models/ package to the path, the table cells of a figure, and a JSON writer for
-results/."""
+this adds the models/ package to the path, the timing arguments, the table cells of a figure,
+and a JSON writer for results/."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Mapping
@@ -19,6 +20,15 @@ from normopt.profiling import environment as _environment
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 sys.path.insert(0, str(ROOT))  # the models/ package
+
+
+def timing_parser(doc: str, rounds: int = 30) -> argparse.ArgumentParser:
+    """A parser with the arguments every timing benchmark takes: --rounds, --reps, --threads."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--reps", type=int, default=2, help="repetitions, each with fresh sessions")
+    parser.add_argument("--threads", type=int, default=2)
+    return parser
 
 
 def cells(figure: Figure) -> list[str]:

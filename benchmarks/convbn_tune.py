@@ -15,7 +15,6 @@ against plain inference of the same model on the same batches. Writes results/co
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from common import CELLS, cells, compare, environment, feeds, write
+from common import CELLS, cells, compare, environment, feeds, timing_parser, write
 
 CASES = (("resnet18-full-dyn18", 1), ("resnet18-full-dyn18", 8), ("mobilenetv2-dyn18", 1), ("mobilenetv2-dyn18", 8),
          ("mobilenetv2-dyn18", 32))
@@ -55,10 +54,7 @@ def main() -> int:
     from normopt.rewrite import rewrite
     from normopt.verify import VerifyOptions
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--reps", type=int, default=2, help="repetitions, each with fresh sessions")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = timing_parser(__doc__)
     parser.add_argument("--samples", type=int, default=64, help="calibration samples for the throughput figure")
     args = parser.parse_args()
     env = environment(args.threads)

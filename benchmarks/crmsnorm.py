@@ -14,11 +14,10 @@ whose CRMS rewrite is refused says why. Writes results/crmsnorm.json.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
-from common import CELLS, CONTROL, cells, compare, environment, write
+from common import CELLS, CONTROL, cells, compare, environment, timing_parser, write
 from common import feeds as bench_feeds
 from preln import norm_time
 
@@ -53,10 +52,7 @@ def main() -> int:
     from normopt.rewrite import rewrite
     from normopt.verify import VerifyOptions
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--reps", type=int, default=2, help="repetitions, each with fresh sessions")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = timing_parser(__doc__)
     parser.add_argument("--only", help="run only the models whose label contains this")
     args = parser.parse_args()
     env = environment(args.threads)

@@ -22,11 +22,10 @@ export. Writes results/fold_norms.json.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
-from common import CELLS, cells, compare, environment, feeds, write
+from common import CELLS, cells, compare, environment, feeds, timing_parser, write
 
 
 def main() -> int:
@@ -37,10 +36,7 @@ def main() -> int:
     from normopt.rewrite import rewrite
     from normopt.verify import VerifyOptions
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--reps", type=int, default=2, help="repetitions, each with fresh sessions")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = timing_parser(__doc__)
     args = parser.parse_args()
     env = environment(args.threads)
     table = Table(title=f"fold-affine-norms, ORT {env['onnxruntime']} CPU, ORT_ENABLE_ALL, {args.threads} threads, "

@@ -18,11 +18,10 @@ Writes results/preln.json.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
-from common import CELLS, CONTROL, by_op_type, cells, compare, environment, node_breakdown, norm_ms, norm_nodes, write
+from common import CELLS, CONTROL, by_op_type, cells, compare, environment, node_breakdown, norm_ms, norm_nodes, timing_parser, write
 from common import feeds as bench_feeds
 
 
@@ -60,10 +59,7 @@ def main() -> int:
     from normopt.rewrite import rewrite
     from normopt.verify import VerifyOptions
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--reps", type=int, default=2, help="repetitions, each with fresh sessions")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = timing_parser(__doc__)
     parser.add_argument("--skip-peer", action="store_true", help="leave out onnxruntime's transformers optimizer")
     parser.add_argument("--only", help="run only the models whose label contains this")
     args = parser.parse_args()

@@ -15,11 +15,10 @@ time changed most (its profiler, node level). Writes results/sweep.json.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
-from common import CELLS, cells, compare, environment, feeds, node_breakdown, write
+from common import CELLS, cells, compare, environment, feeds, node_breakdown, timing_parser, write
 
 # The inputs the benchmarks time the benchmark-size exports at (the rest use their own examples).
 BENCH_SIZES = {
@@ -49,12 +48,9 @@ def main() -> int:
     from normopt.rewrite import rewrite
     from normopt.verify import VerifyOptions
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = timing_parser(__doc__, rounds=20)
     parser.add_argument("--large", action="store_true", help="the benchmark-size exports too")
     parser.add_argument("--only", help="run only the exports whose name contains this")
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--reps", type=int, default=2, help="repetitions, each with fresh sessions")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--nodes", type=int, default=0, help="for each slower rewrite, the N nodes that changed most")
     args = parser.parse_args()
     env = environment(args.threads)
