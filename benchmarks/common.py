@@ -14,7 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from normopt.profiling import CONTROL, Figure, by_op_type, compare, node_breakdown, norm_ms, norm_nodes  # noqa: F401  (re-exported)
+from normopt.profiling import (
+    CONTROL,
+    Figure,
+    by_op_type,
+    compare,
+    node_breakdown,
+    norm_ms,
+    norm_nodes,
+)  # noqa: F401  (re-exported)
 from normopt.profiling import environment as _environment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,14 +41,24 @@ def timing_parser(doc: str, rounds: int = 30) -> argparse.ArgumentParser:
 
 def cells(figure: Figure) -> list[str]:
     """Table cells: median ms, the ratio with its interval, each repetition's ratio, the verdict."""
-    return [f"{figure.median_ms:.2f}", figure.text(), " / ".join(f"{r:.3f}" for r in figure.reps), figure.verdict]
+    return [
+        f"{figure.median_ms:.2f}",
+        figure.text(),
+        " / ".join(f"{r:.3f}" for r in figure.reps),
+        figure.verdict,
+    ]
 
 
 CELLS = ("median ms", "ratio [95% CI]", "per repetition", "verdict")
 
 
-def feeds(example: Mapping[str, np.ndarray], batch: int | None = None, seq: int | None = None,
-          side: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+def feeds(
+    example: Mapping[str, np.ndarray],
+    batch: int | None = None,
+    seq: int | None = None,
+    side: int | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
     """Benchmark inputs shaped like a model's example inputs, resized: `batch` samples, `seq`
     tokens (input_ids random, attention_mask ones, position_ids 0..seq-1), images `side` x
     `side`; other inputs as in the example."""

@@ -21,11 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-
 from common import CELLS, cells, compare, environment, feeds, timing_parser, write
 
-CASES = (("resnet18-full-dyn18", 1), ("resnet18-full-dyn18", 8), ("mobilenetv2-dyn18", 1), ("mobilenetv2-dyn18", 8),
-         ("mobilenetv2-dyn18", 32))
+CASES = (
+    ("resnet18-full-dyn18", 1),
+    ("resnet18-full-dyn18", 8),
+    ("mobilenetv2-dyn18", 1),
+    ("mobilenetv2-dyn18", 8),
+    ("mobilenetv2-dyn18", 32),
+)
 
 
 def eval_with_inputs(src: Path, dst: Path) -> Path:
@@ -37,8 +41,11 @@ def eval_with_inputs(src: Path, dst: Path) -> Path:
         if node.op_type == "BatchNormalization":
             for name in node.input[1:5]:
                 if name in inits and name not in present:
-                    model.graph.input.append(onnx.helper.make_tensor_value_info(name, inits[name].data_type,
-                                                                                 list(inits[name].dims)))
+                    model.graph.input.append(
+                        onnx.helper.make_tensor_value_info(
+                            name, inits[name].data_type, list(inits[name].dims)
+                        )
+                    )
                     present.add(name)
     onnx.save(model, dst)
     return dst
@@ -55,11 +62,16 @@ def main() -> int:
     from normopt.verify import VerifyOptions
 
     parser = timing_parser(__doc__)
-    parser.add_argument("--samples", type=int, default=64, help="calibration samples for the throughput figure")
+    parser.add_argument(
+        "--samples", type=int, default=64, help="calibration samples for the throughput figure"
+    )
     args = parser.parse_args()
     env = environment(args.threads)
-    table = Table(title=f"ConvBN modes, ORT {env['onnxruntime']} CPU, ORT_ENABLE_ALL, {args.threads} threads, "
-                        f"{args.reps} x {args.rounds} interleaved rounds (paired median ratios to eval mode)")
+    table = Table(
+        title=f"ConvBN modes, ORT {env['onnxruntime']} CPU, ORT_ENABLE_ALL, {args.threads} "
+        "threads, "
+        f"{args.reps} x {args.rounds} interleaved rounds (paired median ratios to eval mode)"
+    )
     for col in ("model", "batch", "variant", *CELLS):
         table.add_column(col)
     results: dict = {}
@@ -67,16 +79,33 @@ def main() -> int:
         tmp = Path(tmp)
         for entry, batch in CASES:
             paths = build(entry)
-            example = feeds(paths.load_inputs(), batch=batch, side=224 if entry.startswith("resnet") else None)
+            example = feeds(
+                paths.load_inputs(), batch=batch, side=224 if entry.startswith("resnet") else None
+            )
             check = VerifyOptions(inputs=example, trials=1)
             base = eval_with_inputs(paths.model, tmp / f"{entry}-eval.onnx")
             tuned, folded = tmp / f"{entry}-tune.onnx", tmp / f"{entry}-fold.onnx"
-            rewrite(base, tuned, passes=["convbn-tune"], options=Options(tune_params="inputs"), verification=check)
+            rewrite(
+                base,
+                tuned,
+                passes=["convbn-tune"],
+                options=Options(tune_params="inputs"),
+                verification=check,
+            )
             rewrite(paths.model, folded, passes=["fold-affine-norms"], verification=check)
-            variants = {"(a) eval, BN params as inputs": base, "(b) tune mode, same inputs": tuned,
-                        "(c) deploy fold (constants)": folded}
-            figures = compare(variants, "(a) eval, BN params as inputs", example, threads=args.threads,
-                              rounds=args.rounds, reps=args.reps)
+            variants = {
+                "(a) eval, BN params as inputs": base,
+                "(b) tune mode, same inputs": tuned,
+                "(c) deploy fold (constants)": folded,
+            }
+            figures = compare(
+                variants,
+                "(a) eval, BN params as inputs",
+                example,
+                threads=args.threads,
+                rounds=args.rounds,
+                reps=args.reps,
+            )
             for name, figure in figures.items():
                 table.add_row(entry, str(batch), name, *cells(figure))
             results[f"{entry}@{batch}"] = {k: f.to_json() for k, f in figures.items()}
@@ -86,7 +115,9 @@ def main() -> int:
         rng = np.random.default_rng(0)
         images = rng.standard_normal((args.samples, 3, 224, 224)).astype(np.float32)
         np.savez(tmp / "calibration.npz", image=images)
-        report = recalibrate(paths.model, tmp / "recalibrated.onnx", tmp / "calibration.npz", batch_size=8)
+        report = recalibrate(
+            paths.model, tmp / "recalibrated.onnx", tmp / "calibration.npz", batch_size=8
+        )
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -94,15 +125,24 @@ def main() -> int:
         session = ort.InferenceSession(str(paths.model), opts, providers=["CPUExecutionProvider"])
         start = time.perf_counter()
         for i in range(0, args.samples, 8):
-            session.run(None, {"image": images[i:i + 8]})
+            session.run(None, {"image": images[i : i + 8]})
         inference = args.samples / (time.perf_counter() - start)
         calibration = report.to_json()["data"]["samples_per_s"]
-        print(f"recalibrate ResNet-18 224x224, batch 8, {args.samples} samples: {calibration:.1f} samples/s "
-              f"(calibration pass alone; plain inference {inference:.1f} samples/s, ratio {calibration / inference:.2f}); "
-              f"whole command {report.seconds['total']:.1f} s")
-        results["recalibrate"] = {"samples": args.samples, "calibration_samples_per_s": calibration,
-                                  "inference_samples_per_s": inference, "total_s": report.seconds["total"]}
-    print(f"wrote {write('convbn_tune', {'environment': env, 'rounds': args.rounds, 'reps': args.reps, 'results': results})}")
+        print(
+            f"recalibrate ResNet-18 224x224, batch 8, {args.samples} samples: {calibration:.1f} "
+            "samples/s "
+            f"(calibration pass alone; plain inference {inference:.1f} samples/s, ratio "
+            f"{calibration / inference:.2f}); "
+            f"whole command {report.seconds['total']:.1f} s"
+        )
+        results["recalibrate"] = {
+            "samples": args.samples,
+            "calibration_samples_per_s": calibration,
+            "inference_samples_per_s": inference,
+            "total_s": report.seconds["total"],
+        }
+    document = {"environment": env, "rounds": args.rounds, "reps": args.reps, "results": results}
+    print(f"wrote {write('convbn_tune', document)}")
     return 0
 
 

@@ -29,7 +29,10 @@ CASES = [
 VARIANTS = {
     "RMS": (["preln-to-rmsnorm"], "onnx"),
     "CRMS": (["preln-to-rmsnorm", "preln-to-crmsnorm"], "onnx"),
-    "RMS + fold-norm-affine": (["preln-to-rmsnorm", "canonicalize-norms", "fold-norm-affine"], "ort"),
+    "RMS + fold-norm-affine": (
+        ["preln-to-rmsnorm", "canonicalize-norms", "fold-norm-affine"],
+        "ort",
+    ),
 }
 
 
@@ -38,7 +41,11 @@ def crms_nodes(path: Path) -> set[str]:
     normopt's matcher does not know that form, the profile counts them as norms by name."""
     import onnx
 
-    return {n.name for n in onnx.load(str(path), load_external_data=False).graph.node if ".crms." in n.name}
+    return {
+        n.name
+        for n in onnx.load(str(path), load_external_data=False).graph.node
+        if ".crms." in n.name
+    }
 
 
 def main() -> int:
@@ -56,8 +63,11 @@ def main() -> int:
     parser.add_argument("--only", help="run only the models whose label contains this")
     args = parser.parse_args()
     env = environment(args.threads)
-    table = Table(title=f"Pre-CRMSNorm vs Pre-RMSNorm, ORT {env['onnxruntime']} CPU, ORT_ENABLE_ALL, {args.threads} "
-                        f"threads, {args.reps} x {args.rounds} interleaved rounds; ratios to the original")
+    table = Table(
+        title=f"Pre-CRMSNorm vs Pre-RMSNorm, ORT {env['onnxruntime']} CPU, ORT_ENABLE_ALL, "
+        f"{args.threads} "
+        f"threads, {args.reps} x {args.rounds} interleaved rounds; ratios to the original"
+    )
     for col in ("model", "variant", *CELLS, "norms ms/run", "note"):
         table.add_column(col)
     results = {}
@@ -71,16 +81,36 @@ def main() -> int:
             for name, (passes, target) in VARIANTS.items():
                 dst = Path(tmp) / f"{entry}-{name.replace(' ', '_')}.onnx"
                 try:
-                    rewrite(src, dst, passes=passes, options=Options(target=target), crms="on" if "preln-to-crmsnorm" in passes else None,
-                            verification=VerifyOptions(inputs=feeds))
+                    rewrite(
+                        src,
+                        dst,
+                        passes=passes,
+                        options=Options(target=target),
+                        crms="on" if "preln-to-crmsnorm" in passes else None,
+                        verification=VerifyOptions(inputs=feeds),
+                    )
                     variants[name] = dst
                 except NotApplied as exc:
                     notes[name] = str(exc)
-            auto = rewrite(src, Path(tmp) / f"{entry}-auto.onnx", passes=VARIANTS["CRMS"][0],
-                           verification=VerifyOptions(inputs=feeds),
-                           timing=SpeedGuard(threads=args.threads, rounds=args.rounds, reps=args.reps)).crms
-            figures = compare(variants, "original", feeds, threads=args.threads, rounds=args.rounds, reps=args.reps)
-            profiles = {k: norm_time(v, feeds, args.threads, extra=crms_nodes(v)) for k, v in variants.items()}
+            auto = rewrite(
+                src,
+                Path(tmp) / f"{entry}-auto.onnx",
+                passes=VARIANTS["CRMS"][0],
+                verification=VerifyOptions(inputs=feeds),
+                timing=SpeedGuard(threads=args.threads, rounds=args.rounds, reps=args.reps),
+            ).crms
+            figures = compare(
+                variants,
+                "original",
+                feeds,
+                threads=args.threads,
+                rounds=args.rounds,
+                reps=args.reps,
+            )
+            profiles = {
+                k: norm_time(v, feeds, args.threads, extra=crms_nodes(v))
+                for k, v in variants.items()
+            }
             results[label] = {"refused": notes, "auto": auto.to_json() if auto else None}
             for k, figure in figures.items():
                 p = profiles[k.removesuffix(CONTROL)]
@@ -89,9 +119,16 @@ def main() -> int:
             for k, why in notes.items():
                 table.add_row(label, k, "", "", "", "refused", why[:120])
             if auto is not None:
-                table.add_row(label, f"--crms auto (CRMS x RMS): kept {auto.kept}", *cells(auto.crms), "", auto.why[:160])
+                table.add_row(
+                    label,
+                    f"--crms auto (CRMS x RMS): kept {auto.kept}",
+                    *cells(auto.crms),
+                    "",
+                    auto.why[:160],
+                )
     Console(width=220).print(table)
-    print(f"wrote {write('crmsnorm', {'environment': env, 'rounds': args.rounds, 'reps': args.reps, 'results': results})}")
+    document = {"environment": env, "rounds": args.rounds, "reps": args.reps, "results": results}
+    print(f"wrote {write('crmsnorm', document)}")
     return 0
 
 

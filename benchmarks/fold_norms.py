@@ -39,23 +39,34 @@ def main() -> int:
     parser = timing_parser(__doc__)
     args = parser.parse_args()
     env = environment(args.threads)
-    table = Table(title=f"fold-affine-norms, ORT {env['onnxruntime']} CPU, ORT_ENABLE_ALL, {args.threads} threads, "
-                        f"{args.reps} x {args.rounds} interleaved rounds (paired median ratios to the original "
-                        f"unless noted)")
+    table = Table(
+        title=f"fold-affine-norms, ORT {env['onnxruntime']} CPU, ORT_ENABLE_ALL, {args.threads} "
+        "threads, "
+        f"{args.reps} x {args.rounds} interleaved rounds (paired median ratios to the original "
+        f"unless noted)"
+    )
     for col in ("model", "variant", *CELLS, "note"):
         table.add_column(col)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for entry, peer, passes, batch in (
-                ("resnet18-full-dyn18", ("exporter folded", "resnet18-full-dyn18-folded"), ["fold-affine-norms"], None),
-                ("repbn-vits-dyn18", None, ["fold-affine-norms"], None),
-                ("repvgg-a0-dyn18", ("timm reparameterized", "repvgg-a0-deploy-dyn18"), None, None),
-                ("repbnpool-dyn18", None, ["fold-affine-norms"], 8),
-                ("repblocks-64-dyn18", None, None, None)):
+            (
+                "resnet18-full-dyn18",
+                ("exporter folded", "resnet18-full-dyn18-folded"),
+                ["fold-affine-norms"],
+                None,
+            ),
+            ("repbn-vits-dyn18", None, ["fold-affine-norms"], None),
+            ("repvgg-a0-dyn18", ("timm reparameterized", "repvgg-a0-deploy-dyn18"), None, None),
+            ("repbnpool-dyn18", None, ["fold-affine-norms"], 8),
+            ("repblocks-64-dyn18", None, None, None),
+        ):
             paths = build(entry)
             example = feeds(paths.load_inputs(), batch=batch) if batch else paths.load_inputs()
             folded = Path(tmp) / f"{entry}-folded.onnx"
-            report = rewrite(paths.model, folded, passes=passes, verification=VerifyOptions(inputs=example))
+            report = rewrite(
+                paths.model, folded, passes=passes, verification=VerifyOptions(inputs=example)
+            )
             variants = {"original": paths.model, "normopt folded": folded}
             against = {}
             if peer:
@@ -63,17 +74,33 @@ def main() -> int:
                 vs_peer = f"normopt folded (x {peer[0]})"
                 variants[vs_peer] = folded
                 against[vs_peer] = peer[0]
-            figures = compare(variants, "original", example, threads=args.threads, rounds=args.rounds,
-                              reps=args.reps, against=against)
-            applied = [line for p in report.passes if p.modified and p.name != "cleanup" for line in p.lines]
+            figures = compare(
+                variants,
+                "original",
+                example,
+                threads=args.threads,
+                rounds=args.rounds,
+                reps=args.reps,
+                against=against,
+            )
+            applied = [
+                line
+                for p in report.passes
+                if p.modified and p.name != "cleanup"
+                for line in p.lines
+            ]
             for name, figure in figures.items():
                 note = "; ".join(applied) if name == "normopt folded" else ""
                 table.add_row(entry, name, *cells(figure), note)
-            results[entry] = {"figures": {k: f.to_json() for k, f in figures.items()}, "against": against,
-                              "changes": applied,
-                              "max_rel_error": max(o.max_rel for o in report.verification.outputs)}
+            results[entry] = {
+                "figures": {k: f.to_json() for k, f in figures.items()},
+                "against": against,
+                "changes": applied,
+                "max_rel_error": max(o.max_rel for o in report.verification.outputs),
+            }
     Console(width=200).print(table)
-    print(f"wrote {write('fold_norms', {'environment': env, 'rounds': args.rounds, 'reps': args.reps, 'results': results})}")
+    document = {"environment": env, "rounds": args.rounds, "reps": args.reps, "results": results}
+    print(f"wrote {write('fold_norms', document)}")
     return 0
 
 

@@ -32,7 +32,10 @@ def one(seed: int, crms: bool = False) -> dict:
     choices = fuzzing.RandomChoices(seed)
     if crms:
         case = fuzzing.transformer(choices)
-        names, options = ["preln-to-rmsnorm", "preln-to-crmsnorm"], Options(allow_hidden_state_change=bool(seed % 2))
+        names, options = (
+            ["preln-to-rmsnorm", "preln-to-crmsnorm"],
+            Options(allow_hidden_state_change=bool(seed % 2)),
+        )
     else:
         case = fuzzing.graph(choices)
         names, options = fuzzing.pipeline_choice(choices)
@@ -41,9 +44,18 @@ def one(seed: int, crms: bool = False) -> dict:
     except Exception as exc:  # the generator made a graph onnxruntime rejects: not normopt's
         return {"seed": seed, "family": case.family, "invalid": str(exc).splitlines()[0][:200]}
     verdict = fuzzing.judge(case, names, options)
-    result = {"seed": seed, "family": case.family, "passes": names, "target": options.target,
-              "applied": verdict.applied, "wrong": verdict.wrong, "crash": verdict.crash,
-              "silent": verdict.silent, "not_idempotent": verdict.not_idempotent, "notes": case.notes}
+    result = {
+        "seed": seed,
+        "family": case.family,
+        "passes": names,
+        "target": options.target,
+        "applied": verdict.applied,
+        "wrong": verdict.wrong,
+        "crash": verdict.crash,
+        "silent": verdict.silent,
+        "not_idempotent": verdict.not_idempotent,
+        "notes": case.notes,
+    }
     if not verdict.ok:
         result["model"] = case.model.SerializeToString()
     return result
@@ -54,16 +66,24 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000, help="graphs to generate")
     parser.add_argument("--seed", type=int, default=0, help="first seed (graph i uses seed + i)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
-    parser.add_argument("--save-failures", type=Path, help="write each failing graph here as SEED.onnx")
-    parser.add_argument("--crms", action="store_true", help="the Pre-CRMSNorm campaign: transformers through "
-                        "preln-to-rmsnorm + preln-to-crmsnorm")
+    parser.add_argument(
+        "--save-failures", type=Path, help="write each failing graph here as SEED.onnx"
+    )
+    parser.add_argument(
+        "--crms",
+        action="store_true",
+        help="the Pre-CRMSNorm campaign: transformers through preln-to-rmsnorm + preln-to-crmsnorm",
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     counts: collections.Counter = collections.Counter()
     failures = []
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-        for result in pool.imap_unordered(functools.partial(one, crms=args.crms), range(args.seed, args.seed + args.n),
-                                          chunksize=8):
+        for result in pool.imap_unordered(
+            functools.partial(one, crms=args.crms),
+            range(args.seed, args.seed + args.n),
+            chunksize=8,
+        ):
             counts["graphs"] += 1
             counts[f"graphs {result['family']}"] += 1
             if "invalid" in result:
@@ -81,20 +101,46 @@ def main() -> None:
                 model = result.pop("model")
                 if args.save_failures:
                     args.save_failures.mkdir(parents=True, exist_ok=True)
-                    onnx.save(onnx.ModelProto.FromString(model), str(args.save_failures / f"{result['seed']}.onnx"))
+                    onnx.save(
+                        onnx.ModelProto.FromString(model),
+                        str(args.save_failures / f"{result['seed']}.onnx"),
+                    )
                 failures.append(result)
     seconds = time.perf_counter() - start
     width = max(len(k) for k in counts)
-    for key in ["graphs", "graphs transformer", "graphs cnn", "applied (any pass)",
-                *sorted(k for k in counts if k.startswith("applied ") and k != "applied (any pass)"),
-                "wrong", "exit 4", "silent refusals", "not idempotent", "invalid graphs (generator)"]:
+    for key in [
+        "graphs",
+        "graphs transformer",
+        "graphs cnn",
+        "applied (any pass)",
+        *sorted(k for k in counts if k.startswith("applied ") and k != "applied (any pass)"),
+        "wrong",
+        "exit 4",
+        "silent refusals",
+        "not idempotent",
+        "invalid graphs (generator)",
+    ]:
         print(f"{key:<{width}}  {counts.get(key, 0)}")
     print(f"{'seconds':<{width}}  {seconds:.0f}")
     for f in failures[:20]:
-        what = f.get("invalid") or f["wrong"] or (f["crash"] or "").strip().splitlines()[-1:] or f["silent"] or f["not_idempotent"]
+        what = (
+            f.get("invalid")
+            or f["wrong"]
+            or (f["crash"] or "").strip().splitlines()[-1:]
+            or f["silent"]
+            or f["not_idempotent"]
+        )
         print(f"  seed {f['seed']} ({f['family']}, {f.get('passes')}, {f.get('target')}): {what}")
-    path = write("fuzz", {"n": args.n, "seed": args.seed, "counts": dict(counts), "seconds": seconds,
-                          "failures": failures})
+    path = write(
+        "fuzz",
+        {
+            "n": args.n,
+            "seed": args.seed,
+            "counts": dict(counts),
+            "seconds": seconds,
+            "failures": failures,
+        },
+    )
     print(f"wrote {path}")
 
 

@@ -1,6 +1,7 @@
 """Pre-LN -> Pre-RMSNorm end to end and in the norm ops, ORT CPU, one interleaved run.
 
-    python benchmarks/preln.py [--rounds 30] [--reps 2] [--threads 2] [--skip-peer] [--only SUBSTRING]
+    python benchmarks/preln.py [--rounds 30] [--reps 2] [--threads 2] [--skip-peer] [--only
+    SUBSTRING]
 
 Variants per model: the original; `normopt rewrite` with --target onnx (decomposed RMSNorm that
 onnxruntime fuses, or RMSNormalization at opset >= 23) and with --target ort
@@ -21,19 +22,44 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from common import CELLS, CONTROL, by_op_type, cells, compare, environment, node_breakdown, norm_ms, norm_nodes, timing_parser, write
+from common import (
+    CELLS,
+    CONTROL,
+    by_op_type,
+    cells,
+    compare,
+    environment,
+    node_breakdown,
+    norm_ms,
+    norm_nodes,
+    timing_parser,
+    write,
+)
 from common import feeds as bench_feeds
-
 
 CASES = [
     # entry, label, peer model type, heads, hidden, feeds
     ("gpt2-768x12-ts17", "GPT-2 768x12, 1x128 tokens", "gpt2", 12, 768, {"batch": 1, "seq": 128}),
     ("vit-b16-dyn18", "ViT-B/16, batch 1", "vit", 12, 768, {"batch": 1}),
-    ("gpt2-128x4-ts17", "GPT-2 128x4 (norm-heavy), 8x512 tokens", "gpt2", 4, 128, {"batch": 8, "seq": 512}),
+    (
+        "gpt2-128x4-ts17",
+        "GPT-2 128x4 (norm-heavy), 8x512 tokens",
+        "gpt2",
+        4,
+        128,
+        {"batch": 8, "seq": 512},
+    ),
     # per-norm decisions: a hierarchical vision model (its last stage converts) and an LM with a
     # LayerNorm on its embeddings (one explicit recentring); no peer for these model types
     ("swin-t-ts17", "Swin-T, batch 1", None, 0, 0, {"batch": 1}),
-    ("bloom-512x8-ts17", "BLOOM 512x8 (embedding LN), 1x128 tokens", None, 0, 0, {"batch": 1, "seq": 128}),
+    (
+        "bloom-512x8-ts17",
+        "BLOOM 512x8 (embedding LN), 1x128 tokens",
+        None,
+        0,
+        0,
+        {"batch": 1, "seq": 128},
+    ),
 ]
 
 
@@ -44,10 +70,18 @@ PAIRED = "normopt --target ort, then the optimizer (x optimizer alone)"
 def norm_time(path: Path, feeds: dict, threads: int, extra: set[str] = frozenset()) -> dict:
     """Milliseconds per run in norms (fused ops, decomposed norms' nodes and the `extra` nodes) and
     in the other Add ops (onnxruntime's profiler)."""
-    per_node, members = node_breakdown(path, feeds, "ort-cpu", threads, runs=10), norm_nodes(path) | extra
+    per_node, members = (
+        node_breakdown(path, feeds, "ort-cpu", threads, runs=10),
+        norm_nodes(path) | extra,
+    )
     per_op, norms = by_op_type(per_node), norm_ms(per_node, members)
     adds = sum(ms for (node, op), ms in per_node.items() if op == "Add" and node not in members)
-    return {"norm_ms": norms, "add_ms": adds, "norm_plus_add_ms": norms + adds, "total_ms": sum(per_op.values())}
+    return {
+        "norm_ms": norms,
+        "add_ms": adds,
+        "norm_plus_add_ms": norms + adds,
+        "total_ms": sum(per_op.values()),
+    }
 
 
 def main() -> int:
@@ -60,12 +94,17 @@ def main() -> int:
     from normopt.verify import VerifyOptions
 
     parser = timing_parser(__doc__)
-    parser.add_argument("--skip-peer", action="store_true", help="leave out onnxruntime's transformers optimizer")
+    parser.add_argument(
+        "--skip-peer", action="store_true", help="leave out onnxruntime's transformers optimizer"
+    )
     parser.add_argument("--only", help="run only the models whose label contains this")
     args = parser.parse_args()
     env = environment(args.threads)
-    table = Table(title=f"preln-to-rmsnorm, ORT {env['onnxruntime']} CPU, ORT_ENABLE_ALL, {args.threads} threads, "
-                        f"{args.reps} x {args.rounds} interleaved rounds; ratios to the original unless noted")
+    table = Table(
+        title=f"preln-to-rmsnorm, ORT {env['onnxruntime']} CPU, ORT_ENABLE_ALL, {args.threads} "
+        "threads, "
+        f"{args.reps} x {args.rounds} interleaved rounds; ratios to the original unless noted"
+    )
     for col in ("model", "variant", *CELLS, "norm+Add ms/run", "x original"):
         table.add_column(col)
     results = {}
@@ -78,7 +117,12 @@ def main() -> int:
             variants = {"original": src}
             for target in ("onnx", "ort"):
                 dst = Path(tmp) / f"{entry}-{target}.onnx"
-                rewrite(src, dst, options=Options(target=target), verification=VerifyOptions(inputs=feeds))
+                rewrite(
+                    src,
+                    dst,
+                    options=Options(target=target),
+                    verification=VerifyOptions(inputs=feeds),
+                )
                 variants[f"normopt --target {target}"] = dst
             against = {}
             if not args.skip_peer and model_type is not None:
@@ -86,27 +130,51 @@ def main() -> int:
 
                 def optimized(path: Path, name: str) -> Path:
                     out = Path(tmp) / name
-                    optimizer.optimize_model(str(path), model_type=model_type, num_heads=heads, hidden_size=hidden,
-                                             use_gpu=False).save_model_to_file(str(out))
+                    optimizer.optimize_model(
+                        str(path),
+                        model_type=model_type,
+                        num_heads=heads,
+                        hidden_size=hidden,
+                        use_gpu=False,
+                    ).save_model_to_file(str(out))
                     return out
 
                 variants[PEER] = optimized(src, f"{entry}-ortopt.onnx")
-                variants[PAIRED] = optimized(variants["normopt --target ort"], f"{entry}-ort-ortopt.onnx")
+                variants[PAIRED] = optimized(
+                    variants["normopt --target ort"], f"{entry}-ort-ortopt.onnx"
+                )
                 against[PAIRED] = PEER
-            figures = compare(variants, "original", feeds, threads=args.threads, rounds=args.rounds, reps=args.reps,
-                              against=against)
+            figures = compare(
+                variants,
+                "original",
+                feeds,
+                threads=args.threads,
+                rounds=args.rounds,
+                reps=args.reps,
+                against=against,
+            )
             profiles = {k: norm_time(v, feeds, args.threads) for k, v in variants.items()}
             results[label] = {}
             for k, figure in figures.items():
                 p = profiles[k.removesuffix(CONTROL)]
                 ref = profiles[against.get(k, "original")]["norm_plus_add_ms"]
-                table.add_row(label, k, *cells(figure), f"{p['norm_plus_add_ms']:.3f} (norms {p['norm_ms']:.3f})",
-                              f"{p['norm_plus_add_ms'] / ref:.3f}")
-                results[label][k] = {**figure.to_json(), "against": against.get(k, "original"), "profile": p,
-                                     "norm_plus_add_ratio": p["norm_plus_add_ms"] / ref,
-                                     "norm_ratio": p["norm_ms"] / profiles[against.get(k, "original")]["norm_ms"]}
+                table.add_row(
+                    label,
+                    k,
+                    *cells(figure),
+                    f"{p['norm_plus_add_ms']:.3f} (norms {p['norm_ms']:.3f})",
+                    f"{p['norm_plus_add_ms'] / ref:.3f}",
+                )
+                results[label][k] = {
+                    **figure.to_json(),
+                    "against": against.get(k, "original"),
+                    "profile": p,
+                    "norm_plus_add_ratio": p["norm_plus_add_ms"] / ref,
+                    "norm_ratio": p["norm_ms"] / profiles[against.get(k, "original")]["norm_ms"],
+                }
     Console(width=200).print(table)
-    print(f"wrote {write('preln', {'environment': env, 'rounds': args.rounds, 'reps': args.reps, 'results': results})}")
+    document = {"environment": env, "rounds": args.rounds, "reps": args.reps, "results": results}
+    print(f"wrote {write('preln', document)}")
     return 0
 
 

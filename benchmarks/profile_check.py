@@ -55,22 +55,31 @@ def main() -> int:
     results = {}
 
     llama = build("llama-512x4-dyn18").model
-    feeds = {"input_ids": rng.integers(0, 128, (1, 128)).astype(np.int64), "attention_mask": np.ones((1, 128), np.int64),
-             "position_ids": np.arange(128, dtype=np.int64)[None]}
+    feeds = {
+        "input_ids": rng.integers(0, 128, (1, 128)).astype(np.int64),
+        "attention_mask": np.ones((1, 128), np.int64),
+        "position_ids": np.arange(128, dtype=np.int64)[None],
+    }
     self_report = profile([llama, llama], feeds, runs=args.runs)
     results["self_ratio"] = self_report.summary[self_report.models[1]]["ratio"]
     print(f"1. LLaMA 512x4 (1x128 tokens) against itself: paired ratio {results['self_ratio']:.4f}")
 
     src = build("gpt2-128x4-ts17").model
-    feeds = {"input_ids": rng.integers(0, 128, (8, 512)).astype(np.int64), "attention_mask": np.ones((8, 512), np.int64)}
+    feeds = {
+        "input_ids": rng.integers(0, 128, (8, 512)).astype(np.int64),
+        "attention_mask": np.ones((8, 512), np.int64),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         dst = Path(tmp) / "rewritten.onnx"
         rewrite(src, dst, verification=VerifyOptions(inputs=feeds))
         report = profile([src, dst], feeds, runs=args.runs)
         results["profile_ratio"] = report.summary[report.models[1]]["ratio"]
         results["independent_ratio"] = independent_ratio(src, dst, feeds, args.runs)
-    print(f"2. GPT-2 128x4 (8x512) rewritten / original: normopt profile {results['profile_ratio']:.4f}, "
-          f"independent loop {results['independent_ratio']:.4f}")
+    print(
+        "2. GPT-2 128x4 (8x512) rewritten / original: normopt profile "
+        f"{results['profile_ratio']:.4f}, "
+        f"independent loop {results['independent_ratio']:.4f}"
+    )
     print(f"wrote {write('profile_check', {'runs': args.runs, **results})}")
     return 0
 

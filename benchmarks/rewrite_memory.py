@@ -56,18 +56,35 @@ def make_model(folder: Path, gigabytes: float) -> Path:
             w = (rng.standard_normal((D, D), dtype=np.float32) / np.sqrt(D)).astype(np.float32)
             f.write(w.tobytes())
             t = helper.make_tensor_value_info(f"w{i}", TensorProto.FLOAT, [D, D])
-            tensor = TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=[D, D],
-                                 data_location=TensorProto.EXTERNAL)
-            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(w.nbytes))):
+            tensor = TensorProto(
+                name=f"w{i}",
+                data_type=TensorProto.FLOAT,
+                dims=[D, D],
+                data_location=TensorProto.EXTERNAL,
+            )
+            for key, value in (
+                ("location", data.name),
+                ("offset", str(offset)),
+                ("length", str(w.nbytes)),
+            ):
                 tensor.external_data.add(key=key, value=value)
             offset += w.nbytes
             inits.append(tensor)
             del t
-            nodes.append(helper.make_node("MatMul", [f"h{i}" if i else "x", f"w{i}"], [f"h{i + 1}"], name=f"mm{i}"))
+            nodes.append(
+                helper.make_node(
+                    "MatMul", [f"h{i}" if i else "x", f"w{i}"], [f"h{i + 1}"], name=f"mm{i}"
+                )
+            )
     nodes.append(helper.make_node("Neg", ["x"], ["dead"], name="dead"))
     nodes.append(helper.make_node("Identity", [f"h{layers}"], ["y"], name="out"))
-    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, D])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, D])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, D])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     onnx.save(model, str(path))
     return path
@@ -88,7 +105,9 @@ def child(variant: str, src: str, dst: str) -> None:
 
         t1 = time.perf_counter()
         model = ir.load(src)
-        external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+        external = any(
+            isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
+        )
         t2 = time.perf_counter()
         ir.save(model, dst, external_data=Path(dst).name + ".data" if external else None)
         code = 0
@@ -98,7 +117,9 @@ def child(variant: str, src: str, dst: str) -> None:
 
         imported = time.perf_counter() - t
         report = Path(dst).with_suffix(".report.json")
-        args = ["rewrite", src, dst, "--report", str(report)] + (["--no-verify"] if variant == "rewrite-no-verify" else [])
+        args = ["rewrite", src, dst, "--report", str(report)] + (
+            ["--no-verify"] if variant == "rewrite-no-verify" else []
+        )
         try:
             app(args, prog_name="normopt", standalone_mode=False)
             code = 0
@@ -108,7 +129,11 @@ def child(variant: str, src: str, dst: str) -> None:
         report.unlink()
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"variant": variant, "seconds": seconds, "peak_rss": peak, "exit": code, "steps": steps}))
+    print(
+        json.dumps(
+            {"variant": variant, "seconds": seconds, "peak_rss": peak, "exit": code, "steps": steps}
+        )
+    )
 
 
 def main() -> int:
@@ -117,8 +142,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/normopt-bench-memory"))
     parser.add_argument("--verify", action="store_true", help="also time rewrite with verification")
-    parser.add_argument("--embedded", action="store_true", help="weights inside the .onnx (use --gb < 1.9)")
-    parser.add_argument("--model", help="a corpus export's name or a model path instead of the generated chain")
+    parser.add_argument(
+        "--embedded", action="store_true", help="weights inside the .onnx (use --gb < 1.9)"
+    )
+    parser.add_argument(
+        "--model", help="a corpus export's name or a model path instead of the generated chain"
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -130,7 +159,9 @@ def main() -> int:
     args.dir.mkdir(parents=True, exist_ok=True)
     if args.model:
         src = Path(args.model) if Path(args.model).exists() else _corpus_model(args.model)
-        model_bytes = src.stat().st_size + sum(f.stat().st_size for f in src.parent.glob(f"{src.name}.data"))
+        model_bytes = src.stat().st_size + sum(
+            f.stat().st_size for f in src.parent.glob(f"{src.name}.data")
+        )
     elif args.embedded:
         src = args.dir / "big-embedded.onnx"
         if not src.exists() or src.stat().st_size < args.gb * 0.95e9:
@@ -146,8 +177,12 @@ def main() -> int:
     for r in range(args.rounds):
         for v in variants if r % 2 == 0 else reversed(variants):
             dst = args.dir / f"out-{v}.onnx"
-            proc = subprocess.run([sys.executable, __file__, "--child", v, str(src), str(dst)],
-                                  capture_output=True, text=True, check=False)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", v, str(src), str(dst)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             if result["exit"] != 0:
                 print(proc.stderr, file=sys.stderr)
@@ -158,34 +193,66 @@ def main() -> int:
     plain_s = statistics.median(x["seconds"] for x in runs["plain"])
     plain_rss = statistics.median(x["peak_rss"] for x in runs["plain"])
     kind = Path(args.model).name if args.model else "embedded" if args.embedded else "external-data"
-    table = Table(title=f"rewrite cost, {model_bytes / 1e9:.2f} GB {kind} model, {args.rounds} rounds (medians)")
+    table = Table(
+        title=f"rewrite cost, {model_bytes / 1e9:.2f} GB {kind} model, {args.rounds} rounds "
+        "(medians)"
+    )
     for col in ("variant", "wall s", "x plain", "peak RSS GB", "RSS x plain", "RSS / model bytes"):
         table.add_column(col, justify="right")
     summary = {}
     for v in variants:
         s = statistics.median(x["seconds"] for x in runs[v])
         rss = statistics.median(x["peak_rss"] for x in runs[v])
-        summary[v] = {"seconds": s, "x_plain": s / plain_s, "peak_rss": rss, "rss_x_plain": rss / plain_rss,
-                      "rss_over_model": rss / model_bytes}
-        table.add_row(v, f"{s:.2f}", f"{s / plain_s:.2f}", f"{rss / 1e9:.2f}", f"{rss / plain_rss:.2f}",
-                      f"{rss / model_bytes:.2f}")
+        summary[v] = {
+            "seconds": s,
+            "x_plain": s / plain_s,
+            "peak_rss": rss,
+            "rss_x_plain": rss / plain_rss,
+            "rss_over_model": rss / model_bytes,
+        }
+        table.add_row(
+            v,
+            f"{s:.2f}",
+            f"{s / plain_s:.2f}",
+            f"{rss / 1e9:.2f}",
+            f"{rss / plain_rss:.2f}",
+            f"{rss / model_bytes:.2f}",
+        )
     console = Console(width=200)
     console.print(table)
     steps = Table(title="where the time goes (s, medians; rewrite's steps from its report)")
     steps.add_column("step")
     for v in ("plain", "rewrite-no-verify"):
         steps.add_column(v, justify="right")
-    names = list(dict.fromkeys([*runs["rewrite-no-verify"][0]["steps"], *runs["plain"][0]["steps"]]))
+    names = list(
+        dict.fromkeys([*runs["rewrite-no-verify"][0]["steps"], *runs["plain"][0]["steps"]])
+    )
     for name in names:
-        steps.add_row(name, *(f"{statistics.median(x['steps'].get(name, 0.0) for x in runs[v]):.2f}"
-                              for v in ("plain", "rewrite-no-verify")))
+        steps.add_row(
+            name,
+            *(
+                f"{statistics.median(x['steps'].get(name, 0.0) for x in runs[v]):.2f}"
+                for v in ("plain", "rewrite-no-verify")
+            ),
+        )
     console.print(steps)
     RESULTS.mkdir(exist_ok=True)
     suffix = f"_{Path(args.model).stem}" if args.model else "_embedded" if args.embedded else ""
     out = RESULTS / f"rewrite_memory{suffix}.json"
-    out.write_text(json.dumps({"model_bytes": model_bytes, "rounds": args.rounds, "summary": summary,
-                               "runs": runs, "machine": platform.machine(), "python": platform.python_version(),
-                               "cpu_count": __import__("os").cpu_count()}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "model_bytes": model_bytes,
+                "rounds": args.rounds,
+                "summary": summary,
+                "runs": runs,
+                "machine": platform.machine(),
+                "python": platform.python_version(),
+                "cpu_count": __import__("os").cpu_count(),
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

@@ -22,11 +22,16 @@ from common import CELLS, cells, compare, environment, feeds, node_breakdown, ti
 
 # The inputs the benchmarks time the benchmark-size exports at (the rest use their own examples).
 BENCH_SIZES = {
-    "gpt2-768x12-ts17": {"batch": 1, "seq": 128}, "gpt2-768x12-dyn18": {"batch": 1, "seq": 128},
-    "gpt2-128x4-ts17": {"batch": 8, "seq": 512}, "llama-512x4-dyn18": {"batch": 8, "seq": 128},
-    "bloom-512x8-ts17": {"batch": 1, "seq": 128}, "convnext-128x4-dyn18": {"batch": 8},
-    "convnext-128x4-ts14": {"batch": 8}, "convnext2d-bench-ts14": {"batch": 8},
-    "convnext2d-bench-ts17": {"batch": 8}, "convnext2d-bench-dyn18": {"batch": 8},
+    "gpt2-768x12-ts17": {"batch": 1, "seq": 128},
+    "gpt2-768x12-dyn18": {"batch": 1, "seq": 128},
+    "gpt2-128x4-ts17": {"batch": 8, "seq": 512},
+    "llama-512x4-dyn18": {"batch": 8, "seq": 128},
+    "bloom-512x8-ts17": {"batch": 1, "seq": 128},
+    "convnext-128x4-dyn18": {"batch": 8},
+    "convnext-128x4-ts14": {"batch": 8},
+    "convnext2d-bench-ts14": {"batch": 8},
+    "convnext2d-bench-ts17": {"batch": 8},
+    "convnext2d-bench-dyn18": {"batch": 8},
 }
 
 
@@ -35,8 +40,10 @@ def node_changes(a: Path, b: Path, example: dict, threads: int, top: int) -> lis
     before = node_breakdown(a, example, "ort-cpu", threads, runs=10)
     after = node_breakdown(b, example, "ort-cpu", threads, runs=10)
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in {*before, *after}}
-    return [f"{k[0]} ({k[1]}): {before.get(k, 0.0):.3f} -> {after.get(k, 0.0):.3f} ms"
-            for k in sorted(delta, key=lambda k: -abs(delta[k]))[:top]]
+    return [
+        f"{k[0]} ({k[1]}): {before.get(k, 0.0):.3f} -> {after.get(k, 0.0):.3f} ms"
+        for k in sorted(delta, key=lambda k: -abs(delta[k]))[:top]
+    ]
 
 
 def main() -> int:
@@ -51,12 +58,21 @@ def main() -> int:
     parser = timing_parser(__doc__, rounds=20)
     parser.add_argument("--large", action="store_true", help="the benchmark-size exports too")
     parser.add_argument("--only", help="run only the exports whose name contains this")
-    parser.add_argument("--nodes", type=int, default=0, help="for each slower rewrite, the N nodes that changed most")
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=0,
+        help="for each slower rewrite, the N nodes that changed most",
+    )
     args = parser.parse_args()
     env = environment(args.threads)
-    names = [n for n in [*CORPUS, *(LARGE if args.large else ())] if not args.only or args.only in n]
-    table = Table(title=f"default pipeline vs original, ORT {env['onnxruntime']} CPU, ORT_ENABLE_ALL, "
-                        f"{args.threads} threads, {args.reps} x {args.rounds} interleaved rounds")
+    names = [
+        n for n in [*CORPUS, *(LARGE if args.large else ())] if not args.only or args.only in n
+    ]
+    table = Table(
+        title=f"default pipeline vs original, ORT {env['onnxruntime']} CPU, ORT_ENABLE_ALL, "
+        f"{args.threads} threads, {args.reps} x {args.rounds} interleaved rounds"
+    )
     for col in ("export", "target", "applied", "A/A", *CELLS):
         table.add_column(col)
     results, slower = [], []
@@ -66,16 +82,38 @@ def main() -> int:
             example = feeds(paths.load_inputs(), **BENCH_SIZES.get(name, {}))
             for target in ("onnx", "ort"):
                 out = Path(tmp) / f"{name}-{target}.onnx"
-                report = rewrite(paths.model, out, options=Options(target=target),
-                                 verification=VerifyOptions(inputs=example))
-                applied = ", ".join(p.name for p in report.passes if p.modified and p.name != "cleanup") or "-"
-                figures = compare({"original": paths.model, "rewritten": out}, "original", example,
-                                  threads=args.threads, rounds=args.rounds, reps=args.reps)
+                report = rewrite(
+                    paths.model,
+                    out,
+                    options=Options(target=target),
+                    verification=VerifyOptions(inputs=example),
+                )
+                applied = (
+                    ", ".join(p.name for p in report.passes if p.modified and p.name != "cleanup")
+                    or "-"
+                )
+                figures = compare(
+                    {"original": paths.model, "rewritten": out},
+                    "original",
+                    example,
+                    threads=args.threads,
+                    rounds=args.rounds,
+                    reps=args.reps,
+                )
                 figure, control = figures["rewritten"], figures["original (A/A)"]
-                row = {"export": name, "target": target, "applied": applied, "control": control.to_json(),
-                       **figure.to_json()}
+                row = {
+                    "export": name,
+                    "target": target,
+                    "applied": applied,
+                    "control": control.to_json(),
+                    **figure.to_json(),
+                }
                 if figure.verdict == "slower":
-                    row["nodes"] = node_changes(paths.model, out, example, args.threads, args.nodes) if args.nodes else []
+                    row["nodes"] = (
+                        node_changes(paths.model, out, example, args.threads, args.nodes)
+                        if args.nodes
+                        else []
+                    )
                     slower.append(row)
                 results.append(row)
                 table.add_row(name, target, applied, f"{control.ratio:.3f}", *cells(figure))
@@ -83,11 +121,14 @@ def main() -> int:
     console.print(table)
     console.print(f"{len(slower)} of {len(results)} rewrites slower than their noise")
     for row in slower:
-        console.print(f"  {row['export']} --target {row['target']} ({row['applied']}): {row['ratio']:.3f} "
-                      f"[{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}]")
+        console.print(
+            f"  {row['export']} --target {row['target']} ({row['applied']}): {row['ratio']:.3f} "
+            f"[{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}]"
+        )
         for line in row.get("nodes", []):
             console.print(f"      {line}")
-    print(f"wrote {write('sweep', {'environment': env, 'rounds': args.rounds, 'reps': args.reps, 'results': results})}")
+    document = {"environment": env, "rounds": args.rounds, "reps": args.reps, "results": results}
+    print(f"wrote {write('sweep', document)}")
     return 0
 
 

@@ -36,7 +36,9 @@ def main() -> int:
     from normopt.rewrite import rewrite
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["gpt2-768x12-dyn18", "vit-b16-dyn18", "llama-512x4-dyn18"])
+    parser.add_argument(
+        "--models", nargs="+", default=["gpt2-768x12-dyn18", "vit-b16-dyn18", "llama-512x4-dyn18"]
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=50)
@@ -50,7 +52,9 @@ def main() -> int:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    table = Table(title=f"TensorRT {trt.__version__} engines, fp16, batch {args.batch} (paired median ratios)")
+    table = Table(
+        title=f"TensorRT {trt.__version__} engines, fp16, batch {args.batch} (paired median ratios)"
+    )
     for col in ("model", "variant", *CELLS, "note"):
         table.add_column(col)
     results = {}
@@ -59,19 +63,29 @@ def main() -> int:
             paths = build(name)
             example = feeds(paths.load_inputs(), batch=args.batch, seq=args.seq)
             fp16 = Path(tmp) / f"{name}-fp16.onnx"
-            onnx.save(convert_float_to_float16(onnx.load(str(paths.model)), keep_io_types=True), str(fp16))
+            onnx.save(
+                convert_float_to_float16(onnx.load(str(paths.model)), keep_io_types=True), str(fp16)
+            )
             graphs = {"original": fp16}
             for variant, version in (("native", None), ("plugins", "10.9")):
                 graphs[variant] = Path(tmp) / f"{name}-{variant}.onnx"
-                rewrite(fp16, graphs[variant], options=Options(target="tensorrt", trt_version=version),
-                        verification=None)
+                rewrite(
+                    fp16,
+                    graphs[variant],
+                    options=Options(target="tensorrt", trt_version=version),
+                    verification=None,
+                )
             shapes = {k: (v.shape,) * 3 for k, v in example.items()}
             engines = {}
             for variant, graph in graphs.items():
                 engines[variant] = Path(tmp) / f"{name}-{variant}.engine"
                 build_engine(graph, engines[variant], shapes=shapes)
-            figures = compare({v: (lambda e=e: engine_runner(e)[0]) for v, e in engines.items()}, "original",
-                              rounds=args.rounds, reps=args.reps)
+            figures = compare(
+                {v: (lambda e=e: engine_runner(e)[0]) for v, e in engines.items()},
+                "original",
+                rounds=args.rounds,
+                reps=args.reps,
+            )
             results[name] = {v: f.to_json() for v, f in figures.items()}
             for variant, figure in figures.items():
                 table.add_row(name, variant, *cells(figure), "")

@@ -18,14 +18,23 @@ IMAGE = 64
 
 
 def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return [
+        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
 
 
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(*_conv_bn(cin, cout, 3, stride), nn.ReLU(), *_conv_bn(cout, cout, 3))
-        self.down = nn.Sequential(*_conv_bn(cin, cout, 1, stride)) if stride != 1 or cin != cout else nn.Identity()
+        self.body = nn.Sequential(
+            *_conv_bn(cin, cout, 3, stride), nn.ReLU(), *_conv_bn(cout, cout, 3)
+        )
+        self.down = (
+            nn.Sequential(*_conv_bn(cin, cout, 1, stride))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
 
     def forward(self, x):
         return torch.relu(self.body(x) + self.down(x))
@@ -51,7 +60,11 @@ class InvertedResidual(nn.Module):
         super().__init__()
         hidden = cin * expand
         layers = [*_conv_bn(cin, hidden, 1), nn.ReLU6()] if expand != 1 else []
-        layers += [*_conv_bn(hidden, hidden, 3, stride, groups=hidden), nn.ReLU6(), *_conv_bn(hidden, cout, 1)]
+        layers += [
+            *_conv_bn(hidden, hidden, 3, stride, groups=hidden),
+            nn.ReLU6(),
+            *_conv_bn(hidden, cout, 1),
+        ]
         self.body = nn.Sequential(*layers)
         self.residual = stride == 1 and cin == cout
 
@@ -61,7 +74,15 @@ class InvertedResidual(nn.Module):
 
 class MobileNetV2(nn.Module):
     # (expansion, channels, repeats, stride) as in the paper, channels scaled by `width`
-    SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+    SETTINGS = [
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ]
 
     def __init__(self, width: float = 0.5, classes: int = 10) -> None:
         super().__init__()
@@ -85,7 +106,11 @@ class ChannelsLastLayerNorm(nn.Module):
 
     def __init__(self, d: int, eps: float = 1e-6) -> None:
         super().__init__()
-        self.weight, self.bias, self.eps = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d)), eps
+        self.weight, self.bias, self.eps = (
+            nn.Parameter(torch.ones(d)),
+            nn.Parameter(torch.zeros(d)),
+            eps,
+        )
 
     def forward(self, x):
         u = x.mean(-1, keepdim=True)
@@ -119,7 +144,13 @@ class ConvNeXt(nn.Module):
 def _image(module: nn.Module, keep_bn: bool = True, size: int = IMAGE, batch: int = 2) -> Built:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=g)
-    return Built(module.eval(), {"image": x}, ["logits"], {"image": {0: "batch"}, "logits": {0: "batch"}}, keep_bn=keep_bn)
+    return Built(
+        module.eval(),
+        {"image": x},
+        ["logits"],
+        {"image": {0: "batch"}, "logits": {0: "batch"}},
+        keep_bn=keep_bn,
+    )
 
 
 def resnet18(large: bool = False) -> Built:
@@ -141,10 +172,15 @@ def convnext2d(large: bool = False) -> Built:
     the channels, permuted back), the blocks' norms are channels-last LayerNorms before Linear
     MLPs. Large: convnext_atto's depths and widths (2, 2, 6, 2 blocks of 40-320 channels) at
     128x128; small: four stages of one block, 8-32 channels."""
-    import models._torchvision_shim  # noqa: F401  (timm imports torchvision)
     from timm.models.convnext import ConvNeXt as TimmConvNeXt
 
-    config = dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320)) if large else dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+    import models._torchvision_shim  # noqa: F401  (timm imports torchvision)
+
+    config = (
+        dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320))
+        if large
+        else dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+    )
     module = TimmConvNeXt(**config, ls_init_value=0.5, num_classes=10)
     return _image(module, keep_bn=False, size=128 if large else IMAGE, batch=1 if large else 2)
 
@@ -152,13 +188,19 @@ def convnext2d(large: bool = False) -> Built:
 def _repvgg_module(large: bool):
     import dataclasses
 
-    import models._torchvision_shim  # noqa: F401  (timm imports torchvision)
     from timm.models.byobnet import ByobNet, model_cfgs
+
+    import models._torchvision_shim  # noqa: F401  (timm imports torchvision)
 
     cfg = model_cfgs["repvgg_a0"]
     if not large:
-        cfg = dataclasses.replace(cfg, stem_chs=8, blocks=tuple(dataclasses.replace(b, c=max(b.c // 16, 8), d=min(b.d, 2))
-                                                               for b in cfg.blocks))
+        cfg = dataclasses.replace(
+            cfg,
+            stem_chs=8,
+            blocks=tuple(
+                dataclasses.replace(b, c=max(b.c // 16, 8), d=min(b.d, 2)) for b in cfg.blocks
+            ),
+        )
     return ByobNet(cfg, num_classes=1000 if large else 10)
 
 
@@ -174,5 +216,9 @@ def repvgg_deploy(large: bool = False) -> Built:
     model's own deploy form, the peer merge-branches is measured against)."""
     from timm.utils.model import reparameterize_model
 
-    return _image(reparameterize_model(_repvgg_module(large).eval()), keep_bn=False,
-                  size=224 if large else IMAGE, batch=1 if large else 2)
+    return _image(
+        reparameterize_model(_repvgg_module(large).eval()),
+        keep_bn=False,
+        size=224 if large else IMAGE,
+        batch=1 if large else 2,
+    )

@@ -60,11 +60,18 @@ def export(built: Built, path: Path, *, exporter: str, opset: int) -> None:
         contextlib.redirect_stderr(quiet),
         warnings.catch_warnings(),
     ):
-        warnings.simplefilter("ignore")  # the TorchScript exporter is used on purpose (opsets 14/17)
+        warnings.simplefilter(
+            "ignore"
+        )  # the TorchScript exporter is used on purpose (opsets 14/17)
         if exporter == "ts":
             torch.onnx.export(
-                module, args, str(path), dynamo=False, opset_version=opset,
-                input_names=names, output_names=built.outputs,
+                module,
+                args,
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=names,
+                output_names=built.outputs,
                 dynamic_axes=built.dynamic or None,
                 do_constant_folding=not built.keep_bn,
             )
@@ -74,10 +81,17 @@ def export(built: Built, path: Path, *, exporter: str, opset: int) -> None:
                 for n in names
             )
             torch.onnx.export(
-                module, args, str(path), dynamo=True, opset_version=opset,
-                input_names=names, output_names=built.outputs,
-                dynamic_shapes=shapes, external_data=False,
-                optimize=not built.keep_bn, verbose=False,
+                module,
+                args,
+                str(path),
+                dynamo=True,
+                opset_version=opset,
+                input_names=names,
+                output_names=built.outputs,
+                dynamic_shapes=shapes,
+                external_data=False,
+                optimize=not built.keep_bn,
+                verbose=False,
             )
         else:
             raise ValueError(f"unknown exporter {exporter!r}")

@@ -40,13 +40,33 @@ class Entry:
         from models import cnn, hf, reparam, transformer
 
         families = {
-            "clip": hf.clip, "bloom": hf.bloom, "swin": hf.swin, "wav2vec2": hf.wav2vec2, "whisper": hf.whisper,
-            "periln": transformer.periln, "mixln": transformer.mixln, "scaledpool": transformer.scaledpool,
-            "gpt2": hf.gpt2, "gpt2hidden": hf.gpt2hidden, "gpt2narrow": hf.gpt2narrow, "opt": hf.opt, "gptneox": hf.gptneox, "vit": hf.vit, "bert": hf.bert,
-            "llama": hf.llama, "preln": transformer.preln, "repbn": transformer.repbn, "repbnpool": transformer.repbnpool,
-            "unifiednorm": transformer.unifiednorm, "resnet18": cnn.resnet18,
-            "mobilenetv2": cnn.mobilenetv2, "convnext": cnn.convnext, "convnext2d": cnn.convnext2d,
-            "repvgg": cnn.repvgg, "repvggdeploy": cnn.repvgg_deploy, "repblocks": reparam.repblocks,
+            "clip": hf.clip,
+            "bloom": hf.bloom,
+            "swin": hf.swin,
+            "wav2vec2": hf.wav2vec2,
+            "whisper": hf.whisper,
+            "periln": transformer.periln,
+            "mixln": transformer.mixln,
+            "scaledpool": transformer.scaledpool,
+            "gpt2": hf.gpt2,
+            "gpt2hidden": hf.gpt2hidden,
+            "gpt2narrow": hf.gpt2narrow,
+            "opt": hf.opt,
+            "gptneox": hf.gptneox,
+            "vit": hf.vit,
+            "bert": hf.bert,
+            "llama": hf.llama,
+            "preln": transformer.preln,
+            "repbn": transformer.repbn,
+            "repbnpool": transformer.repbnpool,
+            "unifiednorm": transformer.unifiednorm,
+            "resnet18": cnn.resnet18,
+            "mobilenetv2": cnn.mobilenetv2,
+            "convnext": cnn.convnext,
+            "convnext2d": cnn.convnext2d,
+            "repvgg": cnn.repvgg,
+            "repvggdeploy": cnn.repvgg_deploy,
+            "repblocks": reparam.repblocks,
         }
         build = families[self.family]
         return (lambda: build(large=True)) if self.large else build
@@ -67,9 +87,33 @@ class Paths:
             return {k: f[k] for k in f.files}
 
 
-FAMILIES = ["gpt2", "gpt2hidden", "opt", "gptneox", "vit", "bert", "clip", "bloom", "swin", "wav2vec2", "whisper",
-            "llama", "preln", "periln", "mixln", "scaledpool", "repbn", "repbnpool", "unifiednorm", "resnet18", "mobilenetv2",
-            "convnext", "convnext2d", "repvgg", "repblocks"]
+FAMILIES = [
+    "gpt2",
+    "gpt2hidden",
+    "opt",
+    "gptneox",
+    "vit",
+    "bert",
+    "clip",
+    "bloom",
+    "swin",
+    "wav2vec2",
+    "whisper",
+    "llama",
+    "preln",
+    "periln",
+    "mixln",
+    "scaledpool",
+    "repbn",
+    "repbnpool",
+    "unifiednorm",
+    "resnet18",
+    "mobilenetv2",
+    "convnext",
+    "convnext2d",
+    "repvgg",
+    "repblocks",
+]
 # Exports per family where not all of them work (Whisper: TorchScript cannot export aten::diff).
 FAMILY_EXPORTS = {"llama": ("ts14", "ts17", "dyn18", "dyn23"), "whisper": ("dyn18",)}
 CORPUS: dict[str, Entry] = {}
@@ -78,7 +122,9 @@ for _family in FAMILIES:
         CORPUS[f"{_family}-{_suffix}"] = Entry(f"{_family}-{_suffix}", _family, *EXPORTS[_suffix])
 # timm's RepVGG exported with Conv+BN folded by the exporter: only the identity BNs stay
 for _suffix in ("ts17", "dyn18"):
-    CORPUS[f"repvgg-folded-{_suffix}"] = Entry(f"repvgg-folded-{_suffix}", "repvgg", *EXPORTS[_suffix], keep_bn=False)
+    CORPUS[f"repvgg-folded-{_suffix}"] = Entry(
+        f"repvgg-folded-{_suffix}", "repvgg", *EXPORTS[_suffix], keep_bn=False
+    )
 LARGE = {
     "gpt2-768x12-ts17": Entry("gpt2-768x12-ts17", "gpt2", "ts", 17, large=True),
     "gpt2-768x12-dyn18": Entry("gpt2-768x12-dyn18", "gpt2", "dynamo", 18, large=True),
@@ -88,14 +134,22 @@ LARGE = {
     "convnext-128x4-dyn18": Entry("convnext-128x4-dyn18", "convnext", "dynamo", 18, large=True),
     "convnext-128x4-ts14": Entry("convnext-128x4-ts14", "convnext", "ts", 14, large=True),
     # timm's LayerNorm2d (channels-first ConvNeXt): exports where a fused norm needs Transposes
-    **{f"convnext2d-bench-{s}": Entry(f"convnext2d-bench-{s}", "convnext2d", *EXPORTS[s], large=True)
-       for s in ("ts14", "ts17", "dyn18")},
+    **{
+        f"convnext2d-bench-{s}": Entry(
+            f"convnext2d-bench-{s}", "convnext2d", *EXPORTS[s], large=True
+        )
+        for s in ("ts14", "ts17", "dyn18")
+    },
     "resnet18-full-dyn18": Entry("resnet18-full-dyn18", "resnet18", "dynamo", 18, large=True),
-    "resnet18-full-dyn18-folded": Entry("resnet18-full-dyn18-folded", "resnet18", "dynamo", 18, large=True, keep_bn=False),
+    "resnet18-full-dyn18-folded": Entry(
+        "resnet18-full-dyn18-folded", "resnet18", "dynamo", 18, large=True, keep_bn=False
+    ),
     "repbn-vits-dyn18": Entry("repbn-vits-dyn18", "repbn", "dynamo", 18, large=True),
     # timm's RepVGG-A0: training form (BN kept), and timm's own reparameterized deploy form
     "repvgg-a0-dyn18": Entry("repvgg-a0-dyn18", "repvgg", "dynamo", 18, large=True),
-    "repvgg-a0-deploy-dyn18": Entry("repvgg-a0-deploy-dyn18", "repvggdeploy", "dynamo", 18, large=True),
+    "repvgg-a0-deploy-dyn18": Entry(
+        "repvgg-a0-deploy-dyn18", "repvggdeploy", "dynamo", 18, large=True
+    ),
     # an ACNet block, a Diverse Branch Block and a DEConv, 64 channels, training form
     "repblocks-64-dyn18": Entry("repblocks-64-dyn18", "repblocks", "dynamo", 18, large=True),
     "swin-t-ts17": Entry("swin-t-ts17", "swin", "ts", 17, large=True),
@@ -104,7 +158,9 @@ LARGE = {
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("NORMOPT_MODEL_CACHE", Path.home() / ".cache" / "normopt" / "models"))
+    return Path(
+        os.environ.get("NORMOPT_MODEL_CACHE", Path.home() / ".cache" / "normopt" / "models")
+    )
 
 
 def cache_key() -> str:
@@ -158,9 +214,13 @@ def _build_into(entry: Entry, folder: Path) -> None:
     reference = run_ort(folder / "model.onnx", feeds)
     with torch.no_grad():
         expected = built.module(*built.inputs.values())
-    for name, tensor in zip(built.outputs, expected if isinstance(expected, tuple) else (expected,)):
+    for name, tensor in zip(
+        built.outputs, expected if isinstance(expected, tuple) else (expected,)
+    ):
         check = compare_output(name, tensor.numpy(), reference[name], rtol=1e-4, atol=1e-5)
         if not check.ok:
-            raise RuntimeError(f"{entry.name}: ONNX export disagrees with torch on '{name}': {check.problem}")
+            raise RuntimeError(
+                f"{entry.name}: ONNX export disagrees with torch on '{name}': {check.problem}"
+            )
     np.savez(folder / "inputs.npz", **feeds)
     np.savez(folder / "reference.npz", **reference)

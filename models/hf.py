@@ -63,8 +63,15 @@ def gpt2(large: bool = False) -> Built:
 
     d, layers, heads = (768, 12, 12) if large else (64, 2, 4)
     vocab = 50257 if large else VOCAB
-    cfg = _small(T.GPT2Config(n_embd=d, n_layer=layers, n_head=heads, vocab_size=vocab,
-                              n_positions=1024 if large else POSITIONS))
+    cfg = _small(
+        T.GPT2Config(
+            n_embd=d,
+            n_layer=layers,
+            n_head=heads,
+            vocab_size=vocab,
+            n_positions=1024 if large else POSITIONS,
+        )
+    )
     return _text(T.GPT2LMHeadModel(cfg))
 
 
@@ -84,7 +91,9 @@ class _HiddenStates(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask):
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
+        )
         return (out.logits, *out.hidden_states)
 
 
@@ -102,9 +111,18 @@ def opt() -> Built:
     """Pre-LN (do_layer_norm_before), learned positions with offset 2, tied LM head."""
     T = _transformers()
 
-    cfg = _small(T.OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
-                             vocab_size=VOCAB, max_position_embeddings=POSITIONS,
-                             word_embed_proj_dim=64, do_layer_norm_before=True))
+    cfg = _small(
+        T.OPTConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=128,
+            vocab_size=VOCAB,
+            max_position_embeddings=POSITIONS,
+            word_embed_proj_dim=64,
+            do_layer_norm_before=True,
+        )
+    )
     return _text(T.OPTForCausalLM(cfg))
 
 
@@ -112,10 +130,19 @@ def gptneox() -> Built:
     """Parallel residual: x + attn(LN1(x)) + mlp(LN2(x)); rotary positions; untied head."""
     T = _transformers()
 
-    cfg = _small(T.GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=128, vocab_size=VOCAB,
-                                 max_position_embeddings=POSITIONS, use_parallel_residual=True,
-                                 rotary_pct=0.25, tie_word_embeddings=False))
+    cfg = _small(
+        T.GPTNeoXConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            vocab_size=VOCAB,
+            max_position_embeddings=POSITIONS,
+            use_parallel_residual=True,
+            rotary_pct=0.25,
+            tie_word_embeddings=False,
+        )
+    )
     return _text(T.GPTNeoXForCausalLM(cfg))
 
 
@@ -123,9 +150,17 @@ def bert() -> Built:
     """Post-LN encoder (embedding LN, LN after each residual add); hidden states out."""
     T = _transformers()
 
-    cfg = _small(T.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              intermediate_size=128, vocab_size=VOCAB,
-                              max_position_embeddings=POSITIONS, type_vocab_size=2))
+    cfg = _small(
+        T.BertConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            vocab_size=VOCAB,
+            max_position_embeddings=POSITIONS,
+            type_vocab_size=2,
+        )
+    )
     return _text(T.BertModel(cfg, add_pooling_layer=False), "last_hidden_state", "token_type_ids")
 
 
@@ -134,10 +169,18 @@ def llama(large: bool = False) -> Built:
     T = _transformers()
 
     d, layers, heads = (512, 4, 8) if large else (64, 2, 4)
-    cfg = _small(T.LlamaConfig(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
-                               num_attention_heads=heads, num_key_value_heads=heads // 2,
-                               vocab_size=VOCAB, max_position_embeddings=1024 if large else POSITIONS,
-                               tie_word_embeddings=False))
+    cfg = _small(
+        T.LlamaConfig(
+            hidden_size=d,
+            intermediate_size=2 * d,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads // 2,
+            vocab_size=VOCAB,
+            max_position_embeddings=1024 if large else POSITIONS,
+            tie_word_embeddings=False,
+        )
+    )
     return _text(T.LlamaForCausalLM(cfg), extra="position_ids")
 
 
@@ -157,13 +200,24 @@ def vit(large: bool = False) -> Built:
     if large:
         cfg = T.ViTConfig(num_labels=1000)  # ViT-B/16 at 224x224
     else:
-        cfg = T.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=128, image_size=32, patch_size=8, num_labels=10)
+        cfg = T.ViTConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            image_size=32,
+            patch_size=8,
+            num_labels=10,
+        )
     cfg._attn_implementation = "eager"
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(1 if large else BATCH, 3, cfg.image_size, cfg.image_size, generator=g)
-    return Built(_ImageModel(T.ViTForImageClassification(cfg)).eval(), {"pixel_values": pixels},
-                 ["logits"], {"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
+    return Built(
+        _ImageModel(T.ViTForImageClassification(cfg)).eval(),
+        {"pixel_values": pixels},
+        ["logits"],
+        {"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
+    )
 
 
 def clip() -> Built:
@@ -171,13 +225,23 @@ def clip() -> Built:
     blocks (pre_layrnorm), bias-free patch Conv, pooled cls token through post_layernorm."""
     T = _transformers()
 
-    cfg = T.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             image_size=32, patch_size=8)
+    cfg = T.CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
     cfg._attn_implementation = "eager"
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(BATCH, 3, cfg.image_size, cfg.image_size, generator=g)
-    return Built(_ImageModel(T.CLIPVisionModel(cfg), "pooler_output").eval(), {"pixel_values": pixels},
-                 ["pooled"], {"pixel_values": {0: "batch"}, "pooled": {0: "batch"}})
+    return Built(
+        _ImageModel(T.CLIPVisionModel(cfg), "pooler_output").eval(),
+        {"pixel_values": pixels},
+        ["pooled"],
+        {"pixel_values": {0: "batch"}, "pooled": {0: "batch"}},
+    )
 
 
 def bloom(large: bool = False) -> Built:
@@ -199,13 +263,24 @@ def swin(large: bool = False) -> Built:
     if large:
         cfg = T.SwinConfig(image_size=224, num_labels=1000)  # Swin-T: 96 wide, depths 2-2-6-2
     else:
-        cfg = T.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
-                           window_size=4, num_labels=10)
+        cfg = T.SwinConfig(
+            image_size=32,
+            patch_size=2,
+            embed_dim=16,
+            depths=[2, 2],
+            num_heads=[2, 4],
+            window_size=4,
+            num_labels=10,
+        )
     cfg._attn_implementation = "eager"
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(1 if large else BATCH, 3, cfg.image_size, cfg.image_size, generator=g)
-    return Built(_ImageModel(T.SwinForImageClassification(cfg)).eval(), {"pixel_values": pixels},
-                 ["logits"], {"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
+    return Built(
+        _ImageModel(T.SwinForImageClassification(cfg)).eval(),
+        {"pixel_values": pixels},
+        ["logits"],
+        {"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
+    )
 
 
 class _Audio(torch.nn.Module):
@@ -223,14 +298,28 @@ def wav2vec2() -> Built:
     stream (it reads the stream's start), Pre-LN blocks, a final LayerNorm."""
     T = _transformers()
 
-    cfg = T.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                           conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
-                           num_conv_pos_embedding_groups=4, do_stable_layer_norm=True, feat_extract_norm="layer")
+    cfg = T.Wav2Vec2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        conv_dim=(16, 16),
+        conv_stride=(5, 2),
+        conv_kernel=(10, 3),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        do_stable_layer_norm=True,
+        feat_extract_norm="layer",
+    )
     cfg._attn_implementation = "eager"
     g = torch.Generator().manual_seed(0)
     audio = torch.randn(BATCH, 400, generator=g)
-    return Built(_Audio(T.Wav2Vec2Model(cfg)).eval(), {"input_values": audio}, ["hidden"],
-                 {"input_values": {0: "batch", 1: "samples"}, "hidden": {0: "batch", 1: "frames"}})
+    return Built(
+        _Audio(T.Wav2Vec2Model(cfg)).eval(),
+        {"input_values": audio},
+        ["hidden"],
+        {"input_values": {0: "batch", 1: "samples"}, "hidden": {0: "batch", 1: "frames"}},
+    )
 
 
 class _Seq2Seq(torch.nn.Module):
@@ -247,13 +336,34 @@ def whisper() -> Built:
     final LayerNorm output. (TorchScript cannot export it: aten::diff; dynamo only.)"""
     T = _transformers()
 
-    cfg = _small(T.WhisperConfig(vocab_size=VOCAB, num_mel_bins=8, encoder_layers=2, encoder_attention_heads=4,
-                                 decoder_layers=2, decoder_attention_heads=4, d_model=32, encoder_ffn_dim=64,
-                                 decoder_ffn_dim=64, max_source_positions=16, max_target_positions=16,
-                                 decoder_start_token_id=0))
+    cfg = _small(
+        T.WhisperConfig(
+            vocab_size=VOCAB,
+            num_mel_bins=8,
+            encoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_layers=2,
+            decoder_attention_heads=4,
+            d_model=32,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_source_positions=16,
+            max_target_positions=16,
+            decoder_start_token_id=0,
+        )
+    )
     g = torch.Generator().manual_seed(0)
-    inputs = {"input_features": torch.randn(BATCH, 8, 32, generator=g),
-              "decoder_input_ids": torch.randint(0, VOCAB, (BATCH, 5), generator=g)}
-    return Built(_Seq2Seq(T.WhisperForConditionalGeneration(cfg)).eval(), inputs, ["logits"],
-                 {"input_features": {0: "batch"}, "decoder_input_ids": {0: "batch", 1: "target"},
-                  "logits": {0: "batch", 1: "target"}})
+    inputs = {
+        "input_features": torch.randn(BATCH, 8, 32, generator=g),
+        "decoder_input_ids": torch.randint(0, VOCAB, (BATCH, 5), generator=g),
+    }
+    return Built(
+        _Seq2Seq(T.WhisperForConditionalGeneration(cfg)).eval(),
+        inputs,
+        ["logits"],
+        {
+            "input_features": {0: "batch"},
+            "decoder_input_ids": {0: "batch", 1: "target"},
+            "logits": {0: "batch", 1: "target"},
+        },
+    )

@@ -24,8 +24,12 @@ class ACBlock(nn.Module):
     def __init__(self, c: int) -> None:
         super().__init__()
         self.square = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
-        self.hor = nn.Sequential(nn.Conv2d(c, c, (1, 3), padding=(0, 1), bias=False), nn.BatchNorm2d(c))
-        self.ver = nn.Sequential(nn.Conv2d(c, c, (3, 1), padding=(1, 0), bias=False), nn.BatchNorm2d(c))
+        self.hor = nn.Sequential(
+            nn.Conv2d(c, c, (1, 3), padding=(0, 1), bias=False), nn.BatchNorm2d(c)
+        )
+        self.ver = nn.Sequential(
+            nn.Conv2d(c, c, (3, 1), padding=(1, 0), bias=False), nn.BatchNorm2d(c)
+        )
 
     def forward(self, x):
         return torch.relu(self.square(x) + self.hor(x) + self.ver(x))
@@ -45,7 +49,9 @@ class BNAndPad(nn.Module):
         if self.pad == 0:
             return out
         bn, p = self.bn, self.pad
-        values = (bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)).view(1, -1, 1, 1)
+        values = (bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)).view(
+            1, -1, 1, 1
+        )
         if not self.slice_assign:
             return F.pad(out - values, [p] * 4) + values
         out = F.pad(out, [p] * 4)
@@ -71,10 +77,18 @@ class DiverseBranchBlock(nn.Module):
         p = k // 2
         self.origin = nn.Sequential(nn.Conv2d(c, c, k, padding=p, bias=False), nn.BatchNorm2d(c))
         self.one = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
-        self.avg = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), BNAndPad(p, c, slice_assign), nn.AvgPool2d(k, 1, 0),
-                                 nn.BatchNorm2d(c))
-        self.one_kxk = nn.Sequential(IdentityBasedConv1x1(c), BNAndPad(p, c, slice_assign), nn.Conv2d(c, c, k, bias=False),
-                                     nn.BatchNorm2d(c))
+        self.avg = nn.Sequential(
+            nn.Conv2d(c, c, 1, bias=False),
+            BNAndPad(p, c, slice_assign),
+            nn.AvgPool2d(k, 1, 0),
+            nn.BatchNorm2d(c),
+        )
+        self.one_kxk = nn.Sequential(
+            IdentityBasedConv1x1(c),
+            BNAndPad(p, c, slice_assign),
+            nn.Conv2d(c, c, k, bias=False),
+            nn.BatchNorm2d(c),
+        )
 
     def forward(self, x):
         return torch.relu(self.origin(x) + self.one(x) + self.avg(x) + self.one_kxk(x))

@@ -85,15 +85,20 @@ class TextTransformer(nn.Module):
     """`layouts`: one per block (see Block); `embed_scale`: tokens x sqrt(d) (fairseq, T5-style);
     `pool`: mean over tokens, then the final norm and a classification head."""
 
-    def __init__(self, norm: str, layouts: tuple[str, ...] = ("pre",) * LAYERS, embed_scale: bool = False,
-                 pool: bool = False) -> None:
+    def __init__(
+        self,
+        norm: str,
+        layouts: tuple[str, ...] = ("pre",) * LAYERS,
+        embed_scale: bool = False,
+        pool: bool = False,
+    ) -> None:
         super().__init__()
         self.tokens = nn.Embedding(VOCAB, D)
         self.positions = nn.Parameter(torch.randn(1, 64, D) * 0.02)
         self.blocks = nn.Sequential(*[Block(D, HEADS, norm, layout) for layout in layouts])
         self.norm = NORMS[norm](D)
         self.head = nn.Linear(D, VOCAB)
-        self.scale, self.pool = (D ** 0.5 if embed_scale else 1.0), pool
+        self.scale, self.pool = (D**0.5 if embed_scale else 1.0), pool
 
     def forward(self, input_ids):
         x = self.tokens(input_ids) * self.scale + self.positions[:, : input_ids.shape[1]]
@@ -102,8 +107,17 @@ class TextTransformer(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, norm: str, classes: int = 10, d: int = D, heads: int = HEADS, layers: int = LAYERS,
-                 patch: int = PATCH, image: int = IMAGE, pool: str = "cls") -> None:
+    def __init__(
+        self,
+        norm: str,
+        classes: int = 10,
+        d: int = D,
+        heads: int = HEADS,
+        layers: int = LAYERS,
+        patch: int = PATCH,
+        image: int = IMAGE,
+        pool: str = "cls",
+    ) -> None:
         super().__init__()
         self.pool = pool  # cls: the cls token's features; mean: the mean over every token
         self.patch = nn.Conv2d(3, d, patch, patch)
@@ -134,8 +148,12 @@ def _text(module: TextTransformer) -> Built:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=g)
     axes = {0: "batch", 1: "sequence"}
-    return Built(module.eval(), {"input_ids": ids}, ["logits"],
-                 {"input_ids": axes, "logits": {0: "batch"} if module.pool else axes})
+    return Built(
+        module.eval(),
+        {"input_ids": ids},
+        ["logits"],
+        {"input_ids": axes, "logits": {0: "batch"} if module.pool else axes},
+    )
 
 
 def preln() -> Built:
@@ -162,11 +180,19 @@ def _vision(norm: str, large: bool = False, pool: str = "cls") -> Built:
     g = torch.Generator().manual_seed(0)
     size = 224 if large else IMAGE
     image = torch.randn(1 if large else 2, 3, size, size, generator=g)
-    module = (VisionTransformer(norm, 1000, 384, 6, 12, 16, 224, pool=pool) if large
-              else VisionTransformer(norm, pool=pool)).eval()
+    module = (
+        VisionTransformer(norm, 1000, 384, 6, 12, 16, 224, pool=pool)
+        if large
+        else VisionTransformer(norm, pool=pool)
+    ).eval()
     _randomize_custom_norms(module, seed=1)
-    return Built(module, {"image": image}, ["logits"],
-                 {"image": {0: "batch"}, "logits": {0: "batch"}}, keep_bn=True)
+    return Built(
+        module,
+        {"image": image},
+        ["logits"],
+        {"image": {0: "batch"}, "logits": {0: "batch"}},
+        keep_bn=True,
+    )
 
 
 def repbn(large: bool = False) -> Built:

@@ -39,7 +39,9 @@ def _kind(model: Any) -> str:
         return "ir"
     from normopt.errors import BadInput
 
-    raise BadInput(f"a model is a path, an onnx.ModelProto or an onnx_ir.Model, not {type(model).__name__}")
+    raise BadInput(
+        f"a model is a path, an onnx.ModelProto or an onnx_ir.Model, not {type(model).__name__}"
+    )
 
 
 @contextlib.contextmanager
@@ -60,7 +62,10 @@ def _as_file(model: Any, folder: Path, name: str) -> Iterator[Path]:
     try:
         io.save(ir.from_proto(model) if kind == "proto" else model, path, external_data=True)
     except (OSError, ValueError) as exc:  # an ExternalTensor whose file is not found, ...
-        raise BadInput(f"cannot write the in-memory model ({exc}); load its external data first, or pass its path") from None
+        raise BadInput(
+            f"cannot write the in-memory model ({exc}); load its external data first, or pass its "
+            "path"
+        ) from None
     yield path
 
 
@@ -76,8 +81,15 @@ def _read_back(path: Path, kind: str) -> Any:
 def _verify_options(inputs, dims, shapes, rtol, atol, seed, trials):
     from normopt.verify import VerifyOptions
 
-    return VerifyOptions(inputs=inputs, dims=dict(dims or {}), shapes={k: tuple(v) for k, v in (shapes or {}).items()},
-                         rtol=rtol, atol=atol, seed=seed, trials=trials)
+    return VerifyOptions(
+        inputs=inputs,
+        dims=dict(dims or {}),
+        shapes={k: tuple(v) for k, v in (shapes or {}).items()},
+        rtol=rtol,
+        atol=atol,
+        seed=seed,
+        trials=trials,
+    )
 
 
 def rewrite(
@@ -107,7 +119,8 @@ def rewrite(
     tensorrt), verified in onnxruntime unless `verify=False` (inputs: arrays by name, an .npz
     path, or generated from `dims`/`shapes`/`seed`, `trials` draws), with `speed_guard` never
     slower than the original on the target's backend; `crms` off | on | auto (None: auto where
-    `passes` names preln-to-crmsnorm: kept only where it times faster than Pre-RMSNorm). A path needs `output` (written only on
+    `passes` names preln-to-crmsnorm: kept only where it times faster than Pre-RMSNorm). A path
+    needs `output` (written only on
     success, never over `model`); an in-memory model comes back as the same kind. Returns
     (rewritten model, RewriteReport); `report.to_json()` is the CLI's --json document, also
     written to `report` when given."""
@@ -123,7 +136,9 @@ def rewrite(
     if kind == "path" and output is None:
         raise BadInput("rewriting a model file needs an output path: rewrite(path, output)")
     if kind != "path" and output is not None:
-        raise BadInput("an in-memory model is returned, not written: leave out `output` (or pass a path)")
+        raise BadInput(
+            "an in-memory model is returned, not written: leave out `output` (or pass a path)"
+        )
     checks = _verify_options(inputs, dims, shapes, rtol, atol, seed, trials)
     if tune_params not in ("constants", "inputs", "inputs:all"):
         raise BadInput(f"tune_params must be constants, inputs or inputs:all, not '{tune_params}'")
@@ -134,14 +149,36 @@ def rewrite(
             parse_version(trt_version)
         except ValueError as exc:
             raise BadInput(f"trt_version: {exc}") from None
-    options = Options(target=target, allow_hidden_state_change=allow_hidden_state_change, tune_params=tune_params,
-                      trt_version=trt_version)
+    options = Options(
+        target=target,
+        allow_hidden_state_change=allow_hidden_state_change,
+        tune_params=tune_params,
+        trt_version=trt_version,
+    )
     timing = SpeedGuard(threads=threads, inputs=checks)
-    with tempfile.TemporaryDirectory(prefix="normopt-") as tmp, _as_file(model, Path(tmp), "input.onnx") as src:
+    with (
+        tempfile.TemporaryDirectory(prefix="normopt-") as tmp,
+        _as_file(model, Path(tmp), "input.onnx") as src,
+    ):
         dst = Path(output) if output is not None else Path(tmp) / "output.onnx"
-        result = RewriteReport(str(src), str(dst)) if kind == "path" else RewriteReport(IN_MEMORY, IN_MEMORY)
-        run(src, dst, passes=passes, options=options, verification=checks if verify else None,
-            speed_guard=timing if speed_guard else None, crms=crms, timing=timing, require_change=require_change, report_path=report, report=result)
+        result = (
+            RewriteReport(str(src), str(dst))
+            if kind == "path"
+            else RewriteReport(IN_MEMORY, IN_MEMORY)
+        )
+        run(
+            src,
+            dst,
+            passes=passes,
+            options=options,
+            verification=checks if verify else None,
+            speed_guard=timing if speed_guard else None,
+            crms=crms,
+            timing=timing,
+            require_change=require_change,
+            report_path=report,
+            report=result,
+        )
         return (dst if kind == "path" else _read_back(dst, kind)), result
 
 
@@ -162,8 +199,11 @@ def verify(
     from normopt.verify import verify as run
 
     options = _verify_options(inputs, dims, shapes, rtol, atol, seed, trials)
-    with tempfile.TemporaryDirectory(prefix="normopt-") as tmp, \
-            _as_file(model_a, Path(tmp), "a.onnx") as a, _as_file(model_b, Path(tmp), "b.onnx") as b:
+    with (
+        tempfile.TemporaryDirectory(prefix="normopt-") as tmp,
+        _as_file(model_a, Path(tmp), "a.onnx") as a,
+        _as_file(model_b, Path(tmp), "b.onnx") as b,
+    ):
         return run(a, b, options)
 
 

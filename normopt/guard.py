@@ -35,7 +35,9 @@ class SpeedGuard:
     threads: int = 2
     rounds: int = 20
     reps: int = 2
-    inputs: VerifyOptions | None = None  # where the inputs come from when the rewrite is not verified
+    inputs: VerifyOptions | None = (
+        None  # where the inputs come from when the rewrite is not verified
+    )
 
 
 @dataclass(frozen=True)
@@ -60,15 +62,22 @@ class GuardReport:
 
     @property
     def verdict(self) -> str:
-        figure = f"{self.final.text()} x original ({self.final.verdict})" if self.final else "not timed"
+        figure = (
+            f"{self.final.text()} x original ({self.final.verdict})" if self.final else "not timed"
+        )
         if not self.dropped:
             return f"kept every change: {figure}"
         return f"dropped {', '.join(self.dropped)} (measured slower); what is written: {figure}"
 
     def to_json(self) -> dict:
-        return {"backend": self.backend, "verdict": self.verdict, "dropped": self.dropped, "kept": self.kept,
-                "final": self.final.to_json() if self.final else None,
-                "steps": [{k: f.to_json() for k, f in step.items()} for step in self.steps]}
+        return {
+            "backend": self.backend,
+            "verdict": self.verdict,
+            "dropped": self.dropped,
+            "kept": self.kept,
+            "final": self.final.to_json() if self.final else None,
+            "steps": [{k: f.to_json() for k, f in step.items()} for step in self.steps],
+        }
 
 
 def units(results: Sequence[PassResult]) -> list[Unit]:
@@ -84,22 +93,39 @@ def units(results: Sequence[PassResult]) -> list[Unit]:
     return out
 
 
-def _variant(src: Path, names: Sequence[str], every: Sequence[Unit], kept: Sequence[Unit], options: Options,
-             stage: Callable[[ir.Model], io.StagedModel]) -> io.StagedModel:
+def _variant(
+    src: Path,
+    names: Sequence[str],
+    every: Sequence[Unit],
+    kept: Sequence[Unit],
+    options: Options,
+    stage: Callable[[ir.Model], io.StagedModel],
+) -> io.StagedModel:
     """IN rewritten with only the `kept` units, staged (nothing kept: IN's graph as it is)."""
     model = io.load(src)
     if kept:
         skip = {s for u in every if u not in kept for s in u.sites or ()}
         dropped_passes = {u.pass_name for u in every if u.sites is None and u not in kept}
-        run_pipeline(model, [n for n in names if n not in dropped_passes],
-                     dataclasses.replace(options, skip_sites=options.skip_sites | frozenset(skip)))
+        run_pipeline(
+            model,
+            [n for n in names if n not in dropped_passes],
+            dataclasses.replace(options, skip_sites=options.skip_sites | frozenset(skip)),
+        )
     return stage(model)
 
 
-def guard_speed(src: Path, staged: io.StagedModel, names: Sequence[str], options: Options,
-                results: Sequence[PassResult], feeds: Mapping[str, np.ndarray], settings: SpeedGuard,
-                stage: Callable[[ir.Model], io.StagedModel], check: Callable[[Path], None],
-                step: Callable[[str], None]) -> tuple[io.StagedModel, GuardReport]:
+def guard_speed(
+    src: Path,
+    staged: io.StagedModel,
+    names: Sequence[str],
+    options: Options,
+    results: Sequence[PassResult],
+    feeds: Mapping[str, np.ndarray],
+    settings: SpeedGuard,
+    stage: Callable[[ir.Model], io.StagedModel],
+    check: Callable[[Path], None],
+    step: Callable[[str], None],
+) -> tuple[io.StagedModel, GuardReport]:
     """Time `staged` against IN; drop units while it is slower beyond noise. Returns the staged
     model to publish (`staged` itself, or a variant: then `staged` is discarded) and the report.
     `stage(model)` stages a variant as the rewrite was staged; `check(path)` verifies it as the
@@ -108,8 +134,15 @@ def guard_speed(src: Path, staged: io.StagedModel, names: Sequence[str], options
     report = GuardReport(backend)
 
     def timed(rows: dict[str, Path]) -> dict[str, Figure]:
-        figures = compare(rows, "original", feeds, backend=backend, threads=settings.threads,
-                          rounds=settings.rounds, reps=settings.reps)
+        figures = compare(
+            rows,
+            "original",
+            feeds,
+            backend=backend,
+            threads=settings.threads,
+            rounds=settings.rounds,
+            reps=settings.reps,
+        )
         report.steps.append(figures)
         return figures
 
@@ -124,9 +157,16 @@ def guard_speed(src: Path, staged: io.StagedModel, names: Sequence[str], options
             variants: dict[Unit, io.StagedModel] = {}
             try:
                 for unit in kept:
-                    variants[unit] = _variant(src, names, every, [u for u in kept if u != unit], options, stage)
-                figures = timed({"original": src, "current": current.path,
-                                 **{f"without {u}": v.path for u, v in variants.items()}})
+                    variants[unit] = _variant(
+                        src, names, every, [u for u in kept if u != unit], options, stage
+                    )
+                figures = timed(
+                    {
+                        "original": src,
+                        "current": current.path,
+                        **{f"without {u}": v.path for u, v in variants.items()},
+                    }
+                )
                 best = min(variants, key=lambda u: figures[f"without {u}"].ratio)
                 check(variants[best].path)
             except BaseException:

@@ -23,20 +23,29 @@ from normopt.schema import document
 
 
 def _io(values) -> list[dict]:
-    return [{"name": v.name, "dtype": str(v.dtype) if v.dtype else None, "shape": dim_list(v.shape)} for v in values]
+    return [
+        {"name": v.name, "dtype": str(v.dtype) if v.dtype else None, "shape": dim_list(v.shape)}
+        for v in values
+    ]
 
 
 def inspect_model(path: str | os.PathLike, target: str = "onnx") -> dict:
     """`normopt inspect`'s document (normopt.schema): `architecture` (pre-ln|post-ln|
     pre-rmsnorm|peri-ln|mixed|none), `norms` (kind, form, axis, epsilon, nodes, ...), `passes`
     ({name: {applies, reason}}), `crms` (would the stream carry d-1 coordinates, after
-    preln-to-rmsnorm where it needs that); plus `architecture_reasons`, `stream`, `model` and `operators`."""
+    preln-to-rmsnorm where it needs that); plus `architecture_reasons`, `stream`, `model` and
+    `operators`."""
     start = time.perf_counter()
     return describe(io.load(path), str(path), target, start)
 
 
-def describe(model: ir.Model, path: str, target: str = "onnx", start: float | None = None,
-             scratch: bool = True) -> dict:
+def describe(
+    model: ir.Model,
+    path: str,
+    target: str = "onnx",
+    start: float | None = None,
+    scratch: bool = True,
+) -> dict:
     """The document for a loaded model (its shapes annotated meanwhile, then taken back);
     `scratch`: the model is normopt's own copy, which the CRMS question may edit (a caller's
     ir.Model is not: CRMS is then asked of the model as it is)."""
@@ -49,8 +58,12 @@ def describe(model: ir.Model, path: str, target: str = "onnx", start: float | No
 def _describe(model: ir.Model, path: str, target: str, scratch: bool) -> dict:
     norms = find_norms(model.graph)
     stream = analyze(model.graph, norms)
-    subgraphs = sum(1 for node in model.graph.all_nodes() for a in node.attributes.values()
-                    if a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS))
+    subgraphs = sum(
+        1
+        for node in model.graph.all_nodes()
+        for a in node.attributes.values()
+        if a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+    )
     info = {
         "model": {
             "path": path,
@@ -93,5 +106,8 @@ def _crms(model: ir.Model, passes: dict, target: str, scratch: bool) -> dict:
         return {"applies": crms["applies"], "after": None, "reason": crms["reason"]}
     PreLNToRMSNorm(Options(target=target)).run(model)
     plan = PreLNToCRMSNorm(Options(target=target)).plan(model)
-    return {"applies": plan.applies, "after": PreLNToRMSNorm.name,
-            "reason": plan.summary() if plan.applies else plan.why_not()}
+    return {
+        "applies": plan.applies,
+        "after": PreLNToRMSNorm.name,
+        "reason": plan.summary() if plan.applies else plan.why_not(),
+    }

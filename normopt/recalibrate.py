@@ -69,7 +69,9 @@ def find_sites(model: ir.Model) -> list[Site]:
         else:
             sites.append(site)
     for site in sites:
-        _check_statistics(site, f"BatchNorm '{site.name}' (tuned into {site.y.producer().op_type})", problems)
+        _check_statistics(
+            site, f"BatchNorm '{site.name}' (tuned into {site.y.producer().op_type})", problems
+        )
     for node in model.graph:
         if node.op_type != "BatchNormalization":
             continue
@@ -77,8 +79,16 @@ def find_sites(model: ir.Model) -> list[Site]:
         if node.attributes.get_int("training_mode", 0):
             problems.append(f"{where} runs in training mode")
             continue
-        sites.append(Site(node.name or f"batchnorm{len(sites)}", node.inputs[0], node.outputs[0], *node.inputs[1:5],
-                          node.attributes.get_float("epsilon", 1e-5), [node]))
+        sites.append(
+            Site(
+                node.name or f"batchnorm{len(sites)}",
+                node.inputs[0],
+                node.outputs[0],
+                *node.inputs[1:5],
+                node.attributes.get_float("epsilon", 1e-5),
+                [node],
+            )
+        )
         _check_statistics(sites[-1], where, problems)
     if problems:
         raise BadInput("cannot recalibrate: " + "; ".join(problems))
@@ -92,7 +102,9 @@ def _check_statistics(site: Site, where: str, problems: list[str]) -> None:
         if not value.is_initializer():
             problems.append(f"{where}: its running {what} '{value.name}' is not an initializer")
         elif len(value.uses()) > 1:
-            problems.append(f"{where}: its running {what} '{value.name}' is shared with another node")
+            problems.append(
+                f"{where}: its running {what} '{value.name}' is shared with another node"
+            )
 
 
 def _tuned_site(model: ir.Model, record: dict) -> Site | str:
@@ -100,21 +112,44 @@ def _tuned_site(model: ir.Model, record: dict) -> Site | str:
     (what the linear op computed with its original W and b), or why the graph no longer
     matches the record."""
     graph = model.graph
-    values = {v.name: v for v in (*graph.inputs, *graph.initializers.values(), *(o for n in graph for o in n.outputs))}
+    values = {
+        v.name: v
+        for v in (
+            *graph.inputs,
+            *graph.initializers.values(),
+            *(o for n in graph for o in n.outputs),
+        )
+    }
     nodes = {n.name: n for n in graph}
     node = nodes.get(record["node"])
-    names = [record[k] for k in ("weight", "gamma", "beta", "mean", "var")] + ([record["bias"]] if record["bias"] else [])
+    names = [record[k] for k in ("weight", "gamma", "beta", "mean", "var")] + (
+        [record["bias"]] if record["bias"] else []
+    )
     add = nodes.get(record["bias_add"]) if record["bias_add"] else None
-    if (node is None or node.op_type != record["op"] or any(n not in values for n in names)
-            or (record["op"] == "MatMul" and (add is None or node.outputs[0] not in add.inputs))):
-        return (f"BatchNorm '{record['bn']}' was tuned into {record['op']} '{record['node']}', which the graph no "
-                "longer has as recorded (edited after convbn-tune?)")
-    return Site(record["bn"], *_untuned_output(node, add, record, values),
-                *(values[record[k]] for k in ("gamma", "beta", "mean", "var")), record["epsilon"], [],
-                channel_last=record["op"] in ("Gemm", "MatMul"))
+    if (
+        node is None
+        or node.op_type != record["op"]
+        or any(n not in values for n in names)
+        or (record["op"] == "MatMul" and (add is None or node.outputs[0] not in add.inputs))
+    ):
+        return (
+            f"BatchNorm '{record['bn']}' was tuned into {record['op']} '{record['node']}', which "
+            "the graph no "
+            "longer has as recorded (edited after convbn-tune?)"
+        )
+    return Site(
+        record["bn"],
+        *_untuned_output(node, add, record, values),
+        *(values[record[k]] for k in ("gamma", "beta", "mean", "var")),
+        record["epsilon"],
+        [],
+        channel_last=record["op"] in ("Gemm", "MatMul"),
+    )
 
 
-def _untuned_output(node: ir.Node, add: ir.Node | None, record: dict, values: dict) -> tuple[ir.Value, ir.Value]:
+def _untuned_output(
+    node: ir.Node, add: ir.Node | None, record: dict, values: dict
+) -> tuple[ir.Value, ir.Value]:
     """Give the tuned op back its original weight and bias (the calibration copy computes what
     the BatchNorm read); returns (that value, the value whose readers read the BatchNorm)."""
     node.replace_input_with(1, values[record["weight"]])
@@ -158,21 +193,43 @@ def calibration_model(model: ir.Model, sites: list[Site]) -> list[tuple[str, str
 
         channels_last = constant(np.array([1, -1, 1], np.int64), "channel_shape")
         flat = [-1, site.gamma.shape[0], 1] if site.channel_last else [0, 0, -1]  # [N', C, L]
-        x3 = op("Cast", [op("Reshape", [x, constant(np.array(flat, np.int64), "flat")], "flat")], "wide",
-                to=double)
+        x3 = op(
+            "Cast",
+            [op("Reshape", [x, constant(np.array(flat, np.int64), "flat")], "flat")],
+            "wide",
+            to=double,
+        )
         nodes.append(edit.reduce_mean(x3, [0, 2], opset, name=f"{base}.batch_mean"))
         mean = nodes[-1].outputs[0]
         centred = op("Sub", [x3, mean], "centred")
-        nodes.append(edit.reduce_mean(op("Mul", [centred, centred], "squared"), [0, 2], opset, name=f"{base}.batch_var"))
+        nodes.append(
+            edit.reduce_mean(
+                op("Mul", [centred, centred], "squared"), [0, 2], opset, name=f"{base}.batch_var"
+            )
+        )
         var = nodes[-1].outputs[0]
-        std = op("Sqrt", [op("Add", [var, constant(np.array(site.epsilon, np.float64), "epsilon")], "var_eps")], "std")
-        gamma = op("Reshape", [op("Cast", [site.gamma], "gamma_wide", to=double), channels_last], "gamma")
-        beta = op("Reshape", [op("Cast", [site.beta], "beta_wide", to=double), channels_last], "beta")
-        y3 = op("Add", [op("Mul", [op("Div", [centred, std], "normalized"), gamma], "scaled"), beta], "shifted")
+        std = op(
+            "Sqrt",
+            [op("Add", [var, constant(np.array(site.epsilon, np.float64), "epsilon")], "var_eps")],
+            "std",
+        )
+        gamma = op(
+            "Reshape", [op("Cast", [site.gamma], "gamma_wide", to=double), channels_last], "gamma"
+        )
+        beta = op(
+            "Reshape", [op("Cast", [site.beta], "beta_wide", to=double), channels_last], "beta"
+        )
+        y3 = op(
+            "Add",
+            [op("Mul", [op("Div", [centred, std], "normalized"), gamma], "scaled"), beta],
+            "shifted",
+        )
         y = op("Reshape", [op("Cast", [y3], "narrow", to=dtype), op("Shape", [x], "shape")], "y")
-        outputs = [op("Reshape", [mean, constant(np.array([-1], np.int64), "vector")], "mean_out"),
-                   op("Reshape", [var, constant(np.array([-1], np.int64), "vector_2")], "var_out"),
-                   op("Size", [x], "size")]
+        outputs = [
+            op("Reshape", [mean, constant(np.array([-1], np.int64), "vector")], "mean_out"),
+            op("Reshape", [var, constant(np.array([-1], np.int64), "vector_2")], "var_out"),
+            op("Size", [x], "size"),
+        ]
         for use in readers:
             use.node.replace_input_with(use.idx, y)
         edit.graph.insert_after(site.y.producer(), nodes)
@@ -200,7 +257,7 @@ class Moments:
         total = self.n + n
         delta = mean - self.mean
         self.mean = self.mean + delta * n / total
-        self.m2 = self.m2 + var_biased * n + delta ** 2 * self.n * n / total
+        self.m2 = self.m2 + var_biased * n + delta**2 * self.n * n / total
         self.n = total
 
     def result(self, stats: str) -> tuple[np.ndarray, np.ndarray]:
@@ -209,7 +266,9 @@ class Moments:
         return np.asarray(self.mean), self.m2 / (self.n - 1)
 
 
-def calibration_batches(data: Path, spec: ir.Model, batch_size: int, limit: int | None) -> Iterator[dict[str, np.ndarray]]:
+def calibration_batches(
+    data: Path, spec: ir.Model, batch_size: int, limit: int | None
+) -> Iterator[dict[str, np.ndarray]]:
     """Batches of `batch_size` samples (the last one may be smaller) from an .npz of arrays
     with a leading sample axis, or from every .npz in a folder (in name order), each file
     checked against the model's inputs; at most `limit` batches."""
@@ -229,20 +288,29 @@ def calibration_batches(data: Path, spec: ir.Model, batch_size: int, limit: int 
         arrays = check_feeds(spec, arrays, f"--data file '{path}'", any_first_dim=True)
         counts = {k: (a.shape[0] if a.ndim else 0) for k, a in arrays.items()}
         if len(set(counts.values())) != 1:
-            raise BadInput(f"--data file '{path}': the inputs hold different numbers of samples {counts}")
+            raise BadInput(
+                f"--data file '{path}': the inputs hold different numbers of samples {counts}"
+            )
         for k, a in arrays.items():
             pending.setdefault(k, []).append(a)
         held += next(iter(counts.values()))
         while held >= batch_size:
             batch = {k: np.concatenate(v) for k, v in pending.items()}
-            yield check_feeds(spec, {k: a[:batch_size] for k, a in batch.items()},
-                              f"a batch of {batch_size} (--batch-size)")
+            yield check_feeds(
+                spec,
+                {k: a[:batch_size] for k, a in batch.items()},
+                f"a batch of {batch_size} (--batch-size)",
+            )
             produced += 1
             if limit is not None and produced >= limit:
                 return
             pending, held = {k: [a[batch_size:]] for k, a in batch.items()}, held - batch_size
     if held:
-        yield check_feeds(spec, {k: np.concatenate(v) for k, v in pending.items()}, f"the last batch, {held} sample(s)")
+        yield check_feeds(
+            spec,
+            {k: np.concatenate(v) for k, v in pending.items()},
+            f"the last batch, {held} sample(s)",
+        )
     elif not produced:
         raise BadInput(f"--data '{data}' holds no samples")
 
@@ -264,16 +332,37 @@ class RecalibrateReport:
     def to_json(self) -> dict:
         """`normopt recalibrate`'s document (normopt.schema)."""
         calibration = self.seconds.get("calibration") or 0.0
-        return document("recalibrate", {
-            "input": self.input, "output": self.output, "written": self.written, "stats": self.stats,
-            "data": {"source": self.data, "batches": self.batches, "samples": self.samples, "batch_size": self.batch_size,
-                     "samples_per_s": self.samples / calibration if calibration else None},
-            "layers": self.layers, "drift": self.drift}, seconds=self.seconds)
+        return document(
+            "recalibrate",
+            {
+                "input": self.input,
+                "output": self.output,
+                "written": self.written,
+                "stats": self.stats,
+                "data": {
+                    "source": self.data,
+                    "batches": self.batches,
+                    "samples": self.samples,
+                    "batch_size": self.batch_size,
+                    "samples_per_s": self.samples / calibration if calibration else None,
+                },
+                "layers": self.layers,
+                "drift": self.drift,
+            },
+            seconds=self.seconds,
+        )
 
 
-def recalibrate(src: str | os.PathLike, dst: str | os.PathLike, data: str | os.PathLike, *, batch_size: int = 32,
-                batches: int | None = None, stats: str = "torch",
-                on_step: Callable[[str], None] | None = None) -> RecalibrateReport:
+def recalibrate(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    batch_size: int = 32,
+    batches: int | None = None,
+    stats: str = "torch",
+    on_step: Callable[[str], None] | None = None,
+) -> RecalibrateReport:
     """Write `src` with every BatchNorm's running mean and variance re-estimated on `data` to
     `dst` (never over an input file)."""
     from normopt.verify import run_ort_all
@@ -301,8 +390,16 @@ def recalibrate(src: str | os.PathLike, dst: str | os.PathLike, data: str | os.P
     model = io.load(src)
     external = io.uses_external_data(model)
     sites = find_sites(model)
-    before = {s.name: (s.mean.name, s.var.name, s.epsilon, s.mean.const_value.numpy().astype(np.float64),
-                       s.var.const_value.numpy().astype(np.float64)) for s in sites}
+    before = {
+        s.name: (
+            s.mean.name,
+            s.var.name,
+            s.epsilon,
+            s.mean.const_value.numpy().astype(np.float64),
+            s.var.const_value.numpy().astype(np.float64),
+        )
+        for s in sites
+    }
     spec = _input_spec(model)
     spec_inputs = {v.name for v in spec.graph.inputs}
     data_iter = calibration_batches(data, spec, batch_size, batches)
@@ -318,13 +415,18 @@ def recalibrate(src: str | os.PathLike, dst: str | os.PathLike, data: str | os.P
         for batch in data_iter:
             first = first if first is not None else batch
             step(f"calibrating: batch {report.batches + 1} ({report.samples} samples so far)")
-            outputs = session.run([n for triple in names for n in triple], {k: v for k, v in batch.items() if k in spec_inputs})
+            outputs = session.run(
+                [n for triple in names for n in triple],
+                {k: v for k, v in batch.items() if k in spec_inputs},
+            )
             for i, site in enumerate(sites):
-                mean, var, size = outputs[3 * i: 3 * i + 3]
+                mean, var, size = outputs[3 * i : 3 * i + 3]
                 n = int(size) // mean.size
                 if n < 2:
-                    raise BadInput(f"a batch gives BatchNormalization '{site.name}' {n} value per channel: "
-                                   "a variance needs 2 or more (use a larger --batch-size)")
+                    raise BadInput(
+                        f"a batch gives BatchNormalization '{site.name}' {n} value per channel: "
+                        "a variance needs 2 or more (use a larger --batch-size)"
+                    )
                 moments[site.name].add(mean, var, n)
             report.batches += 1
             report.samples += len(next(iter(batch.values())))
@@ -335,13 +437,25 @@ def recalibrate(src: str | os.PathLike, dst: str | os.PathLike, data: str | os.P
     out = io.load(src)
     for name, (mean_name, var_name, eps, old_mean, old_var) in before.items():
         mean, var = moments[name].result(stats)
-        for value, array in ((out.graph.initializers[mean_name], mean), (out.graph.initializers[var_name], var)):
+        for value, array in (
+            (out.graph.initializers[mean_name], mean),
+            (out.graph.initializers[var_name], var),
+        ):
             dtype = value.const_value.dtype.numpy()
-            value.const_value = ir.Tensor(array.reshape(value.const_value.shape.numpy()).astype(dtype), name=value.name)
-        report.layers.append({"name": name, "channels": int(mean.size), "mean": mean_name, "var": var_name,
-                              "mean_shift_max": float(np.max(np.abs(mean - old_mean) / np.sqrt(old_var + eps))),
-                              "var_ratio_min": float(np.min((var + eps) / (old_var + eps))),
-                              "var_ratio_max": float(np.max((var + eps) / (old_var + eps)))})
+            value.const_value = ir.Tensor(
+                array.reshape(value.const_value.shape.numpy()).astype(dtype), name=value.name
+            )
+        report.layers.append(
+            {
+                "name": name,
+                "channels": int(mean.size),
+                "mean": mean_name,
+                "var": var_name,
+                "mean_shift_max": float(np.max(np.abs(mean - old_mean) / np.sqrt(old_var + eps))),
+                "var_ratio_min": float(np.min((var + eps) / (old_var + eps))),
+                "var_ratio_max": float(np.max((var + eps) / (old_var + eps))),
+            }
+        )
     staged = io.stage(out, dst, external_data=external, guard=guard)
     del out
     try:
@@ -352,8 +466,13 @@ def recalibrate(src: str | os.PathLike, dst: str | os.PathLike, data: str | os.P
             for name, ref in a.items():
                 diff = np.abs(b[name].astype(np.float64) - ref.astype(np.float64))
                 scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-                report.drift.append({"output": name, "max_abs": float(diff.max()) if diff.size else 0.0,
-                                     "max_rel": float(diff.max()) / scale if diff.size and scale else None})
+                report.drift.append(
+                    {
+                        "output": name,
+                        "max_abs": float(diff.max()) if diff.size else 0.0,
+                        "max_rel": float(diff.max()) / scale if diff.size and scale else None,
+                    }
+                )
         staged.commit()
     except BaseException:
         staged.discard()
@@ -366,7 +485,11 @@ def recalibrate(src: str | os.PathLike, dst: str | os.PathLike, data: str | os.P
 def _input_spec(model: ir.Model) -> ir.Model:
     """A model holding only copies of `model`'s inputs (what batches are checked against),
     so the model itself can be dropped."""
-    inputs = [ir.Value(name=v.name, type=v.type, shape=v.shape) for v in model.graph.inputs if not v.is_initializer()]
+    inputs = [
+        ir.Value(name=v.name, type=v.type, shape=v.shape)
+        for v in model.graph.inputs
+        if not v.is_initializer()
+    ]
     return ir.Model(ir.Graph(inputs, [], nodes=[]), ir_version=model.ir_version)
 
 
@@ -380,4 +503,6 @@ def _session(path: Path):
     except Exception as exc:
         from normopt.errors import InternalError
 
-        raise InternalError(f"the calibration model does not load in onnxruntime (a bug in normopt): {exc}") from None
+        raise InternalError(
+            f"the calibration model does not load in onnxruntime (a bug in normopt): {exc}"
+        ) from None

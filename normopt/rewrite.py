@@ -25,8 +25,8 @@ from pathlib import Path
 import onnx_ir as ir
 
 from normopt import crms_choice
-from normopt.errors import BadInput, InternalError, NormoptError, NotApplied, VerificationFailed
 from normopt.crms_choice import CRMSChoice
+from normopt.errors import BadInput, InternalError, NormoptError, NotApplied, VerificationFailed
 from normopt.guard import GuardReport, SpeedGuard, guard_speed
 from normopt.passes.base import Options, PassResult
 from normopt.passes.pipeline import resolve, run_pipeline
@@ -35,7 +35,14 @@ from normopt.rewriter.graph import op_histogram
 from normopt.schema import document, inputs_json
 from normopt.timings import recording
 from normopt.timings import step as timed
-from normopt.verify import ModelRunError, VerifyOptions, VerifyReport, fallback_trials, input_trials, verify
+from normopt.verify import (
+    ModelRunError,
+    VerifyOptions,
+    VerifyReport,
+    fallback_trials,
+    input_trials,
+    verify,
+)
 
 
 @dataclass
@@ -52,9 +59,13 @@ class RewriteReport:
     exit_code: int = 0
     guard: GuardReport | None = None
     crms: CRMSChoice | None = None  # what --crms auto measured and kept
-    trials: list[dict] | None = None  # the input sets verification runs on (their hashes in `inputs`)
+    trials: list[dict] | None = (
+        None  # the input sets verification runs on (their hashes in `inputs`)
+    )
     fallback: list[dict] | None = None  # generated inputs with unset dims at 1, if the others fail
-    inputs: dict | None = None  # what verification and the speed guard ran on (normopt.schema.inputs_json)
+    inputs: dict | None = (
+        None  # what verification and the speed guard ran on (normopt.schema.inputs_json)
+    )
 
     @property
     def feeds(self) -> dict | None:
@@ -68,26 +79,37 @@ class RewriteReport:
 
     def to_json(self) -> dict:
         """`normopt rewrite`'s document (normopt.schema): every change as a record, uncut."""
-        return document("rewrite", {
-            "input": self.input,
-            "output": self.output,
-            "written": self.written,
-            "changed": self.changed,
-            "passes": [p.to_json() for p in self.passes],
-            "changes": [c.to_json(p.name) for p in self.passes for c in p.changes],
-            "nodes_before": self.nodes_before,
-            "nodes_after": self.nodes_after,
-            "verification": self.verification.body() if self.verification else None,
-            "speed_guard": self.guard.to_json() if self.guard else None,
-            "crms_choice": self.crms.to_json() if self.crms else None,
-        }, exit_code=self.exit_code, error=self.error, seconds=self.seconds, inputs=self.inputs)
+        return document(
+            "rewrite",
+            {
+                "input": self.input,
+                "output": self.output,
+                "written": self.written,
+                "changed": self.changed,
+                "passes": [p.to_json() for p in self.passes],
+                "changes": [c.to_json(p.name) for p in self.passes for c in p.changes],
+                "nodes_before": self.nodes_before,
+                "nodes_after": self.nodes_after,
+                "verification": self.verification.body() if self.verification else None,
+                "speed_guard": self.guard.to_json() if self.guard else None,
+                "crms_choice": self.crms.to_json() if self.crms else None,
+            },
+            exit_code=self.exit_code,
+            error=self.error,
+            seconds=self.seconds,
+            inputs=self.inputs,
+        )
 
 
 def _same_file(a: Path, b: Path) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b) or (a.exists() and b.exists() and os.path.samefile(a, b))
+    return os.path.realpath(a) == os.path.realpath(b) or (
+        a.exists() and b.exists() and os.path.samefile(a, b)
+    )
 
 
-def _guard_outputs(guard: io.Guard, src: Path, dst: Path, report_path: Path | None, in_place: bool) -> None:
+def _guard_outputs(
+    guard: io.Guard, src: Path, dst: Path, report_path: Path | None, in_place: bool
+) -> None:
     """No output may write an input; OUT may replace IN's model file (by a rename, never
     writing into it) only with --in-place."""
     if _same_file(src, dst):
@@ -97,7 +119,10 @@ def _guard_outputs(guard: io.Guard, src: Path, dst: Path, report_path: Path | No
         guard.check(dst, "output")
     if report_path is not None:
         guard.check(report_path, "report")
-        for target, what in ((dst, "output"), (dst.parent / f"{dst.name}.data", "output's data file")):
+        for target, what in (
+            (dst, "output"),
+            (dst.parent / f"{dst.name}.data", "output's data file"),
+        ):
             if os.path.realpath(report_path) == os.path.realpath(target):
                 raise BadInput(f"report '{report_path}' is the {what}; choose another path")
 
@@ -108,7 +133,7 @@ def rewrite(
     *,
     passes: Sequence[str] | None = None,
     options: Options | None = None,
-    verification: VerifyOptions | None = VerifyOptions(),
+    verification: VerifyOptions | None = VerifyOptions(),  # noqa: B008 (frozen)
     speed_guard: SpeedGuard | None = None,
     crms: str | None = None,
     timing: SpeedGuard | None = None,
@@ -139,8 +164,22 @@ def rewrite(
             _guard_outputs(guard, src, dst, report_path, in_place)
             report_ok = True
         with recording(report.seconds), timed("total"):
-            _rewrite(src, dst, passes, options, verification, speed_guard, crms, timing or speed_guard or SpeedGuard(),
-                     require_change, in_place, report_path, guard, on_step or (lambda _m: None), report)
+            _rewrite(
+                src,
+                dst,
+                passes,
+                options,
+                verification,
+                speed_guard,
+                crms,
+                timing or speed_guard or SpeedGuard(),
+                require_change,
+                in_place,
+                report_path,
+                guard,
+                on_step or (lambda _m: None),
+                report,
+            )
     except NormoptError as exc:
         report.error, report.exit_code = str(exc), exc.exit_code
         if report_path is not None and guard.clash(report_path):
@@ -152,15 +191,30 @@ def rewrite(
     return report
 
 
-def _rewrite(src: Path, dst: Path, passes, options, verification, speed_guard, crms, timing, require_change,
-             in_place, report_path, guard, step, report) -> None:
+def _rewrite(
+    src: Path,
+    dst: Path,
+    passes,
+    options,
+    verification,
+    speed_guard,
+    crms,
+    timing,
+    require_change,
+    in_place,
+    report_path,
+    guard,
+    step,
+    report,
+) -> None:
     io.check_readable_file(src)
     if dst.is_dir():
         raise BadInput(f"output '{dst}' is a directory; give a file path")
     io.check_writable_folder(dst)
     _guard_outputs(guard, src, dst, report_path, in_place)
-    names, crms = crms_choice.pipeline(resolve(passes), crms, requested=passes is not None,
-                                       target=(options or Options()).target)
+    names, crms = crms_choice.pipeline(
+        resolve(passes), crms, requested=passes is not None, target=(options or Options()).target
+    )
     io.remove_stale_temps(dst.parent)
 
     step(f"loading {src.name}")
@@ -181,9 +235,14 @@ def _rewrite(src: Path, dst: Path, passes, options, verification, speed_guard, c
         report.passes = run_pipeline(model, names, options, on_pass=lambda n: step(f"pass {n}"))
     report.nodes_after = op_histogram(model)
     if require_change and not report.changed:
-        raise NotApplied("no pass changed the model (--require-change); nothing written: "
-                         + "; ".join(f"{r.name}: {r.refusals[0].candidate}: {r.refusals[0].reason}"
-                                     for r in report.passes if r.refusals))
+        raise NotApplied(
+            "no pass changed the model (--require-change); nothing written: "
+            + "; ".join(
+                f"{r.name}: {r.refusals[0].candidate}: {r.refusals[0].reason}"
+                for r in report.passes
+                if r.refusals
+            )
+        )
     if passes is not None:
         idle = [r for r in report.passes if r.name in names and not r.modified]
         if idle:
@@ -197,10 +256,19 @@ def _rewrite(src: Path, dst: Path, passes, options, verification, speed_guard, c
         with timed("output checker"):
             problem = io.check_structure(model)
         if problem is not None:
-            raise InternalError(f"the rewritten model fails onnx.checker (a bug in normopt; nothing written): {problem}")
+            raise InternalError(
+                "the rewritten model fails onnx.checker (a bug in normopt; nothing written): "
+                f"{problem}"
+            )
         step(f"saving {dst.name}")
-        return io.stage(model, dst, external_data=external, guard=guard, replaces_input=in_place and _same_file(src, dst),
-                        progress=lambda i, n: step(f"saving {dst.name}: tensor {i}/{n}"))
+        return io.stage(
+            model,
+            dst,
+            external_data=external,
+            guard=guard,
+            replaces_input=in_place and _same_file(src, dst),
+            progress=lambda i, n: step(f"saving {dst.name}: tensor {i}/{n}"),
+        )
 
     def check(path: Path) -> None:
         if verification is not None:
@@ -214,13 +282,33 @@ def _rewrite(src: Path, dst: Path, passes, options, verification, speed_guard, c
         if crms == "auto" and crms_choice.applied(report.passes):
             with timed("crms choice"):
                 staged, report.crms, report.passes, histogram = crms_choice.choose(
-                    src, staged, names, options or Options(), report.passes, report.feeds, timing, stage, check, step)
+                    src,
+                    staged,
+                    names,
+                    options or Options(),
+                    report.passes,
+                    report.feeds,
+                    timing,
+                    stage,
+                    check,
+                    step,
+                )
             if report.crms.kept == "RMS":
                 names, report.nodes_after = [n for n in names if n != crms_choice.PASS], histogram
         if speed_guard is not None:
             with timed("speed guard"):
-                staged, report.guard = guard_speed(src, staged, names, options or Options(), report.passes,
-                                                   report.feeds, speed_guard, stage, check, step)
+                staged, report.guard = guard_speed(
+                    src,
+                    staged,
+                    names,
+                    options or Options(),
+                    report.passes,
+                    report.feeds,
+                    speed_guard,
+                    stage,
+                    check,
+                    step,
+                )
         staged.commit()
     except BaseException:
         staged.discard()
@@ -228,16 +316,28 @@ def _rewrite(src: Path, dst: Path, passes, options, verification, speed_guard, c
     report.written = True
 
 
-def _verify(src: Path, staged: Path, dst: Path, verification: VerifyOptions, step, report: RewriteReport) -> None:
-    changed = {o: f"changed on request by {r.name}" for r in report.passes for o in r.changed_outputs}
+def _verify(
+    src: Path, staged: Path, dst: Path, verification: VerifyOptions, step, report: RewriteReport
+) -> None:
+    changed = {
+        o: f"changed on request by {r.name}" for r in report.passes for o in r.changed_outputs
+    }
     try:
-        report.verification = verify(src, staged, verification, trials=report.trials, fallback=report.fallback,
-                                     on_step=step,
-                                     changed_on_request=changed)
+        report.verification = verify(
+            src,
+            staged,
+            verification,
+            trials=report.trials,
+            fallback=report.fallback,
+            on_step=step,
+            changed_on_request=changed,
+        )
     except ModelRunError as exc:
         if exc.path == staged:  # the original runs, the rewrite does not: our failure
             reason = str(exc).replace(str(staged), str(dst))
-            raise InternalError(f"the rewritten model does not run (a bug in normopt; nothing written): {reason}") from None
+            raise InternalError(
+                f"the rewritten model does not run (a bug in normopt; nothing written): {reason}"
+            ) from None
         raise
     report.verification.model_b = str(dst)
     if report.verification.note:  # it ran on the fallback inputs: the speed guard times those too

@@ -36,10 +36,17 @@ def _version(*distributions: str) -> str | None:
 
 @cache
 def versions() -> dict[str, str | None]:
-    """Versions of normopt and what it runs on, read from the installed metadata (imports nothing)."""
-    return {"normopt": _version("normopt"), "python": platform.python_version(), "onnx": _version("onnx"),
-            "onnx_ir": _version("onnx-ir", "onnx_ir"), "onnxruntime": _version("onnxruntime", "onnxruntime-gpu"),
-            "numpy": _version("numpy"), "platform": platform.platform()}
+    """Versions of normopt and what it runs on, read from the installed metadata (imports
+    nothing)."""
+    return {
+        "normopt": _version("normopt"),
+        "python": platform.python_version(),
+        "onnx": _version("onnx"),
+        "onnx_ir": _version("onnx-ir", "onnx_ir"),
+        "onnxruntime": _version("onnxruntime", "onnxruntime-gpu"),
+        "numpy": _version("numpy"),
+        "platform": platform.platform(),
+    }
 
 
 def inputs_json(trials: Sequence[Mapping[str, np.ndarray]], source: object, seed: int) -> dict:
@@ -48,11 +55,23 @@ def inputs_json(trials: Sequence[Mapping[str, np.ndarray]], source: object, seed
     array's dtype, shape and sha256 of its bytes (C order)."""
     generated = source is None
     return {
-        "source": "generated" if generated else str(source) if isinstance(source, (str, os.PathLike)) else "given",
+        "source": "generated"
+        if generated
+        else str(source)
+        if isinstance(source, (str, os.PathLike))
+        else "given",
         "seed": seed if generated else None,
-        "trials": [{name: {"dtype": str(a.dtype), "shape": list(a.shape),
-                           "sha256": hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()}
-                    for name, a in feeds.items()} for feeds in trials],
+        "trials": [
+            {
+                name: {
+                    "dtype": str(a.dtype),
+                    "shape": list(a.shape),
+                    "sha256": hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest(),
+                }
+                for name, a in feeds.items()
+            }
+            for feeds in trials
+        ],
     }
 
 
@@ -74,8 +93,15 @@ def _plain(value):
     return value
 
 
-def document(command: str, body: Mapping, *, exit_code: int = 0, error: str | None = None,
-             seconds: Mapping[str, float] | None = None, inputs: dict | None = None) -> dict:
+def document(
+    command: str,
+    body: Mapping,
+    *,
+    exit_code: int = 0,
+    error: str | None = None,
+    seconds: Mapping[str, float] | None = None,
+    inputs: dict | None = None,
+) -> dict:
     """The versioned envelope around a command's own fields."""
     assert command in COMMANDS, command
     head = {

@@ -57,7 +57,9 @@ class VerifyOptions:
 
     inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None
     dims: Mapping[str, int] = field(default_factory=dict)
-    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # whole shapes per input name
+    shapes: Mapping[str, tuple[int, ...]] = field(
+        default_factory=dict
+    )  # whole shapes per input name
     rtol: float | None = None
     atol: float | None = None
     seed: int = DEFAULT_SEED
@@ -74,7 +76,10 @@ class VerifyOptions:
                 raise BadInput(f"--dim {name}={size}: a dimension must be at least 1")
         for name, shape in self.shapes.items():
             if any(size < 1 for size in shape):
-                raise BadInput(f"--shape {name}={'x'.join(map(str, shape))}: every dimension must be at least 1")
+                raise BadInput(
+                    f"--shape {name}={'x'.join(map(str, shape))}: every dimension must be at least "
+                    "1"
+                )
 
 
 def default_dim(name: str | None) -> int:
@@ -109,17 +114,24 @@ def _gather_bound(value: ir.Value) -> int | None:
     return min(bounds) if bounds else None
 
 
-def _resolve_shape(value: ir.Value, dims: Mapping[str, int],
-                   shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
+def _resolve_shape(
+    value: ir.Value, dims: Mapping[str, int], shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[int, ...]:
     if value.name in shapes:
         shape = tuple(shapes[value.name])
-        if value.shape is not None and (len(shape) != len(value.shape) or any(
-                isinstance(d, int) and d != n for d, n in zip(value.shape, shape))):
-            raise BadInput(f"--shape {value.name}={'x'.join(map(str, shape))} does not fit the input's shape "
-                           f"{dims_text(dim_list(value.shape))}")
+        if value.shape is not None and (
+            len(shape) != len(value.shape)
+            or any(isinstance(d, int) and d != n for d, n in zip(value.shape, shape))
+        ):
+            raise BadInput(
+                f"--shape {value.name}={'x'.join(map(str, shape))} does not fit the input's shape "
+                f"{dims_text(dim_list(value.shape))}"
+            )
         return shape
     if value.shape is None:
-        raise BadInput(f"input '{value.name}' has no shape; pass --shape {value.name}=AxB or --inputs FILE.npz")
+        raise BadInput(
+            f"input '{value.name}' has no shape; pass --shape {value.name}=AxB or --inputs FILE.npz"
+        )
     out = []
     for d in value.shape:
         if isinstance(d, int):
@@ -136,12 +148,17 @@ def model_inputs(model: ir.Model) -> list[ir.Value]:
 
 def describe_inputs(model: ir.Model) -> str:
     """The inputs a caller feeds, with their dims: `ids [batch, seq], mask [batch, seq]`."""
-    return ", ".join(f"{v.name} {dims_text(dim_list(v.shape))}" for v in model_inputs(model)) or "none"
+    return (
+        ", ".join(f"{v.name} {dims_text(dim_list(v.shape))}" for v in model_inputs(model)) or "none"
+    )
 
 
 def make_inputs(
-    model: ir.Model, dims: Mapping[str, int] | None = None, seed: int = DEFAULT_SEED,
-    shapes: Mapping[str, tuple[int, ...]] | None = None, unset: int | None = None,
+    model: ir.Model,
+    dims: Mapping[str, int] | None = None,
+    seed: int = DEFAULT_SEED,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    unset: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Random inputs for `model`: floats ~ N(0, 1); integer ids inside the tables they index;
     integer/bool inputs named like masks all ones; an input's whole shape from `shapes`, its
@@ -150,12 +167,23 @@ def make_inputs(
     A name in `dims` or `shapes` the model does not have is an error that lists the real ones."""
     dims, shapes = dict(dims or {}), dict(shapes or {})
     inputs = model_inputs(model)
-    known = {d.value for v in inputs if v.shape is not None for d in v.shape if not isinstance(d, int) and d.value}
+    known = {
+        d.value
+        for v in inputs
+        if v.shape is not None
+        for d in v.shape
+        if not isinstance(d, int) and d.value
+    }
     if unknown := sorted(set(dims) - known):
-        raise BadInput(f"--dim {', '.join(unknown)}: no input has a dimension of that name; the inputs are "
-                       f"{describe_inputs(model)} (use --shape NAME=AxB for an unnamed dimension)")
+        raise BadInput(
+            f"--dim {', '.join(unknown)}: no input has a dimension of that name; the inputs are "
+            f"{describe_inputs(model)} (use --shape NAME=AxB for an unnamed dimension)"
+        )
     if unknown := sorted(set(shapes) - {v.name for v in inputs}):
-        raise BadInput(f"--shape {', '.join(unknown)}: the model has no such input; its inputs are {describe_inputs(model)}")
+        raise BadInput(
+            f"--shape {', '.join(unknown)}: the model has no such input; its inputs are "
+            f"{describe_inputs(model)}"
+        )
     if unset is not None:
         dims = {**{name: unset for name in known}, **dims}
     rng = np.random.default_rng(seed)
@@ -174,7 +202,9 @@ def make_inputs(
                 high = 2 if dtype == np.bool_ else (_gather_bound(value) or 2)
                 feeds[value.name] = rng.integers(0, high, shape).astype(dtype)
         else:
-            raise BadInput(f"cannot generate input '{value.name}' of type {value.dtype}; pass --inputs")
+            raise BadInput(
+                f"cannot generate input '{value.name}' of type {value.dtype}; pass --inputs"
+            )
     return feeds
 
 
@@ -188,8 +218,9 @@ def load_inputs(path: str | os.PathLike, model: ir.Model) -> dict[str, np.ndarra
     return check_feeds(model, arrays, f"inputs file '{path}'")
 
 
-def check_feeds(model: ir.Model, arrays: Mapping[str, np.ndarray], source: str,
-                any_first_dim: bool = False) -> dict[str, np.ndarray]:
+def check_feeds(
+    model: ir.Model, arrays: Mapping[str, np.ndarray], source: str, any_first_dim: bool = False
+) -> dict[str, np.ndarray]:
     """The arrays for the model's inputs, each checked against the input's dtype, rank and
     static dims (with `any_first_dim`, all but the first: samples to be batched), so a wrong
     inputs file is blamed on the file, not on the model."""
@@ -202,15 +233,22 @@ def check_feeds(model: ir.Model, arrays: Mapping[str, np.ndarray], source: str,
         array = np.asarray(arrays[value.name])
         expected = value.dtype.numpy() if value.dtype is not None else None
         if expected is not None and array.dtype != expected:
-            raise BadInput(f"{source}: input '{value.name}' is {array.dtype}, the model expects {np.dtype(expected)}")
+            raise BadInput(
+                f"{source}: input '{value.name}' is {array.dtype}, the model expects "
+                f"{np.dtype(expected)}"
+            )
         if value.shape is not None:
             dims = list(value.shape)
             skip = 1 if any_first_dim else 0
-            wrong = len(dims) != array.ndim or any(isinstance(d, int) and d != n
-                                                   for d, n in zip(dims[skip:], array.shape[skip:]))
+            wrong = len(dims) != array.ndim or any(
+                isinstance(d, int) and d != n for d, n in zip(dims[skip:], array.shape[skip:])
+            )
             if wrong:
                 want = [d if isinstance(d, int) else (d.value or "?") for d in dims]
-                raise BadInput(f"{source}: input '{value.name}' has shape {list(array.shape)}, the model expects {want}")
+                raise BadInput(
+                    f"{source}: input '{value.name}' has shape {list(array.shape)}, the model "
+                    f"expects {want}"
+                )
         feeds[value.name] = array
     return feeds
 
@@ -221,7 +259,10 @@ def input_trials(spec: ir.Model, options: VerifyOptions) -> list[dict[str, np.nd
         return [check_feeds(spec, options.inputs, "the inputs given")]
     if options.inputs is not None:
         return [load_inputs(options.inputs, spec)]
-    return [make_inputs(spec, options.dims, options.seed + i, options.shapes) for i in range(options.trials)]
+    return [
+        make_inputs(spec, options.dims, options.seed + i, options.shapes)
+        for i in range(options.trials)
+    ]
 
 
 def fallback_trials(spec: ir.Model, options: VerifyOptions) -> list[dict[str, np.ndarray]] | None:
@@ -229,7 +270,10 @@ def fallback_trials(spec: ir.Model, options: VerifyOptions) -> list[dict[str, np
     at 1 (a model that runs only at batch 1, or at its exported size), to retry with once."""
     if options.inputs is not None:
         return None
-    return [make_inputs(spec, options.dims, options.seed + i, options.shapes, unset=1) for i in range(options.trials)]
+    return [
+        make_inputs(spec, options.dims, options.seed + i, options.shapes, unset=1)
+        for i in range(options.trials)
+    ]
 
 
 class ModelRunError(BadInput):
@@ -247,15 +291,19 @@ def run_ort(path: str | os.PathLike, feeds: Mapping[str, np.ndarray]) -> dict[st
     return run_ort_all(path, [feeds])[0]
 
 
-def run_ort_all(path: str | os.PathLike, feed_sets: list[Mapping[str, np.ndarray]],
-                optimized: bool = False) -> list[dict[str, np.ndarray]]:
+def run_ort_all(
+    path: str | os.PathLike, feed_sets: list[Mapping[str, np.ndarray]], optimized: bool = False
+) -> list[dict[str, np.ndarray]]:
     """Run a model on each input set in one ORT CPU session, without graph optimizations
     (with all of them when `optimized`); outputs by name."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
-                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimized
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     opts.log_severity_level = 3
     try:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -264,17 +312,23 @@ def run_ort_all(path: str | os.PathLike, feed_sets: list[Mapping[str, np.ndarray
         if f"{PLUGIN_DOMAIN}:" in reason:  # normopt's TensorRT plugins: run their CPU reference
             return _run_lowered(Path(path), feed_sets, optimized)
         if "Could not find an implementation" in reason:
-            reason += (" (onnxruntime's CPU build has no kernel for it in this dtype, e.g. bfloat16;"
-                       " verification is impossible there: rewrite with --no-verify)")
+            reason += (
+                " (onnxruntime's CPU build has no kernel for it in this dtype, e.g. bfloat16;"
+                " verification is impossible there: rewrite with --no-verify)"
+            )
         raise ModelRunError(path, f"onnxruntime cannot load '{path}': {reason}") from None
     try:
         names = [o.name for o in session.get_outputs()]
         return [dict(zip(names, session.run(names, dict(feeds)))) for feeds in feed_sets]
     except Exception as exc:
-        raise ModelRunError(path, f"onnxruntime failed to run '{path}': {_first_line(exc)}", running=True) from None
+        raise ModelRunError(
+            path, f"onnxruntime failed to run '{path}': {_first_line(exc)}", running=True
+        ) from None
 
 
-def _run_lowered(path: Path, feed_sets: list[Mapping[str, np.ndarray]], optimized: bool) -> list[dict[str, np.ndarray]]:
+def _run_lowered(
+    path: Path, feed_sets: list[Mapping[str, np.ndarray]], optimized: bool
+) -> list[dict[str, np.ndarray]]:
     """A --target tensorrt graph: its plugin nodes lowered to their float64 references
     (normopt.plugins.reference), written to a temporary folder beside it, run as any model."""
     from normopt.plugins.reference import lower
@@ -282,8 +336,11 @@ def _run_lowered(path: Path, feed_sets: list[Mapping[str, np.ndarray]], optimize
 
     model = io.load(path)
     if not lower(model):
-        raise ModelRunError(path, f"onnxruntime cannot load '{path}': it uses domain '{PLUGIN_DOMAIN}' but no "
-                                  "normopt plugin op")
+        raise ModelRunError(
+            path,
+            f"onnxruntime cannot load '{path}': it uses domain '{PLUGIN_DOMAIN}' but no "
+            "normopt plugin op",
+        )
     with io.temp_folder(path) as folder:
         lowered = folder / "lowered.onnx"
         io.save(model, lowered, external_data=io.uses_external_data(model))
@@ -315,7 +372,11 @@ class OutputCheck:
 
 
 def compare_output(
-    name: str, ref: np.ndarray, got: np.ndarray | None, rtol: float | None, atol: float | None,
+    name: str,
+    ref: np.ndarray,
+    got: np.ndarray | None,
+    rtol: float | None,
+    atol: float | None,
     noise: float | None = None,
 ) -> OutputCheck:
     """Judge `got` against `ref`; `noise` (max abs change of the original under harmless
@@ -340,13 +401,17 @@ def compare_output(
     check.rtol = default_rtol if rtol is None else rtol
     check.atol = default_atol if atol is None else atol
     finite = np.isfinite(a)
-    if not np.array_equal(finite, np.isfinite(b)) or not np.array_equal(a[~finite], b[~finite], equal_nan=True):
+    if not np.array_equal(finite, np.isfinite(b)) or not np.array_equal(
+        a[~finite], b[~finite], equal_nan=True
+    ):
         check.problem = "NaN/Inf in different places"
         return check
     diff = np.abs(a[finite] - b[finite])
     scale = float(np.abs(a[finite]).max()) if diff.size else 0.0
     check.max_abs = float(diff.max()) if diff.size else 0.0
-    check.max_rel = check.max_abs / scale if scale else (0.0 if check.max_abs == 0 else float("inf"))
+    check.max_rel = (
+        check.max_abs / scale if scale else (0.0 if check.max_abs == 0 else float("inf"))
+    )
     norms = np.linalg.norm(a[finite]) * np.linalg.norm(b[finite])
     check.cosine = float(np.dot(a[finite], b[finite]) / norms) if norms else 1.0
     check.ok = check.max_abs <= check.atol + check.rtol * scale
@@ -356,10 +421,15 @@ def compare_output(
         check.ok = check.within_noise = check.max_abs <= min(NOISE_FACTOR * noise, cap)
     if not check.ok:
         check.problem = (
-            f"max abs error {check.max_abs:.3g} > {check.atol:g} + {check.rtol:g} x scale {scale:.3g}"
-            + ("" if noise is None or rtol is not None or atol is not None else
-               f", and > {NOISE_FACTOR:g} x the original's own noise {noise:.3g} (or over the cap "
-               f"{NOISE_CAP:g} x that tolerance)")
+            f"max abs error {check.max_abs:.3g} > {check.atol:g} + {check.rtol:g} x scale "
+            f"{scale:.3g}"
+            + (
+                ""
+                if noise is None or rtol is not None or atol is not None
+                else f", and > {NOISE_FACTOR:g} x the original's own noise {noise:.3g} (or over "
+                "the cap "
+                f"{NOISE_CAP:g} x that tolerance)"
+            )
         )
     return check
 
@@ -382,8 +452,12 @@ def _noise(ref: dict, probes: list[dict]) -> dict[str, float]:
 
 def _nudged(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The float inputs scaled by 1 + INPUT_NUDGE (others as they are)."""
-    return {k: (v * v.dtype.type(1 + INPUT_NUDGE)).astype(v.dtype) if np.issubdtype(v.dtype, np.floating) else v
-            for k, v in feeds.items()}
+    return {
+        k: (v * v.dtype.type(1 + INPUT_NUDGE)).astype(v.dtype)
+        if np.issubdtype(v.dtype, np.floating)
+        else v
+        for k, v in feeds.items()
+    }
 
 
 @dataclass
@@ -404,13 +478,23 @@ class VerifyReport:
 
     def body(self) -> dict:
         """The comparison's own fields (also inside a rewrite's document)."""
-        return {"model_a": self.model_a, "model_b": self.model_b, "ok": self.ok, "note": self.note,
-                "outputs": [vars(o) for o in self.outputs]}
+        return {
+            "model_a": self.model_a,
+            "model_b": self.model_b,
+            "ok": self.ok,
+            "note": self.note,
+            "outputs": [vars(o) for o in self.outputs],
+        }
 
     def to_json(self) -> dict:
         """`normopt verify`'s document (normopt.schema)."""
-        return document("verify", self.body(), exit_code=0 if self.ok else 1, seconds=self.seconds,
-                        inputs=self.inputs)
+        return document(
+            "verify",
+            self.body(),
+            exit_code=0 if self.ok else 1,
+            seconds=self.seconds,
+            inputs=self.inputs,
+        )
 
 
 def verify(
@@ -455,17 +539,25 @@ def verify(
         try:
             refs, trials = run_ort_all(model_a, fallback), fallback
         except ModelRunError:
-            raise ModelRunError(model_a, f"{exc} (on generated inputs {generated}, and again with every symbolic "
-                                "dim at 1: set the sizes the model runs at with --dim NAME=VALUE or --shape "
-                                "NAME=AxB, or pass --inputs FILE.npz)", running=True) from None
-        report.note = (f"'{model_a.name}' failed on the generated inputs {generated} ({exc}); "
-                       f"verified with every symbolic dim not set at 1: {_shapes_text(trials[0])}")
+            raise ModelRunError(
+                model_a,
+                f"{exc} (on generated inputs {generated}, and again with every symbolic "
+                "dim at 1: set the sizes the model runs at with --dim NAME=VALUE or --shape "
+                "NAME=AxB, or pass --inputs FILE.npz)",
+                running=True,
+            ) from None
+        report.note = (
+            f"'{model_a.name}' failed on the generated inputs {generated} ({exc}); "
+            f"verified with every symbolic dim not set at 1: {_shapes_text(trials[0])}"
+        )
     report.inputs = inputs_json(trials, options.inputs, options.seed)
     if on_step:
         on_step(f"running {model_b.name}")
     gots = run_ort_all(model_b, trials)
-    checks = [[compare_output(n, r, got.get(n), options.rtol, options.atol) for n, r in ref.items()]
-              for ref, got in zip(refs, gots)]
+    checks = [
+        [compare_output(n, r, got.get(n), options.rtol, options.atol) for n, r in ref.items()]
+        for ref, got in zip(refs, gots)
+    ]
     judged_by_noise = options.rtol is None and options.atol is None
     if judged_by_noise and any(not c.ok and c.rtol is not None for trial in checks for c in trial):
         if on_step:
@@ -475,9 +567,17 @@ def verify(
         except ModelRunError:  # onnxruntime's optimizer can break a valid graph (fp16 LayerNorm
             optimized = [None] * len(trials)  # fusions): that probe is then not available
         nudged = run_ort_all(model_a, [_nudged(f) for f in trials])
-        noise = [_noise(ref, [p for p in (o, n) if p is not None]) for ref, o, n in zip(refs, optimized, nudged)]
-        checks = [[compare_output(n, r, got.get(n), options.rtol, options.atol, noise[t].get(n))
-                   for n, r in ref.items()] for t, (ref, got) in enumerate(zip(refs, gots))]
+        noise = [
+            _noise(ref, [p for p in (o, n) if p is not None])
+            for ref, o, n in zip(refs, optimized, nudged)
+        ]
+        checks = [
+            [
+                compare_output(n, r, got.get(n), options.rtol, options.atol, noise[t].get(n))
+                for n, r in ref.items()
+            ]
+            for t, (ref, got) in enumerate(zip(refs, gots))
+        ]
     report.outputs = [_worst([trial[i] for trial in checks]) for i in range(len(checks[0]))]
     for check in report.outputs:  # outputs the user asked to change are reported, not required
         if changed_on_request and check.name in changed_on_request:

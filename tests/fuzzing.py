@@ -6,14 +6,16 @@ a numpy generator seeded by one drawn number. Every graph is valid ONNX that onn
 
 The judge runs a pipeline on the graph in process (no output check of normopt's own: the
 property is judged here) and holds it to: nothing raises; the output passes `onnx.checker`
-(with the full check where the original does) and runs in onnxruntime; a pass that changes nothing says why; every output the
+(with the full check where the original does) and runs in onnxruntime; a pass that changes nothing
+says why; every output the
 user did not allow to change equals the original's. Equality is judged against a float64
 evaluation of the original (onnx's reference evaluator on a float64 copy), so that rounding
 the graph itself amplifies (constant / x, a norm of a nearly constant vector) is not counted:
 the rewrite may be as far from the float64 value as the dtype's tolerance, or as a few times
 the original's own error, whichever is larger. The original's own error is the larger of its
 onnxruntime result's distance from the float64 value and the change a one-ulp move of its
-weights makes (what a fold's rounding of the new weights alone can do). (Where onnx's evaluator cannot run
+weights makes (what a fold's rounding of the new weights alone can do). (Where onnx's evaluator
+cannot run
 a graph, e.g. a grouped ConvTranspose, onnxruntime on a float32 copy is the reference.)
 """
 
@@ -107,7 +109,9 @@ class Builder:
 
     def op(self, op_type: str, inputs, n_out: int = 1, **attrs):
         outs = [self.name(op_type.lower()) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self.name(f"n{op_type}"), **attrs))
+        self.nodes.append(
+            helper.make_node(op_type, list(inputs), outs, name=self.name(f"n{op_type}"), **attrs)
+        )
         return outs[0] if n_out == 1 else outs
 
     def input(self, shape, dtype=None, base: str = "x", feed=None) -> str:
@@ -115,7 +119,9 @@ class Builder:
         name = self.name(base)
         elem = ONNX_TYPE.get(dtype) or helper.np_dtype_to_tensor_dtype(dtype)
         self.inputs.append(helper.make_tensor_value_info(name, elem, list(shape)))
-        self.feeds[name] = feed if feed is not None else self.rng.standard_normal(shape).astype(dtype)
+        self.feeds[name] = (
+            feed if feed is not None else self.rng.standard_normal(shape).astype(dtype)
+        )
         return name
 
     def output(self, name: str) -> None:
@@ -124,7 +130,9 @@ class Builder:
 
     def model(self, opset: int) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, "fuzz", self.inputs, self.outputs, self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION
+        )
         inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.output}
         for out in model.graph.output:  # the checker wants output shapes: as inference finds them
             out.CopyFrom(inferred[out.name])
@@ -152,7 +160,9 @@ def _reduce_mean(b: Builder, x: str, axes: list[int], as_input: bool, keepdims: 
     return b.op("ReduceMean", [x], axes=axes, keepdims=keepdims)
 
 
-def layer_norm(c, b: Builder, x: str, d: int, opset: int, rank: int, kind: str = "layernorm") -> str:
+def layer_norm(
+    c, b: Builder, x: str, d: int, opset: int, rank: int, kind: str = "layernorm"
+) -> str:
     """A LayerNorm (or RMSNorm) over the last axis, as an op or in a decomposed form."""
     eps = c.pick([1e-6, 1e-5, 1e-3, 0.1])
     gamma = 1 + 0.3 * b.rng.standard_normal(d)
@@ -171,7 +181,11 @@ def layer_norm(c, b: Builder, x: str, d: int, opset: int, rank: int, kind: str =
     centred = src
     if kind == "layernorm":
         centred = b.op("Sub", [src, _reduce_mean(b, src, axis_list, as_input)])
-    square = b.op("Pow", [centred, b.const(np.array(2.0), "two", cdt)]) if c.coin() else b.op("Mul", [centred, centred])
+    square = (
+        b.op("Pow", [centred, b.const(np.array(2.0), "two", cdt)])
+        if c.coin()
+        else b.op("Mul", [centred, centred])
+    )
     var = _reduce_mean(b, square, axis_list, as_input)
     std = b.op("Sqrt", [b.op("Add", [var, b.const(np.array(eps), "eps", cdt)])])
     division = c.pick(["div", "reciprocal", "one_over"])
@@ -216,7 +230,11 @@ def _branch(c, b: Builder, h: str, d: int, rank2: bool) -> str:
     if kind == "attention" and not rank2:
         q, k, v = (b.op("MatMul", [h, b.weight((d, d))]) for _ in range(3))
         scores = b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 2, 1])])
-        probs = b.op("Softmax", [b.op("Mul", [scores, b.const(np.array(1 / math.sqrt(d)), "scale")])], axis=-1)
+        probs = b.op(
+            "Softmax",
+            [b.op("Mul", [scores, b.const(np.array(1 / math.sqrt(d)), "scale")])],
+            axis=-1,
+        )
         return _linear(c, b, b.op("MatMul", [probs, v]), d, d, rank2)
     mid = _linear(c, b, h, d, f, rank2)
     act = c.pick(["Relu", "Tanh", "Sigmoid", None])
@@ -225,19 +243,44 @@ def _branch(c, b: Builder, h: str, d: int, rank2: bool) -> str:
     return _linear(c, b, mid, f, d, rank2)
 
 
-EXTRAS = ("hidden_output", "extra_reader", "branch_reader", "inner_reader", "two_axis_ln", "rms_in_stream",
-          "post_ln", "nonlinear_writer", "gather_hidden", "shared_weight", "hidden_concat", "pos_slice",
-          "pos_slice_hidden", "reshape_carrier", "transpose_carrier", "pool_all", "embedding_ln", "peri_ln",
-          "mix_ln", "patch_merge", "ln_stats", "split_carrier", "pad_carrier")
+EXTRAS = (
+    "hidden_output",
+    "extra_reader",
+    "branch_reader",
+    "inner_reader",
+    "two_axis_ln",
+    "rms_in_stream",
+    "post_ln",
+    "nonlinear_writer",
+    "gather_hidden",
+    "shared_weight",
+    "hidden_concat",
+    "pos_slice",
+    "pos_slice_hidden",
+    "reshape_carrier",
+    "transpose_carrier",
+    "pool_all",
+    "embedding_ln",
+    "peri_ln",
+    "mix_ln",
+    "patch_merge",
+    "ln_stats",
+    "split_carrier",
+    "pad_carrier",
+)
 
 
-def _embedding(c, b: Builder, start: str, shape: tuple, d: int, rank2: bool, extras: set, notes: list):
+def _embedding(
+    c, b: Builder, start: str, shape: tuple, d: int, rank2: bool, extras: set, notes: list
+):
     """The initial stream value; returns it and the embedding table (or None)."""
     batch, tokens = (1, shape[0]) if rank2 else shape[:2]
     table = None
     if start == "ids":
         vocab = c.integer(3, 12)
-        ids = b.input(shape[:-1], np.int64, "ids", b.rng.integers(0, vocab, shape[:-1]).astype(np.int64))
+        ids = b.input(
+            shape[:-1], np.int64, "ids", b.rng.integers(0, vocab, shape[:-1]).astype(np.int64)
+        )
         table = b.const(b.rng.standard_normal((vocab, d)), "table")
         x = b.op("Gather", [table, ids])
         if c.coin(0.3):
@@ -251,7 +294,13 @@ def _embedding(c, b: Builder, start: str, shape: tuple, d: int, rank2: bool, ext
         ch = groups * c.integer(1, 2)
         img = b.input((batch, ch, p * tokens, p))
         bias = [b.const(b.rng.standard_normal(d) * 0.1, "cb")] if c.coin() else []
-        conv = b.op("Conv", [img, b.weight((d, ch // groups, p, p)), *bias], kernel_shape=[p, p], strides=[p, p], group=groups)
+        conv = b.op(
+            "Conv",
+            [img, b.weight((d, ch // groups, p, p)), *bias],
+            kernel_shape=[p, p],
+            strides=[p, p],
+            group=groups,
+        )
         flat = b.op("Reshape", [conv, b.const(np.array([batch, d, tokens], np.int64), "shape")])
         x = b.op("Transpose", [flat], perm=[0, 2, 1])
         notes.append(f"patch groups={groups}")
@@ -260,20 +309,46 @@ def _embedding(c, b: Builder, start: str, shape: tuple, d: int, rank2: bool, ext
     if c.coin(0.5):
         pos = b.rng.standard_normal(shape[-2:] if c.coin() or rank2 else (1,) + shape[-2:])
         if "pos_slice" in extras:  # a longer table, sliced to the tokens
-            table_pos = b.const(np.concatenate([pos.reshape(-1, d), b.rng.standard_normal((2, d))]), "pos_table")
-            pos_value = b.op("Slice", [table_pos, b.const(np.array([0]), "starts", np.int64),
-                                       b.const(np.array([tokens]), "ends", np.int64), b.const(np.array([0]), "axes", np.int64)])
-        elif "pos_slice_hidden" in extras:  # sliced on the hidden axis: centring the table would be wrong
-            wide = b.const(np.concatenate([pos.reshape(-1, d), b.rng.standard_normal((tokens, 3))], axis=1), "pos_wide")
-            pos_value = b.op("Slice", [wide, b.const(np.array([0]), "starts", np.int64),
-                                       b.const(np.array([d]), "ends", np.int64), b.const(np.array([1]), "axes", np.int64)])
+            table_pos = b.const(
+                np.concatenate([pos.reshape(-1, d), b.rng.standard_normal((2, d))]), "pos_table"
+            )
+            pos_value = b.op(
+                "Slice",
+                [
+                    table_pos,
+                    b.const(np.array([0]), "starts", np.int64),
+                    b.const(np.array([tokens]), "ends", np.int64),
+                    b.const(np.array([0]), "axes", np.int64),
+                ],
+            )
+        elif (
+            "pos_slice_hidden" in extras
+        ):  # sliced on the hidden axis: centring the table would be wrong
+            wide = b.const(
+                np.concatenate([pos.reshape(-1, d), b.rng.standard_normal((tokens, 3))], axis=1),
+                "pos_wide",
+            )
+            pos_value = b.op(
+                "Slice",
+                [
+                    wide,
+                    b.const(np.array([0]), "starts", np.int64),
+                    b.const(np.array([d]), "ends", np.int64),
+                    b.const(np.array([1]), "axes", np.int64),
+                ],
+            )
         else:
             pos_value = b.const(pos, "pos")
         x = b.op("Add", [x, pos_value] if c.coin() else [pos_value, x])
         notes.append("pos")
     if not rank2 and c.coin(0.2):
-        cls = b.op("Expand", [b.const(b.rng.standard_normal((1, 1, d)), "cls"),
-                              b.const(np.array([batch, 1, d], np.int64), "cls_shape")])
+        cls = b.op(
+            "Expand",
+            [
+                b.const(b.rng.standard_normal((1, 1, d)), "cls"),
+                b.const(np.array([batch, 1, d], np.int64), "cls_shape"),
+            ],
+        )
         x = b.op("Concat", [cls, x], axis=1)
         notes.append("cls")
     return x, table
@@ -287,7 +362,11 @@ def transformer(c) -> Case:
     opset = c.pick([14, 17, 17, 18, 23])
     rank2 = c.coin(0.2)
     shape = (tokens, d) if rank2 else (batch, tokens, d)
-    start = c.pick(["ids", "ids", "features", "patch", "stream_input"] if not rank2 else ["ids", "features", "stream_input"])
+    start = c.pick(
+        ["ids", "ids", "features", "patch", "stream_input"]
+        if not rank2
+        else ["ids", "features", "stream_input"]
+    )
     extras = {e for e in EXTRAS if c.coin(0.05)}
     notes.append(f"start={start} d={d} rank2={rank2} opset={opset} dtype={np.dtype(dtype)}")
     notes.append("extras=" + ",".join(sorted(extras)))
@@ -334,36 +413,75 @@ def transformer(c) -> Case:
         if "post_ln" in extras and i == layers - 1 or "mix_ln" in extras and i == 0:
             x = layer_norm(c, b, x, d, opset, len(shape))
         if "ln_stats" in extras and i == 0 and opset >= 17:  # a LayerNorm whose Mean is read
-            normed, mean = b.op("LayerNormalization", [x, b.const(np.ones(d), "g"), b.const(np.zeros(d), "b")], 2, axis=-1)
-            side += [(normed, d), (b.op("Cast", [mean], to=ONNX_TYPE[b.dtype]), 1)]  # Mean is float32
+            normed, mean = b.op(
+                "LayerNormalization",
+                [x, b.const(np.ones(d), "g"), b.const(np.zeros(d), "b")],
+                2,
+                axis=-1,
+            )
+            side += [
+                (normed, d),
+                (b.op("Cast", [mean], to=ONNX_TYPE[b.dtype]), 1),
+            ]  # Mean is float32
         if "patch_merge" in extras and i == 0 and not rank2 and tokens >= 2 and tokens % 2 == 0:
             # Swin's patch merging: strided token slices joined on the hidden axis, LN, reduction
-            pieces = [b.op("Slice", [x, b.const(np.array([k]), "starts", np.int64), b.const(np.array([tokens]), "ends", np.int64),
-                                     b.const(np.array([1]), "axes", np.int64), b.const(np.array([2]), "steps", np.int64)])
-                      for k in (0, 1)]
+            pieces = [
+                b.op(
+                    "Slice",
+                    [
+                        x,
+                        b.const(np.array([k]), "starts", np.int64),
+                        b.const(np.array([tokens]), "ends", np.int64),
+                        b.const(np.array([1]), "axes", np.int64),
+                        b.const(np.array([2]), "steps", np.int64),
+                    ],
+                )
+                for k in (0, 1)
+            ]
             merged = layer_norm(c, b, b.op("Concat", pieces, axis=-1), 2 * d, opset, 3)
             x = _linear(c, b, merged, 2 * d, d, rank2)
             tokens //= 2
             shape = (batch, tokens, d)
             notes.append("patch merged")
         if "split_carrier" in extras and not rank2 and tokens >= 2:
-            parts = b.op("Split", [x, b.const(np.array([1, tokens - 1]), "split", np.int64)], 2, axis=1)
+            parts = b.op(
+                "Split", [x, b.const(np.array([1, tokens - 1]), "split", np.int64)], 2, axis=1
+            )
             x = b.op("Concat", list(parts), axis=1)
         if "pad_carrier" in extras and not rank2:
             padded = b.op("Pad", [x, b.const(np.array([0, 1, 0, 0, 0, 0]), "pads", np.int64)])
-            x = b.op("Slice", [padded, b.const(np.array([1]), "starts", np.int64), b.const(np.array([tokens + 1]), "ends", np.int64),
-                               b.const(np.array([1]), "axes", np.int64)])
+            x = b.op(
+                "Slice",
+                [
+                    padded,
+                    b.const(np.array([1]), "starts", np.int64),
+                    b.const(np.array([tokens + 1]), "ends", np.int64),
+                    b.const(np.array([1]), "axes", np.int64),
+                ],
+            )
         if "hidden_output" in extras and i == 0:
             b.output(x)
         if "extra_reader" in extras and i == 0:
             side.append((b.op(c.pick(["Relu", "Sigmoid"]), [x]), d))
         if "gather_hidden" in extras and i == 0:
-            side.append((b.op("Gather", [x, b.const(np.array([0], np.int64), "idx")], axis=len(shape) - 1), 1))
+            side.append(
+                (
+                    b.op(
+                        "Gather", [x, b.const(np.array([0], np.int64), "idx")], axis=len(shape) - 1
+                    ),
+                    1,
+                )
+            )
         if "hidden_concat" in extras and i == 0:
             x = b.op("MatMul", [b.op("Concat", [x, x], axis=-1), b.weight((2 * d, d))])
         if "reshape_carrier" in extras and not rank2:
-            x = b.op("Reshape", [b.op("Reshape", [x, b.const(np.array([-1, d]), "flat", np.int64)]),
-                                 b.const(np.array(shape), "back", np.int64)])
+            x = b.op(
+                "Reshape",
+                [
+                    b.op("Reshape", [x, b.const(np.array([-1, d]), "flat", np.int64)]),
+                    b.const(np.array(shape), "back", np.int64),
+                ],
+            )
         if "transpose_carrier" in extras and not rank2:
             x = b.op("Transpose", [b.op("Transpose", [x], perm=[1, 0, 2])], perm=[1, 0, 2])
     pool = c.pick(["none", "none", "mean", "first"]) if not rank2 else "none"
@@ -372,8 +490,15 @@ def transformer(c) -> Case:
     elif pool == "first":
         x = b.op("Gather", [x, b.const(np.array(0, np.int64), "first")], axis=1)
     if pool == "mean" and "pool_all" in extras:
-        x = b.op("Expand", [b.op("Unsqueeze", [x, b.const(np.array([1]), "ax", np.int64)]) if opset >= 13 else x,
-                            b.const(np.array([batch, d]), "to", np.int64)])
+        x = b.op(
+            "Expand",
+            [
+                b.op("Unsqueeze", [x, b.const(np.array([1]), "ax", np.int64)])
+                if opset >= 13
+                else x,
+                b.const(np.array([batch, d]), "to", np.int64),
+            ],
+        )
     if c.coin(0.9):
         x = layer_norm(c, b, x, d, opset, 2 if rank2 or pool != "none" else 3)
     outputs = c.integer(1, 6)
@@ -402,8 +527,15 @@ def layer_norm_two_axes(c, b: Builder, x: str, tokens: int, d: int, opset: int) 
     changes what it sees, so preln-to-rmsnorm must refuse it. Gamma/beta [T, D] or [D]."""
     shape = (tokens, d) if c.coin() else (d,)
     if opset >= 17 and c.coin():
-        return b.op("LayerNormalization", [x, b.const(1 + 0.3 * b.rng.standard_normal(shape), "gamma"),
-                                           b.const(0.3 * b.rng.standard_normal(shape), "beta")], axis=-2)
+        return b.op(
+            "LayerNormalization",
+            [
+                x,
+                b.const(1 + 0.3 * b.rng.standard_normal(shape), "gamma"),
+                b.const(0.3 * b.rng.standard_normal(shape), "beta"),
+            ],
+            axis=-2,
+        )
     centred = b.op("Sub", [x, _reduce_mean(b, x, [-2, -1], opset >= 18)])
     var = _reduce_mean(b, b.op("Mul", [centred, centred]), [-2, -1], opset >= 18)
     y = b.op("Div", [centred, b.op("Sqrt", [b.op("Add", [var, b.const(np.array(1e-5), "eps")])])])
@@ -422,8 +554,17 @@ def _batchnorm(b: Builder, x: str, ch: int, shift: bool = True) -> str:
     gamma, var = b.rng.uniform(0.5, 1.5, ch), b.rng.uniform(0.5, 1.5, ch)
     mean = b.rng.standard_normal(ch) * 0.5 if shift else np.zeros(ch)
     beta = b.rng.standard_normal(ch) * 0.5 if shift else np.zeros(ch)
-    return b.op("BatchNormalization", [x, *(b.const(v, n) for v, n in ((gamma, "bn_g"), (beta, "bn_b"), (mean, "bn_m"), (var, "bn_v")))],
-                epsilon=b.rng.choice([1e-5, 1e-3]))
+    return b.op(
+        "BatchNormalization",
+        [
+            x,
+            *(
+                b.const(v, n)
+                for v, n in ((gamma, "bn_g"), (beta, "bn_b"), (mean, "bn_m"), (var, "bn_v"))
+            ),
+        ],
+        epsilon=b.rng.choice([1e-5, 1e-3]),
+    )
 
 
 def _affine_chain(c, b: Builder, x: str, ch: int, rank: int, axis_from_end: int) -> str:
@@ -443,7 +584,9 @@ def _affine_chain(c, b: Builder, x: str, ch: int, rank: int, axis_from_end: int)
     return x
 
 
-def _conv(c, b: Builder, x: str, cin: int, hw: tuple[int, int]) -> tuple[str, int, str, tuple[int, int]]:
+def _conv(
+    c, b: Builder, x: str, cin: int, hw: tuple[int, int]
+) -> tuple[str, int, str, tuple[int, int]]:
     """A Conv or ConvTranspose with random groups, kernel, pads, strides, dilations, bias.
     Returns the output, its channels, the op, and its spatial size (always >= 1)."""
     transpose = c.coin(0.2)
@@ -460,15 +603,29 @@ def _conv(c, b: Builder, x: str, cin: int, hw: tuple[int, int]) -> tuple[str, in
             pads = [0] * 4
             out = tuple(stride * (n - 1) + k for n in hw)
         w = b.weight((cin, cout // groups, k, k))
-        y = b.op("ConvTranspose", [x, w, *bias], group=groups, kernel_shape=[k, k], pads=pads, strides=[stride, stride])
+        y = b.op(
+            "ConvTranspose",
+            [x, w, *bias],
+            group=groups,
+            kernel_shape=[k, k],
+            pads=pads,
+            strides=[stride, stride],
+        )
         return y, cout, "ConvTranspose", out
     span = dilation * (k - 1) + 1
     if any(n + pads[i] + pads[i + 2] < span for i, n in enumerate(hw)):
         pads, dilation, span = [k - 1] * 4, 1, k
     out = tuple((n + pads[i] + pads[i + 2] - span) // stride + 1 for i, n in enumerate(hw))
     w = b.weight((cout, cin // groups, k, k))
-    y = b.op("Conv", [x, w, *bias], group=groups, kernel_shape=[k, k], pads=pads, strides=[stride, stride],
-             dilations=[dilation, dilation])
+    y = b.op(
+        "Conv",
+        [x, w, *bias],
+        group=groups,
+        kernel_shape=[k, k],
+        pads=pads,
+        strides=[stride, stride],
+        dilations=[dilation, dilation],
+    )
     return y, cout, "Conv", out
 
 
@@ -486,8 +643,14 @@ def _parallel(c, b: Builder, x: str, ch: int, notes: list) -> str:
             pads = [pads[0] + 1, pads[1], pads[2] - 1, pads[3]]
             notes.append("shifted branch window")
         bias = [b.const(0.2 * b.rng.standard_normal(ch), "cb")] if c.coin(0.5) else []
-        y = b.op("Conv", [x, b.weight((ch, ch // groups, *shape)), *bias], group=groups, kernel_shape=list(shape),
-                 pads=pads, dilations=[dilation, dilation])
+        y = b.op(
+            "Conv",
+            [x, b.weight((ch, ch // groups, *shape)), *bias],
+            group=groups,
+            kernel_shape=list(shape),
+            pads=pads,
+            dilations=[dilation, dilation],
+        )
         branches.append(_batchnorm(b, y, ch) if c.coin(0.5) else y)
     if k == 3 and c.coin(0.3):
         branches.append(_sequential(c, b, x, ch, groups, dilation, notes))
@@ -510,8 +673,16 @@ def _sequential(c, b: Builder, x: str, ch: int, groups: int, dilation: int, note
     The pad: DBB's pad(y - v) + v with v the 1x1's bias (exact; now and then a wrong v, which
     merge-branches must refuse), or the 3x3's own zero pads (exact only without a bias)."""
     bias = 0.2 * b.rng.standard_normal(ch) if c.coin(0.6) else None
-    y = b.op("Conv", [x, b.weight((ch, ch // groups, 1, 1)), *([b.const(bias, "cb")] if bias is not None else [])],
-             group=groups, kernel_shape=[1, 1])
+    y = b.op(
+        "Conv",
+        [
+            x,
+            b.weight((ch, ch // groups, 1, 1)),
+            *([b.const(bias, "cb")] if bias is not None else []),
+        ],
+        group=groups,
+        kernel_shape=[1, 1],
+    )
     pool = c.coin(0.4)
     p = 1 if pool else dilation
     own = [p] * 4
@@ -521,14 +692,29 @@ def _sequential(c, b: Builder, x: str, ch: int, groups: int, dilation: int, note
             v = v + 0.5
             notes.append("wrong pad value")
         shift = b.const(v.reshape(1, ch, 1, 1), "pv")
-        padded = b.op("Pad", [b.op("Sub", [y, shift]), b.const(np.array([0, 0, p, p, 0, 0, p, p], np.int64), "pads")])
+        padded = b.op(
+            "Pad",
+            [
+                b.op("Sub", [y, shift]),
+                b.const(np.array([0, 0, p, p, 0, 0, p, p], np.int64), "pads"),
+            ],
+        )
         y, own = b.op("Add", [padded, shift]), [0] * 4
     if pool:
         y = b.op("AveragePool", [y], kernel_shape=[3, 3], pads=own, count_include_pad=1)
     else:
-        y = b.op("Conv", [y, b.weight((ch, ch // groups, 3, 3))], group=groups, kernel_shape=[3, 3], pads=own,
-                 dilations=[dilation, dilation])
-    notes.append(f"sequential branch (1x1 -> {'pool' if pool else 'conv'}, bias={bias is not None}, explicit pad={own == [0] * 4})")
+        y = b.op(
+            "Conv",
+            [y, b.weight((ch, ch // groups, 3, 3))],
+            group=groups,
+            kernel_shape=[3, 3],
+            pads=own,
+            dilations=[dilation, dilation],
+        )
+    notes.append(
+        f"sequential branch (1x1 -> {'pool' if pool else 'conv'}, bias={bias is not None}, "
+        f"explicit pad={own == [0] * 4})"
+    )
     return _batchnorm(b, y, ch) if c.coin(0.5) else y
 
 
@@ -556,7 +742,9 @@ def cnn(c) -> Case:
                     if op == "Conv" and c.coin(0.2):
                         shared = (b.weight((ch, ch, 1, 1)), ch)
                 if c.coin(0.15):
-                    x = b.op("Add", [x, b.const(0.2 * b.rng.standard_normal((1, ch, 1, 1)), "sep_bias")])
+                    x = b.op(
+                        "Add", [x, b.const(0.2 * b.rng.standard_normal((1, ch, 1, 1)), "sep_bias")]
+                    )
                     notes.append("separate bias Add")
             for _ in range(c.integer(0, 2)):
                 kind = c.pick(["bn", "bn", "affine", "relu"])
@@ -595,7 +783,13 @@ def cnn(c) -> Case:
                         if kind == "repbn":
                             again = t if c.coin() else b.op("Transpose", [x], perm=[0, 2, 1])
                             alpha = b.const(np.array(b.rng.uniform(0.2, 1.5)), "alpha")
-                            normed = b.op("Add", [normed, b.op("Mul", [again, alpha] if c.coin() else [alpha, again])])
+                            normed = b.op(
+                                "Add",
+                                [
+                                    normed,
+                                    b.op("Mul", [again, alpha] if c.coin() else [alpha, again]),
+                                ],
+                            )
                         x = b.op("Transpose", [normed], perm=[0, 2, 1])
                 elif kind == "affine":
                     x = _affine_chain(c, b, x, ch, 2 if rank2 else 3, 1)
@@ -653,7 +847,9 @@ def perturbed(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
     for t in m.graph.initializer:
         array = numpy_helper.to_array(t)
         if array.dtype in UNIT_ROUNDOFF:
-            moved = array.astype(np.float64) * (1 + 2 * UNIT_ROUNDOFF[array.dtype] * rng.uniform(-1, 1, array.shape))
+            moved = array.astype(np.float64) * (
+                1 + 2 * UNIT_ROUNDOFF[array.dtype] * rng.uniform(-1, 1, array.shape)
+            )
             t.CopyFrom(numpy_helper.from_array(moved.astype(array.dtype), t.name))
     return m
 
@@ -661,8 +857,14 @@ def perturbed(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
 def _moved_feeds(feeds: dict, seed: int) -> dict:
     """Float inputs moved by up to one ulp of their dtype, as `perturbed` moves the weights."""
     rng = np.random.default_rng(seed)
-    return {k: (v.astype(np.float64) * (1 + 2 * UNIT_ROUNDOFF[v.dtype] * rng.uniform(-1, 1, v.shape))).astype(v.dtype)
-            if v.dtype in UNIT_ROUNDOFF else v for k, v in feeds.items()}
+    return {
+        k: (
+            v.astype(np.float64) * (1 + 2 * UNIT_ROUNDOFF[v.dtype] * rng.uniform(-1, 1, v.shape))
+        ).astype(v.dtype)
+        if v.dtype in UNIT_ROUNDOFF
+        else v
+        for k, v in feeds.items()
+    }
 
 
 def _wide_feeds(feeds: dict, dtype) -> dict:
@@ -700,11 +902,21 @@ def pipeline_choice(c):
     from normopt.passes.base import Options
     from normopt.passes.pipeline import DEFAULT_PIPELINE
 
-    names = c.pick([list(DEFAULT_PIPELINE)] * 3 + [[n] for n in DEFAULT_PIPELINE]
-                   + [["convbn-tune"], ["canonicalize-norms", "fold-norm-affine"],
-                      ["preln-to-rmsnorm", "preln-to-crmsnorm"]])
-    return names, Options(target=c.pick(["onnx", "ort", "tensorrt"]), allow_hidden_state_change=c.coin(0.3),
-                          tune_params=c.pick(["constants", "inputs", "inputs:all"]), trt_version=c.pick(["10.9", "11.4"]))
+    names = c.pick(
+        [list(DEFAULT_PIPELINE)] * 3
+        + [[n] for n in DEFAULT_PIPELINE]
+        + [
+            ["convbn-tune"],
+            ["canonicalize-norms", "fold-norm-affine"],
+            ["preln-to-rmsnorm", "preln-to-crmsnorm"],
+        ]
+    )
+    return names, Options(
+        target=c.pick(["onnx", "ort", "tensorrt"]),
+        allow_hidden_state_change=c.coin(0.3),
+        tune_params=c.pick(["constants", "inputs", "inputs:all"]),
+        trt_version=c.pick(["10.9", "11.4"]),
+    )
 
 
 SENSITIVITY_SAMPLES = 8
@@ -754,7 +966,9 @@ def judge(case: Case, names, options) -> Verdict:
         reference = evaluate(case.model, case.feeds)
     try:
         with recentring_cost(case.recentring_cost):
-            model = ir.serde.deserialize_model(onnx.ModelProto.FromString(case.model.SerializeToString()))
+            model = ir.serde.deserialize_model(
+                onnx.ModelProto.FromString(case.model.SerializeToString())
+            )
             results = run_pipeline(model, names, options)
             rewritten = ir.serde.serialize_model(model)
             onnx.checker.check_model(rewritten, full_check=full_check)
@@ -773,7 +987,11 @@ def judge(case: Case, names, options) -> Verdict:
         if name not in got or got[name].shape != original[name].shape:
             verdict.wrong.append(f"{name}: missing or reshaped")
             continue
-        a, g, ref = original[name].astype(np.float64), got[name].astype(np.float64), ref.astype(np.float64)
+        a, g, ref = (
+            original[name].astype(np.float64),
+            got[name].astype(np.float64),
+            ref.astype(np.float64),
+        )
         # Where the reference itself is not finite (the original divides by zero), IEEE NaN/Inf
         # propagation is not invariant under the reassociation every fold makes (inf - inf is
         # NaN in two Convs, -inf through their composed kernel): nothing is defined there.
@@ -787,18 +1005,30 @@ def judge(case: Case, names, options) -> Verdict:
         scale = float(np.abs(ref[finite]).max())
         err = float(np.abs(g - ref)[finite].max())
         own = float(np.abs(a - ref)[finite].max())
-        allowed = max(TOLERANCE[np.dtype(original[name].dtype)] * max(scale, 1e-3), OWN_NOISE_FACTOR * own)
-        if err > allowed and not moved:  # before calling it wrong: how sensitive is the graph itself?
+        allowed = max(
+            TOLERANCE[np.dtype(original[name].dtype)] * max(scale, 1e-3), OWN_NOISE_FACTOR * own
+        )
+        if (
+            err > allowed and not moved
+        ):  # before calling it wrong: how sensitive is the graph itself?
             # in float64, and in float32 with the inputs moved by an ulp too: a LayerNorm of equal
             # entries (x - mean(x) exactly 0 in the original's float32 run, or one ulp) amplifies
             # float32 rounding by 1/sqrt(eps)
-            moved = [evaluate(perturbed(case.model, seed), case.feeds) for seed in range(SENSITIVITY_SAMPLES)]
-            moved += [reference32(perturbed(case.model, seed), _moved_feeds(case.feeds, seed))
-                      for seed in range(4 * SENSITIVITY_SAMPLES)]  # cheap; an exact cancellation breaks rarely
+            moved = [
+                evaluate(perturbed(case.model, seed), case.feeds)
+                for seed in range(SENSITIVITY_SAMPLES)
+            ]
+            moved += [
+                reference32(perturbed(case.model, seed), _moved_feeds(case.feeds, seed))
+                for seed in range(4 * SENSITIVITY_SAMPLES)
+            ]  # cheap; an exact cancellation breaks rarely
         for m in moved:
             spread = np.abs(m[name].astype(np.float64) - ref)[finite]
             own = max(own, float(spread[np.isfinite(spread)].max(initial=0.0)))
         allowed = max(allowed, OWN_NOISE_FACTOR * own)
         if not np.isfinite(err) or err > allowed:
-            verdict.wrong.append(f"{name}: error {err:.3g} > allowed {allowed:.3g} (scale {scale:.3g}, original's own {own:.3g})")
+            verdict.wrong.append(
+                f"{name}: error {err:.3g} > allowed {allowed:.3g} (scale {scale:.3g}, original's "
+                f"own {own:.3g})"
+            )
     return verdict

@@ -13,8 +13,9 @@ IR_VERSION = 10  # onnx's helper defaults to the newest IR, newer than onnxrunti
 
 def make_model(nodes, inputs, outputs, initializers=(), opset=17, **kwargs) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                              ir_version=IR_VERSION, **kwargs)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION, **kwargs
+    )
     onnx.checker.check_model(model)
     return model
 
@@ -37,22 +38,37 @@ def mlp(seed: int = 0, d: int = 8, dtype=np.float32) -> onnx.ModelProto:
         helper.make_node("Relu", ["hb"], ["r"], name="relu"),
         helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
     ]
-    inits = [const("w1", rng.standard_normal((d, d)).astype(dtype)),
-             const("b1", rng.standard_normal(d).astype(dtype)),
-             const("w2", rng.standard_normal((d, d)).astype(dtype))]
-    return make_model(nodes, [tensor("x", onnx_dtype, ("batch", d))], [tensor("y", onnx_dtype, ("batch", d))], inits)
+    inits = [
+        const("w1", rng.standard_normal((d, d)).astype(dtype)),
+        const("b1", rng.standard_normal(d).astype(dtype)),
+        const("w2", rng.standard_normal((d, d)).astype(dtype)),
+    ]
+    return make_model(
+        nodes,
+        [tensor("x", onnx_dtype, ("batch", d))],
+        [tensor("y", onnx_dtype, ("batch", d))],
+        inits,
+    )
 
 
 def save(model: onnx.ModelProto, path: Path, external: bool = False) -> Path:
     if external:
-        onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data",
-                  size_threshold=0, all_tensors_to_one_file=True)
+        onnx.save(
+            model,
+            str(path),
+            save_as_external_data=True,
+            location=path.name + ".data",
+            size_threshold=0,
+            all_tensors_to_one_file=True,
+        )
     else:
         onnx.save(model, str(path))
     return path
 
 
-def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], extra_outputs=()) -> dict[str, np.ndarray]:
+def ort_run(
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray], extra_outputs=()
+) -> dict[str, np.ndarray]:
     """Run an in-memory model on ORT CPU without graph optimizations (extra values as outputs)."""
     import onnxruntime as ort
 
@@ -63,7 +79,9 @@ def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], extra_outputs=
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+    )
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))
 

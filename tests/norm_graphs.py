@@ -22,7 +22,8 @@ class Variant:
     bias: bool = True
     cast: bool = False  # fp16 in/out, fp32 compute
     eps: float = 1e-5
-    # mutations: none | eps_outside | keepdims0 | other_mean | extra_use | nonlast_axis | positive_axes
+    # mutations: none | eps_outside | keepdims0 | other_mean | extra_use | nonlast_axis |
+    # positive_axes
     mutation: str = "none"
 
     @property
@@ -61,7 +62,9 @@ def build(v: Variant, seed: int = 0):
     def reduce_mean(inp, out, name):
         if v.axes_as_input:
             inits.append(const(f"{name}_axes", np.array(axes, np.int64)))
-            return helper.make_node("ReduceMean", [inp, f"{name}_axes"], [out], keepdims=keepdims, name=name)
+            return helper.make_node(
+                "ReduceMean", [inp, f"{name}_axes"], [out], keepdims=keepdims, name=name
+            )
         return helper.make_node("ReduceMean", [inp], [out], axes=axes, keepdims=keepdims, name=name)
 
     if v.kind == "layernorm":
@@ -79,11 +82,15 @@ def build(v: Variant, seed: int = 0):
     nodes.append(reduce_mean("sq", "var", "var"))
     inits.append(const("eps", np.float32(v.eps)))
     if v.mutation == "eps_outside":
-        nodes += [helper.make_node("Sqrt", ["var"], ["std0"], name="sqrt"),
-                  helper.make_node("Add", ["std0", "eps"], ["std"], name="add_eps")]
+        nodes += [
+            helper.make_node("Sqrt", ["var"], ["std0"], name="sqrt"),
+            helper.make_node("Add", ["std0", "eps"], ["std"], name="add_eps"),
+        ]
     else:
-        nodes += [helper.make_node("Add", ["var", "eps"], ["var_eps"], name="add_eps"),
-                  helper.make_node("Sqrt", ["var_eps"], ["std"], name="sqrt")]
+        nodes += [
+            helper.make_node("Add", ["var", "eps"], ["var_eps"], name="add_eps"),
+            helper.make_node("Sqrt", ["var_eps"], ["std"], name="sqrt"),
+        ]
     if v.division == "div":
         nodes.append(helper.make_node("Div", [centred, "std"], ["normed"], name="div"))
     else:
@@ -96,18 +103,20 @@ def build(v: Variant, seed: int = 0):
     y = "normed"
     arrays = {}
     if v.scale != "none":
-        param_shape = shape[-v.k:] if v.scale == "vector" else (shape[1], 1, 1)
+        param_shape = shape[-v.k :] if v.scale == "vector" else (shape[1], 1, 1)
         arrays["scale"] = (1 + 0.3 * rng.standard_normal(param_shape)).astype(np.float32)
         inits.append(const("gamma", arrays["scale"]))
         nodes.append(helper.make_node("Mul", [y, "gamma"], ["scaled"], name="scale"))
         y = "scaled"
     if v.bias and v.kind == "layernorm":
-        arrays["bias"] = (0.2 * rng.standard_normal(shape[-v.k:])).astype(np.float32)
+        arrays["bias"] = (0.2 * rng.standard_normal(shape[-v.k :])).astype(np.float32)
         inits.append(const("beta", arrays["bias"]))
         nodes.append(helper.make_node("Add", [y, "beta"], ["shifted"], name="bias"))
         y = "shifted"
     if v.cast:
-        nodes.append(helper.make_node("Cast", [y], ["out"], to=TensorProto.FLOAT16, name="cast_out"))
+        nodes.append(
+            helper.make_node("Cast", [y], ["out"], to=TensorProto.FLOAT16, name="cast_out")
+        )
     else:
         nodes.append(helper.make_node("Identity", [y], ["out"], name="out"))
     inputs = [tensor("x", io_type, shape)]
@@ -120,7 +129,9 @@ def build(v: Variant, seed: int = 0):
     return model, arrays
 
 
-def reference(v: Variant, x: np.ndarray, scale: np.ndarray | None, bias: np.ndarray | None, eps: float, k: int) -> np.ndarray:
+def reference(
+    v: Variant, x: np.ndarray, scale: np.ndarray | None, bias: np.ndarray | None, eps: float, k: int
+) -> np.ndarray:
     """The norm in float64, from the parameters a match reports."""
     x = x.astype(np.float64)
     axes = tuple(range(-k, 0))

@@ -52,8 +52,15 @@ def test_a_path_is_written_to_output_and_never_over_the_input(tmp_path):
     src = save(dead_mlp(), tmp_path / "m.onnx", external=True)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     out, report = normopt.rewrite(src, tmp_path / "o.onnx", report=tmp_path / "r.json")
-    assert out == tmp_path / "o.onnx" and out.exists() and report.written and (tmp_path / "r.json").exists()
-    assert {k: p.read_bytes() for k, p in ((p.name, p) for p in tmp_path.iterdir()) if k in before} == before
+    assert (
+        out == tmp_path / "o.onnx"
+        and out.exists()
+        and report.written
+        and (tmp_path / "r.json").exists()
+    )
+    assert {
+        k: p.read_bytes() for k, p in ((p.name, p) for p in tmp_path.iterdir()) if k in before
+    } == before
     with pytest.raises(BadInput, match="needs an output path"):
         normopt.rewrite(src)
     with pytest.raises(BadInput, match="is the input"):
@@ -76,7 +83,9 @@ def test_verify_and_inspect_take_every_kind(tmp_path):
     a, b = mlp(0), mlp(1)
     assert normopt.verify(a, ir.serde.deserialize_model(a)).ok
     report = normopt.verify(save(a, tmp_path / "a.onnx"), b, inputs=FEEDS)
-    assert not report.ok and report.to_json()["exit_code"] == 1 and report.inputs["source"] == "given"
+    assert (
+        not report.ok and report.to_json()["exit_code"] == 1 and report.inputs["source"] == "given"
+    )
     info = normopt.inspect(a)
     assert info["command"] == "inspect" and info["model"]["path"] == "<in memory>"
     assert normopt.inspect(tmp_path / "a.onnx")["operators"] == info["operators"]
@@ -103,19 +112,22 @@ def test_a_wrong_in_memory_rewrite_is_refused(monkeypatch):
 
 
 def test_the_api_names_stay_functions_when_the_submodules_are_imported():
-    code = ("import normopt.rewrite, normopt.verify, normopt.inspect\n"
-            "from normopt.rewrite import RewriteReport\n"
-            "import normopt, sys\n"
-            "assert callable(normopt.rewrite) and callable(normopt.verify) and callable(normopt.inspect)\n"
-            "assert sys.modules['normopt.rewrite'].RewriteReport is RewriteReport\n"
-            "assert 'onnxruntime' not in sys.modules and 'torch' not in sys.modules\n")
+    code = (
+        "import normopt.rewrite, normopt.verify, normopt.inspect\n"
+        "from normopt.rewrite import RewriteReport\n"
+        "import normopt, sys\n"
+        "assert callable(normopt.rewrite) and callable(normopt.verify) and "
+        "callable(normopt.inspect)\n"
+        "assert sys.modules['normopt.rewrite'].RewriteReport is RewriteReport\n"
+        "assert 'onnxruntime' not in sys.modules and 'torch' not in sys.modules\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 @pytest.mark.slow
 def test_the_readme_example_runs(tmp_path, corpus, monkeypatch):
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Python API"):]
+    section = readme[readme.index("## Python API") :]
     example = re.search(r"```python\n(.*?)```", section, re.S)[1]
     shutil.copy(corpus("gpt2-ts14").model, tmp_path / "model.onnx")
     monkeypatch.chdir(tmp_path)
@@ -131,8 +143,15 @@ def test_inspect_never_edits_the_callers_model(corpus):
     path = corpus("preln-dyn18").model
     proto = onnx.load(path)
     before = proto.SerializeToString()
-    assert normopt.inspect(proto)["crms"]["after"] == "preln-to-rmsnorm" and proto.SerializeToString() == before
+    assert (
+        normopt.inspect(proto)["crms"]["after"] == "preln-to-rmsnorm"
+        and proto.SerializeToString() == before
+    )
     model = ir.serde.deserialize_model(proto)
     ops = sorted(n.op_type for n in model.graph)
     crms = normopt.inspect(model)["crms"]
-    assert crms["after"] is None and not crms["applies"] and sorted(n.op_type for n in model.graph) == ops
+    assert (
+        crms["after"] is None
+        and not crms["applies"]
+        and sorted(n.op_type for n in model.graph) == ops
+    )

@@ -20,8 +20,13 @@ from tests.helpers import const, mlp, save
 
 
 def run(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "normopt", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "normopt", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def assert_one_line_error(proc, code, pattern=""):
@@ -75,8 +80,22 @@ def test_verify_options(tmp_path, model, cli_env):
     np.savez(tmp_path / "in.npz", x=np.ones((3, 8), np.float32))
     proc = run("verify", model, model, "--inputs", tmp_path / "in.npz", "--json", env=cli_env)
     assert json.loads(proc.stdout)["inputs"]["trials"][0]["x"]["shape"] == [3, 8]
-    proc = run("verify", model, model, "--dim", "batch=5", "--rtol", "0", "--atol", "0", "--json", env=cli_env)
-    assert proc.returncode == 0 and json.loads(proc.stdout)["inputs"]["trials"][0]["x"]["shape"] == [5, 8]
+    proc = run(
+        "verify",
+        model,
+        model,
+        "--dim",
+        "batch=5",
+        "--rtol",
+        "0",
+        "--atol",
+        "0",
+        "--json",
+        env=cli_env,
+    )
+    assert proc.returncode == 0 and json.loads(proc.stdout)["inputs"]["trials"][0]["x"][
+        "shape"
+    ] == [5, 8]
 
 
 def test_rewrite_writes_and_reports(tmp_path, dead_model, cli_env):
@@ -88,19 +107,34 @@ def test_rewrite_writes_and_reports(tmp_path, dead_model, cli_env):
     assert out.exists() and (tmp_path / "out.onnx.data").exists()  # input had external data
     data = json.loads(report.read_text())
     assert data["written"] and data["exit_code"] == 0 and data["verification"]["ok"]
-    assert {"pass": "cleanup", "kind": "removed", "what": "dead node(s)", "nodes": ["dead"], "values": [],
-            "why": None} in data["changes"]
+    assert {
+        "pass": "cleanup",
+        "kind": "removed",
+        "what": "dead node(s)",
+        "nodes": ["dead"],
+        "values": [],
+        "why": None,
+    } in data["changes"]
     passes = {p["name"]: p for p in data["passes"]}
     assert list(passes) == [*DEFAULT_PIPELINE, "cleanup"] and passes["cleanup"]["modified"]
-    assert passes["canonicalize-norms"]["refusals"][0]["reason"] == "no decomposed LayerNorm or RMSNorm"
+    assert (
+        passes["canonicalize-norms"]["refusals"][0]["reason"]
+        == "no decomposed LayerNorm or RMSNorm"
+    )
     assert data["nodes_before"]["Neg"] == 1 and "Neg" not in data["nodes_after"]
-    assert {k: v for k, v in ((p.name, digest(p)) for p in tmp_path.iterdir()) if k in before} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "out.onnx", "out.onnx.data", "r.json"])
+    assert {
+        k: v for k, v in ((p.name, digest(p)) for p in tmp_path.iterdir()) if k in before
+    } == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*before, "out.onnx", "out.onnx.data", "r.json"]
+    )
 
 
 def test_rewrite_requested_pass_that_applies_nowhere_exits_3(tmp_path, model, cli_env):
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
-    proc = run("rewrite", model, out, "--passes", "cleanup", "--explain", "--report", report, env=cli_env)
+    proc = run(
+        "rewrite", model, out, "--passes", "cleanup", "--explain", "--report", report, env=cli_env
+    )
     assert proc.returncode == 3
     assert "applied nowhere" in proc.stderr and "no dead nodes" in proc.stderr
     assert "no dead nodes" in proc.stdout  # --explain table
@@ -194,18 +228,26 @@ def test_bad_options_exit_2(tmp_path, model, cli_env, args, message):
 
 
 def test_output_folder_missing_or_directory(tmp_path, model, cli_env):
-    assert_one_line_error(run("rewrite", model, tmp_path / "no" / "o.onnx", env=cli_env), 2, "does not exist")
+    assert_one_line_error(
+        run("rewrite", model, tmp_path / "no" / "o.onnx", env=cli_env), 2, "does not exist"
+    )
     assert_one_line_error(run("rewrite", model, tmp_path, env=cli_env), 2, "is a directory")
     (tmp_path / "file").write_text("")
-    assert_one_line_error(run("rewrite", model, tmp_path / "file" / "o.onnx", env=cli_env), 2,
-                          "output folder '" + str(tmp_path / "file") + "' is a file, not a folder")
+    assert_one_line_error(
+        run("rewrite", model, tmp_path / "file" / "o.onnx", env=cli_env),
+        2,
+        "output folder '" + str(tmp_path / "file") + "' is a file, not a folder",
+    )
 
 
 def test_inspect_json(model, cli_env):
     proc = run("inspect", model, "--json", env=cli_env)
     data = json.loads(proc.stdout)
     assert data["model"]["nodes"] == 4 and data["operators"] == {"Add": 1, "MatMul": 2, "Relu": 1}
-    assert data["passes"]["cleanup"] == {"applies": False, "reason": "model: no dead nodes, unused initializers or unsorted nodes"}
+    assert data["passes"]["cleanup"] == {
+        "applies": False,
+        "reason": "model: no dead nodes, unused initializers or unsorted nodes",
+    }
     human = run("inspect", model, env=cli_env)
     assert human.returncode == 0 and "MatMul" in human.stdout
 
@@ -252,20 +294,30 @@ def broken_passes(monkeypatch):
 
 def test_verification_failure_exits_1_and_writes_nothing(tmp_path, model, broken_passes):
     out, report = tmp_path / "o.onnx", tmp_path / "r.json"
-    result = CliRunner().invoke(app, ["rewrite", str(model), str(out), "--passes", "corrupt", "--report", str(report)])
+    result = CliRunner().invoke(
+        app, ["rewrite", str(model), str(out), "--passes", "corrupt", "--report", str(report)]
+    )
     assert result.exit_code == 1, result.output
     assert "differs from the original" in result.output and "FAIL" in result.output
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "r.json"]
     assert json.loads(report.read_text())["verification"]["ok"] is False
-    skipped = CliRunner().invoke(app, ["rewrite", str(model), str(out), "--passes", "corrupt", "--no-verify"])
+    skipped = CliRunner().invoke(
+        app, ["rewrite", str(model), str(out), "--passes", "corrupt", "--no-verify"]
+    )
     assert skipped.exit_code == 0 and out.exists()
 
 
-def test_internal_error_is_one_line_exit_4_and_debug_shows_traceback(tmp_path, model, broken_passes):
-    result = CliRunner().invoke(app, ["rewrite", str(model), str(tmp_path / "o.onnx"), "--passes", "crash"])
+def test_internal_error_is_one_line_exit_4_and_debug_shows_traceback(
+    tmp_path, model, broken_passes
+):
+    result = CliRunner().invoke(
+        app, ["rewrite", str(model), str(tmp_path / "o.onnx"), "--passes", "crash"]
+    )
     assert result.exit_code == 4 and "internal error: RuntimeError: boom" in result.output
     assert "Traceback" not in result.output
-    debug = CliRunner().invoke(app, ["--debug", "rewrite", str(model), str(tmp_path / "o.onnx"), "--passes", "crash"])
+    debug = CliRunner().invoke(
+        app, ["--debug", "rewrite", str(model), str(tmp_path / "o.onnx"), "--passes", "crash"]
+    )
     assert isinstance(debug.exception, RuntimeError)
 
 
@@ -273,8 +325,11 @@ def test_bf16_model_cannot_be_verified_on_cpu_but_rewrites_without_verification(
     proto = mlp()
     for init in proto.graph.initializer:
         array = onnx.numpy_helper.to_array(init).astype(np.float32)
-        init.CopyFrom(onnx.helper.make_tensor(init.name, onnx.TensorProto.BFLOAT16, array.shape,
-                                              array.flatten().tolist()))
+        init.CopyFrom(
+            onnx.helper.make_tensor(
+                init.name, onnx.TensorProto.BFLOAT16, array.shape, array.flatten().tolist()
+            )
+        )
     for value in [*proto.graph.input, *proto.graph.output]:
         value.type.tensor_type.elem_type = onnx.TensorProto.BFLOAT16
     proto.graph.node.append(helper.make_node("Neg", ["x"], ["dead"], name="dead"))
@@ -283,7 +338,9 @@ def test_bf16_model_cannot_be_verified_on_cpu_but_rewrites_without_verification(
     assert not out.exists()
     proc = run("rewrite", src, out, "--no-verify", env=cli_env)
     assert proc.returncode == 0, proc.stderr
-    assert {i.data_type for i in onnx.load(str(out)).graph.initializer} == {onnx.TensorProto.BFLOAT16}
+    assert {i.data_type for i in onnx.load(str(out)).graph.initializer} == {
+        onnx.TensorProto.BFLOAT16
+    }
 
 
 def test_rewritten_model_that_does_not_run_exits_4(tmp_path, model, broken_passes):
@@ -298,36 +355,60 @@ def test_rewritten_model_that_does_not_run_exits_4(tmp_path, model, broken_passe
 
 def test_input_shapes_by_name_and_unknown_names(model, cli_env):
     proc = run("verify", model, model, "--shape", "x=3x8", "--json", env=cli_env)
-    assert proc.returncode == 0 and json.loads(proc.stdout)["inputs"]["trials"][0]["x"]["shape"] == [3, 8]
-    assert_one_line_error(run("verify", model, model, "--shape", "x=3,8", env=cli_env), 2, "--shape takes NAME=AxBxC")
-    assert_one_line_error(run("verify", model, model, "--dim", "seq=4", env=cli_env), 2,
-                          "--dim seq: no input has a dimension of that name; the inputs are x [batch, 8]")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["inputs"]["trials"][0]["x"][
+        "shape"
+    ] == [3, 8]
+    assert_one_line_error(
+        run("verify", model, model, "--shape", "x=3,8", env=cli_env), 2, "--shape takes NAME=AxBxC"
+    )
+    assert_one_line_error(
+        run("verify", model, model, "--dim", "seq=4", env=cli_env),
+        2,
+        "--dim seq: no input has a dimension of that name; the inputs are x [batch, 8]",
+    )
 
 
 def test_logs_without_a_terminal_are_full_width(corpus, tmp_path, cli_env):
     """Found from outside: in CI (no terminal, 80 columns) rich cut cells to "hidden_s…" and
     reasons mid-word; without a terminal normopt prints full-width text."""
     env = {**cli_env, "COLUMNS": "80"}
-    proc = run("rewrite", corpus("bert-ts17").model, tmp_path / "o.onnx", "--explain", "--timings", env=env)
+    proc = run(
+        "rewrite", corpus("bert-ts17").model, tmp_path / "o.onnx", "--explain", "--timings", env=env
+    )
     assert proc.returncode == 0, proc.stderr
     assert "…" not in proc.stdout + proc.stderr
-    assert "opset 17 has no RMSNormalization (needs >= 23); --target ort emits onnxruntime's SimplifiedLayerNormalization" in proc.stdout
+    assert (
+        "opset 17 has no RMSNormalization (needs >= 23); --target ort emits onnxruntime's "
+        "SimplifiedLayerNormalization" in proc.stdout
+    )
     proc = run("inspect", corpus("bert-ts17").model, env=env)
     assert proc.returncode == 0 and "…" not in proc.stdout
 
 
-def test_a_rewrite_that_changes_nothing_says_so_and_require_change_makes_it_exit_3(tmp_path, model, cli_env):
+def test_a_rewrite_that_changes_nothing_says_so_and_require_change_makes_it_exit_3(
+    tmp_path, model, cli_env
+):
     out = tmp_path / "o.onnx"
     proc = run("rewrite", model, out, env=cli_env)
     assert proc.returncode == 0 and "unchanged: no pass changed the model" in proc.stderr
     out.unlink()
-    assert_one_line_error(run("rewrite", model, out, "--require-change", env=cli_env), 3,
-                          "no pass changed the model (--require-change); nothing written")
+    assert_one_line_error(
+        run("rewrite", model, out, "--require-change", env=cli_env),
+        3,
+        "no pass changed the model (--require-change); nothing written",
+    )
     assert not out.exists()
 
 
-def test_a_failing_verification_shows_its_table_on_stderr_too(tmp_path, model, broken_passes, cli_env):
+def test_a_failing_verification_shows_its_table_on_stderr_too(
+    tmp_path, model, broken_passes, cli_env
+):
     broken = tmp_path / "broken.onnx"
-    assert CliRunner().invoke(app, ["rewrite", str(model), str(broken), "--passes", "corrupt", "--no-verify"]).exit_code == 0
+    assert (
+        CliRunner()
+        .invoke(app, ["rewrite", str(model), str(broken), "--passes", "corrupt", "--no-verify"])
+        .exit_code
+        == 0
+    )
     proc = run("verify", model, broken, env=cli_env)
     assert proc.returncode == 1 and "FAIL" in proc.stderr and "FAIL" in proc.stdout

@@ -45,8 +45,12 @@ def _canned(crms_ratio: float, crms_verdict: str):
 
     def compare(rows, baseline, feeds, **kwargs):
         calls.append((dict(rows), baseline, kwargs.get("against")))
-        return {"original": _figure(1.0, "baseline"), "RMS": _figure(0.95, "faster"),
-                "CRMS": _figure(crms_ratio, crms_verdict)}
+        return {
+            "original": _figure(1.0, "baseline"),
+            "RMS": _figure(0.95, "faster"),
+            "CRMS": _figure(crms_ratio, crms_verdict),
+        }
+
     return compare, calls
 
 
@@ -60,10 +64,20 @@ def test_auto_keeps_crms_where_it_times_faster(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(crms_choice, "compare", compare)
     paths = corpus("preln-dyn18")
     out = tmp_path / "out.onnx"
-    report = rewrite(paths.model, out, passes=PASSES, verification=VerifyOptions(inputs=paths.load_inputs()))
+    report = rewrite(
+        paths.model, out, passes=PASSES, verification=VerifyOptions(inputs=paths.load_inputs())
+    )
     rows, baseline, against = calls[0]
-    assert set(rows) == {"original", "RMS", "CRMS"} and baseline == "original" and against == {"CRMS": "RMS"}
-    assert report.crms.kept == "CRMS" and report.crms.width == 64 and report.crms.why.endswith("kept CRMS")
+    assert (
+        set(rows) == {"original", "RMS", "CRMS"}
+        and baseline == "original"
+        and against == {"CRMS": "RMS"}
+    )
+    assert (
+        report.crms.kept == "CRMS"
+        and report.crms.width == 64
+        and report.crms.why.endswith("kept CRMS")
+    )
     assert next(p for p in report.passes if p.name == "preln-to-crmsnorm").modified
     assert 63 in _widths(out) and 64 not in _widths(out)  # the stream is d-1 wide
     assert sorted(tmp_path.iterdir()) == [out]  # the RMS variant's staging is gone
@@ -78,8 +92,13 @@ def test_auto_keeps_rms_where_crms_is_not_faster(corpus, tmp_path, monkeypatch, 
     monkeypatch.setattr(crms_choice, "compare", compare)
     paths = corpus("preln-dyn18")
     out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
-    report = rewrite(paths.model, out, passes=PASSES, verification=VerifyOptions(inputs=paths.load_inputs()),
-                     report_path=report_path)
+    report = rewrite(
+        paths.model,
+        out,
+        passes=PASSES,
+        verification=VerifyOptions(inputs=paths.load_inputs()),
+        report_path=report_path,
+    )
     assert report.crms.kept == "RMS" and f"x RMS ({verdict}): kept RMS" in report.crms.why
     assert set(report.crms.breakdown) == {"RMS", "CRMS"}  # where the time went, per variant
     crms = next(p for p in report.passes if p.name == "preln-to-crmsnorm")
@@ -94,10 +113,18 @@ def test_auto_keeps_rms_where_crms_is_not_faster(corpus, tmp_path, monkeypatch, 
 
 def test_why_names_the_cause():
     slower = _figure(1.1, "slower")
-    width = {"RMS": {"matmul_ms": 1.0, "other_ms": 1.0}, "CRMS": {"matmul_ms": 1.3, "other_ms": 0.9}}
-    assert "the d-1 width (K or N = d-1 = 767, misaligned: d is a multiple of 8) is why" in crms_choice._why(
-        "RMS", slower, 768, width)
-    norms = {"RMS": {"matmul_ms": 1.0, "other_ms": 1.0}, "CRMS": {"matmul_ms": 1.0, "other_ms": 1.3}}
+    width = {
+        "RMS": {"matmul_ms": 1.0, "other_ms": 1.0},
+        "CRMS": {"matmul_ms": 1.3, "other_ms": 0.9},
+    }
+    assert (
+        "the d-1 width (K or N = d-1 = 767, misaligned: d is a multiple of 8) is why"
+        in crms_choice._why("RMS", slower, 768, width)
+    )
+    norms = {
+        "RMS": {"matmul_ms": 1.0, "other_ms": 1.0},
+        "CRMS": {"matmul_ms": 1.0, "other_ms": 1.3},
+    }
     assert "the norms are why" in crms_choice._why("RMS", slower, 768, norms)
     assert crms_choice._why("CRMS", _figure(0.9, "faster"), 768, {}).endswith("kept CRMS")
 
@@ -108,15 +135,32 @@ def test_off_and_on_time_nothing(corpus, tmp_path, monkeypatch):
     on = rewrite(paths.model, tmp_path / "on.onnx", passes=PASSES, crms="on", verification=None)
     assert on.crms is None and 63 in _widths(tmp_path / "on.onnx")
     off = rewrite(paths.model, tmp_path / "off.onnx", passes=PASSES, crms="off", verification=None)
-    assert [p.name for p in off.passes] == ["preln-to-rmsnorm", "cleanup"] and 63 not in _widths(tmp_path / "off.onnx")
+    assert [p.name for p in off.passes] == ["preln-to-rmsnorm", "cleanup"] and 63 not in _widths(
+        tmp_path / "off.onnx"
+    )
 
 
 def test_auto_timed_for_real_writes_a_verified_rewrite(corpus, tmp_path):
     """No canned figures: whichever variant wins, OUT is it, verified, and the JSON validates."""
     paths = corpus("preln-ts17")
     out = tmp_path / "out.onnx"
-    proc = subprocess.run([sys.executable, "-m", "normopt", "rewrite", str(paths.model), str(out), "--crms", "auto",
-                           "--json", "--inputs", str(paths.inputs)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "normopt",
+            "rewrite",
+            str(paths.model),
+            str(out),
+            "--crms",
+            "auto",
+            "--json",
+            "--inputs",
+            str(paths.inputs),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     VALIDATOR.validate(doc)
@@ -128,21 +172,60 @@ def test_auto_timed_for_real_writes_a_verified_rewrite(corpus, tmp_path):
 
 def test_a_bad_mode_is_one_line_exit_2(corpus, tmp_path):
     out = tmp_path / "out.onnx"
-    proc = subprocess.run([sys.executable, "-m", "normopt", "rewrite", str(corpus("preln-dyn18").model), str(out),
-                           "--crms", "always"], capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "normopt: error: --crms takes off, on or auto, not 'always'"] and not out.exists()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "normopt",
+            "rewrite",
+            str(corpus("preln-dyn18").model),
+            str(out),
+            "--crms",
+            "always",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip().splitlines()
+        == ["normopt: error: --crms takes off, on or auto, not 'always'"]
+        and not out.exists()
+    )
 
 
 def test_auto_for_tensorrt_is_refused_before_any_work(corpus, tmp_path):
     """onnxruntime cannot time TensorRT plugin nodes: auto (asked, or the default where the pass
     is named) is one line, exit 2, nothing written; --crms on emits the plugins."""
     model, out = corpus("preln-dyn18").model, tmp_path / "out.onnx"
-    base = [sys.executable, "-m", "normopt", "rewrite", str(model), str(out), "--passes", ",".join(PASSES),
-            "--target", "tensorrt", "--trt-version", "10.9"]
+    base = [
+        sys.executable,
+        "-m",
+        "normopt",
+        "rewrite",
+        str(model),
+        str(out),
+        "--passes",
+        ",".join(PASSES),
+        "--target",
+        "tensorrt",
+        "--trt-version",
+        "10.9",
+    ]
     for extra in ([], ["--crms", "auto"]):
         proc = subprocess.run([*base, *extra], capture_output=True, text=True)
-        assert proc.returncode == 2 and not out.exists() and proc.stderr.strip().splitlines() == [
-            "normopt: error: --crms auto times the rewrites in onnxruntime, which cannot run TensorRT plugin nodes: "
-            "pass --crms on (compare engines with normopt build and profile --backend tensorrt) or --crms off"]
-    assert subprocess.run([*base, "--crms", "on"], capture_output=True, text=True).returncode == 0 and out.exists()
+        assert (
+            proc.returncode == 2
+            and not out.exists()
+            and proc.stderr.strip().splitlines()
+            == [
+                "normopt: error: --crms auto times the rewrites in onnxruntime, which cannot run "
+                "TensorRT plugin nodes: "
+                "pass --crms on (compare engines with normopt build and profile --backend "
+                "tensorrt) or --crms off"
+            ]
+        )
+    assert (
+        subprocess.run([*base, "--crms", "on"], capture_output=True, text=True).returncode == 0
+        and out.exists()
+    )

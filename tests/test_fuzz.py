@@ -12,13 +12,20 @@ from hypothesis import strategies as st
 from normopt.passes.base import Options
 from tests import fuzzing
 
-SETTINGS = settings(max_examples=400, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=400,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def _check(case, names, options):
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # 1/0 in a random affine chain is the graph's own
+        warnings.simplefilter(
+            "ignore", RuntimeWarning
+        )  # 1/0 in a random affine chain is the graph's own
         verdict = fuzzing.judge(case, names, options)
     assert verdict.ok, (verdict, case.notes, names, options)
 
@@ -57,7 +64,8 @@ def test_the_judge_catches_a_wrong_rewrite(monkeypatch):
 
 
 def _wrong_cases(monkeypatch, family, names, mutate, seeds):
-    """The fuzzer's graphs that a pass made wrong on purpose (`mutate`) turns wrong, by the judge."""
+    """The fuzzer's graphs that a pass made wrong on purpose (`mutate`) turns wrong, by the
+    judge."""
     mutate(monkeypatch)
     found = []
     for seed in seeds:
@@ -86,22 +94,36 @@ def _centre_the_wrong_axis(monkeypatch):
     from normopt.rewriter import numerics
 
     center = numerics.center
-    monkeypatch.setattr(numerics, "center", lambda a, axis, dtype=None: center(a, 0 if axis % max(1, a.ndim) else -1, dtype))
+    monkeypatch.setattr(
+        numerics,
+        "center",
+        lambda a, axis, dtype=None: center(a, 0 if axis % max(1, a.ndim) else -1, dtype),
+    )
 
 
 def _batchnorm_without_epsilon(monkeypatch):
     from normopt.rewriter import numerics
 
     affine = numerics.batchnorm_affine
-    monkeypatch.setattr(numerics, "batchnorm_affine", lambda g, b, m, v, eps, alpha=0.0: affine(g, b, m, v, 0.0, alpha))
+    monkeypatch.setattr(
+        numerics,
+        "batchnorm_affine",
+        lambda g, b, m, v, eps, alpha=0.0: affine(g, b, m, v, 0.0, alpha),
+    )
 
 
-@pytest.mark.parametrize("family,names,mutate", [
-    (fuzzing.transformer, ["preln-to-rmsnorm"], _no_axis_check),
-    (fuzzing.transformer, ["preln-to-rmsnorm"], _centre_the_wrong_axis),
-    (fuzzing.cnn, ["fold-affine-norms"], _batchnorm_without_epsilon),
-], ids=["no-axis-check", "wrong-centring-axis", "bn-without-eps"])
-def test_the_default_verification_rejects_every_wrong_rewrite_the_fuzzer_finds(monkeypatch, tmp_path, family, names, mutate):
+@pytest.mark.parametrize(
+    "family,names,mutate",
+    [
+        (fuzzing.transformer, ["preln-to-rmsnorm"], _no_axis_check),
+        (fuzzing.transformer, ["preln-to-rmsnorm"], _centre_the_wrong_axis),
+        (fuzzing.cnn, ["fold-affine-norms"], _batchnorm_without_epsilon),
+    ],
+    ids=["no-axis-check", "wrong-centring-axis", "bn-without-eps"],
+)
+def test_the_default_verification_rejects_every_wrong_rewrite_the_fuzzer_finds(
+    monkeypatch, tmp_path, family, names, mutate
+):
     """normopt's own gate (noise-aware by default) must still reject what the judge calls
     wrong: each pass made wrong on purpose, the graphs it breaks, verified as `rewrite` does."""
     import onnx
@@ -116,9 +138,18 @@ def test_the_default_verification_rejects_every_wrong_rewrite_the_fuzzer_finds(m
     for i, case in enumerate(wrong):
         src = tmp_path / f"{i}.onnx"
         onnx.save(case.model, src)
-        with warnings.catch_warnings(), fuzzing.recentring_cost(case.recentring_cost), pytest.raises(VerificationFailed):
+        with (
+            warnings.catch_warnings(),
+            fuzzing.recentring_cost(case.recentring_cost),
+            pytest.raises(VerificationFailed),
+        ):
             warnings.simplefilter("ignore", RuntimeWarning)
-            rewrite(src, tmp_path / f"{i}.out.onnx", passes=names, verification=VerifyOptions(inputs=case.feeds))
+            rewrite(
+                src,
+                tmp_path / f"{i}.out.onnx",
+                passes=names,
+                verification=VerifyOptions(inputs=case.feeds),
+            )
 
 
 def test_an_ill_conditioned_graph_is_judged_by_its_float32_sensitivity():

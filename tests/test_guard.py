@@ -48,13 +48,27 @@ def test_a_pass_that_makes_the_model_slower_is_dropped_and_reported(corpus, tmp_
     monkeypatch.setitem(pipeline.PASSES, "slow-down", SlowDown)
     paths = corpus("gpt2-ts17")
     out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
-    report = rewrite(paths.model, out, passes=["preln-to-rmsnorm", "slow-down"], report_path=report_path,
-                     verification=VerifyOptions(inputs=paths.load_inputs()), speed_guard=SpeedGuard())
+    report = rewrite(
+        paths.model,
+        out,
+        passes=["preln-to-rmsnorm", "slow-down"],
+        report_path=report_path,
+        verification=VerifyOptions(inputs=paths.load_inputs()),
+        speed_guard=SpeedGuard(),
+    )
     guard = report.guard
     assert guard.dropped == ["slow-down"] and guard.kept == ["preln-to-rmsnorm"], guard.verdict
     assert guard.steps[0]["rewritten"].verdict == "slower"
-    assert {"original", "original (A/A)", "current", "without preln-to-rmsnorm", "without slow-down"} == set(guard.steps[1])
-    assert guard.final.verdict != "slower" and "dropped slow-down (measured slower)" in guard.verdict
+    assert {
+        "original",
+        "original (A/A)",
+        "current",
+        "without preln-to-rmsnorm",
+        "without slow-down",
+    } == set(guard.steps[1])
+    assert (
+        guard.final.verdict != "slower" and "dropped slow-down (measured slower)" in guard.verdict
+    )
     ops = collections.Counter(n.op_type for n in io.load(out).graph)
     assert ops["MatMul"] < 100  # the identity MatMuls are gone ...
     assert ops["LayerNormalization"] == 0  # ... preln-to-rmsnorm's conversion stays
@@ -77,23 +91,35 @@ def test_the_guard_drops_one_group_of_fusions_and_keeps_the_rest(corpus, tmp_pat
     def figures(rows, baseline, *_args, **_kwargs):
         def figure(ratio, verdict):
             return Figure(ratio, ratio, ratio, [ratio], 1.0, 1.0, verdict)
+
         out = {baseline: figure(1.0, "baseline"), baseline + " (A/A)": figure(1.0, "A/A control")}
         for label in rows:
             if label != baseline:
-                out[label] = figure(0.95, "faster") if label == f"without {slow}" else figure(1.1, "slower")
+                out[label] = (
+                    figure(0.95, "faster") if label == f"without {slow}" else figure(1.1, "slower")
+                )
         return out
 
     monkeypatch.setattr(guard, "compare", figures)
     paths = corpus("convnext2d-ts14")
     out = tmp_path / "out.onnx"
-    report = rewrite(paths.model, out, options=Options(target="ort"), speed_guard=SpeedGuard(),
-                     verification=VerifyOptions(inputs=paths.load_inputs()))
+    report = rewrite(
+        paths.model,
+        out,
+        options=Options(target="ort"),
+        speed_guard=SpeedGuard(),
+        verification=VerifyOptions(inputs=paths.load_inputs()),
+    )
     assert report.guard.dropped == [slow]
-    assert sorted(report.guard.kept) == ["canonicalize-norms (layernorm -> LayerNormalization)",
-                                         "canonicalize-norms (rmsnorm -> SimplifiedLayerNormalization)",  # the stem
-                                         "preln-to-rmsnorm"]
+    assert sorted(report.guard.kept) == [
+        "canonicalize-norms (layernorm -> LayerNormalization)",
+        "canonicalize-norms (rmsnorm -> SimplifiedLayerNormalization)",  # the stem
+        "preln-to-rmsnorm",
+    ]
     assert [set(step) - {"original", "original (A/A)"} for step in report.guard.steps] == [
-        {"rewritten"}, {"current", *(f"without {u}" for u in [*report.guard.kept, slow])}]
+        {"rewritten"},
+        {"current", *(f"without {u}" for u in [*report.guard.kept, slow])},
+    ]
     ops = collections.Counter(n.op_type for n in io.load(out).graph)
     assert ops["LayerNormalization"] == 4 and ops["SimplifiedLayerNormalization"] == 1
     assert report.verification.ok
@@ -101,7 +127,20 @@ def test_the_guard_drops_one_group_of_fusions_and_keeps_the_rest(corpus, tmp_pat
 
 
 def test_units_split_a_pass_into_the_groups_it_reports():
-    results = [PassResult("preln-to-rmsnorm", True, [Change("did", "x")], []),
-               PassResult("canonicalize-norms", True, [Change("did", "y")], [], units={"a": ["n1"], "b": ["n2", "n3"]}),
-               PassResult("fold-affine-norms", False, [], []), PassResult("cleanup", True, [Change("did", "z")], [])]
-    assert [str(u) for u in units(results)] == ["preln-to-rmsnorm", "canonicalize-norms (a)", "canonicalize-norms (b)"]
+    results = [
+        PassResult("preln-to-rmsnorm", True, [Change("did", "x")], []),
+        PassResult(
+            "canonicalize-norms",
+            True,
+            [Change("did", "y")],
+            [],
+            units={"a": ["n1"], "b": ["n2", "n3"]},
+        ),
+        PassResult("fold-affine-norms", False, [], []),
+        PassResult("cleanup", True, [Change("did", "z")], []),
+    ]
+    assert [str(u) for u in units(results)] == [
+        "preln-to-rmsnorm",
+        "canonicalize-norms (a)",
+        "canonicalize-norms (b)",
+    ]

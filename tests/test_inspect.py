@@ -19,13 +19,26 @@ NORMS = {
     "mobilenetv2": lambda e: {("batchnorm", "op"): 52},
     "repbn": lambda e: {("batchnorm", "op"): 5},
     "repbnpool": lambda e: {("batchnorm", "op"): 5},
-    "repvgg": lambda e: {("batchnorm", "op"): 19 if e.keep_bn is None else 3},  # the exporter folds Conv+BN
+    "repvgg": lambda e: {
+        ("batchnorm", "op"): 19 if e.keep_bn is None else 3
+    },  # the exporter folds Conv+BN
     "repblocks": lambda e: {("batchnorm", "op"): 9},
     "unifiednorm": lambda e: {("affine", "decomposed"): 5},
     "convnext": lambda e: {("layernorm", "decomposed"): 2},
-    **{f: (lambda e, n=n: {("layernorm", "decomposed" if e.opset < 17 else "op"): n})
-       for f, n in {"clip": 6, "bloom": 6, "swin": 11, "wav2vec2": 8, "whisper": 12, "periln": 9, "mixln": 7,
-                    "scaledpool": 5, "convnext2d": 9}.items()},
+    **{
+        f: (lambda e, n=n: {("layernorm", "decomposed" if e.opset < 17 else "op"): n})
+        for f, n in {
+            "clip": 6,
+            "bloom": 6,
+            "swin": 11,
+            "wav2vec2": 8,
+            "whisper": 12,
+            "periln": 9,
+            "mixln": 7,
+            "scaledpool": 5,
+            "convnext2d": 9,
+        }.items()
+    },
     **{f: (lambda e: {("layernorm", "decomposed" if e.opset < 17 else "op"): 5}) for f in LN},
 }
 
@@ -45,12 +58,19 @@ def test_inspect_finds_every_norm(corpus, name):
 
 
 def test_json_contract(corpus):
-    proc = subprocess.run([sys.executable, "-m", "normopt", "inspect", str(corpus("gpt2-ts17").model), "--json"],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "normopt", "inspect", str(corpus("gpt2-ts17").model), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     data = json.loads(proc.stdout)
     assert data["architecture"] == "pre-ln" and data["architecture"] in ARCHITECTURES
     assert {"kind", "form", "axis", "epsilon", "nodes"} <= set(data["norms"][0])
-    assert data["passes"]["canonicalize-norms"] == {"applies": False, "reason": "model: no decomposed LayerNorm or RMSNorm"}
+    assert data["passes"]["canonicalize-norms"] == {
+        "applies": False,
+        "reason": "model: no decomposed LayerNorm or RMSNorm",
+    }
     assert set(data["passes"]) >= {"canonicalize-norms", "cleanup"}
 
 
@@ -65,21 +85,41 @@ def test_shapes_are_lists_in_json_and_shown_in_the_table(corpus):
     """Found from outside: shapes printed blank (rich read "[batch, 3, 64, 64]" as markup) and
     JSON shapes were strings."""
     path = corpus("gpt2-dyn18").model
-    proc = subprocess.run([sys.executable, "-m", "normopt", "inspect", str(path), "--json"], capture_output=True,
-                          text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "normopt", "inspect", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     inputs = json.loads(proc.stdout)["model"]["inputs"]
-    assert inputs[0]["name"] == "input_ids" and isinstance(inputs[0]["shape"], list) and len(inputs[0]["shape"]) == 2
-    table = subprocess.run([sys.executable, "-m", "normopt", "inspect", str(path)], capture_output=True, text=True,
-                           check=True).stdout
+    assert (
+        inputs[0]["name"] == "input_ids"
+        and isinstance(inputs[0]["shape"], list)
+        and len(inputs[0]["shape"]) == 2
+    )
+    table = subprocess.run(
+        [sys.executable, "-m", "normopt", "inspect", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     dims = ", ".join(map(str, inputs[0]["shape"]))
     assert f"input_ids INT64 [{dims}]" in table
 
 
-@pytest.mark.parametrize(("name", "applies", "after", "reason"), [
-    ("vit-ts17", True, "preln-to-rmsnorm", "a stream of width 64 -> 63: 5 norm(s), 12 constant(s) cut"),
-    ("bert-ts17", False, "preln-to-rmsnorm", "the stream is post-ln, not Pre-RMSNorm"),
-    ("llama-dyn18", False, None, "the stream is not zero-mean"),
-])
+@pytest.mark.parametrize(
+    ("name", "applies", "after", "reason"),
+    [
+        (
+            "vit-ts17",
+            True,
+            "preln-to-rmsnorm",
+            "a stream of width 64 -> 63: 5 norm(s), 12 constant(s) cut",
+        ),
+        ("bert-ts17", False, "preln-to-rmsnorm", "the stream is post-ln, not Pre-RMSNorm"),
+        ("llama-dyn18", False, None, "the stream is not zero-mean"),
+    ],
+)
 def test_inspect_says_whether_the_stream_can_carry_d_minus_1(corpus, name, applies, after, reason):
     """Pre-LN models are asked after preln-to-rmsnorm (run on the loaded copy; the file is not
     touched); a model trained with RMSNorm as it is."""

@@ -19,7 +19,11 @@ def _imports() -> dict[str, set[str]]:
     for name, path in modules.items():
         deps = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("normopt"):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.startswith("normopt")
+            ):
                 # `from normopt.passes import base` imports normopt.passes.base; `from
                 # normopt.rewriter.graph import rank` imports normopt.rewriter.graph
                 names = [f"{node.module}.{a.name}" for a in node.names]
@@ -51,13 +55,27 @@ def test_no_import_cycle():
 
 def test_passes_import_no_pass_and_the_core_imports_nothing_above_it():
     graph = _imports()
-    passes = {m for m in graph if m.startswith("normopt.passes.")} - {"normopt.passes.base", "normopt.passes.pipeline"}
+    passes = {m for m in graph if m.startswith("normopt.passes.")} - {
+        "normopt.passes.base",
+        "normopt.passes.pipeline",
+    }
     assert passes, "no pass modules found"
     for module in passes:
-        assert not graph[module] & passes, f"{module} imports another pass: {graph[module] & passes}"
+        assert not graph[module] & passes, (
+            f"{module} imports another pass: {graph[module] & passes}"
+        )
         assert "normopt.passes.pipeline" not in graph[module]
-    above = ("normopt.api", "normopt.passes", "normopt.plugins", "normopt.engine", "normopt.cli", "normopt.rewrite",
-             "normopt.verify", "normopt.inspect", "normopt.profiling")
+    above = (
+        "normopt.api",
+        "normopt.passes",
+        "normopt.plugins",
+        "normopt.engine",
+        "normopt.cli",
+        "normopt.rewrite",
+        "normopt.verify",
+        "normopt.inspect",
+        "normopt.profiling",
+    )
     for module, deps in graph.items():
         if module.startswith("normopt.rewriter"):
             bad = {d for d in deps if any(d == a or d.startswith(a + ".") for a in above)}

@@ -1,4 +1,5 @@
-"""`normopt profile` and `rewrite --profile`: files and figures exist and load. No timing assertions."""
+"""`normopt profile` and `rewrite --profile`: files and figures exist and load. No timing
+assertions."""
 
 import json
 import os
@@ -13,8 +14,13 @@ from normopt.profiling import CONTROL, compare, interleaved, ratio_interval, sum
 
 def run(*args):
     env = {**os.environ, "COLUMNS": "200"}  # rich wraps table headers on narrow terminals
-    return subprocess.run([sys.executable, "-m", "normopt", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "normopt", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def test_profile_two_models_json_and_plots(corpus, tmp_path):
@@ -24,7 +30,11 @@ def test_profile_two_models_json_and_plots(corpus, tmp_path):
     report, png, html = tmp_path / "p.json", tmp_path / "p.png", tmp_path / "p.html"
     proc = run("profile", a, out, "--runs", "3", "--warmup", "1", "--report", report, "--plot", png)
     assert proc.returncode == 0, proc.stderr
-    assert "x first (paired)" in proc.stdout and "time per op type" in proc.stdout and "all norms" in proc.stdout
+    assert (
+        "x first (paired)" in proc.stdout
+        and "time per op type" in proc.stdout
+        and "all norms" in proc.stdout
+    )
     data = json.loads(report.read_text())
     assert data["models"] == [str(a), str(out)]
     first, second = (data["summary"][m] for m in data["models"])
@@ -33,7 +43,10 @@ def test_profile_two_models_json_and_plots(corpus, tmp_path):
     assert data["ops_ms_per_run"][str(a)] and data["environment"]["threads"] == 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert run("profile", a, a, "--runs", "2", "--plot", html).returncode == 0
-    assert html.read_text().startswith("<!doctype html>") and "data:image/png;base64," in html.read_text()
+    assert (
+        html.read_text().startswith("<!doctype html>")
+        and "data:image/png;base64," in html.read_text()
+    )
     assert png.exists()  # the HTML's own image never overwrites a user's file
 
 
@@ -42,34 +55,48 @@ def test_rewrite_profile(corpus, tmp_path):
     assert proc.returncode == 0 and "x first (paired)" in proc.stdout
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--backend", "tensorrt"], "TensorRT"),
-    (["--backend", "ort-cuda"], "onnxruntime-gpu"),
-    (["--backend", "npu"], "--backend must be one of"),
-    (["--runs", "0"], "--runs and --threads must be at least 1"),
-    (["--plot", "x.svg"], "--plot writes .png or .html"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--backend", "tensorrt"], "TensorRT"),
+        (["--backend", "ort-cuda"], "onnxruntime-gpu"),
+        (["--backend", "npu"], "--backend must be one of"),
+        (["--runs", "0"], "--runs and --threads must be at least 1"),
+        (["--plot", "x.svg"], "--plot writes .png or .html"),
+    ],
+)
 def test_profile_bad_options(corpus, tmp_path, args, message):
-    proc = run("profile", corpus("preln-ts17").model, *[str(tmp_path / a) if a.endswith(".svg") else a for a in args],
-               "--runs" if "--runs" not in args else "--warmup", "1")
+    proc = run(
+        "profile",
+        corpus("preln-ts17").model,
+        *[str(tmp_path / a) if a.endswith(".svg") else a for a in args],
+        "--runs" if "--runs" not in args else "--warmup",
+        "1",
+    )
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_interleaving_and_paired_ratio_are_computed_per_round():
     calls = []
-    times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=5, warmup=1, seed=3)
+    times = interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=5, warmup=1, seed=3
+    )
     assert calls.count("a") == calls.count("b") == 6 and len(times["a"]) == len(times["b"]) == 5
-    orders = {tuple(calls[i:i + 2]) for i in range(2, len(calls), 2)}
+    orders = {tuple(calls[i : i + 2]) for i in range(2, len(calls), 2)}
     assert orders == {("a", "b"), ("b", "a")}  # a fresh random order each round, not a fixed one
     summary = summarize({"a": [1.0, 2.0, 4.0], "b": [2.0, 2.0, 2.0]}, "a", batch=4)
     assert summary["b"]["ratio"] == 1.0 and summary["a"]["median_ms"] == 2000.0
-    assert summary["a"]["throughput_per_s"] == pytest.approx(2.0) and np.isclose(summary["b"]["std_ms"], 0)
+    assert summary["a"]["throughput_per_s"] == pytest.approx(2.0) and np.isclose(
+        summary["b"]["std_ms"], 0
+    )
 
 
 def test_verdict_needs_an_interval_off_one_and_apart_from_the_controls():
     assert verdict(1.05, 1.03, 1.07, control=(0.99, 1.01)) == "slower"
     assert verdict(0.95, 0.93, 0.97, control=(0.99, 1.02)) == "faster"
-    assert verdict(1.05, 0.99, 1.10, control=(0.99, 1.01)) == "within noise"  # the interval holds 1.0
+    assert (
+        verdict(1.05, 0.99, 1.10, control=(0.99, 1.01)) == "within noise"
+    )  # the interval holds 1.0
     # a copy of the baseline measured as far off: no change at all looks like this
     assert verdict(0.988, 0.984, 0.996, control=(0.990, 1.004)) == "within noise"
 
@@ -91,16 +118,32 @@ def test_compare_has_a_control_row_repetitions_with_fresh_runners_and_other_refe
         def make():
             made.append(name)
             return lambda: None
+
         return make
 
-    figures = compare({"a": factory("a"), "b": factory("b"), "c": factory("c")}, "a", rounds=4, reps=3,
-                      warmup=0, against={"c": "b"})
+    figures = compare(
+        {"a": factory("a"), "b": factory("b"), "c": factory("c")},
+        "a",
+        rounds=4,
+        reps=3,
+        warmup=0,
+        against={"c": "b"},
+    )
     assert list(figures) == ["a", "a" + CONTROL, "b", "c"]
-    assert sorted(made) == ["a"] * 6 + ["b"] * 3 + ["c"] * 3  # fresh runners each repetition; the control is a second one
+    assert (
+        sorted(made) == ["a"] * 6 + ["b"] * 3 + ["c"] * 3
+    )  # fresh runners each repetition; the control is a second one
     assert figures["a"].verdict == "baseline" and figures["a" + CONTROL].verdict == "A/A control"
     assert all(len(f.reps) == 3 for f in figures.values()) and figures["a"].ratio == 1.0
     assert figures["b"].verdict in ("faster", "slower", "within noise")
-    assert set(figures["c"].to_json()) == {"ratio", "ci95", "reps", "median_ms", "p90_ms", "verdict"}
+    assert set(figures["c"].to_json()) == {
+        "ratio",
+        "ci95",
+        "reps",
+        "median_ms",
+        "p90_ms",
+        "verdict",
+    }
 
 
 def test_a_decomposed_norm_counts_as_a_norm(corpus):

@@ -21,7 +21,9 @@ rng = np.random.default_rng(0)
 
 
 def test_moments_give_torch_s_average_and_the_pooled_statistics():
-    batches = [rng.standard_normal((n, 3)) * [1, 2, 3] + [0, 1, -1] + i for i, n in enumerate((5, 5, 2))]
+    batches = [
+        rng.standard_normal((n, 3)) * [1, 2, 3] + [0, 1, -1] + i for i, n in enumerate((5, 5, 2))
+    ]
     moments = Moments()
     for b in batches:
         moments.add(b.mean(0), b.var(0), len(b))
@@ -48,8 +50,11 @@ def _torch_reference(family: str, tmp_path, batches):
     export(built, path, exporter="ts", opset=17)
     module = copy.deepcopy(built.module)
     torch.optim.swa_utils.update_bn([torch.from_numpy(b) for b in batches], module)
-    expected = {k: v.numpy().astype(np.float64) for k, v in module.state_dict().items()
-                if k.endswith(("running_mean", "running_var"))}
+    expected = {
+        k: v.numpy().astype(np.float64)
+        for k, v in module.state_dict().items()
+        if k.endswith(("running_mean", "running_var"))
+    }
     return path, next(iter(built.inputs)), expected
 
 
@@ -70,29 +75,44 @@ def test_the_statistics_match_pytorch_s_update_bn(tmp_path, cli_env, family):
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     VALIDATOR.validate(doc)
-    assert doc["data"]["batches"] == 3 and doc["data"]["samples"] == 10 and src.read_bytes() == before
-    got = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in onnx.load(out).graph.initializer}
+    assert (
+        doc["data"]["batches"] == 3 and doc["data"]["samples"] == 10 and src.read_bytes() == before
+    )
+    got = {
+        i.name: numpy_helper.to_array(i).astype(np.float64)
+        for i in onnx.load(out).graph.initializer
+    }
     assert len(expected) >= 4 and set(expected) <= set(got)
     first = next(iter(expected)).rsplit(".", 1)[0]
     for key, reference in expected.items():
         # to 1e-6 of each tensor's scale where the BN's input is computed alike (the first one);
         # deeper, torch's and onnxruntime's float32 convolutions differ by a few 1e-6 by then
         tol = 1e-6 if key.startswith(first + ".") else 2e-5
-        np.testing.assert_allclose(got[key], reference, rtol=0, atol=tol * np.abs(reference).max(), err_msg=key)
-    assert [layer["var"] for layer in doc["layers"]] == [k for k in expected if k.endswith("running_var")]
+        np.testing.assert_allclose(
+            got[key], reference, rtol=0, atol=tol * np.abs(reference).max(), err_msg=key
+        )
+    assert [layer["var"] for layer in doc["layers"]] == [
+        k for k in expected if k.endswith("running_var")
+    ]
     assert doc["drift"][0]["max_abs"] > 0  # the outputs move: that is the point
 
 
 def bn_model(stats_as_input: bool = False) -> onnx.ModelProto:
-    inits = [const("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)),
-             const("g", np.ones(4, np.float32)), const("b", np.zeros(4, np.float32)), const("v", np.ones(4, np.float32))]
+    inits = [
+        const("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)),
+        const("g", np.ones(4, np.float32)),
+        const("b", np.zeros(4, np.float32)),
+        const("v", np.ones(4, np.float32)),
+    ]
     inputs = [tensor("x", shape=("n", 3, 8, 8))]
     if stats_as_input:
         inputs.append(tensor("m", shape=(4,)))
     else:
         inits.append(const("m", np.zeros(4, np.float32)))
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn"),
+    ]
     return make_model(nodes, inputs, [tensor("y", shape=("n", 4, 8, 8))], inits)
 
 
@@ -106,31 +126,57 @@ def test_bad_data_is_one_line_and_exit_2(tmp_path, bn_file, cli_env):
     cases = {
         "lacks input(s) x": {"image": np.zeros((4, 3, 8, 8), np.float32)},
         "input 'x' is float64, the model expects float32": {"x": np.zeros((4, 3, 8, 8))},
-        "input 'x' has shape [4, 3, 9, 8], the model expects ['n', 3, 8, 8]": {"x": np.zeros((4, 3, 9, 8), np.float32)},
+        "input 'x' has shape [4, 3, 9, 8], the model expects ['n', 3, 8, 8]": {
+            "x": np.zeros((4, 3, 9, 8), np.float32)
+        },
         "holds no samples": {"x": np.zeros((0, 3, 8, 8), np.float32)},
     }
     for message, arrays in cases.items():
         np.savez(tmp_path / "d.npz", **arrays)
-        assert_one_line_error(run("recalibrate", bn_file, out, "--data", tmp_path / "d.npz", env=cli_env), 2, message)
+        assert_one_line_error(
+            run("recalibrate", bn_file, out, "--data", tmp_path / "d.npz", env=cli_env), 2, message
+        )
     (tmp_path / "junk.npz").write_text("not an npz")
-    assert_one_line_error(run("recalibrate", bn_file, out, "--data", tmp_path / "junk.npz", env=cli_env), 2, "cannot read")
+    assert_one_line_error(
+        run("recalibrate", bn_file, out, "--data", tmp_path / "junk.npz", env=cli_env),
+        2,
+        "cannot read",
+    )
     (tmp_path / "empty").mkdir()
-    assert_one_line_error(run("recalibrate", bn_file, out, "--data", tmp_path / "empty", env=cli_env), 2, "neither")
+    assert_one_line_error(
+        run("recalibrate", bn_file, out, "--data", tmp_path / "empty", env=cli_env), 2, "neither"
+    )
     assert not out.exists()
 
 
-def test_statistics_that_are_not_initializers_and_in_place_writes_are_refused(tmp_path, bn_file, cli_env):
+def test_statistics_that_are_not_initializers_and_in_place_writes_are_refused(
+    tmp_path, bn_file, cli_env
+):
     np.savez(tmp_path / "d.npz", x=rng.standard_normal((4, 3, 8, 8)).astype(np.float32))
     computed = save(bn_model(stats_as_input=True), tmp_path / "c.onnx")
-    assert_one_line_error(run("recalibrate", computed, tmp_path / "o.onnx", "--data", tmp_path / "d.npz", env=cli_env),
-                          2, "its running mean 'm' is not an initializer")
+    assert_one_line_error(
+        run(
+            "recalibrate", computed, tmp_path / "o.onnx", "--data", tmp_path / "d.npz", env=cli_env
+        ),
+        2,
+        "its running mean 'm' is not an initializer",
+    )
     before = bn_file.read_bytes()
-    assert_one_line_error(run("recalibrate", bn_file, bn_file, "--data", tmp_path / "d.npz", env=cli_env), 2,
-                          "normopt never writes its inputs")
+    assert_one_line_error(
+        run("recalibrate", bn_file, bn_file, "--data", tmp_path / "d.npz", env=cli_env),
+        2,
+        "normopt never writes its inputs",
+    )
     assert bn_file.read_bytes() == before
-    no_bn = save(make_model([helper.make_node("Relu", ["x"], ["y"])], [tensor("x")], [tensor("y")]), tmp_path / "r.onnx")
-    assert_one_line_error(run("recalibrate", no_bn, tmp_path / "o.onnx", "--data", tmp_path / "d.npz", env=cli_env), 2,
-                          "no BatchNormalization")
+    no_bn = save(
+        make_model([helper.make_node("Relu", ["x"], ["y"])], [tensor("x")], [tensor("y")]),
+        tmp_path / "r.onnx",
+    )
+    assert_one_line_error(
+        run("recalibrate", no_bn, tmp_path / "o.onnx", "--data", tmp_path / "d.npz", env=cli_env),
+        2,
+        "no BatchNormalization",
+    )
 
 
 def test_a_batch_of_one_value_per_channel_is_refused(tmp_path, cli_env):
@@ -141,15 +187,29 @@ def test_a_batch_of_one_value_per_channel_is_refused(tmp_path, cli_env):
     model.graph.output[0].type.tensor_type.shape.dim[3].dim_value = 1
     src = save(model, tmp_path / "m.onnx")
     np.savez(tmp_path / "d.npz", x=np.ones((3, 3, 1, 1), np.float32))
-    assert_one_line_error(run("recalibrate", src, tmp_path / "o.onnx", "--data", tmp_path / "d.npz", "--batch-size", "1",
-                              env=cli_env), 2, "1 value per channel")
+    assert_one_line_error(
+        run(
+            "recalibrate",
+            src,
+            tmp_path / "o.onnx",
+            "--data",
+            tmp_path / "d.npz",
+            "--batch-size",
+            "1",
+            env=cli_env,
+        ),
+        2,
+        "1 value per channel",
+    )
 
 
 def _stats(path) -> dict[str, np.ndarray]:
     return {i.name: numpy_helper.to_array(i) for i in onnx.load(path).graph.initializer}
 
 
-@pytest.mark.parametrize("case", ["conv+bias", "conv", "gemm transB beta", "token bn", "token bn, no bias"])
+@pytest.mark.parametrize(
+    "case", ["conv+bias", "conv", "gemm transB beta", "token bn", "token bn, no bias"]
+)
 def test_a_tuned_model_recalibrates_as_its_batchnorm_original(tmp_path, cli_env, case):
     from tests.passes.test_convbn_tune import CASES, tune
 
@@ -159,7 +219,16 @@ def test_a_tuned_model_recalibrates_as_its_batchnorm_original(tmp_path, cli_env,
     x = feeds["x"]
     np.savez(tmp_path / "d.npz", x=np.concatenate([x * 2 + 1, x - 0.5, x * 0.5]))
     for src, out in ((plain, tmp_path / "p.onnx"), (tuned_path, tmp_path / "t.onnx")):
-        proc = run("recalibrate", src, out, "--data", tmp_path / "d.npz", "--batch-size", str(len(x)), env=cli_env)
+        proc = run(
+            "recalibrate",
+            src,
+            out,
+            "--data",
+            tmp_path / "d.npz",
+            "--batch-size",
+            str(len(x)),
+            env=cli_env,
+        )
         assert proc.returncode == 0, proc.stderr
     a, b = _stats(tmp_path / "p.onnx"), _stats(tmp_path / "t.onnx")
     for name in ("bn_m", "bn_v"):
@@ -167,8 +236,12 @@ def test_a_tuned_model_recalibrates_as_its_batchnorm_original(tmp_path, cli_env,
         assert not np.allclose(a[name], _stats(plain)[name])  # they did move
     from tests.helpers import ort_run
 
-    np.testing.assert_allclose(ort_run(onnx.load(tmp_path / "t.onnx"), feeds)["y"],
-                               ort_run(onnx.load(tmp_path / "p.onnx"), feeds)["y"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        ort_run(onnx.load(tmp_path / "t.onnx"), feeds)["y"],
+        ort_run(onnx.load(tmp_path / "p.onnx"), feeds)["y"],
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_a_tune_record_the_graph_no_longer_matches_is_refused(tmp_path, cli_env):
@@ -179,11 +252,16 @@ def test_a_tune_record_the_graph_no_longer_matches_is_refused(tmp_path, cli_env)
     next(n for n in tuned.graph.node if n.op_type == "Conv").name = "renamed"
     src = save(tuned, tmp_path / "t.onnx")
     np.savez(tmp_path / "d.npz", x=feeds["x"])
-    assert_one_line_error(run("recalibrate", src, tmp_path / "o.onnx", "--data", tmp_path / "d.npz", env=cli_env), 2,
-                          "which the graph no longer has as recorded")
+    assert_one_line_error(
+        run("recalibrate", src, tmp_path / "o.onnx", "--data", tmp_path / "d.npz", env=cli_env),
+        2,
+        "which the graph no longer has as recorded",
+    )
 
 
-def test_a_batchnorm_after_a_tuned_one_recalibrates_on_what_the_tuned_one_gives_it(tmp_path, cli_env):
+def test_a_batchnorm_after_a_tuned_one_recalibrates_on_what_the_tuned_one_gives_it(
+    tmp_path, cli_env
+):
     from tests.passes.test_convbn_tune import bn_inits, bn_node, conv_bn, tune
 
     model, feeds = conv_bn()
@@ -195,7 +273,19 @@ def test_a_batchnorm_after_a_tuned_one_recalibrates_on_what_the_tuned_one_gives_
     x = feeds["x"]
     np.savez(tmp_path / "d.npz", x=np.concatenate([x * 2 + 1, x - 0.5]))
     for src, out in ((plain, tmp_path / "p.onnx"), (tuned_path, tmp_path / "t.onnx")):
-        assert run("recalibrate", src, out, "--data", tmp_path / "d.npz", "--batch-size", "2", env=cli_env).returncode == 0
+        assert (
+            run(
+                "recalibrate",
+                src,
+                out,
+                "--data",
+                tmp_path / "d.npz",
+                "--batch-size",
+                "2",
+                env=cli_env,
+            ).returncode
+            == 0
+        )
     a, b = _stats(tmp_path / "p.onnx"), _stats(tmp_path / "t.onnx")
     for name in ("bn_m", "bn_v", "bn2_m", "bn2_v"):
         np.testing.assert_allclose(b[name], a[name], rtol=1e-6, err_msg=name)
@@ -204,15 +294,25 @@ def test_a_batchnorm_after_a_tuned_one_recalibrates_on_what_the_tuned_one_gives_
 def test_shared_and_training_mode_statistics_are_refused(tmp_path, cli_env):
     np.savez(tmp_path / "d.npz", x=rng.standard_normal((4, 3, 8, 8)).astype(np.float32))
     model = bn_model()
-    model.graph.node.append(helper.make_node("Add", ["y", "m"], ["z"], name="reads_mean"))  # m has a second reader
+    model.graph.node.append(
+        helper.make_node("Add", ["y", "m"], ["z"], name="reads_mean")
+    )  # m has a second reader
     model.graph.output[0].name = "z"
     shared = save(model, tmp_path / "s.onnx")
-    assert_one_line_error(run("recalibrate", shared, tmp_path / "o.onnx", "--data", tmp_path / "d.npz", env=cli_env), 2,
-                          "its running mean 'm' is shared with another node")
+    assert_one_line_error(
+        run("recalibrate", shared, tmp_path / "o.onnx", "--data", tmp_path / "d.npz", env=cli_env),
+        2,
+        "its running mean 'm' is shared with another node",
+    )
     model = bn_model()
     model.graph.node[1].attribute.append(helper.make_attribute("training_mode", 1))
     model.graph.node[1].output.extend(["rm", "rv"])
     model.opset_import[0].version = 15
     training = save(model, tmp_path / "t.onnx")
-    assert_one_line_error(run("recalibrate", training, tmp_path / "o.onnx", "--data", tmp_path / "d.npz", env=cli_env), 2,
-                          "BatchNormalization 'bn' runs in training mode")
+    assert_one_line_error(
+        run(
+            "recalibrate", training, tmp_path / "o.onnx", "--data", tmp_path / "d.npz", env=cli_env
+        ),
+        2,
+        "BatchNormalization 'bn' runs in training mode",
+    )

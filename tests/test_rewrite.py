@@ -20,14 +20,22 @@ from tests.test_cli import assert_one_line_error, run
 
 
 def digests(folder):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()
+    }
 
 
 def _external(tmp_path, name="m.onnx", location="m.onnx.data"):
     """mlp() with its weights in one external data file named `location`."""
     proto = mlp()
-    onnx.save(proto, str(tmp_path / name), save_as_external_data=True, location=location,
-              size_threshold=0, all_tensors_to_one_file=True)
+    onnx.save(
+        proto,
+        str(tmp_path / name),
+        save_as_external_data=True,
+        location=location,
+        size_threshold=0,
+        all_tensors_to_one_file=True,
+    )
     return tmp_path / name
 
 
@@ -45,7 +53,9 @@ def test_in_data_file_named_like_out_data_is_refused(tmp_path, cli_env):
 def test_out_naming_in_data_file_is_refused(tmp_path, cli_env):
     src = _external(tmp_path, location="w.data")
     before = digests(tmp_path)
-    assert_one_line_error(run("rewrite", src, tmp_path / "w.data", env=cli_env), 2, "is input data file")
+    assert_one_line_error(
+        run("rewrite", src, tmp_path / "w.data", env=cli_env), 2, "is input data file"
+    )
     assert digests(tmp_path) == before
 
 
@@ -55,10 +65,24 @@ def test_report_never_lands_on_an_input_or_the_output(tmp_path, cli_env, target)
     JSON where the model should be."""
     src = _external(tmp_path)
     np.savez(tmp_path / "in.npz", x=np.ones((2, 8), np.float32))
-    report = {"in": src, "in data": tmp_path / "m.onnx.data", "out": tmp_path / "o.onnx",
-              "out data": tmp_path / "o.onnx.data", "inputs": tmp_path / "in.npz"}[target]
+    report = {
+        "in": src,
+        "in data": tmp_path / "m.onnx.data",
+        "out": tmp_path / "o.onnx",
+        "out data": tmp_path / "o.onnx.data",
+        "inputs": tmp_path / "in.npz",
+    }[target]
     before = digests(tmp_path)
-    proc = run("rewrite", src, tmp_path / "o.onnx", "--inputs", tmp_path / "in.npz", "--report", report, env=cli_env)
+    proc = run(
+        "rewrite",
+        src,
+        tmp_path / "o.onnx",
+        "--inputs",
+        tmp_path / "in.npz",
+        "--report",
+        report,
+        env=cli_env,
+    )
     assert_one_line_error(proc, 2, "report")
     assert digests(tmp_path) == before and not (tmp_path / "o.onnx").exists()
 
@@ -69,17 +93,24 @@ def test_out_that_is_in_by_another_name_is_refused(tmp_path, cli_env, link):
     other = tmp_path / "alias.onnx"
     (os.symlink if link == "symlink" else os.link)(src, other)
     before = digests(tmp_path)
-    assert_one_line_error(run("rewrite", src, other, env=cli_env), 2, "is the input; pass --in-place")
+    assert_one_line_error(
+        run("rewrite", src, other, env=cli_env), 2, "is the input; pass --in-place"
+    )
     assert digests(tmp_path) == before
 
 
-@pytest.mark.parametrize("link,message", [
-    ("symlink", "is input data file"),
-    ("hardlink", "has 2 hard links"),  # onnx will not read a multiply linked data file
-])
+@pytest.mark.parametrize(
+    "link,message",
+    [
+        ("symlink", "is input data file"),
+        ("hardlink", "has 2 hard links"),  # onnx will not read a multiply linked data file
+    ],
+)
 def test_data_file_linked_to_in_data_is_refused(tmp_path, cli_env, link, message):
     src = _external(tmp_path)
-    (os.symlink if link == "symlink" else os.link)(tmp_path / "m.onnx.data", tmp_path / "o.onnx.data")
+    (os.symlink if link == "symlink" else os.link)(
+        tmp_path / "m.onnx.data", tmp_path / "o.onnx.data"
+    )
     before = digests(tmp_path)
     assert_one_line_error(run("rewrite", src, tmp_path / "o.onnx", env=cli_env), 2, message)
     assert digests(tmp_path) == before
@@ -89,8 +120,11 @@ def test_out_may_not_be_the_inputs_file(tmp_path, cli_env):
     src = save(mlp(), tmp_path / "m.onnx")
     np.savez(tmp_path / "in.npz", x=np.ones((2, 8), np.float32))
     before = digests(tmp_path)
-    assert_one_line_error(run("rewrite", src, tmp_path / "in.npz", "--inputs", tmp_path / "in.npz", env=cli_env),
-                          2, "is inputs file")
+    assert_one_line_error(
+        run("rewrite", src, tmp_path / "in.npz", "--inputs", tmp_path / "in.npz", env=cli_env),
+        2,
+        "is inputs file",
+    )
     assert digests(tmp_path) == before
 
 
@@ -133,19 +167,33 @@ def _slow_model(tmp_path):
     """Large enough (64 MB of weights) that saving and verifying take a noticeable while."""
     rng = np.random.default_rng(0)
     n = 2048
-    nodes = [helper.make_node("MatMul", ["x", f"w{i}"] if i == 0 else [f"h{i - 1}", f"w{i}"], [f"h{i}"]) for i in range(4)]
+    nodes = [
+        helper.make_node("MatMul", ["x", f"w{i}"] if i == 0 else [f"h{i - 1}", f"w{i}"], [f"h{i}"])
+        for i in range(4)
+    ]
     nodes.append(helper.make_node("Relu", ["h3"], ["y"]))
     inits = [const(f"w{i}", (rng.standard_normal((n, n)) / n).astype(np.float32)) for i in range(4)]
     proto = make_model(nodes, [tensor("x", shape=(1, n))], [tensor("y", shape=(1, n))], inits)
-    onnx.save(proto, str(tmp_path / "big.onnx"), save_as_external_data=True, location="big.onnx.data")
+    onnx.save(
+        proto, str(tmp_path / "big.onnx"), save_as_external_data=True, location="big.onnx.data"
+    )
     return tmp_path / "big.onnx"
 
 
 def _start_and_kill_when_staged(src, out, sig, cli_env):
-    proc = subprocess.Popen([sys.executable, "-m", "normopt", "rewrite", str(src), str(out)], env=cli_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "normopt", "rewrite", str(src), str(out)],
+        env=cli_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
-    while not list(out.parent.glob(".normopt-tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+    while (
+        not list(out.parent.glob(".normopt-tmp-*"))
+        and proc.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.005)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=300)
@@ -174,10 +222,14 @@ def test_only_temp_files_of_dead_runs_on_this_host_are_removed(tmp_path, cli_env
     from normopt.rewriter.io import _temp_tag
 
     src = save(mlp(), tmp_path / "m.onnx")
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     dead_pid, host = int(finished.stdout), _temp_tag().split("@", 1)[1]
     dead_here = tmp_path / f".normopt-tmp-{dead_pid}@{host}x"
-    dead_elsewhere = tmp_path / f".normopt-tmp-{dead_pid}@another_machine-x"  # NFS: not ours to judge
+    dead_elsewhere = (
+        tmp_path / f".normopt-tmp-{dead_pid}@another_machine-x"
+    )  # NFS: not ours to judge
     alive_here = tmp_path / f"{_temp_tag()}x"  # this test's own process
     for folder in (dead_here, dead_elsewhere, alive_here):
         folder.mkdir()
@@ -188,7 +240,16 @@ def test_only_temp_files_of_dead_runs_on_this_host_are_removed(tmp_path, cli_env
 def test_report_is_written_atomically_on_failure_too(tmp_path, cli_env):
     src = save(mlp(), tmp_path / "m.onnx")
     report = tmp_path / "r.json"
-    proc = run("rewrite", src, tmp_path / "o.onnx", "--passes", "preln-to-rmsnorm", "--report", report, env=cli_env)
+    proc = run(
+        "rewrite",
+        src,
+        tmp_path / "o.onnx",
+        "--passes",
+        "preln-to-rmsnorm",
+        "--report",
+        report,
+        env=cli_env,
+    )
     assert proc.returncode == 3
     assert json.loads(report.read_text())["exit_code"] == 3
     assert not list(tmp_path.glob(".normopt-tmp-*"))
@@ -197,5 +258,7 @@ def test_report_is_written_atomically_on_failure_too(tmp_path, cli_env):
 def test_profile_never_writes_over_a_model_it_times(tmp_path, cli_env):
     src = save(mlp(), tmp_path / "m.onnx")
     before = digests(tmp_path)
-    assert_one_line_error(run("profile", src, "--runs", "1", "--report", src, env=cli_env), 2, "--report")
+    assert_one_line_error(
+        run("profile", src, "--runs", "1", "--report", src, env=cli_env), 2, "--report"
+    )
     assert digests(tmp_path) == before

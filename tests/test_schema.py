@@ -13,7 +13,9 @@ from normopt.schema import SCHEMA_VERSION, schema
 from tests.helpers import mlp, save
 from tests.test_cli import run
 
-VALIDATOR = jsonschema.Draft202012Validator(schema(), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+VALIDATOR = jsonschema.Draft202012Validator(
+    schema(), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+)
 
 
 def document(proc, code: int = 0) -> dict:
@@ -21,7 +23,11 @@ def document(proc, code: int = 0) -> dict:
     assert proc.returncode == code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
     doc = json.loads(proc.stdout)  # the whole of stdout: one document, nothing else
     VALIDATOR.validate(doc)
-    assert doc["schema_version"] == SCHEMA_VERSION and doc["exit_code"] == code and doc["ok"] == (code == 0)
+    assert (
+        doc["schema_version"] == SCHEMA_VERSION
+        and doc["exit_code"] == code
+        and doc["ok"] == (code == 0)
+    )
     assert doc["versions"]["normopt"] and doc["versions"]["onnxruntime"]
     return doc
 
@@ -38,7 +44,9 @@ def test_every_command_prints_one_document_of_the_schema(tmp_path, corpus, cli_e
     assert json.loads(report.read_text()) == rewrite
     converted = [c for c in rewrite["changes"] if c["kind"] == "converted"]
     stats = next(p["stats"] for p in rewrite["passes"] if p["name"] == "preln-to-rmsnorm")
-    assert len(converted) == stats["converted"] > 3 and all(c["nodes"] and c["values"] for c in converted)
+    assert len(converted) == stats["converted"] > 3 and all(
+        c["nodes"] and c["values"] for c in converted
+    )
     assert "more)" not in json.dumps(rewrite)  # nothing is cut
     assert rewrite["inputs"]["source"] == "generated" and len(rewrite["inputs"]["trials"]) == 2
     assert rewrite["seconds"]["total"] > 0 and rewrite["verification"]["ok"]
@@ -46,21 +54,44 @@ def test_every_command_prints_one_document_of_the_schema(tmp_path, corpus, cli_e
     inspect = document(run("inspect", src, "--json", env=cli_env))
     assert inspect["command"] == "inspect" and inspect["architecture"] == "pre-ln"
 
-    verify = document(run("verify", src, out, "--json", "--trials", "1", "--report", tmp_path / "v.json", env=cli_env))
-    assert verify["ok"] and verify["inputs"]["trials"][0] == rewrite["inputs"]["trials"][0]  # same seed, same hashes
+    verify = document(
+        run(
+            "verify",
+            src,
+            out,
+            "--json",
+            "--trials",
+            "1",
+            "--report",
+            tmp_path / "v.json",
+            env=cli_env,
+        )
+    )
+    assert (
+        verify["ok"] and verify["inputs"]["trials"][0] == rewrite["inputs"]["trials"][0]
+    )  # same seed, same hashes
     assert json.loads((tmp_path / "v.json").read_text()) == verify
 
-    profile = document(run("profile", src, out, "--runs", "2", "--warmup", "0", "--json", env=cli_env))
+    profile = document(
+        run("profile", src, out, "--runs", "2", "--warmup", "0", "--json", env=cli_env)
+    )
     assert profile["models"] == [str(src), str(out)] and profile["environment"]["threads"] == 2
 
     passes = document(run("passes", "--json", "--report", tmp_path / "p.json", env=cli_env))
-    assert "preln-to-rmsnorm" in passes["passes"] and json.loads((tmp_path / "p.json").read_text())["passes"] == passes["passes"]
+    assert (
+        "preln-to-rmsnorm" in passes["passes"]
+        and json.loads((tmp_path / "p.json").read_text())["passes"] == passes["passes"]
+    )
 
 
 def test_an_error_is_a_document_too(tmp_path, cli_env):
     missing = tmp_path / "missing.onnx"
-    for args in (("inspect", missing), ("verify", missing, missing), ("profile", missing),
-                 ("rewrite", missing, tmp_path / "o.onnx")):
+    for args in (
+        ("inspect", missing),
+        ("verify", missing, missing),
+        ("profile", missing),
+        ("rewrite", missing, tmp_path / "o.onnx"),
+    ):
         proc = run(*args, "--json", env=cli_env)
         doc = document(proc, 2)
         assert doc["command"] == args[0] and "missing.onnx" in doc["error"]
@@ -82,9 +113,13 @@ def test_a_report_never_replaces_an_input(tmp_path, cli_env):
 
 
 def test_the_schema_rejects_a_change_without_its_nodes(tmp_path, cli_env):
-    doc = document(run("rewrite", save(mlp(), tmp_path / "m.onnx"), tmp_path / "o.onnx", "--json", env=cli_env))
+    doc = document(
+        run("rewrite", save(mlp(), tmp_path / "m.onnx"), tmp_path / "o.onnx", "--json", env=cli_env)
+    )
     broken = copy.deepcopy(doc)
-    broken["changes"] = [{"pass": "cleanup", "kind": "removed", "what": "dead node(s)", "values": [], "why": None}]
+    broken["changes"] = [
+        {"pass": "cleanup", "kind": "removed", "what": "dead node(s)", "values": [], "why": None}
+    ]
     with pytest.raises(jsonschema.ValidationError, match="'nodes' is a required property"):
         VALIDATOR.validate(broken)
     with pytest.raises(jsonschema.ValidationError):

@@ -6,7 +6,14 @@ import pytest
 from onnx import TensorProto, helper
 
 from normopt.errors import BadInput
-from normopt.verify import VerifyOptions, compare_output, default_dim, load_inputs, make_inputs, verify
+from normopt.verify import (
+    VerifyOptions,
+    compare_output,
+    default_dim,
+    load_inputs,
+    make_inputs,
+    verify,
+)
 from tests.helpers import const, make_model, mlp, save, tensor
 
 
@@ -21,11 +28,17 @@ def _embedding_model():
         helper.make_node("Unsqueeze", ["maskf", "axis"], ["mask3"]),
         helper.make_node("Mul", ["sum", "mask3"], ["y"]),
     ]
-    inits = [const("table", np.ones((50, 8), np.float32)), const("pos_table", np.ones((7, 8), np.float32)),
-             const("shape", np.array([0, -1], np.int64)), const("axis", np.array([2], np.int64))]
-    inputs = [tensor("ids", TensorProto.INT64, ("batch", "seq")),
-              tensor("positions", TensorProto.INT64, ("batch", "seq")),
-              tensor("attention_mask", TensorProto.INT64, ("batch", "seq"))]
+    inits = [
+        const("table", np.ones((50, 8), np.float32)),
+        const("pos_table", np.ones((7, 8), np.float32)),
+        const("shape", np.array([0, -1], np.int64)),
+        const("axis", np.array([2], np.int64)),
+    ]
+    inputs = [
+        tensor("ids", TensorProto.INT64, ("batch", "seq")),
+        tensor("positions", TensorProto.INT64, ("batch", "seq")),
+        tensor("attention_mask", TensorProto.INT64, ("batch", "seq")),
+    ]
     return make_model(nodes, inputs, [tensor("y", shape=("batch", "seq", 8))], inits)
 
 
@@ -59,9 +72,9 @@ def test_fp16_inputs():
 @pytest.mark.parametrize(
     "dtype,error,ok",
     [
-        (np.float32, 5e-6, True),   # 5e-6 of scale 1: inside fp32's 1e-5
+        (np.float32, 5e-6, True),  # 5e-6 of scale 1: inside fp32's 1e-5
         (np.float32, 1e-3, False),
-        (np.float16, 1e-3, True),   # fp16 rounding-sized: inside fp16's 1e-2
+        (np.float16, 1e-3, True),  # fp16 rounding-sized: inside fp16's 1e-2
         (np.float16, 5e-2, False),
         (np.float64, 1e-8, False),
         (ml_dtypes.bfloat16, 2e-2, True),
@@ -89,9 +102,14 @@ def test_exact_outputs_nan_and_structure():
     assert not bad.ok and "1 element(s) differ" in bad.problem
     nan = np.array([1.0, np.nan, np.inf], np.float32)
     assert compare_output("f", nan, nan.copy(), None, None).ok
-    assert "NaN/Inf" in compare_output("f", nan, np.array([1.0, 2.0, np.inf], np.float32), None, None).problem
+    assert (
+        "NaN/Inf"
+        in compare_output("f", nan, np.array([1.0, 2.0, np.inf], np.float32), None, None).problem
+    )
     assert "missing" in compare_output("f", nan, None, None, None).problem
-    assert "gives float32[4]" in compare_output("f", nan, np.zeros(4, np.float32), None, None).problem
+    assert (
+        "gives float32[4]" in compare_output("f", nan, np.zeros(4, np.float32), None, None).problem
+    )
     assert "gives float64" in compare_output("f", nan, nan.astype(np.float64), None, None).problem
 
 
@@ -117,11 +135,17 @@ def test_verify_with_inputs_file(tmp_path):
         load_inputs(tmp_path / "wrong.npz", spec)
 
 
-@pytest.mark.parametrize("array,problem", [
-    (np.ones((5, 3), np.float32), r"input 'x' has shape \[5, 3\], the model expects \['batch', 8\]"),
-    (np.ones((5, 8, 1), np.float32), r"input 'x' has shape \[5, 8, 1\]"),
-    (np.ones((5, 8), np.float64), "input 'x' is float64, the model expects float32"),
-])
+@pytest.mark.parametrize(
+    "array,problem",
+    [
+        (
+            np.ones((5, 3), np.float32),
+            r"input 'x' has shape \[5, 3\], the model expects \['batch', 8\]",
+        ),
+        (np.ones((5, 8, 1), np.float32), r"input 'x' has shape \[5, 8, 1\]"),
+        (np.ones((5, 8), np.float64), "input 'x' is float64, the model expects float32"),
+    ],
+)
 def test_inputs_file_that_does_not_fit_the_model_is_blamed_on_the_file(tmp_path, array, problem):
     a = save(mlp(), tmp_path / "a.onnx")
     np.savez(tmp_path / "in.npz", x=array)
@@ -131,14 +155,20 @@ def test_inputs_file_that_does_not_fit_the_model_is_blamed_on_the_file(tmp_path,
 
 def test_verify_run_failure_is_bad_input_with_a_hint(tmp_path):
     """Generated inputs the model cannot run on (16 elements do not reshape to [3, -1])."""
-    proto = make_model([helper.make_node("Reshape", ["x", "shape"], ["y"])], [tensor("x", shape=("batch", 8))],
-                       [tensor("y", shape=(3, "n"))], [const("shape", np.array([3, -1], np.int64))])
+    proto = make_model(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        [tensor("x", shape=("batch", 8))],
+        [tensor("y", shape=(3, "n"))],
+        [const("shape", np.array([3, -1], np.int64))],
+    )
     a = save(proto, tmp_path / "a.onnx")
     with pytest.raises(BadInput, match="failed to run .*--dim"):
         verify(a, a)
 
 
-@pytest.mark.parametrize("field,value", [("rtol", -1.0), ("atol", float("nan")), ("rtol", float("inf"))])
+@pytest.mark.parametrize(
+    "field,value", [("rtol", -1.0), ("atol", float("nan")), ("rtol", float("inf"))]
+)
 def test_tolerances_must_be_finite_and_not_negative(field, value):
     with pytest.raises(BadInput, match=f"--{field} must be a finite number >= 0"):
         VerifyOptions(**{field: value})
@@ -153,12 +183,22 @@ def _deep(tmp_path, name: str, gain: float, rounded: bool):
         w = (rng.standard_normal((64, 64)) / 8).astype(np.float32)
         s = (1 + rng.random(64)).astype(np.float32)
         w = (w * s / s).astype(np.float32) if rounded else w
-        inits += [const(f"w{i}", w), const(f"b{i}", (rng.standard_normal(64) / 10).astype(np.float32))]
-        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]), helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]),
-                  helper.make_node("Tanh", [f"a{i}"], [f"h{i}"]), helper.make_node("Mul", [f"h{i}", "g"], [f"y{i}"])]
+        inits += [
+            const(f"w{i}", w),
+            const(f"b{i}", (rng.standard_normal(64) / 10).astype(np.float32)),
+        ]
+        nodes += [
+            helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]),
+            helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]),
+            helper.make_node("Tanh", [f"a{i}"], [f"h{i}"]),
+            helper.make_node("Mul", [f"h{i}", "g"], [f"y{i}"]),
+        ]
         x = f"y{i}"
     nodes.append(helper.make_node("Identity", [x], ["y"]))
-    return save(make_model(nodes, [tensor("x", shape=(8, 64))], [tensor("y", shape=(8, 64))], inits), tmp_path / name)
+    return save(
+        make_model(nodes, [tensor("x", shape=(8, 64))], [tensor("y", shape=(8, 64))], inits),
+        tmp_path / name,
+    )
 
 
 def test_an_exact_rewrite_of_a_deep_model_passes_within_the_models_own_noise(tmp_path):
@@ -168,7 +208,12 @@ def test_an_exact_rewrite_of_a_deep_model_passes_within_the_models_own_noise(tmp
     its own noise is larger. With --rtol set, that bound holds."""
     a, b = _deep(tmp_path, "a.onnx", 1.5, False), _deep(tmp_path, "b.onnx", 1.5, True)
     check = verify(a, b).outputs[0]
-    assert check.ok and check.within_noise and check.max_rel > 1e-5 and check.max_abs <= 4 * check.noise
+    assert (
+        check.ok
+        and check.within_noise
+        and check.max_rel > 1e-5
+        and check.max_abs <= 4 * check.noise
+    )
     strict = verify(a, b, VerifyOptions(rtol=1e-5)).outputs[0]
     assert not strict.ok and strict.noise is None and "own noise" not in strict.problem
 
@@ -185,18 +230,30 @@ def test_no_noise_loosens_the_bound_past_its_cap(tmp_path):
 def test_inputs_are_drawn_per_trial_and_the_worst_trial_is_reported(tmp_path):
     path = save(mlp(), tmp_path / "m.onnx")
     report = verify(path, path, VerifyOptions(trials=3))
-    assert len(report.inputs["trials"]) == 3 and report.ok and report.to_json()["inputs"]["seed"] == 0
-    given = verify(path, path, VerifyOptions(inputs={"x": np.ones((2, 8), np.float32)}, trials=3)).inputs
+    assert (
+        len(report.inputs["trials"]) == 3 and report.ok and report.to_json()["inputs"]["seed"] == 0
+    )
+    given = verify(
+        path, path, VerifyOptions(inputs={"x": np.ones((2, 8), np.float32)}, trials=3)
+    ).inputs
     assert given["source"] == "given" and given["seed"] is None and len(given["trials"]) == 1
     with pytest.raises(BadInput, match="--trials must be at least 1"):
         VerifyOptions(trials=0)
 
 
 def _batch_one_only(tmp_path):
-    """x [batch, 8] reshaped to [1, 8]: runs at batch 1 only (like an exporter's RotaryEmbedding)."""
+    """x [batch, 8] reshaped to [1, 8]: runs at batch 1 only (like an exporter's
+    RotaryEmbedding)."""
     nodes = [helper.make_node("Reshape", ["x", "shape"], ["y"])]
-    return save(make_model(nodes, [tensor("x", shape=("batch", 8))], [tensor("y", shape=(1, 8))],
-                           [const("shape", np.array([1, 8], np.int64))]), tmp_path / "b1.onnx")
+    return save(
+        make_model(
+            nodes,
+            [tensor("x", shape=("batch", 8))],
+            [tensor("y", shape=(1, 8))],
+            [const("shape", np.array([1, 8], np.int64))],
+        ),
+        tmp_path / "b1.onnx",
+    )
 
 
 def test_a_model_that_fails_on_generated_inputs_is_retried_once_with_dims_at_one(tmp_path):
@@ -204,17 +261,28 @@ def test_a_model_that_fails_on_generated_inputs_is_retried_once_with_dims_at_one
     report = verify(path, path)
     assert report.ok and report.inputs["trials"][0]["x"]["shape"] == [1, 8]
     assert "failed on the generated inputs x 2x8" in report.note and "x 1x8" in report.note
-    with pytest.raises(BadInput, match=r"again with every symbolic dim at 1: set the sizes .* --dim NAME=VALUE or --shape"):
+    with pytest.raises(
+        BadInput,
+        match=r"again with every symbolic dim at 1: set the sizes .* --dim NAME=VALUE or --shape",
+    ):
         verify(path, path, VerifyOptions(shapes={"x": (3, 8)}))
 
 
 def test_dim_and_shape_names_the_model_lacks_are_errors_that_list_the_real_ones(tmp_path):
     path = _batch_one_only(tmp_path)
-    with pytest.raises(BadInput, match=r"--dim batch_size: no input has a dimension of that name; the inputs are x \[batch, 8\]"):
+    with pytest.raises(
+        BadInput,
+        match=r"--dim batch_size: no input has a dimension of that name; the inputs are x \[batch, "
+        r"8\]",
+    ):
         verify(path, path, VerifyOptions(dims={"batch_size": 1}))
-    with pytest.raises(BadInput, match=r"--shape ids: the model has no such input; its inputs are x \[batch, 8\]"):
+    with pytest.raises(
+        BadInput, match=r"--shape ids: the model has no such input; its inputs are x \[batch, 8\]"
+    ):
         verify(path, path, VerifyOptions(shapes={"ids": (1, 8)}))
-    with pytest.raises(BadInput, match=r"--shape x=1x9 does not fit the input's shape \[batch, 8\]"):
+    with pytest.raises(
+        BadInput, match=r"--shape x=1x9 does not fit the input's shape \[batch, 8\]"
+    ):
         verify(path, path, VerifyOptions(shapes={"x": (1, 9)}))
     assert verify(path, path, VerifyOptions(shapes={"x": (1, 8)})).note is None
     assert verify(path, path, VerifyOptions(dims={"batch": 1})).note is None

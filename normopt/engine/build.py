@@ -15,11 +15,13 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from normopt.errors import BadInput
 from normopt.engine.trt import load_tensorrt
+from normopt.errors import BadInput
 
 
-def profile_shapes(inputs: Mapping[str, list], shapes: Mapping[str, tuple], dims: Mapping[str, int]) -> dict:
+def profile_shapes(
+    inputs: Mapping[str, list], shapes: Mapping[str, tuple], dims: Mapping[str, int]
+) -> dict:
     """name -> (min, opt, max) for every input: `shapes` where given, else its dims (named ones
     from `dims`); a dynamic dim with neither is an error naming it."""
     out = {}
@@ -34,14 +36,23 @@ def profile_shapes(inputs: Mapping[str, list], shapes: Mapping[str, tuple], dims
             elif isinstance(d, str) and d in dims:
                 shape.append(dims[d])
             else:
-                raise BadInput(f"input '{name}' has a dynamic dim {d!r}: give --shape {name}:MIN/OPT/MAX "
-                               f"or --dim {d}=N")
+                raise BadInput(
+                    f"input '{name}' has a dynamic dim {d!r}: give --shape {name}:MIN/OPT/MAX "
+                    f"or --dim {d}=N"
+                )
         out[name] = (tuple(shape),) * 3
     return out
 
 
-def build_engine(model: Path, engine: Path, *, shapes: Mapping[str, tuple], workspace_mb: int = 4096,
-                 timing_cache: Path | None = None, plugins: str = "aot") -> dict:
+def build_engine(
+    model: Path,
+    engine: Path,
+    *,
+    shapes: Mapping[str, tuple],
+    workspace_mb: int = 4096,
+    timing_cache: Path | None = None,
+    plugins: str = "aot",
+) -> dict:
     """Build `model` into `engine`; returns the summary (layer counts by kind, TensorRT version)."""
     trt, caps = load_tensorrt("normopt build")
     from normopt.plugins.registration import register
@@ -50,8 +61,11 @@ def build_engine(model: Path, engine: Path, *, shapes: Mapping[str, tuple], work
     register()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS if plugins == "aot"
-                     else trt.NetworkDefinitionCreationFlag.PREFER_JIT_PYTHON_PLUGINS)
+    flags = 1 << int(
+        trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS
+        if plugins == "aot"
+        else trt.NetworkDefinitionCreationFlag.PREFER_JIT_PYTHON_PLUGINS
+    )
     if caps.strongly_typed_flag:
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
@@ -67,11 +81,15 @@ def build_engine(model: Path, engine: Path, *, shapes: Mapping[str, tuple], work
     config.add_optimization_profile(profile)
     cache = None
     if timing_cache is not None:
-        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
+        cache = config.create_timing_cache(
+            timing_cache.read_bytes() if timing_cache.exists() else b""
+        )
         config.set_timing_cache(cache, ignore_mismatch=False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise BadInput(f"TensorRT could not build an engine from '{model}' (its log above says why)")
+        raise BadInput(
+            f"TensorRT could not build an engine from '{model}' (its log above says why)"
+        )
     write_bytes_atomic(engine, bytes(plan))
     if cache is not None:
         write_bytes_atomic(timing_cache, bytes(cache.serialize()))

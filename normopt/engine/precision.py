@@ -30,9 +30,14 @@ def convert(src: Path, dst: Path, precision: str, trt_version: str | None = None
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     original = onnx.load(str(src))
-    floats = {i.name: numpy_helper.to_array(i) for i in original.graph.initializer
-              if precision == "bf16" and i.data_type == TensorProto.FLOAT}  # bf16 only: they are rounded again
-    model = convert_float_to_float16(original, keep_io_types=True, disable_shape_infer=True)  # in place
+    floats = {
+        i.name: numpy_helper.to_array(i)
+        for i in original.graph.initializer
+        if precision == "bf16" and i.data_type == TensorProto.FLOAT
+    }  # bf16 only: they are rounded again
+    model = convert_float_to_float16(
+        original, keep_io_types=True, disable_shape_infer=True
+    )  # in place
     if precision == "bf16":
         _retype(model, floats)
     return {"precision": precision, "norms_in_fp32": _norms_in_fp32(model, dst, trt_version)}
@@ -47,9 +52,13 @@ def _norms_in_fp32(model: onnx.ModelProto, dst: Path, trt_version: str | None) -
     from normopt.rewriter import io
 
     lowered = ir.serde.deserialize_model(model)
-    results = run_pipeline(lowered, ["tensorrt-norms"], Options(target="tensorrt", trt_version=trt_version))
+    results = run_pipeline(
+        lowered, ["tensorrt-norms"], Options(target="tensorrt", trt_version=trt_version)
+    )
     io.save(lowered, dst, external_data=io.initializer_bytes(lowered) > io.EMBEDDED_LIMIT_BYTES)
-    return sum(1 for r in results if r.name == "tensorrt-norms" for c in r.changes if c.kind == "cast")
+    return sum(
+        1 for r in results if r.name == "tensorrt-norms" for c in r.changes if c.kind == "cast"
+    )
 
 
 def _retype(model: onnx.ModelProto, floats: dict[str, np.ndarray]) -> None:
@@ -58,7 +67,9 @@ def _retype(model: onnx.ModelProto, floats: dict[str, np.ndarray]) -> None:
     import ml_dtypes
 
     def bf16(array: np.ndarray, name: str) -> TensorProto:
-        return numpy_helper.from_array(np.asarray(array, np.float32).astype(ml_dtypes.bfloat16), name)
+        return numpy_helper.from_array(
+            np.asarray(array, np.float32).astype(ml_dtypes.bfloat16), name
+        )
 
     graph = model.graph
     for i, init in enumerate(graph.initializer):

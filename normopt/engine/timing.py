@@ -18,13 +18,17 @@ def _torch_cuda():
     try:
         import torch
     except ImportError:
-        raise BadInput("timing TensorRT engines needs torch with CUDA (pip install 'normopt[kernels]')") from None
+        raise BadInput(
+            "timing TensorRT engines needs torch with CUDA (pip install 'normopt[kernels]')"
+        ) from None
     if not torch.cuda.is_available():
         raise BadInput("timing TensorRT engines needs a CUDA GPU; none is visible")
     return torch
 
 
-def engine_runner(path: Path, cuda_graph: bool = True) -> tuple[Callable[[], float], Callable[[], dict[str, float]]]:
+def engine_runner(
+    path: Path, cuda_graph: bool = True
+) -> tuple[Callable[[], float], Callable[[], dict[str, float]]]:
     """A runner for `path` returning the seconds one inference took (CUDA events), and a function
     giving the milliseconds per layer of one profiled run (call it after the timing: the
     profiler slows the runs it watches)."""
@@ -46,8 +50,11 @@ def engine_runner(path: Path, cuda_graph: bool = True) -> tuple[Callable[[], flo
         if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
             shape = tuple(engine.get_tensor_profile_shape(name, 0)[1])  # the profile's opt shape
             context.set_input_shape(name, shape)
-            tensor = (torch.randn(shape, device="cuda") if dtype.is_floating_point
-                      else torch.zeros(shape, device="cuda")).to(dtype)
+            tensor = (
+                torch.randn(shape, device="cuda")
+                if dtype.is_floating_point
+                else torch.zeros(shape, device="cuda")
+            ).to(dtype)
         else:
             tensor = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
         context.set_tensor_address(name, tensor.data_ptr())
@@ -68,7 +75,9 @@ def engine_runner(path: Path, cuda_graph: bool = True) -> tuple[Callable[[], flo
 
 def _launcher(torch, context, stream, cuda_graph: bool) -> Callable[[], None]:
     """The CUDA graph of one enqueue where capture works, else the enqueue itself."""
-    context.execute_async_v3(stream.cuda_stream)  # a first run outside capture (TensorRT's own setup)
+    context.execute_async_v3(
+        stream.cuda_stream
+    )  # a first run outside capture (TensorRT's own setup)
     stream.synchronize()
     if cuda_graph:
         graph = torch.cuda.CUDAGraph()

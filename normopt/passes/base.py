@@ -35,15 +35,21 @@ class Options:
     allow_hidden_state_change: bool = False
     skip_sites: frozenset[str] = frozenset()
     tune_params: Literal["constants", "inputs", "inputs:all"] = "constants"
-    trt_version: str | None = None  # --target tensorrt: the TensorRT to emit for (default: installed, else newest)
+    trt_version: str | None = (
+        None  # --target tensorrt: the TensorRT to emit for (default: installed, else newest)
+    )
 
 
 @dataclass(frozen=True)
 class Refusal:
     candidate: str
     reason: str
-    idle: bool = field(default=False, compare=False)  # "no candidate at all" (Plan.idle), not a candidate's
-    settled: bool = field(default=False, compare=False)  # no other pass's edit can lift it (the opset)
+    idle: bool = field(
+        default=False, compare=False
+    )  # "no candidate at all" (Plan.idle), not a candidate's
+    settled: bool = field(
+        default=False, compare=False
+    )  # no other pass's edit can lift it (the opset)
 
     @property
     def may_change(self) -> bool:
@@ -78,7 +84,9 @@ class Plan:
     def summary(self) -> str:
         """One line: what would change (actions describe themselves where they can)."""
         described = [a.describe() if hasattr(a, "describe") else str(a) for a in self.actions]
-        return "; ".join(described[:3]) + (f" (+{len(described) - 3} more)" if len(described) > 3 else "")
+        return "; ".join(described[:3]) + (
+            f" (+{len(described) - 3} more)" if len(described) > 3 else ""
+        )
 
     def why_not(self) -> str:
         """One line: why nothing would change (first refusal, and how many more)."""
@@ -106,8 +114,14 @@ class Change:
     why: str = ""
 
     def to_json(self, pass_name: str) -> dict:
-        return {"pass": pass_name, "kind": self.kind, "what": self.what, "nodes": list(self.nodes),
-                "values": list(self.values), "why": self.why or None}
+        return {
+            "pass": pass_name,
+            "kind": self.kind,
+            "what": self.what,
+            "nodes": list(self.nodes),
+            "values": list(self.values),
+            "why": self.why or None,
+        }
 
 
 def summary_lines(changes: list[Change]) -> list[str]:
@@ -115,8 +129,11 @@ def summary_lines(changes: list[Change]) -> list[str]:
     groups: dict[tuple[str, str, str], list[Change]] = {}
     for change in changes:
         groups.setdefault((change.kind, change.what, change.why), []).append(change)
-    return [f"{kind} {len(group)} {what}" + (f": {', '.join(v for c in group for v in c.values)} ({why})" if why else "")
-            for (kind, what, why), group in groups.items()]
+    return [
+        f"{kind} {len(group)} {what}"
+        + (f": {', '.join(v for c in group for v in c.values)} ({why})" if why else "")
+        for (kind, what, why), group in groups.items()
+    ]
 
 
 @dataclass
@@ -127,16 +144,26 @@ class PassResult:
     refusals: list[Refusal]
     changed_outputs: list[str] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)
-    units: dict[str, list[str]] = field(default_factory=dict)  # what it applied, in groups (Plan.units)
+    units: dict[str, list[str]] = field(
+        default_factory=dict
+    )  # what it applied, in groups (Plan.units)
 
     def then(self, later: PassResult) -> PassResult:
         """This result followed by the same pass's next round: all changes, the last refusals
         (without a later "nothing to do" once an earlier round did something)."""
         modified = self.modified or later.modified
-        return PassResult(self.name, modified, self.changes + later.changes,
-                          [r for r in later.refusals if not (r.idle and modified)],
-                          list(dict.fromkeys(self.changed_outputs + later.changed_outputs)), self.stats,
-                          {k: [*self.units.get(k, []), *later.units.get(k, [])] for k in {**self.units, **later.units}})
+        return PassResult(
+            self.name,
+            modified,
+            self.changes + later.changes,
+            [r for r in later.refusals if not (r.idle and modified)],
+            list(dict.fromkeys(self.changed_outputs + later.changed_outputs)),
+            self.stats,
+            {
+                k: [*self.units.get(k, []), *later.units.get(k, [])]
+                for k in {**self.units, **later.units}
+            },
+        )
 
     @property
     def lines(self) -> list[str]:
@@ -195,4 +222,3 @@ class Pass(abc.ABC):
         if plan.idle and not changes:
             refusals.append(Refusal("model", plan.idle, idle=True))
         return PassResult(self.name, bool(changes), changes, refusals, changed, stats, units)
-

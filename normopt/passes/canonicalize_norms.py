@@ -6,7 +6,8 @@ After:  x -> LayerNormalization(axis, epsilon, stash_type=1)(x, g, b)   (opset >
                                               --target ort: onnxruntime's contrib op below 17)
         x -> RMSNormalization(x, g)                 (RMSNorm, --target onnx, opset >= 23; --target
                                                      tensorrt also needs TensorRT >= 10.15)
-        x -> normopt::NormoptRMSNorm(x, g)          (RMSNorm, --target tensorrt otherwise: the plugin)
+        x -> normopt::NormoptRMSNorm(x, g)          (RMSNorm, --target tensorrt otherwise: the
+        plugin)
         x -> SimplifiedLayerNormalization(x, g)     (RMSNorm, --target ort)
 Conditions:
   1. the match is exact (see rewriter.norms: private intermediates, same trailing axes,
@@ -29,12 +30,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from normopt.passes.base import Change, Pass, Plan, Refusal
 from normopt.plugins.spec import DOMAIN, NATIVE_RMSNORM, RMS_NORM, target_version
 from normopt.rewriter import ort_ops  # noqa: F401  (the checker must know ORT's contrib norm ops)
 from normopt.rewriter.edit import Editor
 from normopt.rewriter.graph import constant_value, default_opset, permuted_around
 from normopt.rewriter.norms import NormMatch, find_norms
-from normopt.passes.base import Change, Pass, Plan, Refusal
 
 
 @dataclass
@@ -61,18 +62,24 @@ def _fused_op(kind: str, opset: int, target: str, native_rms: bool = True) -> tu
     """(op, domain) or the reason there is none. `native_rms`: --target tensorrt's TensorRT
     imports RMSNormalization (>= 10.15); otherwise its RMSNorm is normopt's plugin."""
     if kind == "layernorm":
-        if opset >= 17 or target == "ort":  # onnxruntime runs its contrib LayerNormalization at any opset
+        if (
+            opset >= 17 or target == "ort"
+        ):  # onnxruntime runs its contrib LayerNormalization at any opset
             return "LayerNormalization", ""
-        return (f"opset {opset} has no LayerNormalization (needs >= 17); --target ort emits "
-                "onnxruntime's LayerNormalization, which it runs at any opset")
+        return (
+            f"opset {opset} has no LayerNormalization (needs >= 17); --target ort emits "
+            "onnxruntime's LayerNormalization, which it runs at any opset"
+        )
     if target == "ort":
         return "SimplifiedLayerNormalization", ""
     if target == "tensorrt" and not (opset >= 23 and native_rms):
         return RMS_NORM.op_type, DOMAIN
     if opset >= 23:
         return "RMSNormalization", ""
-    return (f"opset {opset} has no RMSNormalization (needs >= 23); --target ort emits "
-            "onnxruntime's SimplifiedLayerNormalization instead")
+    return (
+        f"opset {opset} has no RMSNormalization (needs >= 23); --target ort emits "
+        "onnxruntime's SimplifiedLayerNormalization instead"
+    )
 
 
 def _normalized_shape(match: NormMatch) -> tuple[int, ...] | None:
@@ -97,7 +104,10 @@ def _absorbed_epilogue(match: NormMatch):
         node = next((u.node for u in value.uses() if u.node in members), None)
         if node is None:
             return value, scale, bias, []
-        if node.op_type == "Cast" and str(ir.DataType(node.attributes.get_int("to"))) != match.compute_dtype:
+        if (
+            node.op_type == "Cast"
+            and str(ir.DataType(node.attributes.get_int("to"))) != match.compute_dtype
+        ):
             break
         if node.op_type == "Mul":
             scale = match.scale
@@ -127,7 +137,9 @@ def _plan_one(match: NormMatch, opset: int, target: str, native_rms: bool) -> Fu
     return Fusion(match, *op, replaced, span, scale, _parameter(bias_value, shape, dtype))
 
 
-def _parameter(value: ir.Value | None, shape: tuple[int, ...], dtype) -> ir.Value | np.ndarray | None:
+def _parameter(
+    value: ir.Value | None, shape: tuple[int, ...], dtype
+) -> ir.Value | np.ndarray | None:
     """The initializer itself when it already has the normalized shape and compute dtype (its
     name survives, for refit by name), else its values broadcast and cast."""
     array = constant_value(value)
@@ -141,8 +153,12 @@ def _parameter(value: ir.Value | None, shape: tuple[int, ...], dtype) -> ir.Valu
 def _apply_one(edit: Editor, fusion: Fusion) -> Change:
     m = fusion.match
     name = m.nodes[0].name or m.kind
-    change = Change("fused", f"decomposed {m.kind} -> {fusion.op}", tuple(n.name for n in fusion.span),
-                    (fusion.replaced.name,))
+    change = Change(
+        "fused",
+        f"decomposed {m.kind} -> {fusion.op}",
+        tuple(n.name for n in fusion.span),
+        (fusion.replaced.name,),
+    )
 
     def initializer(param, suffix):
         return param if isinstance(param, ir.Value) else edit.initializer(f"{name}.{suffix}", param)
@@ -151,10 +167,19 @@ def _apply_one(edit: Editor, fusion: Fusion) -> Change:
     inputs = [m.current_core_input(), initializer(fusion.scale, "scale")]
     if fusion.bias is not None:
         inputs.append(initializer(fusion.bias, "bias"))
-    attributes = (RMS_NORM.attributes(m.epsilon) if fusion.domain == DOMAIN
-                  else {"axis": m.axis, "epsilon": float(m.epsilon), "stash_type": 1})
-    node = edit.node(fusion.op, inputs, attributes, domain=fusion.domain, name=f"{name}.{fusion.op}",
-                     like=fusion.replaced)
+    attributes = (
+        RMS_NORM.attributes(m.epsilon)
+        if fusion.domain == DOMAIN
+        else {"axis": m.axis, "epsilon": float(m.epsilon), "stash_type": 1}
+    )
+    node = edit.node(
+        fusion.op,
+        inputs,
+        attributes,
+        domain=fusion.domain,
+        name=f"{name}.{fusion.op}",
+        like=fusion.replaced,
+    )
     edit.graph.insert_after(fusion.span[-1], node)
     edit.take_over(fusion.replaced, node.outputs[0])
     edit.graph.remove(fusion.span, safe=True)
@@ -167,19 +192,31 @@ class CanonicalizeNorms(Pass):
 
     def plan(self, model: ir.Model) -> Plan:
         opset = default_opset(model)
-        native_rms = self.options.target != "tensorrt" or target_version(self.options.trt_version) >= NATIVE_RMSNORM
+        native_rms = (
+            self.options.target != "tensorrt"
+            or target_version(self.options.trt_version) >= NATIVE_RMSNORM
+        )
         plan = Plan()
         for match in find_norms(model.graph):
             if match.kind not in ("layernorm", "rmsnorm") or match.form != "decomposed":
                 continue
             if match.where() in self.options.skip_sites:
-                plan.refusals.append(Refusal(f"{match.kind} at {match.where()}", "left decomposed: the speed guard "
-                                             "measured the fused op slower here", settled=True))
+                plan.refusals.append(
+                    Refusal(
+                        f"{match.kind} at {match.where()}",
+                        "left decomposed: the speed guard measured the fused op slower here",
+                        settled=True,
+                    )
+                )
                 continue
             result = _plan_one(match, opset, self.options.target, native_rms)
             if isinstance(result, str):  # no other pass changes the opset or the target
-                settled = isinstance(_fused_op(match.kind, opset, self.options.target, native_rms), str)
-                plan.refusals.append(Refusal(f"{match.kind} at {match.where()}", result, settled=settled))
+                settled = isinstance(
+                    _fused_op(match.kind, opset, self.options.target, native_rms), str
+                )
+                plan.refusals.append(
+                    Refusal(f"{match.kind} at {match.where()}", result, settled=settled)
+                )
             else:
                 plan.actions.append(result)
                 plan.units.setdefault(result.group(), []).append(match.where())

@@ -65,22 +65,33 @@ class Cleanup(Pass):
             actions.append("sort nodes topologically")
         if any(dead_nodes(f) for f in model.functions.values()):
             actions.append("remove dead nodes in model-local functions")
-        return Plan(actions, idle=None if actions else "no dead nodes, unused initializers or unsorted nodes")
+        return Plan(
+            actions,
+            idle=None if actions else "no dead nodes, unused initializers or unsorted nodes",
+        )
 
     def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
         before = _signature(model)
         TopologicalSortPass()(model)
         RemoveUnusedNodesPass()(model)
         after = _signature(model)
-        changes = [Change("removed", "dead node(s)", (n.name or n.op_type,))
-                   for k, n in before["nodes"].items() if k not in after["nodes"]]
-        changes += [Change("removed", "unused initializer(s)", (), (name,))
-                    for name in sorted(before["initializers"] - after["initializers"])]
+        changes = [
+            Change("removed", "dead node(s)", (n.name or n.op_type,))
+            for k, n in before["nodes"].items()
+            if k not in after["nodes"]
+        ]
+        changes += [
+            Change("removed", "unused initializer(s)", (), (name,))
+            for name in sorted(before["initializers"] - after["initializers"])
+        ]
         changes += [Change("removed", "dead node(s) in model-local functions")] * (
-            before["function_nodes"] - after["function_nodes"])
+            before["function_nodes"] - after["function_nodes"]
+        )
         for k, count in after["outputs"].items():
             node = before["nodes"][k]
-            changes += [Change("dropped", "unused optional node output(s)", (node.name,))] * (before["outputs"][k] - count)
+            changes += [Change("dropped", "unused optional node output(s)", (node.name,))] * (
+                before["outputs"][k] - count
+            )
         if "sort nodes topologically" in plan.actions:
             changes.append(Change("sorted", "graph(s) topologically"))
         return changes

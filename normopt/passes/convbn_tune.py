@@ -62,7 +62,10 @@ class TuneBlock:
         return next(n for n in self.match.nodes if n.op_type == "BatchNormalization")
 
     def describe(self) -> str:
-        return f"batchnorm {self.bn.name} into {self.fold.linear.op_type} {self.fold.linear.name}, computed in the graph"
+        return (
+            f"batchnorm {self.bn.name} into {self.fold.linear.op_type} {self.fold.linear.name}, "
+            "computed in the graph"
+        )
 
 
 def _channels(bn: ir.Node) -> int | None:
@@ -78,7 +81,9 @@ def _plan_one(bn: ir.Node, tune_params: str, tuned: dict[str, str]) -> TuneBlock
     if match is None:
         return "it runs in training mode or lacks its statistics"
     if "repbn_alpha" in match.detail:
-        return "it is SLAB's RepBN (BN(x) + alpha*x), not a ConvBN block: fold-affine-norms folds it"
+        return (
+            "it is SLAB's RepBN (BN(x) + alpha*x), not a ConvBN block: fold-affine-norms folds it"
+        )
     channels = _channels(bn)
     if channels is None:
         return "the number of channels of its parameters is unknown"
@@ -87,15 +92,27 @@ def _plan_one(bn: ir.Node, tune_params: str, tuned: dict[str, str]) -> TuneBlock
         return fold
     linear = fold.linear
     if linear.name in tuned:  # Conv -> BN -> BN: the second one stays a BatchNorm
-        return (f"{linear.op_type} {linear.name} already computes its weight from BatchNorm '{tuned[linear.name]}' "
-                "(one BatchNorm per op in tune mode; this one stays, recalibrate updates it too)")
+        return (
+            f"{linear.op_type} {linear.name} already computes its weight from BatchNorm "
+            f"'{tuned[linear.name]}' "
+            "(one BatchNorm per op in tune mode; this one stays, recalibrate updates it too)"
+        )
     if linear.op_type == "ConvTranspose" and linear.attributes.get_int("group", 1) != 1:
         return f"ConvTranspose {linear.name} has groups (only group 1 is tuned)"
     if tune_params != "constants":
-        wanted = list(bn.inputs[1:5]) + (_weight_and_bias(fold) if tune_params == "inputs:all" else [])
-        computed = [v.name for v in wanted if v is not None and not v.is_initializer() and not v.is_graph_input()]
+        wanted = list(bn.inputs[1:5]) + (
+            _weight_and_bias(fold) if tune_params == "inputs:all" else []
+        )
+        computed = [
+            v.name
+            for v in wanted
+            if v is not None and not v.is_initializer() and not v.is_graph_input()
+        ]
         if computed:
-            return f"{', '.join(computed)} not initializers: they cannot become graph inputs (--tune-params {tune_params})"
+            return (
+                f"{', '.join(computed)} not initializers: they cannot become graph inputs "
+                f"(--tune-params {tune_params})"
+            )
     return TuneBlock(match, fold, channels)
 
 
@@ -149,32 +166,68 @@ def _apply_one(edit: Editor, block: TuneBlock) -> tuple[Change, dict]:
             node.name = edit.node_name(node.op_type)
     dtype = weight.dtype or ir.DataType.FLOAT
     compute = ir.DataType.FLOAT if dtype in WIDE else dtype
-    change = Change("tuned", f"batchnorm into {linear.op_type}, its weight computed in the graph",
-                    tuple(n.name for n in block.match.nodes) + (linear.name,),
-                    tuple(v.name for v in (*_weight_and_bias(fold), gamma, beta, mean, var)))
+    change = Change(
+        "tuned",
+        f"batchnorm into {linear.op_type}, its weight computed in the graph",
+        tuple(n.name for n in block.match.nodes) + (linear.name,),
+        tuple(v.name for v in (*_weight_and_bias(fold), gamma, beta, mean, var)),
+    )
     g = _Builder(edit, bn.name or "batchnorm", compute)
     eps = g.constant(np.array(block.match.epsilon, compute.numpy()), "epsilon")
-    s = g.op("Div", [g.wide(gamma, "gamma"), g.op("Sqrt", [g.op("Add", [g.wide(var, "var"), eps], "var_eps")], "std")],
-             "scale")
+    s = g.op(
+        "Div",
+        [
+            g.wide(gamma, "gamma"),
+            g.op("Sqrt", [g.op("Add", [g.wide(var, "var"), eps], "var_eps")], "std"),
+        ],
+        "scale",
+    )
     shape = _scale_shape(linear, len(constant_shape(weight)), block.channels)
-    s_w = s if shape is None else g.op("Reshape", [s, g.constant(np.array(shape, np.int64), "scale_shape")],
-                                       "scale_for_weight")
+    s_w = (
+        s
+        if shape is None
+        else g.op(
+            "Reshape", [s, g.constant(np.array(shape, np.int64), "scale_shape")], "scale_for_weight"
+        )
+    )
     new_weight = g.back(g.op("Mul", [g.wide(weight, "weight"), s_w], "weight_fp"), dtype, "weight")
     old_bias = bias_of(fold)
-    record = {"bn": bn.name, "node": linear.name, "op": linear.op_type, "weight": weight.name,
-              "bias": old_bias.name if old_bias is not None else None,
-              "gemm_beta": linear.attributes.get_float("beta", 1.0) if linear.op_type == "Gemm" else None,
-              "bias_add": fold.bias_add.name if fold.bias_add is not None else None,
-              "gamma": gamma.name, "beta": beta.name, "mean": mean.name, "var": var.name,
-              "epsilon": float(block.match.epsilon)}
-    if linear.op_type == "Gemm" and old_bias is not None and linear.attributes.get_float("beta", 1.0) != 1.0:
-        factor = g.constant(np.array(linear.attributes.get_float("beta", 1.0), compute.numpy()), "gemm_beta")
+    record = {
+        "bn": bn.name,
+        "node": linear.name,
+        "op": linear.op_type,
+        "weight": weight.name,
+        "bias": old_bias.name if old_bias is not None else None,
+        "gemm_beta": linear.attributes.get_float("beta", 1.0) if linear.op_type == "Gemm" else None,
+        "bias_add": fold.bias_add.name if fold.bias_add is not None else None,
+        "gamma": gamma.name,
+        "beta": beta.name,
+        "mean": mean.name,
+        "var": var.name,
+        "epsilon": float(block.match.epsilon),
+    }
+    if (
+        linear.op_type == "Gemm"
+        and old_bias is not None
+        and linear.attributes.get_float("beta", 1.0) != 1.0
+    ):
+        factor = g.constant(
+            np.array(linear.attributes.get_float("beta", 1.0), compute.numpy()), "gemm_beta"
+        )
         biased = g.op("Mul", [g.wide(old_bias, "bias"), factor], "bias_times_beta")
     else:
         biased = g.wide(old_bias, "bias") if old_bias is not None else None
     mean_w = g.wide(mean, "mean")
-    shifted = g.op("Mul", [g.op("Sub", [biased, mean_w], "bias_minus_mean") if biased is not None
-                           else g.op("Neg", [mean_w], "minus_mean"), s], "shift")
+    shifted = g.op(
+        "Mul",
+        [
+            g.op("Sub", [biased, mean_w], "bias_minus_mean")
+            if biased is not None
+            else g.op("Neg", [mean_w], "minus_mean"),
+            s,
+        ],
+        "shift",
+    )
     bias_dtype = (old_bias if old_bias is not None else weight).dtype or dtype
     new_bias = g.back(g.op("Add", [shifted, g.wide(beta, "beta")], "bias_fp"), bias_dtype, "bias")
     edit.graph.insert_before(linear, g.nodes)
@@ -201,14 +254,19 @@ def _apply_one(edit: Editor, block: TuneBlock) -> tuple[Change, dict]:
 
 class ConvBNTune(Pass):
     name = "convbn-tune"
-    summary = "Conv/Gemm/MatMul -> BatchNorm as one op whose weight the graph computes from the named BN parameters"
+    summary = (
+        "Conv/Gemm/MatMul -> BatchNorm as one op whose weight the graph computes from the named BN "
+        "parameters"
+    )
 
     def plan(self, model: ir.Model) -> Plan:
         plan = Plan()  # (a linear op's output is read by its BN alone: no two blocks share an op)
         tuned = {r["node"]: r["bn"] for r in tune_records(model)}
         for node in model.graph:
             if node.op_type == "BatchNormalization":
-                plan.decide(f"batchnorm {node.name}", _plan_one(node, self.options.tune_params, tuned))
+                plan.decide(
+                    f"batchnorm {node.name}", _plan_one(node, self.options.tune_params, tuned)
+                )
         if not plan.actions and not plan.refusals:
             plan.idle = "no BatchNormalization"
         return plan
@@ -216,8 +274,14 @@ class ConvBNTune(Pass):
     def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
         edit = Editor(model.graph)
         blocks: list[TuneBlock] = plan.actions
-        params = [v for b in blocks for v in (*b.bn.inputs[1:5], *(_weight_and_bias(b.fold)
-                                                                    if self.options.tune_params == "inputs:all" else []))]
+        params = [
+            v
+            for b in blocks
+            for v in (
+                *b.bn.inputs[1:5],
+                *(_weight_and_bias(b.fold) if self.options.tune_params == "inputs:all" else []),
+            )
+        ]
         applied = [_apply_one(edit, b) for b in blocks]
         changes = [change for change, _ in applied]
         records = tune_records(model) + [record for _, record in applied]
@@ -227,6 +291,12 @@ class ConvBNTune(Pass):
             for value in dict.fromkeys(params):
                 if value not in inputs and value.is_initializer():
                     model.graph.inputs.append(value)
-                    changes.append(Change("exposed", "parameter(s) as graph inputs with their initializers as defaults",
-                                          (), (value.name,)))
+                    changes.append(
+                        Change(
+                            "exposed",
+                            "parameter(s) as graph inputs with their initializers as defaults",
+                            (),
+                            (value.name,),
+                        )
+                    )
         return changes

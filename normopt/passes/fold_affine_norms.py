@@ -40,9 +40,20 @@ import onnx_ir as ir
 from normopt.passes.base import Change, Pass, Plan, Refusal
 from normopt.rewriter.edit import Editor
 from normopt.rewriter.graph import is_op
-from normopt.rewriter.linear_fold import (CARRIERS, Fold, bias_add_after, carried, channel_axis, expects_channel,
-                                          fold_problem, fold_weights, norm_affine, norm_rank, plan_preceding,
-                                          single_reader)
+from normopt.rewriter.linear_fold import (
+    CARRIERS,
+    Fold,
+    bias_add_after,
+    carried,
+    channel_axis,
+    expects_channel,
+    fold_problem,
+    fold_weights,
+    norm_affine,
+    norm_rank,
+    plan_preceding,
+    single_reader,
+)
 from normopt.rewriter.norms import NormMatch, find_norms
 
 
@@ -53,7 +64,10 @@ class NormFold:
 
     def describe(self) -> str:
         f = self.fold
-        return f"{self.match.kind} at {self.match.where()} into {f.side} {f.linear.op_type} {f.linear.name}"
+        return (
+            f"{self.match.kind} at {self.match.where()} into {f.side} {f.linear.op_type} "
+            f"{f.linear.name}"
+        )
 
 
 def _plan_following(match: NormMatch, a, c) -> Fold | str:
@@ -74,22 +88,30 @@ def _plan_following(match: NormMatch, a, c) -> Fold | str:
     c = c * factor
     if not is_op(reader, "Conv", "MatMul", "Gemm"):
         return f"read by {reader.op_type} {reader.name}, not by Conv/MatMul/Gemm"
-    problem = expects_channel(reader, axis, r, input_side=True) or fold_problem(reader, value, a.size, input_side=True)
+    problem = expects_channel(reader, axis, r, input_side=True) or fold_problem(
+        reader, value, a.size, input_side=True
+    )
     if problem:
         return problem
     if reader.op_type == "Conv" and np.any(c != 0):
         pads = reader.attributes.get_ints("pads", ())
         auto = reader.attributes.get_string("auto_pad", "NOTSET")
         if any(pads) or auto in ("SAME_UPPER", "SAME_LOWER"):
-            return (f"Conv {reader.name} zero-pads its input: the shift c would reach border "
-                    "outputs only partly (exact only with zero pads or c == 0)")
+            return (
+                f"Conv {reader.name} zero-pads its input: the shift c would reach border "
+                "outputs only partly (exact only with zero pads or c == 0)"
+            )
     return Fold(a, c, "following", reader, bias_add_after(reader))
 
 
 def _apply_one(edit: Editor, action: NormFold) -> Change:
     m, fold = action.match, action.fold
-    change = Change("folded", f"{m.kind} into {fold.side} {fold.linear.op_type}",
-                    (*(n.name for n in m.nodes), fold.linear.name), (m.output.name,))
+    change = Change(
+        "folded",
+        f"{m.kind} into {fold.side} {fold.linear.op_type}",
+        (*(n.name for n in m.nodes), fold.linear.name),
+        (m.output.name,),
+    )
     fold_weights(edit, fold)
     if fold.side == "preceding":  # what the norm reads now (a new bias Add, if any) takes over
         edit.take_over(m.output, m.current_input())
@@ -101,7 +123,9 @@ def _apply_one(edit: Editor, action: NormFold) -> Change:
 
 class FoldAffineNorms(Pass):
     name = "fold-affine-norms"
-    summary = "fold BatchNorm / RepBN / per-channel affine norms into the adjacent Conv, Gemm or MatMul"
+    summary = (
+        "fold BatchNorm / RepBN / per-channel affine norms into the adjacent Conv, Gemm or MatMul"
+    )
     repeats = True  # Conv -> BN -> BN: the second BN reaches the Conv once the first is folded
 
     def plan(self, model: ir.Model) -> Plan:
@@ -110,8 +134,13 @@ class FoldAffineNorms(Pass):
         matched = {n for m in matches for n in m.nodes}
         for node in model.graph:
             if node.op_type == "BatchNormalization" and node not in matched:
-                plan.refusals.append(Refusal(f"batchnorm {node.name}", "its parameters are not constant "
-                                             "(graph inputs or computed) or it runs in training mode"))
+                plan.refusals.append(
+                    Refusal(
+                        f"batchnorm {node.name}",
+                        "its parameters are not constant "
+                        "(graph inputs or computed) or it runs in training mode",
+                    )
+                )
         for match in matches:
             if match.kind not in ("batchnorm", "affine"):
                 continue
@@ -125,7 +154,9 @@ class FoldAffineNorms(Pass):
                 used.add(fold.linear)
                 plan.actions.append(NormFold(match, fold))
             else:
-                plan.refusals.append(Refusal(where, f"cannot fold before ({before}) or after ({fold})"))
+                plan.refusals.append(
+                    Refusal(where, f"cannot fold before ({before}) or after ({fold})")
+                )
         if not plan.actions and not plan.refusals:
             plan.idle = "no BatchNorm or per-channel affine norm"
         return plan

@@ -34,7 +34,14 @@ import onnx_ir as ir
 from normopt.passes.base import Change, Pass, Plan
 from normopt.rewriter.edit import Editor
 from normopt.rewriter.graph import folded_value, rank, readers
-from normopt.rewriter.linear_fold import CARRIERS, Fold, bias_add_after, carried, fold_problem, fold_weights
+from normopt.rewriter.linear_fold import (
+    CARRIERS,
+    Fold,
+    bias_add_after,
+    carried,
+    fold_problem,
+    fold_weights,
+)
 from normopt.rewriter.norms import NormMatch, find_norms
 
 OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
@@ -53,17 +60,23 @@ class AffineFold:
 
 def _shared(reader: ir.Node, fold: Fold) -> str | None:
     """The first weight or bias of `reader` another node reads too, or None."""
-    holders = [(reader, 1), (reader, 2)] + ([(fold.bias_add, i) for i in (0, 1)] if fold.bias_add else [])
+    holders = [(reader, 1), (reader, 2)] + (
+        [(fold.bias_add, i) for i in (0, 1)] if fold.bias_add else []
+    )
     for node, index in holders:
         value = node.inputs[index] if index < len(node.inputs) else None
-        if value is not None and folded_value(value) is not None and (
-                len(readers(value)) > 1 or value.is_graph_output() or value.is_graph_input()):
+        if (
+            value is not None
+            and folded_value(value) is not None
+            and (len(readers(value)) > 1 or value.is_graph_output() or value.is_graph_input())
+        ):
             return value.name
     return None
 
 
-def _linear_readers(value: ir.Value, r: int | None, axis: int | None,
-                    factor: float = 1.0) -> list[tuple[ir.Node, ir.Value, float]] | str:
+def _linear_readers(
+    value: ir.Value, r: int | None, axis: int | None, factor: float = 1.0
+) -> list[tuple[ir.Node, ir.Value, float]] | str:
     """Every (linear op, the value it reads, the factor on the shift) that `value`'s numbers
     reach through carriers of whole channel vectors (linear_fold.carried), or why a reader is
     neither."""
@@ -117,7 +130,11 @@ def _plan_one(match: NormMatch) -> AffineFold | str:
         fold = Fold(gamma, beta * factor, "following", reader, bias_add_after(reader))
         shared = None if problem else _shared(reader, fold)
         if problem or shared:
-            return problem or f"{reader.op_type} {reader.name}'s weight '{shared}' is shared with another node (folding would copy it)"
+            return (
+                problem
+                or f"{reader.op_type} {reader.name}'s weight '{shared}' is shared with another "
+                "node (folding would copy it)"
+            )
         folds.append(fold)
     if not folds:
         return "nothing reads its numbers"
@@ -126,8 +143,12 @@ def _plan_one(match: NormMatch) -> AffineFold | str:
 
 def _apply_one(edit: Editor, action: AffineFold) -> Change:
     norm, m = action.match.nodes[0], action.match
-    change = Change("folded", f"{m.kind} scale and bias into the linear ops reading it",
-                    (norm.name, *(f.linear.name for f in action.folds)), tuple(v.name for v in (m.scale, m.bias) if v))
+    change = Change(
+        "folded",
+        f"{m.kind} scale and bias into the linear ops reading it",
+        (norm.name, *(f.linear.name for f in action.folds)),
+        tuple(v.name for v in (m.scale, m.bias) if v),
+    )
     for fold in action.folds:
         fold_weights(edit, fold)
     edit.set_constant_input(norm, 1, np.ones_like(action.gamma), f"{norm.name}.unit_scale")
@@ -138,7 +159,10 @@ def _apply_one(edit: Editor, action: AffineFold) -> Change:
 
 class FoldNormAffine(Pass):
     name = "fold-norm-affine"
-    summary = "fold LayerNorm/RMSNorm gamma and beta into the MatMul/Gemm reading them (affine-free norms)"
+    summary = (
+        "fold LayerNorm/RMSNorm gamma and beta into the MatMul/Gemm reading them (affine-free "
+        "norms)"
+    )
 
     def plan(self, model: ir.Model) -> Plan:
         plan = Plan()

@@ -37,10 +37,11 @@ import onnx_ir as ir
 
 from normopt.passes.base import Change, Pass, Plan
 from normopt.rewriter import numerics
-from normopt.rewriter.edit import Editor
 from normopt.rewriter.branches import Stage, deep_constant, only_reader, walk
+from normopt.rewriter.edit import Editor
 from normopt.rewriter.graph import constant_value, dead_nodes, is_op, sole_reader
 from normopt.rewriter.norms import NormMatch, find_norms
+
 
 @dataclass
 class Branch:
@@ -94,18 +95,30 @@ class Materialize:
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
     """Equal to float32 rounding (16 ulps of the larger magnitude)."""
     a, b = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64))
-    return bool(np.all(np.abs(a - b) <= 16 * np.finfo(np.float32).eps * np.maximum(np.abs(a).max(initial=0), 1e-30)))
+    return bool(
+        np.all(
+            np.abs(a - b)
+            <= 16 * np.finfo(np.float32).eps * np.maximum(np.abs(a).max(initial=0), 1e-30)
+        )
+    )
 
 
 def _pointwise(branch: Branch) -> bool:
-    return all(k == 1 for k in branch.kernel) and all(s == 1 for s in branch.strides) and not any(branch.pads)
+    return (
+        all(k == 1 for k in branch.kernel)
+        and all(s == 1 for s in branch.strides)
+        and not any(branch.pads)
+    )
 
 
 def _compose(below: Branch, upper: Stage, label: str) -> Branch | str:
     """The branch `below`, then the Conv / pool `upper` (reading `below.pending`'s pad if any)."""
     channels = below.weight.shape[0]
     if upper.op == "pool":
-        weight, bias = numerics.per_channel_kernel(np.ones(channels), upper.kernel), np.zeros(channels)
+        weight, bias = (
+            numerics.per_channel_kernel(np.ones(channels), upper.kernel),
+            np.zeros(channels),
+        )
         group, dilations = channels, [1] * len(upper.kernel)
     else:
         weight, bias, group, dilations = upper.weight, upper.bias, upper.group, upper.dilations
@@ -118,19 +131,36 @@ def _compose(below: Branch, upper: Stage, label: str) -> Branch | str:
         pads, fill = below.pending
     one = all(k == 1 for k in weight.shape[2:]) and all(s == 1 for s in upper.strides)
     if not _pointwise(below) and not (one and not any(pads)):
-        return f"{label} reads a {below.kernel} Conv's output: one of two Convs in sequence must be 1x1"
+        return (
+            f"{label} reads a {below.kernel} Conv's output: one of two Convs in sequence must be "
+            "1x1"
+        )
     if any(pads) and not _same(fill, below.bias):
-        return (f"{label} pads with {_show(fill)} where the stages before it give {_show(below.bias)} for a zero input: "
-                "the merged Conv would pad with that")
+        return (
+            f"{label} pads with {_show(fill)} where the stages before it give {_show(below.bias)} "
+            "for a zero input: "
+            "the merged Conv would pad with that"
+        )
     if _pointwise(below):
-        attrs = dict(pads=pads, strides=list(upper.strides),
-                     dilations=None if all(k == 1 for k in weight.shape[2:]) else list(dilations))
+        attrs = dict(
+            pads=pads,
+            strides=list(upper.strides),
+            dilations=None if all(k == 1 for k in weight.shape[2:]) else list(dilations),
+        )
     else:
         attrs = dict(pads=below.pads, strides=below.strides, dilations=below.dilations)
     w, b, g = numerics.compose_kernels(weight, bias, group, below.weight, below.bias, below.group)
-    return replace(below, weight=w, bias=b, group=g, per_channel=below.per_channel and upper.op == "pool",
-                   nodes=below.nodes + upper.nodes, pending=None,
-                   name=label if upper.op == "conv" else below.name, **attrs)
+    return replace(
+        below,
+        weight=w,
+        bias=b,
+        group=g,
+        per_channel=below.per_channel and upper.op == "pool",
+        nodes=below.nodes + upper.nodes,
+        pending=None,
+        name=label if upper.op == "conv" else below.name,
+        **attrs,
+    )
 
 
 def _show(values) -> str:
@@ -139,8 +169,16 @@ def _show(values) -> str:
 
 
 def _identity(name: str, channels: int, rank: int) -> Branch:
-    return Branch(name, numerics.per_channel_kernel(np.ones(channels), [1] * rank), np.zeros(channels),
-                  [0] * 2 * rank, [1] * rank, None, channels, True)
+    return Branch(
+        name,
+        numerics.per_channel_kernel(np.ones(channels), [1] * rank),
+        np.zeros(channels),
+        [0] * 2 * rank,
+        [1] * rank,
+        None,
+        channels,
+        True,
+    )
 
 
 def _branch(leaf: ir.Value, stages: list[Stage], channels: int, rank: int) -> Branch | str:
@@ -149,23 +187,39 @@ def _branch(leaf: ir.Value, stages: list[Stage], channels: int, rank: int) -> Br
     branch = _identity(leaf.name, channels, rank)
     for stage in stages:
         if stage.op in ("conv", "pool"):
-            composed = _compose(branch, stage, f"Conv {stage.nodes[0].name}" if stage.op == "conv"
-                                else f"AveragePool {stage.nodes[0].name}")
+            composed = _compose(
+                branch,
+                stage,
+                f"Conv {stage.nodes[0].name}"
+                if stage.op == "conv"
+                else f"AveragePool {stage.nodes[0].name}",
+            )
             if isinstance(composed, str):
                 return composed
             branch = composed
         elif stage.op == "affine":
             if {np.size(stage.scale), np.size(stage.bias)} - {1, branch.bias.size}:
-                return f"the affine '{stage.nodes[-1].outputs[0].name}' has not one value per channel"
+                return (
+                    f"the affine '{stage.nodes[-1].outputs[0].name}' has not one value per channel"
+                )
             a = np.broadcast_to(np.asarray(stage.scale, np.float64).reshape(-1), branch.bias.shape)
             c = np.broadcast_to(np.asarray(stage.bias, np.float64).reshape(-1), branch.bias.shape)
-            pending = None if branch.pending is None else (branch.pending[0], a * branch.pending[1] + c)
-            branch = replace(branch, weight=numerics.scale_along(branch.weight, a, 0), bias=a * branch.bias + c,
-                             nodes=branch.nodes + stage.nodes, pending=pending)
+            pending = (
+                None if branch.pending is None else (branch.pending[0], a * branch.pending[1] + c)
+            )
+            branch = replace(
+                branch,
+                weight=numerics.scale_along(branch.weight, a, 0),
+                bias=a * branch.bias + c,
+                nodes=branch.nodes + stage.nodes,
+                pending=pending,
+            )
         else:  # pad
             if branch.pending is not None:
                 return f"'{leaf.name}' is padded twice"
-            fill = np.broadcast_to(np.asarray(stage.bias, np.float64).reshape(-1), branch.bias.shape)
+            fill = np.broadcast_to(
+                np.asarray(stage.bias, np.float64).reshape(-1), branch.bias.shape
+            )
             branch = replace(branch, pending=(stage.pads, fill), nodes=branch.nodes + stage.nodes)
     if branch.pending is not None:
         return f"'{leaf.name}' ends in a Pad"
@@ -188,7 +242,9 @@ def _leaves(node: ir.Node, chain: list[ir.Node]) -> list[ir.Value]:
     return out
 
 
-def _plan_one(root: ir.Node, affines: dict[ir.Value, NormMatch], dead: set[ir.Node]) -> Merge | str | None:
+def _plan_one(
+    root: ir.Node, affines: dict[ir.Value, NormMatch], dead: set[ir.Node]
+) -> Merge | str | None:
     """The merge at `root`, why the candidate there is refused, or None (no candidate)."""
     chain: list[ir.Node] = []
     leaves = _leaves(root, chain)
@@ -198,9 +254,19 @@ def _plan_one(root: ir.Node, affines: dict[ir.Value, NormMatch], dead: set[ir.No
         if leaf in starts:
             walks[leaf] = (leaf, [])
     sources = {source for source, _ in walks.values()}
-    convs = [s for _, stages in walks.values() for s in stages if not isinstance(s, str) and s.op == "conv"]
-    if len(sources) != 1 or len(leaves) < 2 or not any(
-            isinstance(s, str) or s.op == "conv" for _, stages in walks.values() for s in stages):
+    convs = [
+        s
+        for _, stages in walks.values()
+        for s in stages
+        if not isinstance(s, str) and s.op == "conv"
+    ]
+    if (
+        len(sources) != 1
+        or len(leaves) < 2
+        or not any(
+            isinstance(s, str) or s.op == "conv" for _, stages in walks.values() for s in stages
+        )
+    ):
         return None  # not parallel branches of one input (a residual Add, ...)
     x = sources.pop()
     for leaf in leaves:
@@ -209,7 +275,9 @@ def _plan_one(root: ir.Node, affines: dict[ir.Value, NormMatch], dead: set[ir.No
     problem = next((s for _, stages in walks.values() for s in stages if isinstance(s, str)), None)
     if problem or not convs:
         return problem
-    bottom = convs[0]  # a walk's lowest Conv: only per-channel stages before it, it reads x's channels
+    bottom = convs[
+        0
+    ]  # a walk's lowest Conv: only per-channel stages before it, it reads x's channels
     channels, rank = bottom.weight.shape[1] * bottom.group, bottom.weight.ndim - 2
     branches = []
     for leaf in leaves:
@@ -224,8 +292,11 @@ def _window(root, x, branches: list[Branch], chain) -> Merge | str:
     """The merged Conv's window and attributes, or the mismatch between the branches."""
     convs = [b for b in branches if not b.per_channel]
     for attr in ("strides", "dilations", "group"):  # a pooling branch's window is undilated too
-        values = {str(getattr(b, attr)) for b in (branches if attr == "dilations" else convs)
-                  if getattr(b, attr) is not None}
+        values = {
+            str(getattr(b, attr))
+            for b in (branches if attr == "dilations" else convs)
+            if getattr(b, attr) is not None
+        }
         if len(values) > 1:
             return f"the Convs differ in {attr} ({', '.join(sorted(values))})"
     first = convs[0]
@@ -251,8 +322,11 @@ def _window(root, x, branches: list[Branch], chain) -> Merge | str:
             return f"{b.name}'s kernel {b.kernel} does not centre in {kernel}"
         window = [p + dilations[i % rank] * margin[i % rank] // 2 for i, p in enumerate(b.pads)]
         if pads is not None and window != pads:
-            return (f"{b.name}'s pads {b.pads} put its {kernel} window at pads {window}, "
-                    f"{first.name.removeprefix('Conv ')}'s at {pads}: the branches read different windows")
+            return (
+                f"{b.name}'s pads {b.pads} put its {kernel} window at pads {window}, "
+                f"{first.name.removeprefix('Conv ')}'s at {pads}: the branches read different "
+                "windows"
+            )
         pads = window
     for i, b in enumerate(branches):
         if b.per_channel:
@@ -266,17 +340,39 @@ def _stride(strides: list[int]) -> str:
 
 
 def _apply_one(edit: Editor, merge: Merge, dtype) -> Change:
-    w, b = numerics.merged_kernel([(br.weight, br.bias) for br in merge.branches], merge.kernel,
-                                  merge.branches[0].weight.shape[0])
-    name = next(n.name for br in merge.branches for n in br.nodes if n.op_type == "Conv") or "merged"
-    attrs = {"kernel_shape": merge.kernel, "pads": merge.pads, "strides": merge.strides,
-             "dilations": merge.dilations, "group": merge.group}
-    conv = edit.node("Conv", [merge.x, edit.initializer(f"{name}.merged_weight", w.astype(dtype)),
-                              edit.initializer(f"{name}.merged_bias", b.astype(dtype))], attrs,
-                     name=f"{name}.merged", like=merge.root.outputs[0])
+    w, b = numerics.merged_kernel(
+        [(br.weight, br.bias) for br in merge.branches],
+        merge.kernel,
+        merge.branches[0].weight.shape[0],
+    )
+    name = (
+        next(n.name for br in merge.branches for n in br.nodes if n.op_type == "Conv") or "merged"
+    )
+    attrs = {
+        "kernel_shape": merge.kernel,
+        "pads": merge.pads,
+        "strides": merge.strides,
+        "dilations": merge.dilations,
+        "group": merge.group,
+    }
+    conv = edit.node(
+        "Conv",
+        [
+            merge.x,
+            edit.initializer(f"{name}.merged_weight", w.astype(dtype)),
+            edit.initializer(f"{name}.merged_bias", b.astype(dtype)),
+        ],
+        attrs,
+        name=f"{name}.merged",
+        like=merge.root.outputs[0],
+    )
     removed = [merge.root, *merge.chain, *(n for br in merge.branches for n in br.nodes)]
-    change = Change("merged", "parallel branches into one Conv", tuple(n.name for n in removed),
-                    (merge.root.outputs[0].name,))
+    change = Change(
+        "merged",
+        "parallel branches into one Conv",
+        tuple(n.name for n in removed),
+        (merge.root.outputs[0].name,),
+    )
     edit.graph.insert_before(merge.root, conv)
     edit.take_over(merge.root.outputs[0], conv.outputs[0])
     order = {n: i for i, n in enumerate(edit.graph)}
@@ -301,14 +397,21 @@ def _computed_kernel(conv: ir.Node) -> Materialize | None:
 
 class MergeBranches(Pass):
     name = "merge-branches"
-    summary = ("merge parallel branches of one input (RepVGG, ACNet, DBB: Conv, identity, BN, pool, 1x1 -> kxk) "
-               "into one Conv; a kernel computed in the graph (DEConv) becomes a constant")
+    summary = (
+        "merge parallel branches of one input (RepVGG, ACNet, DBB: Conv, identity, BN, pool, 1x1 "
+        "-> kxk) "
+        "into one Conv; a kernel computed in the graph (DEConv) becomes a constant"
+    )
 
     def plan(self, model: ir.Model) -> Plan:
         plan, claimed, dead = Plan(), set(), set(dead_nodes(model.graph))
-        affines = {m.output: m for m in find_norms(model.graph)
-                   if m.kind in ("batchnorm", "affine") and not m.detail.get("transposed")
-                   and "repbn_alpha" not in m.detail}
+        affines = {
+            m.output: m
+            for m in find_norms(model.graph)
+            if m.kind in ("batchnorm", "affine")
+            and not m.detail.get("transposed")
+            and "repbn_alpha" not in m.detail
+        }
         for node in reversed(list(model.graph)):  # outer sums first: they cover the inner ones
             if not is_op(node, "Add", "Sum") or node in claimed:
                 continue
@@ -324,7 +427,9 @@ class MergeBranches(Pass):
                 if computed is not None:
                     plan.actions.append(computed)
         if not plan.actions and not plan.refusals:
-            plan.idle = "no sum of parallel Conv branches of one input, no kernel computed in the graph"
+            plan.idle = (
+                "no sum of parallel Conv branches of one input, no kernel computed in the graph"
+            )
         return plan
 
     def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
@@ -332,13 +437,25 @@ class MergeBranches(Pass):
         changes = []
         for action in plan.actions:
             if isinstance(action, Merge):
-                dtype = deep_constant(next(n for b in action.branches for n in b.nodes if n.op_type == "Conv").inputs[1]).dtype
+                dtype = deep_constant(
+                    next(n for b in action.branches for n in b.nodes if n.op_type == "Conv").inputs[
+                        1
+                    ]
+                ).dtype
                 changes.append(_apply_one(edit, action, dtype))
             else:
                 conv = action.conv
-                inputs = [(1, action.weight, "weight")] + ([(2, action.bias, "bias")] if action.bias is not None else [])
+                inputs = [(1, action.weight, "weight")] + (
+                    [(2, action.bias, "bias")] if action.bias is not None else []
+                )
                 for index, array, what in inputs:
                     conv.replace_input_with(index, edit.initializer(f"{conv.name}.{what}", array))
-                changes.append(Change("folded", "computed Conv kernel(s) into constants", (conv.name,),
-                                      (conv.inputs[1].name,)))
+                changes.append(
+                    Change(
+                        "folded",
+                        "computed Conv kernel(s) into constants",
+                        (conv.name,),
+                        (conv.inputs[1].name,),
+                    )
+                )
         return changes

@@ -1,7 +1,8 @@
 """The passes by name, the default pipeline, and the function that runs a pipeline.
 
 A pipeline is: annotate shapes (so the passes see ranks and normalized sizes; afresh in every
-round), the passes in order and `cleanup` whatever was asked (a pass after one that changed the model always runs);
+round), the passes in order and `cleanup` whatever was asked (a pass after one that changed the
+model always runs);
 then again every pass that refused a candidate while a later pass changed the model (one
 pass's edits can free a candidate of an earlier one: a fold that gives a tied head its own
 weight frees the embedding table for centring), until none changes anything; the annotations
@@ -30,12 +31,27 @@ from normopt.rewriter.shapes import annotated
 from normopt.timings import step
 
 PASSES: dict[str, type[Pass]] = {
-    p.name: p for p in (PreLNToRMSNorm, CanonicalizeNorms, FoldAffineNorms, MergeBranches, TensorRTNorms,
-                        FoldNormAffine, PreLNToCRMSNorm, ConvBNTune, Cleanup)
+    p.name: p
+    for p in (
+        PreLNToRMSNorm,
+        CanonicalizeNorms,
+        FoldAffineNorms,
+        MergeBranches,
+        TensorRTNorms,
+        FoldNormAffine,
+        PreLNToCRMSNorm,
+        ConvBNTune,
+        Cleanup,
+    )
 }
 # The default pipeline, in order.
-DEFAULT_PIPELINE: tuple[str, ...] = ("preln-to-rmsnorm", "canonicalize-norms", "fold-affine-norms", "merge-branches",
-                                     "tensorrt-norms")
+DEFAULT_PIPELINE: tuple[str, ...] = (
+    "preln-to-rmsnorm",
+    "canonicalize-norms",
+    "fold-affine-norms",
+    "merge-branches",
+    "tensorrt-norms",
+)
 # Run after every pipeline, whatever was asked.
 FINAL_PASSES: tuple[str, ...] = ("cleanup",)
 MAX_ROUNDS = 8
@@ -85,8 +101,13 @@ def run_pipeline(
                 ran.append((name, result.modified))
         # again: the passes that refused a candidate a later pass's edits may have freed
         # (cleanup each round: a dead reader still shares a weight)
-        pending = {n for i, (n, _) in enumerate(ran) if n in names and any(m for _, m in ran[i + 1:])
-                   and any(r.may_change for r in results[n].refusals)}
+        pending = {
+            n
+            for i, (n, _) in enumerate(ran)
+            if n in names
+            and any(m for _, m in ran[i + 1 :])
+            and any(r.may_change for r in results[n].refusals)
+        }
         if not pending:
             break
         pending.update(finals)

@@ -42,7 +42,9 @@ def _narrow(value: ir.Value, d: int, axis: int | None = None) -> None:
         value.shape = ir.Shape(dims)
 
 
-def _crms_norm(edit: Editor, match: NormMatch, d: int, opset: int, whole: np.ndarray | None = None) -> ir.Value:
+def _crms_norm(
+    edit: Editor, match: NormMatch, d: int, opset: int, whole: np.ndarray | None = None
+) -> ir.Value:
     """y' = x' / sqrt((sum x'^2 + (sum x')^2) / d + eps), inserted after the norm's last node;
     computed in float32 (an fp16 x' is cast there and back). `whole` (the norm's gamma): the
     output is the d-vector [y', -sum(y')] * gamma instead."""
@@ -56,8 +58,12 @@ def _crms_norm(edit: Editor, match: NormMatch, d: int, opset: int, whole: np.nda
         y = nodes[-1].outputs[0]
         nodes.append(edit.reduce("ReduceSum", y, [-1], opset, name=f"{name}.sum_out"))
         nodes.append(edit.node("Neg", [nodes[-1].outputs[0]], name=f"{name}.last"))
-        nodes.append(edit.node("Concat", [y, nodes[-1].outputs[0]], {"axis": -1}, name=f"{name}.whole"))
-    out = match.output.dtype or match.input.dtype  # an fp16 norm may output float32 (its Cast back left out)
+        nodes.append(
+            edit.node("Concat", [y, nodes[-1].outputs[0]], {"axis": -1}, name=f"{name}.whole")
+        )
+    out = (
+        match.output.dtype or match.input.dtype
+    )  # an fp16 norm may output float32 (its Cast back left out)
     if out != ir.DataType.FLOAT:
         nodes.append(edit.node("Cast", [nodes[-1].outputs[0]], {"to": out}, name=f"{name}.back"))
     if whole is not None and np.any(whole != 1):
@@ -72,8 +78,13 @@ def _crms_plugin(edit: Editor, match: NormMatch, d: int) -> ir.Value:
     is in the readers), inserted after the norm's last node."""
     name = f"{match.nodes[0].name or 'rmsnorm'}.crms"
     ones = edit.initializer(f"{name}.weight", np.ones(d - 1, match.input.dtype.numpy()))
-    node = edit.node(CRMS_NORM.op_type, [match.input, ones], CRMS_NORM.attributes(float(match.epsilon)),
-                     domain=DOMAIN, name=f"{name}.plugin")
+    node = edit.node(
+        CRMS_NORM.op_type,
+        [match.input, ones],
+        CRMS_NORM.attributes(float(match.epsilon)),
+        domain=DOMAIN,
+        name=f"{name}.plugin",
+    )
     edit.graph.insert_after(match.nodes[-1], node)
     return node.outputs[0]
 
@@ -90,8 +101,12 @@ def _restore_width(edit: Editor, shape: ir.Node, d: int, axis: int) -> None:
     uses = list(out.uses())
     one = np.zeros(end - start, np.int64)
     one[axis - start] = 1
-    fixed = edit.node("Add", [out, edit.initializer(f"{shape.name}.crms_width", one)], name=f"{shape.name}.crms_d",
-                      like=out)
+    fixed = edit.node(
+        "Add",
+        [out, edit.initializer(f"{shape.name}.crms_width", one)],
+        name=f"{shape.name}.crms_d",
+        like=out,
+    )
     edit.graph.insert_after(shape, fixed)
     for use in uses:
         use.node.replace_input_with(use.idx, fixed.outputs[0])
@@ -99,20 +114,38 @@ def _restore_width(edit: Editor, shape: ir.Node, d: int, axis: int) -> None:
         edit.take_over(out, fixed.outputs[0])
 
 
-def _expose(edit: Editor, x: ir.Value, d: int, opset: int, gamma: np.ndarray | None = None,
-            beta: np.ndarray | None = None) -> None:
+def _expose(
+    edit: Editor,
+    x: ir.Value,
+    d: int,
+    opset: int,
+    gamma: np.ndarray | None = None,
+    beta: np.ndarray | None = None,
+) -> None:
     """The graph output slot of the cut `x` (zero-mean) reads [x', -sum(x')] (* gamma + beta):
     the d-vector the original output held; x's readers keep reading x'."""
     name = x.name
     total = edit.reduce("ReduceSum", x, [-1], opset, name=f"{name}.crms_sum")
     neg = edit.node("Neg", [total.outputs[0]], name=f"{name}.crms_last", like=total.outputs[0])
-    whole = edit.node("Concat", [x, neg.outputs[0]], {"axis": -1}, name=f"{name}.crms_whole", like=x)
+    whole = edit.node(
+        "Concat", [x, neg.outputs[0]], {"axis": -1}, name=f"{name}.crms_whole", like=x
+    )
     nodes = [total, neg, whole]
     for op, vector in (("Mul", gamma), ("Add", beta)):
         if vector is not None and np.any(vector != (1 if op == "Mul" else 0)):
-            nodes.append(edit.node(op, [nodes[-1].outputs[0], edit.initializer(f"{name}.crms_{op.lower()}",
-                                                                               vector.astype(x.dtype.numpy()))],
-                                   name=f"{name}.crms_{op.lower()}", like=x))
+            nodes.append(
+                edit.node(
+                    op,
+                    [
+                        nodes[-1].outputs[0],
+                        edit.initializer(
+                            f"{name}.crms_{op.lower()}", vector.astype(x.dtype.numpy())
+                        ),
+                    ],
+                    name=f"{name}.crms_{op.lower()}",
+                    like=x,
+                )
+            )
     edit.graph.insert_after(x.producer(), nodes)
     out = nodes[-1].outputs[0]
     readers = [(u.node, u.idx) for u in x.uses()]
@@ -125,9 +158,13 @@ def _expose(edit: Editor, x: ir.Value, d: int, opset: int, gamma: np.ndarray | N
 def _slice_recentred(edit: Editor, value: ir.Value, d: int) -> None:
     """Its readers read the first d-1 entries of the recentred `value` = x - mean(x)."""
     uses = list(value.uses())
-    starts, ends, axes = (edit.initializer(f"{value.name}.crms_{k}", np.array([v], np.int64))
-                          for k, v in (("start", 0), ("end", d - 1), ("axis", -1)))
-    cut = edit.node("Slice", [value, starts, ends, axes], name=f"{value.name}.crms_slice", like=value)
+    starts, ends, axes = (
+        edit.initializer(f"{value.name}.crms_{k}", np.array([v], np.int64))
+        for k, v in (("start", 0), ("end", d - 1), ("axis", -1))
+    )
+    cut = edit.node(
+        "Slice", [value, starts, ends, axes], name=f"{value.name}.crms_slice", like=value
+    )
     edit.graph.insert_after(value.producer(), cut)
     for use in uses:
         use.node.replace_input_with(use.idx, cut.outputs[0])
@@ -140,24 +177,36 @@ def _expand_to_one(edit: Editor, node: ir.Node, k: int) -> None:
     n = s.shape[0]
     mask, one = np.ones(n, np.int64), np.zeros(n, np.int64)
     mask[k], one[k] = 0, 1
-    kept = edit.node("Mul", [s, edit.initializer(f"{node.name}.crms_mask", mask)], name=f"{node.name}.crms_mask",
-                     like=s)
-    fixed = edit.node("Add", [kept.outputs[0], edit.initializer(f"{node.name}.crms_one", one)],
-                      name=f"{node.name}.crms_shape", like=s)
+    kept = edit.node(
+        "Mul",
+        [s, edit.initializer(f"{node.name}.crms_mask", mask)],
+        name=f"{node.name}.crms_mask",
+        like=s,
+    )
+    fixed = edit.node(
+        "Add",
+        [kept.outputs[0], edit.initializer(f"{node.name}.crms_one", one)],
+        name=f"{node.name}.crms_shape",
+        like=s,
+    )
     edit.graph.insert_before(node, [kept, fixed])
     node.replace_input_with(1, fixed.outputs[0])
 
 
 class PreLNToCRMSNorm(Pass):
     name = "preln-to-crmsnorm"
-    summary = "carry a zero-mean Pre-RMSNorm stream in d-1 coordinates; its RMSNorms become CRMSNorms"
+    summary = (
+        "carry a zero-mean Pre-RMSNorm stream in d-1 coordinates; its RMSNorms become CRMSNorms"
+    )
 
     def plan(self, model: ir.Model) -> Plan:
         norms = find_norms(model.graph)
         if not any(m.kind == "rmsnorm" for m in norms):
             return Plan(idle="no RMSNorm (run preln-to-rmsnorm first)")
         plan = Plan()
-        outcome = plan_stream(analyze(model.graph, norms), norms, self.options.allow_hidden_state_change)
+        outcome = plan_stream(
+            analyze(model.graph, norms), norms, self.options.allow_hidden_state_change
+        )
         plan.decide("residual stream", outcome)
         if isinstance(outcome, CRMSPlan):
             plan.stats["width"] = outcome.d
@@ -176,35 +225,76 @@ class PreLNToCRMSNorm(Pass):
 
 def _apply(edit: Editor, crms: CRMSPlan, opset: int, plugin: bool) -> list[Change]:
     d = crms.d
-    changes = [Change("cut", "writer constant(s) to d-1 hidden entries", (cut.node.name,),
-                      (cut.node.inputs[cut.index].name,)) for cut in crms.cuts]
+    changes = [
+        Change(
+            "cut",
+            "writer constant(s) to d-1 hidden entries",
+            (cut.node.name,),
+            (cut.node.inputs[cut.index].name,),
+        )
+        for cut in crms.cuts
+    ]
     for cut in crms.cuts:
         name = cut.node.inputs[cut.index].name or cut.node.name
         edit.set_constant_input(cut.node, cut.index, np.ascontiguousarray(cut.new), f"{name}.crms")
     for match in crms.norms:
         affine = crms.affines[id(match)]
         if crms.whole:
-            changes.append(Change("converted", "RMSNorm(s) to CRMSNorm (width d-1, output whole: [y', -sum(y')])",
-                                  tuple(n.name for n in match.nodes), (match.output.name,)))
+            changes.append(
+                Change(
+                    "converted",
+                    "RMSNorm(s) to CRMSNorm (width d-1, output whole: [y', -sum(y')])",
+                    tuple(n.name for n in match.nodes),
+                    (match.output.name,),
+                )
+            )
             y = _crms_norm(edit, match, d, opset, whole=affine.gamma)
             y.type, y.shape = match.output.type, match.output.shape
             edit.take_over(match.output, y)
             edit.graph.remove(list(reversed(match.nodes)), safe=True)
             continue
-        if plugin and match.output.dtype in (None, ir.DataType.FLOAT):  # the plugin outputs its input's type
-            changes.append(Change("converted", f"RMSNorm(s) to {CRMS_NORM.op_type} (width d-1, TensorRT plugin)",
-                                  tuple(n.name for n in match.nodes), (match.output.name,)))
+        if plugin and match.output.dtype in (
+            None,
+            ir.DataType.FLOAT,
+        ):  # the plugin outputs its input's type
+            changes.append(
+                Change(
+                    "converted",
+                    f"RMSNorm(s) to {CRMS_NORM.op_type} (width d-1, TensorRT plugin)",
+                    tuple(n.name for n in match.nodes),
+                    (match.output.name,),
+                )
+            )
             y = _crms_plugin(edit, match, d)
         else:
-            changes.append(Change("converted", "RMSNorm(s) to CRMSNorm (width d-1)", tuple(n.name for n in match.nodes),
-                                  (match.output.name,)))
+            changes.append(
+                Change(
+                    "converted",
+                    "RMSNorm(s) to CRMSNorm (width d-1)",
+                    tuple(n.name for n in match.nodes),
+                    (match.output.name,),
+                )
+            )
             y = _crms_norm(edit, match, d, opset)
         for reader in crms.readers[id(match)]:  # after the cuts: a branch's last MatMul is both
             if affine.beta is not None:  # beta into the bias first: b + beta W
-                fold_weights(edit, Fold(np.ones(d), affine.beta, "following", reader.node, bias_add_after(reader.node)))
+                fold_weights(
+                    edit,
+                    Fold(
+                        np.ones(d),
+                        affine.beta,
+                        "following",
+                        reader.node,
+                        bias_add_after(reader.node),
+                    ),
+                )
             current = folded_value(reader.node.inputs[1])  # a tied head's Transpose(table) too
-            w = reader.weight(current, affine.gamma).astype(current.dtype)  # gamma with the cut: rounded once
-            edit.set_constant_input(reader.node, 1, np.ascontiguousarray(w), f"{reader.node.name}.crms_weight")
+            w = reader.weight(current, affine.gamma).astype(
+                current.dtype
+            )  # gamma with the cut: rounded once
+            edit.set_constant_input(
+                reader.node, 1, np.ascontiguousarray(w), f"{reader.node.name}.crms_weight"
+            )
         last = affine.add.outputs[0] if affine.add is not None else match.output
         y.type, y.shape = last.type, last.shape
         edit.take_over(last, y)
@@ -212,22 +302,36 @@ def _apply(edit: Editor, crms: CRMSPlan, opset: int, plugin: bool) -> list[Chang
         for value in crms.exposed_norms[id(match)]:  # the original output, gamma and beta included
             value = y if value is last else value
             _expose(edit, value, d, opset, affine.gamma, affine.beta)
-            changes.append(Change("restored", "graph output(s) to width d: x' and -sum(x')", (), (value.name,)))
-        edit.graph.remove([*([affine.add] if affine.add is not None else []), *reversed(match.nodes)], safe=True)
+            changes.append(
+                Change("restored", "graph output(s) to width d: x' and -sum(x')", (), (value.name,))
+            )
+        edit.graph.remove(
+            [*([affine.add] if affine.add is not None else []), *reversed(match.nodes)], safe=True
+        )
     for value, axis in [*((v, None) for v in crms.stream), *crms.carried]:
         if value not in crms.slices:
             _narrow(value, d, axis)
     for value in crms.exposed:
-        if value.is_graph_output():  # a stream value (a norm's output was taken over by its CRMSNorm's)
+        if (
+            value.is_graph_output()
+        ):  # a stream value (a norm's output was taken over by its CRMSNorm's)
             _expose(edit, value, d, opset)
-            changes.append(Change("restored", "graph output(s) to width d: x' and -sum(x')", (), (value.name,)))
+            changes.append(
+                Change("restored", "graph output(s) to width d: x' and -sum(x')", (), (value.name,))
+            )
     for shape, axis in dict.fromkeys(crms.shape_reads):  # what reads a cut value's shape sees d
         if shape not in crms.own_shapes:
             _restore_width(edit, shape, d, axis)
     for node, k in crms.expands:
         _expand_to_one(edit, node, k)
     for value in crms.slices:  # after an explicit recentring: its first d-1 entries
-        changes.append(Change("cut", "recentred value(s) sliced to d-1 hidden entries", (value.producer().name,),
-                              (value.name,)))
+        changes.append(
+            Change(
+                "cut",
+                "recentred value(s) sliced to d-1 hidden entries",
+                (value.producer().name,),
+                (value.name,),
+            )
+        )
         _slice_recentred(edit, value, d)
     return changes

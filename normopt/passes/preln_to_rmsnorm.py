@@ -38,7 +38,13 @@ import onnx_ir as ir
 from normopt.passes.base import Change, Pass, Plan, Refusal
 from normopt.rewriter import numerics
 from normopt.rewriter.edit import Editor
-from normopt.rewriter.graph import NCHW_TO_NHWC, NHWC_TO_NCHW, default_opset, folded_value, permuted_around
+from normopt.rewriter.graph import (
+    NCHW_TO_NHWC,
+    NHWC_TO_NCHW,
+    default_opset,
+    folded_value,
+    permuted_around,
+)
 from normopt.rewriter.linear_fold import Fold, fold_weights
 from normopt.rewriter.norms import NormMatch, find_norms
 from normopt.rewriter.stream_plan import Conversion, Planner, StreamRewrite
@@ -58,8 +64,9 @@ def _recentre(edit: Editor, value: ir.Value, opset: int) -> None:
         use.node.replace_input_with(use.idx, sub.outputs[0])
 
 
-def _rms_nodes(edit: Editor, x: ir.Value, gamma: ir.Value, eps: float, stash_type: int, opset: int,
-               name: str) -> list[ir.Node]:
+def _rms_nodes(
+    edit: Editor, x: ir.Value, gamma: ir.Value, eps: float, stash_type: int, opset: int, name: str
+) -> list[ir.Node]:
     """x / Sqrt(ReduceMean(x^2, -1) + eps) * gamma, in float32 for a 16-bit x when stash_type=1
     (the form onnxruntime fuses into its RMSNorm)."""
     dtype = x.dtype
@@ -71,7 +78,9 @@ def _rms_nodes(edit: Editor, x: ir.Value, gamma: ir.Value, eps: float, stash_typ
         x = nodes[-1].outputs[0]
     nodes += edit.rms_core(x, eps, compute, opset, name=name)
     if wide:
-        nodes.append(edit.node("Cast", [nodes[-1].outputs[0]], {"to": dtype}, name=f"{name}.to_input_dtype"))
+        nodes.append(
+            edit.node("Cast", [nodes[-1].outputs[0]], {"to": dtype}, name=f"{name}.to_input_dtype")
+        )
     nodes.append(edit.node("Mul", [nodes[-1].outputs[0], gamma], name=f"{name}.scale"))
     return nodes
 
@@ -95,12 +104,22 @@ def _convert(edit: Editor, conversion: Conversion, opset: int) -> None:
     beta = ln.inputs[2] if len(ln.inputs) > 2 else None
     stash, name = ln.attributes.get_int("stash_type", 1), ln.name or "layernorm"
     if opset >= 23:
-        nodes = [edit.node("RMSNormalization", [x, gamma], {"axis": -1, "epsilon": float(match.epsilon),
-                           "stash_type": stash}, name=f"{name}.rms")]
+        nodes = [
+            edit.node(
+                "RMSNormalization",
+                [x, gamma],
+                {"axis": -1, "epsilon": float(match.epsilon), "stash_type": stash},
+                name=f"{name}.rms",
+            )
+        ]
     else:
         nodes = _rms_nodes(edit, x, gamma, float(match.epsilon), stash, opset, name)
     beta_array = folded_value(beta)
-    if beta is not None and not conversion.beta_readers and (beta_array is None or np.any(beta_array != 0)):
+    if (
+        beta is not None
+        and not conversion.beta_readers
+        and (beta_array is None or np.any(beta_array != 0))
+    ):
         nodes.append(edit.node("Add", [nodes[-1].outputs[0], beta], name=f"{name}.bias"))
     out = ln.outputs[0]
     y = nodes[-1].outputs[0]
@@ -135,14 +154,22 @@ def _no_gain(match: NormMatch, opset: int, target: str, shared: set[ir.Value]) -
     if match.form != "op" or opset >= 23 or target == "ort":
         return None
     if match.input in shared:
-        return (f"stays a LayerNormalization: another norm reads its input, and two decomposed RMSNorms of one "
-                f"input (opset {opset} has no RMSNormalization) are not fused by onnxruntime (measured slower; "
-                "--target ort or opset >= 23 converts it)")
+        return (
+            "stays a LayerNormalization: another norm reads its input, and two decomposed "
+            "RMSNorms of one "
+            f"input (opset {opset} has no RMSNormalization) are not fused by onnxruntime (measured "
+            "slower; "
+            "--target ort or opset >= 23 converts it)"
+        )
     if permuted_around(match.input, match.nodes[0].outputs[0]) != (NCHW_TO_NHWC, NHWC_TO_NCHW):
         return None
-    return (f"stays a LayerNormalization: on NCHW permuted to NHWC and back its RMSNorm would be decomposed "
-            f"(opset {opset} has no RMSNormalization), which onnxruntime does not fuse there (measured slower; "
-            "--target ort or opset >= 23 converts it)")
+    return (
+        "stays a LayerNormalization: on NCHW permuted to NHWC and back its RMSNorm would be "
+        "decomposed "
+        f"(opset {opset} has no RMSNormalization), which onnxruntime does not fuse there (measured "
+        "slower; "
+        "--target ort or opset >= 23 converts it)"
+    )
 
 
 class PreLNToRMSNorm(Pass):
@@ -154,12 +181,18 @@ class PreLNToRMSNorm(Pass):
         layernorms = [m for m in norms if m.kind == "layernorm"]
         if not layernorms:
             rms = any(m.kind == "rmsnorm" for m in norms)
-            return Plan(idle="no LayerNorm" + (": its norms are RMSNorms already, nothing to recentre" if rms else ""))
+            return Plan(
+                idle="no LayerNorm"
+                + (": its norms are RMSNorms already, nothing to recentre" if rms else "")
+            )
         opset = default_opset(model)
         readers = collections.Counter(m.input for m in layernorms if m.form == "op")
         shared = {v for v, n in readers.items() if n > 1}
-        planner = Planner(norms, self.options.allow_hidden_state_change,
-                          lambda m: _no_gain(m, opset, self.options.target, shared))
+        planner = Planner(
+            norms,
+            self.options.allow_hidden_state_change,
+            lambda m: _no_gain(m, opset, self.options.target, shared),
+        )
         rewrite, plan = StreamRewrite(), Plan()
         decided: set[int] = set()
         for comp in planner.components([m.input for m in layernorms]):
@@ -175,30 +208,56 @@ class PreLNToRMSNorm(Pass):
                     rewrite.merge(result)
                     plan.changed_outputs += region.changed_outputs()
                 else:
-                    plan.refusals += [Refusal(f"layernorm at {m.where()}", result) for m in region.norms]
+                    plan.refusals += [
+                        Refusal(f"layernorm at {m.where()}", result) for m in region.norms
+                    ]
         for m in layernorms:  # the ones that cannot be converted whatever their input
             if id(m) not in decided:
                 plan.refusals.append(Refusal(f"layernorm at {m.where()}", planner.norm_problem(m)))
         plan.refusals += [Refusal(f"layernorm at {m.where()}", why) for m, why in rewrite.kept]
         if rewrite.conversions:
             plan.actions.append(rewrite)
-        plan.stats = {"layernorms": len(layernorms), "converted": len(rewrite.conversions),
-                      "recentrings": len(rewrite.recentred), "centred_constants": len(rewrite.centred)}
+        plan.stats = {
+            "layernorms": len(layernorms),
+            "converted": len(rewrite.conversions),
+            "recentrings": len(rewrite.recentred),
+            "centred_constants": len(rewrite.centred),
+        }
         return plan
 
     def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
         edit = Editor(model.graph)
         opset = default_opset(model)
         rewrite: StreamRewrite = plan.actions[0]
-        changes = [Change("converted", "LayerNorm(s) reading the stream to RMSNorm",
-                          tuple(n.name for n in c.match.nodes), (c.match.output.name,)) for c in rewrite.conversions]
-        changes += [Change("folded", "LayerNorm beta(s) into the biases of the linear ops reading them",
-                           tuple(r.name for r, _ in c.beta_readers), (c.match.bias.name,))
-                    for c in rewrite.conversions if c.beta_readers]
+        changes = [
+            Change(
+                "converted",
+                "LayerNorm(s) reading the stream to RMSNorm",
+                tuple(n.name for n in c.match.nodes),
+                (c.match.output.name,),
+            )
+            for c in rewrite.conversions
+        ]
+        changes += [
+            Change(
+                "folded",
+                "LayerNorm beta(s) into the biases of the linear ops reading them",
+                tuple(r.name for r, _ in c.beta_readers),
+                (c.match.bias.name,),
+            )
+            for c in rewrite.conversions
+            if c.beta_readers
+        ]
         for (node, index), axis in rewrite.centred.items():
             original = folded_value(node.inputs[index])
-            changes.append(Change("centred", "writer weight(s) along the hidden axis", (node.name,),
-                                  (node.inputs[index].name,)))
+            changes.append(
+                Change(
+                    "centred",
+                    "writer weight(s) along the hidden axis",
+                    (node.name,),
+                    (node.inputs[index].name,),
+                )
+            )
             if axis is None:  # a shift along the whole hidden axis: the recentring removes it
                 centred = np.zeros_like(original)
             else:
@@ -208,13 +267,23 @@ class PreLNToRMSNorm(Pass):
                 centred = numerics.center(values, axis, original.dtype)
             edit.set_constant_input(node, index, centred, f"{node.name}.centred")
         for mul in rewrite.layerscales:  # folded into the writer: y = z * g is z now
-            changes.append(Change("folded", "LayerScale Mul(s) into their writers", (mul.name,),
-                                  tuple(v.name for v in mul.inputs if folded_value(v) is not None)))
+            changes.append(
+                Change(
+                    "folded",
+                    "LayerScale Mul(s) into their writers",
+                    (mul.name,),
+                    tuple(v.name for v in mul.inputs if folded_value(v) is not None),
+                )
+            )
             data = next(v for v in mul.inputs if folded_value(v) is None)
             mul.outputs[0].replace_all_uses_with(data)
             edit.graph.remove(mul, safe=True)
         for value, why in rewrite.recentred:
-            changes.append(Change("recentred", "stream value(s) with x - ReduceMean(x)", (), (value.name,), why))
+            changes.append(
+                Change(
+                    "recentred", "stream value(s) with x - ReduceMean(x)", (), (value.name,), why
+                )
+            )
             _recentre(edit, value, opset)
         for conversion in rewrite.conversions:
             _convert(edit, conversion, opset)

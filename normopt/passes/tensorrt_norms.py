@@ -6,7 +6,8 @@ and decomposed RMSNorms normopt's plugin where TensorRT has no RMSNormalization)
   RMSNormalization (TensorRT < 10.15 cannot import it), onnxruntime's
   SimplifiedLayerNormalization (no TensorRT imports it)  ->  NormoptRMSNorm(x, scale)
   s = a + b read by a NormoptRMSNorm (a residual Add and the next block's norm)
-                                                         ->  NormoptAddRMSNorm(a, b, scale) -> (s, y)
+                                                         ->  NormoptAddRMSNorm(a, b, scale) -> (s,
+                                                         y)
   LayerNormalization on float16/bfloat16                 ->  Cast(float32) -> LayerNormalization
                                                              -> Cast back
 Why the Casts: TensorRT 10's strongly typed networks and every TensorRT 11 network compute a
@@ -43,8 +44,11 @@ class Action:
     add: ir.Node | None = None  # fuse: the residual Add
 
     def describe(self) -> str:
-        what = {"plugin": "-> NormoptRMSNorm", "fuse": f"and Add {self.add.name if self.add else ''} -> NormoptAddRMSNorm",
-                "fp32": "computed in float32"}[self.kind]
+        what = {
+            "plugin": "-> NormoptRMSNorm",
+            "fuse": f"and Add {self.add.name if self.add else ''} -> NormoptAddRMSNorm",
+            "fp32": "computed in float32",
+        }[self.kind]
         return f"{self.node.op_type} {self.node.name} {what}"
 
 
@@ -73,7 +77,10 @@ def _fusable(node: ir.Node) -> ir.Node | None:
 
 class TensorRTNorms(Pass):
     name = "tensorrt-norms"
-    summary = "--target tensorrt: RMSNorms TensorRT cannot import as normopt's plugins, residual Add + RMSNorm fused, fp16 norms in fp32"
+    summary = (
+        "--target tensorrt: RMSNorms TensorRT cannot import as normopt's plugins, residual Add + "
+        "RMSNorm fused, fp16 norms in fp32"
+    )
 
     def plan(self, model: ir.Model) -> Plan:
         if self.options.target != "tensorrt":
@@ -81,12 +88,21 @@ class TensorRTNorms(Pass):
         native_rms = target_version(self.options.trt_version) >= NATIVE_RMSNORM
         plan, fused = Plan(), set()
         for node in model.graph:
-            if is_op(node, "SimplifiedLayerNormalization") or (is_op(node, "RMSNormalization") and not native_rms):
-                plan.decide(f"{node.op_type} {node.name}", _last_axis_only(node) or Action("plugin", node))
+            if is_op(node, "SimplifiedLayerNormalization") or (
+                is_op(node, "RMSNormalization") and not native_rms
+            ):
+                plan.decide(
+                    f"{node.op_type} {node.name}", _last_axis_only(node) or Action("plugin", node)
+                )
             elif is_op(node, "LayerNormalization") and node.inputs[0].dtype in LOW_PRECISION:
                 extra = any(o.uses() or o.is_graph_output() for o in node.outputs[1:])
-                plan.decide(f"{node.op_type} {node.name}", f"LayerNormalization {node.name}: its Mean/InvStdDev outputs "
-                            "are read (they would become float32)" if extra else Action("fp32", node))
+                plan.decide(
+                    f"{node.op_type} {node.name}",
+                    f"LayerNormalization {node.name}: its Mean/InvStdDev outputs "
+                    "are read (they would become float32)"
+                    if extra
+                    else Action("fp32", node),
+                )
         planned = {a.node for a in plan.actions if a.kind == "plugin"}
         for node in model.graph:  # plugins now and those this plan makes
             if (node.domain == DOMAIN and node.op_type == RMS_NORM.op_type) or node in planned:
@@ -106,16 +122,34 @@ class TensorRTNorms(Pass):
         for action in plan.actions:
             if action.kind == "plugin":
                 plugins[action.node] = _to_plugin(edit, action.node)
-                changes.append(Change("converted", f"{action.node.op_type}(s) to NormoptRMSNorm",
-                                      (action.node.name,), (plugins[action.node].outputs[0].name,)))
+                changes.append(
+                    Change(
+                        "converted",
+                        f"{action.node.op_type}(s) to NormoptRMSNorm",
+                        (action.node.name,),
+                        (plugins[action.node].outputs[0].name,),
+                    )
+                )
             elif action.kind == "fp32":
                 _in_fp32(edit, action.node)
-                changes.append(Change("cast", "fp16/bf16 LayerNorm(s) computed in float32", (action.node.name,),
-                                      (action.node.outputs[0].name,)))
+                changes.append(
+                    Change(
+                        "cast",
+                        "fp16/bf16 LayerNorm(s) computed in float32",
+                        (action.node.name,),
+                        (action.node.outputs[0].name,),
+                    )
+                )
             else:
                 norm = plugins.get(action.node, action.node)
-                changes.append(Change("fused", "residual Add(s) + RMSNorm into NormoptAddRMSNorm",
-                                      (action.add.name, norm.name), (action.add.outputs[0].name,)))
+                changes.append(
+                    Change(
+                        "fused",
+                        "residual Add(s) + RMSNorm into NormoptAddRMSNorm",
+                        (action.add.name, norm.name),
+                        (action.add.outputs[0].name,),
+                    )
+                )
                 _fuse(edit, norm, action.add)
         return changes
 
@@ -130,8 +164,14 @@ def _scale(edit: Editor, node: ir.Node) -> ir.Value:
 
 def _to_plugin(edit: Editor, node: ir.Node) -> ir.Node:
     eps = node.attributes.get_float("epsilon", 1e-5)
-    plugin = edit.node(RMS_NORM.op_type, [node.inputs[0], _scale(edit, node)], RMS_NORM.attributes(eps),
-                       domain=DOMAIN, name=f"{node.name}.plugin", like=node.outputs[0])
+    plugin = edit.node(
+        RMS_NORM.op_type,
+        [node.inputs[0], _scale(edit, node)],
+        RMS_NORM.attributes(eps),
+        domain=DOMAIN,
+        name=f"{node.name}.plugin",
+        like=node.outputs[0],
+    )
     edit.graph.insert_after(node, plugin)
     edit.take_over(node.outputs[0], plugin.outputs[0])
     edit.graph.remove(node, safe=True)
@@ -140,8 +180,14 @@ def _to_plugin(edit: Editor, node: ir.Node) -> ir.Node:
 
 def _fuse(edit: Editor, norm: ir.Node, add: ir.Node) -> None:
     eps = norm.attributes.get_float("epsilon")
-    fused = ir.node(ADD_RMS_NORM.op_type, [add.inputs[0], add.inputs[1], norm.inputs[1]], ADD_RMS_NORM.attributes(eps),
-                    domain=DOMAIN, name=edit.node_name(f"{norm.name}.add"), num_outputs=2)
+    fused = ir.node(
+        ADD_RMS_NORM.op_type,
+        [add.inputs[0], add.inputs[1], norm.inputs[1]],
+        ADD_RMS_NORM.attributes(eps),
+        domain=DOMAIN,
+        name=edit.node_name(f"{norm.name}.add"),
+        num_outputs=2,
+    )
     total, y = fused.outputs
     total.name, y.name = edit.value_name(f"{add.name}.sum"), edit.value_name(f"{norm.name}.y")
     edit.graph.insert_after(norm, fused)

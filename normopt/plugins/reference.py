@@ -22,7 +22,9 @@ from normopt.rewriter.graph import default_opset
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x / sqrt(mean(x^2) + eps) * weight over the last axis, float64, in x's dtype."""
     x64 = x.astype(np.float64)
-    return (x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + eps) * weight.astype(np.float64)).astype(x.dtype)
+    return (
+        x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + eps) * weight.astype(np.float64)
+    ).astype(x.dtype)
 
 
 def crms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -33,7 +35,9 @@ def crms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return (x64 / np.sqrt(ms + eps) * weight.astype(np.float64)).astype(x.dtype)
 
 
-def add_rms_norm(x: np.ndarray, residual: np.ndarray, weight: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+def add_rms_norm(
+    x: np.ndarray, residual: np.ndarray, weight: np.ndarray, eps: float
+) -> tuple[np.ndarray, np.ndarray]:
     """(x + residual rounded to x's dtype, rms_norm of that sum)."""
     s = (x.astype(np.float64) + residual.astype(np.float64)).astype(x.dtype)
     return s, rms_norm(s, weight, eps)
@@ -80,8 +84,11 @@ def _lower_one(edit: Editor, node: ir.Node, opset: int) -> None:
     xd = add("Cast", [x], {"to": ir.DataType.DOUBLE})
     width = None
     if spec is CRMS_NORM:  # the implicit d-th entry is -sum(x): d = n + 1
-        n = add("Cast", [add("Gather", [add("Shape", [x]), const(np.array([-1], np.int64), "ref.last")])],
-                {"to": ir.DataType.DOUBLE})
+        n = add(
+            "Cast",
+            [add("Gather", [add("Shape", [x]), const(np.array([-1], np.int64), "ref.last")])],
+            {"to": ir.DataType.DOUBLE},
+        )
         width = add("Add", [n, const(np.float64(1), "ref.one")])
     new += edit.rms_core(xd, eps, np.float64, opset, name=f"{name}.ref", width=width)
     normalized = new[-1].outputs[0]

@@ -6,7 +6,8 @@ Per plugin: `register` (outputs shaped like x), `autotune` (fp32 / fp16 / bf16, 
 same type; one tactic per launch configuration `kernels.norms.candidates(d)`), `aot_impl`
 (kernel name, PTX, launch parameters: one program per row, `num_warps * 32` threads; the int32
 scalars after the input pointers: the width and each tensor's row pitch), and `impl` (just in
-time: the torch launcher on TensorRT's buffers, for `normopt build --plugins jit`). QDP calls aot_impl
+time: the torch launcher on TensorRT's buffers, for `normopt build --plugins jit`). QDP calls
+aot_impl
 with every field in registration order (docs/tensorrt_plugins.md), so each declares them all.
 `launch_plan` is the part that does not need TensorRT (tested on CPU); `register` imports
 `tensorrt.plugin` lazily and is idempotent.
@@ -19,7 +20,11 @@ from typing import List, Tuple, Union
 
 from normopt.plugins.spec import ADD_RMS_NORM, DOMAIN, PLUGINS, PluginSpec
 
-DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16"}  # trt.DataType name -> kernel dtype
+DTYPES = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "BF16": "bfloat16",
+}  # trt.DataType name -> kernel dtype
 _registered = False
 
 
@@ -39,7 +44,9 @@ def tactics(n_cols: int) -> list[int]:
     return list(range(1, len(candidates(n_cols)) + 1))
 
 
-def launch_plan(spec: PluginSpec, dtype: str, n_cols: int, epsilon: float, tactic: int, arch: int = 90) -> LaunchPlan:
+def launch_plan(
+    spec: PluginSpec, dtype: str, n_cols: int, epsilon: float, tactic: int, arch: int = 90
+) -> LaunchPlan:
     """What aot_impl returns for `spec` on rows of `n_cols` `dtype` values (dense rows: every
     pitch is the width)."""
     from normopt.plugins.kernels.aot import compile_ptx
@@ -48,8 +55,13 @@ def launch_plan(spec: PluginSpec, dtype: str, n_cols: int, epsilon: float, tacti
     config = candidates(n_cols)[tactic - 1]
     compiled = compile_ptx(spec.kernel, dtype, n_cols, eps=epsilon, config=config, arch=arch)
     pitches = 4 if spec is ADD_RMS_NORM else 2  # x, (residual, sum,) y
-    return LaunchPlan(compiled.name, compiled.ptx, compiled.num_warps * 32, compiled.shared_bytes,
-                      (n_cols,) * (1 + pitches))
+    return LaunchPlan(
+        compiled.name,
+        compiled.ptx,
+        compiled.num_warps * 32,
+        compiled.shared_bytes,
+        (n_cols,) * (1 + pitches),
+    )
 
 
 def register() -> None:
@@ -95,25 +107,45 @@ def _register_one(trtp, spec: PluginSpec) -> None:
     types = ", ".join(["FP32|FP16|BF16"] * (len(spec.inputs) + len(spec.outputs)))
     Result = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]
     if spec is ADD_RMS_NORM:
+
         @trtp.register(name)
-        def shape(x: trtp.TensorDesc, residual: trtp.TensorDesc, weight: trtp.TensorDesc,
-                  epsilon: float) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
+        def shape(
+            x: trtp.TensorDesc, residual: trtp.TensorDesc, weight: trtp.TensorDesc, epsilon: float
+        ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
             return x.like(), x.like()
 
         @trtp.autotune(name)
-        def tune(x: trtp.TensorDesc, residual: trtp.TensorDesc, weight: trtp.TensorDesc, epsilon: float,
-                 outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
+        def tune(
+            x: trtp.TensorDesc,
+            residual: trtp.TensorDesc,
+            weight: trtp.TensorDesc,
+            epsilon: float,
+            outputs: Tuple[trtp.TensorDesc],
+        ) -> List[trtp.AutoTuneCombination]:
             return [trtp.AutoTuneCombination(types, "LINEAR", tactics(int(x.shape[-1])))]
 
         @trtp.aot_impl(name)
-        def aot(x: trtp.TensorDesc, residual: trtp.TensorDesc, weight: trtp.TensorDesc, epsilon: float,
-                outputs: Tuple[trtp.TensorDesc], tactic: int) -> Result:
+        def aot(
+            x: trtp.TensorDesc,
+            residual: trtp.TensorDesc,
+            weight: trtp.TensorDesc,
+            epsilon: float,
+            outputs: Tuple[trtp.TensorDesc],
+            tactic: int,
+        ) -> Result:
             return _aot_result(trtp, spec, x, epsilon, tactic)
 
         @trtp.impl(name)
-        def jit(x: trtp.Tensor, residual: trtp.Tensor, weight: trtp.Tensor, epsilon: float,
-                outputs: Tuple[trtp.Tensor], stream: int) -> None:
+        def jit(
+            x: trtp.Tensor,
+            residual: trtp.Tensor,
+            weight: trtp.Tensor,
+            epsilon: float,
+            outputs: Tuple[trtp.Tensor],
+            stream: int,
+        ) -> None:
             _run_jit(spec, (x, residual, weight), outputs, epsilon, stream)
+
         return
 
     @trtp.register(name)
@@ -121,15 +153,27 @@ def _register_one(trtp, spec: PluginSpec) -> None:
         return x.like()
 
     @trtp.autotune(name)
-    def tune(x: trtp.TensorDesc, weight: trtp.TensorDesc, epsilon: float,
-             outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
+    def tune(
+        x: trtp.TensorDesc, weight: trtp.TensorDesc, epsilon: float, outputs: Tuple[trtp.TensorDesc]
+    ) -> List[trtp.AutoTuneCombination]:
         return [trtp.AutoTuneCombination(types, "LINEAR", tactics(int(x.shape[-1])))]
 
     @trtp.aot_impl(name)
-    def aot(x: trtp.TensorDesc, weight: trtp.TensorDesc, epsilon: float, outputs: Tuple[trtp.TensorDesc],
-            tactic: int) -> Result:
+    def aot(
+        x: trtp.TensorDesc,
+        weight: trtp.TensorDesc,
+        epsilon: float,
+        outputs: Tuple[trtp.TensorDesc],
+        tactic: int,
+    ) -> Result:
         return _aot_result(trtp, spec, x, epsilon, tactic)
 
     @trtp.impl(name)
-    def jit(x: trtp.Tensor, weight: trtp.Tensor, epsilon: float, outputs: Tuple[trtp.Tensor], stream: int) -> None:
+    def jit(
+        x: trtp.Tensor,
+        weight: trtp.Tensor,
+        epsilon: float,
+        outputs: Tuple[trtp.Tensor],
+        stream: int,
+    ) -> None:
         _run_jit(spec, (x, weight), outputs, epsilon, stream)

@@ -31,16 +31,25 @@ class PluginSpec:
     kernel: str  # the Triton kernel in normopt.plugins.kernels.norms
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    fields: tuple[tuple[str, type], ...] = (("epsilon", float),)  # the plugin's attributes, in order
+    fields: tuple[tuple[str, type], ...] = (
+        ("epsilon", float),
+    )  # the plugin's attributes, in order
 
     def attributes(self, epsilon: float, aot: bool = True) -> dict:
         """Every attribute a node of this plugin carries (fields first, in registration order)."""
-        return {"epsilon": float(epsilon), "plugin_namespace": DOMAIN, "plugin_version": VERSION, "aot": int(aot)}
+        return {
+            "epsilon": float(epsilon),
+            "plugin_namespace": DOMAIN,
+            "plugin_version": VERSION,
+            "aot": int(aot),
+        }
 
 
 RMS_NORM = PluginSpec("NormoptRMSNorm", "rms_norm_kernel", ("x", "weight"), ("y",))
 CRMS_NORM = PluginSpec("NormoptCRMSNorm", "crms_norm_kernel", ("x", "weight"), ("y",))
-ADD_RMS_NORM = PluginSpec("NormoptAddRMSNorm", "add_rms_norm_kernel", ("x", "residual", "weight"), ("sum", "y"))
+ADD_RMS_NORM = PluginSpec(
+    "NormoptAddRMSNorm", "add_rms_norm_kernel", ("x", "residual", "weight"), ("sum", "y")
+)
 PLUGINS = {spec.op_type: spec for spec in (RMS_NORM, CRMS_NORM, ADD_RMS_NORM)}
 
 # TensorRT versions: ahead-of-time Python plugins since 10.9; the ONNX parser imports
@@ -56,7 +65,9 @@ def parse_version(text: str) -> tuple[int, int]:
     except ValueError:
         raise ValueError(f"'{text}' is no TensorRT version (MAJOR.MINOR, e.g. 10.9)") from None
     if version < OLDEST:
-        raise ValueError(f"TensorRT {text} has no ahead-of-time Python plugins; normopt's need >= 10.9")
+        raise ValueError(
+            f"TensorRT {text} has no ahead-of-time Python plugins; normopt's need >= 10.9"
+        )
     return version
 
 
@@ -64,7 +75,13 @@ def installed_version() -> tuple[int, int] | None:
     """The installed TensorRT's version, read from its package metadata (nothing imported)."""
     import importlib.metadata
 
-    for dist in ("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt-cu12-bindings", "tensorrt-cu13-bindings"):
+    for dist in (
+        "tensorrt",
+        "tensorrt-cu12",
+        "tensorrt-cu13",
+        "tensorrt-cu12-bindings",
+        "tensorrt-cu13-bindings",
+    ):
         try:
             return parse_version(importlib.metadata.version(dist))
         except (importlib.metadata.PackageNotFoundError, ValueError):

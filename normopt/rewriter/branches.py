@@ -45,18 +45,28 @@ def deep_constant(value: ir.Value | None) -> np.ndarray | None:
 
 def _conv_stage(node: ir.Node) -> Stage | str:
     weight = deep_constant(node.inputs[1])
-    bias = deep_constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    bias = (
+        deep_constant(node.inputs[2])
+        if len(node.inputs) > 2 and node.inputs[2] is not None
+        else None
+    )
     if weight is None or (len(node.inputs) > 2 and node.inputs[2] is not None and bias is None):
         return f"Conv {node.name} has no constant weight or bias"
     if node.attributes.get_string("auto_pad", "NOTSET") != "NOTSET":
         return f"Conv {node.name} pads by auto_pad, not explicitly"
     rank = weight.ndim - 2
     bias = np.zeros(weight.shape[0]) if bias is None else bias
-    return Stage("conv", node.inputs[0], [node], weight, bias,
-                 pads=list(node.attributes.get_ints("pads", [0] * 2 * rank)),
-                 strides=list(node.attributes.get_ints("strides", [1] * rank)),
-                 dilations=list(node.attributes.get_ints("dilations", [1] * rank)),
-                 group=node.attributes.get_int("group", 1))
+    return Stage(
+        "conv",
+        node.inputs[0],
+        [node],
+        weight,
+        bias,
+        pads=list(node.attributes.get_ints("pads", [0] * 2 * rank)),
+        strides=list(node.attributes.get_ints("strides", [1] * rank)),
+        dilations=list(node.attributes.get_ints("dilations", [1] * rank)),
+        group=node.attributes.get_int("group", 1),
+    )
 
 
 def _pool_stage(node: ir.Node) -> Stage | str:
@@ -68,22 +78,39 @@ def _pool_stage(node: ir.Node) -> Stage | str:
     if node.attributes.get_int("ceil_mode", 0):
         return f"AveragePool {node.name} rounds its output size up (ceil_mode=1): not a convolution"
     if any(pads) and not node.attributes.get_int("count_include_pad", 0):
-        return f"AveragePool {node.name} leaves its padding out of the count (count_include_pad=0): not a convolution"
+        return (
+            f"AveragePool {node.name} leaves its padding out of the count (count_include_pad=0): "
+            "not a convolution"
+        )
     if any(d != 1 for d in node.attributes.get_ints("dilations", [1] * rank)):
         return f"AveragePool {node.name} is dilated"
-    return Stage("pool", node.inputs[0], [node], kernel=kernel, pads=pads,
-                 strides=list(node.attributes.get_ints("strides", [1] * rank)))
+    return Stage(
+        "pool",
+        node.inputs[0],
+        [node],
+        kernel=kernel,
+        pads=pads,
+        strides=list(node.attributes.get_ints("strides", [1] * rank)),
+    )
 
 
 def _zero_pad(node: ir.Node | None) -> tuple[list[int], float, int] | None:
     """(pads over the spatial axes, value, rank) of a constant-mode Pad of constant amounts."""
     if not is_op(node, "Pad") or node.attributes.get_string("mode", "constant") != "constant":
         return None
-    given = list(node.attributes.get_ints("pads")) if "pads" in node.attributes else deep_constant(node.inputs[1])
+    given = (
+        list(node.attributes.get_ints("pads"))
+        if "pads" in node.attributes
+        else deep_constant(node.inputs[1])
+    )
     pads = None if given is None else [int(p) for p in np.reshape(given, -1)]
     value = node.attributes.get_float("value", 0.0) if "value" in node.attributes else None
     if value is None:
-        given = deep_constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros(())
+        given = (
+            deep_constant(node.inputs[2])
+            if len(node.inputs) > 2 and node.inputs[2] is not None
+            else np.zeros(())
+        )
         value = None if given is None or given.size != 1 else float(given.reshape(()))
     axes = len(node.inputs) > 3 and node.inputs[3] is not None
     if pads is None or value is None or axes or min(pads) < 0:
@@ -91,7 +118,7 @@ def _zero_pad(node: ir.Node | None) -> tuple[list[int], float, int] | None:
     rank = len(pads) // 2
     if any(pads[i] or pads[rank + i] for i in range(min(2, rank))):
         return None  # pads batch or channels
-    return pads[2:rank] + pads[rank + 2:], value, rank
+    return pads[2:rank] + pads[rank + 2 :], value, rank
 
 
 def _pad_stage(value: ir.Value, dead: set[ir.Node]) -> Stage | None:
@@ -110,8 +137,13 @@ def _pad_stage(value: ir.Value, dead: set[ir.Node]) -> Stage | None:
             continue
         sub = pad.inputs[0].producer()
         values = _per_channel(shift, zero[2])
-        if (is_op(sub, "Sub") and only_reader(pad.inputs[0], dead) is pad and deep_constant(sub.inputs[1]) is not None
-                and np.array_equal(deep_constant(sub.inputs[1]), shift) and values is not None):
+        if (
+            is_op(sub, "Sub")
+            and only_reader(pad.inputs[0], dead) is pad
+            and deep_constant(sub.inputs[1]) is not None
+            and np.array_equal(deep_constant(sub.inputs[1]), shift)
+            and values is not None
+        ):
             return Stage("pad", sub.inputs[0], [sub, pad, node], bias=values, pads=zero[0])
     return None
 
@@ -127,8 +159,9 @@ def _per_channel(array: np.ndarray, rank: int) -> np.ndarray | None:
     return array.reshape(-1) if shape[0] == 1 and all(d == 1 for d in shape[2:]) else None
 
 
-def stage_of(value: ir.Value, affines: dict[ir.Value, NormMatch], dead: set[ir.Node],
-           graph: ir.Graph) -> Stage | str | None:
+def stage_of(
+    value: ir.Value, affines: dict[ir.Value, NormMatch], dead: set[ir.Node], graph: ir.Graph
+) -> Stage | str | None:
     node = value.producer()
     if node is None or node.graph is not graph:
         return None
@@ -148,7 +181,9 @@ def stage_of(value: ir.Value, affines: dict[ir.Value, NormMatch], dead: set[ir.N
     return None
 
 
-def walk(leaf: ir.Value, affines, dead: set[ir.Node], graph: ir.Graph) -> tuple[ir.Value, list[Stage | str]]:
+def walk(
+    leaf: ir.Value, affines, dead: set[ir.Node], graph: ir.Graph
+) -> tuple[ir.Value, list[Stage | str]]:
     """The stages from the operand `leaf` down to where its chain starts (a value read by more
     than the next stage, or not made by a stage); returned bottom-up with that source."""
     stages: list[Stage | str] = []
@@ -158,7 +193,9 @@ def walk(leaf: ir.Value, affines, dead: set[ir.Node], graph: ir.Graph) -> tuple[
         if stage is None:
             break
         stages.append(stage)
-        if isinstance(stage, str):  # a stage that cannot merge: where it reads is where to report it
+        if isinstance(
+            stage, str
+        ):  # a stage that cannot merge: where it reads is where to report it
             value = value.producer().inputs[0]
             break
         value = stage.input

@@ -14,9 +14,11 @@ Conditions (each refusal says which failed):
   1. the stream is Pre-RMSNorm (rewriter.stream): residual Adds, each branch read through an
      RMSNorm; its values are read only by the residual Adds and the norms (no graph output);
   2. every writer is a constant, or a MatMul / Gemm / Gather / Slice (token axes) / scalar Mul
-     / Cast / Reshape keeping the hidden axis last / Add of writers whose constant's last axis is the
+     / Cast / Reshape keeping the hidden axis last / Add of writers whose constant's last axis is
+     the
      hidden axis, read only on its way into the stream, or an explicit recentring
-     x - ReduceMean(x) (zero-mean by construction: a Slice to d-1 follows it); and zero-mean: each constant's rows sum to 0 along the hidden axis (to float32
+     x - ReduceMean(x) (zero-mean by construction: a Slice to d-1 follows it); and zero-mean: each
+     constant's rows sum to 0 along the hidden axis (to float32
      rounding: 1e-4 of the row's absolute sum), as preln-to-rmsnorm's centring leaves them;
   3. every norm is an RMSNorm over the last axis alone, of float32 or float16 (CRMSNorm
      computes in float32; in float16 it outputs the whole [y', -sum(y')] and its readers keep
@@ -32,8 +34,18 @@ import numpy as np
 import onnx_ir as ir
 
 from normopt.rewriter import numerics
-from normopt.rewriter.graph import (constant_shape, constant_value, folded_value, forwards, int_list, is_op, rank,
-                                    readers, sole_reader, static_shape)
+from normopt.rewriter.graph import (
+    constant_shape,
+    constant_value,
+    folded_value,
+    forwards,
+    int_list,
+    is_op,
+    rank,
+    readers,
+    sole_reader,
+    static_shape,
+)
 from normopt.rewriter.norms import NormMatch
 from normopt.rewriter.stream import StreamAnalysis
 from normopt.rewriter.stream_plan import Refuse, hidden_through
@@ -77,32 +89,60 @@ class CRMSPlan:
     cuts: list[Cut] = field(default_factory=list)
     norms: list[NormMatch] = field(default_factory=list)
     readers: dict[int, list[Reader]] = field(default_factory=dict)  # id(norm) -> its readers
-    affines: dict[int, Affine] = field(default_factory=dict)  # id(norm) -> its gamma and beta, folded into its readers
-    carried: list[tuple[ir.Value, int | None]] = field(default_factory=list)  # values between writers and the stream, norms and readers, with their hidden axis (None: the last)
-    shapes: list[ir.Value] = field(default_factory=list)  # computed Reshape targets with a piece cut
+    affines: dict[int, Affine] = field(
+        default_factory=dict
+    )  # id(norm) -> its gamma and beta, folded into its readers
+    # values between writers and the stream, norms and readers, with their hidden axis (None: last)
+    carried: list[tuple[ir.Value, int | None]] = field(default_factory=list)
+    shapes: list[ir.Value] = field(
+        default_factory=list
+    )  # computed Reshape targets with a piece cut
     carriers: list[ir.Node] = field(default_factory=list)  # Reshapes between a norm and its readers
     reshapes: set[ir.Node] = field(default_factory=set)  # every Reshape carrying a cut value
-    slices: list[ir.Value] = field(default_factory=list)  # explicit recentrings: a Slice to d-1 after each
+    slices: list[ir.Value] = field(
+        default_factory=list
+    )  # explicit recentrings: a Slice to d-1 after each
     # float16: each norm outputs the whole d-vector [y', -sum(y')] (computed in float32) and its
     # readers keep their weights: folding W[:d-1] - W[d-1] would round every fp16 weight again
     # (measured: 1.1x to 4.6x the fp16 model's error against float32 on the corpus)
     whole: bool = False
-    shape_reads: list[tuple[ir.Node, int]] = field(default_factory=list)  # Shape nodes reading a cut value (and its hidden axis): d restored there
-    own_shapes: set[ir.Node] = field(default_factory=set)  # ... except those building that value's own Reshape target
-    expands: list[tuple[ir.Node, int]] = field(default_factory=list)  # Expands whose computed shape gets 1 at this entry
-    exposed: list[ir.Value] = field(default_factory=list)  # stream values that are graph outputs, output whole: x' and -sum(x')
-    exposed_norms: dict[int, list[ir.Value]] = field(default_factory=dict)  # id(norm) -> its graph outputs (its own, a Reshape's), output whole
-    follows: list[tuple[ir.Value, int, ir.Node]] = field(default_factory=list)  # (value, axis, Shape): a target entry read from a value that must be cut there
+    shape_reads: list[tuple[ir.Node, int]] = field(
+        default_factory=list
+    )  # Shape nodes reading a cut value (and its hidden axis): d restored there
+    own_shapes: set[ir.Node] = field(
+        default_factory=set
+    )  # ... except those building that value's own Reshape target
+    expands: list[tuple[ir.Node, int]] = field(
+        default_factory=list
+    )  # Expands whose computed shape gets 1 at this entry
+    exposed: list[ir.Value] = field(
+        default_factory=list
+    )  # stream values that are graph outputs, output whole: x' and -sum(x')
+    exposed_norms: dict[int, list[ir.Value]] = field(
+        default_factory=dict
+    )  # id(norm) -> its graph outputs (its own, a Reshape's), output whole
+    follows: list[tuple[ir.Value, int, ir.Node]] = field(
+        default_factory=list
+    )  # (value, axis, Shape): a target entry read from a value that must be cut there
 
     def describe(self) -> str:
-        return f"a stream of width {self.d} -> {self.d - 1}: {len(self.norms)} norm(s), {len(self.cuts)} constant(s) cut"
+        return (
+            f"a stream of width {self.d} -> {self.d - 1}: {len(self.norms)} norm(s), "
+            f"{len(self.cuts)} constant(s) cut"
+        )
 
 
 def _centred(array: np.ndarray, what: str) -> None:
     a = array.astype(np.float64)
-    if np.any(np.abs(a.sum(-1)) > CENTRED.get(array.dtype, CENTRED[np.dtype(np.float32)]) * np.abs(a).sum(-1) + 1e-30):
-        raise Refuse(f"{what} does not sum to 0 along the hidden axis: the stream is not zero-mean "
-                     "(preln-to-rmsnorm makes a Pre-LN stream zero-mean; a model trained with RMSNorm is not)")
+    if np.any(
+        np.abs(a.sum(-1))
+        > CENTRED.get(array.dtype, CENTRED[np.dtype(np.float32)]) * np.abs(a).sum(-1) + 1e-30
+    ):
+        raise Refuse(
+            f"{what} does not sum to 0 along the hidden axis: the stream is not zero-mean "
+            "(preln-to-rmsnorm makes a Pre-LN stream zero-mean; a model trained with RMSNorm is "
+            "not)"
+        )
 
 
 def _constant(node: ir.Node, index: int, axis: int, plan: CRMSPlan, what: str) -> None:
@@ -119,8 +159,12 @@ def _constant(node: ir.Node, index: int, axis: int, plan: CRMSPlan, what: str) -
     if array.shape[axis] != plan.d:
         raise Refuse(f"{what} has {array.shape[axis]} entries along the hidden axis, not {plan.d}")
     _centred(np.moveaxis(array, axis, -1), what)
-    if array.dtype != np.float32 and array.dtype.kind == "f":  # its sum is only 0 to float16's rounding:
-        array = numerics.center(array, axis, array.dtype, diffuse=True)  # the implied entry would carry it
+    if (
+        array.dtype != np.float32 and array.dtype.kind == "f"
+    ):  # its sum is only 0 to float16's rounding:
+        array = numerics.center(
+            array, axis, array.dtype, diffuse=True
+        )  # the implied entry would carry it
     plan.cuts.append(Cut(node, index, np.take(array, np.arange(plan.d - 1), axis=axis)))
 
 
@@ -134,7 +178,9 @@ def _writer(value: ir.Value, hidden: int | None, plan: CRMSPlan) -> None:
         raise Refuse(f"the rank of '{value.name}' (written into the stream) is unknown")
     hidden = r - 1 if hidden is None else hidden
     last, op = hidden == r - 1, node.op_type
-    if last and _recentring(node):  # x - mean(x): zero-mean by construction; a Slice after it cuts it
+    if last and _recentring(
+        node
+    ):  # x - mean(x): zero-mean by construction; a Slice after it cuts it
         plan.slices.append(value)
         return
     if is_op(node, "Add", "Concat"):
@@ -148,7 +194,10 @@ def _writer(value: ir.Value, hidden: int | None, plan: CRMSPlan) -> None:
                 done.add(v)
                 rv = rank(v)
                 if rv is None or rv < r - hidden:
-                    raise Refuse(f"'{v.name}' is added along the whole hidden axis of '{value.name}' (or its rank is unknown)")
+                    raise Refuse(
+                        f"'{v.name}' is added along the whole hidden axis of '{value.name}' (or "
+                        "its rank is unknown)"
+                    )
                 _through(v, node, rv - (r - hidden), plan)
         return
     weight = constant_shape(node.inputs[1]) if len(node.inputs) > 1 else None
@@ -156,23 +205,47 @@ def _writer(value: ir.Value, hidden: int | None, plan: CRMSPlan) -> None:
         _constant(node, 1, -1, plan, f"the weight of {node.name}")
         return
     if op == "Gemm" and last and weight is not None:
-        _constant(node, 1, -2 if node.attributes.get_int("transB", 0) else -1, plan, f"the weight of {node.name}")
+        _constant(
+            node,
+            1,
+            -2 if node.attributes.get_int("transB", 0) else -1,
+            plan,
+            f"the weight of {node.name}",
+        )
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             _constant(node, 2, -1, plan, f"the bias of {node.name}")
         return
     if op == "Conv" and hidden == 1 and weight is not None:  # output channels
         if node.attributes.get_int("group", 1) != 1:
-            raise Refuse(f"grouped Conv {node.name} writes into the stream: cutting a channel changes its groups")
+            raise Refuse(
+                f"grouped Conv {node.name} writes into the stream: cutting a channel changes its "
+                "groups"
+            )
         _constant(node, 1, -len(weight), plan, f"the weight of {node.name}")
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             _constant(node, 2, -1, plan, f"the bias of {node.name}")
         return
-    if op == "Gather" and last and node.attributes.get_int("axis", 0) == 0 and constant_shape(node.inputs[0]):
+    if (
+        op == "Gather"
+        and last
+        and node.attributes.get_int("axis", 0) == 0
+        and constant_shape(node.inputs[0])
+    ):
         _constant(node, 0, -1, plan, f"the table of {node.name}")
         return
-    if op == "Mul" and [constant_shape(v) is not None and folded_value(v).size == 1 for v in node.inputs].count(True) == 1:
-        scaled = next(v for v in node.inputs if constant_shape(v) is None)  # a scalar scale commutes with the cut
-        _through(scaled, node, hidden - r + rank(scaled) if rank(scaled) is not None else None, plan)
+    if (
+        op == "Mul"
+        and [
+            constant_shape(v) is not None and folded_value(v).size == 1 for v in node.inputs
+        ].count(True)
+        == 1
+    ):
+        scaled = next(
+            v for v in node.inputs if constant_shape(v) is None
+        )  # a scalar scale commutes with the cut
+        _through(
+            scaled, node, hidden - r + rank(scaled) if rank(scaled) is not None else None, plan
+        )
         return
     if op in ("Cast", "Identity", "Expand", "Slice", "Transpose", "Reshape"):
         axis = hidden_through(node, hidden)
@@ -181,7 +254,13 @@ def _writer(value: ir.Value, hidden: int | None, plan: CRMSPlan) -> None:
         if op == "Expand":
             _expand(node, hidden, plan)
         if constant_shape(node.inputs[0]) is not None:
-            _constant(node, 0, axis - rank(node.inputs[0]), plan, f"the constant '{node.inputs[0].name}' of {node.name}")
+            _constant(
+                node,
+                0,
+                axis - rank(node.inputs[0]),
+                plan,
+                f"the constant '{node.inputs[0].name}' of {node.name}",
+            )
         else:
             _through(node.inputs[0], node, axis, plan)
         return
@@ -200,14 +279,22 @@ def _recentring(node: ir.Node) -> bool:
         found = constant_value(mean.inputs[1])
         axes = None if found is None else [int(a) for a in found.reshape(-1)]
     r = node.inputs[0].shape
-    return axes is not None and len(axes) == 1 and (axes[0] == -1 or (r is not None and axes[0] == len(r) - 1)) \
+    return (
+        axes is not None
+        and len(axes) == 1
+        and (axes[0] == -1 or (r is not None and axes[0] == len(r) - 1))
         and mean.attributes.get_int("keepdims", 1) == 1
+    )
 
 
-def _entry(node: ir.Node, entry: int, out_hidden: int, in_hidden: int, d: int, what: str) -> int | None:
+def _entry(
+    node: ir.Node, entry: int, out_hidden: int, in_hidden: int, d: int, what: str
+) -> int | None:
     """What a Reshape target's entry at the hidden axis becomes once cut (None: it follows the
     cut by itself: -1 infers d-1, 0 copies the input's d-1), or Refuse."""
-    if entry == -1 or (entry == 0 and out_hidden == in_hidden and not node.attributes.get_int("allowzero", 0)):
+    if entry == -1 or (
+        entry == 0 and out_hidden == in_hidden and not node.attributes.get_int("allowzero", 0)
+    ):
         return None
     if entry != d:
         raise Refuse(f"{what} gives the hidden axis {entry} entries, not its size {d}")
@@ -224,15 +311,32 @@ def _reshape(node: ir.Node, out_hidden: int, in_hidden: int, plan: CRMSPlan) -> 
     if target is not None:
         if target.ndim != 1 or target.size <= out_hidden:
             raise Refuse(f"Reshape {node.name}'s target does not reach the hidden axis")
-        new = _entry(node, int(target[out_hidden]), out_hidden, in_hidden, plan.d, f"Reshape {node.name}'s target")
+        new = _entry(
+            node,
+            int(target[out_hidden]),
+            out_hidden,
+            in_hidden,
+            plan.d,
+            f"Reshape {node.name}'s target",
+        )
         if new is not None:
-            plan.cuts.append(Cut(node, 1, np.concatenate([target[:out_hidden], [new], target[out_hidden + 1:]])
-                                 .astype(target.dtype)))
+            plan.cuts.append(
+                Cut(
+                    node,
+                    1,
+                    np.concatenate([target[:out_hidden], [new], target[out_hidden + 1 :]]).astype(
+                        target.dtype
+                    ),
+                )
+            )
         return
     concat, offset = node.inputs[1].producer(), 0
     if not is_op(concat, "Concat"):
-        raise Refuse(f"Reshape {node.name}'s target shape is computed: its hidden size is not a constant to cut")
-    for index, piece in enumerate(concat.inputs):
+        raise Refuse(
+            f"Reshape {node.name}'s target shape is computed: its hidden size is not a constant to "
+            "cut"
+        )
+    for index, piece in enumerate(concat.inputs):  # noqa: B007 (both read after the loop)
         size = static_shape(piece)
         if size is None or len(size) != 1:
             raise Refuse(f"Reshape {node.name}'s target is built from pieces of unknown length")
@@ -242,18 +346,31 @@ def _reshape(node: ir.Node, out_hidden: int, in_hidden: int, plan: CRMSPlan) -> 
     k = out_hidden - offset
     array = folded_value(piece)
     if array is not None:
-        new = _entry(node, int(array[k]), out_hidden, in_hidden, plan.d, f"Reshape {node.name}'s target")
+        new = _entry(
+            node, int(array[k]), out_hidden, in_hidden, plan.d, f"Reshape {node.name}'s target"
+        )
         if new is not None:
-            plan.cuts.append(Cut(concat, index, np.concatenate([array[:k], [new], array[k + 1:]]).astype(array.dtype)))
+            plan.cuts.append(
+                Cut(
+                    concat,
+                    index,
+                    np.concatenate([array[:k], [new], array[k + 1 :]]).astype(array.dtype),
+                )
+            )
             plan.shapes.append(node.inputs[1])
         return
     shape = _own_dim(piece, k, node.inputs[0], in_hidden, concat, plan)
     if shape is None:
-        raise Refuse(f"Reshape {node.name}'s target shape is computed: its hidden size is not a constant to cut")
+        raise Refuse(
+            f"Reshape {node.name}'s target shape is computed: its hidden size is not a constant to "
+            "cut"
+        )
     plan.own_shapes.add(shape)
 
 
-def _own_dim(piece: ir.Value, k: int, x: ir.Value, hidden: int, concat: ir.Node, plan: CRMSPlan) -> ir.Node | None:
+def _own_dim(
+    piece: ir.Value, k: int, x: ir.Value, hidden: int, concat: ir.Node, plan: CRMSPlan
+) -> ir.Node | None:
     """The Shape node when entry k of `piece` is x's size along its hidden axis, read by a
     chain used only to build this target (Shape(x) sliced or gathered, a one-entry piece
     squeezed and unsqueezed on the way: TorchScript's `x.size(-1)`); that size is cut with x,
@@ -267,12 +384,21 @@ def _own_dim(piece: ir.Value, k: int, x: ir.Value, hidden: int, concat: ir.Node,
         at = None if index is None or index.size != 1 else int(index.reshape(-1)[0])
     elif is_op(node, "Slice"):
         starts, steps = folded_value(node.inputs[1]), int_list(node, "", 4)
-        at = None if starts is None or starts.size != 1 or steps not in (None, [1]) else int(starts[0]) + k
+        at = (
+            None
+            if starts is None or starts.size != 1 or steps not in (None, [1])
+            else int(starts[0]) + k
+        )
     else:
         return None
     chain.append(node)
     shape = node.inputs[0].producer()
-    if at is None or not is_op(shape, "Shape") or shape.attributes.get_int("start", 0) != 0 or "end" in shape.attributes:
+    if (
+        at is None
+        or not is_op(shape, "Shape")
+        or shape.attributes.get_int("start", 0) != 0
+        or "end" in shape.attributes
+    ):
         return None
     for link, reader in zip([shape, *reversed(chain)], [*reversed(chain), concat]):
         if readers(link.outputs[0]) != [reader] or link.outputs[0].is_graph_output():
@@ -280,7 +406,9 @@ def _own_dim(piece: ir.Value, k: int, x: ir.Value, hidden: int, concat: ir.Node,
     y, r = shape.inputs[0], rank(shape.inputs[0])
     if r is None or (y is x and at % r != hidden):
         return None
-    if y is not x:  # another value's size (GPT-2 keeps the embeddings' x.size(-1)): it must be cut there too
+    if (
+        y is not x
+    ):  # another value's size (GPT-2 keeps the embeddings' x.size(-1)): it must be cut there too
         plan.follows.append((y, at % r, shape))
     return shape
 
@@ -299,13 +427,16 @@ def _expand(node: ir.Node, out_hidden: int, plan: CRMSPlan) -> None:
     if target is None:
         plan.expands.append((node, k))
     elif int(target[k]) != 1:
-        plan.cuts.append(Cut(node, 1, np.concatenate([target[:k], [1], target[k + 1:]]).astype(target.dtype)))
+        plan.cuts.append(
+            Cut(node, 1, np.concatenate([target[:k], [1], target[k + 1 :]]).astype(target.dtype))
+        )
 
 
 def _shape_readers(value: ir.Value, hidden: int | None, plan: CRMSPlan) -> None:
     """Shape nodes reading `value`, which is cut: their entry at the hidden axis gets d back
     (TorchScript's `b, n, d = x.shape` must keep computing with d), unless the shape only
-    builds the target of value's own Reshape (CRMSPlan.own_shapes). Size would need numel: refused."""
+    builds the target of value's own Reshape (CRMSPlan.own_shapes). Size would need numel:
+    refused."""
     for node in readers(value):
         if is_op(node, "Size"):
             raise Refuse(f"Size {node.name} reads '{value.name}', which is cut")
@@ -317,7 +448,9 @@ def _shape_readers(value: ir.Value, hidden: int | None, plan: CRMSPlan) -> None:
 
 def _through(value: ir.Value, reader: ir.Node, hidden: int | None, plan: CRMSPlan) -> None:
     if sole_reader(value, numbers_only=True) is not reader:
-        raise Refuse(f"'{value.name}' is read elsewhere too: cutting it would change what that reads")
+        raise Refuse(
+            f"'{value.name}' is read elsewhere too: cutting it would change what that reads"
+        )
     _shape_readers(value, hidden, plan)
     plan.carried.append((value, hidden))
     _writer(value, hidden, plan)
@@ -326,11 +459,16 @@ def _through(value: ir.Value, reader: ir.Node, hidden: int | None, plan: CRMSPla
 def _norm(match: NormMatch, plan: CRMSPlan) -> None:
     where = match.where()
     if match.kind != "rmsnorm":
-        raise Refuse(f"the {match.kind} at {where} reads the stream (only RMSNorms become CRMSNorm)")
+        raise Refuse(
+            f"the {match.kind} at {where} reads the stream (only RMSNorms become CRMSNorm)"
+        )
     if match.axis not in (-1, None):
         raise Refuse(f"the RMSNorm at {where} normalizes more than the last axis")
     if match.input.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
-        raise Refuse(f"the RMSNorm at {where} reads {match.input.dtype}: CRMSNorm is built for float32 and float16")
+        raise Refuse(
+            f"the RMSNorm at {where} reads {match.input.dtype}: CRMSNorm is built for float32 and "
+            "float16"
+        )
     gamma = np.ones(plan.d) if match.scale is None else folded_value(match.scale)
     if gamma is None or gamma.size not in (1, plan.d):
         raise Refuse(f"the RMSNorm at {where} has no constant per-entry scale")
@@ -346,9 +484,13 @@ def _norm(match: NormMatch, plan: CRMSPlan) -> None:
     else:
         add = None
     if plan.whole and _shown(match.output):
-        raise Refuse(f"the RMSNorm at {where} is (or is reshaped into) a graph output: in float16 its implied last entry, minus the sum "
-                     "of the others, carries all their rounding errors (CLIP's pooled output: 2.4x the fp16 model's "
-                     "error against float32)")
+        raise Refuse(
+            f"the RMSNorm at {where} is (or is reshaped into) a graph output: in float16 its "
+            "implied last entry, minus the sum "
+            "of the others, carries all their rounding errors (CLIP's pooled output: 2.4x the fp16 "
+            "model's "
+            "error against float32)"
+        )
     if plan.whole:  # the norm outputs [y', -sum(y')] * gamma: its readers stay as they are
         plan.affines[id(match)] = Affine(gamma, None, None)
         plan.readers[id(match)], plan.exposed_norms[id(match)] = [], []
@@ -358,14 +500,28 @@ def _norm(match: NormMatch, plan: CRMSPlan) -> None:
     shown = plan.exposed_norms.setdefault(id(match), [])
     found = []
     for node in _through_carriers(out, plan, shown):
-        w = folded_value(node.inputs[1]) if is_op(node, "MatMul", "Gemm") and len(node.inputs) > 1 else None
-        if w is None or node.inputs[0].producer() not in (out.producer(), *plan.carriers) or w.ndim != 2 or (
-                is_op(node, "Gemm") and node.attributes.get_int("transA", 0)):
-            raise Refuse(f"{node.op_type} {node.name} reads the RMSNorm at {where}: only MatMul / Gemm with a "
-                         "constant weight can take its last entry")
+        w = (
+            folded_value(node.inputs[1])
+            if is_op(node, "MatMul", "Gemm") and len(node.inputs) > 1
+            else None
+        )
+        if (
+            w is None
+            or node.inputs[0].producer() not in (out.producer(), *plan.carriers)
+            or w.ndim != 2
+            or (is_op(node, "Gemm") and node.attributes.get_int("transA", 0))
+        ):
+            raise Refuse(
+                f"{node.op_type} {node.name} reads the RMSNorm at {where}: only MatMul / Gemm with "
+                "a "
+                "constant weight can take its last entry"
+            )
         trans_b = is_op(node, "Gemm") and bool(node.attributes.get_int("transB", 0))
         if (w.shape[1] if trans_b else w.shape[0]) != plan.d:
-            raise Refuse(f"{node.op_type} {node.name}'s weight does not have the hidden size on its input axis")
+            raise Refuse(
+                f"{node.op_type} {node.name}'s weight does not have the hidden size on its input "
+                "axis"
+            )
         found.append(Reader(node, trans_b))
     plan.norms.append(match)
     plan.readers[id(match)] = found
@@ -405,11 +561,15 @@ def _carries(node: ir.Node, value: ir.Value, plan: CRMSPlan) -> bool:
 def _shown(value: ir.Value) -> bool:
     """Is `value`, or what passes its entries on (graph.forwards) or a constant affine of it (a
     norm's beta), a graph output?"""
+
     def passes_on(node: ir.Node) -> bool:
         if is_op(node, "Add", "Mul", "Sub", "Div"):
             return any(constant_shape(v) is not None for v in node.inputs)
         return forwards(node, "value", "reshape", "move") and node.inputs[0] is value
-    return value.is_graph_output() or any(_shown(n.outputs[0]) for n in readers(value, numbers_only=True) if passes_on(n))
+
+    return value.is_graph_output() or any(
+        _shown(n.outputs[0]) for n in readers(value, numbers_only=True) if passes_on(n)
+    )
 
 
 def _selects_tokens(node: ir.Node, value: ir.Value) -> bool:
@@ -421,17 +581,24 @@ def _selects_tokens(node: ir.Node, value: ir.Value) -> bool:
     if is_op(node, "Gather"):
         return node.attributes.get_int("axis", 0) % r != r - 1
     if is_op(node, "Slice"):
-        axes = int_list(node, "", 3) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        axes = (
+            int_list(node, "", 3) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        )
         return axes is not None and all(a % r != r - 1 for a in axes)
     return False
 
 
-def plan_stream(analysis: StreamAnalysis, found: list[NormMatch], allow_hidden_state_change: bool = False) -> CRMSPlan | str:
-    """The CRMS plan of the graph's residual stream (`found`: the graph's norms), or why there is none."""
+def plan_stream(
+    analysis: StreamAnalysis, found: list[NormMatch], allow_hidden_state_change: bool = False
+) -> CRMSPlan | str:
+    """The CRMS plan of the graph's residual stream (`found`: the graph's norms), or why there is
+    none."""
     if analysis.architecture != "pre-rmsnorm":
         first = " (run preln-to-rmsnorm first)" if analysis.architecture == "pre-ln" else ""
         return f"the stream is {analysis.architecture}, not Pre-RMSNorm{first}"
-    stream = list(dict.fromkeys([*analysis.initial, *(r.node.outputs[0] for r in analysis.residual_adds)]))
+    stream = list(
+        dict.fromkeys([*analysis.initial, *(r.node.outputs[0] for r in analysis.residual_adds)])
+    )
     shape = stream[0].shape
     d = shape[-1] if shape is not None and len(shape) else None
     if not isinstance(d, int) or d < 2:
@@ -440,33 +607,45 @@ def plan_stream(analysis: StreamAnalysis, found: list[NormMatch], allow_hidden_s
     adds = {r.node for r in analysis.residual_adds}
     try:
         norms = {n.nodes[0]: n for r in analysis.residual_adds for n in r.pre} | {
-            n.nodes[0]: n for n in analysis.final_norms}
+            n.nodes[0]: n for n in analysis.final_norms
+        }
         members = {node for n in norms.values() for node in n.nodes}
         pending = list(stream)
-        while pending:  # the stream, and what carries it on whole (OPT's reshape to (-1, d), CLIP's pooled token)
+        # the stream, and what carries it on whole (OPT's reshape to (-1, d), CLIP's pooled token)
+        while pending:
             value = pending.pop()
             if value.is_graph_output():
                 if not allow_hidden_state_change:
-                    raise Refuse(f"the stream value '{value.name}' is a graph output (--allow-hidden-state-change "
-                                 "outputs it whole: its d-1 entries and minus their sum)")
+                    raise Refuse(
+                        f"the stream value '{value.name}' is a graph output "
+                        "(--allow-hidden-state-change "
+                        "outputs it whole: its d-1 entries and minus their sum)"
+                    )
                 plan.exposed.append(value)
             _shape_readers(value, None, plan)
             for node in readers(value, numbers_only=True):
                 if node in adds or node in members:
                     continue
                 match = next((m for m in found if m.input is value and node in m.nodes), None)
-                if match is not None:  # a norm of a carried value (CLIP's post-norm of the pooled token)
+                if (
+                    match is not None
+                ):  # a norm of a carried value (CLIP's post-norm of the pooled token)
                     norms[match.nodes[0]] = match
                     members.update(match.nodes)
                     continue
                 if not _carries(node, value, plan):
-                    raise Refuse(f"{node.op_type} {node.name} reads the stream value '{value.name}'")
+                    raise Refuse(
+                        f"{node.op_type} {node.name} reads the stream value '{value.name}'"
+                    )
                 plan.carried.append((node.outputs[0], None))
                 pending.append(node.outputs[0])
         plan.whole = any(m.input.dtype != ir.DataType.FLOAT for m in norms.values())
         if plan.whole and plan.exposed:
-            raise Refuse(f"the stream value '{plan.exposed[0].name}' is a graph output: in float16 its implied last "
-                         "entry, minus the sum of the others, carries all their rounding errors")
+            raise Refuse(
+                f"the stream value '{plan.exposed[0].name}' is a graph output: in float16 its "
+                "implied last "
+                "entry, minus the sum of the others, carries all their rounding errors"
+            )
         for value in analysis.initial:
             _writer(value, None, plan)
         for r in analysis.residual_adds:
@@ -477,16 +656,25 @@ def plan_stream(analysis: StreamAnalysis, found: list[NormMatch], allow_hidden_s
             _writer(r.branch, None, plan)
         for match in norms.values():
             _norm(match, plan)
-        cut = {v: len(v.shape) - 1 if axis is None else axis
-               for v, axis in [*((v, None) for v in stream), *plan.carried] if v.shape is not None}
+        cut = {
+            v: len(v.shape) - 1 if axis is None else axis
+            for v, axis in [*((v, None) for v in stream), *plan.carried]
+            if v.shape is not None
+        }
         for value, axis, shape in plan.follows:
             if cut.get(value) != axis:
-                raise Refuse(f"{shape.op_type} {shape.name} reads the size of '{value.name}', which is not cut, into "
-                             "a Reshape target of a cut value")
+                raise Refuse(
+                    f"{shape.op_type} {shape.name} reads the size of '{value.name}', which is not "
+                    "cut, into "
+                    "a Reshape target of a cut value"
+                )
         for value in plan.shapes:
             for node in readers(value):
                 if node not in plan.reshapes:
-                    raise Refuse(f"the shape '{value.name}' is read by {node.op_type} {node.name} too, which keeps d")
+                    raise Refuse(
+                        f"the shape '{value.name}' is read by {node.op_type} {node.name} too, "
+                        "which keeps d"
+                    )
     except Refuse as exc:
         return str(exc)
     return plan

@@ -24,7 +24,9 @@ class Editor:
         self._nodes: set[str] = set()
         self._next: dict[str, int] = {}  # per base name: the next suffix to try
         for g in (graph, *(s for n in graph.all_nodes() for s in subgraphs(n))):
-            self._values.update(v.name for v in (*g.inputs, *g.outputs, *g.initializers.values()) if v.name)
+            self._values.update(
+                v.name for v in (*g.inputs, *g.outputs, *g.initializers.values()) if v.name
+            )
         for node in graph.all_nodes():
             self._values.update(o.name for o in node.outputs if o.name)
             if node.name:
@@ -52,8 +54,16 @@ class Editor:
 
     # ------------------------------------------------------------------------ new things
 
-    def node(self, op: str, inputs: Sequence[ir.Value | None], attributes: dict | None = None, *,
-             name: str, domain: str = "", like: ir.Value | None = None) -> ir.Node:
+    def node(
+        self,
+        op: str,
+        inputs: Sequence[ir.Value | None],
+        attributes: dict | None = None,
+        *,
+        name: str,
+        domain: str = "",
+        like: ir.Value | None = None,
+    ) -> ir.Node:
         """A new node (not yet inserted) named after `name`, its output too; `like` gives the
         output's type and shape."""
         node = ir.node(op, list(inputs), attributes or {}, domain=domain, name=self.node_name(name))
@@ -70,29 +80,69 @@ class Editor:
         """ReduceMean / ReduceSum(x) over `axes`, keepdims=1: the axes are an input from opset
         18 (ReduceSum: 13), an attribute before."""
         if opset >= (13 if op == "ReduceSum" else 18):
-            return self.node(op, [x, self.initializer(f"{name}.axes", np.array(axes, np.int64))],
-                             {"keepdims": 1}, name=name)
+            return self.node(
+                op,
+                [x, self.initializer(f"{name}.axes", np.array(axes, np.int64))],
+                {"keepdims": 1},
+                name=name,
+            )
         return self.node(op, [x], {"keepdims": 1, "axes": axes}, name=name)
 
-    def rms_core(self, x: ir.Value, eps: float, dtype, opset: int, *, name: str,
-                 width: float | ir.Value | None = None) -> list[ir.Node]:
+    def rms_core(
+        self,
+        x: ir.Value,
+        eps: float,
+        dtype,
+        opset: int,
+        *,
+        name: str,
+        width: float | ir.Value | None = None,
+    ) -> list[ir.Node]:
         """x / Sqrt(mean(x^2) + eps) over the last axis, computed in `dtype` (x's; the constants
         are made in it), the form onnxruntime fuses into its RMSNorm. With `width` (CRMSNorm: x
         holds the first d-1 entries of a zero-mean vector, width = d, a number or a value of
         `dtype`) the mean of squares is (ReduceSum(x^2) + ReduceSum(x)^2) / width. The nodes in
         order (not inserted); the last one's output is the normalized x."""
-        nodes = [self.node("Pow", [x, self.initializer(f"{name}.two", np.array(2, dtype))], name=f"{name}.square")]
+        nodes = [
+            self.node(
+                "Pow",
+                [x, self.initializer(f"{name}.two", np.array(2, dtype))],
+                name=f"{name}.square",
+            )
+        ]
         if width is None:
-            nodes.append(self.reduce_mean(nodes[-1].outputs[0], [-1], opset, name=f"{name}.mean_square"))
+            nodes.append(
+                self.reduce_mean(nodes[-1].outputs[0], [-1], opset, name=f"{name}.mean_square")
+            )
         else:
             total = self.reduce("ReduceSum", x, [-1], opset, name=f"{name}.sum")
-            nodes += [self.reduce("ReduceSum", nodes[-1].outputs[0], [-1], opset, name=f"{name}.sum_square"), total]
-            nodes.append(self.node("Mul", [total.outputs[0], total.outputs[0]], name=f"{name}.square_of_sum"))
-            nodes.append(self.node("Add", [nodes[-3].outputs[0], nodes[-1].outputs[0]], name=f"{name}.sum_squares"))
-            d = width if isinstance(width, ir.Value) else self.initializer(f"{name}.width", np.array(width, dtype))
+            nodes += [
+                self.reduce(
+                    "ReduceSum", nodes[-1].outputs[0], [-1], opset, name=f"{name}.sum_square"
+                ),
+                total,
+            ]
+            nodes.append(
+                self.node("Mul", [total.outputs[0], total.outputs[0]], name=f"{name}.square_of_sum")
+            )
+            nodes.append(
+                self.node(
+                    "Add", [nodes[-3].outputs[0], nodes[-1].outputs[0]], name=f"{name}.sum_squares"
+                )
+            )
+            d = (
+                width
+                if isinstance(width, ir.Value)
+                else self.initializer(f"{name}.width", np.array(width, dtype))
+            )
             nodes.append(self.node("Div", [nodes[-1].outputs[0], d], name=f"{name}.mean_square"))
-        nodes.append(self.node("Add", [nodes[-1].outputs[0], self.initializer(f"{name}.eps", np.array(eps, dtype))],
-                               name=f"{name}.add_eps"))
+        nodes.append(
+            self.node(
+                "Add",
+                [nodes[-1].outputs[0], self.initializer(f"{name}.eps", np.array(eps, dtype))],
+                name=f"{name}.add_eps",
+            )
+        )
         nodes.append(self.node("Sqrt", [nodes[-1].outputs[0]], name=f"{name}.rms"))
         nodes.append(self.node("Div", [x, nodes[-1].outputs[0]], name=f"{name}.normalize"))
         return nodes
@@ -120,7 +170,9 @@ class Editor:
         if len(value.uses()) == 1 and not value.is_graph_output() and not value.is_graph_input():
             return value
         name = self.value_name(f"{value.name}__{node.name or node.op_type}")
-        copy = ir.Value(name=name, shape=value.shape, type=value.type, const_value=value.const_value)
+        copy = ir.Value(
+            name=name, shape=value.shape, type=value.type, const_value=value.const_value
+        )
         self.graph.register_initializer(copy)
         node.replace_input_with(index, copy)
         return copy

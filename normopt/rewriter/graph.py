@@ -24,10 +24,20 @@ LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 #   reshape  the same elements in the same row-major order, another shape
 #   move     elements selected, repeated or reordered along axes
 FORWARDS = {
-    "Identity": "value", "Cast": "value",
-    "Reshape": "reshape", "Flatten": "reshape", "Squeeze": "reshape", "Unsqueeze": "reshape",
-    "Transpose": "move", "Gather": "move", "Slice": "move", "Concat": "move", "Expand": "move", "Tile": "move",
-    "Split": "move", "Pad": "move",
+    "Identity": "value",
+    "Cast": "value",
+    "Reshape": "reshape",
+    "Flatten": "reshape",
+    "Squeeze": "reshape",
+    "Unsqueeze": "reshape",
+    "Transpose": "move",
+    "Gather": "move",
+    "Slice": "move",
+    "Concat": "move",
+    "Expand": "move",
+    "Tile": "move",
+    "Split": "move",
+    "Pad": "move",
 }
 
 
@@ -53,7 +63,11 @@ def readers(value: ir.Value, *, numbers_only: bool = False) -> list[ir.Node]:
     """Distinct nodes reading `value`, in first-use order (subgraph nodes included).
     `numbers_only` leaves out the readers of its shape or dtype alone: a rewrite that changes
     the numbers but keeps shape and dtype keeps what those see, so they never block one."""
-    return list(dict.fromkeys(u.node for u in value.uses() if not (numbers_only and _reads_metadata_only(u))))
+    return list(
+        dict.fromkeys(
+            u.node for u in value.uses() if not (numbers_only and _reads_metadata_only(u))
+        )
+    )
 
 
 def dim_list(shape: ir.Shape | None) -> list[int | str | None] | None:
@@ -63,22 +77,32 @@ def dim_list(shape: ir.Shape | None) -> list[int | str | None] | None:
 
 def dims_text(dims: list[int | str | None] | None) -> str:
     """`[batch, 8]`; `?` for an unknown shape or an unnamed dim."""
-    return "?" if dims is None else "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+    return (
+        "?" if dims is None else "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+    )
 
 
 NCHW_TO_NHWC, NHWC_TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
 
 
-def permuted_around(entry: ir.Value, exit_: ir.Value) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+def permuted_around(
+    entry: ir.Value, exit_: ir.Value
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """(perm in, perm out) when `entry` is written by a Transpose and `exit_` is read only by
     Transposes of one perm (an exporter's layout change around an op: timm's LayerNorm2d
     permutes NCHW to NHWC and back), else None."""
     producer, after = entry.producer(), [u.node for u in exit_.uses()]
-    if not is_op(producer, "Transpose") or not after or exit_.is_graph_output() or not all(
-            is_op(n, "Transpose") for n in after):
+    if (
+        not is_op(producer, "Transpose")
+        or not after
+        or exit_.is_graph_output()
+        or not all(is_op(n, "Transpose") for n in after)
+    ):
         return None
     perms = {tuple(n.attributes.get_ints("perm", ())) for n in after}
-    return (tuple(producer.attributes.get_ints("perm", ())), perms.pop()) if len(perms) == 1 else None
+    return (
+        (tuple(producer.attributes.get_ints("perm", ())), perms.pop()) if len(perms) == 1 else None
+    )
 
 
 def dead_nodes(graph: ir.Graph) -> list[ir.Node]:
@@ -147,14 +171,26 @@ def _constant_attribute(attr: ir.Attr) -> np.ndarray | None:
         return None
     if attr.name == "value":
         return attr.as_tensor().numpy()
-    kinds = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+    kinds = {
+        "value_float": np.float32,
+        "value_floats": np.float32,
+        "value_int": np.int64,
+        "value_ints": np.int64,
+    }
     return np.array(attr.value, dtype=kinds[attr.name]) if attr.name in kinds else None
 
 
 _ELEMENTWISE = {
-    "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide,
-    "Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Neg": np.negative, "Pow": np.power,
-    "Max": lambda *a: functools.reduce(np.maximum, a), "Min": lambda *a: functools.reduce(np.minimum, a),
+    "Add": np.add,
+    "Sub": np.subtract,
+    "Mul": np.multiply,
+    "Div": np.divide,
+    "Sqrt": np.sqrt,
+    "Reciprocal": np.reciprocal,
+    "Neg": np.negative,
+    "Pow": np.power,
+    "Max": lambda *a: functools.reduce(np.maximum, a),
+    "Min": lambda *a: functools.reduce(np.minimum, a),
     "Identity": np.asarray,
 }
 
@@ -177,12 +213,18 @@ def _fold_node(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | Non
         shape = static_shape(node.inputs[0]) if array is None else array.shape
         if shape is None:
             return None
-        return np.array(shape, np.int64)[attrs.get_int("start", 0):attrs.get_int("end", len(shape)) or None]
+        return np.array(shape, np.int64)[
+            attrs.get_int("start", 0) : attrs.get_int("end", len(shape)) or None
+        ]
     if any(a is None for a in args[:1]):
         return None
     if op == "CastLike":
         target = args[1] if args[1] is not None else None
-        dtype = target.dtype if target is not None else (node.inputs[1].dtype.numpy() if node.inputs[1].dtype else None)
+        dtype = (
+            target.dtype
+            if target is not None
+            else (node.inputs[1].dtype.numpy() if node.inputs[1].dtype else None)
+        )
         return None if dtype is None else args[0].astype(dtype)
     if op == "Expand" and args[1] is not None:
         return np.broadcast_to(args[0], np.broadcast_shapes(args[0].shape, tuple(args[1]))).copy()
@@ -192,9 +234,19 @@ def _fold_node(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | Non
             shape = [args[0].shape[i] if d == 0 else d for i, d in enumerate(shape)]
         return args[0].reshape(shape)
     if op in ("Unsqueeze", "Squeeze"):
-        axes = attrs.get_ints("axes") if "axes" in attrs else (tuple(args[1]) if len(args) > 1 and args[1] is not None else None)
+        axes = (
+            attrs.get_ints("axes")
+            if "axes" in attrs
+            else (tuple(args[1]) if len(args) > 1 and args[1] is not None else None)
+        )
         if op == "Unsqueeze":
-            return None if axes is None else np.expand_dims(args[0], tuple(a if a >= 0 else a + args[0].ndim + len(axes) for a in axes))
+            return (
+                None
+                if axes is None
+                else np.expand_dims(
+                    args[0], tuple(a if a >= 0 else a + args[0].ndim + len(axes) for a in axes)
+                )
+            )
         return np.squeeze(args[0], axis=None if axes is None else tuple(axes))
     if op == "Transpose":
         perm = attrs.get_ints("perm") if "perm" in attrs else None
@@ -212,7 +264,11 @@ def _fold_indexing(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray |
         dtype = ir.DataType(attrs.get_int("to")).numpy()
         return data.astype(dtype)
     if op == "ConstantOfShape":
-        fill = attrs["value"].as_tensor().numpy().reshape(-1) if "value" in attrs else np.zeros(1, np.float32)
+        fill = (
+            attrs["value"].as_tensor().numpy().reshape(-1)
+            if "value" in attrs
+            else np.zeros(1, np.float32)
+        )
         return np.full(tuple(int(d) for d in data), fill[0], dtype=fill.dtype)
     if op == "Gather" and args[1] is not None:
         return np.take(data, args[1].astype(np.int64), axis=attrs.get_int("axis", 0))
@@ -228,15 +284,33 @@ def _fold_indexing(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray |
             index[int(axis)] = slice(int(start), int(end), int(step))  # numpy clamps as ONNX does
         return data[tuple(index)]
     if op == "ReduceSum" and all(a is not None for a in args):
-        axes = tuple(attrs.get_ints("axes", ())) or (tuple(int(a) for a in args[1]) if len(args) > 1 else ())
+        axes = tuple(attrs.get_ints("axes", ())) or (
+            tuple(int(a) for a in args[1]) if len(args) > 1 else ()
+        )
         if not axes and attrs.get_int("noop_with_empty_axes", 0):
             return data
-        return np.sum(data, axis=axes or None, keepdims=bool(attrs.get_int("keepdims", 1))).astype(data.dtype)
+        return np.sum(data, axis=axes or None, keepdims=bool(attrs.get_int("keepdims", 1))).astype(
+            data.dtype
+        )
     return None
 
 
-_FOLDABLE = set(_ELEMENTWISE) | {"Shape", "CastLike", "Expand", "Reshape", "Unsqueeze", "Squeeze", "Concat",
-                                 "Transpose", "Cast", "ConstantOfShape", "Gather", "GatherND", "Slice", "ReduceSum"}
+_FOLDABLE = set(_ELEMENTWISE) | {
+    "Shape",
+    "CastLike",
+    "Expand",
+    "Reshape",
+    "Unsqueeze",
+    "Squeeze",
+    "Concat",
+    "Transpose",
+    "Cast",
+    "ConstantOfShape",
+    "Gather",
+    "GatherND",
+    "Slice",
+    "ReduceSum",
+}
 
 
 _memo: dict[tuple[int, int], tuple[ir.Value, np.ndarray | None]] | None = None
@@ -261,7 +335,10 @@ def folded_value(value: ir.Value | None, depth: int = 8) -> np.ndarray | None:
     shape arithmetic dynamo uses for a conv bias (`Expand(CastLike(0, x), Shape(W)[0:1])`).
     Analysis only: nothing is written back to the graph."""
     if _memo is not None and value is not None:
-        key = (id(value), depth)  # by depth too: a shallower search may give up where a deeper one folds
+        key = (
+            id(value),
+            depth,
+        )  # by depth too: a shallower search may give up where a deeper one folds
         hit = _memo.get(key)
         if hit is not None and hit[0] is value:
             return hit[1]

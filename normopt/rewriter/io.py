@@ -1,7 +1,8 @@
 """Load and save ONNX models through onnx-ir, safely.
 
 - Loading validates the file first (exists, parses, supported opset and IR version, every
-  external data file present and long enough, the graph checker-valid: `check_structure`) and raises `BadInput` with one line saying
+  external data file present and long enough, the graph checker-valid: `check_structure`) and
+  raises `BadInput` with one line saying
   what is wrong. External data stays memory-mapped: weights are read only when a pass touches
   them, so memory stays near one copy of the model.
 - Saving is atomic: the model (and its external data file) is written into a temporary folder
@@ -106,10 +107,14 @@ def _check_external_files(proto: onnx.ModelProto, path: Path) -> None:
         try:
             offset, length = int(info.get("offset", 0)), int(info.get("length", 0))
         except ValueError:
-            raise BadInput(f"'{path}': tensor '{tensor.name}' has a non-numeric external data offset or length") from None
+            raise BadInput(
+                f"'{path}': tensor '{tensor.name}' has a non-numeric external data offset or length"
+            ) from None
         if offset < 0 or length < 0:
-            raise BadInput(f"'{path}': tensor '{tensor.name}' has a negative external data offset or length "
-                           f"({offset}, {length})")
+            raise BadInput(
+                f"'{path}': tensor '{tensor.name}' has a negative external data offset or length "
+                f"({offset}, {length})"
+            )
         needed[location] = max(needed.get(location, 0), offset + length)
     for location, end in needed.items():
         data = path.parent / location
@@ -117,8 +122,10 @@ def _check_external_files(proto: onnx.ModelProto, path: Path) -> None:
             raise BadInput(f"'{path}' references external data file '{data}', which is missing")
         stat = data.stat()
         if stat.st_nlink > 1:  # onnx refuses to read such a file (another name may alias it)
-            raise BadInput(f"external data file '{data}' has {stat.st_nlink} hard links; onnx does not read "
-                           "a data file with several names: copy it to a file of its own")
+            raise BadInput(
+                f"external data file '{data}' has {stat.st_nlink} hard links; onnx does not read "
+                "a data file with several names: copy it to a file of its own"
+            )
         size = stat.st_size
         if size < end:
             raise BadInput(
@@ -158,7 +165,9 @@ def load(path: str | os.PathLike) -> ir.Model:
         problem = check_structure(model)
     if problem is not None:
         raise BadInput(f"'{path}' fails onnx.checker: {problem}")
-    model.meta[DESCRIBED_INITIALIZERS] = {name for name in model.graph.initializers if name in described}
+    model.meta[DESCRIBED_INITIALIZERS] = {
+        name for name in model.graph.initializers if name in described
+    }
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     return model
 
@@ -174,16 +183,27 @@ def structure_proto(model: ir.Model) -> onnx.ModelProto:
     touching the model and without reading a weight. Small embedded initializers (shape
     constants, which feed shape inference's data propagation) keep their values."""
     graph = model.graph
-    small = [v for v in graph.initializers.values() if v.const_value is not None
-             and v.const_value.nbytes <= SMALL_TENSOR_BYTES and not isinstance(v.const_value, ir.ExternalTensor)]
-    view = ir.GraphView(graph.inputs, graph.outputs, nodes=graph, initializers=small, name=graph.name)
+    small = [
+        v
+        for v in graph.initializers.values()
+        if v.const_value is not None
+        and v.const_value.nbytes <= SMALL_TENSOR_BYTES
+        and not isinstance(v.const_value, ir.ExternalTensor)
+    ]
+    view = ir.GraphView(
+        graph.inputs, graph.outputs, nodes=graph, initializers=small, name=graph.name
+    )
     proto = onnx.ModelProto(ir_version=model.ir_version)
     proto.graph.CopyFrom(ir.serde.serialize_graph(view))
     listed = {v.name for v in (*graph.inputs, *small)}
     for value in graph.initializers.values():
         if value.name not in listed and value.const_value is not None:
             tensor = value.const_value
-            proto.graph.input.append(onnx.helper.make_tensor_value_info(value.name, tensor.dtype.value, list(tensor.shape)))
+            proto.graph.input.append(
+                onnx.helper.make_tensor_value_info(
+                    value.name, tensor.dtype.value, list(tensor.shape)
+                )
+            )
     for domain, version in model.opset_imports.items():
         proto.opset_import.append(onnx.helper.make_opsetid(domain, version))
     for function in model.functions.values():
@@ -220,8 +240,14 @@ def initializer_bytes(model: ir.Model) -> int:
 
 def external_data_files(model: ir.Model) -> list[Path]:
     """Every external data file the model's tensors are read from."""
-    return sorted({Path(v.const_value.path) for g in model.graphs() for v in g.initializers.values()
-                   if isinstance(v.const_value, ir.ExternalTensor)})
+    return sorted(
+        {
+            Path(v.const_value.path)
+            for g in model.graphs()
+            for v in g.initializers.values()
+            if isinstance(v.const_value, ir.ExternalTensor)
+        }
+    )
 
 
 def model_files(path: str | os.PathLike) -> list[Path]:
@@ -233,7 +259,12 @@ def model_files(path: str | os.PathLike) -> list[Path]:
     with contextlib.suppress(Exception):  # an unreadable model fails later, where it is used
         model = onnx.load(path, load_external_data=False)
         tensors = [t for g in _graphs(model.graph) for t in g.initializer] + [
-            a.t for g in _graphs(model.graph) for n in g.node for a in n.attribute if a.HasField("t")]
+            a.t
+            for g in _graphs(model.graph)
+            for n in g.node
+            for a in n.attribute
+            if a.HasField("t")
+        ]
         names = {e.value for t in tensors for e in t.external_data if e.key == "location"}
         return [path, *sorted(path.parent / n for n in names)]
     return [path]
@@ -280,7 +311,9 @@ class Guard:
     def check(self, path: str | os.PathLike, what: str) -> None:
         clash = self.clash(path)
         if clash is not None:
-            raise BadInput(f"{what} '{path}' is {clash}: normopt never writes its inputs; choose another path")
+            raise BadInput(
+                f"{what} '{path}' is {clash}: normopt never writes its inputs; choose another path"
+            )
 
 
 # ---------------------------------------------------------------------------- temp files
@@ -326,7 +359,7 @@ def remove_stale_temps(folder: Path) -> list[Path]:
             name = entry.name
             if not name.startswith(TEMP_PREFIX) or "@" not in name:
                 continue
-            pid, _, rest = name[len(TEMP_PREFIX):].partition("@")
+            pid, _, rest = name[len(TEMP_PREFIX) :].partition("@")
             if not pid.isdigit() or not rest.startswith(host) or _alive(int(pid)):
                 continue
             if entry.is_dir() and not entry.is_symlink():
@@ -386,7 +419,9 @@ class StagedModel:
         """Move into place: data file first, so the model never points at a missing file."""
         try:
             if self.data_name:
-                _replace(self.path.parent / self.data_name, self.destination.parent / self.data_name)
+                _replace(
+                    self.path.parent / self.data_name, self.destination.parent / self.data_name
+                )
             _replace(self.path, self.destination)
         finally:
             self.discard()
@@ -413,8 +448,12 @@ def _undescribed_initializers(model: ir.Model):
     """While saving, initializers carry no type or shape of their own (their tensors have
     both) unless IN described them in value_info, so the output describes what IN did."""
     described = model.meta.get(DESCRIBED_INITIALIZERS, set())
-    hidden = [(v, v.type, v.shape) for g in model.graphs() for v in g.initializers.values()
-              if not v.is_graph_input() and (g is not model.graph or v.name not in described)]
+    hidden = [
+        (v, v.type, v.shape)
+        for g in model.graphs()
+        for v in g.initializers.values()
+        if not v.is_graph_input() and (g is not model.graph or v.name not in described)
+    ]
     for value, _, _ in hidden:
         value.type, value.shape = None, None
     try:
@@ -437,7 +476,8 @@ def stage(
 
     With `external_data`, every initializer over EXTERNAL_THRESHOLD_BYTES goes to one data
     file (`data_file_name`; all tensors are rewritten, so nothing points at the input's data
-    file); `guard` refuses a data file that is an input file. Without it the model is embedded, which protobuf allows only up to 2 GiB.
+    file); `guard` refuses a data file that is an input file. Without it the model is embedded,
+    which protobuf allows only up to 2 GiB.
     `progress(done, total)` is called after each external tensor is written.
     """
     destination = Path(destination)
@@ -459,7 +499,9 @@ def stage(
                     staged.path,
                     external_data=staged.data_name,
                     size_threshold_bytes=EXTERNAL_THRESHOLD_BYTES,
-                    callback=(lambda _t, info: progress(info.index + 1, info.total)) if progress else None,
+                    callback=(lambda _t, info: progress(info.index + 1, info.total))
+                    if progress
+                    else None,
                 )
     except OSError as exc:
         staged.discard()
@@ -473,8 +515,12 @@ def stage(
 def _streamable(model: ir.Model) -> bool:
     """Whether `_write_embedded` writes what onnx-ir's save would: every initializer in memory
     (an external one stays external there) and none with a quantization annotation."""
-    return all(v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor)
-               and QUANT_ANNOTATION not in v.meta for v in model.graph.initializers.values())
+    return all(
+        v.const_value is not None
+        and not isinstance(v.const_value, ir.ExternalTensor)
+        and QUANT_ANNOTATION not in v.meta
+        for v in model.graph.initializers.values()
+    )
 
 
 QUANT_ANNOTATION = "quant_parameter_tensor_names"  # onnx-ir's meta key for a value's annotation
@@ -491,7 +537,9 @@ def _wire_field(number: int, length: int) -> bytes:
     return bytes(out)
 
 
-def _write_embedded(model: ir.Model, path: Path, progress: Callable[[int, int], None] | None) -> None:
+def _write_embedded(
+    model: ir.Model, path: Path, progress: Callable[[int, int], None] | None
+) -> None:
     """Write `model` with its tensors inside the file, one tensor in memory at a time: first the
     model without initializers, then for each initializer, in order, one more `graph` field
     holding that initializer alone. Protobuf merges the occurrences of a message field (their
@@ -500,12 +548,24 @@ def _write_embedded(model: ir.Model, path: Path, progress: Callable[[int, int], 
     it (a 650 MB GPT-2: 3-4 s and two more copies of the weights in memory)."""
     graph = model.graph
     shell = copy.copy(model)
-    shell.graph = ir.GraphView(graph.inputs, graph.outputs, nodes=graph, name=graph.name, doc_string=graph.doc_string,
-                               opset_imports=graph.opset_imports, metadata_props=graph.metadata_props)
+    shell.graph = ir.GraphView(
+        graph.inputs,
+        graph.outputs,
+        nodes=graph,
+        name=graph.name,
+        doc_string=graph.doc_string,
+        opset_imports=graph.opset_imports,
+        metadata_props=graph.metadata_props,
+    )
     proto = ir.serde.serialize_model(shell)
     inputs = {v.name for v in graph.inputs}
-    described = [ir.serde.serialize_value(v) for v in graph.initializers.values() if v.name and v.name not in inputs
-                 and (v.type is not None or v.shape is not None or v.metadata_props or v.doc_string)]
+    described = [
+        ir.serde.serialize_value(v)
+        for v in graph.initializers.values()
+        if v.name
+        and v.name not in inputs
+        and (v.type is not None or v.shape is not None or v.metadata_props or v.doc_string)
+    ]
     if described:  # where onnx-ir's save puts them: before the nodes' value_info
         rest = list(proto.graph.value_info)
         del proto.graph.value_info[:]

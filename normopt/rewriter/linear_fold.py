@@ -18,7 +18,16 @@ import onnx_ir as ir
 
 from normopt.rewriter import numerics
 from normopt.rewriter.edit import Editor
-from normopt.rewriter.graph import LINEAR_OPS, constant_shape, folded_value, int_list, is_op, rank, readers, sole_reader
+from normopt.rewriter.graph import (
+    LINEAR_OPS,
+    constant_shape,
+    folded_value,
+    int_list,
+    is_op,
+    rank,
+    readers,
+    sole_reader,
+)
 from normopt.rewriter.norms import NormMatch
 
 
@@ -83,12 +92,19 @@ def fold_problem(linear: ir.Node, value: ir.Value, channels: int, input_side: bo
         return f"{where} has a {len(shape)}-D weight"
     if op == "MatMul" and constant_shape(linear.inputs[0]) is not None:
         return f"{where}'s first input is constant too"
-    if len(linear.inputs) > 2 and linear.inputs[2] is not None and constant_shape(linear.inputs[2]) is None:
+    if (
+        len(linear.inputs) > 2
+        and linear.inputs[2] is not None
+        and constant_shape(linear.inputs[2]) is None
+    ):
         return f"{where} has a non-constant bias"
     if op == "Gemm" and input_side and linear.attributes.get_int("transA", 0):
         return "Gemm with transA=1 reads its input transposed"
     if _weight_channels(linear, shape, input_side) != channels:
-        return f"the affine has {channels} channels, {where}'s weight {_weight_channels(linear, shape, input_side)}"
+        return (
+            f"the affine has {channels} channels, {where}'s weight "
+            f"{_weight_channels(linear, shape, input_side)}"
+        )
     return None
 
 
@@ -152,7 +168,9 @@ def norm_affine(match: NormMatch) -> tuple[np.ndarray, np.ndarray]:
     if match.kind == "batchnorm":
         bn = next(n for n in match.nodes if n.op_type == "BatchNormalization")
         gamma, beta, mean, var = (folded_value(v) for v in bn.inputs[1:5])
-        return numerics.batchnorm_affine(gamma, beta, mean, var, match.epsilon, match.detail.get("repbn_alpha", 0.0))
+        return numerics.batchnorm_affine(
+            gamma, beta, mean, var, match.epsilon, match.detail.get("repbn_alpha", 0.0)
+        )
     steps, channels = [], 1
     for node in match.nodes:
         k = next(folded_value(v) for v in node.inputs if folded_value(v) is not None)
@@ -185,10 +203,16 @@ def single_reader(value: ir.Value) -> ir.Node | str:
     if value.is_graph_output():
         return f"'{value.name}' is a graph output"
     reader = sole_reader(value, numbers_only=True)
-    return reader if reader is not None else f"'{value.name}' has {len(readers(value, numbers_only=True))} readers"
+    return (
+        reader
+        if reader is not None
+        else f"'{value.name}' has {len(readers(value, numbers_only=True))} readers"
+    )
 
 
-def expects_channel(linear: ir.Node, axis: int | None, r: int | None, input_side: bool) -> str | None:
+def expects_channel(
+    linear: ir.Node, axis: int | None, r: int | None, input_side: bool
+) -> str | None:
     """Why the channel axis does not map onto the weight axis, or None when it does."""
     if axis is None:
         return "the rank of the normalized tensor is unknown"
@@ -213,13 +237,17 @@ def plan_preceding(match: NormMatch, a, c) -> Fold | str:
         if not isinstance(reader, ir.Node):
             return reader
     if not is_op(producer, *LINEAR_OPS):
-        return f"not produced by {'/'.join(sorted(LINEAR_OPS))} (by {producer.op_type if producer else 'a graph input'})"
+        return (
+            f"not produced by {'/'.join(sorted(LINEAR_OPS))} (by "
+            f"{producer.op_type if producer else 'a graph input'})"
+        )
     reader = single_reader(match.input)
     if not isinstance(reader, ir.Node):
         return reader
     r = norm_rank(match, producer)
-    problem = (expects_channel(producer, channel_axis(match, r), r, input_side=False)
-               or fold_problem(producer, match.input, a.size, input_side=False))
+    problem = expects_channel(
+        producer, channel_axis(match, r), r, input_side=False
+    ) or fold_problem(producer, match.input, a.size, input_side=False)
     if problem:
         return problem
     return Fold(a, c, "preceding", producer, bias_add)
@@ -236,22 +264,33 @@ def token_axis_op(node: ir.Node, data_rank: int) -> int | str:
         return data_rank - 1 + index.ndim
     if op == "Slice":
         starts = folded_value(node.inputs[1])
-        sliced = int_list(node, "", 3) if len(node.inputs) > 3 and node.inputs[3] is not None else (
-            None if starts is None else list(range(starts.size)))
-        return "read through a Slice on the channel axis" if sliced is None or any(
-            a % data_rank == data_rank - 1 for a in sliced) else data_rank
+        sliced = (
+            int_list(node, "", 3)
+            if len(node.inputs) > 3 and node.inputs[3] is not None
+            else (None if starts is None else list(range(starts.size)))
+        )
+        return (
+            "read through a Slice on the channel axis"
+            if sliced is None or any(a % data_rank == data_rank - 1 for a in sliced)
+            else data_rank
+        )
     changed = int_list(node, "axes", 1)
     if changed is None:
         return f"read by {op} {node.name}"
     if op == "Squeeze":  # removes axes of the input: the last one must stay
-        touches_last, out_rank = any(a % data_rank == data_rank - 1 for a in changed), data_rank - len(changed)
+        touches_last, out_rank = (
+            any(a % data_rank == data_rank - 1 for a in changed),
+            data_rank - len(changed),
+        )
     else:  # inserts axes of the output: none may become the last one
         out_rank = data_rank + len(changed)
         touches_last = any(a % out_rank == out_rank - 1 for a in changed)
     return f"read through a {op} at the channel axis" if touches_last else out_rank
 
 
-def carried(node: ir.Node, value: ir.Value, r: int | None, axis: int | None) -> tuple[int, int, float] | str:
+def carried(
+    node: ir.Node, value: ir.Value, r: int | None, axis: int | None
+) -> tuple[int, int, float] | str:
     """What a per-channel affine of `value` (rank r, channel axis `axis`) becomes through
     `node`: (rank, channel axis, factor on the shift c) after it, or why it does not pass.
     Token-axis Gather/Slice/Squeeze/Unsqueeze (channel axis last); mean or sum pooling over other
@@ -267,7 +306,9 @@ def carried(node: ir.Node, value: ir.Value, r: int | None, axis: int | None) -> 
         after = token_axis_op(node, r)
         return after if isinstance(after, str) else (after, after - 1, 1.0)
     if op == "GlobalAveragePool":
-        return (r, axis, 1.0) if axis == 1 else f"GlobalAveragePool {node.name} pools the channel axis"
+        return (
+            (r, axis, 1.0) if axis == 1 else f"GlobalAveragePool {node.name} pools the channel axis"
+        )
     if op in ("ReduceMean", "ReduceSum"):
         axes = int_list(node, "axes", 1)
         if axes is None:
@@ -279,7 +320,10 @@ def carried(node: ir.Node, value: ir.Value, r: int | None, axis: int | None) -> 
         if op == "ReduceSum":
             sizes = [value.shape[a] if value.shape is not None else None for a in axes]
             if not all(isinstance(n, int) for n in sizes):
-                return f"ReduceSum {node.name} sums dims of unknown size (the shift would scale by their count)"
+                return (
+                    f"ReduceSum {node.name} sums dims of unknown size (the shift would scale by "
+                    "their count)"
+                )
             factor = float(np.prod(sizes))
         if node.attributes.get_int("keepdims", 1):
             return r, axis, factor
@@ -287,11 +331,26 @@ def carried(node: ir.Node, value: ir.Value, r: int | None, axis: int | None) -> 
     if op in ("Reshape", "Flatten"):
         shape, out_shape = value.shape, out.shape
         channels = shape[axis] if shape is not None else None
-        if (shape is None or out_shape is None or not isinstance(channels, int) or out_shape[-1] != channels
-                or any(d != 1 for d in list(shape)[axis + 1:])):
+        if (
+            shape is None
+            or out_shape is None
+            or not isinstance(channels, int)
+            or out_shape[-1] != channels
+            or any(d != 1 for d in list(shape)[axis + 1 :])
+        ):
             return f"{op} {node.name} does not keep the channel axis whole and last"
         return len(out_shape), len(out_shape) - 1, 1.0
     return f"read by {op} {node.name}, not by Conv/MatMul/Gemm"
 
 
-CARRIERS = ("Gather", "Slice", "Squeeze", "Unsqueeze", "GlobalAveragePool", "ReduceMean", "ReduceSum", "Reshape", "Flatten")
+CARRIERS = (
+    "Gather",
+    "Slice",
+    "Squeeze",
+    "Unsqueeze",
+    "GlobalAveragePool",
+    "ReduceMean",
+    "ReduceSum",
+    "Reshape",
+    "Flatten",
+)

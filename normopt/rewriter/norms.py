@@ -27,7 +27,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from normopt.rewriter.graph import ONNX_DOMAINS, constant_value, folded_value, is_op, rank, readers, sole_reader
+from normopt.rewriter.graph import (
+    ONNX_DOMAINS,
+    constant_value,
+    folded_value,
+    is_op,
+    rank,
+    readers,
+    sole_reader,
+)
 
 
 @dataclass
@@ -157,7 +165,9 @@ def _broadcasts_over_last(array: np.ndarray, k: int) -> bool:
 # ------------------------------------------------------------------ LayerNorm / RMSNorm, decomposed
 
 
-def _rsqrt_tail(var: ir.Value, numerator: ir.Value) -> tuple[float, str, list[ir.Node], ir.Value] | None:
+def _rsqrt_tail(
+    var: ir.Value, numerator: ir.Value
+) -> tuple[float, str, list[ir.Node], ir.Value] | None:
     """var -> Add(eps) -> Sqrt -> numerator / sqrt (three forms). Returns epsilon, its dtype
     (the dtype the statistics are computed in), the nodes, and the normalized value."""
     add = sole_reader(var)
@@ -165,7 +175,12 @@ def _rsqrt_tail(var: ir.Value, numerator: ir.Value) -> tuple[float, str, list[ir
         return None
     eps_array = constant_value(_other(add, var))
     sqrt = sole_reader(add.outputs[0])
-    if eps_array is None or eps_array.size != 1 or eps_array.reshape(()) < 0 or not is_op(sqrt, "Sqrt"):
+    if (
+        eps_array is None
+        or eps_array.size != 1
+        or eps_array.reshape(()) < 0
+        or not is_op(sqrt, "Sqrt")
+    ):
         return None
     eps, compute = float(eps_array.reshape(())), str(ir.DataType.from_numpy(eps_array.dtype))
     s = sqrt.outputs[0]
@@ -173,7 +188,9 @@ def _rsqrt_tail(var: ir.Value, numerator: ir.Value) -> tuple[float, str, list[ir
     div = sole_reader(s)
     if is_op(div, "Div") and div.inputs[1] is s and div.inputs[0] is numerator:
         return eps, compute, [*nodes, div], div.outputs[0]
-    if is_op(div, "Reciprocal") or (is_op(div, "Div") and div.inputs[1] is s and _scalar(div.inputs[0]) == 1.0):
+    if is_op(div, "Reciprocal") or (
+        is_op(div, "Div") and div.inputs[1] is s and _scalar(div.inputs[0]) == 1.0
+    ):
         inv = div.outputs[0]
         mul = sole_reader(inv)
         if is_op(mul, "Mul") and _other(mul, inv) is numerator:
@@ -181,12 +198,19 @@ def _rsqrt_tail(var: ir.Value, numerator: ir.Value) -> tuple[float, str, list[ir
     return None
 
 
-def _input_cast(x: ir.Value, pattern_readers: int, claimed: set[ir.Node]) -> tuple[ir.Value, list[ir.Node]]:
+def _input_cast(
+    x: ir.Value, pattern_readers: int, claimed: set[ir.Node]
+) -> tuple[ir.Value, list[ir.Node]]:
     """Look through a Cast feeding the pattern (read by nothing else): the compute-dtype
     wrapper, unless an earlier match ends with it (a norm's output Cast feeding the next norm
     belongs to the first; the second then reads the Cast's output)."""
     node = x.producer()
-    if is_op(node, "Cast") and node not in claimed and not x.is_graph_output() and len(readers(x)) == pattern_readers:
+    if (
+        is_op(node, "Cast")
+        and node not in claimed
+        and not x.is_graph_output()
+        and len(readers(x)) == pattern_readers
+    ):
         return node.inputs[0], [node]
     return x, []
 
@@ -199,8 +223,9 @@ def _dtype(value: ir.Value) -> ir.DataType | None:
     return value.dtype
 
 
-def _epilogue(y: ir.Value, k: int, with_bias: bool, cast_back: ir.DataType | bool
-              ) -> tuple[ir.Value, list[ir.Node], ir.Value | None, ir.Value | None, ir.Node | None]:
+def _epilogue(
+    y: ir.Value, k: int, with_bias: bool, cast_back: ir.DataType | bool
+) -> tuple[ir.Value, list[ir.Node], ir.Value | None, ir.Value | None, ir.Node | None]:
     """After the core: [Cast] [Mul scale] [Cast] [Add bias] [Cast], each at most once,
     each the sole reader of the value before it. Returns output, nodes, scale, bias, out_cast.
     A Cast joins only when it casts back to the norm's input dtype (`cast_back`; True: any,
@@ -212,7 +237,9 @@ def _epilogue(y: ir.Value, k: int, with_bias: bool, cast_back: ir.DataType | boo
         if node is None:
             break
         if is_op(node, "Cast") and cast is None:
-            if not cast_back or (cast_back is not True and node.attributes.get_int("to") != cast_back):
+            if not cast_back or (
+                cast_back is not True and node.attributes.get_int("to") != cast_back
+            ):
                 break
             cast = node
         elif is_op(node, "Mul") and scale is None and bias is None:
@@ -234,26 +261,58 @@ def _epilogue(y: ir.Value, k: int, with_bias: bool, cast_back: ir.DataType | boo
     return y, nodes, scale, bias, cast
 
 
-def _decomposed(kind: str, first: ir.Node, x: ir.Value, axes, core: list[ir.Node], y: ir.Value,
-                eps: float, compute: str, pattern_readers: int, claimed: set[ir.Node],
-                centring=None) -> NormMatch | None:
+def _decomposed(
+    kind: str,
+    first: ir.Node,
+    x: ir.Value,
+    axes,
+    core: list[ir.Node],
+    y: ir.Value,
+    eps: float,
+    compute: str,
+    pattern_readers: int,
+    claimed: set[ir.Node],
+    centring=None,
+) -> NormMatch | None:
     source, cast_in = _input_cast(x, pattern_readers, claimed)
     k = _trailing(axes, rank(x) if rank(x) is not None else rank(source))  # a Cast keeps rank
     if k is None:
         return None
     back = _dtype(source) or bool(cast_in)
-    output, tail, scale, bias, cast_out = _epilogue(y, -k, with_bias=kind == "layernorm", cast_back=back)
+    output, tail, scale, bias, cast_out = _epilogue(
+        y, -k, with_bias=kind == "layernorm", cast_back=back
+    )
     detail = {"output_cast": cast_out is not None} if cast_in or cast_out else {}
-    return NormMatch(kind, "decomposed", source, output, [*cast_in, first, *core, *tail], k, eps,
-                     scale, bias, compute, detail, core_input=x, core_output=y,
-                     entry=(cast_in[0] if cast_in else first, 0), anchor=first, centring=centring)
+    return NormMatch(
+        kind,
+        "decomposed",
+        source,
+        output,
+        [*cast_in, first, *core, *tail],
+        k,
+        eps,
+        scale,
+        bias,
+        compute,
+        detail,
+        core_input=x,
+        core_output=y,
+        entry=(cast_in[0] if cast_in else first, 0),
+        anchor=first,
+        centring=centring,
+    )
 
 
 def _match_layernorm(mean_node: ir.Node, claimed: set[ir.Node]) -> NormMatch | None:
     """Anchored at the first ReduceMean (the mean of x)."""
     x, axes = mean_node.inputs[0], _reduce_axes(mean_node)
     sub = sole_reader(mean_node.outputs[0])
-    if axes is None or not is_op(sub, "Sub") or sub.inputs[0] is not x or sub.inputs[1] is not mean_node.outputs[0]:
+    if (
+        axes is None
+        or not is_op(sub, "Sub")
+        or sub.inputs[0] is not x
+        or sub.inputs[1] is not mean_node.outputs[0]
+    ):
         return None
     d = sub.outputs[0]
     d_readers = readers(d)
@@ -263,14 +322,29 @@ def _match_layernorm(mean_node: ir.Node, claimed: set[ir.Node]) -> NormMatch | N
         if not _squares(square, d):
             continue
         var_node = sole_reader(square.outputs[0])
-        if not is_op(var_node, "ReduceMean") or _reduce_axes(var_node) != axes or var_node.inputs[0] is not square.outputs[0]:
+        if (
+            not is_op(var_node, "ReduceMean")
+            or _reduce_axes(var_node) != axes
+            or var_node.inputs[0] is not square.outputs[0]
+        ):
             return None
         tail = _rsqrt_tail(var_node.outputs[0], d)
         if tail is None:
             return None
         eps, compute, nodes, y = tail  # d has two readers: the square and the division found
-        return _decomposed("layernorm", mean_node, x, axes, [sub, square, var_node, *nodes], y, eps,
-                           compute, pattern_readers=2, claimed=claimed, centring=(mean_node, sub))
+        return _decomposed(
+            "layernorm",
+            mean_node,
+            x,
+            axes,
+            [sub, square, var_node, *nodes],
+            y,
+            eps,
+            compute,
+            pattern_readers=2,
+            claimed=claimed,
+            centring=(mean_node, sub),
+        )
     return None
 
 
@@ -287,8 +361,18 @@ def _match_rmsnorm(square: ir.Node, claimed: set[ir.Node]) -> NormMatch | None:
     if tail is None:
         return None
     eps, compute, nodes, y = tail
-    return _decomposed("rmsnorm", square, x, axes, [var_node, *nodes], y, eps, compute, pattern_readers=2,
-                       claimed=claimed)
+    return _decomposed(
+        "rmsnorm",
+        square,
+        x,
+        axes,
+        [var_node, *nodes],
+        y,
+        eps,
+        compute,
+        pattern_readers=2,
+        claimed=claimed,
+    )
 
 
 # ------------------------------------------------------------------------------ fused ops
@@ -310,15 +394,39 @@ def _match_op(node: ir.Node) -> NormMatch | None:
             axis -= r
         stash = node.attributes.get_int("stash_type", 1)
         compute = "FLOAT" if stash == 1 else str(node.inputs[0].dtype)
-        return NormMatch(kind, "op", node.inputs[0], node.outputs[0], [node], axis,
-                         _float_attr(node, "epsilon", 1e-5), node.inputs[1],
-                         node.inputs[2] if len(node.inputs) > 2 else None, compute, entry=(node, 0))
-    if node.domain == "com.microsoft" and node.op_type in ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"):
+        return NormMatch(
+            kind,
+            "op",
+            node.inputs[0],
+            node.outputs[0],
+            [node],
+            axis,
+            _float_attr(node, "epsilon", 1e-5),
+            node.inputs[1],
+            node.inputs[2] if len(node.inputs) > 2 else None,
+            compute,
+            entry=(node, 0),
+        )
+    if node.domain == "com.microsoft" and node.op_type in (
+        "SkipLayerNormalization",
+        "SkipSimplifiedLayerNormalization",
+    ):
         kind = "layernorm" if node.op_type == "SkipLayerNormalization" else "rmsnorm"
         bias = node.inputs[3] if kind == "layernorm" and len(node.inputs) > 3 else None
-        return NormMatch(kind, "op", node.inputs[0], node.outputs[0], [node], -1,
-                         _float_attr(node, "epsilon", 1e-12), node.inputs[2], bias, "FLOAT",
-                         {"fused_residual_add": True}, entry=(node, 0))
+        return NormMatch(
+            kind,
+            "op",
+            node.inputs[0],
+            node.outputs[0],
+            [node],
+            -1,
+            _float_attr(node, "epsilon", 1e-12),
+            node.inputs[2],
+            bias,
+            "FLOAT",
+            {"fused_residual_add": True},
+            entry=(node, 0),
+        )
     if is_op(node, "BatchNormalization"):
         return match_batchnorm(node)
     return None
@@ -331,8 +439,12 @@ def _same_source(a: ir.Value | None, b: ir.Value | None) -> bool:
     if a is b:
         return True
     pa, pb = a.producer(), b.producer()
-    return (is_op(pa, "Transpose") and is_op(pb, "Transpose") and pa.inputs[0] is pb.inputs[0]
-            and pa.attributes.get_ints("perm") == pb.attributes.get_ints("perm"))
+    return (
+        is_op(pa, "Transpose")
+        and is_op(pb, "Transpose")
+        and pa.inputs[0] is pb.inputs[0]
+        and pa.attributes.get_ints("perm") == pb.attributes.get_ints("perm")
+    )
 
 
 def match_batchnorm(bn: ir.Node, constant: bool = True) -> NormMatch | None:
@@ -357,8 +469,12 @@ def match_batchnorm(bn: ir.Node, constant: bool = True) -> NormMatch | None:
                     break
     transpose_in = x.producer()
     transpose_out = sole_reader(y)
-    if (is_op(transpose_in, "Transpose") and is_op(transpose_out, "Transpose") and set(readers(x)) <= set(nodes)
-            and not x.is_graph_output()):
+    if (
+        is_op(transpose_in, "Transpose")
+        and is_op(transpose_out, "Transpose")
+        and set(readers(x)) <= set(nodes)
+        and not x.is_graph_output()
+    ):
         perm = list(transpose_in.attributes.get_ints("perm"))
         back = list(transpose_out.attributes.get_ints("perm"))
         if [perm[i] for i in back] == list(range(len(perm))):
@@ -366,8 +482,20 @@ def match_batchnorm(bn: ir.Node, constant: bool = True) -> NormMatch | None:
             nodes = [transpose_in, *nodes, transpose_out]
             x, y, entry = transpose_in.inputs[0], transpose_out.outputs[0], (transpose_in, 0)
             detail["transposed"] = True
-    return NormMatch("batchnorm", "op", x, y, nodes, axis, _float_attr(bn, "epsilon", 1e-5),
-                     bn.inputs[1], bn.inputs[2], _dtype_name(bn.inputs[1]), detail, entry=entry)
+    return NormMatch(
+        "batchnorm",
+        "op",
+        x,
+        y,
+        nodes,
+        axis,
+        _float_attr(bn, "epsilon", 1e-5),
+        bn.inputs[1],
+        bn.inputs[2],
+        _dtype_name(bn.inputs[1]),
+        detail,
+        entry=entry,
+    )
 
 
 def _dtype_name(value: ir.Value) -> str | None:
@@ -409,7 +537,11 @@ def _match_affine_chain(node: ir.Node, claimed: set[ir.Node]) -> NormMatch | Non
         return None
     x, axis = first
     prev = x.producer()
-    if prev not in claimed and sole_reader(x) is node and (_affine_step(prev) or (None, None))[1] == axis:
+    if (
+        prev not in claimed
+        and sole_reader(x) is node
+        and (_affine_step(prev) or (None, None))[1] == axis
+    ):
         return None  # `node` continues a chain that starts earlier
     chain, y, step = [], x, node
     while step is not None and step not in claimed and _affine_step(step) == (y, axis):
@@ -419,8 +551,17 @@ def _match_affine_chain(node: ir.Node, claimed: set[ir.Node]) -> NormMatch | Non
     if len(chain) < 2 or not any(n.op_type in ("Mul", "Div") for n in chain):
         return None
     compute = str(ir.DataType.from_numpy(folded_value(_other(chain[0], x)).dtype))
-    return NormMatch("affine", "decomposed", x, y, chain, axis, compute_dtype=compute,
-                     detail={"ops": [n.op_type for n in chain]}, entry=(chain[0], list(chain[0].inputs).index(x)))
+    return NormMatch(
+        "affine",
+        "decomposed",
+        x,
+        y,
+        chain,
+        axis,
+        compute_dtype=compute,
+        detail={"ops": [n.op_type for n in chain]},
+        entry=(chain[0], list(chain[0].inputs).index(x)),
+    )
 
 
 # --------------------------------------------------------------------------------- entry

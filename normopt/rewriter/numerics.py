@@ -9,9 +9,8 @@ zero-mean along the hidden axis (section 1).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -20,14 +19,18 @@ def _f64(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def batchnorm_affine(gamma, beta, mean, var, eps: float, alpha: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def batchnorm_affine(
+    gamma, beta, mean, var, eps: float, alpha: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Inference BatchNorm as y = a*x + c:  a = gamma / sqrt(var + eps) + alpha,
     c = beta - mean * gamma / sqrt(var + eps).  `alpha` is SLAB RepBN's `BN(x) + alpha*x`."""
     s = _f64(gamma) / np.sqrt(_f64(var) + eps)
     return s + alpha, _f64(beta) - _f64(mean) * s
 
 
-def chain_affine(steps: Sequence[tuple[str, np.ndarray]], channels: int) -> tuple[np.ndarray, np.ndarray]:
+def chain_affine(
+    steps: Sequence[tuple[str, np.ndarray]], channels: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Compose x (op) k steps into y = a*x + c, from a = 1, c = 0:
     Mul k: a*k, c*k;  Div k: a/k, c/k;  Add k: c+k;  Sub k: c-k  (k per channel or scalar)."""
     a, c = np.ones(channels), np.zeros(channels)
@@ -63,7 +66,7 @@ def into_conv_transpose_output(weight, bias, a, c, groups: int) -> tuple[np.ndar
     a = _f64(a)
     for g in range(groups):
         rows = slice(g * cin // groups, (g + 1) * cin // groups)
-        w[rows] *= a[g * cout_g:(g + 1) * cout_g].reshape((1, cout_g) + (1,) * (w.ndim - 2))
+        w[rows] *= a[g * cout_g : (g + 1) * cout_g].reshape((1, cout_g) + (1,) * (w.ndim - 2))
     return w, a * _f64(bias) + _f64(c)
 
 
@@ -88,7 +91,7 @@ def _dot64(c, w, block_bytes: int = 1 << 22) -> np.ndarray:
     c, out = _f64(c), np.zeros(w.shape[1:], np.float64)
     per = max(1, block_bytes // max(1, 8 * w[0].size))
     for start in range(0, w.shape[0], per):
-        out += c[start:start + per] @ _f64(w[start:start + per])
+        out += c[start : start + per] @ _f64(w[start : start + per])
     return out
 
 
@@ -106,7 +109,9 @@ def into_conv_input(weight, bias, a, c, groups: int) -> tuple[np.ndarray, np.nda
     return w_new, b_new
 
 
-def into_gemm_output(weight, bias, a, c, beta: float, trans_b: bool) -> tuple[np.ndarray, np.ndarray]:
+def into_gemm_output(
+    weight, bias, a, c, beta: float, trans_b: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Gemm `alpha A B + beta C` then y = a*x + c on its output columns:
     a*(alpha A B + beta C) + c = alpha A (B diag(a)) + (a beta C + c); the new bias is used
     with beta = 1. B is [K, N], or [N, K] with transB."""
@@ -115,7 +120,9 @@ def into_gemm_output(weight, bias, a, c, beta: float, trans_b: bool) -> tuple[np
     return (w2.T if trans_b else w2), b2
 
 
-def into_gemm_input(weight, bias, a, c, alpha: float, beta: float, trans_b: bool) -> tuple[np.ndarray, np.ndarray]:
+def into_gemm_input(
+    weight, bias, a, c, alpha: float, beta: float, trans_b: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """y = a*x + c on the last axis, then Gemm `alpha y B + beta C` (no transA):
     alpha (a x + c) B + beta C = alpha x (diag(a) B) + (alpha c B + beta C); the new bias is
     used with beta = 1."""
@@ -124,7 +131,9 @@ def into_gemm_input(weight, bias, a, c, alpha: float, beta: float, trans_b: bool
     return (w2.T if trans_b else w2), alpha * shift + (0.0 if bias is None else beta * _f64(bias))
 
 
-def center(array, axis: int, dtype=None, block_bytes: int = 1 << 22, diffuse: bool = False) -> np.ndarray:
+def center(
+    array, axis: int, dtype=None, block_bytes: int = 1 << 22, diffuse: bool = False
+) -> np.ndarray:
     """array - array.mean(axis): every slice along `axis` sums to zero. A linear writer
     y = x W + b writes a zero-mean vector for every x iff W' = W - mean over the output axis,
     b' = b - mean(b). Embedding table [V, D]: axis=-1 (each row). MatMul weight W[in, out]:
@@ -154,7 +163,8 @@ def diffused(array: np.ndarray, axis: int, dtype) -> np.ndarray:
     """`array` (float64) rounded to `dtype` entry by entry along `axis`, each entry taking the
     rounding error of the ones before it (error diffusion): q_i = round(a_i + e_{i-1}),
     e_i = a_i + e_{i-1} - q_i. Each entry moves by at most half its own ulp and half its
-    predecessor's, and every prefix sum stays within half an ulp of its last entry: rounding entries alone moves a slice's sum by up to half an ulp per
+    predecessor's, and every prefix sum stays within half an ulp of its last entry: rounding
+    entries alone moves a slice's sum by up to half an ulp per
     entry when they sit just off representable values the same way (a float16 row centred by
     a shift below half its ulp keeps its old sum: the shift is rounded away)."""
     a = np.moveaxis(_f64(array), axis, -1)
@@ -175,8 +185,9 @@ def scale_along(array, g, axis: int) -> np.ndarray:
     return a * g.reshape([g.size if i == axis % a.ndim else 1 for i in range(a.ndim)])
 
 
-def merged_kernel(branches: Sequence[tuple[np.ndarray, np.ndarray]], kernel: Sequence[int],
-                  out_channels: int) -> tuple[np.ndarray, np.ndarray]:
+def merged_kernel(
+    branches: Sequence[tuple[np.ndarray, np.ndarray]], kernel: Sequence[int], out_channels: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Parallel convolutions of one input, summed, as one: every branch's weight [C_out, C_in/G,
     k_1, k_2, ..] zero-padded, centred, to `kernel` (each k_i's margin (K_i - k_i) / 2 per side,
     which is exactly where its own padding put it), then the weights and the biases summed:
@@ -199,7 +210,9 @@ def ungroup(weight, groups: int) -> np.ndarray:
     dense = np.zeros((out, per_group * groups, *w.shape[2:]))
     outs = out // groups
     for g in range(groups):
-        dense[g * outs:(g + 1) * outs, g * per_group:(g + 1) * per_group] = w[g * outs:(g + 1) * outs]
+        dense[g * outs : (g + 1) * outs, g * per_group : (g + 1) * per_group] = w[
+            g * outs : (g + 1) * outs
+        ]
     return dense
 
 
@@ -213,11 +226,17 @@ def regroup(dense, groups: int) -> np.ndarray | None:
     inside = ungroup(np.ones((out, per_group, *dense.shape[2:])), groups).astype(bool)
     if np.any(dense[~inside] != 0):
         return None
-    return np.concatenate([dense[g * outs:(g + 1) * outs, g * per_group:(g + 1) * per_group] for g in range(groups)])
+    return np.concatenate(
+        [
+            dense[g * outs : (g + 1) * outs, g * per_group : (g + 1) * per_group]
+            for g in range(groups)
+        ]
+    )
 
 
-def compose_kernels(upper, upper_bias, upper_groups: int, lower, lower_bias,
-                    lower_groups: int) -> tuple[np.ndarray, np.ndarray, int]:
+def compose_kernels(
+    upper, upper_bias, upper_groups: int, lower, lower_bias, lower_groups: int
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Two convolutions in sequence, one of them 1x1 (stride 1, nothing padded between them
     that the composite would not pad the same way), as one: upper(lower(x)) = W * x + b,
     W[o, i, k] = sum_m upper[o, m, k] lower[m, i] (lower 1x1) or sum_m upper[o, m] lower[m, i, k]
@@ -226,10 +245,17 @@ def compose_kernels(upper, upper_bias, upper_groups: int, lower, lower_bias,
     up, low = _f64(upper), _f64(lower)
     mid = low.shape[0]
     depthwise = lambda w, g: g == w.shape[0] and w.shape[1] == 1  # noqa: E731
-    if depthwise(low, lower_groups) and all(k == 1 for k in low.shape[2:]):  # a per-channel affine before a Conv
-        return (*into_conv_input(up, upper_bias, low.reshape(-1), lower_bias, upper_groups), upper_groups)
-    bias = _f64(upper_bias) + (up.reshape(up.shape[0], up.shape[1], -1).sum(axis=2)
-                               * _f64(lower_bias)[_input_channels(up.shape[0], up.shape[1], upper_groups)]).sum(axis=1)
+    if depthwise(low, lower_groups) and all(
+        k == 1 for k in low.shape[2:]
+    ):  # a per-channel affine before a Conv
+        return (
+            *into_conv_input(up, upper_bias, low.reshape(-1), lower_bias, upper_groups),
+            upper_groups,
+        )
+    bias = _f64(upper_bias) + (
+        up.reshape(up.shape[0], up.shape[1], -1).sum(axis=2)
+        * _f64(lower_bias)[_input_channels(up.shape[0], up.shape[1], upper_groups)]
+    ).sum(axis=1)
     if depthwise(up, upper_groups) and all(k == 1 for k in low.shape[2:]):
         return up * low.reshape(mid, low.shape[1], *[1] * (up.ndim - 2)), bias, lower_groups
     if depthwise(up, upper_groups) and all(k == 1 for k in up.shape[2:]):
@@ -252,4 +278,6 @@ def per_channel_kernel(scale, kernel: Sequence[int]) -> np.ndarray:
     """A per-channel map as a depthwise kernel [C, 1, k..]: every tap `scale[c] / prod(k)` (an
     identity or a per-channel affine's a with k = 1; an average pool's window with a ones scale)."""
     s = _f64(scale).reshape(-1)
-    return np.broadcast_to(s.reshape(-1, 1, *[1] * len(kernel)) / np.prod(kernel), (s.size, 1, *kernel)).copy()
+    return np.broadcast_to(
+        s.reshape(-1, 1, *[1] * len(kernel)) / np.prod(kernel), (s.size, 1, *kernel)
+    ).copy()

@@ -16,30 +16,56 @@ _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat1
 _OPTIONAL = OpSchema.FormalParameterOption.Optional
 
 
-def _schema(name: str, doc: str, inputs: list[tuple[str, str, bool]], outputs: list[tuple[str, str, bool]]) -> OpSchema:
+def _schema(
+    name: str, doc: str, inputs: list[tuple[str, str, bool]], outputs: list[tuple[str, str, bool]]
+) -> OpSchema:
     def params(spec):
-        return [OpSchema.FormalParameter(n, t, param_option=_OPTIONAL if optional else OpSchema.FormalParameterOption.Single)
-                for n, t, optional in spec]
+        return [
+            OpSchema.FormalParameter(
+                n, t, param_option=_OPTIONAL if optional else OpSchema.FormalParameterOption.Single
+            )
+            for n, t, optional in spec
+        ]
 
     return OpSchema(
-        name, "", 1, doc=f"onnxruntime contrib op: {doc}",
-        inputs=params(inputs), outputs=params(outputs),
-        type_constraints=[("T", _FLOATS, "input"), ("U", ["tensor(float)", "tensor(double)", "tensor(bfloat16)"], "statistics"),
-                          ("V", _FLOATS, "output and parameters")],
+        name,
+        "",
+        1,
+        doc=f"onnxruntime contrib op: {doc}",
+        inputs=params(inputs),
+        outputs=params(outputs),
+        type_constraints=[
+            ("T", _FLOATS, "input"),
+            ("U", ["tensor(float)", "tensor(double)", "tensor(bfloat16)"], "statistics"),
+            ("V", _FLOATS, "output and parameters"),
+        ],
         attributes=[
-            OpSchema.Attribute("axis", onnx.helper.make_attribute("axis", -1), "first normalized axis"),
-            OpSchema.Attribute("epsilon", onnx.helper.make_attribute("epsilon", 1e-5), "inside the square root"),
-            OpSchema.Attribute("stash_type", onnx.helper.make_attribute("stash_type", 1), "statistics precision"),
+            OpSchema.Attribute(
+                "axis", onnx.helper.make_attribute("axis", -1), "first normalized axis"
+            ),
+            OpSchema.Attribute(
+                "epsilon", onnx.helper.make_attribute("epsilon", 1e-5), "inside the square root"
+            ),
+            OpSchema.Attribute(
+                "stash_type", onnx.helper.make_attribute("stash_type", 1), "statistics precision"
+            ),
         ],
     )
 
 
 SCHEMAS = [
-    _schema("SimplifiedLayerNormalization", "RMSNorm, X / sqrt(mean(X^2) + epsilon) * scale",
-            [("X", "T", False), ("scale", "V", False)], [("Y", "V", False), ("inv_std_var", "U", True)]),
-    _schema("LayerNormalization", "LayerNorm below opset 17, (X - mean) / sqrt(var + epsilon) * Scale + B",
-            [("X", "T", False), ("Scale", "V", False), ("B", "V", True)],
-            [("Y", "V", False), ("Mean", "U", True), ("InvStdDev", "U", True)]),
+    _schema(
+        "SimplifiedLayerNormalization",
+        "RMSNorm, X / sqrt(mean(X^2) + epsilon) * scale",
+        [("X", "T", False), ("scale", "V", False)],
+        [("Y", "V", False), ("inv_std_var", "U", True)],
+    ),
+    _schema(
+        "LayerNormalization",
+        "LayerNorm below opset 17, (X - mean) / sqrt(var + epsilon) * Scale + B",
+        [("X", "T", False), ("Scale", "V", False), ("B", "V", True)],
+        [("Y", "V", False), ("Mean", "U", True), ("InvStdDev", "U", True)],
+    ),
 ]
 
 

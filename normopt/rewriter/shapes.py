@@ -33,7 +33,9 @@ def _values(model: ir.Model) -> Iterator[ir.Value]:
 
 
 def _infer(proto: onnx.ModelProto) -> onnx.ModelProto:
-    return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+    return onnx.shape_inference.infer_shapes(
+        proto, check_type=False, strict_mode=False, data_prop=True
+    )
 
 
 def _inferred(model: ir.Model) -> dict[str, ir.Value]:
@@ -55,7 +57,9 @@ def _refined(shape: ir.Shape | None, inferred: ir.Shape) -> ir.Shape | None:
         return inferred
     if len(shape) != len(inferred):
         return shape
-    dims = [i if not isinstance(d, int) and isinstance(i, int) else d for d, i in zip(shape, inferred)]
+    dims = [
+        i if not isinstance(d, int) and isinstance(i, int) else d for d, i in zip(shape, inferred)
+    ]
     return shape if dims == list(shape) else ir.Shape(dims)
 
 
@@ -80,7 +84,9 @@ def annotated(model: ir.Model) -> Iterator[None]:
     finally:
         for value, annotation in added.items():
             # unless a pass has changed it since, or it became a graph output (which must be typed)
-            if (value.type, value.shape) == annotation and (not value.is_graph_output() or value in outputs):
+            if (value.type, value.shape) == annotation and (
+                not value.is_graph_output() or value in outputs
+            ):
                 value.type, value.shape = before[value]
         # A value a pass created has the shape the annotation gave the value it replaces (or
         # none): it keeps only the shape IN gave that value, if any. (onnxruntime fuses more

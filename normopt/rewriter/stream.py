@@ -53,7 +53,10 @@ class StreamAnalysis:
     def writers(self) -> list[dict]:
         """What writes into the stream: its initial values and every branch output."""
         out = [{"value": v.name, "role": "initial", "op": _op(v)} for v in self.initial]
-        out += [{"value": r.branch.name, "role": "branch", "op": _op(r.branch)} for r in self.residual_adds]
+        out += [
+            {"value": r.branch.name, "role": "branch", "op": _op(r.branch)}
+            for r in self.residual_adds
+        ]
         return out
 
     def to_json(self) -> dict:
@@ -102,7 +105,9 @@ def _reaches_through_linear(source: ir.Value, target: ir.Value, order: dict[ir.N
     return False
 
 
-def find_residual_adds(graph: ir.Graph, norm_inputs: dict[ir.Value, ir.Value] | None = None) -> list[ResidualAdd]:
+def find_residual_adds(
+    graph: ir.Graph, norm_inputs: dict[ir.Value, ir.Value] | None = None
+) -> list[ResidualAdd]:
     """Residual Adds that form the stream. `norm_inputs` maps a norm's output to its input, so
     a Post-LN stream links through its norms.
 
@@ -123,12 +128,20 @@ def find_residual_adds(graph: ir.Graph, norm_inputs: dict[ir.Value, ir.Value] | 
             continue
         for skip, branch in ((a, b), (b, a)):
             # a constant is never the stream (a beta two norms share reaches the later one's input)
-            if len(readers(skip)) > 1 and constant_value(skip) is None and _reaches_through_linear(skip, branch, order):
+            if (
+                len(readers(skip)) > 1
+                and constant_value(skip) is None
+                and _reaches_through_linear(skip, branch, order)
+            ):
                 candidates.append(ResidualAdd(node, skip, branch))
                 break
     outputs = {r.node.outputs[0] for r in candidates}
     fed = {_carried_from(r.skip, norm_inputs) for r in candidates}
-    linked = [r for r in candidates if r.node.outputs[0] in fed or _carried_from(r.skip, norm_inputs) in outputs]
+    linked = [
+        r
+        for r in candidates
+        if r.node.outputs[0] in fed or _carried_from(r.skip, norm_inputs) in outputs
+    ]
     return linked or candidates
 
 
@@ -153,15 +166,20 @@ def analyze(graph: ir.Graph, norms: list[NormMatch]) -> StreamAnalysis:
     by_add_output = {r.node.outputs[0]: r for r in adds}
     for r in adds:
         skip = _source(r.skip)
-        r.pre = [n for n in by_input.get(skip, []) if _reaches_through_linear(n.output, r.branch, order)
-                 or n.output is r.branch]
+        r.pre = [
+            n
+            for n in by_input.get(skip, [])
+            if _reaches_through_linear(n.output, r.branch, order) or n.output is r.branch
+        ]
         r.peri = by_output.get(r.branch)
         norm = by_output.get(skip)
         previous = by_add_output.get(_source(norm.input)) if norm is not None else None
         if previous is not None:  # Post-LN: this block reads the previous block's sum, normalized
             r.post = norm
             previous.post = previous.post or norm
-        elif norm is not None:  # a norm before the first block (embeddings, pre-encoder, stage start)
+        elif (
+            norm is not None
+        ):  # a norm before the first block (embeddings, pre-encoder, stage start)
             r.start_norm = norm
     outputs = {r.node.outputs[0] for r in adds}
     carried = [_carried_from(r.skip, norm_inputs) for r in adds]
@@ -176,35 +194,67 @@ def analyze(graph: ir.Graph, norms: list[NormMatch]) -> StreamAnalysis:
             if node not in stream_nodes and node.op_type not in ("Cast", "Identity"):
                 other.setdefault(node.op_type, []).append(node.name)
     architecture, reasons = _classify(adds, seq_norms, norms)
-    return StreamAnalysis(architecture, reasons, adds, initial, final_norms,
-                          {k: sorted(v) for k, v in sorted(other.items())})
+    return StreamAnalysis(
+        architecture,
+        reasons,
+        adds,
+        initial,
+        final_norms,
+        {k: sorted(v) for k, v in sorted(other.items())},
+    )
 
 
-def _classify(adds: list[ResidualAdd], seq_norms: list[NormMatch], norms: list[NormMatch]) -> tuple[str, list[str]]:
+def _classify(
+    adds: list[ResidualAdd], seq_norms: list[NormMatch], norms: list[NormMatch]
+) -> tuple[str, list[str]]:
     if not adds:
-        return "none", ["no residual Add (an Add of a value and a branch computed from it "
-                        "through MatMul/Gemm/Conv)"]
+        return "none", [
+            "no residual Add (an Add of a value and a branch computed from it "
+            "through MatMul/Gemm/Conv)"
+        ]
     n = len(adds)
     pre = [r for r in adds if r.pre]
     post = [r for r in adds if r.post]
     peri = [r for r in adds if r.peri]
-    counts = f"{n} residual Adds: {len(pre)} pre-norm, {len(post)} post-norm, {len(peri)} branch-output norm"
+    counts = (
+        f"{n} residual Adds: {len(pre)} pre-norm, {len(post)} post-norm, {len(peri)} branch-output "
+        "norm"
+    )
     starts = [r.start_norm.where() for r in adds if r.start_norm is not None]
-    start_note = ([f"{len(starts)} norm(s) write the start of a stream (before its first block): {', '.join(starts)}"]
-                  if starts else [])
+    start_note = (
+        [
+            f"{len(starts)} norm(s) write the start of a stream (before its first block): "
+            f"{', '.join(starts)}"
+        ]
+        if starts
+        else []
+    )
     if not pre and not post and not peri:
         if seq_norms:
-            why = (f"its {len(seq_norms)} LayerNorm/RMSNorm(s) read values off the stream "
-                   "(e.g. a conv output), not the stream itself")
+            why = (
+                f"its {len(seq_norms)} LayerNorm/RMSNorm(s) read values off the stream "
+                "(e.g. a conv output), not the stream itself"
+            )
         else:
             other = sorted({m.kind for m in norms})
             why = f"its norms are {', '.join(other)}" if other else "it has no norms"
         return "none", [f"{n} residual Adds, none normalized by a LayerNorm or RMSNorm: {why}"]
     if len(post) == n and not pre:
-        return "post-ln", [counts, "every block input is a norm's output (normalized after the residual Add)"]
-    deciders = [f"Add {r.node.name or r.node.outputs[0].name}: " + (", ".join(
-        k for k, v in (("pre", r.pre), ("post", r.post), ("branch-output", r.peri)) if v) or "no norm")
-        for r in adds if not (r.pre and not r.post and not r.peri)]
+        return "post-ln", [
+            counts,
+            "every block input is a norm's output (normalized after the residual Add)",
+        ]
+    deciders = [
+        f"Add {r.node.name or r.node.outputs[0].name}: "
+        + (
+            ", ".join(
+                k for k, v in (("pre", r.pre), ("post", r.post), ("branch-output", r.peri)) if v
+            )
+            or "no norm"
+        )
+        for r in adds
+        if not (r.pre and not r.post and not r.peri)
+    ]
     kinds = {m.kind for r in pre for m in r.pre}
     if len(pre) == n and not post:
         if len(peri) == n:
@@ -212,7 +262,21 @@ def _classify(adds: list[ResidualAdd], seq_norms: list[NormMatch], norms: list[N
         if not peri and len(kinds) == 1:
             kind = kinds.pop()
             label = "pre-ln" if kind == "layernorm" else "pre-rmsnorm"
-            return label, [counts, f"every branch reads the raw stream through a {kind}", *start_note]
-    return "mixed", [counts, f"norm kinds before branches: {', '.join(sorted(kinds)) or 'none'}",
-                     *([f"not plain pre-norm: {'; '.join(deciders[:3])}" + (f" (+{len(deciders) - 3} more)" if len(deciders) > 3 else "")]
-                       if deciders else []), *start_note]
+            return label, [
+                counts,
+                f"every branch reads the raw stream through a {kind}",
+                *start_note,
+            ]
+    return "mixed", [
+        counts,
+        f"norm kinds before branches: {', '.join(sorted(kinds)) or 'none'}",
+        *(
+            [
+                f"not plain pre-norm: {'; '.join(deciders[:3])}"
+                + (f" (+{len(deciders) - 3} more)" if len(deciders) > 3 else "")
+            ]
+            if deciders
+            else []
+        ),
+        *start_note,
+    ]

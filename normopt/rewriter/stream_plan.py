@@ -34,7 +34,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from normopt.rewriter.graph import constant_shape, folded_value, int_list, is_op, rank, readers, static_shape
+from normopt.rewriter.graph import (
+    constant_shape,
+    folded_value,
+    int_list,
+    is_op,
+    rank,
+    readers,
+    static_shape,
+)
 from normopt.rewriter.linear_fold import bias_add_after, fold_problem
 from normopt.rewriter.norms import NormMatch
 
@@ -44,8 +52,24 @@ MAX_DEPTH = 64
 # [1, 128, 768], 0.41 at [8, 512, 128], 0.93 at [8, 512, 768]; Peri-LN (9 norms, 4 recentrings,
 # 2 norms a region) measured 1.02x slower with one recentring worth one conversion.
 RECENTRING_COST = 2
-MERGING_OPS = ("Add", "Sub", "Concat", "Cast", "Identity", "Reshape", "Transpose", "Gather", "Slice", "Squeeze",
-               "Unsqueeze", "ReduceMean", "Expand", "Pad", "Split", "Tile")
+MERGING_OPS = (
+    "Add",
+    "Sub",
+    "Concat",
+    "Cast",
+    "Identity",
+    "Reshape",
+    "Transpose",
+    "Gather",
+    "Slice",
+    "Squeeze",
+    "Unsqueeze",
+    "ReduceMean",
+    "Expand",
+    "Pad",
+    "Split",
+    "Tile",
+)
 
 
 class Refuse(Exception):
@@ -64,11 +88,19 @@ class Conversion:
 @dataclass
 class StreamRewrite:
     conversions: list[Conversion] = field(default_factory=list)
-    centred: dict[tuple[ir.Node, int], int | None] = field(default_factory=dict)  # (node, input) -> axis, None: zero
-    scaled: dict[tuple[ir.Node, int], np.ndarray] = field(default_factory=dict)  # LayerScale folded in first
+    centred: dict[tuple[ir.Node, int], int | None] = field(
+        default_factory=dict
+    )  # (node, input) -> axis, None: zero
+    scaled: dict[tuple[ir.Node, int], np.ndarray] = field(
+        default_factory=dict
+    )  # LayerScale folded in first
     layerscales: list[ir.Node] = field(default_factory=list)  # Muls removed once folded
-    recentred: list[tuple[ir.Value, str]] = field(default_factory=list)  # explicit x - mean(x), and why
-    kept: list[tuple[NormMatch, str]] = field(default_factory=list)  # LayerNorms left as they are, and why
+    recentred: list[tuple[ir.Value, str]] = field(
+        default_factory=list
+    )  # explicit x - mean(x), and why
+    kept: list[tuple[NormMatch, str]] = field(
+        default_factory=list
+    )  # LayerNorms left as they are, and why
 
     def merge(self, other: StreamRewrite) -> None:
         self.conversions += other.conversions
@@ -80,8 +112,10 @@ class StreamRewrite:
 
     def describe(self) -> str:
         betas = sum(1 for c in self.conversions if c.beta_readers)
-        parts = [f"convert {len(self.conversions)} LayerNorm(s) to RMSNorm",
-                 f"centre {len(self.centred)} writer weight(s)"]
+        parts = [
+            f"convert {len(self.conversions)} LayerNorm(s) to RMSNorm",
+            f"centre {len(self.centred)} writer weight(s)",
+        ]
         if self.layerscales:
             parts.append(f"fold {len(self.layerscales)} LayerScale Mul(s) into their writers")
         if betas:
@@ -115,16 +149,29 @@ def hidden_through(node: ir.Node, out_axis: int) -> int:
         if node.op_type == "Slice":
             axes = _sliced_axes(node)
             if axes is None or any(a % in_rank == out_axis for a in axes):
-                raise Refuse(f"Slice {node.name} slices the hidden axis (or its axes are not constant)")
+                raise Refuse(
+                    f"Slice {node.name} slices the hidden axis (or its axes are not constant)"
+                )
         return out_axis
     if node.op_type == "Transpose":
         perm = node.attributes.get_ints("perm", None) or tuple(reversed(range(out_rank or 0)))
         return perm[out_axis]
     if node.op_type in ("Reshape", "Flatten"):
         a, b = node.inputs[0].shape, node.outputs[0].shape
-        if a is not None and b is not None and out_axis < len(a) and list(a[:out_axis + 1]) == list(b[:out_axis + 1]):
+        if (
+            a is not None
+            and b is not None
+            and out_axis < len(a)
+            and list(a[: out_axis + 1]) == list(b[: out_axis + 1])
+        ):
             return out_axis  # the prefix up to the hidden axis is untouched
-        if a is not None and b is not None and out_axis == len(b) - 1 and a[-1] == b[-1] and isinstance(b[-1], int):
+        if (
+            a is not None
+            and b is not None
+            and out_axis == len(b) - 1
+            and a[-1] == b[-1]
+            and isinstance(b[-1], int)
+        ):
             return len(a) - 1  # the hidden size stays last
         raise Refuse(f"cannot tell where the hidden axis goes through {node.op_type} {node.name}")
     raise Refuse(f"unexpected {node.op_type}")
@@ -163,10 +210,23 @@ def keeps_hidden(node: ir.Node) -> bool:
         return a is not None and b is not None and bool(a) and a[-1] == b[-1]
     if is_op(node, "Pad"):  # zeros added on token axes only (zero is zero-mean)
         pads = folded_value(node.inputs[1]) if len(node.inputs) > 1 else None
-        fill = folded_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros(())
-        plain = node.attributes.get_string("mode", "constant") == "constant" and len(node.inputs) <= 3
-        return (plain and pads is not None and pads.size == 2 * r and pads[last] == 0 and pads[-1] == 0
-                and fill is not None and np.all(fill == 0))
+        fill = (
+            folded_value(node.inputs[2])
+            if len(node.inputs) > 2 and node.inputs[2] is not None
+            else np.zeros(())
+        )
+        plain = (
+            node.attributes.get_string("mode", "constant") == "constant" and len(node.inputs) <= 3
+        )
+        return (
+            plain
+            and pads is not None
+            and pads.size == 2 * r
+            and pads[last] == 0
+            and pads[-1] == 0
+            and fill is not None
+            and np.all(fill == 0)
+        )
     return False
 
 
@@ -252,8 +312,12 @@ def _has_bias(linear: ir.Node) -> bool:
 
 
 class Planner:
-    def __init__(self, norms: list[NormMatch], allow_hidden: bool,
-                 no_gain: Callable[[NormMatch], str | None] = lambda _m: None) -> None:
+    def __init__(
+        self,
+        norms: list[NormMatch],
+        allow_hidden: bool,
+        no_gain: Callable[[NormMatch], str | None] = lambda _m: None,
+    ) -> None:
         """`no_gain(norm)`: why converting that norm would not pay on the target (it then stays a
         LayerNorm, which a recentred input does not change, and buys no recentring)."""
         self.allow_hidden = allow_hidden
@@ -283,8 +347,11 @@ class Planner:
             seen.add(value)
             comp.values.append(value)
             if value.is_graph_output() and not self.allow_hidden:
-                block(value, f"'{value.name}' is a graph output: it would change (pass "
-                             "--allow-hidden-state-change to accept that)")
+                block(
+                    value,
+                    f"'{value.name}' is a graph output: it would change (pass "
+                    "--allow-hidden-state-change to accept that)",
+                )
             producer = value.producer()
             inputs = merge_inputs(producer)
             if inputs is not None:
@@ -310,12 +377,21 @@ class Planner:
                     queue.extend(node.outputs)
                     continue
                 if is_op(node, "Concat"):
-                    block(value, f"Concat {node.name} joins '{value.name}' with other pieces along the hidden "
-                                 "axis: recentred apart, the pieces would shift by different amounts, which a norm "
-                                 "over the whole sees")
+                    block(
+                        value,
+                        f"Concat {node.name} joins '{value.name}' with other pieces along the "
+                        "hidden "
+                        "axis: recentred apart, the pieces would shift by different amounts, which "
+                        "a norm "
+                        "over the whole sees",
+                    )
                 else:
-                    block(value, f"{node.op_type} {node.name} reads '{value.name}' and would see the recentred "
-                                 "values (not shift-invariant)")
+                    block(
+                        value,
+                        f"{node.op_type} {node.name} reads '{value.name}' and would see the "
+                        "recentred "
+                        "values (not shift-invariant)",
+                    )
         return comp
 
     @staticmethod
@@ -351,7 +427,10 @@ class Planner:
                 inputs = merge_inputs(producer)
                 kept = next((v for v in inputs if v in frozen), None)
                 if kept is not None:  # its inputs keep their numbers: recentre it explicitly
-                    starts[value] = f"it is computed from '{kept.name}', which must keep its numbers: {frozen[kept]}"
+                    starts[value] = (
+                        f"it is computed from '{kept.name}', which must keep its numbers: "
+                        f"{frozen[kept]}"
+                    )
                     for v in inputs:
                         freeze(v, frozen[kept])
                     changed = True
@@ -381,11 +460,18 @@ class Planner:
         regions = []
         for group in groups:
             members = set(group)
-            regions.append(Region(
-                values=group,
-                norms=[m for m in comp.norms if m.input in members],
-                merges=[n for n in comp.merges if any(o in members and o not in starts for o in n.outputs)],
-                starts={v: why for v, why in starts.items() if v in members}))
+            regions.append(
+                Region(
+                    values=group,
+                    norms=[m for m in comp.norms if m.input in members],
+                    merges=[
+                        n
+                        for n in comp.merges
+                        if any(o in members and o not in starts for o in n.outputs)
+                    ],
+                    starts={v: why for v, why in starts.items() if v in members},
+                )
+            )
         return regions, frozen
 
     def plan(self, region: Region) -> StreamRewrite | str:
@@ -414,9 +500,13 @@ class Planner:
         gaining = [m for m in region.norms if id(m) not in kept]
         if RECENTRING_COST * len(plan.recentred) >= len(gaining):
             why = "; ".join(f"'{v.name}': {reason}" for v, reason in plan.recentred[:2])
-            return (f"{len(gaining)} LayerNorm(s) would need {len(plan.recentred)} explicit recentring(s), "
-                    f"which cost more than converting them saves (a recentring costs about {RECENTRING_COST} "
-                    f"conversions) ({why})")
+            return (
+                f"{len(gaining)} LayerNorm(s) would need {len(plan.recentred)} explicit "
+                "recentring(s), "
+                "which cost more than converting them saves (a recentring costs about "
+                f"{RECENTRING_COST} "
+                f"conversions) ({why})"
+            )
         plan.conversions = [Conversion(m, self._beta_readers(m)) for m in gaining]
         plan.kept = [(m, kept[id(m)]) for m in region.norms if id(m) in kept]
         return plan
@@ -430,9 +520,14 @@ class Planner:
         if match.form == "op" and not is_op(match.nodes[0], "LayerNormalization"):
             return f"{match.nodes[0].op_type} {where} is a fused op normopt does not convert"
         if match.axis != -1:
-            return (f"LayerNorm {where} normalizes the last {match.normalized_axes} axes, not the hidden "
-                    "axis alone: it would see each token's own shift")
-        if match.form == "op" and any(o.uses() or o.is_graph_output() for o in match.nodes[0].outputs[1:]):
+            return (
+                f"LayerNorm {where} normalizes the last {match.normalized_axes} axes, not the "
+                "hidden "
+                "axis alone: it would see each token's own shift"
+            )
+        if match.form == "op" and any(
+            o.uses() or o.is_graph_output() for o in match.nodes[0].outputs[1:]
+        ):
             return f"LayerNormalization {where}'s Mean/InvStdDev outputs are read"
         return None
 
@@ -462,8 +557,11 @@ class Planner:
             for node in readers(value, numbers_only=True):
                 if is_op(node, "Reshape") and node.inputs[0] is value and keeps_hidden(node):
                     stack.append(node.outputs[0])
-                elif is_op(node, "MatMul", "Gemm") and fold_problem(node, value, beta.size, input_side=True) is None \
-                        and _has_bias(node):
+                elif (
+                    is_op(node, "MatMul", "Gemm")
+                    and fold_problem(node, value, beta.size, input_side=True) is None
+                    and _has_bias(node)
+                ):
                     found.append((node, bias_add_after(node)))
                 else:
                     return []
@@ -477,15 +575,28 @@ class Planner:
         self._centre_writer(plan, value, None, 0, None)
         return plan
 
-    def _recurse(self, plan: StreamRewrite, node: ir.Node, value: ir.Value, hidden: int | None, depth: int,
-                 scale: np.ndarray | None) -> None:
+    def _recurse(
+        self,
+        plan: StreamRewrite,
+        node: ir.Node,
+        value: ir.Value,
+        hidden: int | None,
+        depth: int,
+        scale: np.ndarray | None,
+    ) -> None:
         """Centre the writer of `value`, an input of `node`, which must be its only reader."""
         if value.is_graph_output() or readers(value, numbers_only=True) != [node]:
             raise Refuse(f"'{value.name}' is read by other nodes too (they would see the centring)")
         self._centre_writer(plan, value, hidden, depth + 1, scale)
 
-    def _centre_writer(self, plan: StreamRewrite, value: ir.Value, hidden: int | None, depth: int,
-                       scale: np.ndarray | None) -> None:
+    def _centre_writer(
+        self,
+        plan: StreamRewrite,
+        value: ir.Value,
+        hidden: int | None,
+        depth: int,
+        scale: np.ndarray | None,
+    ) -> None:
         """Plan centring of what writes `value` along its (non-negative) `hidden` axis, the
         last when None. `scale`: a LayerScale vector folded into the linear writers first."""
         node = value.producer()
@@ -509,7 +620,10 @@ class Planner:
                     continue
                 rv = rank(v)
                 if rv is None or rv < r - hidden:
-                    raise Refuse(f"'{v.name}' is added along the whole hidden axis of '{value.name}' (or its rank is unknown)")
+                    raise Refuse(
+                        f"'{v.name}' is added along the whole hidden axis of '{value.name}' (or "
+                        "its rank is unknown)"
+                    )
                 self._recurse(plan, node, v, rv - (r - hidden), depth, scale)
             return
         weight = constant_shape(node.inputs[1]) if len(node.inputs) > 1 else None
@@ -523,13 +637,22 @@ class Planner:
             return
         if op == "Conv" and weight is not None and hidden == 1:  # output channels
             if node.attributes.get_int("group", 1) != 1:
-                raise Refuse(f"grouped Conv {node.name} writes '{value.name}': its output channels read different inputs")
+                raise Refuse(
+                    f"grouped Conv {node.name} writes '{value.name}': its output channels read "
+                    "different inputs"
+                )
             self._centre(plan, scale, node, 1, 0)
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 self._centre(plan, scale, node, 2, -1)
             return
         table = constant_shape(node.inputs[0]) if node.inputs else None
-        if op == "Gather" and node.attributes.get_int("axis", 0) == 0 and table is not None and len(table) >= 2 and last:
+        if (
+            op == "Gather"
+            and node.attributes.get_int("axis", 0) == 0
+            and table is not None
+            and len(table) >= 2
+            and last
+        ):
             shared = node.inputs[0]
             if len(readers(shared)) > 1 or shared.is_graph_output():
                 raise Refuse(f"embedding table '{shared.name}' is shared (tied LM head?)")
@@ -544,7 +667,9 @@ class Planner:
             else:
                 self._recurse(plan, node, node.inputs[0], axis, depth, scale)
             return
-        raise Refuse(f"{op} {node.name} writes '{value.name}' and is not a linear op with constant weights")
+        raise Refuse(
+            f"{op} {node.name} writes '{value.name}' and is not a linear op with constant weights"
+        )
 
     def _layerscale(self, plan: StreamRewrite, node: ir.Node, value: ir.Value, depth: int) -> bool:
         """LayerScale `z * g` (g constant, a scalar or one entry per hidden channel, shaped so
@@ -555,7 +680,11 @@ class Planner:
         g = folded_value(node.inputs[constant.index(True)])
         z = node.inputs[constant.index(False)]
         z_shape, rz = static_shape(z), rank(z)
-        if rz is None or g.ndim > rz or not _broadcasts_over_last(g.reshape((1,) * (rz - g.ndim) + g.shape)):
+        if (
+            rz is None
+            or g.ndim > rz
+            or not _broadcasts_over_last(g.reshape((1,) * (rz - g.ndim) + g.shape))
+        ):
             return False
         if g.size > 1 and (z_shape is None or z_shape[-1] != g.size):
             return False
@@ -564,7 +693,9 @@ class Planner:
         return True
 
     @staticmethod
-    def _centre(plan: StreamRewrite, scale: np.ndarray | None, node: ir.Node, index: int, axis: int) -> None:
+    def _centre(
+        plan: StreamRewrite, scale: np.ndarray | None, node: ir.Node, index: int, axis: int
+    ) -> None:
         """Plan centring of a constant input along `axis` (negative: counted from its end). A
         constant broadcast along the hidden axis adds the same to every hidden entry, a shift
         the recentring removes: centred, it is zero (axis None)."""
@@ -576,5 +707,7 @@ class Planner:
         plan.centred[(node, index)] = axis
         if scale is not None:
             if scale.size not in (1, array.shape[axis]):
-                raise Refuse(f"LayerScale of {scale.size} channels meets '{node.inputs[index].name}'")
+                raise Refuse(
+                    f"LayerScale of {scale.size} channels meets '{node.inputs[index].name}'"
+                )
             plan.scaled[(node, index)] = scale

@@ -18,13 +18,23 @@ needs_no_tensorrt = pytest.mark.skipif(not NO_TENSORRT, reason="TensorRT is inst
 
 
 def normopt(*args):
-    return subprocess.run([sys.executable, "-m", "normopt", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "normopt", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @needs_no_tensorrt
-@pytest.mark.parametrize("command", [["build", "{model}", "{out}"], ["build", "{model}", "{out}", "--json"],
-                                     ["profile", "{model}", "--backend", "tensorrt"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["build", "{model}", "{out}"],
+        ["build", "{model}", "{out}", "--json"],
+        ["profile", "{model}", "--backend", "tensorrt"],
+    ],
+)
 def test_tensorrt_commands_without_tensorrt_say_so_in_one_line(corpus, tmp_path, command):
     model, out = corpus("gpt2-ts17").model, tmp_path / "model.engine"
     done = normopt(*(c.format(model=model, out=out) for c in command))
@@ -34,7 +44,9 @@ def test_tensorrt_commands_without_tensorrt_say_so_in_one_line(corpus, tmp_path,
     assert not out.exists()
     if "--json" in command:
         doc = json.loads(done.stdout)
-        assert doc["command"] == "build" and doc["exit_code"] == 2 and "needs TensorRT" in doc["error"]
+        assert (
+            doc["command"] == "build" and doc["exit_code"] == 2 and "needs TensorRT" in doc["error"]
+        )
 
 
 def test_profiles_from_static_dims_named_dims_and_shapes():
@@ -42,7 +54,9 @@ def test_profiles_from_static_dims_named_dims_and_shapes():
     assert profile_shapes(inputs, {}, {"batch": 4}) == {"ids": ((4, 8),) * 3, "mask": ((2, 8),) * 3}
     given = {"ids": ((1, 8), (4, 8), (16, 8))}
     assert profile_shapes(inputs, given, {})["ids"] == ((1, 8), (4, 8), (16, 8))
-    with pytest.raises(BadInput, match="input 'ids' has a dynamic dim 'batch': give --shape ids:MIN/OPT/MAX"):
+    with pytest.raises(
+        BadInput, match="input 'ids' has a dynamic dim 'batch': give --shape ids:MIN/OPT/MAX"
+    ):
         profile_shapes(inputs, {}, {})
 
 
@@ -65,7 +79,9 @@ def test_fp16_lowering_for_build_keeps_layernorms_in_fp32(corpus, tmp_path, name
     producers = {o: n for n in graph.node for o in n.output}
     norms = [n for n in graph.node if n.op_type == "LayerNormalization"]
     assert norms and all(producers[n.input[0]].op_type == "Cast" for n in norms)
-    assert {i.type.tensor_type.elem_type for i in graph.input if i.type.tensor_type.elem_type in (1, 10)} <= {1}
+    assert {
+        i.type.tensor_type.elem_type for i in graph.input if i.type.tensor_type.elem_type in (1, 10)
+    } <= {1}
     feeds = paths.load_inputs()
     want, got = run_ort(paths.model, feeds), run_ort(out, feeds)
     for k, ref in want.items():
@@ -91,21 +107,36 @@ def test_bf16_lowering_retypes_every_float16_from_the_float32_values(corpus, tmp
     original = {i.name: numpy_helper.to_array(i) for i in onnx.load(paths.model).graph.initializer}
     bf16 = [i for i in model.graph.initializer if i.data_type == TensorProto.BFLOAT16]
     assert bf16 and not [i for i in model.graph.initializer if i.data_type == TensorProto.FLOAT16]
-    assert not [a for n in model.graph.node for a in n.attribute if a.name == "to" and a.i == TensorProto.FLOAT16]
+    assert not [
+        a
+        for n in model.graph.node
+        for a in n.attribute
+        if a.name == "to" and a.i == TensorProto.FLOAT16
+    ]
     for init in bf16:
         if init.name in original:
             want = original[init.name].astype(ml_dtypes.bfloat16)
-            assert np.array_equal(numpy_helper.to_array(init).view(np.uint16), want.view(np.uint16)), init.name
+            assert np.array_equal(
+                numpy_helper.to_array(init).view(np.uint16), want.view(np.uint16)
+            ), init.name
 
 
-@pytest.mark.parametrize(("options", "reason"), [
-    (["--fp16", "--bf16"], "--fp16 and --bf16 exclude each other"),
-    (["--plugins", "python"], "--plugins takes aot or jit, not 'python'"),
-    (["--workspace", "0"], "--workspace must be at least 1 MiB"),
-])
-def test_bad_build_options_are_one_line_whether_or_not_tensorrt_is_there(corpus, tmp_path, options, reason):
-    """Options are checked before TensorRT is loaded: the same line here and on a TensorRT machine."""
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        (["--fp16", "--bf16"], "--fp16 and --bf16 exclude each other"),
+        (["--plugins", "python"], "--plugins takes aot or jit, not 'python'"),
+        (["--workspace", "0"], "--workspace must be at least 1 MiB"),
+    ],
+)
+def test_bad_build_options_are_one_line_whether_or_not_tensorrt_is_there(
+    corpus, tmp_path, options, reason
+):
+    """Options are checked before TensorRT is loaded: the same line here and on a TensorRT
+    machine."""
     out = tmp_path / "m.engine"
     done = normopt("build", corpus("gpt2-ts17").model, out, *options)
-    assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"normopt: error: {reason}"]
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"normopt: error: {reason}"
+    ]
     assert not out.exists()

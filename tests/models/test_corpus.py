@@ -12,9 +12,31 @@ from normopt.rewrite import rewrite
 from normopt.verify import VerifyOptions
 from tests.helpers import assert_matches_reference
 
-LN_COUNTS = {"gpt2": 5, "gpt2hidden": 5, "opt": 5, "gptneox": 5, "vit": 5, "bert": 5, "preln": 5, "clip": 6,
-             "bloom": 6, "swin": 11, "wav2vec2": 8, "whisper": 12, "periln": 9, "mixln": 7, "scaledpool": 5}
-BN_COUNTS = {"resnet18": 20, "mobilenetv2": 52, "repbn": 5, "repbnpool": 5, "repvgg": 19, "repblocks": 9}
+LN_COUNTS = {
+    "gpt2": 5,
+    "gpt2hidden": 5,
+    "opt": 5,
+    "gptneox": 5,
+    "vit": 5,
+    "bert": 5,
+    "preln": 5,
+    "clip": 6,
+    "bloom": 6,
+    "swin": 11,
+    "wav2vec2": 8,
+    "whisper": 12,
+    "periln": 9,
+    "mixln": 7,
+    "scaledpool": 5,
+}
+BN_COUNTS = {
+    "resnet18": 20,
+    "mobilenetv2": 52,
+    "repbn": 5,
+    "repbnpool": 5,
+    "repvgg": 19,
+    "repblocks": 9,
+}
 
 
 def digest(path):
@@ -36,10 +58,14 @@ def test_export_has_the_structure_it_claims(corpus, name):
         assert count["LayerNormalization"] == (0 if entry.opset < 17 else n)
         assert count["ReduceMean"] >= 2 * n if entry.opset < 17 else count["ReduceMean"] <= 1
     elif entry.family == "llama":
-        assert (count["RMSNormalization"], count["ReduceMean"]) == ((5, 0) if entry.opset >= 23 else (0, 5))
+        assert (count["RMSNormalization"], count["ReduceMean"]) == (
+            (5, 0) if entry.opset >= 23 else (0, 5)
+        )
     elif entry.family in BN_COUNTS:
         # kept, not folded into Conv (where the exporter folds, only RepVGG's 3 identity BNs stay)
-        assert count["BatchNormalization"] == (BN_COUNTS[entry.family] if entry.keep_bn is None else 3)
+        assert count["BatchNormalization"] == (
+            BN_COUNTS[entry.family] if entry.keep_bn is None else 3
+        )
     elif entry.family == "convnext":
         # two hand-written LNs (two ReduceMeans each) and the global average pool
         assert count["ReduceMean"] == 5 and not count["LayerNormalization"]
@@ -49,7 +75,11 @@ def test_export_has_the_structure_it_claims(corpus, name):
         assert count["LayerNormalization"] == (0 if entry.opset < 17 else 9)
     else:
         assert entry.family == "unifiednorm"
-        assert count["Sqrt"] == 5 and not count["LayerNormalization"] and not count["BatchNormalization"]
+        assert (
+            count["Sqrt"] == 5
+            and not count["LayerNormalization"]
+            and not count["BatchNormalization"]
+        )
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))
@@ -77,7 +107,12 @@ def test_rewrite_for_onnxruntime_is_valid_and_equivalent(corpus, tmp_path, name)
     the output failed onnx.checker (nodes not sorted)."""
     paths = corpus(name)
     out = tmp_path / "out.onnx"
-    report = rewrite(paths.model, out, options=Options(target="ort"), verification=VerifyOptions(inputs=paths.load_inputs()))
+    report = rewrite(
+        paths.model,
+        out,
+        options=Options(target="ort"),
+        verification=VerifyOptions(inputs=paths.load_inputs()),
+    )
     assert report.written and report.verification.ok
     assert_matches_reference(out, paths)
 

@@ -8,16 +8,26 @@ import onnx_ir as ir
 import pytest
 
 from models.corpus import CORPUS
+from normopt.passes.base import Options
 from normopt.passes.canonicalize_norms import CanonicalizeNorms
 from normopt.rewriter import io
-from normopt.passes.base import Options
 from tests.helpers import assert_matches_reference
 from tests.norm_graphs import Variant, build
 
 # decomposed norms per export that canonicalize can fuse, by target
-LN_TS14 = {f"{f}-ts14": 5 for f in ("gpt2", "gpt2hidden", "opt", "gptneox", "vit", "bert", "preln")} | {
-    "convnext-ts14": 2, "clip-ts14": 6, "bloom-ts14": 6, "swin-ts14": 11, "wav2vec2-ts14": 8, "periln-ts14": 9,
-    "mixln-ts14": 7, "scaledpool-ts14": 5, "convnext2d-ts14": 9}
+LN_TS14 = {
+    f"{f}-ts14": 5 for f in ("gpt2", "gpt2hidden", "opt", "gptneox", "vit", "bert", "preln")
+} | {
+    "convnext-ts14": 2,
+    "clip-ts14": 6,
+    "bloom-ts14": 6,
+    "swin-ts14": 11,
+    "wav2vec2-ts14": 8,
+    "periln-ts14": 9,
+    "mixln-ts14": 7,
+    "scaledpool-ts14": 5,
+    "convnext2d-ts14": 9,
+}
 FUSED = {
     **{(name, "ort"): {"LayerNormalization": n} for name, n in LN_TS14.items()},  # ORT's contrib op
     ("convnext-ts17", "onnx"): {"LayerNormalization": 2},
@@ -69,18 +79,27 @@ def test_rmsnormalization_at_opset_23():
     x = {"x": np.random.default_rng(0).standard_normal((2, 3, 4, 8)).astype(np.float32)}
     from tests.helpers import ort_run
 
-    np.testing.assert_allclose(ort_run(ir.serde.serialize_model(model), x)["out"], ort_run(proto, x)["out"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        ort_run(ir.serde.serialize_model(model), x)["out"],
+        ort_run(proto, x)["out"],
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_nothing_to_do_says_so():
-    result = CanonicalizeNorms().run(ir.serde.deserialize_model(build(Variant(mutation="eps_outside"))[0]))
+    result = CanonicalizeNorms().run(
+        ir.serde.deserialize_model(build(Variant(mutation="eps_outside"))[0])
+    )
     assert not result.modified and result.refusals[0].reason == "no decomposed LayerNorm or RMSNorm"
 
 
 def test_fitting_parameters_keep_their_names(corpus):
     """Refit by name keeps working: gamma/beta already shaped [d] in float32 are reused."""
     model = io.load(corpus("llama-dyn18").model)
-    names = {n for n in model.graph.initializers if "layernorm.weight" in n or n.endswith("norm.weight")}
+    names = {
+        n for n in model.graph.initializers if "layernorm.weight" in n or n.endswith("norm.weight")
+    }
     CanonicalizeNorms(Options(target="ort")).run(model)
     fused = [n for n in model.graph if n.op_type == "SimplifiedLayerNormalization"]
     assert {n.inputs[1].name for n in fused} == names and len(names) == 5
@@ -89,7 +108,9 @@ def test_fitting_parameters_keep_their_names(corpus):
 def test_normalized_size_not_static_is_refused():
     """An RMSNorm of an intermediate with no recorded shape and no scale: the fused op's scale
     needs the size, so it stays decomposed with that reason (condition 3)."""
-    model = ir.serde.deserialize_model(build(Variant(mutation="other_mean", scale="none", bias=False))[0])
+    model = ir.serde.deserialize_model(
+        build(Variant(mutation="other_mean", scale="none", bias=False))[0]
+    )
     result = CanonicalizeNorms(Options(target="ort")).run(model)
     assert not result.modified
     assert result.refusals[0].reason == "the size of the last 1 axis/axes is not static"
@@ -104,20 +125,34 @@ def test_a_norm_reading_another_norms_output():
     from tests.passes.test_preln_to_rmsnorm import _ln_decomposed
 
     d = 6
-    gamma, beta = np.linspace(0.5, 1.5, d).astype(np.float32), np.linspace(-1, 1, d).astype(np.float32)
-    nodes = _ln_decomposed("x", "first", [-1], "g", "b") + _ln_decomposed("first", "y", [-1], "g", "b")
-    proto = make_model(nodes, [tensor("x", shape=(2, 3, d))], [tensor("y", shape=(2, 3, d))],
-                       [const("g", gamma), const("b", beta), const("eps", np.float32(1e-5))], opset=14)
+    gamma, beta = (
+        np.linspace(0.5, 1.5, d).astype(np.float32),
+        np.linspace(-1, 1, d).astype(np.float32),
+    )
+    nodes = _ln_decomposed("x", "first", [-1], "g", "b") + _ln_decomposed(
+        "first", "y", [-1], "g", "b"
+    )
+    proto = make_model(
+        nodes,
+        [tensor("x", shape=(2, 3, d))],
+        [tensor("y", shape=(2, 3, d))],
+        [const("g", gamma), const("b", beta), const("eps", np.float32(1e-5))],
+        opset=14,
+    )
     model = ir.serde.deserialize_model(proto)
     result = CanonicalizeNorms(Options(target="ort")).run(model)
     assert result.lines == ["fused 2 decomposed layernorm -> LayerNormalization"]
     rewritten = ir.serde.serialize_model(model)
     onnx.checker.check_model(rewritten, full_check=True)
     feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, d)).astype(np.float32)}
-    np.testing.assert_allclose(ort_run(rewritten, feeds)["y"], ort_run(proto, feeds)["y"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        ort_run(rewritten, feeds)["y"], ort_run(proto, feeds)["y"], rtol=1e-5, atol=1e-5
+    )
 
 
-def test_fusions_come_in_groups_by_layout_and_a_skipped_site_stays_with_its_reason(corpus, tmp_path):
+def test_fusions_come_in_groups_by_layout_and_a_skipped_site_stays_with_its_reason(
+    corpus, tmp_path
+):
     """timm's ConvNeXt (TorchScript 14): the LayerNorm2d norms (stem, downsampling, head) sit
     between permutes, the block norms do not; the speed guard drops such a group through
     `Options.skip_sites`, and those norms stay decomposed, saying why."""
@@ -125,12 +160,15 @@ def test_fusions_come_in_groups_by_layout_and_a_skipped_site_stays_with_its_reas
     model = io.load(paths.model)
     result = CanonicalizeNorms(Options(target="ort")).run(model)
     assert {k: len(v) for k, v in result.units.items()} == {
-        "layernorm -> LayerNormalization between Transposes": 5, "layernorm -> LayerNormalization": 4}
+        "layernorm -> LayerNormalization between Transposes": 5,
+        "layernorm -> LayerNormalization": 4,
+    }
     skip = frozenset(result.units["layernorm -> LayerNormalization between Transposes"])
     model = io.load(paths.model)
     result = CanonicalizeNorms(Options(target="ort", skip_sites=skip)).run(model)
     assert list(result.units) == ["layernorm -> LayerNormalization"] and result.lines == [
-        "fused 4 decomposed layernorm -> LayerNormalization"]
+        "fused 4 decomposed layernorm -> LayerNormalization"
+    ]
     kept = [r for r in result.refusals if "speed guard measured the fused op slower" in r.reason]
     assert len(kept) == 5 and not any(r.may_change for r in kept)
     out = tmp_path / "out.onnx"

@@ -31,16 +31,21 @@ def _run_and_check(proto, tmp_path, feeds):
 
 def test_removes_dead_chain_and_its_initializer(tmp_path):
     proto = mlp()
-    proto.graph.node.extend([
-        helper.make_node("Mul", ["x", "unused_w"], ["dead1"], name="dead_mul"),
-        helper.make_node("Relu", ["dead1"], ["dead2"], name="dead_relu"),
-    ])
+    proto.graph.node.extend(
+        [
+            helper.make_node("Mul", ["x", "unused_w"], ["dead1"], name="dead_mul"),
+            helper.make_node("Relu", ["dead1"], ["dead2"], name="dead_relu"),
+        ]
+    )
     proto.graph.initializer.append(const("unused_w", np.ones(8, np.float32)))
     result, out = _run_and_check(proto, tmp_path, {"x": np.ones((2, 8), np.float32)})
     assert result.modified
     assert result.lines[:2] == ["removed 2 dead node(s)", "removed 1 unused initializer(s)"]
     assert [(c.nodes, c.values) for c in result.changes if c.kind == "removed"] == [
-        (("dead_mul",), ()), (("dead_relu",), ()), ((), ("unused_w",))]
+        (("dead_mul",), ()),
+        (("dead_relu",), ()),
+        ((), ("unused_w",)),
+    ]
     assert [n.op_type for n in out.graph] == ["MatMul", "Add", "Relu", "MatMul"]
     assert "unused_w" not in out.graph.initializers
 
@@ -74,13 +79,19 @@ def test_idempotent(tmp_path):
 
 def test_value_used_only_inside_if_branch_is_kept(tmp_path):
     """A node whose output is read only by an If branch (outer-scope capture) is live."""
-    then_graph = helper.make_graph([helper.make_node("Neg", ["captured"], ["t_out"])], "then", [], [tensor("t_out")])
-    else_graph = helper.make_graph([helper.make_node("Identity", ["x"], ["e_out"])], "else", [], [tensor("e_out")])
+    then_graph = helper.make_graph(
+        [helper.make_node("Neg", ["captured"], ["t_out"])], "then", [], [tensor("t_out")]
+    )
+    else_graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["e_out"])], "else", [], [tensor("e_out")]
+    )
     nodes = [
         helper.make_node("Relu", ["x"], ["captured"], name="feeds_branch"),
         helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="sum"),
         helper.make_node("Greater", ["s", "zero"], ["cond"], name="cond"),
-        helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph, name="if"),
+        helper.make_node(
+            "If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph, name="if"
+        ),
         helper.make_node("Sigmoid", ["x"], ["dead"], name="dead"),
     ]
     proto = make_model(nodes, [tensor("x")], [tensor("y")], [const("zero", np.float32(0))])
@@ -92,13 +103,20 @@ def test_value_used_only_inside_if_branch_is_kept(tmp_path):
 
 def test_model_local_function_is_kept_and_cleaned(tmp_path):
     body = [helper.make_node("Relu", ["a"], ["b"]), helper.make_node("Neg", ["a"], ["unused"])]
-    function = helper.make_function("custom", "MyRelu", ["a"], ["b"], body,
-                                    [helper.make_opsetid("", 17)])
+    function = helper.make_function(
+        "custom", "MyRelu", ["a"], ["b"], body, [helper.make_opsetid("", 17)]
+    )
     nodes = [helper.make_node("MyRelu", ["x"], ["y"], domain="custom", name="call")]
     graph = helper.make_graph(nodes, "g", [tensor("x")], [tensor("y")])
-    proto = helper.make_model(graph, functions=[function], ir_version=10,
-                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)])
-    result, out = _run_and_check(proto, tmp_path, {"x": np.linspace(-1, 1, 16, dtype=np.float32).reshape(2, 8)})
+    proto = helper.make_model(
+        graph,
+        functions=[function],
+        ir_version=10,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)],
+    )
+    result, out = _run_and_check(
+        proto, tmp_path, {"x": np.linspace(-1, 1, 16, dtype=np.float32).reshape(2, 8)}
+    )
     assert "removed 1 dead node(s) in model-local functions" in result.lines
     assert [n.op_type for n in out.graph] == ["MyRelu"] and len(out.functions) == 1
 
@@ -109,7 +127,8 @@ def test_fp16_and_fp32_models(tmp_path, dtype):
     proto.graph.node.append(helper.make_node("Neg", ["x"], ["dead"], name="dead"))
     result, out = _run_and_check(proto, tmp_path, {"x": np.ones((2, 8), dtype)})
     assert result.modified and out.graph.initializers["w1"].dtype == ir.DataType(
-        helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+        helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    )
 
 
 def test_graph_outputs_and_inputs_are_kept():

@@ -23,12 +23,18 @@ PARAMS = ("g", "b", "m", "v")  # gamma, beta, mean, var, as the hand-built BNs n
 
 
 def bn_inits(name: str, c: int, dtype=np.float32) -> list[onnx.TensorProto]:
-    return [const(f"{name}_g", rng.uniform(0.5, 1.5, c).astype(dtype)), const(f"{name}_b", rng.standard_normal(c).astype(dtype)),
-            const(f"{name}_m", rng.standard_normal(c).astype(dtype)), const(f"{name}_v", rng.uniform(0.5, 1.5, c).astype(dtype))]
+    return [
+        const(f"{name}_g", rng.uniform(0.5, 1.5, c).astype(dtype)),
+        const(f"{name}_b", rng.standard_normal(c).astype(dtype)),
+        const(f"{name}_m", rng.standard_normal(c).astype(dtype)),
+        const(f"{name}_v", rng.uniform(0.5, 1.5, c).astype(dtype)),
+    ]
 
 
 def bn_node(name: str, inp: str, out: str, **attrs) -> onnx.NodeProto:
-    return helper.make_node("BatchNormalization", [inp, *(f"{name}_{k}" for k in PARAMS)], [out], name=name, **attrs)
+    return helper.make_node(
+        "BatchNormalization", [inp, *(f"{name}_{k}" for k in PARAMS)], [out], name=name, **attrs
+    )
 
 
 def conv_bn(bias=True, dtype=np.float32, transpose=False, group=1, pads=(1, 1, 1, 1)):
@@ -38,32 +44,58 @@ def conv_bn(bias=True, dtype=np.float32, transpose=False, group=1, pads=(1, 1, 1
     inits = [const("w", rng.standard_normal(w_shape).astype(dtype)), *bn_inits("bn", 6, dtype)]
     if bias:
         inits.append(const("cb", rng.standard_normal(6).astype(dtype)))
-    conv = helper.make_node(op, ["x", "w", *(["cb"] if bias else [])], ["c"], name="conv", pads=list(pads), group=group)
+    conv = helper.make_node(
+        op, ["x", "w", *(["cb"] if bias else [])], ["c"], name="conv", pads=list(pads), group=group
+    )
     out_hw = 8 + 2 - 2 * pads[0] if transpose else 8 + pads[0] + pads[2] - 2
-    return make_model([conv, bn_node("bn", "c", "y")], [tensor("x", t, (2, 4, 8, 8))], [tensor("y", t, (2, 6, out_hw, out_hw))],
-                      inits), {"x": rng.standard_normal((2, 4, 8, 8)).astype(dtype)}
+    return make_model(
+        [conv, bn_node("bn", "c", "y")],
+        [tensor("x", t, (2, 4, 8, 8))],
+        [tensor("y", t, (2, 6, out_hw, out_hw))],
+        inits,
+    ), {"x": rng.standard_normal((2, 4, 8, 8)).astype(dtype)}
 
 
 def gemm_bn(trans_b: int, beta: float = 1.0, bias=True):
     w = rng.standard_normal((5, 6) if not trans_b else (6, 5)).astype(np.float32)
-    inits = [const("w", w), *bn_inits("bn", 6)] + ([const("cb", rng.standard_normal(6).astype(np.float32))] if bias else [])
-    nodes = [helper.make_node("Gemm", ["x", "w", *(["cb"] if bias else [])], ["c"], name="gemm", transB=trans_b, beta=beta,
-                              alpha=0.7), bn_node("bn", "c", "y")]
-    return make_model(nodes, [tensor("x", shape=(3, 5))], [tensor("y", shape=(3, 6))], inits), \
-        {"x": rng.standard_normal((3, 5)).astype(np.float32)}
+    inits = [const("w", w), *bn_inits("bn", 6)] + (
+        [const("cb", rng.standard_normal(6).astype(np.float32))] if bias else []
+    )
+    nodes = [
+        helper.make_node(
+            "Gemm",
+            ["x", "w", *(["cb"] if bias else [])],
+            ["c"],
+            name="gemm",
+            transB=trans_b,
+            beta=beta,
+            alpha=0.7,
+        ),
+        bn_node("bn", "c", "y"),
+    ]
+    return make_model(nodes, [tensor("x", shape=(3, 5))], [tensor("y", shape=(3, 6))], inits), {
+        "x": rng.standard_normal((3, 5)).astype(np.float32)
+    }
 
 
 def matmul_token_bn(bias=True):
     """[B, N, C] tokens: MatMul (+ bias Add) -> Transpose -> BatchNorm over C -> Transpose."""
-    inits = [const("w", rng.standard_normal((5, 6)).astype(np.float32)), *bn_inits("bn", 6),
-             const("cb", rng.standard_normal(6).astype(np.float32))]
+    inits = [
+        const("w", rng.standard_normal((5, 6)).astype(np.float32)),
+        *bn_inits("bn", 6),
+        const("cb", rng.standard_normal(6).astype(np.float32)),
+    ]
     nodes = [helper.make_node("MatMul", ["x", "w"], ["c0"], name="mm")]
     nodes += [helper.make_node("Add", ["c0", "cb"], ["c"], name="bias")] if bias else []
-    nodes += [helper.make_node("Transpose", ["c" if bias else "c0"], ["ct"], perm=[0, 2, 1], name="t1"),
-              bn_node("bn", "ct", "yt"), helper.make_node("Transpose", ["yt"], ["y"], perm=[0, 2, 1], name="t2")]
+    nodes += [
+        helper.make_node("Transpose", ["c" if bias else "c0"], ["ct"], perm=[0, 2, 1], name="t1"),
+        bn_node("bn", "ct", "yt"),
+        helper.make_node("Transpose", ["yt"], ["y"], perm=[0, 2, 1], name="t2"),
+    ]
     inits = inits if bias else inits[:-1]
-    return make_model(nodes, [tensor("x", shape=(2, 7, 5))], [tensor("y", shape=(2, 7, 6))], inits), \
-        {"x": rng.standard_normal((2, 7, 5)).astype(np.float32)}
+    return make_model(
+        nodes, [tensor("x", shape=(2, 7, 5))], [tensor("y", shape=(2, 7, 6))], inits
+    ), {"x": rng.standard_normal((2, 7, 5)).astype(np.float32)}
 
 
 def tune(model: onnx.ModelProto, tune_params: str = "constants", expect_modified: bool = True):
@@ -81,16 +113,26 @@ def replaced(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.Mode
 
 def new_bn_values(model: onnx.ModelProto, name: str = "bn") -> dict[str, np.ndarray]:
     """Random new gamma, beta, mean and var (var > 0) for BN `name`, in its dtype."""
-    dtype = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == f"{name}_g")).dtype
-    c = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == f"{name}_g")).size
-    return {f"{name}_g": rng.uniform(-2, 2, c).astype(dtype), f"{name}_b": rng.standard_normal(c).astype(dtype),
-            f"{name}_m": rng.standard_normal(c).astype(dtype), f"{name}_v": rng.uniform(0.1, 3, c).astype(dtype)}
+    dtype = numpy_helper.to_array(
+        next(i for i in model.graph.initializer if i.name == f"{name}_g")
+    ).dtype
+    c = numpy_helper.to_array(
+        next(i for i in model.graph.initializer if i.name == f"{name}_g")
+    ).size
+    return {
+        f"{name}_g": rng.uniform(-2, 2, c).astype(dtype),
+        f"{name}_b": rng.standard_normal(c).astype(dtype),
+        f"{name}_m": rng.standard_normal(c).astype(dtype),
+        f"{name}_v": rng.uniform(0.1, 3, c).astype(dtype),
+    }
 
 
 def assert_close(a: dict, b: dict, tol: float = 1e-5) -> None:
     for k in a:
         scale = float(np.max(np.abs(a[k].astype(np.float64)))) or 1.0
-        np.testing.assert_allclose(b[k].astype(np.float64), a[k].astype(np.float64), rtol=0, atol=tol * scale)
+        np.testing.assert_allclose(
+            b[k].astype(np.float64), a[k].astype(np.float64), rtol=0, atol=tol * scale
+        )
 
 
 CASES = {
@@ -114,12 +156,16 @@ def test_tune_mode_equals_the_original_as_a_function_of_the_bn_parameters(case):
     names = {i.name for i in tuned.graph.initializer}
     assert {f"bn_{k}" for k in PARAMS} <= names and "w" in names  # the original names survive ...
     for init in model.graph.initializer:  # ... with their values
-        np.testing.assert_array_equal(numpy_helper.to_array(next(i for i in tuned.graph.initializer if i.name == init.name)),
-                                      numpy_helper.to_array(init))
+        np.testing.assert_array_equal(
+            numpy_helper.to_array(next(i for i in tuned.graph.initializer if i.name == init.name)),
+            numpy_helper.to_array(init),
+        )
     assert_close(ort_run(model, feeds), ort_run(tuned, feeds))
     for _ in range(3):  # new parameters in both: still equal (a deploy fold fails here, below)
         values = new_bn_values(model)
-        assert_close(ort_run(replaced(model, values), feeds), ort_run(replaced(tuned, values), feeds))
+        assert_close(
+            ort_run(replaced(model, values), feeds), ort_run(replaced(tuned, values), feeds)
+        )
     assert result.changes[0].kind == "tuned" and "bn" in result.changes[0].nodes
 
 
@@ -132,19 +178,26 @@ def test_a_deploy_fold_agrees_only_at_the_current_values():
     assert_close(ort_run(model, feeds), ort_run(folded, feeds))
     values = new_bn_values(model)
     with pytest.raises(AssertionError):  # the parameter-replacement test is what tells them apart
-        assert_close(ort_run(replaced(model, values), feeds), ort_run(replaced(folded, values), feeds))
+        assert_close(
+            ort_run(replaced(model, values), feeds), ort_run(replaced(folded, values), feeds)
+        )
 
 
 def test_the_sensitivity_to_a_parameter_is_the_same():
     model, feeds = conv_bn()
     _, tuned = tune(model)
-    gamma = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "bn_g")).astype(np.float64)
+    gamma = numpy_helper.to_array(
+        next(i for i in model.graph.initializer if i.name == "bn_g")
+    ).astype(np.float64)
     h = 1e-2
 
     def derivative(m: onnx.ModelProto) -> np.ndarray:
         up, down = gamma.copy(), gamma.copy()
         up[0], down[0] = up[0] + h, down[0] - h
-        run = [ort_run(replaced(m, {"bn_g": g.astype(np.float32)}), feeds)["y"].astype(np.float64) for g in (up, down)]
+        run = [
+            ort_run(replaced(m, {"bn_g": g.astype(np.float32)}), feeds)["y"].astype(np.float64)
+            for g in (up, down)
+        ]
         return (run[0] - run[1]) / (2 * h)
 
     expected = derivative(model)
@@ -172,7 +225,9 @@ def test_float16_weights_are_computed_in_float32():
     casts = [n for n in tuned.graph.node if n.op_type == "Cast"]
     assert {a.i for n in casts for a in n.attribute} == {TensorProto.FLOAT, TensorProto.FLOAT16}
     reference = ort_run(model, feeds)["y"].astype(np.float64)
-    exact = ort_run(conv_bn_wide(model), {"x": feeds["x"].astype(np.float32)})["y"].astype(np.float64)
+    exact = ort_run(conv_bn_wide(model), {"x": feeds["x"].astype(np.float32)})["y"].astype(
+        np.float64
+    )
     error = np.abs(ort_run(tuned, feeds)["y"].astype(np.float64) - exact).max()
     assert error <= 2 * np.abs(reference - exact).max()  # no worse than the fp16 original
 
@@ -181,7 +236,9 @@ def conv_bn_wide(model: onnx.ModelProto) -> onnx.ModelProto:
     """The float16 model in float32 (its reference)."""
     wide = onnx.ModelProto.FromString(model.SerializeToString())
     for init in wide.graph.initializer:
-        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
+        init.CopyFrom(
+            numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name)
+        )
     for value in (*wide.graph.input, *wide.graph.output):
         value.type.tensor_type.elem_type = TensorProto.FLOAT
     return wide
@@ -218,8 +275,12 @@ def test_repbn_and_training_mode_are_refused():
     model, _ = conv_bn()  # SLAB's RepBN: BN(c) + alpha * c
     model.graph.node[1].output[0] = "n"
     model.graph.initializer.append(const("alpha", np.array(0.3, np.float32)))
-    model.graph.node.extend([helper.make_node("Mul", ["c", "alpha"], ["ac"], name="scaled"),
-                             helper.make_node("Add", ["n", "ac"], ["y"], name="repbn")])
+    model.graph.node.extend(
+        [
+            helper.make_node("Mul", ["c", "alpha"], ["ac"], name="scaled"),
+            helper.make_node("Add", ["n", "ac"], ["y"], name="repbn"),
+        ]
+    )
     assert refusal(model).startswith("it is SLAB's RepBN")
 
 
@@ -232,8 +293,13 @@ def test_a_computed_parameter_cannot_become_an_input():
     model, _ = conv_bn()
     gamma = next(i for i in model.graph.initializer if i.name == "bn_g")
     model.graph.initializer.remove(gamma)
-    model.graph.node.insert(0, helper.make_node("Constant", [], ["bn_g"], value=gamma, name="gamma_constant"))
-    assert refusal(model, "inputs") == "bn_g not initializers: they cannot become graph inputs (--tune-params inputs)"
+    model.graph.node.insert(
+        0, helper.make_node("Constant", [], ["bn_g"], value=gamma, name="gamma_constant")
+    )
+    assert (
+        refusal(model, "inputs")
+        == "bn_g not initializers: they cannot become graph inputs (--tune-params inputs)"
+    )
     tune(model)  # as constants it tunes
 
 
@@ -260,9 +326,15 @@ def test_every_bn_the_fold_removes_is_tuned_in_the_exports(corpus, tmp_path, nam
     feeds = paths.load_inputs()
     assert_close(paths.load_reference(), ort_run(tuned, feeds))
     first = bns[0]
-    c = numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == first.input[1])).size
-    values = {first.input[1]: rng.uniform(-2, 2, c).astype(np.float32), first.input[2]: rng.standard_normal(c).astype(np.float32),
-              first.input[3]: rng.standard_normal(c).astype(np.float32), first.input[4]: rng.uniform(0.1, 3, c).astype(np.float32)}
+    c = numpy_helper.to_array(
+        next(i for i in proto.graph.initializer if i.name == first.input[1])
+    ).size
+    values = {
+        first.input[1]: rng.uniform(-2, 2, c).astype(np.float32),
+        first.input[2]: rng.standard_normal(c).astype(np.float32),
+        first.input[3]: rng.standard_normal(c).astype(np.float32),
+        first.input[4]: rng.uniform(0.1, 3, c).astype(np.float32),
+    }
     assert_close(ort_run(replaced(proto, values), feeds), ort_run(replaced(tuned, values), feeds))
     if tune_params == "inputs":  # fed instead of replaced: the same
         assert {i.name for i in tuned.graph.input} >= set(values)

@@ -18,24 +18,44 @@ from tests.helpers import const, make_model, ort_run, run_pass, tensor
 rng = np.random.default_rng(0)
 
 
-def conv(name: str, k: tuple[int, int], pads, cin=8, cout=8, group=1, stride=1, dilation=1, bias=True):
+def conv(
+    name: str, k: tuple[int, int], pads, cin=8, cout=8, group=1, stride=1, dilation=1, bias=True
+):
     inits = [const(f"{name}_w", rng.standard_normal((cout, cin // group, *k)).astype(np.float32))]
     if bias:
         inits.append(const(f"{name}_b", rng.standard_normal(cout).astype(np.float32)))
-    node = helper.make_node("Conv", ["x", *(i.name for i in inits)], [name], name=name, pads=list(pads), group=group,
-                            strides=[stride, stride], dilations=[dilation, dilation], kernel_shape=list(k))
+    node = helper.make_node(
+        "Conv",
+        ["x", *(i.name for i in inits)],
+        [name],
+        name=name,
+        pads=list(pads),
+        group=group,
+        strides=[stride, stride],
+        dilations=[dilation, dilation],
+        kernel_shape=list(k),
+    )
     return node, inits
 
 
 def bn_of_x(name="bn", c=8):
-    inits = [const(f"{name}_{k}", v.astype(np.float32)) for k, v in
-             (("g", rng.uniform(0.5, 1.5, c)), ("b", rng.standard_normal(c)), ("m", rng.standard_normal(c)),
-              ("v", rng.uniform(0.5, 1.5, c)))]
-    return helper.make_node("BatchNormalization", ["x", *(i.name for i in inits)], [name], name=name), inits
+    inits = [
+        const(f"{name}_{k}", v.astype(np.float32))
+        for k, v in (
+            ("g", rng.uniform(0.5, 1.5, c)),
+            ("b", rng.standard_normal(c)),
+            ("m", rng.standard_normal(c)),
+            ("v", rng.uniform(0.5, 1.5, c)),
+        )
+    ]
+    return helper.make_node(
+        "BatchNormalization", ["x", *(i.name for i in inits)], [name], name=name
+    ), inits
 
 
 def summed(branches, extra_inits=(), cin=8, hw=6, out_shape=(2, 8, 6, 6), sum_op=False):
-    """x [2, cin, hw, hw]; the branches' outputs (names) summed by a chain of Adds (or one Sum), then Relu."""
+    """x [2, cin, hw, hw]; the branches' outputs (names) summed by a chain of Adds (or one Sum),
+    then Relu."""
     nodes, inits, names = [], list(extra_inits), []
     for item in branches:
         if isinstance(item, str):
@@ -55,7 +75,9 @@ def summed(branches, extra_inits=(), cin=8, hw=6, out_shape=(2, 8, 6, 6), sum_op
             acc = f"s{i}"
         nodes.append(helper.make_node("Identity", [acc], ["s"], name="id"))
     nodes.append(helper.make_node("Relu", ["s"], ["y"], name="relu"))
-    model = make_model(nodes, [tensor("x", shape=(2, cin, hw, hw))], [tensor("y", shape=out_shape)], inits)
+    model = make_model(
+        nodes, [tensor("x", shape=(2, cin, hw, hw))], [tensor("y", shape=out_shape)], inits
+    )
     return model, {"x": rng.standard_normal((2, cin, hw, hw)).astype(np.float32)}
 
 
@@ -64,18 +86,43 @@ def merge(model, expect_modified=True):
 
 
 CASES = {
-    "repvgg": lambda: summed([conv("c3", (3, 3), [1, 1, 1, 1]), conv("c1", (1, 1), [0, 0, 0, 0]), bn_of_x()]),
-    "repvgg, plain identity, Sum": lambda: summed([conv("c3", (3, 3), [1, 1, 1, 1]), conv("c1", (1, 1), [0, 0, 0, 0]), "x"],
-                                                  sum_op=True),
-    "acnet": lambda: summed([conv("c3", (3, 3), [1, 1, 1, 1]), conv("h", (1, 3), [0, 1, 0, 1]),
-                             conv("v", (3, 1), [1, 0, 1, 0], bias=False)]),
-    "1x3 + 3x1 (no 3x3 among them)": lambda: summed([conv("h", (1, 3), [0, 1, 0, 1]), conv("v", (3, 1), [1, 0, 1, 0]), "x"]),
-    "grouped": lambda: summed([conv("c3", (3, 3), [1, 1, 1, 1], group=2), conv("c1", (1, 1), [0, 0, 0, 0], group=2),
-                               bn_of_x()]),
-    "depthwise": lambda: summed([conv("c5", (5, 5), [2, 2, 2, 2], group=8), conv("c3", (3, 3), [1, 1, 1, 1], group=8), "x"]),
-    "strided, no identity": lambda: summed([conv("c3", (3, 3), [1, 1, 1, 1], stride=2), conv("c1", (1, 1), [0, 0, 0, 0], stride=2)],
-                                           out_shape=(2, 8, 3, 3)),
-    "dilated": lambda: summed([conv("c3", (3, 3), [2, 2, 2, 2], dilation=2), conv("c1", (1, 1), [0, 0, 0, 0], dilation=2), "x"]),
+    "repvgg": lambda: summed(
+        [conv("c3", (3, 3), [1, 1, 1, 1]), conv("c1", (1, 1), [0, 0, 0, 0]), bn_of_x()]
+    ),
+    "repvgg, plain identity, Sum": lambda: summed(
+        [conv("c3", (3, 3), [1, 1, 1, 1]), conv("c1", (1, 1), [0, 0, 0, 0]), "x"], sum_op=True
+    ),
+    "acnet": lambda: summed(
+        [
+            conv("c3", (3, 3), [1, 1, 1, 1]),
+            conv("h", (1, 3), [0, 1, 0, 1]),
+            conv("v", (3, 1), [1, 0, 1, 0], bias=False),
+        ]
+    ),
+    "1x3 + 3x1 (no 3x3 among them)": lambda: summed(
+        [conv("h", (1, 3), [0, 1, 0, 1]), conv("v", (3, 1), [1, 0, 1, 0]), "x"]
+    ),
+    "grouped": lambda: summed(
+        [
+            conv("c3", (3, 3), [1, 1, 1, 1], group=2),
+            conv("c1", (1, 1), [0, 0, 0, 0], group=2),
+            bn_of_x(),
+        ]
+    ),
+    "depthwise": lambda: summed(
+        [conv("c5", (5, 5), [2, 2, 2, 2], group=8), conv("c3", (3, 3), [1, 1, 1, 1], group=8), "x"]
+    ),
+    "strided, no identity": lambda: summed(
+        [conv("c3", (3, 3), [1, 1, 1, 1], stride=2), conv("c1", (1, 1), [0, 0, 0, 0], stride=2)],
+        out_shape=(2, 8, 3, 3),
+    ),
+    "dilated": lambda: summed(
+        [
+            conv("c3", (3, 3), [2, 2, 2, 2], dilation=2),
+            conv("c1", (1, 1), [0, 0, 0, 0], dilation=2),
+            "x",
+        ]
+    ),
 }
 
 
@@ -84,7 +131,12 @@ def test_the_branches_become_one_conv(case):
     model, feeds = CASES[case]()
     result, out = merge(model)
     ops = [n.op_type for n in out.graph.node]
-    assert ops.count("Conv") == 1 and "BatchNormalization" not in ops and "Add" not in ops and "Sum" not in ops
+    assert (
+        ops.count("Conv") == 1
+        and "BatchNormalization" not in ops
+        and "Add" not in ops
+        and "Sum" not in ops
+    )
     before, after = ort_run(model, feeds)["y"], ort_run(out, feeds)["y"]
     np.testing.assert_allclose(after, before, rtol=0, atol=2e-5 * np.abs(before).max())
     assert result.changes[0].kind == "merged"
@@ -103,8 +155,12 @@ def test_the_default_pipeline_folds_each_conv_s_bn_then_merges():
     ir_model = ir.serde.deserialize_model(model)
     results = run_pipeline(ir_model, ["fold-affine-norms", "merge-branches"])
     out = ir.serde.serialize_model(ir_model)
-    assert [n.op_type for n in out.graph.node] == ["Conv", "Identity", "Relu"], [r.lines for r in results]
-    np.testing.assert_allclose(ort_run(out, feeds)["y"], ort_run(model, feeds)["y"], rtol=0, atol=2e-5 * 10)
+    assert [n.op_type for n in out.graph.node] == ["Conv", "Identity", "Relu"], [
+        r.lines for r in results
+    ]
+    np.testing.assert_allclose(
+        ort_run(out, feeds)["y"], ort_run(model, feeds)["y"], rtol=0, atol=2e-5 * 10
+    )
 
 
 def refusal(model) -> str:
@@ -113,17 +169,29 @@ def refusal(model) -> str:
 
 
 def test_mismatches_are_refused_with_their_reason():
-    assert refusal(summed([conv("a", (3, 3), [1, 1, 1, 1], stride=2), conv("b", (4, 4), [0, 0, 0, 0])],
-                          out_shape=(2, 8, 3, 3))[0]).startswith("the Convs differ in strides")
-    assert refusal(summed([conv("a", (3, 3), [2, 2, 2, 2], dilation=2), conv("b", (3, 3), [1, 1, 1, 1])])[0]).startswith(
-        "the Convs differ in dilations")
-    assert refusal(summed([conv("a", (3, 3), [1, 1, 1, 1], group=2), conv("b", (1, 1), [0, 0, 0, 0])])[0]).startswith(
-        "the Convs differ in group")
-    assert ("Conv b's pads [2, 2, 0, 0] put its [3, 3] window at pads [2, 2, 0, 0], a's at [1, 1, 1, 1]: the "
-            "branches read different windows") in refusal(summed([conv("a", (3, 3), [1, 1, 1, 1]), conv("b", (3, 3), [2, 2, 0, 0])])[0])
+    assert refusal(
+        summed(
+            [conv("a", (3, 3), [1, 1, 1, 1], stride=2), conv("b", (4, 4), [0, 0, 0, 0])],
+            out_shape=(2, 8, 3, 3),
+        )[0]
+    ).startswith("the Convs differ in strides")
+    assert refusal(
+        summed([conv("a", (3, 3), [2, 2, 2, 2], dilation=2), conv("b", (3, 3), [1, 1, 1, 1])])[0]
+    ).startswith("the Convs differ in dilations")
+    assert refusal(
+        summed([conv("a", (3, 3), [1, 1, 1, 1], group=2), conv("b", (1, 1), [0, 0, 0, 0])])[0]
+    ).startswith("the Convs differ in group")
+    assert (
+        "Conv b's pads [2, 2, 0, 0] put its [3, 3] window at pads [2, 2, 0, 0], a's at [1, 1, 1, "
+        "1]: the "
+        "branches read different windows"
+    ) in refusal(summed([conv("a", (3, 3), [1, 1, 1, 1]), conv("b", (3, 3), [2, 2, 0, 0])])[0])
     assert "does not centre in [3, 3]" in refusal(
-        summed([conv("a", (3, 3), [1, 1, 1, 1]), conv("b", (2, 2), [0, 0, 1, 1])])[0])
-    wide = summed([conv("a", (3, 3), [1, 1, 1, 1], cin=1, cout=8), "x"], cin=1)[0]  # x broadcasts over channels
+        summed([conv("a", (3, 3), [1, 1, 1, 1]), conv("b", (2, 2), [0, 0, 1, 1])])[0]
+    )
+    wide = summed([conv("a", (3, 3), [1, 1, 1, 1], cin=1, cout=8), "x"], cin=1)[
+        0
+    ]  # x broadcasts over channels
     assert refusal(wide) == "the identity branch 'x' keeps 1 channels, the Convs give 8"
 
 
@@ -137,14 +205,26 @@ def test_a_residual_add_is_no_candidate():
     """ResNet: Add(conv(h), x) reads two inputs: not parallel branches, no refusal either."""
     node, inits = conv("a", (3, 3), [1, 1, 1, 1])
     node.input[0] = "h"
-    model = make_model([helper.make_node("Relu", ["x"], ["h"], name="r0"), node,
-                        helper.make_node("Add", ["a", "x"], ["y"], name="add")],
-                       [tensor("x", shape=(2, 8, 6, 6))], [tensor("y", shape=(2, 8, 6, 6))], inits)
+    model = make_model(
+        [
+            helper.make_node("Relu", ["x"], ["h"], name="r0"),
+            node,
+            helper.make_node("Add", ["a", "x"], ["y"], name="add"),
+        ],
+        [tensor("x", shape=(2, 8, 6, 6))],
+        [tensor("y", shape=(2, 8, 6, 6))],
+        inits,
+    )
     result, _ = merge(model, expect_modified=False)
-    assert [r.reason for r in result.refusals] == ["no sum of parallel Conv branches of one input, no kernel computed in the graph"]
+    assert [r.reason for r in result.refusals] == [
+        "no sum of parallel Conv branches of one input, no kernel computed in the graph"
+    ]
 
 
-@pytest.mark.parametrize("name", ["repvgg-ts14", "repvgg-ts17", "repvgg-dyn18", "repvgg-folded-ts17", "repvgg-folded-dyn18"])
+@pytest.mark.parametrize(
+    "name",
+    ["repvgg-ts14", "repvgg-ts17", "repvgg-dyn18", "repvgg-folded-ts17", "repvgg-folded-dyn18"],
+)
 def test_timm_repvgg_becomes_one_conv_per_block(corpus, tmp_path, name):
     """timm's RepVGG in its training form (BN kept, or Conv+BN folded by the exporter): the
     default pipeline folds each branch's BN, then merges the 3x3, 1x1 and identity-BN branches of
@@ -157,7 +237,9 @@ def test_timm_repvgg_becomes_one_conv_per_block(corpus, tmp_path, name):
     out = tmp_path / "out.onnx"
     report = rewrite(paths.model, out, verification=VerifyOptions(inputs=paths.load_inputs()))
     ops = collections.Counter(n.op_type for n in onnx.load(out).graph.node)
-    blocks = collections.Counter(n.op_type for n in onnx.load(paths.model).graph.node)["Relu"]  # one per block
+    blocks = collections.Counter(n.op_type for n in onnx.load(paths.model).graph.node)[
+        "Relu"
+    ]  # one per block
     assert ops["BatchNormalization"] == 0 and ops["Conv"] == blocks == 8 and ops["Add"] == 0
     merged = next(p for p in report.passes if p.name == "merge-branches")
     assert merged.lines == ["merged 8 parallel branches into one Conv"]
@@ -170,10 +252,17 @@ def test_auto_pad_and_an_identity_beside_strided_convs_are_refused():
     del a.attribute[[at.name for at in a.attribute].index("pads")]
     a.attribute.append(helper.make_attribute("auto_pad", "SAME_UPPER"))
     assert refusal(model) == "Conv a pads by auto_pad, not explicitly"
-    strided = summed([conv("a", (3, 3), [1, 1, 1, 1], stride=2), conv("b", (1, 1), [0, 0, 0, 0], stride=2), "x"],
-                     hw=1, out_shape=(2, 8, 1, 1))[0]  # 1x1 images: stride 2 keeps the size, the sum is valid
-    result, out = merge(strided)  # the inner sum of the two Convs still merges; the identity stays added
-    assert [r.reason for r in result.refusals] == ["the identity branch 'x' needs stride 1, the Convs have [2, 2]"]
+    strided = summed(
+        [conv("a", (3, 3), [1, 1, 1, 1], stride=2), conv("b", (1, 1), [0, 0, 0, 0], stride=2), "x"],
+        hw=1,
+        out_shape=(2, 8, 1, 1),
+    )[0]  # 1x1 images: stride 2 keeps the size, the sum is valid
+    result, out = merge(
+        strided
+    )  # the inner sum of the two Convs still merges; the identity stays added
+    assert [r.reason for r in result.refusals] == [
+        "the identity branch 'x' needs stride 1, the Convs have [2, 2]"
+    ]
     assert [n.op_type for n in out.graph.node] == ["Conv", "Add", "Identity", "Relu"]
 
 
@@ -187,9 +276,11 @@ def shifted_pad(source: str, name: str, values: np.ndarray, p=1):
     """DBB's BN-and-pad: pad(y - v) + v, v per channel."""
     v = const(f"{name}_v", values.reshape(1, -1, 1, 1).astype(np.float32))
     pads = const(f"{name}_pads", np.array([0, 0, p, p, 0, 0, p, p], np.int64))
-    nodes = [helper.make_node("Sub", [source, v.name], [f"{name}_s"], name=f"{name}_sub"),
-             helper.make_node("Pad", [f"{name}_s", pads.name], [f"{name}_p"], name=f"{name}_pad"),
-             helper.make_node("Add", [f"{name}_p", v.name], [name], name=f"{name}_add")]
+    nodes = [
+        helper.make_node("Sub", [source, v.name], [f"{name}_s"], name=f"{name}_sub"),
+        helper.make_node("Pad", [f"{name}_s", pads.name], [f"{name}_p"], name=f"{name}_pad"),
+        helper.make_node("Add", [f"{name}_p", v.name], [name], name=f"{name}_add"),
+    ]
     return nodes, [v, pads]
 
 
@@ -205,8 +296,11 @@ def dbb_one_kxk(bias_value=None):
     """1x1 Conv (bias b1) -> pad with b1 -> 3x3 Conv without pads: DBB's sequential branch."""
     first, inits = conv_of("x", "c1", (1, 1), [0, 0, 0, 0])
     b1 = next(numpy_helper_to_array(i) for i in inits if i.name == "c1_b")
-    return chain((first, inits), shifted_pad("c1", "bp", b1 if bias_value is None else bias_value),
-                 conv_of("bp", "ck", (3, 3), [0, 0, 0, 0]))
+    return chain(
+        (first, inits),
+        shifted_pad("c1", "bp", b1 if bias_value is None else bias_value),
+        conv_of("bp", "ck", (3, 3), [0, 0, 0, 0]),
+    )
 
 
 def numpy_helper_to_array(init):
@@ -225,16 +319,40 @@ def avg_branch():
 
 SEQUENTIAL = {
     "DBB: 3x3 + 1x1 -> pad(b1) -> 3x3 + 1x1 -> pad -> avg-pool -> BN + identity BN": lambda: summed(
-        [conv("c3", (3, 3), [1, 1, 1, 1]), dbb_one_kxk(), avg_branch(), bn_of_x()]),
+        [conv("c3", (3, 3), [1, 1, 1, 1]), dbb_one_kxk(), avg_branch(), bn_of_x()]
+    ),
     "1x1 without bias -> 3x3 zero-padded": lambda: summed(
-        [conv("c3", (3, 3), [1, 1, 1, 1]), chain(conv_of("x", "u", (1, 1), [0, 0, 0, 0], bias=False),
-                                                 conv_of("u", "k", (3, 3), [1, 1, 1, 1]))]),
-    "3x3 -> 1x1": lambda: summed([conv("c3", (3, 3), [1, 1, 1, 1]),
-                                  chain(conv_of("x", "k", (3, 3), [1, 1, 1, 1]), conv_of("k", "u", (1, 1), [0, 0, 0, 0]))]),
+        [
+            conv("c3", (3, 3), [1, 1, 1, 1]),
+            chain(
+                conv_of("x", "u", (1, 1), [0, 0, 0, 0], bias=False),
+                conv_of("u", "k", (3, 3), [1, 1, 1, 1]),
+            ),
+        ]
+    ),
+    "3x3 -> 1x1": lambda: summed(
+        [
+            conv("c3", (3, 3), [1, 1, 1, 1]),
+            chain(conv_of("x", "k", (3, 3), [1, 1, 1, 1]), conv_of("k", "u", (1, 1), [0, 0, 0, 0])),
+        ]
+    ),
     "average pool of x beside a depthwise 3x3": lambda: summed(
-        [conv("dw", (3, 3), [1, 1, 1, 1], group=8),
-         (helper.make_node("AveragePool", ["x"], ["pool"], name="pool", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
-                           count_include_pad=1), [])]),
+        [
+            conv("dw", (3, 3), [1, 1, 1, 1], group=8),
+            (
+                helper.make_node(
+                    "AveragePool",
+                    ["x"],
+                    ["pool"],
+                    name="pool",
+                    kernel_shape=[3, 3],
+                    pads=[1, 1, 1, 1],
+                    count_include_pad=1,
+                ),
+                [],
+            ),
+        ]
+    ),
 }
 
 
@@ -243,7 +361,9 @@ def test_sequential_branches_merge_too(case):
     model, feeds = SEQUENTIAL[case]()
     result, out = merge(model)
     ops = [n.op_type for n in out.graph.node]
-    assert ops.count("Conv") == 1 and not {"BatchNormalization", "AveragePool", "Pad", "Add"} & set(ops), ops
+    assert ops.count("Conv") == 1 and not {"BatchNormalization", "AveragePool", "Pad", "Add"} & set(
+        ops
+    ), ops
     before, after = ort_run(model, feeds)["y"], ort_run(out, feeds)["y"]
     np.testing.assert_allclose(after, before, rtol=0, atol=2e-5 * np.abs(before).max())
 
@@ -253,26 +373,40 @@ def test_a_padding_that_is_not_the_lower_stages_value_for_zero_is_refused():
     zero-padded input would see b1 there."""
     branch = chain(conv_of("x", "u", (1, 1), [0, 0, 0, 0]), conv_of("u", "k", (3, 3), [1, 1, 1, 1]))
     reason = refusal(summed([conv("c3", (3, 3), [1, 1, 1, 1]), branch])[0])
-    assert reason.startswith("Conv k pads with 0 where the stages before it give [") and "for a zero input" in reason
-    assert refusal(summed([conv("c3", (3, 3), [1, 1, 1, 1]), dbb_one_kxk(bias_value=np.ones(8))])[0]).startswith(
-        "Conv ck pads with 1 where the stages before it give [")
+    assert (
+        reason.startswith("Conv k pads with 0 where the stages before it give [")
+        and "for a zero input" in reason
+    )
+    assert refusal(
+        summed([conv("c3", (3, 3), [1, 1, 1, 1]), dbb_one_kxk(bias_value=np.ones(8))])[0]
+    ).startswith("Conv ck pads with 1 where the stages before it give [")
 
 
 def test_sequences_that_are_no_convolution_are_refused():
     two = chain(conv_of("x", "k1", (3, 3), [1, 1, 1, 1]), conv_of("k1", "k2", (3, 3), [1, 1, 1, 1]))
     assert refusal(summed([conv("c3", (3, 3), [1, 1, 1, 1]), two])[0]) == (
-        "Conv k2 reads a [3, 3] Conv's output: one of two Convs in sequence must be 1x1")
-    pool = helper.make_node("AveragePool", ["x"], ["pool"], name="pool", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+        "Conv k2 reads a [3, 3] Conv's output: one of two Convs in sequence must be 1x1"
+    )
+    pool = helper.make_node(
+        "AveragePool", ["x"], ["pool"], name="pool", kernel_shape=[3, 3], pads=[1, 1, 1, 1]
+    )
     assert refusal(summed([conv("dw", (3, 3), [1, 1, 1, 1], group=8), (pool, [])])[0]) == (
-        "AveragePool pool leaves its padding out of the count (count_include_pad=0): not a convolution")
+        "AveragePool pool leaves its padding out of the count (count_include_pad=0): not a "
+        "convolution"
+    )
 
 
 def test_a_kernel_computed_in_the_graph_becomes_a_constant():
     """DEConv: the kernel is a sum of kernels computed from weights in forward."""
     w1, w2 = (const(n, rng.standard_normal((8, 8, 3, 3)).astype(np.float32)) for n in ("w1", "w2"))
-    nodes = [helper.make_node("Neg", ["w2"], ["w2n"], name="neg"), helper.make_node("Add", ["w1", "w2n"], ["w"], name="sum"),
-             helper.make_node("Conv", ["x", "w"], ["y"], name="deconv", pads=[1, 1, 1, 1])]
-    model = make_model(nodes, [tensor("x", shape=(2, 8, 6, 6))], [tensor("y", shape=(2, 8, 6, 6))], [w1, w2])
+    nodes = [
+        helper.make_node("Neg", ["w2"], ["w2n"], name="neg"),
+        helper.make_node("Add", ["w1", "w2n"], ["w"], name="sum"),
+        helper.make_node("Conv", ["x", "w"], ["y"], name="deconv", pads=[1, 1, 1, 1]),
+    ]
+    model = make_model(
+        nodes, [tensor("x", shape=(2, 8, 6, 6))], [tensor("y", shape=(2, 8, 6, 6))], [w1, w2]
+    )
     feeds = {"x": rng.standard_normal((2, 8, 6, 6)).astype(np.float32)}
     result, out = merge(model)
     assert [c.kind for c in result.changes] == ["folded"]
@@ -293,7 +427,15 @@ def test_acnet_dbb_and_deconv_blocks_become_one_conv_each(corpus, tmp_path, name
     rewrite(paths.model, out, verification=VerifyOptions(inputs=paths.load_inputs()))
     ops = collections.Counter(n.op_type for n in onnx.load(out).graph.node)
     assert ops["Conv"] == 4  # the stem and one per block
-    assert not {"BatchNormalization", "Pad", "AveragePool", "Add", "Sub", "ScatterND", "Concat"} & set(ops), ops
+    assert not {
+        "BatchNormalization",
+        "Pad",
+        "AveragePool",
+        "Add",
+        "Sub",
+        "ScatterND",
+        "Concat",
+    } & set(ops), ops
     assert_matches_reference(out, paths)
 
 
@@ -317,4 +459,6 @@ def test_dbb_padding_by_slice_assignment_is_left_and_the_rest_merges(tmp_path):
     merged = next(p for p in report.passes if p.name == "merge-branches")
     assert report.verification.ok and merged.lines[0] == "merged 1 parallel branches into one Conv"
     ops = collections.Counter(n.op_type for n in onnx.load(out).graph.node)
-    assert ops["ScatterND"] and ops["Conv"] == 4  # merged kxk+1x1, the pool branch's 1x1, the 1x1 -> kxk pair
+    assert (
+        ops["ScatterND"] and ops["Conv"] == 4
+    )  # merged kxk+1x1, the pool branch's 1x1, the 1x1 -> kxk pair

@@ -23,9 +23,13 @@ def test_resolve():
 def test_every_registered_pass_is_documented():
     for name, cls in pipeline.PASSES.items():
         assert cls.name == name and cls.summary and "\n" not in cls.summary
-        assert cls.__module__.startswith("normopt.passes.") and cls.__module__.split(".")[-1] == name.replace("-", "_")
+        assert cls.__module__.startswith("normopt.passes.") and cls.__module__.split(".")[
+            -1
+        ] == name.replace("-", "_")
         doc = __import__(cls.__module__, fromlist=["x"]).__doc__
-        assert doc and "Before" in doc and "After" in doc, f"{name}: docstring needs Before/After/conditions"
+        assert doc and "Before" in doc and "After" in doc, (
+            f"{name}: docstring needs Before/After/conditions"
+        )
 
 
 def test_plan_why_not():
@@ -50,18 +54,33 @@ def test_the_pipeline_repeats_until_nothing_changes():
 
     h = TensorProto.FLOAT16
     rng = np.random.default_rng(0)
-    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("Add", ["e", "pos"], ["x"]),
-             helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
-             helper.make_node("ReduceMean", ["xf"], ["mu"], axes=[-1]), helper.make_node("Sub", ["xf", "mu"], ["d"]),
-             helper.make_node("Mul", ["d", "d"], ["sq"]), helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1]),
-             helper.make_node("Add", ["var", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["std"]),
-             helper.make_node("Div", ["d", "std"], ["n"]), helper.make_node("Cast", ["n"], ["n16"], to=h),
-             helper.make_node("Mul", ["n16", "g"], ["s"]), helper.make_node("Add", ["s", "b"], ["f"]),
-             helper.make_node("Transpose", ["table"], ["tt"], perm=[1, 0]), helper.make_node("MatMul", ["f", "tt"], ["y"])]
-    inits = [const("table", rng.standard_normal((10, 6)).astype(np.float16)), const("pos", rng.standard_normal((3, 6)).astype(np.float16)),
-             const("eps", np.float32(1e-5)), const("g", (1 + rng.random(6)).astype(np.float16)),
-             const("b", rng.standard_normal(6).astype(np.float16))]
-    proto = make_model(nodes, [tensor("ids", TensorProto.INT64, (2, 3))], [tensor("y", h, (2, 3, 10))], inits)
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["e"]),
+        helper.make_node("Add", ["e", "pos"], ["x"]),
+        helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["xf"], ["mu"], axes=[-1]),
+        helper.make_node("Sub", ["xf", "mu"], ["d"]),
+        helper.make_node("Mul", ["d", "d"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1]),
+        helper.make_node("Add", ["var", "eps"], ["ve"]),
+        helper.make_node("Sqrt", ["ve"], ["std"]),
+        helper.make_node("Div", ["d", "std"], ["n"]),
+        helper.make_node("Cast", ["n"], ["n16"], to=h),
+        helper.make_node("Mul", ["n16", "g"], ["s"]),
+        helper.make_node("Add", ["s", "b"], ["f"]),
+        helper.make_node("Transpose", ["table"], ["tt"], perm=[1, 0]),
+        helper.make_node("MatMul", ["f", "tt"], ["y"]),
+    ]
+    inits = [
+        const("table", rng.standard_normal((10, 6)).astype(np.float16)),
+        const("pos", rng.standard_normal((3, 6)).astype(np.float16)),
+        const("eps", np.float32(1e-5)),
+        const("g", (1 + rng.random(6)).astype(np.float16)),
+        const("b", rng.standard_normal(6).astype(np.float16)),
+    ]
+    proto = make_model(
+        nodes, [tensor("ids", TensorProto.INT64, (2, 3))], [tensor("y", h, (2, 3, 10))], inits
+    )
     model = ir.serde.deserialize_model(proto)
     first = {r.name: r for r in run_pipeline(model, list(DEFAULT_PIPELINE))}
     assert first["preln-to-rmsnorm"].modified and first["fold-affine-norms"].modified
@@ -75,9 +94,15 @@ def test_a_pass_after_one_that_changed_the_model_runs_again(monkeypatch):
     over the whole graph)."""
     from normopt.passes.pipeline import run_pipeline
 
-    calls = _stubs(monkeypatch, {"a": lambda k: k == 1, "b": lambda k: k == 1, "c": lambda k: k == 0},
-                   {"a": Refusal("x", "later perhaps")})
-    results = {r.name: r for r in run_pipeline(ir.Model(ir.Graph([], [], nodes=[]), ir_version=10), ["a", "b", "c"])}
+    calls = _stubs(
+        monkeypatch,
+        {"a": lambda k: k == 1, "b": lambda k: k == 1, "c": lambda k: k == 0},
+        {"a": Refusal("x", "later perhaps")},
+    )
+    results = {
+        r.name: r
+        for r in run_pipeline(ir.Model(ir.Graph([], [], nodes=[]), ir_version=10), ["a", "b", "c"])
+    }
     assert calls == ["a", "b", "c", "cleanup", "a", "b", "c", "cleanup"]
     assert results["a"].modified and results["b"].modified and results["c"].modified
 
@@ -86,8 +111,11 @@ def test_a_refusal_no_other_pass_can_lift_costs_no_second_round(monkeypatch):
     """An opset refusal (`settled`) cannot be freed by a later pass's edit: one round."""
     from normopt.passes.pipeline import run_pipeline
 
-    calls = _stubs(monkeypatch, {"a": lambda k: False, "c": lambda k: k == 0},
-                   {"a": Refusal("x", "opset 14 has no RMSNormalization", settled=True)})
+    calls = _stubs(
+        monkeypatch,
+        {"a": lambda k: False, "c": lambda k: k == 0},
+        {"a": Refusal("x", "opset 14 has no RMSNormalization", settled=True)},
+    )
     run_pipeline(ir.Model(ir.Graph([], [], nodes=[]), ir_version=10), ["a", "c"])
     assert calls == ["a", "c", "cleanup"]
 
@@ -108,10 +136,14 @@ def _stubs(monkeypatch, modifies: dict, first_refusal: dict) -> list[str]:
                 calls.append(name)
                 if changes(k):
                     return Plan(actions=["edit"])
-                return Plan(refusals=[first_refusal[name]] if name in first_refusal and k == 0 else [], idle="none")
+                return Plan(
+                    refusals=[first_refusal[name]] if name in first_refusal and k == 0 else [],
+                    idle="none",
+                )
 
             def apply(self, model, plan):
                 return [Change("did", "thing")]
+
         Stub.name = name
         return Stub
 
@@ -132,14 +164,18 @@ def test_a_later_round_sees_the_shapes_of_what_an_earlier_round_created(monkeypa
 
     seen: list = []
 
-    class Creates(Pass):  # round 1: replaces Relu(x) by a new Neg(Neg(x)) whose outputs have no shape
+    class Creates(
+        Pass
+    ):  # round 1: replaces Relu(x) by a new Neg(Neg(x)) whose outputs have no shape
         name, summary = "creates", "stub"
 
         def plan(self, model):
             new = [n for n in model.graph if n.name.startswith("created")]
             seen.append([v.shape for n in new for v in n.outputs])
             relu = [n for n in model.graph if n.op_type == "Relu"]
-            return Plan(actions=relu, refusals=[Refusal("another candidate", "another pass may free it")])
+            return Plan(
+                actions=relu, refusals=[Refusal("another candidate", "another pass may free it")]
+            )
 
         def apply(self, model, plan):
             relu = plan.actions[0]
@@ -162,8 +198,16 @@ def test_a_later_round_sees_the_shapes_of_what_an_earlier_round_created(monkeypa
             return [Change("marked", "model")]
 
     monkeypatch.setattr(pipeline, "PASSES", {"creates": Creates, "later": Later, "cleanup": Later})
-    model = ir.serde.deserialize_model(make_model(
-        [helper.make_node("Relu", ["x"], ["y"], name="relu"), helper.make_node("Add", ["y", "b"], ["z"], name="add")],
-        [tensor("x", shape=(2, 8))], [tensor("z", shape=(2, 8))], [const("b", np.ones(8, np.float32))]))
+    model = ir.serde.deserialize_model(
+        make_model(
+            [
+                helper.make_node("Relu", ["x"], ["y"], name="relu"),
+                helper.make_node("Add", ["y", "b"], ["z"], name="add"),
+            ],
+            [tensor("x", shape=(2, 8))],
+            [tensor("z", shape=(2, 8))],
+            [const("b", np.ones(8, np.float32))],
+        )
+    )
     pipeline.run_pipeline(model, ["creates", "later"])
     assert seen[0] == [] and seen[1] == [ir.Shape([2, 8]), ir.Shape([2, 8])]

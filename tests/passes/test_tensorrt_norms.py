@@ -23,7 +23,9 @@ rng = np.random.default_rng(0)
 
 
 def _ops(path) -> collections.Counter:
-    return collections.Counter(f"{n.domain}:{n.op_type}" if n.domain else n.op_type for n in onnx.load(path).graph.node)
+    return collections.Counter(
+        f"{n.domain}:{n.op_type}" if n.domain else n.op_type for n in onnx.load(path).graph.node
+    )
 
 
 def _plugin_attributes_are_complete(path) -> None:
@@ -32,12 +34,16 @@ def _plugin_attributes_are_complete(path) -> None:
             spec = PLUGINS[node.op_type]
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             expected = spec.attributes(attrs["epsilon"])
-            assert attrs == {k: v.encode() if isinstance(v, str) else v for k, v in expected.items()}, node.name
+            assert attrs == {
+                k: v.encode() if isinstance(v, str) else v for k, v in expected.items()
+            }, node.name
             assert len(node.input) == len(spec.inputs) and len(node.output) == len(spec.outputs)
 
 
 TENSORRT_CASES = [(name, "10.9") for name in sorted(CORPUS)]
-TENSORRT_CASES += [(name, "11.4") for name in sorted(CORPUS) if CORPUS[name].opset >= 23]  # native RMSNorm
+TENSORRT_CASES += [
+    (name, "11.4") for name in sorted(CORPUS) if CORPUS[name].opset >= 23
+]  # native RMSNorm
 
 
 @pytest.mark.parametrize(("name", "version"), TENSORRT_CASES)
@@ -46,8 +52,12 @@ def test_every_corpus_model_rewritten_for_tensorrt_verifies_on_cpu(corpus, tmp_p
     10.9 has no RMSNormalization importer (plugins everywhere); 11.4 imports it (opset 23)."""
     paths = corpus(name)
     out = tmp_path / "out.onnx"
-    report = rewrite(paths.model, out, options=Options(target="tensorrt", trt_version=version),
-                     verification=VerifyOptions(inputs=paths.load_inputs()))
+    report = rewrite(
+        paths.model,
+        out,
+        options=Options(target="tensorrt", trt_version=version),
+        verification=VerifyOptions(inputs=paths.load_inputs()),
+    )
     assert report.verification.ok
     ops = _ops(out)
     _plugin_attributes_are_complete(out)
@@ -55,7 +65,9 @@ def test_every_corpus_model_rewritten_for_tensorrt_verifies_on_cpu(corpus, tmp_p
     if version == "10.9":
         assert not ops["RMSNormalization"]
     else:
-        assert not ops[f"{DOMAIN}:{RMS_NORM.op_type}"] and not ops[f"{DOMAIN}:{ADD_RMS_NORM.op_type}"]
+        assert (
+            not ops[f"{DOMAIN}:{RMS_NORM.op_type}"] and not ops[f"{DOMAIN}:{ADD_RMS_NORM.op_type}"]
+        )
 
 
 def test_llama_residual_adds_fuse_with_the_next_norm(corpus, tmp_path):
@@ -64,12 +76,17 @@ def test_llama_residual_adds_fuse_with_the_next_norm(corpus, tmp_path):
     the embedding)."""
     paths = corpus("llama-dyn18")
     out = tmp_path / "out.onnx"
-    report = rewrite(paths.model, out, options=Options(target="tensorrt", trt_version="10.9"),
-                     verification=VerifyOptions(inputs=paths.load_inputs()))
+    report = rewrite(
+        paths.model,
+        out,
+        options=Options(target="tensorrt", trt_version="10.9"),
+        verification=VerifyOptions(inputs=paths.load_inputs()),
+    )
     ops = _ops(out)
     assert ops[f"{DOMAIN}:{ADD_RMS_NORM.op_type}"] == 4 and ops[f"{DOMAIN}:{RMS_NORM.op_type}"] == 1
     assert next(p for p in report.passes if p.name == "tensorrt-norms").lines == [
-        "fused 4 residual Add(s) + RMSNorm into NormoptAddRMSNorm"]
+        "fused 4 residual Add(s) + RMSNorm into NormoptAddRMSNorm"
+    ]
 
 
 def _rms_op(x_shape=(2, 3, 8), dtype=TensorProto.FLOAT, axis=-1, residual=False, r_shape=None):
@@ -82,12 +99,21 @@ def _rms_op(x_shape=(2, 3, 8), dtype=TensorProto.FLOAT, axis=-1, residual=False,
         inputs.append(tensor("r", dtype, r_shape or x_shape))
         nodes.append(helper.make_node("Add", ["x", "r"], ["s"], name="add"))
         x = "s"
-    scale = const("g", (1 + 0.2 * rng.standard_normal(x_shape[axis:] if axis != -1 else (d,))).astype(np_dtype))
-    nodes.append(helper.make_node("RMSNormalization", [x, "g"], ["y"], name="rms", axis=axis, epsilon=1e-5))
+    scale = const(
+        "g",
+        (1 + 0.2 * rng.standard_normal(x_shape[axis:] if axis != -1 else (d,))).astype(np_dtype),
+    )
+    nodes.append(
+        helper.make_node("RMSNormalization", [x, "g"], ["y"], name="rms", axis=axis, epsilon=1e-5)
+    )
     outputs = [tensor("y", dtype, x_shape)] + ([tensor("s", dtype, x_shape)] if residual else [])
     model = make_model(nodes, inputs, outputs, [scale], opset=23)
-    feeds = {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np_dtype)
-             for i in inputs}
+    feeds = {
+        i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(
+            np_dtype
+        )
+        for i in inputs
+    }
     return model, feeds
 
 
@@ -96,7 +122,9 @@ def test_rmsnormalization_becomes_the_plugin_below_10_15_and_stays_from_there():
     result, out = run_pass(TensorRTNorms(Options(target="tensorrt", trt_version="10.14")), model)
     assert [n.op_type for n in out.graph.node] == [RMS_NORM.op_type]
     assert {o.domain: o.version for o in out.opset_import}[DOMAIN] == 1
-    result, _ = run_pass(TensorRTNorms(Options(target="tensorrt", trt_version="10.15")), model, expect_modified=False)
+    result, _ = run_pass(
+        TensorRTNorms(Options(target="tensorrt", trt_version="10.15")), model, expect_modified=False
+    )
     assert result.refusals[0].reason == "no norm TensorRT needs otherwise"
     result, _ = run_pass(TensorRTNorms(Options(target="onnx")), model, expect_modified=False)
     assert result.refusals[0].reason == "the target is not tensorrt"
@@ -104,8 +132,13 @@ def test_rmsnormalization_becomes_the_plugin_below_10_15_and_stays_from_there():
 
 def test_a_norm_over_more_than_the_last_axis_stays_with_its_reason():
     model, _ = _rms_op(axis=-2)
-    result, _ = run_pass(TensorRTNorms(Options(target="tensorrt", trt_version="10.9")), model, expect_modified=False)
-    assert result.refusals[0].reason == "RMSNormalization rms normalizes from axis -2, not the last axis alone"
+    result, _ = run_pass(
+        TensorRTNorms(Options(target="tensorrt", trt_version="10.9")), model, expect_modified=False
+    )
+    assert (
+        result.refusals[0].reason
+        == "RMSNormalization rms normalizes from axis -2, not the last axis alone"
+    )
 
 
 def test_the_residual_add_fuses_only_without_broadcasting():
@@ -125,9 +158,16 @@ def test_plugin_graphs_verify_through_their_reference(tmp_path, dtype):
     model, feeds = _rms_op(dtype=dtype, residual=True)
     src = tmp_path / "in.onnx"
     onnx.save(model, src)
-    report = rewrite(src, tmp_path / "out.onnx", options=Options(target="tensorrt", trt_version="10.9"),
-                     verification=VerifyOptions(inputs=feeds))
-    assert report.verification.ok and _ops(tmp_path / "out.onnx")[f"{DOMAIN}:{ADD_RMS_NORM.op_type}"] == 1
+    report = rewrite(
+        src,
+        tmp_path / "out.onnx",
+        options=Options(target="tensorrt", trt_version="10.9"),
+        verification=VerifyOptions(inputs=feeds),
+    )
+    assert (
+        report.verification.ok
+        and _ops(tmp_path / "out.onnx")[f"{DOMAIN}:{ADD_RMS_NORM.op_type}"] == 1
+    )
 
 
 @pytest.mark.parametrize("name", ["bert-ts17", "vit-ts17"])
@@ -142,18 +182,31 @@ def test_fp16_layernorms_compute_in_fp32_and_err_no_more_than_the_original(corpu
     paths = corpus(name)
     src = tmp_path / "fp16.onnx"
     onnx.save(convert_float_to_float16(onnx.load(str(paths.model)), keep_io_types=False), str(src))
-    feeds = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in paths.load_inputs().items()}
+    feeds = {
+        k: v.astype(np.float16) if v.dtype == np.float32 else v
+        for k, v in paths.load_inputs().items()
+    }
     out = tmp_path / "out.onnx"
-    rewrite(src, out, options=Options(target="tensorrt", trt_version="10.9"), verification=VerifyOptions(inputs=feeds))
+    rewrite(
+        src,
+        out,
+        options=Options(target="tensorrt", trt_version="10.9"),
+        verification=VerifyOptions(inputs=feeds),
+    )
     graph = onnx.load(out).graph
     producers = {o: n for n in graph.node for o in n.output}
     norms = [n for n in graph.node if n.op_type == "LayerNormalization"]
     plugins = [n for n in graph.node if n.domain == DOMAIN]  # they accumulate in float32 themselves
     assert len(norms) + len(plugins) == 5 and (norms if name.startswith("bert") else plugins)
-    assert all(producers[n.input[0]].op_type == "Cast" and producers[n.input[0]].attribute[0].i == TensorProto.FLOAT
-               for n in norms)
+    assert all(
+        producers[n.input[0]].op_type == "Cast"
+        and producers[n.input[0]].attribute[0].i == TensorProto.FLOAT
+        for n in norms
+    )
     reference = run_ort(paths.model, paths.load_inputs())
     original, rewritten = run_ort(src, feeds), run_ort(out, feeds)
     for key, want in reference.items():
         base = np.abs(original[key].astype(np.float64) - want).max()
-        assert np.abs(rewritten[key].astype(np.float64) - want).max() <= max(1.5 * base, 1e-3 * np.abs(want).max())
+        assert np.abs(rewritten[key].astype(np.float64) - want).max() <= max(
+            1.5 * base, 1e-3 * np.abs(want).max()
+        )

@@ -40,7 +40,11 @@ def rows_and_weight(case):
     """(x, weight or None, dtype) for a drawn case."""
     rows, cols, dtype_name, pitch, with_weight, seed = case
     dtype = DTYPES[dtype_name]
-    return make(rows, cols, dtype, pitch, seed), make(1, cols, dtype, 0, seed + 1)[0] if with_weight else None, dtype
+    return (
+        make(rows, cols, dtype, pitch, seed),
+        make(1, cols, dtype, 0, seed + 1)[0] if with_weight else None,
+        dtype,
+    )
 
 
 def check(got, expected, dtype):
@@ -49,9 +53,16 @@ def check(got, expected, dtype):
     np.testing.assert_allclose(got, expected, rtol=TOL[dtype], atol=TOL[dtype] * scale)
 
 
-shapes = st.tuples(st.integers(1, 5), st.sampled_from(WIDTHS), st.sampled_from(list(DTYPES)),
-                   st.sampled_from([0, 5]), st.booleans(), st.integers(0, 1000))
-# None: the default for the width; (16, 1): 16-wide chunks, so every width > 16 takes the two-pass path
+shapes = st.tuples(
+    st.integers(1, 5),
+    st.sampled_from(WIDTHS),
+    st.sampled_from(list(DTYPES)),
+    st.sampled_from([0, 5]),
+    st.booleans(),
+    st.integers(0, 1000),
+)
+# None: the default for the width; (16, 1): 16-wide chunks, so every width > 16 takes the two-pass
+# path
 configs = st.sampled_from([None, (16, 1), (256, 1)])
 
 
@@ -82,7 +93,7 @@ def test_add_rms_norm_writes_sum_and_norm(case, config):
     if DEVICE == "cuda":
         assert torch.equal(s.cpu(), stored.cpu())
     else:  # Triton's interpreter rounds fp32 -> bf16 differently from torch: one ulp apart
-        ulp = {torch.float32: 0.0, torch.float16: 0.0, torch.bfloat16: 2.0 ** -7}[dtype]
+        ulp = {torch.float32: 0.0, torch.float16: 0.0, torch.bfloat16: 2.0**-7}[dtype]
         np.testing.assert_allclose(f64(s), f64(stored), rtol=ulp, atol=0)
     check(y, rms_reference(f64(stored), w), dtype)
 
@@ -96,7 +107,7 @@ def test_layer_norm_with_a_large_mean(case, config):
     w, b = make(1, cols, dtype, 0, seed + 1)[0], make(1, cols, dtype, 0, seed + 2)[0]
     xr = f64(x)
     centred = xr - xr.mean(-1, keepdims=True)
-    expected = centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + 1e-5) * f64(w) + f64(b)
+    expected = centred / np.sqrt((centred**2).mean(-1, keepdims=True) + 1e-5) * f64(w) + f64(b)
     check(norms.layer_norm(x, w, b, 1e-5, config), expected, dtype)
 
 
@@ -119,19 +130,24 @@ def test_strided_weight_and_fp32_weight_with_fp16_rows():
     check(norms.rms_norm(x, w_strided), rms_reference(f64(x), w_strided), torch.float16)
 
 
-@pytest.mark.parametrize("call", [
-    lambda x: norms.rms_norm(x, torch.ones(63)),
-    lambda x: norms.crms_norm(x, torch.ones(1, 64)),
-    lambda x: norms.add_rms_norm(x, x[:2]),
-    lambda x: norms.layer_norm(x, torch.ones(64), torch.ones(65)),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x: norms.rms_norm(x, torch.ones(63)),
+        lambda x: norms.crms_norm(x, torch.ones(1, 64)),
+        lambda x: norms.add_rms_norm(x, x[:2]),
+        lambda x: norms.layer_norm(x, torch.ones(64), torch.ones(65)),
+    ],
+)
 def test_mismatched_vectors_are_refused_before_launch(call):
     with pytest.raises(ValueError, match="shape"):
         call(make(3, 64, torch.float32, 0, 5))
 
 
-@pytest.mark.parametrize("cols,block,warps", [(1, 16, 1), (767, 1024, 4), (4095, 4096, 8), (8192, 8192, 16),
-                                              (16384, 8192, 16)])
+@pytest.mark.parametrize(
+    "cols,block,warps",
+    [(1, 16, 1), (767, 1024, 4), (4095, 4096, 8), (8192, 8192, 16), (16384, 8192, 16)],
+)
 def test_default_launch_config(cols, block, warps):
     assert norms.launch_config(cols) == (block, warps)
 
@@ -143,7 +159,9 @@ def test_candidates_are_valid_launches(cols):
     for block, warps in found:
         assert block & (block - 1) == 0 and block <= norms.MAX_BLOCK and warps & (warps - 1) == 0
         assert warps == 1 or 32 * warps <= block  # no warp without an element
-    assert found[0][0] >= min(cols, norms.MAX_BLOCK)  # the default keeps a row that fits in one pass
+    assert found[0][0] >= min(
+        cols, norms.MAX_BLOCK
+    )  # the default keeps a row that fits in one pass
 
 
 def test_every_candidate_computes_the_same_norm():

@@ -24,9 +24,18 @@ def test_minimal_bytes():
     assert bench.minimal_bytes("layer_norm", 8, 10, 2) == (2 * 8 * 10 + 2 * 10) * 2
 
 
-def row(kernel, of_copy=0.95, x_compile=1.1, tokens=16384, hidden=4096, dtype="float16", config=None):
-    return {"kernel": kernel, "tokens": tokens, "hidden": hidden, "dtype": dtype, "config": config,
-            "of_copy": of_copy, "x_compile": x_compile}
+def row(
+    kernel, of_copy=0.95, x_compile=1.1, tokens=16384, hidden=4096, dtype="float16", config=None
+):
+    return {
+        "kernel": kernel,
+        "tokens": tokens,
+        "hidden": hidden,
+        "dtype": dtype,
+        "config": config,
+        "of_copy": of_copy,
+        "x_compile": x_compile,
+    }
 
 
 def verdicts(rows):
@@ -43,13 +52,17 @@ def test_goals_judge_the_default_config_at_the_goal_shape():
     assert set(verdicts(good).values()) == {"met"}
     slow_copy = [row("rms_norm", of_copy=0.89)] + good[1:]
     v = verdicts(slow_copy)
-    assert [g for g, s in v.items() if s != "met"] == ["rms_norm >= 90% of copy bandwidth at 16384 x 4096 float16"]
+    assert [g for g, s in v.items() if s != "met"] == [
+        "rms_norm >= 90% of copy bandwidth at 16384 x 4096 float16"
+    ]
     # one slower shape with >= 2048 tokens fails the compile goal; fewer tokens do not count
     v = verdicts(good + [row("crms_norm", x_compile=0.97, tokens=2048, hidden=767)])
     assert v["crms_norm >= 1.0x torch.compile at every shape with >= 2048 tokens"] == "NOT MET"
     assert set(verdicts(good + [row("crms_norm", x_compile=0.5, tokens=128)]).values()) == {"met"}
     # a tuning row (non-default config) is not the kernel as shipped
-    assert set(verdicts(good + [row("rms_norm", of_copy=0.1, x_compile=0.1, config=(256, 1))]).values()) == {"met"}
+    assert set(
+        verdicts(good + [row("rms_norm", of_copy=0.1, x_compile=0.1, config=(256, 1))]).values()
+    ) == {"met"}
 
 
 def test_smoke_run_writes_the_table_and_json(tmp_path, capsys):

@@ -22,10 +22,10 @@ pytest.importorskip("triton")
 HIDDEN = 2  # Triton 3.5+ scratch pointers after the declared parameters
 # kernel: (dtype, declared parameter kinds, row inputs (weight/bias included), row outputs)
 KERNELS = {
-    "rms_norm_kernel": ("float16", "pp" "iii" "p", 2, 1),
-    "crms_norm_kernel": ("bfloat16", "pp" "iii" "p", 2, 1),
-    "add_rms_norm_kernel": ("float16", "ppp" "iiiii" "pp", 3, 2),
-    "layer_norm_kernel": ("float32", "ppp" "iii" "p", 3, 1),
+    "rms_norm_kernel": ("float16", "ppiiip", 2, 1),
+    "crms_norm_kernel": ("bfloat16", "ppiiip", 2, 1),
+    "add_rms_norm_kernel": ("float16", "pppiiiiipp", 3, 2),
+    "layer_norm_kernel": ("float32", "pppiiip", 3, 1),
 }
 N_COLS, BLOCK, WARPS = 4096, 4096, 8
 COMPILE = """
@@ -45,11 +45,20 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
-    proc = subprocess.run([sys.executable, "-c", COMPILE, json.dumps(KERNELS)], capture_output=True, text=True,
-                          env=env, timeout=600)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {
+        "TRITON_DEFAULT_FP_FUSION": "1"
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", COMPILE, json.dumps(KERNELS)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     if proc.returncode != 0:
-        pytest.skip(f"cannot compile PTX with this Triton build: {proc.stderr.strip().splitlines()[-1]}")
+        pytest.skip(
+            f"cannot compile PTX with this Triton build: {proc.stderr.strip().splitlines()[-1]}"
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -68,14 +77,19 @@ def test_one_pass_moves_minimal_bytes_in_16_byte_vectors(compiled, name):
     itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
     per_row = N_COLS * itemsize // (16 * 32 * WARPS)  # 16-byte accesses per thread for one row
     _, _, accesses = compiled[f"{name} one_pass=True"]
-    assert accesses == {"ld.global.v4.b32": inputs * per_row, "st.global.v4.b32": outputs * per_row}, accesses
+    assert accesses == {
+        "ld.global.v4.b32": inputs * per_row,
+        "st.global.v4.b32": outputs * per_row,
+    }, accesses
 
 
 @pytest.mark.parametrize("name", sorted(KERNELS))
 def test_chunked_path_rereads_rows_and_unaligned_is_scalar(compiled, name):
     """Why the one-pass path and the alignment promise exist: without them, more accesses."""
     _, _, inputs, _ = KERNELS[name]
-    chunked = compiled[f"{name} one_pass=False"][2]  # (1024, 4): one 16-byte access per input per chunk
+    chunked = compiled[f"{name} one_pass=False"][
+        2
+    ]  # (1024, 4): one 16-byte access per input per chunk
     assert chunked["ld.global.v4.b32"] > inputs  # some row is loaded again in a later loop
     unaligned = compiled[f"{name} unaligned"][2]
     one_pass = sum(compiled[f"{name} one_pass=True"][2].values())

@@ -26,7 +26,8 @@ for op_type, spec in PLUGINS.items():
             plan = launch_plan(spec, dtype, 767, 1e-5, tactic)
             entry = re.search(r"\\.entry\\s+(\\w+)\\s*\\((.*?)\\)", plan.ptx, re.S)
             reqntid = re.search(r"\\.reqntid\\s+(\\d+)", plan.ptx)
-            out.append([op_type, dtype, tactic, plan.kernel == entry.group(1), len(entry.group(2).split(",")),
+            out.append([op_type, dtype, tactic, plan.kernel == entry.group(1),
+            len(entry.group(2).split(",")),
                         plan.block_x, int(reqntid.group(1)), list(plan.scalars)])
 print(json.dumps(out))
 """
@@ -37,7 +38,9 @@ def test_every_plugin_dtype_and_tactic_compiles_to_a_launchable_ptx():
     launches, its thread count, and the parameters: input pointers, the int32 scalars (width,
     row pitches), output pointers, then Triton's two hidden scratch pointers."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", PLANS], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", PLANS], capture_output=True, text=True, env=env, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     plans = json.loads(done.stdout)
     assert len(plans) == len(PLUGINS) * 3 * len({p[2] for p in plans})

@@ -18,12 +18,16 @@ def _value(model, name):
         for out in node.outputs:
             if out.name == name:
                 return out
-    return model.graph.initializers.get(name) or next(v for v in model.graph.inputs if v.name == name)
+    return model.graph.initializers.get(name) or next(
+        v for v in model.graph.inputs if v.name == name
+    )
 
 
 def test_constant_value_sources():
     nodes = [
-        helper.make_node("Constant", [], ["c"], value=helper.make_tensor("t", TensorProto.FLOAT, [2], [1.5, 2.5])),
+        helper.make_node(
+            "Constant", [], ["c"], value=helper.make_tensor("t", TensorProto.FLOAT, [2], [1.5, 2.5])
+        ),
         helper.make_node("Cast", ["c"], ["c16"], to=TensorProto.FLOAT16),
         helper.make_node("Identity", ["w"], ["wi"]),
         helper.make_node("Cast", ["c16"], ["c32"], to=TensorProto.FLOAT),
@@ -42,16 +46,24 @@ def test_constant_value_sources():
 
 def test_initializer_listed_as_input_is_not_constant():
     """IR < 4 style: a graph input with a default is overridable, so not a constant."""
-    proto = make_model([helper.make_node("Add", ["x", "w"], ["y"])], [tensor("x"), tensor("w", shape=(8,))],
-                       [tensor("y")], [const("w", np.ones(8, np.float32))])
+    proto = make_model(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        [tensor("x"), tensor("w", shape=(8,))],
+        [tensor("y")],
+        [const("w", np.ones(8, np.float32))],
+    )
     model = ir.serde.deserialize_model(proto)
     assert constant_value(model.graph.initializers["w"]) is None
 
 
 def _shared_weight_model():
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="first"),
-             helper.make_node("MatMul", ["a", "w"], ["y"], name="second")]
-    return _model(nodes, [const("w", np.eye(8, dtype=np.float32))], inputs=[tensor("x", shape=(2, 8))])
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["a"], name="first"),
+        helper.make_node("MatMul", ["a", "w"], ["y"], name="second"),
+    ]
+    return _model(
+        nodes, [const("w", np.eye(8, dtype=np.float32))], inputs=[tensor("x", shape=(2, 8))]
+    )
 
 
 def test_private_initializer_copies_shared_weight_on_write():
@@ -75,7 +87,10 @@ def test_private_initializer_of_sole_user_is_itself():
 
 
 def test_private_initializer_same_weight_twice_in_one_node():
-    model = _model([helper.make_node("Add", ["w", "w"], ["y"], name="double")], [const("w", np.ones(8, np.float32))])
+    model = _model(
+        [helper.make_node("Add", ["w", "w"], ["y"], name="double")],
+        [const("w", np.ones(8, np.float32))],
+    )
     node = next(iter(model.graph))
     private = Editor(model.graph).private_initializer(node, 0)
     assert node.inputs[0] is private and node.inputs[1] is model.graph.initializers["w"]
@@ -90,7 +105,9 @@ def test_private_initializer_rejects_non_initializer():
 def test_fresh_names_and_readers():
     model = _shared_weight_model()
     edit = Editor(model.graph)
-    assert edit.value_name("w") == "w_1" and edit.value_name("w") == "w_2"  # each name handed out once
+    assert (
+        edit.value_name("w") == "w_1" and edit.value_name("w") == "w_2"
+    )  # each name handed out once
     assert edit.value_name("fresh") == "fresh" and edit.node_name("first") == "first_1"
     node = edit.node("Relu", [model.graph.inputs[0]], name="val_0")
     assert node.name == "val_0" and node.outputs[0].name == "val_0"  # never left to onnx-ir's val_N
@@ -101,8 +118,11 @@ def test_fresh_names_and_readers():
 
 
 def test_readers_of_numbers_leave_out_shape_readers():
-    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Relu", ["x"], ["r"]),
-             helper.make_node("Reshape", ["r", "s"], ["y"])]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Reshape", ["r", "s"], ["y"]),
+    ]
     model = _model(nodes)
     x = model.graph.inputs[0]
     assert [n.op_type for n in readers(x)] == ["Shape", "Relu"]

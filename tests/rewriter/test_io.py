@@ -101,7 +101,9 @@ def test_truncated_file(tmp_path, fraction):
     data = onnx.load_model_from_string(mlp().SerializeToString()).SerializeToString()
     path = tmp_path / "t.onnx"
     path.write_bytes(data[: int(len(data) * fraction)])
-    with pytest.raises(BadInput, match="not a valid ONNX|not an ONNX model|fails onnx.checker|opset"):
+    with pytest.raises(
+        BadInput, match="not a valid ONNX|not an ONNX model|fails onnx.checker|opset"
+    ):
         io.load(path)
 
 
@@ -158,7 +160,9 @@ def test_load_never_writes_the_input(tmp_path):
 def test_stage_reports_progress_per_external_tensor(tmp_path):
     model = io.load(save(mlp(d=64), tmp_path / "m.onnx"))
     calls = []
-    io.stage(model, tmp_path / "o.onnx", external_data=True, progress=lambda i, n: calls.append((i, n))).commit()
+    io.stage(
+        model, tmp_path / "o.onnx", external_data=True, progress=lambda i, n: calls.append((i, n))
+    ).commit()
     # w1 and w2 (16 KiB each) go external; the 256-byte bias stays under the 1 KiB threshold.
     assert calls == [(1, 2), (2, 2)]
 
@@ -171,18 +175,42 @@ def test_an_embedded_model_written_a_tensor_at_a_time_is_what_onnx_ir_would_writ
     from onnx import TensorProto, helper
 
     proto = mlp(d=64)  # 16 KiB weights
-    branch = helper.make_graph([helper.make_node("Add", ["y", "k"], ["z"])], "then", [],
-                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 64])],
-                               [onnx.numpy_helper.from_array(np.full(64, 2.0, np.float32), "k")])
-    other = helper.make_graph([helper.make_node("Neg", ["y"], ["z2"])], "else", [],
-                              [helper.make_tensor_value_info("z2", TensorProto.FLOAT, ["batch", 64])])
-    proto.graph.node.append(helper.make_node("Constant", [], ["cond"], value=helper.make_tensor("c", TensorProto.BOOL, [], [True])))
-    proto.graph.node.append(helper.make_node("If", ["cond"], ["out"], then_branch=branch, else_branch=other))
+    branch = helper.make_graph(
+        [helper.make_node("Add", ["y", "k"], ["z"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 64])],
+        [onnx.numpy_helper.from_array(np.full(64, 2.0, np.float32), "k")],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Neg", ["y"], ["z2"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("z2", TensorProto.FLOAT, ["batch", 64])],
+    )
+    proto.graph.node.append(
+        helper.make_node(
+            "Constant", [], ["cond"], value=helper.make_tensor("c", TensorProto.BOOL, [], [True])
+        )
+    )
+    proto.graph.node.append(
+        helper.make_node("If", ["cond"], ["out"], then_branch=branch, else_branch=other)
+    )
     proto.graph.node.append(helper.make_node("Twice", ["out"], ["out2"], domain="local"))
-    proto.functions.append(helper.make_function("local", "Twice", ["a"], ["b"], [helper.make_node("Add", ["a", "a"], ["b"])],
-                                                [helper.make_opsetid("", 17)]))
+    proto.functions.append(
+        helper.make_function(
+            "local",
+            "Twice",
+            ["a"],
+            ["b"],
+            [helper.make_node("Add", ["a", "a"], ["b"])],
+            [helper.make_opsetid("", 17)],
+        )
+    )
     proto.opset_import.append(helper.make_opsetid("local", 1))
-    proto.graph.output.append(helper.make_tensor_value_info("out2", TensorProto.FLOAT, ["batch", 64]))
+    proto.graph.output.append(
+        helper.make_tensor_value_info("out2", TensorProto.FLOAT, ["batch", 64])
+    )
     proto.graph.value_info.append(helper.make_tensor_value_info("w2", TensorProto.FLOAT, [64, 64]))
     helper.set_model_props(proto, {"author": "normopt test"})
     src = save(proto, tmp_path / "m.onnx")
@@ -210,4 +238,6 @@ def test_an_initializer_with_a_quantization_annotation_is_saved_by_onnx_ir_and_k
     assert not io._streamable(model)
     io.save(model, tmp_path / "o.onnx", external_data=False)
     saved = onnx.load(str(tmp_path / "o.onnx")).graph.quantization_annotation
-    assert [(a.tensor_name, a.quant_parameter_tensor_names[0].value) for a in saved] == [("w2", "b1")]
+    assert [(a.tensor_name, a.quant_parameter_tensor_names[0].value) for a in saved] == [
+        ("w2", "b1")
+    ]

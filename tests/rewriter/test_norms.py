@@ -7,9 +7,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from normopt.passes.base import Options
 from normopt.passes.canonicalize_norms import CanonicalizeNorms
 from normopt.rewriter.norms import find_norms
-from normopt.passes.base import Options
 from tests.helpers import ort_run
 from tests.norm_graphs import Variant, build, reference
 
@@ -33,17 +33,33 @@ def check(v: Variant):
     extra = [v.name for m in matches for v in (m.input, m.output) if v.name not in feeds]
     got = {**feeds, **ort_run(proto, feeds, extra_outputs=extra)}
     for m in matches:
-        scale = None if m.scale is None else ir.serde.deserialize_tensor(
-            next(t for t in proto.graph.initializer if t.name == m.scale.name)).numpy()
-        bias = None if m.bias is None else ir.serde.deserialize_tensor(
-            next(t for t in proto.graph.initializer if t.name == m.bias.name)).numpy()
+        scale = (
+            None
+            if m.scale is None
+            else ir.serde.deserialize_tensor(
+                next(t for t in proto.graph.initializer if t.name == m.scale.name)
+            ).numpy()
+        )
+        bias = (
+            None
+            if m.bias is None
+            else ir.serde.deserialize_tensor(
+                next(t for t in proto.graph.initializer if t.name == m.bias.name)
+            ).numpy()
+        )
         # e.g. an LN whose centred value is read elsewhere is refused, and what remains, the
         # RMSNorm of that centred value, is matched: its input is then "d", not "x".
-        expected = reference(Variant(kind=m.kind), got[m.input.name], scale, bias, m.epsilon, m.normalized_axes)
+        expected = reference(
+            Variant(kind=m.kind), got[m.input.name], scale, bias, m.epsilon, m.normalized_axes
+        )
         tol = 2e-2 if v.cast else 1e-5
-        np.testing.assert_allclose(got[m.output.name].astype(np.float64), expected, rtol=tol, atol=tol)
+        np.testing.assert_allclose(
+            got[m.output.name].astype(np.float64), expected, rtol=tol, atol=tol
+        )
 
-    target = "ort"  # LayerNormalization for LN; SimplifiedLayerNormalization for RMSNorm at any opset
+    target = (
+        "ort"  # LayerNormalization for LN; SimplifiedLayerNormalization for RMSNorm at any opset
+    )
     model = ir.serde.deserialize_model(proto)  # a fresh copy: the matches above stay intact
     result = CanonicalizeNorms(Options(target=target)).run(model)
     # A match on an intermediate value with no static shape and no scale cannot be fused
@@ -55,7 +71,9 @@ def check(v: Variant):
     after = ort_run(rewritten, feeds)
     for name, value in ort_run(proto, feeds).items():
         tol = 2e-3 if v.cast else 1e-5
-        np.testing.assert_allclose(after[name].astype(np.float64), value.astype(np.float64), rtol=tol, atol=tol)
+        np.testing.assert_allclose(
+            after[name].astype(np.float64), value.astype(np.float64), rtol=tol, atol=tol
+        )
     fused = {"layernorm": "LayerNormalization", "rmsnorm": "SimplifiedLayerNormalization"}
     ops = [n.op_type for n in model.graph]
     assert len([op for op in ops if op in fused.values()]) == len(matches) - len(unfusable)
@@ -126,8 +144,18 @@ VARIANTS = st.builds(
     bias=st.booleans(),
     cast=st.booleans(),
     eps=st.sampled_from([1e-12, 1e-6, 1e-5, 0.1]),
-    mutation=st.sampled_from(["none", "none", "eps_outside", "keepdims0", "other_mean", "extra_use",
-                              "nonlast_axis", "positive_axes"]),
+    mutation=st.sampled_from(
+        [
+            "none",
+            "none",
+            "eps_outside",
+            "keepdims0",
+            "other_mean",
+            "extra_use",
+            "nonlast_axis",
+            "positive_axes",
+        ]
+    ),
 )
 
 
@@ -140,7 +168,11 @@ def test_property_a_match_computes_its_norm_and_fusing_it_changes_nothing(v):
         return  # shapes that do not broadcast, or a float32 second input beside a float16 one
     matches = check(v)
     if v.exact:
-        assert len(matches) == 1 and matches[0].axis == -v.k and matches[0].epsilon == pytest.approx(v.eps, rel=1e-6)
+        assert (
+            len(matches) == 1
+            and matches[0].axis == -v.k
+            and matches[0].epsilon == pytest.approx(v.eps, rel=1e-6)
+        )
     elif v.mutation != "extra_use" or v.kind == "layernorm":
         assert matches == []
 
@@ -158,27 +190,41 @@ def test_input_cast_of_a_norm_is_not_taken_for_the_previous_norms_output_cast():
     def ln(x, out, suffix, cast):
         src = f"{out}_f" if cast else x
         nodes = [helper.make_node("Cast", [x], [src], to=TensorProto.FLOAT)] if cast else []
-        nodes += [helper.make_node("ReduceMean", [src], [f"{out}_mu"], axes=[-1]),
-                  helper.make_node("Sub", [src, f"{out}_mu"], [f"{out}_d"]),
-                  helper.make_node("Mul", [f"{out}_d", f"{out}_d"], [f"{out}_sq"]),
-                  helper.make_node("ReduceMean", [f"{out}_sq"], [f"{out}_var"], axes=[-1]),
-                  helper.make_node("Add", [f"{out}_var", f"eps{suffix}"], [f"{out}_ve"]),
-                  helper.make_node("Sqrt", [f"{out}_ve"], [f"{out}_std"]),
-                  helper.make_node("Div", [f"{out}_d", f"{out}_std"], [f"{out}_n"]),
-                  helper.make_node("Mul", [f"{out}_n", f"g{suffix}"], [f"{out}_s"]),
-                  helper.make_node("Add", [f"{out}_s", f"b{suffix}"], [out if not cast else f"{out}_y"])]
+        nodes += [
+            helper.make_node("ReduceMean", [src], [f"{out}_mu"], axes=[-1]),
+            helper.make_node("Sub", [src, f"{out}_mu"], [f"{out}_d"]),
+            helper.make_node("Mul", [f"{out}_d", f"{out}_d"], [f"{out}_sq"]),
+            helper.make_node("ReduceMean", [f"{out}_sq"], [f"{out}_var"], axes=[-1]),
+            helper.make_node("Add", [f"{out}_var", f"eps{suffix}"], [f"{out}_ve"]),
+            helper.make_node("Sqrt", [f"{out}_ve"], [f"{out}_std"]),
+            helper.make_node("Div", [f"{out}_d", f"{out}_std"], [f"{out}_n"]),
+            helper.make_node("Mul", [f"{out}_n", f"g{suffix}"], [f"{out}_s"]),
+            helper.make_node("Add", [f"{out}_s", f"b{suffix}"], [out if not cast else f"{out}_y"]),
+        ]
         if cast:
             nodes.append(helper.make_node("Cast", [f"{out}_y"], [out], to=TensorProto.FLOAT16))
         return nodes
 
     inits = []
     for suffix, dtype in (("16", np.float16), ("32", np.float32)):
-        inits += [const(f"eps{suffix}", dtype(1e-5)), const(f"g{suffix}", np.linspace(0.5, 1.5, 6).astype(dtype)),
-                  const(f"b{suffix}", np.linspace(-1, 1, 6).astype(dtype))]
-    proto = make_model(ln("x", "first", "16", False) + ln("first", "y", "32", True),
-                       [tensor("x", TensorProto.FLOAT16, (2, 6))], [tensor("y", TensorProto.FLOAT16, (2, 6))], inits)
+        inits += [
+            const(f"eps{suffix}", dtype(1e-5)),
+            const(f"g{suffix}", np.linspace(0.5, 1.5, 6).astype(dtype)),
+            const(f"b{suffix}", np.linspace(-1, 1, 6).astype(dtype)),
+        ]
+    proto = make_model(
+        ln("x", "first", "16", False) + ln("first", "y", "32", True),
+        [tensor("x", TensorProto.FLOAT16, (2, 6))],
+        [tensor("y", TensorProto.FLOAT16, (2, 6))],
+        inits,
+    )
     model = ir.serde.deserialize_model(proto)
-    assert [(m.kind, m.input.name) for m in find_norms(model.graph)] == [("layernorm", "x"), ("layernorm", "first")]
+    assert [(m.kind, m.input.name) for m in find_norms(model.graph)] == [
+        ("layernorm", "x"),
+        ("layernorm", "first"),
+    ]
     options = Options(target="onnx")
-    assert CanonicalizeNorms(options).run(model).lines == ["fused 2 decomposed layernorm -> LayerNormalization"]
+    assert CanonicalizeNorms(options).run(model).lines == [
+        "fused 2 decomposed layernorm -> LayerNormalization"
+    ]
     assert not CanonicalizeNorms(options).run(model).modified

@@ -21,7 +21,9 @@ def test_batchnorm_affine_and_repbn():
 def test_chain_affine():
     x = rng.standard_normal((3, 5))
     k1, k2, k3, k4 = rng.standard_normal((4, 5)) + 2
-    a, c = am.chain_affine([("Div", k1), ("Mul", k2), ("Add", k3), ("Sub", k4), ("Mul", np.float64(0.5))], 5)
+    a, c = am.chain_affine(
+        [("Div", k1), ("Mul", k2), ("Add", k3), ("Sub", k4), ("Mul", np.float64(0.5))], 5
+    )
     np.testing.assert_allclose(a * x + c, ((x / k1 * k2 + k3) - k4) * 0.5, rtol=1e-12)
     with pytest.raises(ValueError):
         am.chain_affine([("Pow", k1)], 5)
@@ -34,8 +36,12 @@ def test_into_conv_output(groups):
     a, c = rng.standard_normal(6), rng.standard_normal(6)
     ref = F.conv2d(x, torch.tensor(w), torch.tensor(b), padding=1, stride=2, groups=groups).numpy()
     w2, b2 = am.into_conv_output(w, b, a, c)
-    got = F.conv2d(x, torch.tensor(w2), torch.tensor(b2), padding=1, stride=2, groups=groups).numpy()
-    np.testing.assert_allclose(got, a[:, None, None] * ref + c[:, None, None], rtol=1e-10, atol=1e-10)
+    got = F.conv2d(
+        x, torch.tensor(w2), torch.tensor(b2), padding=1, stride=2, groups=groups
+    ).numpy()
+    np.testing.assert_allclose(
+        got, a[:, None, None] * ref + c[:, None, None], rtol=1e-10, atol=1e-10
+    )
 
 
 @pytest.mark.parametrize("groups", [1, 2])
@@ -46,7 +52,9 @@ def test_into_conv_transpose_output(groups):
     ref = F.conv_transpose2d(x, torch.tensor(w), torch.tensor(b), stride=2, groups=groups).numpy()
     w2, b2 = am.into_conv_transpose_output(w, b, a, c, groups)
     got = F.conv_transpose2d(x, torch.tensor(w2), torch.tensor(b2), stride=2, groups=groups).numpy()
-    np.testing.assert_allclose(got, a[:, None, None] * ref + c[:, None, None], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+        got, a[:, None, None] * ref + c[:, None, None], rtol=1e-10, atol=1e-10
+    )
 
 
 @pytest.mark.parametrize("groups", [1, 3, 6])
@@ -60,10 +68,16 @@ def test_into_conv_input_exact_without_padding(groups):
     got = F.conv2d(torch.tensor(x), torch.tensor(w2), torch.tensor(b2), groups=groups).numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-10)
     # with zero padding the border is wrong unless c == 0: the reason for the precondition
-    padded_ref = F.conv2d(torch.tensor(y), torch.tensor(w), torch.tensor(b), padding=1, groups=groups).numpy()
-    padded = F.conv2d(torch.tensor(x), torch.tensor(w2), torch.tensor(b2), padding=1, groups=groups).numpy()
+    padded_ref = F.conv2d(
+        torch.tensor(y), torch.tensor(w), torch.tensor(b), padding=1, groups=groups
+    ).numpy()
+    padded = F.conv2d(
+        torch.tensor(x), torch.tensor(w2), torch.tensor(b2), padding=1, groups=groups
+    ).numpy()
     assert not np.allclose(padded, padded_ref)
-    np.testing.assert_allclose(padded[..., 1:-1, 1:-1], padded_ref[..., 1:-1, 1:-1], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+        padded[..., 1:-1, 1:-1], padded_ref[..., 1:-1, 1:-1], rtol=1e-10, atol=1e-10
+    )
 
 
 def test_matmul_both_sides():
@@ -76,14 +90,18 @@ def test_matmul_both_sides():
     np.testing.assert_allclose(x @ w2 + b2, (a * x + c) @ w + b, rtol=1e-12)
 
 
-@pytest.mark.parametrize("shape,axis", [((50, 7), -1), ((50, 7), 0), ((3, 4, 5, 6), 0), ((3, 4, 5, 6), -1), ((9,), -1)])
+@pytest.mark.parametrize(
+    "shape,axis", [((50, 7), -1), ((50, 7), 0), ((3, 4, 5, 6), 0), ((3, 4, 5, 6), -1), ((9,), -1)]
+)
 def test_center_in_blocks_equals_the_whole_computation(shape, axis):
     """Large tables are centred a block at a time (bounded float64 memory): same numbers."""
     a = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     whole = a.astype(np.float64) - a.astype(np.float64).mean(axis=axis, keepdims=True)
     for block_bytes in (8, 1 << 26):
         assert np.array_equal(am.center(a, axis, block_bytes=block_bytes), whole)
-        assert np.array_equal(am.center(a, axis, np.float32, block_bytes=block_bytes), whole.astype(np.float32))
+        assert np.array_equal(
+            am.center(a, axis, np.float32, block_bytes=block_bytes), whole.astype(np.float32)
+        )
 
 
 def test_a_shift_alone_leaves_the_weight_and_moves_the_bias_exactly():
@@ -94,7 +112,9 @@ def test_a_shift_alone_leaves_the_weight_and_moves_the_bias_exactly():
     w2, b2 = am.into_matmul_input(w, b, np.ones(300), c)
     assert w2 is w or np.shares_memory(w2, w)
     np.testing.assert_allclose(b2, b + c @ w.astype(np.float64), rtol=1e-13)
-    np.testing.assert_allclose(am._dot64(c, w, block_bytes=64), c @ w.astype(np.float64), rtol=1e-13)
+    np.testing.assert_allclose(
+        am._dot64(c, w, block_bytes=64), c @ w.astype(np.float64), rtol=1e-13
+    )
 
 
 def test_diffused_rounding_keeps_float16_rows_summing_to_zero():

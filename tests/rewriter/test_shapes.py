@@ -17,8 +17,12 @@ def _values(model):
 
 def test_annotations_are_taken_back_and_refine_only_what_is_missing(tmp_path):
     nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
-    proto = make_model(nodes, [tensor("x", shape=("batch", 4))], [tensor("y", shape=("batch", "n"))],
-                       [const("w", np.ones((4, 3), np.float32))])
+    proto = make_model(
+        nodes,
+        [tensor("x", shape=("batch", 4))],
+        [tensor("y", shape=("batch", "n"))],
+        [const("w", np.ones((4, 3), np.float32))],
+    )
     model = ir.serde.deserialize_model(proto)
     with annotated(model):
         h, y = _values(model)["h"], _values(model)["y"]
@@ -33,12 +37,21 @@ def test_annotations_are_taken_back_and_refine_only_what_is_missing(tmp_path):
 def test_sequence_values_keep_their_type():
     """Found from outside (a dynamo export with optimize=False): shape inference's element
     dtype merged into a sequence value made it a tensor, and onnxruntime refused the output."""
-    nodes = [helper.make_node("SplitToSequence", ["x"], ["parts"], axis=1),
-             helper.make_node("SequenceAt", ["parts", "zero"], ["first"]),
-             helper.make_node("LayerNormalization", ["first", "g", "b"], ["y"], axis=-1)]
-    proto = make_model(nodes, [tensor("x", shape=(2, 4))], [tensor("y", shape=(2, 1))],
-                       [const("zero", np.array(0, np.int64)), const("g", np.ones(1, np.float32)),
-                        const("b", np.zeros(1, np.float32))])
+    nodes = [
+        helper.make_node("SplitToSequence", ["x"], ["parts"], axis=1),
+        helper.make_node("SequenceAt", ["parts", "zero"], ["first"]),
+        helper.make_node("LayerNormalization", ["first", "g", "b"], ["y"], axis=-1),
+    ]
+    proto = make_model(
+        nodes,
+        [tensor("x", shape=(2, 4))],
+        [tensor("y", shape=(2, 1))],
+        [
+            const("zero", np.array(0, np.int64)),
+            const("g", np.ones(1, np.float32)),
+            const("b", np.zeros(1, np.float32)),
+        ],
+    )
     model = ir.serde.deserialize_model(proto)
     with annotated(model):
         assert isinstance(_values(model)["parts"].type, ir.SequenceType)
@@ -51,10 +64,17 @@ def test_sequence_values_keep_their_type():
 
 def test_a_graph_output_a_pass_creates_stays_typed():
     """A fold makes the Conv's output the graph output: it must keep a type."""
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]),
-             helper.make_node("BatchNormalization", ["c", "s", "bb", "m", "v"], ["y"])]
-    inits = [const("w", np.ones((2, 2, 1, 1), np.float32)), *(const(n, np.full(2, 0.5, np.float32)) for n in "s bb m v".split())]
-    proto = make_model(nodes, [tensor("x", shape=(1, 2, 3, 3))], [tensor("y", shape=(1, 2, 3, 3))], inits)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("BatchNormalization", ["c", "s", "bb", "m", "v"], ["y"]),
+    ]
+    inits = [
+        const("w", np.ones((2, 2, 1, 1), np.float32)),
+        *(const(n, np.full(2, 0.5, np.float32)) for n in "s bb m v".split()),
+    ]
+    proto = make_model(
+        nodes, [tensor("x", shape=(1, 2, 3, 3))], [tensor("y", shape=(1, 2, 3, 3))], inits
+    )
     model = ir.serde.deserialize_model(proto)
     run_pipeline(model, ["fold-affine-norms"])
     rewritten = ir.serde.serialize_model(model)

@@ -12,14 +12,43 @@ from normopt.rewriter.stream import analyze
 from tests.helpers import const, make_model, tensor
 
 EXPECTED = {
-    "gpt2": "pre-ln", "gpt2hidden": "pre-ln", "opt": "pre-ln", "gptneox": "pre-ln", "vit": "pre-ln", "preln": "pre-ln",
-    "bert": "post-ln", "llama": "pre-rmsnorm", "resnet18": "none", "mobilenetv2": "none",
-    "clip": "pre-ln", "bloom": "pre-ln",  # with a LayerNorm on the embeddings (named in the reasons)
-    "swin": "pre-ln", "whisper": "pre-ln", "scaledpool": "pre-ln", "periln": "peri-ln", "mixln": "mixed",
+    "gpt2": "pre-ln",
+    "gpt2hidden": "pre-ln",
+    "opt": "pre-ln",
+    "gptneox": "pre-ln",
+    "vit": "pre-ln",
+    "preln": "pre-ln",
+    "bert": "post-ln",
+    "llama": "pre-rmsnorm",
+    "resnet18": "none",
+    "mobilenetv2": "none",
+    "clip": "pre-ln",
+    "bloom": "pre-ln",  # with a LayerNorm on the embeddings (named in the reasons)
+    "swin": "pre-ln",
+    "whisper": "pre-ln",
+    "scaledpool": "pre-ln",
+    "periln": "peri-ln",
+    "mixln": "mixed",
     "wav2vec2": "mixed",  # its conv positional embedding is a residual Add without a norm
-    "repbn": "none", "repbnpool": "none", "unifiednorm": "none", "convnext": "none", "convnext2d": "none", "repvgg": "none", "repblocks": "none",
+    "repbn": "none",
+    "repbnpool": "none",
+    "unifiednorm": "none",
+    "convnext": "none",
+    "convnext2d": "none",
+    "repvgg": "none",
+    "repblocks": "none",
 }
-RESIDUAL_ADDS = {"gpt2": 4, "gpt2hidden": 4, "opt": 4, "gptneox": 2, "vit": 4, "preln": 4, "bert": 4, "llama": 4, "clip": 4}
+RESIDUAL_ADDS = {
+    "gpt2": 4,
+    "gpt2hidden": 4,
+    "opt": 4,
+    "gptneox": 2,
+    "vit": 4,
+    "preln": 4,
+    "bert": 4,
+    "llama": 4,
+    "clip": 4,
+}
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))
@@ -32,7 +61,9 @@ def test_corpus_architecture(corpus, name):
         assert any("1 norm(s) write the start of a stream" in r for r in result.reasons)
     if family in RESIDUAL_ADDS:
         assert len(result.residual_adds) == RESIDUAL_ADDS[family]  # no mask or GELU Adds
-        assert len(result.final_norms) == (0 if family == "clip" else 1)  # CLIP normalizes the pooled cls token
+        assert len(result.final_norms) == (
+            0 if family == "clip" else 1
+        )  # CLIP normalizes the pooled cls token
 
 
 def _blocks(kinds: list[str], d: int = 8):
@@ -63,11 +94,19 @@ def _blocks(kinds: list[str], d: int = 8):
             nodes.append(norm(x, f"ln{i}"))
             x = f"ln{i}"
     # a tanh-GELU style Add (x + c*x^3): not residual, no linear op between
-    nodes += [helper.make_node("Pow", [x, "three"], ["cube"]), helper.make_node("Mul", ["cube", "c"], ["cc"]),
-              helper.make_node("Add", [x, "cc"], ["y"])]
+    nodes += [
+        helper.make_node("Pow", [x, "three"], ["cube"]),
+        helper.make_node("Mul", ["cube", "c"], ["cc"]),
+        helper.make_node("Add", [x, "cc"], ["y"]),
+    ]
     inits += [const("three", np.float32(3)), const("c", np.float32(0.044715))]
-    model = make_model(nodes, [tensor("x", TensorProto.FLOAT, (2, 4, d))], [tensor("y", TensorProto.FLOAT, (2, 4, d))],
-                       inits, opset=23)
+    model = make_model(
+        nodes,
+        [tensor("x", TensorProto.FLOAT, (2, 4, d))],
+        [tensor("y", TensorProto.FLOAT, (2, 4, d))],
+        inits,
+        opset=23,
+    )
     graph = ir.serde.deserialize_model(model).graph
     return analyze(graph, find_norms(graph))
 
@@ -113,13 +152,27 @@ def test_a_beta_two_norms_share_is_no_residual_skip():
     the second norm's input through the first block's MatMul, but a constant is never the stream."""
     d = 4
     rng = np.random.default_rng(0)
-    inits = [const("g", np.ones(d, np.float32)), const("beta", rng.standard_normal(d).astype(np.float32)),
-             const("w", rng.standard_normal((d, d)).astype(np.float32)), const("head", rng.standard_normal((d, 2)).astype(np.float32))]
-    nodes = [helper.make_node("RMSNormalization", ["x", "g"], ["n0"], axis=-1),
-             helper.make_node("Add", ["n0", "beta"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["br"]),
-             helper.make_node("Add", ["x", "br"], ["x1"]), helper.make_node("RMSNormalization", ["x1", "g"], ["n1"], axis=-1),
-             helper.make_node("Add", ["n1", "beta"], ["z"]), helper.make_node("MatMul", ["z", "head"], ["y"])]
-    model = ir.serde.deserialize_model(make_model(nodes, [tensor("x", shape=(2, 3, d))], [tensor("y", shape=(2, 3, 2))],
-                                                  inits, opset=23))
+    inits = [
+        const("g", np.ones(d, np.float32)),
+        const("beta", rng.standard_normal(d).astype(np.float32)),
+        const("w", rng.standard_normal((d, d)).astype(np.float32)),
+        const("head", rng.standard_normal((d, 2)).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("RMSNormalization", ["x", "g"], ["n0"], axis=-1),
+        helper.make_node("Add", ["n0", "beta"], ["h"]),
+        helper.make_node("MatMul", ["h", "w"], ["br"]),
+        helper.make_node("Add", ["x", "br"], ["x1"]),
+        helper.make_node("RMSNormalization", ["x1", "g"], ["n1"], axis=-1),
+        helper.make_node("Add", ["n1", "beta"], ["z"]),
+        helper.make_node("MatMul", ["z", "head"], ["y"]),
+    ]
+    model = ir.serde.deserialize_model(
+        make_model(
+            nodes, [tensor("x", shape=(2, 3, d))], [tensor("y", shape=(2, 3, 2))], inits, opset=23
+        )
+    )
     analysis = analyze(model.graph, find_norms(model.graph))
-    assert analysis.architecture == "pre-rmsnorm" and [r.node.outputs[0].name for r in analysis.residual_adds] == ["x1"]
+    assert analysis.architecture == "pre-rmsnorm" and [
+        r.node.outputs[0].name for r in analysis.residual_adds
+    ] == ["x1"]

@@ -31,11 +31,22 @@ class CompiledKernel:
     ptx: str
     num_warps: int
     shared_bytes: int
-    params: tuple[str, ...]  # PTX entry parameter kinds (.u64 pointer / .u32 int), hidden ones included
+    params: tuple[
+        str, ...
+    ]  # PTX entry parameter kinds (.u64 pointer / .u32 int), hidden ones included
 
 
-def compile_ptx(kernel: str, dtype: str, n_cols: int, *, eps: float = 1e-6, has_weight: bool = True,
-                config: tuple[int, int] | None = None, aligned: bool = True, arch: int = 90) -> CompiledKernel:
+def compile_ptx(
+    kernel: str,
+    dtype: str,
+    n_cols: int,
+    *,
+    eps: float = 1e-6,
+    has_weight: bool = True,
+    config: tuple[int, int] | None = None,
+    aligned: bool = True,
+    arch: int = 90,
+) -> CompiledKernel:
     """PTX of `kernel` (a name in norms, e.g. "rms_norm_kernel") for rows of `n_cols` `dtype`
     values, launch config (BLOCK, num_warps) from norms.candidates (default: the first)."""
     fn = getattr(norms, kernel)
@@ -49,10 +60,17 @@ def compile_ptx(kernel: str, dtype: str, n_cols: int, *, eps: float = 1e-6, has_
     signature |= {k: "constexpr" for k in constexprs}
     attrs = {}
     if aligned:
-        attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)
-                 if p.endswith("_ptr") or n_cols % 16 == 0}
-    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+        attrs = {
+            (i,): [["tt.divisibility", 16]]
+            for i, p in enumerate(params)
+            if p.endswith("_ptr") or n_cols % 16 == 0
+        }
+    source = triton.compiler.ASTSource(
+        fn=fn, signature=signature, constexprs=constexprs, attrs=attrs
+    )
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}
+    )
     ptx = compiled.asm["ptx"]
     entry = re.search(r"\.entry\s+(\w+)\s*\((.*?)\)", ptx, re.S)
     kinds = tuple(p.split()[1] for p in entry.group(2).split(","))

@@ -63,25 +63,54 @@ def _store_scaled(x, w_ptr, y_ptr, cols, n_cols, inv, HAS_WEIGHT: tl.constexpr):
 
 
 @triton.jit
-def rms_norm_kernel(x_ptr, w_ptr, n_cols, x_pitch, y_pitch, y_ptr,
-                    EPS: tl.constexpr, BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, ONE_PASS: tl.constexpr):
+def rms_norm_kernel(
+    x_ptr,
+    w_ptr,
+    n_cols,
+    x_pitch,
+    y_pitch,
+    y_ptr,
+    EPS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     x_row, y_row = x_ptr + row * x_pitch, y_ptr + row * y_pitch
     if ONE_PASS:  # n_cols <= BLOCK: the row is read once and stays in registers
         cols = tl.arange(0, BLOCK)
         x = _load(x_row, cols, n_cols)
-        _store_scaled(x, w_ptr, y_row, cols, n_cols, 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + EPS), HAS_WEIGHT)
+        _store_scaled(
+            x,
+            w_ptr,
+            y_row,
+            cols,
+            n_cols,
+            1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + EPS),
+            HAS_WEIGHT,
+        )
     else:
         sq, _ = _sum_squares(x_row, n_cols, BLOCK)
         _scale_row(x_row, w_ptr, y_row, n_cols, 1.0 / tl.sqrt(sq / n_cols + EPS), BLOCK, HAS_WEIGHT)
 
 
 @triton.jit
-def crms_norm_kernel(x_ptr, w_ptr, n_cols, x_pitch, y_pitch, y_ptr,
-                     EPS: tl.constexpr, BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, ONE_PASS: tl.constexpr):
+def crms_norm_kernel(
+    x_ptr,
+    w_ptr,
+    n_cols,
+    x_pitch,
+    y_pitch,
+    y_ptr,
+    EPS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     x_row, y_row = x_ptr + row * x_pitch, y_ptr + row * y_pitch
-    # the implicit d-th entry is -sum(x): mean of squares over d = (sum(x^2) + sum(x)^2) / (n_cols + 1)
+    # the implicit d-th entry is -sum(x): mean of squares over d = (sum(x^2) + sum(x)^2) / (n_cols
+    # + 1)
     if ONE_PASS:
         cols = tl.arange(0, BLOCK)
         x = _load(x_row, cols, n_cols)
@@ -90,12 +119,34 @@ def crms_norm_kernel(x_ptr, w_ptr, n_cols, x_pitch, y_pitch, y_ptr,
         _store_scaled(x, w_ptr, y_row, cols, n_cols, inv, HAS_WEIGHT)
     else:
         sq, s = _sum_squares(x_row, n_cols, BLOCK)
-        _scale_row(x_row, w_ptr, y_row, n_cols, 1.0 / tl.sqrt((sq + s * s) / (n_cols + 1) + EPS), BLOCK, HAS_WEIGHT)
+        _scale_row(
+            x_row,
+            w_ptr,
+            y_row,
+            n_cols,
+            1.0 / tl.sqrt((sq + s * s) / (n_cols + 1) + EPS),
+            BLOCK,
+            HAS_WEIGHT,
+        )
 
 
 @triton.jit
-def add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, n_cols, x_pitch, r_pitch, s_pitch, y_pitch, s_ptr, y_ptr,
-                        EPS: tl.constexpr, BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, ONE_PASS: tl.constexpr):
+def add_rms_norm_kernel(
+    x_ptr,
+    r_ptr,
+    w_ptr,
+    n_cols,
+    x_pitch,
+    r_pitch,
+    s_pitch,
+    y_pitch,
+    s_ptr,
+    y_ptr,
+    EPS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     x_row, r_row = x_ptr + row * x_pitch, r_ptr + row * r_pitch
     s_row, y_row = s_ptr + row * s_pitch, y_ptr + row * y_pitch
@@ -105,7 +156,15 @@ def add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, n_cols, x_pitch, r_pitch, s_pitch, 
         s = (_load(x_row, cols, n_cols) + _load(r_row, cols, n_cols)).to(s_ptr.dtype.element_ty)
         tl.store(s_row + cols, s, mask=cols < n_cols)
         s = s.to(tl.float32)
-        _store_scaled(s, w_ptr, y_row, cols, n_cols, 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / n_cols + EPS), HAS_WEIGHT)
+        _store_scaled(
+            s,
+            w_ptr,
+            y_row,
+            cols,
+            n_cols,
+            1.0 / tl.sqrt(tl.sum(s * s, axis=0) / n_cols + EPS),
+            HAS_WEIGHT,
+        )
     else:  # write the sum chunk by chunk, accumulating its squares, then scale it from memory
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
@@ -114,12 +173,30 @@ def add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, n_cols, x_pitch, r_pitch, s_pitch, 
             tl.store(s_row + cols, s, mask=cols < n_cols)
             s = s.to(tl.float32)
             acc += s * s
-        _scale_row(s_row, w_ptr, y_row, n_cols, 1.0 / tl.sqrt(tl.sum(acc, axis=0) / n_cols + EPS), BLOCK, HAS_WEIGHT)
+        _scale_row(
+            s_row,
+            w_ptr,
+            y_row,
+            n_cols,
+            1.0 / tl.sqrt(tl.sum(acc, axis=0) / n_cols + EPS),
+            BLOCK,
+            HAS_WEIGHT,
+        )
 
 
 @triton.jit
-def layer_norm_kernel(x_ptr, w_ptr, b_ptr, n_cols, x_pitch, y_pitch, y_ptr,
-                      EPS: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+def layer_norm_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    n_cols,
+    x_pitch,
+    y_pitch,
+    y_ptr,
+    EPS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     x_row, y_row = x_ptr + row * x_pitch, y_ptr + row * y_pitch
     # two-pass variance (sum of (x - mean)^2): no cancellation for large means
@@ -142,7 +219,9 @@ def layer_norm_kernel(x_ptr, w_ptr, b_ptr, n_cols, x_pitch, y_pitch, y_ptr,
         inv = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / n_cols + EPS)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            y = (_load(x_row, cols, n_cols) - mean) * inv * _load(w_ptr, cols, n_cols) + _load(b_ptr, cols, n_cols)
+            y = (_load(x_row, cols, n_cols) - mean) * inv * _load(w_ptr, cols, n_cols) + _load(
+                b_ptr, cols, n_cols
+            )
             tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=cols < n_cols)
 
 
@@ -150,10 +229,20 @@ MAX_BLOCK = 8192  # widest chunk held in registers (16 warps x 32 lanes x 16 fp3
 
 
 def _warps(block: int) -> int:
-    return 1 if block <= 256 else 2 if block <= 512 else 4 if block <= 2048 else 8 if block <= 4096 else 16
+    return (
+        1
+        if block <= 256
+        else 2
+        if block <= 512
+        else 4
+        if block <= 2048
+        else 8
+        if block <= 4096
+        else 16
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def candidates(n_cols: int) -> tuple[tuple[int, int], ...]:
     """The (BLOCK, num_warps) launch configurations worth timing for a hidden size, the default
     first: the row in one register-resident chunk when it fits MAX_BLOCK (warps from the block
@@ -212,8 +301,17 @@ def _row_norm(kernel, x, weight, eps: float, config):
     rows = _rows(x)
     weight = _vector(weight, rows.shape[1], "weight")
     y = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    kernel[(rows.shape[0],)](rows, weight if weight is not None else rows, rows.shape[1], rows.stride(0),
-                             y.stride(0), y, EPS=eps, HAS_WEIGHT=weight is not None, **launch_args(rows.shape[1], config))
+    kernel[(rows.shape[0],)](
+        rows,
+        weight if weight is not None else rows,
+        rows.shape[1],
+        rows.stride(0),
+        y.stride(0),
+        y,
+        EPS=eps,
+        HAS_WEIGHT=weight is not None,
+        **launch_args(rows.shape[1], config),
+    )
     return y.view(x.shape)
 
 
@@ -238,9 +336,21 @@ def add_rms_norm(x, residual, weight=None, eps: float = 1e-6, config=None):
     weight = _vector(weight, rows.shape[1], "weight")
     s = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     y = torch.empty_like(s)
-    add_rms_norm_kernel[(rows.shape[0],)](rows, res, weight if weight is not None else rows, rows.shape[1],
-                                          rows.stride(0), res.stride(0), s.stride(0), y.stride(0), s, y,
-                                          EPS=eps, HAS_WEIGHT=weight is not None, **launch_args(rows.shape[1], config))
+    add_rms_norm_kernel[(rows.shape[0],)](
+        rows,
+        res,
+        weight if weight is not None else rows,
+        rows.shape[1],
+        rows.stride(0),
+        res.stride(0),
+        s.stride(0),
+        y.stride(0),
+        s,
+        y,
+        EPS=eps,
+        HAS_WEIGHT=weight is not None,
+        **launch_args(rows.shape[1], config),
+    )
     return s.view(x.shape), y.view(x.shape)
 
 
@@ -251,6 +361,15 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, config=None):
     rows = _rows(x)
     weight, bias = _vector(weight, rows.shape[1], "weight"), _vector(bias, rows.shape[1], "bias")
     y = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    layer_norm_kernel[(rows.shape[0],)](rows, weight, bias, rows.shape[1], rows.stride(0), y.stride(0), y,
-                                        EPS=eps, **launch_args(rows.shape[1], config))
+    layer_norm_kernel[(rows.shape[0],)](
+        rows,
+        weight,
+        bias,
+        rows.shape[1],
+        rows.stride(0),
+        y.stride(0),
+        y,
+        EPS=eps,
+        **launch_args(rows.shape[1], config),
+    )
     return y.view(x.shape)
