@@ -38,13 +38,13 @@ CASES = [
 
 
 def main() -> int:
+    from common import rewrite_file
     from rich.console import Console
     from rich.table import Table
 
     from models.corpus import build
     from normopt.passes.base import Options
-    from normopt.rewrite import rewrite
-    from normopt.verify import VerifyOptions
+    from normopt.verification import VerifyOptions
 
     parser = timing_parser(__doc__, rounds=40)
     args = parser.parse_args()
@@ -61,12 +61,12 @@ def main() -> int:
             src = build(entry).model
             dst = Path(tmp) / f"{entry}-{target}.onnx"
             feeds = bench_feeds(build(entry).load_inputs(), **sizes)
-            report = rewrite(
+            report = rewrite_file(
                 src,
                 dst,
                 passes=["canonicalize-norms"],
                 options=Options(target=target),
-                verification=VerifyOptions(inputs=feeds),
+                checks=VerifyOptions(inputs=feeds),
             )
             figures = compare(
                 {"original": src, "rewritten": dst},

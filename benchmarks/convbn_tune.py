@@ -52,14 +52,14 @@ def eval_with_inputs(src: Path, dst: Path) -> Path:
 
 
 def main() -> int:
+    from common import rewrite_file
     from rich.console import Console
     from rich.table import Table
 
     from models.corpus import build
+    from normopt.calibration import recalibrate
     from normopt.passes.base import Options
-    from normopt.recalibrate import recalibrate
-    from normopt.rewrite import rewrite
-    from normopt.verify import VerifyOptions
+    from normopt.verification import VerifyOptions
 
     parser = timing_parser(__doc__)
     parser.add_argument(
@@ -85,14 +85,14 @@ def main() -> int:
             check = VerifyOptions(inputs=example, trials=1)
             base = eval_with_inputs(paths.model, tmp / f"{entry}-eval.onnx")
             tuned, folded = tmp / f"{entry}-tune.onnx", tmp / f"{entry}-fold.onnx"
-            rewrite(
+            rewrite_file(
                 base,
                 tuned,
                 passes=["convbn-tune"],
                 options=Options(tune_params="inputs"),
-                verification=check,
+                checks=check,
             )
-            rewrite(paths.model, folded, passes=["fold-affine-norms"], verification=check)
+            rewrite_file(paths.model, folded, passes=["fold-affine-norms"], checks=check)
             variants = {
                 "(a) eval, BN params as inputs": base,
                 "(b) tune mode, same inputs": tuned,

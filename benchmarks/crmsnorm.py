@@ -49,15 +49,15 @@ def crms_nodes(path: Path) -> set[str]:
 
 
 def main() -> int:
+    from common import rewrite_file
     from rich.console import Console
     from rich.table import Table
 
     from models.corpus import build
     from normopt.errors import NotApplied
-    from normopt.guard import SpeedGuard
     from normopt.passes.base import Options
-    from normopt.rewrite import rewrite
-    from normopt.verify import VerifyOptions
+    from normopt.request import Timing
+    from normopt.verification import VerifyOptions
 
     parser = timing_parser(__doc__)
     parser.add_argument("--only", help="run only the models whose label contains this")
@@ -81,23 +81,23 @@ def main() -> int:
             for name, (passes, target) in VARIANTS.items():
                 dst = Path(tmp) / f"{entry}-{name.replace(' ', '_')}.onnx"
                 try:
-                    rewrite(
+                    rewrite_file(
                         src,
                         dst,
                         passes=passes,
                         options=Options(target=target),
                         crms="on" if "preln-to-crmsnorm" in passes else None,
-                        verification=VerifyOptions(inputs=feeds),
+                        checks=VerifyOptions(inputs=feeds),
                     )
                     variants[name] = dst
                 except NotApplied as exc:
                     notes[name] = str(exc)
-            auto = rewrite(
+            auto = rewrite_file(
                 src,
                 Path(tmp) / f"{entry}-auto.onnx",
                 passes=VARIANTS["CRMS"][0],
-                verification=VerifyOptions(inputs=feeds),
-                timing=SpeedGuard(threads=args.threads, rounds=args.rounds, reps=args.reps),
+                checks=VerifyOptions(inputs=feeds),
+                timing=Timing(threads=args.threads, rounds=args.rounds, reps=args.reps),
             ).crms
             figures = compare(
                 variants,

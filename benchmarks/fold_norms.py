@@ -29,12 +29,12 @@ from common import CELLS, cells, compare, environment, feeds, timing_parser, wri
 
 
 def main() -> int:
+    from common import rewrite_file
     from rich.console import Console
     from rich.table import Table
 
     from models.corpus import build
-    from normopt.rewrite import rewrite
-    from normopt.verify import VerifyOptions
+    from normopt.verification import VerifyOptions
 
     parser = timing_parser(__doc__)
     args = parser.parse_args()
@@ -64,8 +64,8 @@ def main() -> int:
             paths = build(entry)
             example = feeds(paths.load_inputs(), batch=batch) if batch else paths.load_inputs()
             folded = Path(tmp) / f"{entry}-folded.onnx"
-            report = rewrite(
-                paths.model, folded, passes=passes, verification=VerifyOptions(inputs=example)
+            report = rewrite_file(
+                paths.model, folded, passes=passes, checks=VerifyOptions(inputs=example)
             )
             variants = {"original": paths.model, "normopt folded": folded}
             against = {}

@@ -85,13 +85,13 @@ def norm_time(path: Path, feeds: dict, threads: int, extra: set[str] = frozenset
 
 
 def main() -> int:
+    from common import rewrite_file
     from rich.console import Console
     from rich.table import Table
 
     from models.corpus import build
     from normopt.passes.base import Options
-    from normopt.rewrite import rewrite
-    from normopt.verify import VerifyOptions
+    from normopt.verification import VerifyOptions
 
     parser = timing_parser(__doc__)
     parser.add_argument(
@@ -117,11 +117,11 @@ def main() -> int:
             variants = {"original": src}
             for target in ("onnx", "ort"):
                 dst = Path(tmp) / f"{entry}-{target}.onnx"
-                rewrite(
+                rewrite_file(
                     src,
                     dst,
                     options=Options(target=target),
-                    verification=VerifyOptions(inputs=feeds),
+                    checks=VerifyOptions(inputs=feeds),
                 )
                 variants[f"normopt --target {target}"] = dst
             against = {}

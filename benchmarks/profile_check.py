@@ -43,10 +43,11 @@ def independent_ratio(a: Path, b: Path, feeds: dict, runs: int, threads: int = 2
 
 
 def main() -> int:
+    from common import rewrite_file
+
     from models.corpus import build
     from normopt.profiling import profile
-    from normopt.rewrite import rewrite
-    from normopt.verify import VerifyOptions
+    from normopt.verification import VerifyOptions
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=60)
@@ -71,7 +72,7 @@ def main() -> int:
     }
     with tempfile.TemporaryDirectory() as tmp:
         dst = Path(tmp) / "rewritten.onnx"
-        rewrite(src, dst, verification=VerifyOptions(inputs=feeds))
+        rewrite_file(src, dst, checks=VerifyOptions(inputs=feeds))
         report = profile([src, dst], feeds, runs=args.runs)
         results["profile_ratio"] = report.summary[report.models[1]]["ratio"]
         results["independent_ratio"] = independent_ratio(src, dst, feeds, args.runs)

@@ -47,13 +47,13 @@ def node_changes(a: Path, b: Path, example: dict, threads: int, top: int) -> lis
 
 
 def main() -> int:
+    from common import rewrite_file
     from rich.console import Console
     from rich.table import Table
 
     from models.corpus import CORPUS, LARGE, build
     from normopt.passes.base import Options
-    from normopt.rewrite import rewrite
-    from normopt.verify import VerifyOptions
+    from normopt.verification import VerifyOptions
 
     parser = timing_parser(__doc__, rounds=20)
     parser.add_argument("--large", action="store_true", help="the benchmark-size exports too")
@@ -82,11 +82,11 @@ def main() -> int:
             example = feeds(paths.load_inputs(), **BENCH_SIZES.get(name, {}))
             for target in ("onnx", "ort"):
                 out = Path(tmp) / f"{name}-{target}.onnx"
-                report = rewrite(
+                report = rewrite_file(
                     paths.model,
                     out,
                     options=Options(target=target),
-                    verification=VerifyOptions(inputs=example),
+                    checks=VerifyOptions(inputs=example),
                 )
                 applied = (
                     ", ".join(p.name for p in report.passes if p.modified and p.name != "cleanup")

@@ -24,6 +24,7 @@ from common import CELLS, cells, compare, feeds, write
 
 
 def main() -> int:
+    from common import rewrite_file
     from rich.console import Console
     from rich.table import Table
 
@@ -33,7 +34,6 @@ def main() -> int:
     from normopt.engine.trt import load_tensorrt
     from normopt.errors import BadInput
     from normopt.passes.base import Options
-    from normopt.rewrite import rewrite
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -69,11 +69,11 @@ def main() -> int:
             graphs = {"original": fp16}
             for variant, version in (("native", None), ("plugins", "10.9")):
                 graphs[variant] = Path(tmp) / f"{name}-{variant}.onnx"
-                rewrite(
+                rewrite_file(
                     fp16,
                     graphs[variant],
                     options=Options(target="tensorrt", trt_version=version),
-                    verification=None,
+                    verify=False,
                 )
             shapes = {k: (v.shape,) * 3 for k, v in example.items()}
             engines = {}

@@ -202,7 +202,8 @@ def _build_into(entry: Entry, folder: Path) -> None:
     import torch
 
     from models.common import export, randomize_norms_and_biases
-    from normopt.verify import compare_output, run_ort
+    from normopt.sessions import run_ort
+    from normopt.verification import compare_output
 
     torch.manual_seed(0)
     built = entry.builder()()

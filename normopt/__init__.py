@@ -6,29 +6,24 @@ The Python API (normopt/api.py), model in and model out; a model is a path, an
     rewritten, report = normopt.rewrite(model)       # verified; same kind back, report.to_json()
     report = normopt.verify(model_a, model_b)        # report.ok, report.outputs
     info = normopt.inspect(model)                    # norms, architecture, which passes apply
+    normopt.recalibrate(model, out, data)            # BatchNorm statistics from calibration data
+    normopt.profile([a, b])                          # side by side timing
+    normopt.build(model, engine)                     # a TensorRT engine (needs TensorRT)
+    normopt.list_passes()                            # the passes and the default pipeline
 
-The submodules `normopt/rewrite.py`, `verify.py` and `inspect.py` share these names: here the
-names are the functions, always (the package keeps them when a submodule is imported); import
-from the submodules themselves with `from normopt.rewrite import RewriteReport`.
+No submodule shares a name with these functions, so `normopt.rewrite` is always the function.
 """
 
-import sys
-import types
-
-from normopt.api import inspect, rewrite, verify
+from normopt.api import build, inspect, list_passes, profile, recalibrate, rewrite, verify
 
 __version__ = "0.1.0"
-__all__ = ["inspect", "rewrite", "verify", "__version__"]
-
-
-class _Package(types.ModuleType):
-    """Python sets a package attribute to each submodule it imports: normopt.rewrite would turn
-    from the API function into the module `normopt/rewrite.py` once anything imported it."""
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if name in ("inspect", "rewrite", "verify") and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+__all__ = [
+    "__version__",
+    "build",
+    "inspect",
+    "list_passes",
+    "profile",
+    "recalibrate",
+    "rewrite",
+    "verify",
+]

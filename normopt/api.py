@@ -1,11 +1,14 @@
-"""The Python API, model in and model out (re-exported by `normopt/__init__.py`).
+"""The Python API, model in and model out (re-exported by `normopt/__init__.py`); the CLI is
+a thin layer over it.
 
 Each function takes a model as a path, an `onnx.ModelProto` or an `onnx_ir.Model`. `rewrite`
 returns the rewritten model as the same kind (a path: the `output` path) with its report; the
 input object is never changed. An in-memory model goes through a temporary folder (the CLI's
 file path: checked, verified, atomic), and the rewritten one comes back in memory: for models
 of several GB pass paths, which stay memory-mapped. Errors are `normopt.errors.NormoptError`
-subclasses with the CLI's exit code (`BadInput` 2, `VerificationFailed` 1, `NotApplied` 3).
+subclasses with the CLI's exit code (`BadInput` 2, `VerificationFailed` 1, `NotApplied` 3); a
+failed rewrite's error carries its report (`exc.report`). `report=PATH` writes the function's
+JSON document (normopt.schema) there, atomically and never over an input.
 """
 
 from __future__ import annotations
@@ -13,18 +16,21 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from normopt.rewrite import RewriteReport
-    from normopt.verify import VerifyReport
+    from normopt.calibration import RecalibrateReport
+    from normopt.driver import RewriteReport
+    from normopt.profiling import ProfileReport
+    from normopt.verification import VerifyReport
 
 ModelLike = TypeVar("ModelLike")  # str | os.PathLike | onnx.ModelProto | onnx_ir.Model
 IN_MEMORY = "<in memory>"  # what reports name an in-memory model by
+Step = Callable[[str], None]
 
 
 def _kind(model: Any) -> str:
@@ -55,16 +61,16 @@ def _as_file(model: Any, folder: Path, name: str) -> Iterator[Path]:
         return
     import onnx_ir as ir
 
+    from normopt import files
     from normopt.errors import BadInput
-    from normopt.rewriter import io
 
     path = folder / name
     try:
-        io.save(ir.from_proto(model) if kind == "proto" else model, path, external_data=True)
+        files.save(ir.from_proto(model) if kind == "proto" else model, path, external_data=True)
     except (OSError, ValueError) as exc:  # an ExternalTensor whose file is not found, ...
         raise BadInput(
-            f"cannot write the in-memory model ({exc}); load its external data first, or pass its "
-            "path"
+            f"cannot write the in-memory model ({exc}); load its external data first, or pass "
+            "its path"
         ) from None
     yield path
 
@@ -79,7 +85,7 @@ def _read_back(path: Path, kind: str) -> Any:
 
 
 def _verify_options(inputs, dims, shapes, rtol, atol, seed, trials):
-    from normopt.verify import VerifyOptions
+    from normopt.verification import VerifyOptions
 
     return VerifyOptions(
         inputs=inputs,
@@ -90,6 +96,33 @@ def _verify_options(inputs, dims, shapes, rtol, atol, seed, trials):
         seed=seed,
         trials=trials,
     )
+
+
+@contextlib.contextmanager
+def _documented(
+    models: Sequence[Path],
+    report: str | os.PathLike | None,
+    others: Mapping[str, Any] | None = None,
+) -> Iterator[Callable[[dict], None]]:
+    """The outputs of a command that writes only documents and plots: `report` and the paths in
+    `others` (what -> path) checked before any work (a writable folder, never an input: the
+    models, their data files, an inputs file named `others["inputs"]`); yields the writer of
+    the document."""
+    from normopt.files import Transaction
+    from normopt.rewriter import io
+
+    with Transaction() as transaction:
+        others = others or {}
+        wanted = {w: p for w, p in {"--report": report, **others}.items() if p is not None}
+        for model in models:
+            io.check_readable_file(model)
+            if wanted:
+                transaction.protect_model(model)
+        if isinstance(wanted.pop("inputs", None), (str, os.PathLike)):
+            transaction.protect(others["inputs"], "inputs file")
+        for what, path in wanted.items():
+            transaction.output(path, what)
+        yield lambda doc: report is not None and transaction.write_json(report, doc, "--report")
 
 
 def rewrite(
@@ -113,25 +146,33 @@ def rewrite(
     crms: str | None = None,
     threads: int = 2,
     require_change: bool = False,
+    in_place: bool = False,
     report: str | os.PathLike | None = None,
+    on_step: Step | None = None,
 ) -> tuple[ModelLike, RewriteReport]:
     """Rewrite `model` with `passes` (None: the default pipeline) for `target` (onnx | ort |
     tensorrt), verified in onnxruntime unless `verify=False` (inputs: arrays by name, an .npz
     path, or generated from `dims`/`shapes`/`seed`, `trials` draws), with `speed_guard` never
     slower than the original on the target's backend; `crms` off | on | auto (None: auto where
-    `passes` names preln-to-crmsnorm: kept only where it times faster than Pre-RMSNorm). A path
-    needs `output` (written only on
-    success, never over `model`); an in-memory model comes back as the same kind. Returns
-    (rewritten model, RewriteReport); `report.to_json()` is the CLI's --json document, also
-    written to `report` when given."""
+    `passes` names preln-to-crmsnorm: kept only where it times faster than Pre-RMSNorm). A
+    path needs `output` (written only on success, never over `model` unless `in_place`); an
+    in-memory model comes back as the same kind. Returns (rewritten model, RewriteReport);
+    `report.to_json()` is the CLI's --json document, also written to `report` when given.
+    `on_step(message)` hears each step."""
+    from normopt.driver import rewrite as run
     from normopt.errors import BadInput
-    from normopt.guard import SpeedGuard
     from normopt.passes.base import Options
-    from normopt.rewrite import RewriteReport
-    from normopt.rewrite import rewrite as run
+    from normopt.request import RewriteRequest, Timing
 
-    if target not in ("onnx", "ort", "tensorrt"):
-        raise BadInput(f"target must be onnx, ort or tensorrt, not '{target}'")
+    if trt_version is not None and target != "tensorrt":
+        raise BadInput("--trt-version goes with --target tensorrt")
+    options = Options(
+        target=target,
+        allow_hidden_state_change=allow_hidden_state_change,
+        tune_params=tune_params,
+        trt_version=trt_version,
+    )
+    checks = _verify_options(inputs, dims, shapes, rtol, atol, seed, trials)
     kind = _kind(model)
     if kind == "path" and output is None:
         raise BadInput("rewriting a model file needs an output path: rewrite(path, output)")
@@ -139,46 +180,27 @@ def rewrite(
         raise BadInput(
             "an in-memory model is returned, not written: leave out `output` (or pass a path)"
         )
-    checks = _verify_options(inputs, dims, shapes, rtol, atol, seed, trials)
-    if tune_params not in ("constants", "inputs", "inputs:all"):
-        raise BadInput(f"tune_params must be constants, inputs or inputs:all, not '{tune_params}'")
-    if trt_version is not None:
-        from normopt.plugins.spec import parse_version
-
-        try:
-            parse_version(trt_version)
-        except ValueError as exc:
-            raise BadInput(f"trt_version: {exc}") from None
-    options = Options(
-        target=target,
-        allow_hidden_state_change=allow_hidden_state_change,
-        tune_params=tune_params,
-        trt_version=trt_version,
-    )
-    timing = SpeedGuard(threads=threads, inputs=checks)
     with (
         tempfile.TemporaryDirectory(prefix="normopt-") as tmp,
         _as_file(model, Path(tmp), "input.onnx") as src,
     ):
         dst = Path(output) if output is not None else Path(tmp) / "output.onnx"
-        result = (
-            RewriteReport(str(src), str(dst))
-            if kind == "path"
-            else RewriteReport(IN_MEMORY, IN_MEMORY)
-        )
-        run(
+        request = RewriteRequest(
             src,
             dst,
-            passes=passes,
+            passes=tuple(passes) if passes is not None else None,
             options=options,
-            verification=checks if verify else None,
-            speed_guard=timing if speed_guard else None,
+            checks=checks,
+            verify=verify,
+            timing=Timing(threads=threads),
+            speed_guard=speed_guard,
             crms=crms,
-            timing=timing,
             require_change=require_change,
-            report_path=report,
-            report=result,
+            in_place=in_place,
+            report_path=Path(report) if report is not None else None,
         )
+        names = None if kind == "path" else (IN_MEMORY, IN_MEMORY)
+        result = run(request, on_step, names)
         return (dst if kind == "path" else _read_back(dst, kind)), result
 
 
@@ -193,30 +215,175 @@ def verify(
     atol: float | None = None,
     seed: int = 0,
     trials: int = 2,
+    report: str | os.PathLike | None = None,
+    on_step: Step | None = None,
 ) -> VerifyReport:
     """Run A and B in onnxruntime on the same inputs and compare every output (`report.ok`;
     `report.to_json()` is the CLI's --json document). Tolerances as in `normopt verify`."""
-    from normopt.verify import verify as run
+    from normopt.verification import verify as run
 
     options = _verify_options(inputs, dims, shapes, rtol, atol, seed, trials)
     with (
         tempfile.TemporaryDirectory(prefix="normopt-") as tmp,
         _as_file(model_a, Path(tmp), "a.onnx") as a,
         _as_file(model_b, Path(tmp), "b.onnx") as b,
+        _documented([a, b], report, {"inputs": inputs}) as write,
     ):
-        return run(a, b, options)
+        result = run(a, b, options, on_step=on_step)
+        write(result.to_json())
+        return result
 
 
-def inspect(model: ModelLike, target: str = "onnx") -> dict:
+def inspect(
+    model: ModelLike, target: str = "onnx", *, report: str | os.PathLike | None = None
+) -> dict:
     """Describe `model` (its norms, architecture, and which passes would apply and why not):
-    the CLI's `inspect --json` document. Analysis only: nothing is written or kept changed."""
+    the CLI's `inspect --json` document. Nothing is written (but `report`) or kept changed."""
     import onnx_ir as ir
 
-    from normopt.inspect import describe, inspect_model
+    from normopt.inspection import describe, inspect_model
+    from normopt.passes.base import Options
 
+    Options(target=target)  # refuses an unknown target
     kind = _kind(model)
     if kind == "path":
-        return inspect_model(model, target)
-    if kind == "proto":  # a new IR over the proto's tensors: edits never reach the caller's proto
-        return describe(ir.from_proto(model), IN_MEMORY, target)
-    return describe(model, IN_MEMORY, target, scratch=False)
+        with _documented([Path(model)], report) as write:
+            info = inspect_model(model, target)
+            write(info)
+            return info
+    with _documented([], report) as write:
+        if kind == "proto":  # a new IR over the proto's tensors: never edits the caller's proto
+            info = describe(ir.from_proto(model), IN_MEMORY, target)
+        else:
+            info = describe(model, IN_MEMORY, target, scratch=False)
+        write(info)
+        return info
+
+
+def list_passes(*, report: str | os.PathLike | None = None) -> dict:
+    """The passes (name -> one line), the default pipeline and what always runs last."""
+    from normopt.passes.pipeline import DEFAULT_PIPELINE, FINAL_PASSES, PASSES
+    from normopt.schema import document
+
+    doc = document(
+        "passes",
+        {
+            "passes": {n: cls.summary for n, cls in sorted(PASSES.items())},
+            "default_pipeline": list(DEFAULT_PIPELINE),
+            "always_after": list(FINAL_PASSES),
+        },
+    )
+    with _documented([], report) as write:
+        write(doc)
+    return doc
+
+
+def recalibrate(
+    model: str | os.PathLike,
+    output: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    batch_size: int = 32,
+    batches: int | None = None,
+    stats: str = "torch",
+    report: str | os.PathLike | None = None,
+    on_step: Step | None = None,
+) -> RecalibrateReport:
+    """Write `model` with every BatchNorm's running statistics re-estimated on `data` (an .npz
+    of arrays by input name with a leading sample axis, or a folder of them) to `output`."""
+    from normopt.calibration import recalibrate as run
+
+    data_file = Path(data) if Path(data).is_file() else None
+    with _documented([Path(model)], report, {"inputs": data_file}) as write:
+        result = run(
+            model,
+            output,
+            data,
+            batch_size=batch_size,
+            batches=batches,
+            stats=stats,
+            on_step=on_step,
+        )
+        write(result.to_json())
+        return result
+
+
+def profile(
+    models: Sequence[str | os.PathLike],
+    *,
+    backend: str = "ort-cpu",
+    threads: int = 2,
+    inputs: str | os.PathLike | None = None,
+    dims: Mapping[str, int] | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    warmup: int = 3,
+    runs: int = 30,
+    seed: int = 0,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    report: str | os.PathLike | None = None,
+    plot: str | os.PathLike | None = None,
+    on_round: Callable[[int], None] | None = None,
+) -> ProfileReport:
+    """Time `models` side by side (interleaved runs, paired ratios to the first, time per op
+    type) on `feeds`, else on inputs from `inputs` or generated for the first model; TensorRT
+    engine files with `backend="tensorrt"`. `plot`: a .png or .html of the figures."""
+    from normopt.profiling import check_plot_path, profile_models
+    from normopt.profiling import plot as make_plot
+
+    paths = [Path(m) for m in models]
+    if plot is not None:
+        check_plot_path(plot)
+    with _documented(paths, report, {"--plot": plot, "inputs": inputs}) as write:
+        result = profile_models(
+            paths,
+            backend=backend,
+            threads=threads,
+            options=_verify_options(inputs, dims, shapes, None, None, seed, 1),
+            warmup=warmup,
+            runs=runs,
+            feeds=feeds,
+            on_round=on_round,
+        )
+        write(result.to_json())
+        if plot is not None:
+            make_plot(result, plot)
+        return result
+
+
+def build(
+    model: str | os.PathLike,
+    engine: str | os.PathLike,
+    *,
+    shapes: Mapping[str, tuple] | None = None,
+    dims: Mapping[str, int] | None = None,
+    timing_cache: str | os.PathLike | None = None,
+    workspace_mb: int = 4096,
+    plugins: str = "aot",
+    precision: str | None = None,
+    trt_version: str | None = None,
+) -> dict:
+    """Build a TensorRT engine from `model` (strongly typed, normopt's plugins registered;
+    `shapes`: name -> (min, opt, max) of a dynamic input; `precision` fp16 | bf16 lowers the
+    graph first). Needs TensorRT: BadInput without it. Returns `normopt build`'s document."""
+    from normopt.engine.build import build as run
+    from normopt.engine.build import check_settings
+    from normopt.engine.trt import load_tensorrt
+    from normopt.schema import document
+
+    check_settings(workspace_mb, plugins, precision)
+    load_tensorrt("normopt build")
+    src, dst = Path(model), Path(engine)
+    cache = Path(timing_cache) if timing_cache is not None else None
+    with _documented([src], None, {"OUT": dst, "--timing-cache": cache}):
+        body = run(
+            src,
+            dst,
+            shapes=dict(shapes or {}),
+            dims=dict(dims or {}),
+            workspace_mb=workspace_mb,
+            timing_cache=cache,
+            plugins=plugins,
+            precision=precision,
+            trt_version=trt_version,
+        )
+    return document("build", body)

@@ -17,54 +17,19 @@ than the norms save (a width that is a multiple of 8 or 16 loses its alignment).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
 
-from normopt.errors import BadInput
-from normopt.guard import SpeedGuard
-from normopt.passes.base import Options, PassResult, Refusal
-from normopt.passes.pipeline import run_pipeline
-from normopt.profiling import Figure, by_op_type, compare, node_breakdown
-from normopt.rewriter import io
-from normopt.rewriter.graph import op_histogram
+from normopt.files import StagedModel
+from normopt.passes.base import PassResult, Refusal
+from normopt.profiling import Figure, by_op_type, node_breakdown
+from normopt.request import CRMS_PASS as PASS
+from normopt.variants import Variants
 
-PASS = "preln-to-crmsnorm"
-MODES = ("off", "on", "auto")
 MATMUL_OPS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm", "MatMulInteger", "QLinearMatMul")
-
-
-def pipeline(
-    names: Sequence[str], mode: str | None, requested: bool, target: str = "onnx"
-) -> tuple[list[str], str]:
-    """The pass names to run for `mode` and the mode itself (None: auto where the pass is in
-    `names`, else off). on / auto add the pass right after preln-to-rmsnorm (the stream must be
-    Pre-RMSNorm first) where `names` is the default pipeline; named passes are the user's.
-    auto for --target tensorrt is refused: onnxruntime cannot time plugin nodes, engines are
-    compared with `normopt build` and `profile --backend tensorrt`."""
-    if mode not in (None, *MODES):
-        raise BadInput(f"--crms takes off, on or auto, not '{mode}'")
-    names = list(names)
-    if mode is None:
-        mode = "auto" if PASS in names else "off"
-    if mode == "auto" and target == "tensorrt":
-        raise BadInput(
-            "--crms auto times the rewrites in onnxruntime, which cannot run TensorRT plugin "
-            "nodes: "
-            "pass --crms on (compare engines with normopt build and profile --backend tensorrt) or "
-            "--crms off"
-        )
-    if mode == "off":
-        return [n for n in names if n != PASS], mode
-    if PASS not in names:
-        if requested:
-            raise BadInput(f"--crms {mode}: --passes does not name {PASS}")
-        at = names.index("preln-to-rmsnorm") + 1 if "preln-to-rmsnorm" in names else 0
-        names.insert(at, PASS)
-    return names, mode
 
 
 @dataclass
@@ -134,69 +99,52 @@ def _why(kept: str, crms: Figure, width: int | None, breakdown: dict[str, dict[s
     return f"{head}; {figures}: the norms saved too little to show"
 
 
+@dataclass
+class CRMSDecision:
+    """What is published: `variant` (the CRMS rewrite, or the RMS one with its own results
+    and histogram), and what was measured."""
+
+    staged: StagedModel
+    choice: CRMSChoice
+    results: list[PassResult]
+    histogram: dict[str, int] | None  # None: the CRMS rewrite's, unchanged
+    names: list[str]
+
+
 def choose(
-    src: Path,
-    staged: io.StagedModel,
-    names: Sequence[str],
-    options: Options,
-    results: Sequence[PassResult],
-    feeds: Mapping[str, np.ndarray],
-    settings: SpeedGuard,
-    stage: Callable[[ir.Model], io.StagedModel],
-    check: Callable[[Path], None],
-    step: Callable[[str], None],
-) -> tuple[io.StagedModel, CRMSChoice, list[PassResult], dict[str, int]]:
-    """`staged` (CRMS applied) against the same pipeline without it. Returns the one to publish
-    (the other is discarded), what was measured, and the pass results and op histogram of what
-    is published (where RMS is kept: its run's, the CRMS pass refused with the figures)."""
-    backend = settings.backend or "ort-cpu"  # --target tensorrt was refused (pipeline())
+    variants: Variants, staged: StagedModel, names: Sequence[str], results: Sequence[PassResult]
+) -> CRMSDecision:
+    """`staged` (CRMS applied) against the same pipeline without it: the one to publish (the
+    other is discarded), what was measured, and the pass results of what is published (where
+    RMS is kept: its run's, the CRMS pass refused with the figures)."""
     width = applied(results).stats.get("width")
-    step("--crms auto: building the rewrite without CRMS")
-    model = io.load(src)  # the rewrite is staged: IN's weights are loaded once at a time
-    rms_results = run_pipeline(model, [n for n in names if n != PASS], options)
-    histogram = op_histogram(model)
-    rms = stage(model)
-    del model
+    variants.step("--crms auto: building the rewrite without CRMS")
+    rms_names = [n for n in names if n != PASS]
+    rms = variants.build(rms_names)
     try:
-        step("--crms auto: timing RMS and CRMS side by side")
-        figures = compare(
-            {"original": src, "RMS": rms.path, "CRMS": staged.path},
-            "original",
-            feeds,
-            backend=backend,
-            threads=settings.threads,
-            rounds=settings.rounds,
-            reps=settings.reps,
-            against={"CRMS": "RMS"},
-        )
+        variants.step("--crms auto: timing RMS and CRMS side by side")
+        rows = {"RMS": rms.staged.path, "CRMS": staged.path}
+        figures = variants.time(rows, against={"CRMS": "RMS"})
         kept = "CRMS" if figures["CRMS"].verdict == "faster" else "RMS"
         breakdown = {}
-        if kept == "RMS" and backend.startswith("ort"):
-            step("--crms auto: profiling where the time goes")
-            breakdown = {
-                "RMS": _split(rms.path, feeds, settings.threads),
-                "CRMS": _split(staged.path, feeds, settings.threads),
-            }
-        if kept == "RMS":  # verified as the rewrite was, once it is what will be written
-            check(rms.path)
+        if kept == "RMS":
+            if variants.backend.startswith("ort"):
+                variants.step("--crms auto: profiling where the time goes")
+                threads = variants.request.timing.threads
+                breakdown = {k: _split(p, variants.feeds, threads) for k, p in rows.items()}
+            variants.verify(rms.staged)  # verified as the rewrite was, now it will be written
     except BaseException:
-        rms.discard()
+        variants.discard(rms.staged)
         raise
+    why = _why(kept, figures["CRMS"], width, breakdown)
     choice = CRMSChoice(
-        backend,
-        kept,
-        figures["RMS"],
-        figures["CRMS"],
-        width,
-        _why(kept, figures["CRMS"], width, breakdown),
-        breakdown,
+        variants.backend, kept, figures["RMS"], figures["CRMS"], width, why, breakdown
     )
     if kept == "CRMS":
-        rms.discard()
-        return staged, choice, list(results), {}
-    staged.discard()
-    refused = PassResult(
-        PASS, False, [], [Refusal("residual stream", f"--crms auto: {choice.why}", settled=True)]
-    )
+        variants.discard(rms.staged)
+        return CRMSDecision(staged, choice, list(results), None, list(names))
+    variants.discard(staged)
+    refusal = Refusal("residual stream", f"--crms auto: {choice.why}", settled=True)
     at = next(i for i, r in enumerate(results) if r.name == PASS)
-    return rms, choice, [*rms_results[:at], refused, *rms_results[at:]], histogram
+    merged = [*rms.results[:at], PassResult(PASS, False, [], [refusal]), *rms.results[at:]]
+    return CRMSDecision(rms.staged, choice, merged, rms.histogram, rms_names)

@@ -13,31 +13,15 @@ step's figures are reported.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import onnx_ir as ir
-
-from normopt.passes.base import Options, PassResult
-from normopt.passes.pipeline import FINAL_PASSES, run_pipeline
-from normopt.profiling import Figure, compare
-from normopt.rewriter import io
-from normopt.verify import VerifyOptions
-
-
-@dataclass(frozen=True)
-class SpeedGuard:
-    """Timing settings; `backend` None: ORT CPU for --target onnx/ort, TensorRT for tensorrt."""
-
-    backend: str | None = None
-    threads: int = 2
-    rounds: int = 20
-    reps: int = 2
-    inputs: VerifyOptions | None = (
-        None  # where the inputs come from when the rewrite is not verified
-    )
+from normopt.files import StagedModel
+from normopt.passes.base import PassResult
+from normopt.passes.pipeline import FINAL_PASSES
+from normopt.profiling import Figure
+from normopt.variants import Variants
 
 
 @dataclass(frozen=True)
@@ -94,99 +78,56 @@ def units(results: Sequence[PassResult]) -> list[Unit]:
 
 
 def _variant(
-    src: Path,
-    names: Sequence[str],
-    every: Sequence[Unit],
-    kept: Sequence[Unit],
-    options: Options,
-    stage: Callable[[ir.Model], io.StagedModel],
-) -> io.StagedModel:
+    variants: Variants, names: Sequence[str], every: Sequence[Unit], kept: Sequence[Unit]
+) -> StagedModel:
     """IN rewritten with only the `kept` units, staged (nothing kept: IN's graph as it is)."""
-    model = io.load(src)
-    if kept:
-        skip = {s for u in every if u not in kept for s in u.sites or ()}
-        dropped_passes = {u.pass_name for u in every if u.sites is None and u not in kept}
-        run_pipeline(
-            model,
-            [n for n in names if n not in dropped_passes],
-            dataclasses.replace(options, skip_sites=options.skip_sites | frozenset(skip)),
-        )
-    return stage(model)
+    if not kept:
+        return variants.build(None).staged
+    options = variants.request.options
+    skip = {s for u in every if u not in kept for s in u.sites or ()}
+    dropped_passes = {u.pass_name for u in every if u.sites is None and u not in kept}
+    names = [n for n in names if n not in dropped_passes]
+    options = dataclasses.replace(options, skip_sites=options.skip_sites | frozenset(skip))
+    return variants.build(names, options).staged
 
 
 def guard_speed(
-    src: Path,
-    staged: io.StagedModel,
-    names: Sequence[str],
-    options: Options,
-    results: Sequence[PassResult],
-    feeds: Mapping[str, np.ndarray],
-    settings: SpeedGuard,
-    stage: Callable[[ir.Model], io.StagedModel],
-    check: Callable[[Path], None],
-    step: Callable[[str], None],
-) -> tuple[io.StagedModel, GuardReport]:
+    variants: Variants, staged: StagedModel, names: Sequence[str], results: Sequence[PassResult]
+) -> tuple[StagedModel, GuardReport]:
     """Time `staged` against IN; drop units while it is slower beyond noise. Returns the staged
-    model to publish (`staged` itself, or a variant: then `staged` is discarded) and the report.
-    `stage(model)` stages a variant as the rewrite was staged; `check(path)` verifies it as the
-    rewrite was verified."""
-    backend = settings.backend or ("tensorrt" if options.target == "tensorrt" else "ort-cpu")
-    report = GuardReport(backend)
+    model to publish (`staged` itself, or a variant: then `staged` is discarded) and the report."""
+    report = GuardReport(variants.backend)
 
     def timed(rows: dict[str, Path]) -> dict[str, Figure]:
-        figures = compare(
-            rows,
-            "original",
-            feeds,
-            backend=backend,
-            threads=settings.threads,
-            rounds=settings.rounds,
-            reps=settings.reps,
-        )
+        figures = variants.time(rows)
         report.steps.append(figures)
         return figures
 
     every = units(results)
     kept = list(every)
-    step("speed guard: timing the rewrite against the original")
-    report.final = timed({"original": src, "rewritten": staged.path})["rewritten"]
+    variants.step("speed guard: timing the rewrite against the original")
+    report.final = timed({"rewritten": staged.path})["rewritten"]
     current = staged
-    try:
-        while report.final.verdict == "slower" and kept:
-            step(f"speed guard: slower; timing {len(kept)} variant(s) without one change each")
-            variants: dict[Unit, io.StagedModel] = {}
-            try:
-                for unit in kept:
-                    variants[unit] = _variant(
-                        src, names, every, [u for u in kept if u != unit], options, stage
-                    )
-                figures = timed(
-                    {
-                        "original": src,
-                        "current": current.path,
-                        **{f"without {u}": v.path for u, v in variants.items()},
-                    }
-                )
-                best = min(variants, key=lambda u: figures[f"without {u}"].ratio)
-                check(variants[best].path)
-            except BaseException:
-                for v in variants.values():
-                    v.discard()
-                raise
-            for unit, v in variants.items():
-                if unit != best:
-                    v.discard()
-            if current is not staged:
-                current.discard()
-            current = variants[best]
-            kept.remove(best)
-            report.dropped.append(str(best))
-            report.final = figures[f"without {best}"]
-    except BaseException:
+    while report.final.verdict == "slower" and kept:
+        variants.step(f"speed guard: slower; timing {len(kept)} variant(s) without one change each")
+        candidates = {
+            u: _variant(variants, names, every, [k for k in kept if k != u]) for u in kept
+        }
+        figures = timed(
+            {"current": current.path, **{f"without {u}": v.path for u, v in candidates.items()}}
+        )
+        best = min(candidates, key=lambda u: figures[f"without {u}"].ratio)
+        variants.verify(candidates[best])
+        for unit, variant in candidates.items():
+            if unit != best:
+                variants.discard(variant)
         if current is not staged:
-            current.discard()
-        raise
+            variants.discard(current)
+        current = candidates[best]
+        kept.remove(best)
+        report.dropped.append(str(best))
+        report.final = figures[f"without {best}"]
     report.kept = [str(u) for u in kept]
     if current is not staged:
-        staged.discard()
+        variants.discard(staged)
     return current, report

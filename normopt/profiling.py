@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from normopt.errors import BadInput
-from normopt.rewriter.io import first_line
+from normopt.inputs import InputOptions, input_trials
 from normopt.schema import document, inputs_json, versions
+from normopt.sessions import timing_session
 
-BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt")
 NORM_OPS = {
     "LayerNormalization",
     "SimplifiedLayerNormalization",
@@ -35,61 +35,6 @@ NORM_OPS = {
     "SkipSimplifiedLayerNormalization",
     "BatchNormalization",
 }
-
-
-def _providers(backend: str) -> list[str]:
-    import onnxruntime as ort
-
-    if backend == "ort-cpu":
-        return ["CPUExecutionProvider"]
-    if backend == "ort-cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise BadInput(
-                "--backend ort-cuda needs onnxruntime-gpu and a CUDA GPU "
-                "(pip install 'normopt[gpu]'); this onnxruntime has "
-                f"{', '.join(ort.get_available_providers())}"
-            )
-        return ["CUDAExecutionProvider"]
-    try:
-        import tensorrt  # noqa: F401  (imported lazily: an optional extra)
-    except ImportError:
-        raise BadInput(
-            "--backend tensorrt needs TensorRT (pip install 'normopt[tensorrt]'), "
-            "which is not installed here"
-        ) from None
-    if "TensorrtExecutionProvider" not in ort.get_available_providers():
-        raise BadInput(
-            "--backend tensorrt needs onnxruntime built with the TensorRT execution provider"
-        )
-    return ["TensorrtExecutionProvider"]
-
-
-def session(
-    path: str | os.PathLike,
-    backend: str = "ort-cpu",
-    threads: int = 2,
-    profile_prefix: str | None = None,
-):
-    """An onnxruntime session set up for timing: ORT_ENABLE_ALL, fixed threads, no spinning."""
-    import onnxruntime as ort
-
-    if backend not in BACKENDS:
-        raise BadInput(f"--backend must be one of {', '.join(BACKENDS)}, not '{backend}'")
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    if profile_prefix:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = profile_prefix
-    try:
-        return ort.InferenceSession(str(path), opts, providers=_providers(backend))
-    except BadInput:
-        raise
-    except Exception as exc:
-        raise BadInput(f"onnxruntime cannot load '{path}': {first_line(exc)}") from None
 
 
 def interleaved(
@@ -214,7 +159,7 @@ def compare(
     def make(model) -> Callable[[], None]:
         if callable(model):
             return model()
-        s = session(model, backend, threads)
+        s = timing_session(model, backend, threads)
         return lambda: s.run(None, dict(feeds or {}))
 
     rows = {
@@ -273,7 +218,7 @@ def node_breakdown(
     """Milliseconds per run spent in each node of the graph onnxruntime runs after its fusions,
     keyed `(node name, op type)`, from its profiler; the first (warm-up) run is left out."""
     with tempfile.TemporaryDirectory() as tmp:
-        s = session(path, backend, threads, profile_prefix=str(Path(tmp) / "profile"))
+        s = timing_session(path, backend, threads, profile_prefix=str(Path(tmp) / "profile"))
         for _ in range(1 + runs):
             s.run(None, dict(feeds))
         events = json.loads(Path(s.end_profiling()).read_text())
@@ -386,7 +331,7 @@ def profile(
         names.append(name)
     if backend == "tensorrt" and all(Path(p).suffix in ENGINE_SUFFIXES for p in paths):
         return _profile_engines(names, paths, warmup, runs, seed, on_round, start)
-    sessions = {n: session(p, backend, threads) for n, p in zip(names, paths)}
+    sessions = {n: timing_session(p, backend, threads) for n, p in zip(names, paths)}
     runners = {n: (lambda s=s: s.run(None, dict(feeds))) for n, s in sessions.items()}
     times = interleaved(runners, rounds=runs, warmup=warmup, seed=seed, on_round=on_round)
     del sessions, runners
@@ -404,6 +349,50 @@ def profile(
         inputs_json([feeds], inputs_from, seed),
         norms,
         {"total": time.perf_counter() - start},
+    )
+
+
+def profile_models(
+    paths: Sequence[Path],
+    *,
+    backend: str,
+    threads: int,
+    options: InputOptions,
+    warmup: int = 3,
+    runs: int = 30,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    on_round: Callable[[int], None] | None = None,
+) -> ProfileReport:
+    """`normopt profile`'s body: models (or TensorRT engine files, with backend tensorrt) timed
+    on `feeds`, else on inputs from `options` for the first model (normopt.inputs)."""
+    if runs < 1 or warmup < 0 or threads < 1:
+        raise BadInput("--runs and --threads must be at least 1, --warmup at least 0")
+    engines = [p.suffix in ENGINE_SUFFIXES for p in paths]
+    if any(engines):  # TensorRT engine files: random inputs of their profiles' opt shapes
+        if backend != "tensorrt" or not all(engines):
+            raise BadInput(
+                "engine files (.engine, .plan, .trt) are timed with --backend tensorrt, and "
+                "only with other engine files"
+            )
+        from normopt.engine.trt import load_tensorrt
+
+        load_tensorrt("profile --backend tensorrt")
+        feeds = {}
+    elif feeds is None:
+        from normopt.rewriter import io
+
+        feeds = input_trials(io.load(paths[0]), options)[0]
+    source = options.inputs if isinstance(options.inputs, (str, os.PathLike)) else None
+    return profile(
+        paths,
+        feeds,
+        backend=backend,
+        threads=threads,
+        warmup=warmup,
+        runs=runs,
+        seed=options.seed,
+        inputs_from=source,
+        on_round=on_round,
     )
 
 
@@ -446,6 +435,14 @@ def norm_nodes(path: str | os.PathLike) -> set[str]:
     }
 
 
+def check_plot_path(out: str | os.PathLike) -> Path:
+    """Refuse a plot path of a kind `plot` cannot write (before anything is timed)."""
+    out = Path(out)
+    if out.suffix not in (".png", ".html"):
+        raise BadInput(f"--plot writes .png or .html, not '{out.suffix}'")
+    return out
+
+
 def plot(report: ProfileReport, out: str | os.PathLike) -> Path:
     """A PNG (or an HTML page embedding it and the tables): latency distributions and time per
     op type, side by side."""
@@ -456,9 +453,7 @@ def plot(report: ProfileReport, out: str | os.PathLike) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise BadInput("--plot needs matplotlib (pip install 'normopt[plot]')") from None
-    out = Path(out)
-    if out.suffix not in (".png", ".html"):
-        raise BadInput(f"--plot writes .png or .html, not '{out.suffix}'")
+    out = check_plot_path(out)
     labels = [
         Path(n).name if "#" not in n else Path(n.split("#")[0]).name + "#" + n.split("#")[1]
         for n in report.models

@@ -927,7 +927,7 @@ def _lowered(model: onnx.ModelProto) -> onnx.ModelProto:
     by their spec; the kernels are held to it by tests/plugins), so onnxruntime runs the graph."""
     import onnx_ir as ir
 
-    from normopt.plugins.reference import lower
+    from normopt.lowering import lower
 
     ir_model = ir.serde.deserialize_model(onnx.ModelProto.FromString(model.SerializeToString()))
     return ir.serde.serialize_model(ir_model) if lower(ir_model) else model

@@ -89,7 +89,8 @@ def ort_run(
 def assert_matches_reference(model_path, paths) -> None:
     """A rewritten corpus model is checker-valid (full check) and, on the entry's saved inputs,
     gives onnxruntime's reference outputs within each dtype's default tolerance."""
-    from normopt.verify import compare_output, run_ort
+    from normopt.sessions import run_ort
+    from normopt.verification import compare_output
 
     onnx.checker.check_model(str(model_path), full_check=True)
     got = run_ort(model_path, paths.load_inputs())
@@ -124,3 +125,11 @@ def run_pass(pass_, model: onnx.ModelProto, expect_modified: bool = True, full_c
     rewritten = ir.serde.serialize_model(ir_model)
     onnx.checker.check_model(rewritten, full_check=full_check)
     return result, rewritten
+
+
+def rewrite_file(src, dst, **fields):
+    """The rewrite driver on a request (normopt.request.RewriteRequest fields by keyword)."""
+    from normopt.driver import rewrite
+    from normopt.request import RewriteRequest
+
+    return rewrite(RewriteRequest(src, dst, **fields))

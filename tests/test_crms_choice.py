@@ -11,29 +11,33 @@ import sys
 import onnx
 import pytest
 
-from normopt import crms_choice
+from normopt import crms_choice, variants
 from normopt.errors import BadInput
 from normopt.passes.pipeline import DEFAULT_PIPELINE
 from normopt.profiling import Figure
-from normopt.rewrite import rewrite
-from normopt.verify import VerifyOptions
-from tests.helpers import assert_matches_reference
+from normopt.request import RewriteRequest
+from normopt.verification import VerifyOptions
+from tests.helpers import assert_matches_reference, rewrite_file
 from tests.test_schema import VALIDATOR
 
 PASSES = ["preln-to-rmsnorm", "preln-to-crmsnorm"]
 
 
+def _pipeline(passes, crms):
+    return RewriteRequest("in.onnx", "out.onnx", passes=passes, crms=crms).pipeline()
+
+
 def test_modes_pick_the_pipeline():
     default = list(DEFAULT_PIPELINE)
-    assert crms_choice.pipeline(default, None, requested=False) == (default, "off")
-    assert crms_choice.pipeline(PASSES, None, requested=True) == (PASSES, "auto")
-    assert crms_choice.pipeline(PASSES, "off", requested=True) == (["preln-to-rmsnorm"], "off")
-    names, mode = crms_choice.pipeline(default, "auto", requested=False)
+    assert _pipeline(None, None) == (default, "off")
+    assert _pipeline(PASSES, None) == (PASSES, "auto")
+    assert _pipeline(PASSES, "off") == (["preln-to-rmsnorm"], "off")
+    names, mode = _pipeline(None, "auto")
     assert mode == "auto" and names[:2] == PASSES and names[2:] == default[1:]
     with pytest.raises(BadInput, match="--passes does not name preln-to-crmsnorm"):
-        crms_choice.pipeline(["preln-to-rmsnorm"], "on", requested=True)
+        _pipeline(["preln-to-rmsnorm"], "on")
     with pytest.raises(BadInput, match="--crms takes off, on or auto, not 'sometimes'"):
-        crms_choice.pipeline(default, "sometimes", requested=False)
+        _pipeline(None, "sometimes")
 
 
 def _figure(ratio: float, verdict: str) -> Figure:
@@ -61,11 +65,11 @@ def _widths(path) -> set[int]:
 
 def test_auto_keeps_crms_where_it_times_faster(corpus, tmp_path, monkeypatch):
     compare, calls = _canned(0.9, "faster")
-    monkeypatch.setattr(crms_choice, "compare", compare)
+    monkeypatch.setattr(variants, "compare", compare)
     paths = corpus("preln-dyn18")
     out = tmp_path / "out.onnx"
-    report = rewrite(
-        paths.model, out, passes=PASSES, verification=VerifyOptions(inputs=paths.load_inputs())
+    report = rewrite_file(
+        paths.model, out, passes=PASSES, checks=VerifyOptions(inputs=paths.load_inputs())
     )
     rows, baseline, against = calls[0]
     assert (
@@ -89,14 +93,14 @@ def test_auto_keeps_rms_where_crms_is_not_faster(corpus, tmp_path, monkeypatch, 
     """Within noise the original width is kept; the pass shows as refused with the figures, the
     report's changes and node counts are the RMS rewrite's, and OUT equals the reference."""
     compare, _ = _canned(1.05 if verdict == "slower" else 1.0, verdict)
-    monkeypatch.setattr(crms_choice, "compare", compare)
+    monkeypatch.setattr(variants, "compare", compare)
     paths = corpus("preln-dyn18")
     out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
-    report = rewrite(
+    report = rewrite_file(
         paths.model,
         out,
         passes=PASSES,
-        verification=VerifyOptions(inputs=paths.load_inputs()),
+        checks=VerifyOptions(inputs=paths.load_inputs()),
         report_path=report_path,
     )
     assert report.crms.kept == "RMS" and f"x RMS ({verdict}): kept RMS" in report.crms.why
@@ -130,11 +134,11 @@ def test_why_names_the_cause():
 
 
 def test_off_and_on_time_nothing(corpus, tmp_path, monkeypatch):
-    monkeypatch.setattr(crms_choice, "compare", lambda *a, **k: pytest.fail("timed"))
+    monkeypatch.setattr(variants, "compare", lambda *a, **k: pytest.fail("timed"))
     paths = corpus("preln-dyn18")
-    on = rewrite(paths.model, tmp_path / "on.onnx", passes=PASSES, crms="on", verification=None)
+    on = rewrite_file(paths.model, tmp_path / "on.onnx", passes=PASSES, crms="on", verify=False)
     assert on.crms is None and 63 in _widths(tmp_path / "on.onnx")
-    off = rewrite(paths.model, tmp_path / "off.onnx", passes=PASSES, crms="off", verification=None)
+    off = rewrite_file(paths.model, tmp_path / "off.onnx", passes=PASSES, crms="off", verify=False)
     assert [p.name for p in off.passes] == ["preln-to-rmsnorm", "cleanup"] and 63 not in _widths(
         tmp_path / "off.onnx"
     )

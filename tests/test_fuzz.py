@@ -129,8 +129,8 @@ def test_the_default_verification_rejects_every_wrong_rewrite_the_fuzzer_finds(
     import onnx
 
     from normopt.errors import VerificationFailed
-    from normopt.rewrite import rewrite
-    from normopt.verify import VerifyOptions
+    from normopt.verification import VerifyOptions
+    from tests.helpers import rewrite_file
 
     wrong = _wrong_cases(monkeypatch, family, names, mutate, range(150))
     assert wrong, "the mutation broke no graph: the test would prove nothing"
@@ -144,11 +144,11 @@ def test_the_default_verification_rejects_every_wrong_rewrite_the_fuzzer_finds(
             pytest.raises(VerificationFailed),
         ):
             warnings.simplefilter("ignore", RuntimeWarning)
-            rewrite(
+            rewrite_file(
                 src,
                 tmp_path / f"{i}.out.onnx",
                 passes=names,
-                verification=VerifyOptions(inputs=case.feeds),
+                checks=VerifyOptions(inputs=case.feeds),
             )
 
 

@@ -10,14 +10,13 @@ import json
 import numpy as np
 import onnx_ir as ir
 
-from normopt.guard import SpeedGuard, units
+from normopt.guard import units
 from normopt.passes import pipeline
 from normopt.passes.base import Change, Options, Pass, PassResult, Plan
-from normopt.rewrite import rewrite
 from normopt.rewriter import io
 from normopt.rewriter.edit import Editor
-from normopt.verify import VerifyOptions
-from tests.helpers import assert_matches_reference
+from normopt.verification import VerifyOptions
+from tests.helpers import assert_matches_reference, rewrite_file
 
 
 class SlowDown(Pass):
@@ -48,13 +47,13 @@ def test_a_pass_that_makes_the_model_slower_is_dropped_and_reported(corpus, tmp_
     monkeypatch.setitem(pipeline.PASSES, "slow-down", SlowDown)
     paths = corpus("gpt2-ts17")
     out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
-    report = rewrite(
+    report = rewrite_file(
         paths.model,
         out,
         passes=["preln-to-rmsnorm", "slow-down"],
         report_path=report_path,
-        verification=VerifyOptions(inputs=paths.load_inputs()),
-        speed_guard=SpeedGuard(),
+        checks=VerifyOptions(inputs=paths.load_inputs()),
+        speed_guard=True,
     )
     guard = report.guard
     assert guard.dropped == ["slow-down"] and guard.kept == ["preln-to-rmsnorm"], guard.verdict
@@ -83,7 +82,7 @@ def test_the_guard_drops_one_group_of_fusions_and_keeps_the_rest(corpus, tmp_pat
     (timm's LayerNorm2d). Only that group is dropped: its 4 norms stay decomposed, the 4 block
     norms are fused, the stem's (an RMSNorm now, its beta an Add after it) too, preln-to-rmsnorm's
     conversion stays, and what is written is verified."""
-    from normopt import guard
+    from normopt import variants
     from normopt.profiling import Figure
 
     slow = "canonicalize-norms (layernorm -> LayerNormalization between Transposes)"
@@ -100,15 +99,15 @@ def test_the_guard_drops_one_group_of_fusions_and_keeps_the_rest(corpus, tmp_pat
                 )
         return out
 
-    monkeypatch.setattr(guard, "compare", figures)
+    monkeypatch.setattr(variants, "compare", figures)
     paths = corpus("convnext2d-ts14")
     out = tmp_path / "out.onnx"
-    report = rewrite(
+    report = rewrite_file(
         paths.model,
         out,
         options=Options(target="ort"),
-        speed_guard=SpeedGuard(),
-        verification=VerifyOptions(inputs=paths.load_inputs()),
+        speed_guard=True,
+        checks=VerifyOptions(inputs=paths.load_inputs()),
     )
     assert report.guard.dropped == [slow]
     assert sorted(report.guard.kept) == [

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from models.corpus import CORPUS
-from normopt.inspect import inspect_model
+from normopt.inspection import inspect_model
 from normopt.rewriter.stream import ARCHITECTURES
 
 LN = {"gpt2", "gpt2hidden", "opt", "gptneox", "vit", "bert", "preln"}

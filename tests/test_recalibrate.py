@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from normopt.recalibrate import Moments
+from normopt.calibration import Moments
 from tests.helpers import const, make_model, save, tensor
 from tests.test_cli import assert_one_line_error, run
 from tests.test_schema import VALIDATOR

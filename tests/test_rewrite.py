@@ -219,7 +219,7 @@ def test_sigkill_leftovers_are_removed_by_the_next_run(tmp_path, cli_env):
 
 
 def test_only_temp_files_of_dead_runs_on_this_host_are_removed(tmp_path, cli_env):
-    from normopt.rewriter.io import _temp_tag
+    from normopt.files import _temp_tag
 
     src = save(mlp(), tmp_path / "m.onnx")
     finished = subprocess.run(

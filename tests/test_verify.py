@@ -6,14 +6,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from normopt.errors import BadInput
-from normopt.verify import (
-    VerifyOptions,
-    compare_output,
-    default_dim,
-    load_inputs,
-    make_inputs,
-    verify,
-)
+from normopt.inputs import default_dim, load_inputs, make_inputs
+from normopt.verification import VerifyOptions, compare_output, verify
 from tests.helpers import const, make_model, mlp, save, tensor
 
 

@@ -18,6 +18,70 @@ from pathlib import Path
 from normopt.engine.trt import load_tensorrt
 from normopt.errors import BadInput
 
+PLUGIN_MODES = ("aot", "jit")
+
+
+def check_settings(workspace_mb: int, plugins: str, precision: str | None) -> None:
+    """Refuse bad settings before TensorRT is loaded (the same line with or without it)."""
+    if plugins not in PLUGIN_MODES:
+        raise BadInput(f"--plugins takes aot or jit, not '{plugins}'")
+    if workspace_mb < 1:
+        raise BadInput("--workspace must be at least 1 MiB")
+    if precision not in (None, "fp16", "bf16"):
+        raise BadInput(f"precision must be fp16 or bf16, not '{precision}'")
+
+
+def input_dims(model: Path) -> dict[str, list]:
+    """The graph inputs' dims (numbers, dim names) without loading the weights."""
+    import onnx
+
+    proto = onnx.load(str(model), load_external_data=False)
+    names = {i.name for i in proto.graph.initializer}
+    return {
+        i.name: [
+            d.dim_value if d.HasField("dim_value") else d.dim_param or None
+            for d in i.type.tensor_type.shape.dim
+        ]
+        for i in proto.graph.input
+        if i.name not in names
+    }
+
+
+def build(
+    src: Path,
+    dst: Path,
+    *,
+    shapes: Mapping[str, tuple],
+    dims: Mapping[str, int],
+    workspace_mb: int = 4096,
+    timing_cache: Path | None = None,
+    plugins: str = "aot",
+    precision: str | None = None,
+    trt_version: str | None = None,
+) -> dict:
+    """`normopt build`'s body: the optimization profile from `shapes` (name -> min/opt/max)
+    and `dims`, the graph lowered to `precision` first (a strongly typed engine computes in
+    the graph's types), the engine built; returns the document's fields."""
+    import tempfile
+
+    profiles = profile_shapes(input_dims(src), shapes, dims)
+    with tempfile.TemporaryDirectory(prefix="normopt-build-") as tmp:
+        graph, lowered = src, None
+        if precision is not None:
+            from normopt.engine.precision import convert
+
+            graph = Path(tmp) / "lowered.onnx"
+            lowered = convert(src, graph, precision, trt_version)
+        summary = build_engine(
+            graph,
+            dst,
+            shapes=profiles,
+            workspace_mb=workspace_mb,
+            timing_cache=timing_cache,
+            plugins=plugins,
+        )
+    return {"input": str(src), "output": str(dst), "precision": lowered, **summary}
+
 
 def profile_shapes(
     inputs: Mapping[str, list], shapes: Mapping[str, tuple], dims: Mapping[str, int]
@@ -55,8 +119,8 @@ def build_engine(
 ) -> dict:
     """Build `model` into `engine`; returns the summary (layer counts by kind, TensorRT version)."""
     trt, caps = load_tensorrt("normopt build")
+    from normopt.files import write_bytes_atomic
     from normopt.plugins.registration import register
-    from normopt.rewriter.io import write_bytes_atomic
 
     register()
     logger = trt.Logger(trt.Logger.WARNING)

@@ -47,6 +47,7 @@ def _norms_in_fp32(model: onnx.ModelProto, dst: Path, trt_version: str | None) -
     """tensorrt-norms on the lowered graph (fp16/bf16 LayerNormalization in float32), then save."""
     import onnx_ir as ir
 
+    from normopt import files
     from normopt.passes.base import Options
     from normopt.passes.pipeline import run_pipeline
     from normopt.rewriter import io
@@ -55,7 +56,7 @@ def _norms_in_fp32(model: onnx.ModelProto, dst: Path, trt_version: str | None) -
     results = run_pipeline(
         lowered, ["tensorrt-norms"], Options(target="tensorrt", trt_version=trt_version)
     )
-    io.save(lowered, dst, external_data=io.initializer_bytes(lowered) > io.EMBEDDED_LIMIT_BYTES)
+    files.save(lowered, dst, external_data=io.initializer_bytes(lowered) > io.EMBEDDED_LIMIT_BYTES)
     return sum(
         1 for r in results if r.name == "tensorrt-norms" for c in r.changes if c.kind == "cast"
     )

@@ -18,9 +18,13 @@ from typing import Any, ClassVar, Literal
 
 import onnx_ir as ir
 
+from normopt.errors import BadInput
+from normopt.plugins.spec import parse_version
 from normopt.rewriter.graph import frozen_graph
 
 Target = Literal["onnx", "ort", "tensorrt"]
+TARGETS = ("onnx", "ort", "tensorrt")
+TUNE_PARAMS = ("constants", "inputs", "inputs:all")
 
 
 @dataclass(frozen=True)
@@ -35,9 +39,21 @@ class Options:
     allow_hidden_state_change: bool = False
     skip_sites: frozenset[str] = frozenset()
     tune_params: Literal["constants", "inputs", "inputs:all"] = "constants"
-    trt_version: str | None = (
-        None  # --target tensorrt: the TensorRT to emit for (default: installed, else newest)
-    )
+    # --target tensorrt: the TensorRT to emit for (default: installed, else newest)
+    trt_version: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise BadInput(f"--target must be onnx, ort or tensorrt, not '{self.target}'")
+        if self.tune_params not in TUNE_PARAMS:
+            raise BadInput(
+                f"--tune-params takes constants, inputs or inputs:all, not '{self.tune_params}'"
+            )
+        if self.trt_version is not None:
+            try:
+                parse_version(self.trt_version)
+            except ValueError as exc:
+                raise BadInput(f"--trt-version: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ Conditions: a norm over the last axis alone whose size is static; the plugin's s
 size (a missing one becomes ones); the fused Add has two inputs of one shape (no broadcasting:
 the plugin adds row by row), neither constant. The plugin nodes carry every attribute
 TensorRT's parser reads (spec.PluginSpec.attributes). Verification lowers them to their
-float64 reference (normopt.plugins.reference), so the check stays on.
+float64 reference (normopt.lowering), so the check stays on.
 """
 
 from __future__ import annotations

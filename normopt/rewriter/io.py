@@ -1,31 +1,20 @@
-"""Load and save ONNX models through onnx-ir, safely.
+"""Load and write ONNX models through onnx-ir (the analysis core's model access).
 
 - Loading validates the file first (exists, parses, supported opset and IR version, every
   external data file present and long enough, the graph checker-valid: `check_structure`) and
-  raises `BadInput` with one line saying
-  what is wrong. External data stays memory-mapped: weights are read only when a pass touches
-  them, so memory stays near one copy of the model.
-- Saving is atomic: the model (and its external data file) is written into a temporary folder
-  beside the destination, checked, and only then renamed into place, data file first. A failed
-  save or verification leaves no partial output. Temp files are named `.normopt-tmp-<pid>@<host>-*`
-  so that a later run can remove what a killed one (SIGKILL) left.
-- Input safety: a `Guard` holds IN's files (the model and every external data file it names);
-  no output, data file, report or temp file may resolve to one of them (realpath, symlinks,
-  hard links). IN's data file is never replaced, even with --in-place (the new data file then
-  gets another name), so IN's model file never points into rewritten data.
+  raises `BadInput` with one line saying what is wrong. External data stays memory-mapped:
+  weights are read only when a pass touches them, so memory stays near one copy of the model.
+- Writing (`write`) puts a model and its data file where it is told; what a user sees is
+  staged in a temporary folder and renamed into place by `normopt.files` (atomic writes, input
+  safety), which is outside the core.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
-import shutil
-import socket
-import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -282,167 +271,6 @@ def _graphs(graph):
 # ------------------------------------------------------------------------------ input safety
 
 
-class Guard:
-    """The files a run must never write: IN (the model and its external data files), and any
-    other input (an --inputs file). `check` refuses an output path that resolves to one of
-    them: the same path after symlinks, or the same file by another name (a hard link)."""
-
-    def __init__(self) -> None:
-        self._files: dict[str, str] = {}  # realpath -> what it is
-        self._inodes: dict[tuple[int, int], str] = {}
-
-    def protect(self, path: str | os.PathLike, what: str) -> None:
-        real = os.path.realpath(path)
-        self._files.setdefault(real, f"{what} '{path}'")
-        with contextlib.suppress(OSError):
-            st = os.stat(real)
-            self._inodes.setdefault((st.st_dev, st.st_ino), f"{what} '{path}'")
-
-    def clash(self, path: str | os.PathLike) -> str | None:
-        """What protected file `path` would write over, or None."""
-        real = os.path.realpath(path)
-        if real in self._files:
-            return self._files[real]
-        with contextlib.suppress(OSError):
-            st = os.stat(real)
-            return self._inodes.get((st.st_dev, st.st_ino))
-        return None
-
-    def check(self, path: str | os.PathLike, what: str) -> None:
-        clash = self.clash(path)
-        if clash is not None:
-            raise BadInput(
-                f"{what} '{path}' is {clash}: normopt never writes its inputs; choose another path"
-            )
-
-
-# ---------------------------------------------------------------------------- temp files
-
-TEMP_PREFIX = ".normopt-tmp-"
-
-
-def _temp_tag() -> str:
-    """`<pid>@<host>-`: a temp file names the run that made it, so a later run can tell
-    whether that run is gone (killed) and its leftovers may be removed."""
-    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40]
-    return f"{TEMP_PREFIX}{os.getpid()}@{host}-"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def temp_folder(beside: Path):
-    """A temporary folder beside `beside` (same file system), named after this run so a later
-    run removes it if this one is killed; removed on exit."""
-    folder = Path(tempfile.mkdtemp(prefix=_temp_tag(), dir=beside.parent))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def remove_stale_temps(folder: Path) -> list[Path]:
-    """Remove temp files and folders a killed normopt run on this host left in `folder`
-    (SIGKILL leaves them: no handler runs). Returns what was removed."""
-    host = _temp_tag().split("@", 1)[1]
-    removed = []
-    with contextlib.suppress(OSError):
-        for entry in folder.iterdir():
-            name = entry.name
-            if not name.startswith(TEMP_PREFIX) or "@" not in name:
-                continue
-            pid, _, rest = name[len(TEMP_PREFIX) :].partition("@")
-            if not pid.isdigit() or not rest.startswith(host) or _alive(int(pid)):
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed.append(entry)
-    return removed
-
-
-def check_writable_folder(path: Path, what: str = "output") -> None:
-    parent = path.parent
-    if parent.exists() and not parent.is_dir():
-        raise BadInput(f"{what} folder '{parent}' is a file, not a folder")
-    if not parent.is_dir():
-        raise BadInput(f"{what} folder '{parent}' does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInput(f"{what} folder '{parent}' is not writable")
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write through a temp file beside `path`, then rename: a reader never sees half a file."""
-    write_bytes_atomic(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write through a temp file beside `path`, then rename: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=_temp_tag(), suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        _replace(Path(tmp), path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _replace(src: Path, dst: Path) -> None:
-    try:
-        os.replace(src, dst)
-    except OSError as exc:
-        raise BadInput(f"cannot write '{dst}': {exc.strerror or exc}") from None
-
-
-# ---------------------------------------------------------------------------------- saving
-
-
-@dataclass
-class StagedModel:
-    """A model written into a temporary folder beside its destination, not yet visible there."""
-
-    path: Path
-    destination: Path
-    data_name: str | None
-
-    def commit(self) -> None:
-        """Move into place: data file first, so the model never points at a missing file."""
-        try:
-            if self.data_name:
-                _replace(
-                    self.path.parent / self.data_name, self.destination.parent / self.data_name
-                )
-            _replace(self.path, self.destination)
-        finally:
-            self.discard()
-
-    def discard(self) -> None:
-        shutil.rmtree(self.path.parent, ignore_errors=True)
-
-
-def data_file_name(destination: Path, guard: Guard | None, replaces_input: bool) -> str:
-    """`<OUT>.data`. When OUT replaces IN (--in-place) and that is IN's data file,
-    `<OUT>.<k>.data`: IN's data file is never replaced while IN's model file may still point
-    into it. Otherwise a clash with an input file is refused."""
-    name, k = f"{destination.name}.data", 0
-    while replaces_input and guard is not None and guard.clash(destination.parent / name):
-        k += 1
-        name = f"{destination.name}.{k}.data"
-    if guard is not None:
-        guard.check(destination.parent / name, "output data file")
-    return name
-
-
 @contextlib.contextmanager
 def _undescribed_initializers(model: ir.Model):
     """While saving, initializers carry no type or shape of their own (their tensors have
@@ -461,55 +289,6 @@ def _undescribed_initializers(model: ir.Model):
     finally:
         for value, vtype, shape in hidden:
             value.type, value.shape = vtype, shape
-
-
-def stage(
-    model: ir.Model,
-    destination: str | os.PathLike,
-    *,
-    external_data: bool,
-    guard: Guard | None = None,
-    replaces_input: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-) -> StagedModel:
-    """Write `model` next to `destination` without touching it; `commit()` publishes it.
-
-    With `external_data`, every initializer over EXTERNAL_THRESHOLD_BYTES goes to one data
-    file (`data_file_name`; all tensors are rewritten, so nothing points at the input's data
-    file); `guard` refuses a data file that is an input file. Without it the model is embedded,
-    which protobuf allows only up to 2 GiB.
-    `progress(done, total)` is called after each external tensor is written.
-    """
-    destination = Path(destination)
-    if not external_data and initializer_bytes(model) > EMBEDDED_LIMIT_BYTES:
-        external_data = True
-    data_name = data_file_name(destination, guard, replaces_input) if external_data else None
-    try:
-        tmpdir = Path(tempfile.mkdtemp(prefix=_temp_tag(), dir=destination.parent))
-    except OSError as exc:
-        raise BadInput(f"cannot write into '{destination.parent}': {exc.strerror or exc}") from None
-    staged = StagedModel(tmpdir / destination.name, destination, data_name)
-    try:
-        with _undescribed_initializers(model), step("save"):
-            if data_name is None and _streamable(model):
-                _write_embedded(model, staged.path, progress)
-            else:
-                ir.save(
-                    model,
-                    staged.path,
-                    external_data=staged.data_name,
-                    size_threshold_bytes=EXTERNAL_THRESHOLD_BYTES,
-                    callback=(lambda _t, info: progress(info.index + 1, info.total))
-                    if progress
-                    else None,
-                )
-    except OSError as exc:
-        staged.discard()
-        raise BadInput(f"cannot write '{destination}': {exc.strerror or exc}") from None
-    except BaseException:
-        staged.discard()
-        raise
-    return staged
 
 
 def _streamable(model: ir.Model) -> bool:
@@ -586,6 +365,27 @@ def _write_embedded(
                 progress(i + 1, len(initializers))
 
 
-def save(model: ir.Model, destination: str | os.PathLike, *, external_data: bool) -> None:
-    """Atomically write `model` to `destination` (see `stage`)."""
-    stage(model, destination, external_data=external_data).commit()
+def write(
+    model: ir.Model,
+    path: Path,
+    *,
+    data_name: str | None,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Write `model` to `path`, tensors over EXTERNAL_THRESHOLD_BYTES into the data file
+    `data_name` beside it (None: embedded). Not atomic: outputs are written into a temporary
+    folder and renamed into place by normopt.files.stage. `progress(done, total)` is called
+    after each external tensor is written."""
+    with _undescribed_initializers(model), step("save"):
+        if data_name is None and _streamable(model):
+            _write_embedded(model, path, progress)
+        else:
+            ir.save(
+                model,
+                path,
+                external_data=data_name,
+                size_threshold_bytes=EXTERNAL_THRESHOLD_BYTES,
+                callback=(lambda _t, info: progress(info.index + 1, info.total))
+                if progress
+                else None,
+            )

@@ -69,7 +69,7 @@ def test_fp16_lowering_for_build_keeps_layernorms_in_fp32(corpus, tmp_path, name
     import onnx
 
     from normopt.engine.precision import convert
-    from normopt.verify import run_ort
+    from normopt.sessions import run_ort
 
     paths = corpus(name)
     out = tmp_path / "fp16.onnx"

@@ -8,9 +8,8 @@ import pytest
 
 from models.corpus import CORPUS
 from normopt.passes.base import Options
-from normopt.rewrite import rewrite
-from normopt.verify import VerifyOptions
-from tests.helpers import assert_matches_reference
+from normopt.verification import VerifyOptions
+from tests.helpers import assert_matches_reference, rewrite_file
 
 LN_COUNTS = {
     "gpt2": 5,
@@ -90,9 +89,9 @@ def test_rewrite_is_valid_equivalent_and_deterministic(corpus, tmp_path, name):
     first, second = tmp_path / "a" / "out.onnx", tmp_path / "b" / "out.onnx"
     first.parent.mkdir()
     second.parent.mkdir()
-    report = rewrite(paths.model, first, verification=VerifyOptions(inputs=inputs))
+    report = rewrite_file(paths.model, first, checks=VerifyOptions(inputs=inputs))
     assert report.written and report.verification.ok
-    rewrite(paths.model, second, verification=None)
+    rewrite_file(paths.model, second, verify=False)
 
     assert digest(paths.model) == before, "the input model was modified"
     assert digest(first) == digest(second), "two runs wrote different bytes"
@@ -107,11 +106,11 @@ def test_rewrite_for_onnxruntime_is_valid_and_equivalent(corpus, tmp_path, name)
     the output failed onnx.checker (nodes not sorted)."""
     paths = corpus(name)
     out = tmp_path / "out.onnx"
-    report = rewrite(
+    report = rewrite_file(
         paths.model,
         out,
         options=Options(target="ort"),
-        verification=VerifyOptions(inputs=paths.load_inputs()),
+        checks=VerifyOptions(inputs=paths.load_inputs()),
     )
     assert report.written and report.verification.ok
     assert_matches_reference(out, paths)
@@ -124,7 +123,7 @@ def test_a_rewrite_that_changes_nothing_writes_the_input_graph(corpus, tmp_path,
     a pass changed something."""
     paths = corpus(name)
     out = tmp_path / "out.onnx"
-    report = rewrite(paths.model, out, verification=None)
+    report = rewrite_file(paths.model, out, verify=False)
     if any(p.modified for p in report.passes):
         pytest.skip("a pass applies to this export")
     assert onnx.load(str(out)).graph == onnx.load(str(paths.model)).graph

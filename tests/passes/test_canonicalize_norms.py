@@ -8,6 +8,7 @@ import onnx_ir as ir
 import pytest
 
 from models.corpus import CORPUS
+from normopt import files
 from normopt.passes.base import Options
 from normopt.passes.canonicalize_norms import CanonicalizeNorms
 from normopt.rewriter import io
@@ -54,7 +55,7 @@ def test_corpus_equivalent_and_idempotent(corpus, tmp_path, name, target):
     assert result.modified == bool(expected), result.refusals
     assert not CanonicalizeNorms(Options(target=target)).run(model).modified
     out = tmp_path / "out.onnx"
-    io.save(model, out, external_data=False)
+    files.save(model, out, external_data=False)
     assert_matches_reference(out, paths)
 
 
@@ -172,5 +173,5 @@ def test_fusions_come_in_groups_by_layout_and_a_skipped_site_stays_with_its_reas
     kept = [r for r in result.refusals if "speed guard measured the fused op slower" in r.reason]
     assert len(kept) == 5 and not any(r.may_change for r in kept)
     out = tmp_path / "out.onnx"
-    io.save(model, out, external_data=False)
+    files.save(model, out, external_data=False)
     assert_matches_reference(out, paths)

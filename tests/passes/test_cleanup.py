@@ -4,9 +4,10 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
+from normopt import files
 from normopt.passes.cleanup import Cleanup
 from normopt.rewriter import io
-from normopt.verify import run_ort
+from normopt.sessions import run_ort
 from tests.helpers import const, make_model, mlp, save, tensor
 
 
@@ -20,7 +21,7 @@ def _run_and_check(proto, tmp_path, feeds):
     model = io.load(src)
     result = Cleanup().run(model)
     dst = tmp_path / "dst.onnx"
-    io.save(model, dst, external_data=False)
+    files.save(model, dst, external_data=False)
     onnx.checker.check_model(str(dst), full_check=True)
     expected, got = run_ort(src, feeds), run_ort(dst, feeds)
     assert expected.keys() == got.keys()

@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from models.corpus import CORPUS
+from normopt import files
 from normopt.passes.base import Options
 from normopt.passes.convbn_tune import ConvBNTune
 from normopt.passes.fold_affine_norms import FoldAffineNorms
@@ -318,7 +319,7 @@ def test_every_bn_the_fold_removes_is_tuned_in_the_exports(corpus, tmp_path, nam
     assert result.modified and not result.refusals
     assert len([c for c in result.changes if c.kind == "tuned"]) == len(bns)
     out = tmp_path / "out.onnx"
-    io.save(model, out, external_data=False)
+    files.save(model, out, external_data=False)
     tuned = onnx.load(out)
     assert "BatchNormalization" not in [n.op_type for n in tuned.graph.node]
     kept = {i.name for i in tuned.graph.initializer}

@@ -7,6 +7,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from models.corpus import CORPUS
+from normopt import files
 from normopt.passes.fold_affine_norms import FoldAffineNorms
 from normopt.rewriter import io
 from normopt.rewriter.norms import find_norms
@@ -30,7 +31,7 @@ def test_every_norm_in_the_exports_folds(corpus, tmp_path, name):
     assert not [m for m in find_norms(model.graph) if m.kind in ("batchnorm", "affine")]
     assert not FoldAffineNorms().run(model).modified  # idempotent
     out = tmp_path / "out.onnx"
-    io.save(model, out, external_data=False)
+    files.save(model, out, external_data=False)
     assert_matches_reference(out, paths)
 
 

@@ -9,9 +9,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from models.corpus import CORPUS
-from normopt.passes.fold_norm_affine import FoldNormAffine
 
 # ort_ops: the checker must know SimplifiedLayerNormalization
+from normopt import files
+from normopt.passes.fold_norm_affine import FoldNormAffine
 from normopt.rewriter import io, ort_ops  # noqa: F401
 from normopt.rewriter.norms import find_norms
 from tests.helpers import (
@@ -221,7 +222,7 @@ def test_real_exports_stay_equal(corpus, tmp_path, name):
             ("read by", "its output", "a decomposed", "MatMul", "Gemm", "a Skip")
         )
     out = tmp_path / "out.onnx"
-    io.save(model, out, external_data=False)
+    files.save(model, out, external_data=False)
     assert_matches_reference(out, paths)
 
 

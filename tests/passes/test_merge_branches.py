@@ -229,13 +229,12 @@ def test_timm_repvgg_becomes_one_conv_per_block(corpus, tmp_path, name):
     """timm's RepVGG in its training form (BN kept, or Conv+BN folded by the exporter): the
     default pipeline folds each branch's BN, then merges the 3x3, 1x1 and identity-BN branches of
     every block into one 3x3 Conv."""
-    from normopt.rewrite import rewrite
-    from normopt.verify import VerifyOptions
-    from tests.helpers import assert_matches_reference
+    from normopt.verification import VerifyOptions
+    from tests.helpers import assert_matches_reference, rewrite_file
 
     paths = corpus(name)
     out = tmp_path / "out.onnx"
-    report = rewrite(paths.model, out, verification=VerifyOptions(inputs=paths.load_inputs()))
+    report = rewrite_file(paths.model, out, checks=VerifyOptions(inputs=paths.load_inputs()))
     ops = collections.Counter(n.op_type for n in onnx.load(out).graph.node)
     blocks = collections.Counter(n.op_type for n in onnx.load(paths.model).graph.node)[
         "Relu"
@@ -418,13 +417,12 @@ def test_a_kernel_computed_in_the_graph_becomes_a_constant():
 def test_acnet_dbb_and_deconv_blocks_become_one_conv_each(corpus, tmp_path, name):
     """The ACNet block, the Diverse Branch Block (all four branches) and DEA-Net's DEConv in their
     training form: one Conv per block after the default pipeline, nothing else of them left."""
-    from normopt.rewrite import rewrite
-    from normopt.verify import VerifyOptions
-    from tests.helpers import assert_matches_reference
+    from normopt.verification import VerifyOptions
+    from tests.helpers import assert_matches_reference, rewrite_file
 
     paths = corpus(name)
     out = tmp_path / "out.onnx"
-    rewrite(paths.model, out, verification=VerifyOptions(inputs=paths.load_inputs()))
+    rewrite_file(paths.model, out, checks=VerifyOptions(inputs=paths.load_inputs()))
     ops = collections.Counter(n.op_type for n in onnx.load(out).graph.node)
     assert ops["Conv"] == 4  # the stem and one per block
     assert not {
@@ -446,8 +444,8 @@ def test_dbb_padding_by_slice_assignment_is_left_and_the_rest_merges(tmp_path):
     torch = pytest.importorskip("torch")
     from models.common import Built, export, randomize_norms_and_biases
     from models.reparam import DiverseBranchBlock
-    from normopt.rewrite import rewrite
-    from normopt.verify import VerifyOptions
+    from normopt.verification import VerifyOptions
+    from tests.helpers import rewrite_file
 
     block = DiverseBranchBlock(4, slice_assign=True).eval()
     randomize_norms_and_biases(block, seed=1)
@@ -455,7 +453,7 @@ def test_dbb_padding_by_slice_assignment_is_left_and_the_rest_merges(tmp_path):
     src = tmp_path / "dbb.onnx"
     export(Built(block, {"x": x}, ["y"], keep_bn=True), src, exporter="ts", opset=17)
     out = tmp_path / "out.onnx"
-    report = rewrite(src, out, verification=VerifyOptions(inputs={"x": x.numpy()}))
+    report = rewrite_file(src, out, checks=VerifyOptions(inputs={"x": x.numpy()}))
     merged = next(p for p in report.passes if p.name == "merge-branches")
     assert report.verification.ok and merged.lines[0] == "merged 1 parallel branches into one Conv"
     ops = collections.Counter(n.op_type for n in onnx.load(out).graph.node)

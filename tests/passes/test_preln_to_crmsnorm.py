@@ -10,9 +10,8 @@ from onnx import helper
 
 from models.corpus import CORPUS
 from normopt.errors import NotApplied
-from normopt.rewrite import rewrite
-from normopt.verify import VerifyOptions
-from tests.helpers import assert_matches_reference
+from normopt.verification import VerifyOptions
+from tests.helpers import assert_matches_reference, rewrite_file
 
 PASSES = ["preln-to-rmsnorm", "preln-to-crmsnorm"]
 
@@ -27,12 +26,12 @@ def test_the_stream_becomes_d_minus_1_wide_and_equal(corpus, tmp_path):
     weights 63 rows; outputs equal to the reference."""
     paths = corpus("preln-dyn18")
     out = tmp_path / "out.onnx"
-    report = rewrite(
+    report = rewrite_file(
         paths.model,
         out,
         passes=PASSES,
         crms="on",
-        verification=VerifyOptions(inputs=paths.load_inputs()),
+        checks=VerifyOptions(inputs=paths.load_inputs()),
     )
     crms = next(p for p in report.passes if p.name == "preln-to-crmsnorm")
     assert crms.lines == [
@@ -61,12 +60,12 @@ def test_gpt2_dynamo_export_is_carried_in_d_minus_1(corpus, tmp_path):
     Add (folded into the tied LM head, which gets its own weight); equal to the reference."""
     paths = corpus("gpt2-dyn18")
     out = tmp_path / "out.onnx"
-    report = rewrite(
+    report = rewrite_file(
         paths.model,
         out,
         passes=PASSES,
         crms="on",
-        verification=VerifyOptions(inputs=paths.load_inputs()),
+        checks=VerifyOptions(inputs=paths.load_inputs()),
     )
     crms = next(p for p in report.passes if p.name == "preln-to-crmsnorm")
     assert crms.lines[1] == "converted 5 RMSNorm(s) to CRMSNorm (width d-1)"
@@ -88,12 +87,12 @@ def test_more_exports_carried_in_d_minus_1(corpus, tmp_path, name):
     sliced; Whisper's decoder stream (dynamo). Equal to the reference."""
     paths = corpus(name)
     out = tmp_path / "out.onnx"
-    report = rewrite(
+    report = rewrite_file(
         paths.model,
         out,
         passes=PASSES,
         crms="on",
-        verification=VerifyOptions(inputs=paths.load_inputs()),
+        checks=VerifyOptions(inputs=paths.load_inputs()),
     )
     crms = next(p for p in report.passes if p.name == "preln-to-crmsnorm")
     assert crms.modified and any(line.startswith("converted") for line in crms.lines)
@@ -109,7 +108,7 @@ def test_more_exports_carried_in_d_minus_1(corpus, tmp_path, name):
 
 def _refusal(model_path, tmp_path, passes=PASSES) -> str:
     with pytest.raises(NotApplied) as info:
-        rewrite(model_path, tmp_path / "out.onnx", passes=passes, verification=None)
+        rewrite_file(model_path, tmp_path / "out.onnx", passes=passes, verify=False)
     return str(info.value)
 
 
@@ -140,12 +139,12 @@ def test_vit_is_carried_in_d_minus_1(corpus, tmp_path, name):
     cls token's Gather. Equal to the reference."""
     paths = corpus(name)
     out = tmp_path / "out.onnx"
-    report = rewrite(
+    report = rewrite_file(
         paths.model,
         out,
         passes=PASSES,
         crms="on",
-        verification=VerifyOptions(inputs=paths.load_inputs()),
+        checks=VerifyOptions(inputs=paths.load_inputs()),
     )
     assert next(p for p in report.passes if p.name == "preln-to-crmsnorm").modified
     graph = onnx.load(out).graph
@@ -165,12 +164,12 @@ def test_shape_derived_targets_and_reshaped_streams(corpus, tmp_path, name):
     constant target is cut. Equal to the reference."""
     paths = corpus(name)
     out = tmp_path / "out.onnx"
-    report = rewrite(
+    report = rewrite_file(
         paths.model,
         out,
         passes=PASSES,
         crms="on",
-        verification=VerifyOptions(inputs=paths.load_inputs()),
+        checks=VerifyOptions(inputs=paths.load_inputs()),
     )
     assert next(p for p in report.passes if p.name == "preln-to-crmsnorm").modified
     assert any(w[-1] == 63 for w in _widths(out).values() if len(w) == 2)
@@ -185,12 +184,12 @@ def test_a_norm_output_that_is_a_graph_output_is_restored_whole(corpus, tmp_path
     reference; the readers inside the graph read the 63-wide y'."""
     paths = corpus(name)
     out = tmp_path / "out.onnx"
-    report = rewrite(
+    report = rewrite_file(
         paths.model,
         out,
         passes=PASSES,
         crms="on",
-        verification=VerifyOptions(inputs=paths.load_inputs()),
+        checks=VerifyOptions(inputs=paths.load_inputs()),
     )
     crms = next(p for p in report.passes if p.name == "preln-to-crmsnorm")
     assert "restored 1 graph output(s) to width d: x' and -sum(x')" in crms.lines
@@ -209,23 +208,23 @@ def test_hidden_states_are_output_whole_with_the_flag(corpus, tmp_path):
     feeds = paths.load_inputs()
     from normopt.passes.base import Options
 
-    rewrite(
+    rewrite_file(
         paths.model,
         rms,
         passes=["preln-to-rmsnorm"],
         options=Options(allow_hidden_state_change=True),
-        verification=VerifyOptions(inputs=feeds),
+        checks=VerifyOptions(inputs=feeds),
     )
     assert "is a graph output (--allow-hidden-state-change outputs it whole" in _refusal(
         rms, tmp_path, ["preln-to-crmsnorm"]
     )
-    report = rewrite(
+    report = rewrite_file(
         rms,
         tmp_path / "out.onnx",
         passes=["preln-to-crmsnorm"],
         crms="on",
         options=Options(allow_hidden_state_change=True),
-        verification=VerifyOptions(inputs=feeds),
+        checks=VerifyOptions(inputs=feeds),
     )
     assert report.verification.ok and not any(o.skipped for o in report.verification.outputs)
     assert {o.name for o in report.verification.outputs} >= {"hidden_0", "hidden_1", "hidden_2"}
@@ -239,7 +238,7 @@ def test_a_stream_value_that_is_a_graph_output_is_refused(corpus, tmp_path):
     from normopt.rewriter.stream import analyze
 
     converted = tmp_path / "rms.onnx"
-    rewrite(corpus("preln-dyn18").model, converted, passes=["preln-to-rmsnorm"], verification=None)
+    rewrite_file(corpus("preln-dyn18").model, converted, passes=["preln-to-rmsnorm"], verify=False)
     ir_model = io.load(converted)
     stream = (
         analyze(ir_model.graph, find_norms(ir_model.graph)).residual_adds[0].node.outputs[0].name
@@ -286,12 +285,12 @@ def test_a_matmul_that_reads_a_norm_and_writes_the_stream_gets_both_edits(tmp_pa
     )
     src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(model, src)
-    report = rewrite(
+    report = rewrite_file(
         src,
         out,
         passes=PASSES,
         crms="on",
-        verification=VerifyOptions(inputs={"ids": np.array([1, 5, 11])}),
+        checks=VerifyOptions(inputs={"ids": np.array([1, 5, 11])}),
     )
     assert report.verification.ok
     graph = onnx.load(out).graph
@@ -334,12 +333,12 @@ def test_an_explicit_recentring_is_sliced(tmp_path, monkeypatch):
     model = make_model(nodes, [tensor("x", shape=(2, 4, d))], [tensor("y", shape=(2, 4, 3))], inits)
     src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(model, src)
-    report = rewrite(
+    report = rewrite_file(
         src,
         out,
         passes=PASSES,
         crms="on",
-        verification=VerifyOptions(inputs={"x": rng.standard_normal((2, 4, d)).astype(np.float32)}),
+        checks=VerifyOptions(inputs={"x": rng.standard_normal((2, 4, d)).astype(np.float32)}),
     )
     crms = next(p for p in report.passes if p.name == "preln-to-crmsnorm")
     assert (
@@ -355,7 +354,7 @@ def test_a_24_layer_stream_keeps_its_accuracy(tmp_path):
     of the order of the RMS rewrite's (the dropped coordinate is never rebuilt, only implied)."""
     import numpy as np
 
-    from normopt.verify import run_ort
+    from normopt.sessions import run_ort
     from tests.helpers import const, make_model, tensor
 
     rng = np.random.default_rng(3)
@@ -393,18 +392,18 @@ def test_a_24_layer_stream_keeps_its_accuracy(tmp_path):
     src = tmp_path / "in.onnx"
     onnx.save(model, src)
     feeds = {"ids": rng.integers(0, 50, (4, 9)).astype(np.int64)}
-    rewrite(
+    rewrite_file(
         src,
         tmp_path / "rms.onnx",
         passes=["preln-to-rmsnorm"],
-        verification=VerifyOptions(inputs=feeds),
+        checks=VerifyOptions(inputs=feeds),
     )
-    rewrite(
+    rewrite_file(
         src,
         tmp_path / "crms.onnx",
         passes=PASSES,
         crms="on",
-        verification=VerifyOptions(inputs=feeds),
+        checks=VerifyOptions(inputs=feeds),
     )
     want = run_ort(src, feeds)["y"].astype(np.float64)
     rms = np.abs(run_ort(tmp_path / "rms.onnx", feeds)["y"] - want).max()
@@ -602,12 +601,12 @@ def test_fp16_copies_keep_the_fp16_error(corpus, tmp_path, name):
     output: at most 1.5x the fp16 copy's own (measured 0.86x-1.31x)."""
     import numpy as np
 
-    from normopt.verify import run_ort
+    from normopt.sessions import run_ort
 
     paths = corpus(name)
     src, feeds = _fp16_copy(paths, tmp_path)
     out = tmp_path / "out.onnx"
-    report = rewrite(src, out, passes=PASSES, crms="on", verification=VerifyOptions(inputs=feeds))
+    report = rewrite_file(src, out, passes=PASSES, crms="on", checks=VerifyOptions(inputs=feeds))
     crms = next(p for p in report.passes if p.name == "preln-to-crmsnorm")
     assert any("output whole" in line for line in crms.lines)
     graph = onnx.load(out).graph
@@ -642,13 +641,13 @@ def test_tensorrt_target_emits_the_crmsnorm_plugin(corpus, tmp_path, name):
 
     paths = corpus(name)
     out = tmp_path / "out.onnx"
-    report = rewrite(
+    report = rewrite_file(
         paths.model,
         out,
         passes=PASSES,
         crms="on",
         options=Options(target="tensorrt", trt_version="10.9"),
-        verification=VerifyOptions(inputs=paths.load_inputs()),
+        checks=VerifyOptions(inputs=paths.load_inputs()),
     )
     assert report.verification.ok
     model = onnx.load(out)
@@ -705,15 +704,15 @@ def test_every_pre_ln_export(corpus, tmp_path, name):
     options = Options(allow_hidden_state_change=name.startswith("gpt2hidden"))
     if name in REFUSED:
         with pytest.raises(NotApplied, match=REFUSED[name]):
-            rewrite(paths.model, out, passes=PASSES, crms="on", options=options, verification=None)
+            rewrite_file(paths.model, out, passes=PASSES, crms="on", options=options, verify=False)
         return
-    report = rewrite(
+    report = rewrite_file(
         paths.model,
         out,
         passes=PASSES,
         crms="on",
         options=options,
-        verification=VerifyOptions(inputs=paths.load_inputs()),
+        checks=VerifyOptions(inputs=paths.load_inputs()),
     )
     crms = next(p for p in report.passes if p.name == "preln-to-crmsnorm")
     assert crms.modified and any(crms.stats["width"] - 1 in w for w in _widths(out).values())

@@ -14,12 +14,19 @@ from onnx import TensorProto, helper
 from models.corpus import CORPUS
 from normopt.passes.base import Options
 from normopt.passes.preln_to_rmsnorm import PreLNToRMSNorm
-from normopt.rewrite import rewrite
 from normopt.rewriter import io, stream_plan
 from normopt.rewriter.graph import folded_value
 from normopt.rewriter.norms import find_norms
-from normopt.verify import VerifyOptions, compare_output
-from tests.helpers import annotate, assert_matches_reference, const, make_model, ort_run, tensor
+from normopt.verification import VerifyOptions, compare_output
+from tests.helpers import (
+    annotate,
+    assert_matches_reference,
+    const,
+    make_model,
+    ort_run,
+    rewrite_file,
+    tensor,
+)
 
 
 def recentred(result) -> dict[str, str]:
@@ -76,12 +83,12 @@ def test_every_stream_layernorm_becomes_rmsnorm(corpus, tmp_path, name, target):
         count = 1  # the parallel blocks' pairs stay (test_layernorm_ops_sharing_an_input_stay_...)
     out = tmp_path / "out.onnx"
     passes = ["preln-to-rmsnorm"] + (["canonicalize-norms"] if target == "ort" else [])
-    report = rewrite(
+    report = rewrite_file(
         paths.model,
         out,
         passes=passes,
         options=Options(target=target),
-        verification=VerifyOptions(inputs=paths.load_inputs()),
+        checks=VerifyOptions(inputs=paths.load_inputs()),
     )
     result = report.passes[0]
     assert result.modified and f"converted {count} LayerNorm(s)" in result.lines[0], result.refusals
@@ -148,12 +155,12 @@ def test_a_layernorm_op_between_layout_transposes_stays_unless_the_target_fuses_
         )
         == 5
     )
-    report = rewrite(
+    report = rewrite_file(
         corpus(name).model,
         tmp_path / "out.onnx",
         passes=["preln-to-rmsnorm"],
         options=Options(target="ort"),
-        verification=VerifyOptions(inputs=corpus(name).load_inputs()),
+        checks=VerifyOptions(inputs=corpus(name).load_inputs()),
     )
     assert report.passes[0].stats["converted"] == 1
 
@@ -173,12 +180,12 @@ def test_layernorm_ops_sharing_an_input_stay_unless_the_target_fuses_their_rmsno
     assert all(
         r.startswith("stays a LayerNormalization: another norm reads its input") for r in reasons
     )
-    report = rewrite(
+    report = rewrite_file(
         corpus(name).model,
         tmp_path / "out.onnx",
         passes=["preln-to-rmsnorm"],
         options=Options(target="ort"),
-        verification=VerifyOptions(inputs=corpus(name).load_inputs()),
+        checks=VerifyOptions(inputs=corpus(name).load_inputs()),
     )
     assert report.passes[0].stats["converted"] == 5
 
@@ -187,11 +194,11 @@ def test_post_ln_blocks_stay_and_the_embedding_norm_converts(corpus, tmp_path):
     """BERT: each block's LayerNorm writes the stream the next block's Q/K/V read, so those
     stay (each refusal names the reader); the embedding LayerNorm reads centrable tables."""
     paths = corpus("bert-ts17")
-    report = rewrite(
+    report = rewrite_file(
         paths.model,
         tmp_path / "out.onnx",
         passes=["preln-to-rmsnorm"],
-        verification=VerifyOptions(inputs=paths.load_inputs()),
+        checks=VerifyOptions(inputs=paths.load_inputs()),
     )
     result = report.passes[0]
     assert result.stats["converted"] == 1 and len(result.refusals) == 4
@@ -525,7 +532,7 @@ def test_fp16_copy_of_a_real_export(corpus, tmp_path, name):
         k: v.astype(np.float16) if v.dtype == np.float32 else v
         for k, v in paths.load_inputs().items()
     }
-    report = rewrite(src, tmp_path / "out.onnx", verification=VerifyOptions(inputs=feeds))
+    report = rewrite_file(src, tmp_path / "out.onnx", checks=VerifyOptions(inputs=feeds))
     assert "converted 5 LayerNorm(s)" in report.passes[0].lines[0]
     [check] = report.verification.outputs
     assert check.dtype == "float16" and check.ok and check.rtol == 1e-2 and check.max_rel < 5e-3

@@ -15,9 +15,8 @@ from models.corpus import CORPUS
 from normopt.passes.base import Options
 from normopt.passes.tensorrt_norms import TensorRTNorms
 from normopt.plugins.spec import ADD_RMS_NORM, DOMAIN, PLUGINS, RMS_NORM
-from normopt.rewrite import rewrite
-from normopt.verify import VerifyOptions
-from tests.helpers import const, make_model, run_pass, tensor
+from normopt.verification import VerifyOptions
+from tests.helpers import const, make_model, rewrite_file, run_pass, tensor
 
 rng = np.random.default_rng(0)
 
@@ -52,11 +51,11 @@ def test_every_corpus_model_rewritten_for_tensorrt_verifies_on_cpu(corpus, tmp_p
     10.9 has no RMSNormalization importer (plugins everywhere); 11.4 imports it (opset 23)."""
     paths = corpus(name)
     out = tmp_path / "out.onnx"
-    report = rewrite(
+    report = rewrite_file(
         paths.model,
         out,
         options=Options(target="tensorrt", trt_version=version),
-        verification=VerifyOptions(inputs=paths.load_inputs()),
+        checks=VerifyOptions(inputs=paths.load_inputs()),
     )
     assert report.verification.ok
     ops = _ops(out)
@@ -76,11 +75,11 @@ def test_llama_residual_adds_fuse_with_the_next_norm(corpus, tmp_path):
     the embedding)."""
     paths = corpus("llama-dyn18")
     out = tmp_path / "out.onnx"
-    report = rewrite(
+    report = rewrite_file(
         paths.model,
         out,
         options=Options(target="tensorrt", trt_version="10.9"),
-        verification=VerifyOptions(inputs=paths.load_inputs()),
+        checks=VerifyOptions(inputs=paths.load_inputs()),
     )
     ops = _ops(out)
     assert ops[f"{DOMAIN}:{ADD_RMS_NORM.op_type}"] == 4 and ops[f"{DOMAIN}:{RMS_NORM.op_type}"] == 1
@@ -158,11 +157,11 @@ def test_plugin_graphs_verify_through_their_reference(tmp_path, dtype):
     model, feeds = _rms_op(dtype=dtype, residual=True)
     src = tmp_path / "in.onnx"
     onnx.save(model, src)
-    report = rewrite(
+    report = rewrite_file(
         src,
         tmp_path / "out.onnx",
         options=Options(target="tensorrt", trt_version="10.9"),
-        verification=VerifyOptions(inputs=feeds),
+        checks=VerifyOptions(inputs=feeds),
     )
     assert (
         report.verification.ok
@@ -177,7 +176,7 @@ def test_fp16_layernorms_compute_in_fp32_and_err_no_more_than_the_original(corpu
     the fp16 original's."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from normopt.verify import run_ort
+    from normopt.sessions import run_ort
 
     paths = corpus(name)
     src = tmp_path / "fp16.onnx"
@@ -187,11 +186,11 @@ def test_fp16_layernorms_compute_in_fp32_and_err_no_more_than_the_original(corpu
         for k, v in paths.load_inputs().items()
     }
     out = tmp_path / "out.onnx"
-    rewrite(
+    rewrite_file(
         src,
         out,
         options=Options(target="tensorrt", trt_version="10.9"),
-        verification=VerifyOptions(inputs=feeds),
+        checks=VerifyOptions(inputs=feeds),
     )
     graph = onnx.load(out).graph
     producers = {o: n for n in graph.node for o in n.output}

@@ -6,9 +6,10 @@ import onnx
 import onnx_ir as ir
 import pytest
 
+from normopt import files
 from normopt.errors import BadInput
 from normopt.rewriter import io
-from normopt.verify import run_ort
+from normopt.sessions import run_ort
 from tests.helpers import mlp, save
 
 
@@ -31,7 +32,7 @@ def test_save_round_trip_keeps_storage_kind_and_function(tmp_path, external):
     model = io.load(src)
     dst = tmp_path / "out" / "r.onnx"
     dst.parent.mkdir()
-    io.save(model, dst, external_data=io.uses_external_data(model))
+    files.save(model, dst, external_data=io.uses_external_data(model))
     assert (dst.parent / "r.onnx.data").exists() == external
     assert sorted(os.listdir(dst.parent)) == (["r.onnx", "r.onnx.data"] if external else ["r.onnx"])
     x = {"x": np.ones((3, 8), np.float32)}
@@ -41,7 +42,7 @@ def test_save_round_trip_keeps_storage_kind_and_function(tmp_path, external):
 def test_large_models_are_written_with_external_data(tmp_path, monkeypatch):
     monkeypatch.setattr(io, "EMBEDDED_LIMIT_BYTES", 100)
     model = io.load(save(mlp(), tmp_path / "m.onnx"))
-    io.save(model, tmp_path / "big.onnx", external_data=False)
+    files.save(model, tmp_path / "big.onnx", external_data=False)
     assert (tmp_path / "big.onnx.data").exists()
 
 
@@ -53,7 +54,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ir, "save", broken)
     with pytest.raises(BadInput, match="cannot write .*out.onnx': disk full"):  # one line, exit 2
-        io.save(model, tmp_path / "out.onnx", external_data=True)
+        files.save(model, tmp_path / "out.onnx", external_data=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
@@ -61,7 +62,7 @@ def test_discarded_stage_leaves_destination_untouched(tmp_path):
     model = io.load(save(mlp(), tmp_path / "m.onnx"))
     dst = tmp_path / "out.onnx"
     dst.write_bytes(b"previous")
-    staged = io.stage(model, dst, external_data=True)
+    staged = files.stage(model, dst, external_data=True)
     assert staged.path.exists() and dst.read_bytes() == b"previous"
     staged.discard()
     assert dst.read_bytes() == b"previous"
@@ -75,7 +76,7 @@ def test_in_place_save_over_memory_mapped_external_data(tmp_path):
     before = run_ort(path, x)["y"]
     # The helper names the data file m.onnx.data, the name `stage` writes: this really replaces it.
     model = io.load(path)
-    io.save(model, path, external_data=True)
+    files.save(model, path, external_data=True)
     np.testing.assert_array_equal(run_ort(path, x)["y"], before)
 
 
@@ -153,14 +154,14 @@ def test_load_never_writes_the_input(tmp_path):
     path = save(mlp(), tmp_path / "m.onnx", external=True)
     before = {p.name: digest(p) for p in tmp_path.iterdir()}
     model = io.load(path)
-    io.save(model, tmp_path / "o.onnx", external_data=True)
+    files.save(model, tmp_path / "o.onnx", external_data=True)
     assert {p.name: digest(p) for p in tmp_path.iterdir() if p.name.startswith("m.")} == before
 
 
 def test_stage_reports_progress_per_external_tensor(tmp_path):
     model = io.load(save(mlp(d=64), tmp_path / "m.onnx"))
     calls = []
-    io.stage(
+    files.stage(
         model, tmp_path / "o.onnx", external_data=True, progress=lambda i, n: calls.append((i, n))
     ).commit()
     # w1 and w2 (16 KiB each) go external; the 256-byte bias stays under the 1 KiB threshold.
@@ -216,8 +217,8 @@ def test_an_embedded_model_written_a_tensor_at_a_time_is_what_onnx_ir_would_writ
     src = save(proto, tmp_path / "m.onnx")
     model = io.load(src)
     written = tmp_path / "streamed.onnx"
-    io.save(model, written, external_data=False)
-    with io._undescribed_initializers(model):  # what io.stage hands onnx-ir's save
+    files.save(model, written, external_data=False)
+    with io._undescribed_initializers(model):  # what io.write hands onnx-ir's save
         expected = ir.serde.serialize_model(model)
     got = onnx.load(str(written))
     assert [t.name for t in got.graph.initializer] == ["w1", "b1", "w2"]
@@ -236,7 +237,7 @@ def test_an_initializer_with_a_quantization_annotation_is_saved_by_onnx_ir_and_k
     note.quant_parameter_tensor_names.add(key="SCALE_TENSOR", value="b1")
     model = io.load(save(proto, tmp_path / "m.onnx"))
     assert not io._streamable(model)
-    io.save(model, tmp_path / "o.onnx", external_data=False)
+    files.save(model, tmp_path / "o.onnx", external_data=False)
     saved = onnx.load(str(tmp_path / "o.onnx")).graph.quantization_annotation
     assert [(a.tensor_name, a.quant_parameter_tensor_names[0].value) for a in saved] == [
         ("w2", "b1")

@@ -5,8 +5,8 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper
 
+from normopt import files
 from normopt.passes.pipeline import DEFAULT_PIPELINE, run_pipeline
-from normopt.rewriter import io
 from normopt.rewriter.shapes import annotated
 from tests.helpers import const, make_model, ort_run, tensor
 
@@ -30,7 +30,9 @@ def test_annotations_are_taken_back_and_refine_only_what_is_missing(tmp_path):
         assert list(y.shape)[1] == 3  # a symbolic dim inference knows as a number
     assert h.type is None and h.shape is None
     assert [str(d) for d in y.shape] == ["batch", "n"]  # the model's own output type again
-    io.save(model, tmp_path / "out.onnx", external_data=False)  # initializers as IN described them
+    files.save(
+        model, tmp_path / "out.onnx", external_data=False
+    )  # initializers as IN described them
     assert onnx.load(str(tmp_path / "out.onnx")).graph == proto.graph
 
 

@@ -27,12 +27,15 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from normopt.errors import BadInput
+from normopt import files
+from normopt.errors import BadInput, InternalError
+from normopt.files import Transaction, temp_folder
 from normopt.passes.convbn_tune import tune_records
 from normopt.rewriter import io
 from normopt.rewriter.edit import Editor
 from normopt.rewriter.graph import default_opset
 from normopt.schema import document
+from normopt.sessions import run_ort_all
 
 STATS = ("torch", "pooled")
 
@@ -272,7 +275,7 @@ def calibration_batches(
     """Batches of `batch_size` samples (the last one may be smaller) from an .npz of arrays
     with a leading sample axis, or from every .npz in a folder (in name order), each file
     checked against the model's inputs; at most `limit` batches."""
-    from normopt.verify import check_feeds
+    from normopt.inputs import check_feeds
 
     files = [data] if data.is_file() else sorted(data.glob("*.npz")) if data.is_dir() else []
     if not files:
@@ -365,8 +368,6 @@ def recalibrate(
 ) -> RecalibrateReport:
     """Write `src` with every BatchNorm's running mean and variance re-estimated on `data` to
     `dst` (never over an input file)."""
-    from normopt.verify import run_ort_all
-
     src, dst, data = Path(src), Path(dst), Path(data)
     step = on_step or (lambda _m: None)
     if batch_size < 1 or (batches is not None and batches < 1):
@@ -375,71 +376,99 @@ def recalibrate(
         raise BadInput(f"--stats takes {' or '.join(STATS)}, not '{stats}'")
     report = RecalibrateReport(str(src), str(dst), str(data), stats, batch_size)
     start = time.perf_counter()
-    guard = io.Guard()
-    io.check_readable_file(src)
-    for path in io.model_files(src):
-        guard.protect(path, "input model" if path == src else "input data file")
-    for path in [data, *(data.glob("*.npz") if data.is_dir() else [])]:
-        guard.protect(path, "--data file")
-    if dst.is_dir():
-        raise BadInput(f"output '{dst}' is a directory; give a file path")
-    io.check_writable_folder(dst)
-    guard.check(dst, "output")
+    with Transaction() as transaction:
+        io.check_readable_file(src)
+        transaction.protect_model(src)
+        for path in [data, *(data.glob("*.npz") if data.is_dir() else [])]:
+            transaction.protect(path, "--data file")
+        transaction.output(dst)
+        model = io.load(src)
+        external = io.uses_external_data(model)
+        sites = find_sites(model)
+        before = {
+            s.name: (
+                s.mean.name,
+                s.var.name,
+                s.epsilon,
+                s.mean.const_value.numpy().astype(np.float64),
+                s.var.const_value.numpy().astype(np.float64),
+            )
+            for s in sites
+        }
+        spec = _input_spec(model)
+        batches_of = calibration_batches(data, spec, batch_size, batches)
+        names = calibration_model(model, sites)
+        with temp_folder(dst) as tmp:
+            calibrating = tmp / "calibration.onnx"
+            files.save(model, calibrating, external_data=True)
+            del model
+            moments, first = _calibrate(calibrating, sites, names, batches_of, spec, report, step)
+        step(f"writing {dst.name}")
+        out = io.load(src)
+        _update(out, before, moments, stats, report)
+        staged = transaction.stage(out, dst, external_data=external)
+        del out
+        if first is not None:
+            step("measuring the outputs' drift")
+            report.drift = _drift(src, staged.path, first, spec)
+        transaction.commit(staged)
+    report.written = True
+    report.seconds["total"] = time.perf_counter() - start
+    return report
 
-    io.remove_stale_temps(dst.parent)
-    model = io.load(src)
-    external = io.uses_external_data(model)
-    sites = find_sites(model)
-    before = {
-        s.name: (
-            s.mean.name,
-            s.var.name,
-            s.epsilon,
-            s.mean.const_value.numpy().astype(np.float64),
-            s.var.const_value.numpy().astype(np.float64),
-        )
-        for s in sites
-    }
-    spec = _input_spec(model)
+
+def _calibrate(
+    path: Path,
+    sites: list[Site],
+    names: list[tuple[str, str, str]],
+    batches: Iterator[dict[str, np.ndarray]],
+    spec: ir.Model,
+    report: RecalibrateReport,
+    step: Callable[[str], None],
+) -> tuple[dict[str, Moments], dict[str, np.ndarray] | None]:
+    """Every BatchNorm's moments over the batches, streamed through the calibration model at
+    `path`; and the first batch (what the drift is measured on)."""
     spec_inputs = {v.name for v in spec.graph.inputs}
-    data_iter = calibration_batches(data, spec, batch_size, batches)
-    names = calibration_model(model, sites)
     moments = {s.name: Moments() for s in sites}
     first: dict[str, np.ndarray] | None = None
-    with io.temp_folder(dst) as tmp:
-        calibrating = tmp / "calibration.onnx"
-        io.save(model, calibrating, external_data=True)
-        del model
-        session = _session(calibrating)
-        t0 = time.perf_counter()
-        for batch in data_iter:
-            first = first if first is not None else batch
-            step(f"calibrating: batch {report.batches + 1} ({report.samples} samples so far)")
-            outputs = session.run(
-                [n for triple in names for n in triple],
-                {k: v for k, v in batch.items() if k in spec_inputs},
-            )
-            for i, site in enumerate(sites):
-                mean, var, size = outputs[3 * i : 3 * i + 3]
-                n = int(size) // mean.size
-                if n < 2:
-                    raise BadInput(
-                        f"a batch gives BatchNormalization '{site.name}' {n} value per channel: "
-                        "a variance needs 2 or more (use a larger --batch-size)"
-                    )
-                moments[site.name].add(mean, var, n)
-            report.batches += 1
-            report.samples += len(next(iter(batch.values())))
-        report.seconds["calibration"] = time.perf_counter() - t0
-        del session
+    session = _session(path)
+    t0 = time.perf_counter()
+    for batch in batches:
+        first = first if first is not None else batch
+        step(f"calibrating: batch {report.batches + 1} ({report.samples} samples so far)")
+        outputs = session.run(
+            [n for triple in names for n in triple],
+            {k: v for k, v in batch.items() if k in spec_inputs},
+        )
+        for i, site in enumerate(sites):
+            mean, var, size = outputs[3 * i : 3 * i + 3]
+            n = int(size) // mean.size
+            if n < 2:
+                raise BadInput(
+                    f"a batch gives BatchNormalization '{site.name}' {n} value per channel: "
+                    "a variance needs 2 or more (use a larger --batch-size)"
+                )
+            moments[site.name].add(mean, var, n)
+        report.batches += 1
+        report.samples += len(next(iter(batch.values())))
+    report.seconds["calibration"] = time.perf_counter() - t0
+    return moments, first
 
-    step(f"writing {dst.name}")
-    out = io.load(src)
+
+def _update(
+    model: ir.Model,
+    before: dict[str, tuple],
+    moments: dict[str, Moments],
+    stats: str,
+    report: RecalibrateReport,
+) -> None:
+    """The named running-statistics initializers of `model` set to the new moments; each
+    layer's change recorded in the report."""
     for name, (mean_name, var_name, eps, old_mean, old_var) in before.items():
         mean, var = moments[name].result(stats)
         for value, array in (
-            (out.graph.initializers[mean_name], mean),
-            (out.graph.initializers[var_name], var),
+            (model.graph.initializers[mean_name], mean),
+            (model.graph.initializers[var_name], var),
         ):
             dtype = value.const_value.dtype.numpy()
             value.const_value = ir.Tensor(
@@ -456,30 +485,24 @@ def recalibrate(
                 "var_ratio_max": float(np.max((var + eps) / (old_var + eps))),
             }
         )
-    staged = io.stage(out, dst, external_data=external, guard=guard)
-    del out
-    try:
-        if first is not None:
-            step("measuring the outputs' drift")
-            feeds = {k: v for k, v in first.items() if k in spec_inputs}
-            a, b = run_ort_all(src, [feeds])[0], run_ort_all(staged.path, [feeds])[0]
-            for name, ref in a.items():
-                diff = np.abs(b[name].astype(np.float64) - ref.astype(np.float64))
-                scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-                report.drift.append(
-                    {
-                        "output": name,
-                        "max_abs": float(diff.max()) if diff.size else 0.0,
-                        "max_rel": float(diff.max()) / scale if diff.size and scale else None,
-                    }
-                )
-        staged.commit()
-    except BaseException:
-        staged.discard()
-        raise
-    report.written = True
-    report.seconds["total"] = time.perf_counter() - start
-    return report
+
+
+def _drift(src: Path, staged: Path, batch: dict[str, np.ndarray], spec: ir.Model) -> list[dict]:
+    """How far each output moved on `batch`, recalibrated against the original."""
+    feeds = {k: v for k, v in batch.items() if k in {v.name for v in spec.graph.inputs}}
+    a, b = run_ort_all(src, [feeds])[0], run_ort_all(staged, [feeds])[0]
+    drift = []
+    for name, ref in a.items():
+        diff = np.abs(b[name].astype(np.float64) - ref.astype(np.float64))
+        scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+        drift.append(
+            {
+                "output": name,
+                "max_abs": float(diff.max()) if diff.size else 0.0,
+                "max_rel": float(diff.max()) / scale if diff.size and scale else None,
+            }
+        )
+    return drift
 
 
 def _input_spec(model: ir.Model) -> ir.Model:
@@ -494,15 +517,11 @@ def _input_spec(model: ir.Model) -> ir.Model:
 
 
 def _session(path: Path):
-    import onnxruntime as ort
+    from normopt.sessions import ModelRunError, check_session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        from normopt.errors import InternalError
-
+        return check_session(path)
+    except ModelRunError as exc:
         raise InternalError(
             f"the calibration model does not load in onnxruntime (a bug in normopt): {exc}"
         ) from None

@@ -1,6 +1,8 @@
 """What `normopt inspect` reports: the model, its operators, and which passes would apply.
 
-Analysis only: each pass is asked for its plan, never run.
+Analysis: each pass is asked for its plan, not run. One question needs a run: on a Pre-LN
+model, would the stream carry d-1 coordinates after preln-to-rmsnorm? That pass then runs on
+normopt's own loaded copy (never on a caller's in-memory model; nothing is written).
 """
 
 from __future__ import annotations

@@ -1,0 +1,152 @@
+"""The command-line application: the Typer app, the error contract, progress, JSON output.
+
+Results go to stdout: tables, or with --json one JSON document (normopt.schema; also on an
+error, then with `error` and `exit_code`); --report FILE writes the same document to a file.
+Progress, warnings and errors go to stderr. Exit codes are in normopt.errors. User errors print
+one line and never a traceback (--debug shows it). Without a terminal, output is full width
+(nothing cut to 80 columns) and progress is a periodic line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import json
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from normopt import __version__
+from normopt.errors import NormoptError
+from normopt.schema import document
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Exact norm rewrites for ONNX graphs.",
+)
+
+
+def _console(stderr: bool = False) -> Console:
+    """Rich on a terminal; without one (CI logs, pipes) the same text at full width: nothing is
+    cut to 80 columns ("hidden_s…"), whatever COLUMNS says."""
+    console = Console(stderr=stderr, soft_wrap=True)
+    return console if console.is_terminal else Console(stderr=stderr, soft_wrap=True, width=100_000)
+
+
+out = _console()
+err = _console(stderr=True)
+HEARTBEAT_S = 10.0
+INTERNAL_ERROR = 4
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where Python runs next, so every cleanup runs as for Ctrl-C."""
+
+
+def _on_sigterm(_signum, _frame) -> None:
+    raise Terminated()
+
+
+def command(fn: Callable) -> Callable:
+    """Register a command whose NormoptErrors become one line on stderr and an exit code (with
+    --json, stdout still holds one document: the error's report where it has one)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, _context: typer.Context, **kwargs):
+        debug = bool((_context.find_root().obj or {}).get("debug"))
+        try:
+            return fn(*args, **kwargs)
+        except NormoptError as exc:
+            if debug:
+                raise
+            err.print(f"normopt: error: {exc}", markup=False, highlight=False)
+            if kwargs.get("json_out"):
+                report = getattr(exc, "report", None)
+                print_json(
+                    report.to_json()
+                    if report is not None
+                    else document(fn.__name__, {}, exit_code=exc.exit_code, error=str(exc))
+                )
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("normopt: interrupted")
+            raise typer.Exit(130) from None
+        except Terminated:
+            err.print("normopt: terminated")
+            raise typer.Exit(143) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:
+            if debug:
+                raise
+            err.print(
+                f"normopt: internal error: {type(exc).__name__}: {exc} "
+                "(a bug in normopt; rerun with --debug for the traceback)",
+                markup=False,
+                highlight=False,
+            )
+            raise typer.Exit(INTERNAL_ERROR) from None
+
+    signature = inspect.signature(fn, eval_str=True)
+    context = inspect.Parameter(
+        "_context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context
+    )
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), context])
+    return app.command()(wrapper)
+
+
+@contextlib.contextmanager
+def progress(first: str) -> Iterator[Callable[[str], None]]:
+    """A spinner on stderr naming the current step; without a terminal, a line on stderr every
+    HEARTBEAT_S seconds naming the step still running (a quick run, or a quick error, prints
+    none: an error stays one line)."""
+    if err.is_terminal:
+        with err.status(first) as status:
+            yield lambda msg: status.update(msg)
+        return
+    current, done, start = [first], threading.Event(), time.monotonic()
+
+    def heartbeat() -> None:
+        while not done.wait(HEARTBEAT_S):
+            err.print(
+                f"normopt: {current[0]} ({time.monotonic() - start:.0f} s)",
+                markup=False,
+                highlight=False,
+            )
+
+    thread = threading.Thread(target=heartbeat, daemon=True)
+    thread.start()
+    try:
+        yield lambda msg: current.__setitem__(0, msg)
+    finally:
+        done.set()
+        thread.join()
+
+
+def print_json(doc: dict) -> None:
+    typer.echo(json.dumps(doc, indent=2))
+
+
+@app.callback(invoke_without_command=True)
+def _main(
+    context: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+) -> None:
+    context.obj = {"debug": debug}
+    if version:
+        out.print(f"normopt {__version__}")
+        raise typer.Exit(0)
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    app(prog_name="normopt")

@@ -1,0 +1,268 @@
+"""What the commands print: tables on stdout, failing checks and notes on stderr."""
+
+from __future__ import annotations
+
+from rich.markup import escape
+from rich.table import Table
+
+from normopt.cli.application import err, out
+
+
+def dims_text(dims: list | None) -> str:
+    """`[batch, 8]`; `?` for an unknown shape or an unnamed dim."""
+    return (
+        "?" if dims is None else "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+    )
+
+
+def fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def verify_table(report) -> Table:
+    table = Table(title=f"{report.model_a}  vs  {report.model_b}")
+    for col in (
+        "output",
+        "dtype",
+        "shape",
+        "max abs",
+        "max rel",
+        "cosine",
+        "tol (rtol, atol)",
+        "own noise",
+        "ok",
+    ):
+        table.add_column(col)
+    for o in report.outputs:
+        tol = "exact" if o.rtol is None else f"{o.rtol:g}, {o.atol:g}"
+        status = (
+            f"[yellow]changed[/] ({escape(o.skipped)})"
+            if o.skipped
+            else "[green]ok[/] (within the original's own noise)"
+            if o.within_noise
+            else "[green]ok[/]"
+            if o.ok
+            else f"[red]FAIL[/] {escape(o.problem or '')}"
+        )
+        table.add_row(
+            escape(o.name),
+            o.dtype,
+            str(o.shape),
+            fmt(o.max_abs),
+            fmt(o.max_rel),
+            fmt(o.cosine),
+            tol,
+            fmt(o.noise),
+            status,
+        )
+    return table
+
+
+def warn_note(report) -> None:
+    if report.note:
+        err.print(f"normopt: warning: {report.note}", markup=False, highlight=False)
+
+
+def inspection(info: dict, title: str) -> None:
+    """`normopt inspect`'s tables."""
+    summary = Table(title=escape(title), show_header=False)
+    for key, value in info["model"].items():
+        if key in ("inputs", "outputs"):
+            value = ", ".join(
+                f"{v['name']} {v['dtype'] or '?'} {dims_text(v['shape'])}" for v in value
+            )
+        summary.add_row(key, escape(str(value)))
+    out.print(summary)
+    ops = Table(title="operators")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, count in info["operators"].items():
+        ops.add_row(op, str(count))
+    out.print(ops)
+    norms = Table(title=f"norms ({len(info['norms'])})")
+    for col in ("kind", "form", "axis", "epsilon", "dtype", "compute", "scale", "bias", "where"):
+        norms.add_column(col)
+    for n in info["norms"]:
+        eps = "-" if n["epsilon"] is None else f"{n['epsilon']:.3g}"
+        norms.add_row(
+            n["kind"],
+            n["form"],
+            str(n["axis"]),
+            eps,
+            str(n["dtype"]),
+            str(n["compute_dtype"]),
+            "yes" if n["scale"] else "no",
+            "yes" if n["bias"] else "no",
+            n["nodes"][0],
+        )
+    out.print(norms)
+    out.print(
+        f"architecture: [bold]{info['architecture']}[/] ({'; '.join(info['architecture_reasons'])})"
+    )
+    table = Table(title="passes")
+    for col in ("pass", "applies", "reason"):
+        table.add_column(col)
+    for name, p in info["passes"].items():
+        table.add_row(name, "[green]yes[/]" if p["applies"] else "no", escape(p["reason"]))
+    out.print(table)
+    crms = info["crms"]
+    after = f" after {crms['after']}" if crms["after"] else ""
+    out.print(
+        f"Pre-CRMSNorm (rewrite --crms on|auto){after}: {'applies' if crms['applies'] else 'no'}: "
+        f"{crms['reason']}",
+        markup=False,
+        highlight=False,
+    )
+
+
+def rewrite_result(result, explain: bool, timings: bool, threads: int, stdout: bool) -> None:
+    """The tables (on stdout unless --json took it); a failing check and notes on stderr."""
+    if stdout:
+        if result.passes:
+            _rewrite_table(result, explain)
+        if result.verification is not None:
+            out.print(verify_table(result.verification))
+        if result.crms is not None:
+            out.print(
+                f"--crms auto ({result.crms.backend}, {threads} threads): RMS "
+                f"{result.crms.rms.text()} x original; "
+                f"{result.crms.why}",
+                markup=False,
+                highlight=False,
+            )
+        if result.guard is not None:
+            out.print(
+                f"speed guard ({result.guard.backend}, {threads} threads): {result.guard.verdict}",
+                markup=False,
+                highlight=False,
+            )
+        if timings:
+            timings_table(result.seconds)
+    if result.verification is not None:
+        if not result.verification.ok:  # a failing check belongs in the error log too
+            err.print(verify_table(result.verification))
+        warn_note(result.verification)
+
+
+def timings_table(seconds: dict[str, float]) -> None:
+    table = Table(title="timings (seconds; an indented step is part of the next one that is not)")
+    table.add_column("step")
+    table.add_column("s", justify="right")
+    table.add_column("share", justify="right")
+    total = seconds.get("total") or 1.0
+    for step, s in seconds.items():
+        inner = step.startswith(("load: ", "pass ", "shape annotation"))
+        table.add_row(("  " if inner else "") + step, f"{s:.3f}", f"{100 * s / total:.0f}%")
+    out.print(table)
+
+
+def _rewrite_table(result, explain: bool) -> None:
+    table = Table(title=f"rewrite {result.input} -> {result.output}")
+    for col in ("pass", "applied", "what changed / why not"):
+        table.add_column(col)
+    for p in result.passes:
+        if p.modified:
+            table.add_row(p.name, "[green]yes[/]", escape("\n".join(p.lines)))
+        else:
+            first = p.refusals[0] if p.refusals else None
+            table.add_row(
+                p.name,
+                "no",
+                escape(f"{first.candidate}: {first.reason}") if first else "nothing to do",
+            )
+    out.print(table)
+    before, after = sum(result.nodes_before.values()), sum(result.nodes_after.values())
+    out.print(f"nodes: {before} -> {after}")
+    if explain:
+        refusals = Table(title="refusals")
+        for col in ("pass", "candidate", "reason"):
+            refusals.add_column(col)
+        for p in result.passes:
+            for r in p.refusals:
+                refusals.add_row(p.name, escape(r.candidate), escape(r.reason))
+        out.print(refusals if refusals.row_count else "no refusals")
+        changes = Table(title="changes")
+        for col in ("pass", "kind", "what", "nodes", "values", "why"):
+            changes.add_column(col)
+        for p in result.passes:
+            for c in p.changes:
+                changes.add_row(
+                    p.name,
+                    c.kind,
+                    escape(c.what),
+                    escape(", ".join(c.nodes)),
+                    escape(", ".join(c.values)),
+                    escape(c.why),
+                )
+        out.print(changes if changes.row_count else "no changes")
+
+
+def profile_tables(report) -> None:
+    first = report.models[0]
+    table = Table(
+        title=f"latency, {report.environment['backend']}, {report.environment['threads']} threads, "
+        f"{report.summary[first]['runs']} interleaved runs each"
+    )
+    for col in ("model", "median ms", "p90", "p99", "mean", "std", "samples/s", "x first (paired)"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for n in report.models:
+        s = report.summary[n]
+        table.add_row(
+            escape(n),
+            f"{s['median_ms']:.3f}",
+            f"{s['p90_ms']:.3f}",
+            f"{s['p99_ms']:.3f}",
+            f"{s['mean_ms']:.3f}",
+            f"{s['std_ms']:.3f}",
+            f"{s['throughput_per_s']:.1f}",
+            f"{s['ratio']:.3f}",
+        )
+    out.print(table)
+    ops = Table(title="time per op type (ms per run, share of the model's op time)")
+    ops.add_column("op")
+    for i, _ in enumerate(report.models):
+        ops.add_column(f"model {i + 1}", justify="right")
+    totals = {n: sum(report.ops[n].values()) or 1.0 for n in report.models}
+    names = sorted(
+        {op for n in report.models for op in report.ops[n]},
+        key=lambda op: -max(report.ops[n].get(op, 0.0) for n in report.models),
+    )
+    for op in names[:15]:
+        ops.add_row(
+            op,
+            *(
+                f"{report.ops[n].get(op, 0.0):.3f} "
+                f"({100 * report.ops[n].get(op, 0.0) / totals[n]:.1f}%)"
+                for n in report.models
+            ),
+        )
+    norm_ms = report.norms_ms
+    ops.add_row(
+        "[bold]all norms[/] (fused ops, and decomposed norms' nodes)",
+        *(f"{norm_ms[n]:.3f} ({100 * norm_ms[n] / totals[n]:.1f}%)" for n in report.models),
+    )
+    out.print(ops)
+
+
+def recalibration(result) -> None:
+    """`normopt recalibrate`'s tables."""
+    layers = Table(
+        title=f"recalibrated {len(result.layers)} BatchNorm(s) on {result.samples} samples "
+        f"({result.batches} batches, --stats {result.stats})"
+    )
+    for col in ("BatchNorm", "channels", "max mean shift (old stds)", "var ratio new/old"):
+        layers.add_column(col)
+    for layer in result.layers:
+        layers.add_row(
+            escape(layer["name"]),
+            str(layer["channels"]),
+            f"{layer['mean_shift_max']:.3g}",
+            f"{layer['var_ratio_min']:.3g} .. {layer['var_ratio_max']:.3g}",
+        )
+    out.print(layers)
+    drift = Table(title="outputs on the first calibration batch, recalibrated vs original")
+    for col in ("output", "max abs change", "relative to its scale"):
+        drift.add_column(col)
+    for d in result.drift:
+        drift.add_row(escape(d["output"]), fmt(d["max_abs"]), fmt(d["max_rel"]))
+    out.print(drift)

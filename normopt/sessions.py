@@ -1,0 +1,175 @@
+"""Every onnxruntime session normopt makes: for checking (verify, recalibrate, the tests) and
+for timing (profile, the speed guard, --crms auto).
+
+A check session runs on CPU without graph optimizations (ORT_DISABLE_ALL: onnxruntime's own
+fusions can neither hide nor cause a difference; `optimized` turns them all on, for the noise
+probe). A graph that uses normopt's TensorRT plugin domain is lowered first to the plugins'
+float64 references (normopt.lowering), decided from the graph's domains. A timing
+session uses ORT_ENABLE_ALL, fixed intra-op threads, one inter-op thread and no spinning.
+onnxruntime is imported inside these functions: it is heavy, and `inspect` never needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from normopt.errors import BadInput
+from normopt.plugins.spec import DOMAIN as PLUGIN_DOMAIN
+from normopt.rewriter.io import first_line
+
+BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt")
+
+
+class ModelRunError(BadInput):
+    """onnxruntime could not load or run `path` (which model failed decides the exit code;
+    `running`: it loaded, and failed on the inputs)."""
+
+    def __init__(self, path: str | os.PathLike, message: str, running: bool = False) -> None:
+        super().__init__(message)
+        self.path = Path(path)
+        self.running = running
+
+
+def ort_message(exc: Exception) -> str:
+    """ORT's message without its status prefix and C++ source location."""
+    line = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first_line(exc))
+    return re.sub(r"\S*onnxruntime_src\S* (\S+\(.*?\) )?", "", line)
+
+
+def uses_plugins(path: str | os.PathLike) -> bool:
+    """Whether the graph has a node of normopt's plugin domain (read without external data)."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # unreadable: onnxruntime says why when it loads the file
+        return False
+    return any(n.domain == PLUGIN_DOMAIN for n in proto.graph.node)
+
+
+def check_session(path: str | os.PathLike, optimized: bool = False):
+    """A CPU session for checking outputs (see the module docstring)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimized
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types, all one-line worthy
+        reason = ort_message(exc)
+        if "Could not find an implementation" in reason:
+            reason += (
+                " (onnxruntime's CPU build has no kernel for it in this dtype, e.g. bfloat16;"
+                " verification is impossible there: rewrite with --no-verify)"
+            )
+        raise ModelRunError(path, f"onnxruntime cannot load '{path}': {reason}") from None
+
+
+def run_ort(path: str | os.PathLike, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run a model once on ORT CPU without graph optimizations; outputs by name."""
+    return run_ort_all(path, [feeds])[0]
+
+
+def run_ort_all(
+    path: str | os.PathLike, feed_sets: list[Mapping[str, np.ndarray]], optimized: bool = False
+) -> list[dict[str, np.ndarray]]:
+    """Run a model on each input set in one check session; outputs by name."""
+    with _runnable(Path(path)) as runnable:
+        session = check_session(runnable, optimized)
+        try:
+            names = [o.name for o in session.get_outputs()]
+            return [dict(zip(names, session.run(names, dict(feeds)))) for feeds in feed_sets]
+        except Exception as exc:
+            raise ModelRunError(
+                path, f"onnxruntime failed to run '{path}': {ort_message(exc)}", running=True
+            ) from None
+
+
+@contextmanager
+def _runnable(path: Path) -> Iterator[Path]:
+    """`path`, or for a --target tensorrt graph a copy with its plugin nodes lowered to their
+    float64 references, in a temporary folder beside it."""
+    if not uses_plugins(path):
+        yield path
+        return
+    from normopt.files import save, temp_folder
+    from normopt.lowering import lower
+    from normopt.rewriter import io
+
+    model = io.load(path)
+    if not lower(model):
+        raise ModelRunError(
+            path,
+            f"onnxruntime cannot load '{path}': it uses domain '{PLUGIN_DOMAIN}' but no "
+            "normopt plugin op",
+        )
+    with temp_folder(path) as folder:
+        lowered = folder / "lowered.onnx"
+        save(model, lowered, external_data=io.uses_external_data(model))
+        del model
+        yield lowered
+
+
+def _providers(backend: str) -> list[str]:
+    import onnxruntime as ort
+
+    if backend == "ort-cpu":
+        return ["CPUExecutionProvider"]
+    if backend == "ort-cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BadInput(
+                "--backend ort-cuda needs onnxruntime-gpu and a CUDA GPU "
+                "(pip install 'normopt[gpu]'); this onnxruntime has "
+                f"{', '.join(ort.get_available_providers())}"
+            )
+        return ["CUDAExecutionProvider"]
+    try:
+        import tensorrt  # noqa: F401  (imported lazily: an optional extra)
+    except ImportError:
+        raise BadInput(
+            "--backend tensorrt needs TensorRT (pip install 'normopt[tensorrt]'), "
+            "which is not installed here"
+        ) from None
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        raise BadInput(
+            "--backend tensorrt needs onnxruntime built with the TensorRT execution provider"
+        )
+    return ["TensorrtExecutionProvider"]
+
+
+def timing_session(
+    path: str | os.PathLike,
+    backend: str = "ort-cpu",
+    threads: int = 2,
+    profile_prefix: str | None = None,
+):
+    """A session set up for timing (see the module docstring)."""
+    import onnxruntime as ort
+
+    if backend not in BACKENDS:
+        raise BadInput(f"--backend must be one of {', '.join(BACKENDS)}, not '{backend}'")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    try:
+        return ort.InferenceSession(str(path), opts, providers=_providers(backend))
+    except BadInput:
+        raise
+    except Exception as exc:
+        raise BadInput(f"onnxruntime cannot load '{path}': {first_line(exc)}") from None
