@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from normopt.profiler import norm_nodes  # noqa: F401  (re-exported)
 from normopt.profiling import (
     CONTROL,
     Figure,
@@ -21,7 +22,6 @@ from normopt.profiling import (
     compare,
     node_breakdown,
     norm_ms,
-    norm_nodes,
 )  # noqa: F401  (re-exported)
 from normopt.profiling import environment as _environment
 

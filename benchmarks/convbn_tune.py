@@ -57,8 +57,8 @@ def main() -> int:
     from rich.table import Table
 
     from models.corpus import build
-    from normopt.calibration import recalibrate
     from normopt.passes.base import Options
+    from normopt.recalibration import recalibrate
     from normopt.verification import VerifyOptions
 
     parser = timing_parser(__doc__)

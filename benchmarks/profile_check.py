@@ -46,7 +46,7 @@ def main() -> int:
     from common import rewrite_file
 
     from models.corpus import build
-    from normopt.profiling import profile
+    from normopt.profiler import profile
     from normopt.verification import VerifyOptions
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

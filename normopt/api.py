@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     import numpy as np
 
-    from normopt.calibration import RecalibrateReport
     from normopt.driver import RewriteReport
-    from normopt.profiling import ProfileReport
+    from normopt.profiler import ProfileReport
+    from normopt.recalibration import RecalibrateReport
     from normopt.verification import VerifyReport
 
 ModelLike = TypeVar("ModelLike")  # str | os.PathLike | onnx.ModelProto | onnx_ir.Model
@@ -159,20 +159,39 @@ def rewrite(
     in-memory model comes back as the same kind. Returns (rewritten model, RewriteReport);
     `report.to_json()` is the CLI's --json document, also written to `report` when given.
     `on_step(message)` hears each step."""
-    from normopt.driver import rewrite as run
     from normopt.errors import BadInput
     from normopt.passes.base import Options
-    from normopt.request import RewriteRequest, Timing
+    from normopt.request import Timing
 
     if trt_version is not None and target != "tensorrt":
         raise BadInput("--trt-version goes with --target tensorrt")
     options = Options(
-        target=target,
-        allow_hidden_state_change=allow_hidden_state_change,
-        tune_params=tune_params,
-        trt_version=trt_version,
+        target, allow_hidden_state_change, tune_params=tune_params, trt_version=trt_version
     )
-    checks = _verify_options(inputs, dims, shapes, rtol, atol, seed, trials)
+    return _rewrite(
+        model,
+        output,
+        on_step,
+        passes=tuple(passes) if passes is not None else None,
+        options=options,
+        checks=_verify_options(inputs, dims, shapes, rtol, atol, seed, trials),
+        verify=verify,
+        timing=Timing(threads=threads),
+        speed_guard=speed_guard,
+        crms=crms,
+        require_change=require_change,
+        in_place=in_place,
+        report_path=Path(report) if report is not None else None,
+    )
+
+
+def _rewrite(model: Any, output, on_step: Step | None, **fields) -> tuple[Any, RewriteReport]:
+    """The driver on a RewriteRequest of `fields` (normopt.request); an in-memory model goes
+    through a temporary folder and comes back as the same kind."""
+    from normopt.driver import rewrite as run
+    from normopt.errors import BadInput
+    from normopt.request import RewriteRequest
+
     kind = _kind(model)
     if kind == "path" and output is None:
         raise BadInput("rewriting a model file needs an output path: rewrite(path, output)")
@@ -185,20 +204,7 @@ def rewrite(
         _as_file(model, Path(tmp), "input.onnx") as src,
     ):
         dst = Path(output) if output is not None else Path(tmp) / "output.onnx"
-        request = RewriteRequest(
-            src,
-            dst,
-            passes=tuple(passes) if passes is not None else None,
-            options=options,
-            checks=checks,
-            verify=verify,
-            timing=Timing(threads=threads),
-            speed_guard=speed_guard,
-            crms=crms,
-            require_change=require_change,
-            in_place=in_place,
-            report_path=Path(report) if report is not None else None,
-        )
+        request = RewriteRequest(src, dst, **fields)
         names = None if kind == "path" else (IN_MEMORY, IN_MEMORY)
         result = run(request, on_step, names)
         return (dst if kind == "path" else _read_back(dst, kind)), result
@@ -291,7 +297,7 @@ def recalibrate(
 ) -> RecalibrateReport:
     """Write `model` with every BatchNorm's running statistics re-estimated on `data` (an .npz
     of arrays by input name with a leading sample axis, or a folder of them) to `output`."""
-    from normopt.calibration import recalibrate as run
+    from normopt.recalibration import recalibrate as run
 
     data_file = Path(data) if Path(data).is_file() else None
     with _documented([Path(model)], report, {"inputs": data_file}) as write:
@@ -327,8 +333,8 @@ def profile(
     """Time `models` side by side (interleaved runs, paired ratios to the first, time per op
     type) on `feeds`, else on inputs from `inputs` or generated for the first model; TensorRT
     engine files with `backend="tensorrt"`. `plot`: a .png or .html of the figures."""
-    from normopt.profiling import check_plot_path, profile_models
-    from normopt.profiling import plot as make_plot
+    from normopt.profiler import check_plot_path, profile_models
+    from normopt.profiler import plot as make_plot
 
     paths = [Path(m) for m in models]
     if plot is not None:

@@ -17,14 +17,12 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from normopt.errors import BadInput
-from normopt.inputs import InputOptions, input_trials
-from normopt.schema import document, inputs_json, versions
+from normopt.schema import versions
 from normopt.sessions import timing_session
 
 NORM_OPS = {
@@ -187,24 +185,24 @@ def compare(
             ratios[k] += paired
             per_rep[k].append(statistics.median(paired))
             ms[k] += [t * 1e3 for t in ts]
+    return _figures(rows, baseline, ratios, per_rep, ms, seed)
+
+
+def _figures(rows, baseline: str, ratios: dict, per_rep: dict, ms: dict, seed: int) -> dict:
+    """One Figure per row from its paired ratios, with the verdict against the A/A control."""
     control = ratio_interval(ratios[baseline + CONTROL], seed)
     out = {}
     for k in rows:
         ratio = statistics.median(ratios[k])
         low, high = ratio_interval(ratios[k], seed)
-        out[k] = Figure(
-            ratio,
-            low,
-            high,
-            per_rep[k],
-            statistics.median(ms[k]),
-            float(np.percentile(ms[k], 90)),
-            "baseline"
-            if k == baseline
-            else "A/A control"
-            if k == baseline + CONTROL
-            else verdict(ratio, low, high, control),
-        )
+        if k == baseline:
+            judged = "baseline"
+        elif k == baseline + CONTROL:
+            judged = "A/A control"
+        else:
+            judged = verdict(ratio, low, high, control)
+        p90 = float(np.percentile(ms[k], 90))
+        out[k] = Figure(ratio, low, high, per_rep[k], statistics.median(ms[k]), p90, judged)
     return out
 
 
@@ -274,243 +272,3 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-@dataclass
-class ProfileReport:
-    models: list[str]
-    summary: dict[str, dict]
-    ops: dict[str, dict[str, float]]
-    times_ms: dict[str, list[float]]
-    environment: dict
-    inputs: dict | None = None  # what it ran on (normopt.schema.inputs_json)
-    norms_ms: dict[str, float] = field(
-        default_factory=dict
-    )  # fused norm ops and decomposed norms' nodes
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        """`normopt profile`'s document (normopt.schema)."""
-        return document(
-            "profile",
-            {
-                "models": self.models,
-                "summary": self.summary,
-                "ops_ms_per_run": self.ops,
-                "norms_ms_per_run": self.norms_ms,
-                "times_ms": self.times_ms,
-                "environment": self.environment,
-            },
-            seconds=self.seconds,
-            inputs=self.inputs,
-        )
-
-
-def profile(
-    paths: Sequence[str | os.PathLike],
-    feeds: Mapping[str, np.ndarray],
-    *,
-    backend: str = "ort-cpu",
-    threads: int = 2,
-    warmup: int = 3,
-    runs: int = 30,
-    op_runs: int = 10,
-    seed: int = 0,
-    inputs_from: str | os.PathLike | None = None,
-    on_round: Callable[[int], None] | None = None,
-) -> ProfileReport:
-    """Time every model interleaved, then break each down by op type. Keys are the paths as given
-    (the same file twice gets a #2 suffix). `inputs_from`: the .npz the feeds came from (for the
-    report; None: generated with `seed`)."""
-    start = time.perf_counter()
-    names: list[str] = []
-    for p in paths:
-        name, i = str(p), 2
-        while name in names:
-            name, i = f"{p}#{i}", i + 1
-        names.append(name)
-    if backend == "tensorrt" and all(Path(p).suffix in ENGINE_SUFFIXES for p in paths):
-        return _profile_engines(names, paths, warmup, runs, seed, on_round, start)
-    sessions = {n: timing_session(p, backend, threads) for n, p in zip(names, paths)}
-    runners = {n: (lambda s=s: s.run(None, dict(feeds))) for n, s in sessions.items()}
-    times = interleaved(runners, rounds=runs, warmup=warmup, seed=seed, on_round=on_round)
-    del sessions, runners
-    batch = next((v.shape[0] for v in feeds.values() if getattr(v, "ndim", 0) > 0), 1)
-    ops, norms = {}, {}
-    for n, p in zip(names, paths):
-        per_node = node_breakdown(p, feeds, backend, threads, op_runs)
-        ops[n], norms[n] = by_op_type(per_node), norm_ms(per_node, norm_nodes(p))
-    return ProfileReport(
-        names,
-        summarize(times, names[0], batch),
-        ops,
-        {n: [t * 1e3 for t in ts] for n, ts in times.items()},
-        environment(threads, backend),
-        inputs_json([feeds], inputs_from, seed),
-        norms,
-        {"total": time.perf_counter() - start},
-    )
-
-
-def profile_models(
-    paths: Sequence[Path],
-    *,
-    backend: str,
-    threads: int,
-    options: InputOptions,
-    warmup: int = 3,
-    runs: int = 30,
-    feeds: Mapping[str, np.ndarray] | None = None,
-    on_round: Callable[[int], None] | None = None,
-) -> ProfileReport:
-    """`normopt profile`'s body: models (or TensorRT engine files, with backend tensorrt) timed
-    on `feeds`, else on inputs from `options` for the first model (normopt.inputs)."""
-    if runs < 1 or warmup < 0 or threads < 1:
-        raise BadInput("--runs and --threads must be at least 1, --warmup at least 0")
-    engines = [p.suffix in ENGINE_SUFFIXES for p in paths]
-    if any(engines):  # TensorRT engine files: random inputs of their profiles' opt shapes
-        if backend != "tensorrt" or not all(engines):
-            raise BadInput(
-                "engine files (.engine, .plan, .trt) are timed with --backend tensorrt, and "
-                "only with other engine files"
-            )
-        from normopt.engine.trt import load_tensorrt
-
-        load_tensorrt("profile --backend tensorrt")
-        feeds = {}
-    elif feeds is None:
-        from normopt.rewriter import io
-
-        feeds = input_trials(io.load(paths[0]), options)[0]
-    source = options.inputs if isinstance(options.inputs, (str, os.PathLike)) else None
-    return profile(
-        paths,
-        feeds,
-        backend=backend,
-        threads=threads,
-        warmup=warmup,
-        runs=runs,
-        seed=options.seed,
-        inputs_from=source,
-        on_round=on_round,
-    )
-
-
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
-
-
-def _profile_engines(names, paths, warmup, runs, seed, on_round, start) -> ProfileReport:
-    """TensorRT engine files: CUDA-event times, interleaved; per-layer times as the op table."""
-    from normopt.engine.timing import engine_runner
-
-    made = {n: engine_runner(Path(p)) for n, p in zip(names, paths)}
-    times = interleaved(
-        {n: run for n, (run, _) in made.items()},
-        rounds=runs,
-        warmup=warmup,
-        seed=seed,
-        on_round=on_round,
-    )
-    layers = {n: layer_times() for n, (_, layer_times) in made.items()}
-    return ProfileReport(
-        names,
-        summarize(times, names[0]),
-        layers,
-        {n: [t * 1e3 for t in ts] for n, ts in times.items()},
-        environment(1, "tensorrt"),
-        None,
-        {},
-        {"total": time.perf_counter() - start},
-    )
-
-
-def norm_nodes(path: str | os.PathLike) -> set[str]:
-    """The names of the nodes that make up the model's norms as normopt's matcher finds them:
-    a norm onnxruntime leaves decomposed runs as these nodes and counts as a norm."""
-    from normopt.rewriter import io
-    from normopt.rewriter.norms import find_norms
-
-    return {
-        node.name for match in find_norms(io.load(path).graph) for node in match.nodes if node.name
-    }
-
-
-def check_plot_path(out: str | os.PathLike) -> Path:
-    """Refuse a plot path of a kind `plot` cannot write (before anything is timed)."""
-    out = Path(out)
-    if out.suffix not in (".png", ".html"):
-        raise BadInput(f"--plot writes .png or .html, not '{out.suffix}'")
-    return out
-
-
-def plot(report: ProfileReport, out: str | os.PathLike) -> Path:
-    """A PNG (or an HTML page embedding it and the tables): latency distributions and time per
-    op type, side by side."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise BadInput("--plot needs matplotlib (pip install 'normopt[plot]')") from None
-    out = check_plot_path(out)
-    labels = [
-        Path(n).name if "#" not in n else Path(n.split("#")[0]).name + "#" + n.split("#")[1]
-        for n in report.models
-    ]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
-    ax1.boxplot([report.times_ms[n] for n in report.models], showfliers=True)
-    ax1.set_xticks(range(1, len(labels) + 1), labels, rotation=15, ha="right", fontsize=8)
-    ax1.set_ylabel("latency per run (ms)")
-    ax1.set_title(
-        "latency distribution ({} runs, interleaved)".format(
-            report.summary[report.models[0]]["runs"]
-        )
-    )
-    top = sorted(
-        {op for n in report.models for op in list(report.ops[n])[:8]},
-        key=lambda op: -max(report.ops[n].get(op, 0.0) for n in report.models),
-    )[:10]
-    width = 0.8 / len(report.models)
-    for i, n in enumerate(report.models):
-        ax2.bar(
-            np.arange(len(top)) + i * width,
-            [report.ops[n].get(op, 0.0) for op in top],
-            width,
-            label=labels[i],
-        )
-    ax2.set_xticks(np.arange(len(top)) + 0.4 - width / 2, top, rotation=30, ha="right", fontsize=8)
-    ax2.set_ylabel("ms per run")
-    ax2.set_title("time per op type (onnxruntime profiler)")
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    png = (
-        out if out.suffix == ".png" else Path(tempfile.mkstemp(suffix=".png")[1])
-    )  # never a user's file
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    if out.suffix == ".html":
-        import base64
-        import html
-
-        image = base64.b64encode(png.read_bytes()).decode()
-        png.unlink()
-        rows = "".join(
-            f"<tr><td>{html.escape(labels[i])}</td>"
-            + "".join(
-                f"<td>{report.summary[n][k]:.3f}</td>"
-                for k in ("median_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "ratio")
-            )
-            + "</tr>"
-            for i, n in enumerate(report.models)
-        )
-        out.write_text(
-            f"<!doctype html><meta charset=utf-8><title>normopt profile</title>"
-            "<h1>normopt profile</h1><table border=1 cellpadding=4><tr><th>model</th><th>median "
-            "ms</th>"
-            "<th>p90</th><th>p99</th><th>mean</th><th>std</th><th>x first "
-            f"(paired)</th></tr>{rows}</table>"
-            f"<p><img src='data:image/png;base64,{image}'></p>"
-            f"<pre>{html.escape(json.dumps(report.environment, indent=2))}</pre>"
-        )
-    return out

@@ -122,7 +122,7 @@ def test_no_submodule_shadows_an_api_function():
     }
     assert not names & set(normopt.__all__)
     code = (
-        "import normopt.driver, normopt.verification, normopt.inspection, normopt.calibration\n"
+        "import normopt.driver, normopt.verification, normopt.inspection, normopt.recalibration\n"
         "import normopt\n"
         "import sys\n"
         "assert all(callable(getattr(normopt, n)) for n in normopt.__all__ if n != '__version__')\n"

@@ -79,3 +79,145 @@ def parse_profiles(items: list[str] | None) -> dict[str, tuple]:
             )
         out[name] = shapes
     return out
+
+
+# ------------------------------------------------------------------------ rewrite
+
+SrcOpt = Annotated[Path, typer.Argument(metavar="IN", help="Input ONNX model (never modified).")]
+DstOpt = Annotated[
+    Path, typer.Argument(metavar="OUT", help="Output path (written only on success).")
+]
+PassesOpt = Annotated[
+    str | None,
+    typer.Option("--passes", help="Comma-separated pass names (default pipeline if omitted)."),
+]
+TargetOpt = Annotated[
+    str, typer.Option("--target", help="onnx | ort | tensorrt: which fused ops to emit.")
+]
+RewriteReportOpt = Annotated[
+    Path | None,
+    typer.Option("--report", help="Write the JSON document here (also on failure)."),
+]
+RewriteJsonOpt = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="Print the JSON document (normopt.schema) to stdout instead of tables (also on "
+        "failure).",
+    ),
+]
+NoVerifyOpt = Annotated[
+    bool, typer.Option("--no-verify", help="Skip the onnxruntime equivalence check.")
+]
+ExplainOpt = Annotated[bool, typer.Option("--explain", help="Print every refusal with its reason.")]
+InPlaceOpt = Annotated[
+    bool, typer.Option("--in-place", help="Allow OUT to be IN (replaced atomically).")
+]
+AllowHiddenStateChangeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-hidden-state-change",
+        help="Let preln-to-rmsnorm rewrite models that output residual-stream values (those "
+        "outputs change).",
+    ),
+]
+ProfileAfterOpt = Annotated[
+    bool,
+    typer.Option("--profile", help="After writing OUT, time IN vs OUT side by side (ORT CPU)."),
+]
+GuardOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--guard",
+        help="speed: time OUT against IN on the target's backend and drop the changes that "
+        "make it slower.",
+    ),
+]
+CrmsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--crms",
+        help="off | on | auto: Pre-CRMSNorm (preln-to-crmsnorm, a d-1 stream); auto (the "
+        "default where --passes names it; on / auto add it to the default pipeline) keeps "
+        "it only where it times faster than Pre-RMSNorm.",
+    ),
+]
+ThreadsOpt = Annotated[
+    int,
+    typer.Option(
+        "--threads",
+        help="onnxruntime intra-op threads for --guard speed, --crms auto and --profile.",
+    ),
+]
+TimingsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--timings",
+        help="Print where the time went (load, checker, shape annotation, each pass, save, "
+        "verification, guard).",
+    ),
+]
+RequireChangeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--require-change", help="Exit 3 (nothing written) when no pass changes the model."
+    ),
+]
+TuneParamsOpt = Annotated[
+    str,
+    typer.Option(
+        "--tune-params",
+        help="convbn-tune: constants | inputs (BN parameters become graph inputs with their "
+        "values as defaults) | inputs:all (weights and biases too).",
+    ),
+]
+TrtVersionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--trt-version",
+        help="--target tensorrt: the TensorRT version to emit for (MAJOR.MINOR, >= 10.9; "
+        "default: the installed one, else 11.4).",
+    ),
+]
+
+
+# ------------------------------------------------------------------------ build
+
+BuildSrcOpt = Annotated[
+    Path, typer.Argument(metavar="IN", help="ONNX model (a --target tensorrt rewrite, or any).")
+]
+BuildDstOpt = Annotated[
+    Path, typer.Argument(metavar="OUT", help="Engine file (written atomically).")
+]
+BuildShapeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--shape",
+        help="NAME:MIN/OPT/MAX optimization profile of a dynamic input, each AxBxC (repeatable).",
+    ),
+]
+BuildTimingCacheOpt = Annotated[
+    Path | None,
+    typer.Option("--timing-cache", help="TensorRT timing cache to read and update."),
+]
+BuildWorkspaceOpt = Annotated[int, typer.Option("--workspace", help="Builder workspace, MiB.")]
+BuildPluginsOpt = Annotated[
+    str, typer.Option("--plugins", help="aot (PTX in the engine, runs without Python) | jit.")
+]
+BuildFp16Opt = Annotated[
+    bool,
+    typer.Option(
+        "--fp16",
+        help="Build in float16: the graph is converted first (inputs and outputs stay float32; "
+        "LayerNorms reduce in float32).",
+    ),
+]
+BuildBf16Opt = Annotated[bool, typer.Option("--bf16", help="Build in bfloat16 (as --fp16).")]
+BuildTrtVersionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--trt-version",
+        help="With --fp16/--bf16: the TensorRT the fp32 norms are emitted for (default: the "
+        "installed one).",
+    ),
+]

@@ -23,32 +23,26 @@ Conditions:
   4. one BatchNorm per op: in Conv -> BN -> BN the second stays (a second run changes nothing).
 Formula: BN(W x + b) = s * (W x + b - mean) + beta = (W * s) x + (b - mean) * s + beta, the
 deploy fold's formula (rewriter.numerics.batchnorm_affine) computed by the graph instead.
-Each block is recorded in the model's metadata (RECORDS_KEY: the linear op, W, b, the BN's
-parameters and epsilon, by name), so `normopt recalibrate` finds the BatchNorms again.
+Each block is recorded in the model's metadata (normopt.rewriter.tune_record: the linear op, W,
+b, the BN's parameters and epsilon, by name), so `normopt recalibrate` finds the BatchNorms again.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from normopt.passes.base import Change, Pass, Plan
+from normopt.rewriter import tune_record
 from normopt.rewriter.edit import Editor
 from normopt.rewriter.graph import constant_shape
 from normopt.rewriter.linear_fold import Fold, bias_of, bias_slot, plan_preceding
 from normopt.rewriter.norms import NormMatch, match_batchnorm
+from normopt.rewriter.tune_record import TuneRecord
 
 WIDE = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)  # computed in float32
-RECORDS_KEY = "normopt.convbn_tune"  # model metadata: a JSON list, one record per tuned block
-
-
-def tune_records(model: ir.Model) -> list[dict]:
-    """The blocks convbn-tune recorded: {bn, node, op, weight, bias (None: the op had none),
-    gemm_beta, bias_add (a MatMul's bias Add node), gamma, beta, mean, var, epsilon}."""
-    return json.loads(model.metadata_props.get(RECORDS_KEY, "[]"))
 
 
 @dataclass
@@ -157,99 +151,105 @@ class _Builder:
         return self.edit.initializer(f"{self.base}.{suffix}", array)
 
 
-def _apply_one(edit: Editor, block: TuneBlock) -> tuple[Change, dict]:
+def _apply_one(edit: Editor, block: TuneBlock) -> tuple[Change, TuneRecord]:
     bn, fold, linear = block.bn, block.fold, block.fold.linear
     gamma, beta, mean, var = bn.inputs[1:5]
-    weight = linear.inputs[1]
+    weight, old_bias = linear.inputs[1], bias_of(fold)
     for node in (linear, fold.bias_add):  # the record finds them by name
         if node is not None and not node.name:
             node.name = edit.node_name(node.op_type)
     dtype = weight.dtype or ir.DataType.FLOAT
-    compute = ir.DataType.FLOAT if dtype in WIDE else dtype
     change = Change(
         "tuned",
         f"batchnorm into {linear.op_type}, its weight computed in the graph",
         tuple(n.name for n in block.match.nodes) + (linear.name,),
         tuple(v.name for v in (*_weight_and_bias(fold), gamma, beta, mean, var)),
     )
-    g = _Builder(edit, bn.name or "batchnorm", compute)
-    eps = g.constant(np.array(block.match.epsilon, compute.numpy()), "epsilon")
-    s = g.op(
-        "Div",
-        [
-            g.wide(gamma, "gamma"),
-            g.op("Sqrt", [g.op("Add", [g.wide(var, "var"), eps], "var_eps")], "std"),
-        ],
-        "scale",
-    )
-    shape = _scale_shape(linear, len(constant_shape(weight)), block.channels)
-    s_w = (
-        s
-        if shape is None
-        else g.op(
-            "Reshape", [s, g.constant(np.array(shape, np.int64), "scale_shape")], "scale_for_weight"
-        )
-    )
-    new_weight = g.back(g.op("Mul", [g.wide(weight, "weight"), s_w], "weight_fp"), dtype, "weight")
-    old_bias = bias_of(fold)
-    record = {
-        "bn": bn.name,
-        "node": linear.name,
-        "op": linear.op_type,
-        "weight": weight.name,
-        "bias": old_bias.name if old_bias is not None else None,
-        "gemm_beta": linear.attributes.get_float("beta", 1.0) if linear.op_type == "Gemm" else None,
-        "bias_add": fold.bias_add.name if fold.bias_add is not None else None,
-        "gamma": gamma.name,
-        "beta": beta.name,
-        "mean": mean.name,
-        "var": var.name,
-        "epsilon": float(block.match.epsilon),
-    }
-    if (
-        linear.op_type == "Gemm"
-        and old_bias is not None
-        and linear.attributes.get_float("beta", 1.0) != 1.0
-    ):
-        factor = g.constant(
-            np.array(linear.attributes.get_float("beta", 1.0), compute.numpy()), "gemm_beta"
-        )
-        biased = g.op("Mul", [g.wide(old_bias, "bias"), factor], "bias_times_beta")
-    else:
-        biased = g.wide(old_bias, "bias") if old_bias is not None else None
-    mean_w = g.wide(mean, "mean")
-    shifted = g.op(
-        "Mul",
-        [
-            g.op("Sub", [biased, mean_w], "bias_minus_mean")
-            if biased is not None
-            else g.op("Neg", [mean_w], "minus_mean"),
-            s,
-        ],
-        "shift",
-    )
+    g = _Builder(edit, bn.name or "batchnorm", ir.DataType.FLOAT if dtype in WIDE else dtype)
+    s, new_weight = _tuned_weight(g, block, dtype)
     bias_dtype = (old_bias if old_bias is not None else weight).dtype or dtype
-    new_bias = g.back(g.op("Add", [shifted, g.wide(beta, "beta")], "bias_fp"), bias_dtype, "bias")
+    new_bias = _tuned_bias(g, block, s, bias_dtype)
     edit.graph.insert_before(linear, g.nodes)
     linear.replace_input_with(1, new_weight)
+    gemm_beta = linear.attributes.get_float("beta", 1.0) if linear.op_type == "Gemm" else None
     if linear.op_type == "Gemm":
         linear.attributes["beta"] = ir.AttrFloat32("beta", 1.0)  # beta is inside the bias now
-    node, index = bias_slot(fold)
-    if node is None:  # a MatMul without a bias Add gets one
-        out = linear.outputs[0]
-        add = edit.node("Add", [out, new_bias], name=f"{g.base}.bias_add", like=out)
-        record["bias_add"] = add.name
-        edit.graph.insert_after(linear, add)
-        edit.take_over(out, add.outputs[0])
-        add.replace_input_with(0, out)
-    else:
-        if index >= len(node.inputs):
-            node.resize_inputs(index + 1)
-        node.replace_input_with(index, new_bias)
+    bias_add = _set_bias(edit, fold, new_bias, g.base)
     m = block.match
     edit.take_over(m.output, m.current_input())
     edit.graph.remove(m.nodes, safe=True)
+    record = TuneRecord(
+        bn.name,
+        linear.name,
+        linear.op_type,
+        weight.name,
+        old_bias.name if old_bias is not None else None,
+        gemm_beta,
+        bias_add,
+        gamma.name,
+        beta.name,
+        mean.name,
+        var.name,
+        float(block.match.epsilon),
+    )
     return change, record
+
+
+def _tuned_weight(g: _Builder, block: TuneBlock, dtype: ir.DataType) -> tuple[ir.Value, ir.Value]:
+    """s = gamma / sqrt(var + eps) and W * s (s shaped along W's output channels)."""
+    gamma, _, _, var = block.bn.inputs[1:5]
+    linear = block.fold.linear
+    weight = linear.inputs[1]
+    eps = g.constant(np.array(block.match.epsilon, g.compute.numpy()), "epsilon")
+    gamma_w = g.wide(gamma, "gamma")  # (the nodes in the order the graph lists them)
+    var_eps = g.op("Add", [g.wide(var, "var"), eps], "var_eps")
+    s = g.op("Div", [gamma_w, g.op("Sqrt", [var_eps], "std")], "scale")
+    shape = _scale_shape(linear, len(constant_shape(weight)), block.channels)
+    if shape is not None:
+        to = g.constant(np.array(shape, np.int64), "scale_shape")
+        s_w = g.op("Reshape", [s, to], "scale_for_weight")
+    else:
+        s_w = s
+    weighted = g.op("Mul", [g.wide(weight, "weight"), s_w], "weight_fp")
+    return s, g.back(weighted, dtype, "weight")
+
+
+def _tuned_bias(g: _Builder, block: TuneBlock, s: ir.Value, dtype: ir.DataType) -> ir.Value:
+    """(b * gemm_beta - mean) * s + beta (b = 0 where the op had no bias)."""
+    linear, old_bias = block.fold.linear, bias_of(block.fold)
+    beta, mean = block.bn.inputs[2], block.bn.inputs[3]
+    gemm_beta = linear.attributes.get_float("beta", 1.0) if linear.op_type == "Gemm" else 1.0
+    biased = None
+    if old_bias is not None and gemm_beta != 1.0:
+        factor = g.constant(np.array(gemm_beta, g.compute.numpy()), "gemm_beta")
+        biased = g.op("Mul", [g.wide(old_bias, "bias"), factor], "bias_times_beta")
+    elif old_bias is not None:
+        biased = g.wide(old_bias, "bias")
+    mean_w = g.wide(mean, "mean")
+    if biased is not None:
+        centred = g.op("Sub", [biased, mean_w], "bias_minus_mean")
+    else:
+        centred = g.op("Neg", [mean_w], "minus_mean")
+    shifted = g.op("Mul", [centred, s], "shift")
+    return g.back(g.op("Add", [shifted, g.wide(beta, "beta")], "bias_fp"), dtype, "bias")
+
+
+def _set_bias(edit: Editor, fold: Fold, new_bias: ir.Value, base: str) -> str | None:
+    """Put the new bias where the op's bias was; a MatMul without a bias Add gets one. Returns
+    the MatMul's bias Add node name (None for Conv/Gemm)."""
+    linear = fold.linear
+    node, index = bias_slot(fold)
+    if node is None:
+        out = linear.outputs[0]
+        add = edit.node("Add", [out, new_bias], name=f"{base}.bias_add", like=out)
+        edit.graph.insert_after(linear, add)
+        edit.take_over(out, add.outputs[0])
+        add.replace_input_with(0, out)
+        return add.name
+    if index >= len(node.inputs):
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, new_bias)
+    return fold.bias_add.name if fold.bias_add is not None else None
 
 
 class ConvBNTune(Pass):
@@ -261,7 +261,7 @@ class ConvBNTune(Pass):
 
     def plan(self, model: ir.Model) -> Plan:
         plan = Plan()  # (a linear op's output is read by its BN alone: no two blocks share an op)
-        tuned = {r["node"]: r["bn"] for r in tune_records(model)}
+        tuned = {r.node: r.bn for r in tune_record.read(model)}
         for node in model.graph:
             if node.op_type == "BatchNormalization":
                 plan.decide(
@@ -284,8 +284,7 @@ class ConvBNTune(Pass):
         ]
         applied = [_apply_one(edit, b) for b in blocks]
         changes = [change for change, _ in applied]
-        records = tune_records(model) + [record for _, record in applied]
-        model.metadata_props[RECORDS_KEY] = json.dumps(records)
+        tune_record.write(model, tune_record.read(model) + [record for _, record in applied])
         if self.options.tune_params != "constants":
             inputs = set(model.graph.inputs)
             for value in dict.fromkeys(params):

@@ -41,7 +41,6 @@ from normopt.passes.base import Change, Pass, Plan, Refusal
 from normopt.rewriter.edit import Editor
 from normopt.rewriter.graph import is_op
 from normopt.rewriter.linear_fold import (
-    CARRIERS,
     Fold,
     bias_add_after,
     carried,
@@ -49,6 +48,7 @@ from normopt.rewriter.linear_fold import (
     expects_channel,
     fold_problem,
     fold_weights,
+    is_carrier,
     norm_affine,
     norm_rank,
     plan_preceding,
@@ -77,7 +77,7 @@ def _plan_following(match: NormMatch, a, c) -> Fold | str:
     r = norm_rank(match, None)
     axis = channel_axis(match, r)
     value, factor = match.output, 1.0
-    while is_op(reader, *CARRIERS) and reader.inputs[0] is value:
+    while is_carrier(reader) and reader.inputs[0] is value:
         step = carried(reader, value, r, axis)
         if isinstance(step, str):
             return step

@@ -35,12 +35,12 @@ from normopt.passes.base import Change, Pass, Plan
 from normopt.rewriter.edit import Editor
 from normopt.rewriter.graph import folded_value, rank, readers
 from normopt.rewriter.linear_fold import (
-    CARRIERS,
     Fold,
     bias_add_after,
     carried,
     fold_problem,
     fold_weights,
+    is_carrier,
 )
 from normopt.rewriter.norms import NormMatch, find_norms
 
@@ -85,7 +85,7 @@ def _linear_readers(
         if reader.op_type in ("MatMul", "Gemm"):
             found.append((reader, value, factor))
             continue
-        if reader.op_type not in CARRIERS or reader.inputs[0] is not value:
+        if not is_carrier(reader) or reader.inputs[0] is not value:
             return f"read by {reader.op_type} {reader.name}, not by a MatMul or Gemm"
         step = carried(reader, value, r, axis)
         if isinstance(step, str):

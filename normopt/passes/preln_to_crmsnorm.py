@@ -238,100 +238,74 @@ def _apply(edit: Editor, crms: CRMSPlan, opset: int, plugin: bool) -> list[Chang
         name = cut.node.inputs[cut.index].name or cut.node.name
         edit.set_constant_input(cut.node, cut.index, np.ascontiguousarray(cut.new), f"{name}.crms")
     for match in crms.norms:
-        affine = crms.affines[id(match)]
-        if crms.whole:
-            changes.append(
-                Change(
-                    "converted",
-                    "RMSNorm(s) to CRMSNorm (width d-1, output whole: [y', -sum(y')])",
-                    tuple(n.name for n in match.nodes),
-                    (match.output.name,),
-                )
-            )
-            y = _crms_norm(edit, match, d, opset, whole=affine.gamma)
-            y.type, y.shape = match.output.type, match.output.shape
-            edit.take_over(match.output, y)
-            edit.graph.remove(list(reversed(match.nodes)), safe=True)
-            continue
-        if plugin and match.output.dtype in (
-            None,
-            ir.DataType.FLOAT,
-        ):  # the plugin outputs its input's type
-            changes.append(
-                Change(
-                    "converted",
-                    f"RMSNorm(s) to {CRMS_NORM.op_type} (width d-1, TensorRT plugin)",
-                    tuple(n.name for n in match.nodes),
-                    (match.output.name,),
-                )
-            )
-            y = _crms_plugin(edit, match, d)
-        else:
-            changes.append(
-                Change(
-                    "converted",
-                    "RMSNorm(s) to CRMSNorm (width d-1)",
-                    tuple(n.name for n in match.nodes),
-                    (match.output.name,),
-                )
-            )
-            y = _crms_norm(edit, match, d, opset)
-        for reader in crms.readers[id(match)]:  # after the cuts: a branch's last MatMul is both
-            if affine.beta is not None:  # beta into the bias first: b + beta W
-                fold_weights(
-                    edit,
-                    Fold(
-                        np.ones(d),
-                        affine.beta,
-                        "following",
-                        reader.node,
-                        bias_add_after(reader.node),
-                    ),
-                )
-            current = folded_value(reader.node.inputs[1])  # a tied head's Transpose(table) too
-            w = reader.weight(current, affine.gamma).astype(
-                current.dtype
-            )  # gamma with the cut: rounded once
-            edit.set_constant_input(
-                reader.node, 1, np.ascontiguousarray(w), f"{reader.node.name}.crms_weight"
-            )
-        last = affine.add.outputs[0] if affine.add is not None else match.output
-        y.type, y.shape = last.type, last.shape
-        edit.take_over(last, y)
-        _narrow(y, d)
-        for value in crms.exposed_norms[id(match)]:  # the original output, gamma and beta included
-            value = y if value is last else value
-            _expose(edit, value, d, opset, affine.gamma, affine.beta)
-            changes.append(
-                Change("restored", "graph output(s) to width d: x' and -sum(x')", (), (value.name,))
-            )
-        edit.graph.remove(
-            [*([affine.add] if affine.add is not None else []), *reversed(match.nodes)], safe=True
-        )
+        changes += _convert(edit, crms, match, opset, plugin)
     for value, axis in [*((v, None) for v in crms.stream), *crms.carried]:
         if value not in crms.slices:
             _narrow(value, d, axis)
     for value in crms.exposed:
-        if (
-            value.is_graph_output()
-        ):  # a stream value (a norm's output was taken over by its CRMSNorm's)
+        if value.is_graph_output():  # a stream value (a norm's output is its CRMSNorm's now)
             _expose(edit, value, d, opset)
-            changes.append(
-                Change("restored", "graph output(s) to width d: x' and -sum(x')", (), (value.name,))
-            )
+            changes.append(Change("restored", RESTORED, (), (value.name,)))
     for shape, axis in dict.fromkeys(crms.shape_reads):  # what reads a cut value's shape sees d
         if shape not in crms.own_shapes:
             _restore_width(edit, shape, d, axis)
     for node, k in crms.expands:
         _expand_to_one(edit, node, k)
     for value in crms.slices:  # after an explicit recentring: its first d-1 entries
-        changes.append(
-            Change(
-                "cut",
-                "recentred value(s) sliced to d-1 hidden entries",
-                (value.producer().name,),
-                (value.name,),
-            )
-        )
+        what = "recentred value(s) sliced to d-1 hidden entries"
+        changes.append(Change("cut", what, (value.producer().name,), (value.name,)))
         _slice_recentred(edit, value, d)
     return changes
+
+
+RESTORED = "graph output(s) to width d: x' and -sum(x')"
+
+
+def _convert(
+    edit: Editor, crms: CRMSPlan, match: NormMatch, opset: int, plugin: bool
+) -> list[Change]:
+    """One RMSNorm to a CRMSNorm: output whole (`crms.whole`), or d-1 wide with gamma (and a
+    beta Add) folded into its readers' weights; its graph outputs restored to width d."""
+    d, affine = crms.d, crms.affines[id(match)]
+    nodes, outputs = tuple(n.name for n in match.nodes), (match.output.name,)
+    if crms.whole:
+        what = "RMSNorm(s) to CRMSNorm (width d-1, output whole: [y', -sum(y')])"
+        y = _crms_norm(edit, match, d, opset, whole=affine.gamma)
+        y.type, y.shape = match.output.type, match.output.shape
+        edit.take_over(match.output, y)
+        edit.graph.remove(list(reversed(match.nodes)), safe=True)
+        return [Change("converted", what, nodes, outputs)]
+    if plugin and match.output.dtype in (None, ir.DataType.FLOAT):  # it outputs its input's type
+        what = f"RMSNorm(s) to {CRMS_NORM.op_type} (width d-1, TensorRT plugin)"
+        y = _crms_plugin(edit, match, d)
+    else:
+        what = "RMSNorm(s) to CRMSNorm (width d-1)"
+        y = _crms_norm(edit, match, d, opset)
+    changes = [Change("converted", what, nodes, outputs)]
+    for reader in crms.readers[id(match)]:  # after the cuts: a branch's last MatMul is both
+        _fold_into_reader(edit, reader, affine, d)
+    last = affine.add.outputs[0] if affine.add is not None else match.output
+    y.type, y.shape = last.type, last.shape
+    edit.take_over(last, y)
+    _narrow(y, d)
+    for value in crms.exposed_norms[id(match)]:  # the original output, gamma and beta included
+        value = y if value is last else value
+        _expose(edit, value, d, opset, affine.gamma, affine.beta)
+        changes.append(Change("restored", RESTORED, (), (value.name,)))
+    edit.graph.remove(
+        [*([affine.add] if affine.add is not None else []), *reversed(match.nodes)], safe=True
+    )
+    return changes
+
+
+def _fold_into_reader(edit: Editor, reader, affine, d: int) -> None:
+    """beta into the reader's bias first (b + beta W), then gamma and the cut into its weight
+    (rounded once)."""
+    if affine.beta is not None:
+        bias_add = bias_add_after(reader.node)
+        fold = Fold(np.ones(d), affine.beta, "following", reader.node, bias_add)
+        fold_weights(edit, fold)
+    current = folded_value(reader.node.inputs[1])  # a tied head's Transpose(table) too
+    w = reader.weight(current, affine.gamma).astype(current.dtype)
+    name = f"{reader.node.name}.crms_weight"
+    edit.set_constant_input(reader.node, 1, np.ascontiguousarray(w), name)

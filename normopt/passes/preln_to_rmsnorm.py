@@ -50,6 +50,22 @@ from normopt.rewriter.norms import NormMatch, find_norms
 from normopt.rewriter.stream_plan import Conversion, Planner, StreamRewrite
 
 
+def _centre_input(
+    edit: Editor, rewrite: StreamRewrite, node: ir.Node, index: int, axis: int | None
+) -> None:
+    """A writer's constant centred along the hidden axis (LayerScale first: W*g along it); a
+    shift along the whole hidden axis (axis None) the recentring removes: zero."""
+    original = folded_value(node.inputs[index])
+    if axis is None:
+        centred = np.zeros_like(original)
+    else:
+        values = original
+        if (node, index) in rewrite.scaled:
+            values = numerics.scale_along(values, rewrite.scaled[(node, index)], axis)
+        centred = numerics.center(values, axis, original.dtype)
+    edit.set_constant_input(node, index, centred, f"{node.name}.centred")
+
+
 def _recentre(edit: Editor, value: ir.Value, opset: int) -> None:
     """Insert y = value - ReduceMean(value, last axis) and make every reader read y."""
     uses = list(value.uses())  # before the new nodes become readers too
@@ -249,23 +265,9 @@ class PreLNToRMSNorm(Pass):
             if c.beta_readers
         ]
         for (node, index), axis in rewrite.centred.items():
-            original = folded_value(node.inputs[index])
-            changes.append(
-                Change(
-                    "centred",
-                    "writer weight(s) along the hidden axis",
-                    (node.name,),
-                    (node.inputs[index].name,),
-                )
-            )
-            if axis is None:  # a shift along the whole hidden axis: the recentring removes it
-                centred = np.zeros_like(original)
-            else:
-                values = original
-                if (node, index) in rewrite.scaled:  # LayerScale first: W*g along the hidden axis
-                    values = numerics.scale_along(values, rewrite.scaled[(node, index)], axis)
-                centred = numerics.center(values, axis, original.dtype)
-            edit.set_constant_input(node, index, centred, f"{node.name}.centred")
+            what = "writer weight(s) along the hidden axis"
+            changes.append(Change("centred", what, (node.name,), (node.inputs[index].name,)))
+            _centre_input(edit, rewrite, node, index, axis)
         for mul in rewrite.layerscales:  # folded into the writer: y = z * g is z now
             changes.append(
                 Change(
@@ -279,11 +281,8 @@ class PreLNToRMSNorm(Pass):
             mul.outputs[0].replace_all_uses_with(data)
             edit.graph.remove(mul, safe=True)
         for value, why in rewrite.recentred:
-            changes.append(
-                Change(
-                    "recentred", "stream value(s) with x - ReduceMean(x)", (), (value.name,), why
-                )
-            )
+            what = "stream value(s) with x - ReduceMean(x)"
+            changes.append(Change("recentred", what, (), (value.name,), why))
             _recentre(edit, value, opset)
         for conversion in rewrite.conversions:
             _convert(edit, conversion, opset)

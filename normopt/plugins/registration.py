@@ -105,48 +105,58 @@ def _run_jit(spec: PluginSpec, tensors, outputs, epsilon: float, stream: int) ->
 def _register_one(trtp, spec: PluginSpec) -> None:
     name = f"{DOMAIN}::{spec.op_type}"
     types = ", ".join(["FP32|FP16|BF16"] * (len(spec.inputs) + len(spec.outputs)))
-    Result = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]
     if spec is ADD_RMS_NORM:
+        _register_add_norm(trtp, spec, name, types)
+    else:
+        _register_norm(trtp, spec, name, types)
 
-        @trtp.register(name)
-        def shape(
-            x: trtp.TensorDesc, residual: trtp.TensorDesc, weight: trtp.TensorDesc, epsilon: float
-        ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
-            return x.like(), x.like()
 
-        @trtp.autotune(name)
-        def tune(
-            x: trtp.TensorDesc,
-            residual: trtp.TensorDesc,
-            weight: trtp.TensorDesc,
-            epsilon: float,
-            outputs: Tuple[trtp.TensorDesc],
-        ) -> List[trtp.AutoTuneCombination]:
-            return [trtp.AutoTuneCombination(types, "LINEAR", tactics(int(x.shape[-1])))]
+def _register_add_norm(trtp, spec: PluginSpec, name: str, types: str) -> None:
+    """NormoptAddRMSNorm(x, residual, weight) -> (x + residual, its RMSNorm)."""
+    Result = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]
 
-        @trtp.aot_impl(name)
-        def aot(
-            x: trtp.TensorDesc,
-            residual: trtp.TensorDesc,
-            weight: trtp.TensorDesc,
-            epsilon: float,
-            outputs: Tuple[trtp.TensorDesc],
-            tactic: int,
-        ) -> Result:
-            return _aot_result(trtp, spec, x, epsilon, tactic)
+    @trtp.register(name)
+    def shape(
+        x: trtp.TensorDesc, residual: trtp.TensorDesc, weight: trtp.TensorDesc, epsilon: float
+    ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
+        return x.like(), x.like()
 
-        @trtp.impl(name)
-        def jit(
-            x: trtp.Tensor,
-            residual: trtp.Tensor,
-            weight: trtp.Tensor,
-            epsilon: float,
-            outputs: Tuple[trtp.Tensor],
-            stream: int,
-        ) -> None:
-            _run_jit(spec, (x, residual, weight), outputs, epsilon, stream)
+    @trtp.autotune(name)
+    def tune(
+        x: trtp.TensorDesc,
+        residual: trtp.TensorDesc,
+        weight: trtp.TensorDesc,
+        epsilon: float,
+        outputs: Tuple[trtp.TensorDesc],
+    ) -> List[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination(types, "LINEAR", tactics(int(x.shape[-1])))]
 
-        return
+    @trtp.aot_impl(name)
+    def aot(
+        x: trtp.TensorDesc,
+        residual: trtp.TensorDesc,
+        weight: trtp.TensorDesc,
+        epsilon: float,
+        outputs: Tuple[trtp.TensorDesc],
+        tactic: int,
+    ) -> Result:
+        return _aot_result(trtp, spec, x, epsilon, tactic)
+
+    @trtp.impl(name)
+    def jit(
+        x: trtp.Tensor,
+        residual: trtp.Tensor,
+        weight: trtp.Tensor,
+        epsilon: float,
+        outputs: Tuple[trtp.Tensor],
+        stream: int,
+    ) -> None:
+        _run_jit(spec, (x, residual, weight), outputs, epsilon, stream)
+
+
+def _register_norm(trtp, spec: PluginSpec, name: str, types: str) -> None:
+    """NormoptRMSNorm / NormoptCRMSNorm(x, weight) -> y."""
+    Result = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]
 
     @trtp.register(name)
     def shape(x: trtp.TensorDesc, weight: trtp.TensorDesc, epsilon: float) -> trtp.TensorDesc:

@@ -28,108 +28,25 @@ Conditions (each refusal says which failed):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import onnx_ir as ir
 
-from normopt.rewriter import numerics
+from normopt.rewriter import axis_rules, numerics, writers
+from normopt.rewriter.crms_plan import CENTRED, Affine, CRMSPlan, Cut, Reader
+from normopt.rewriter.crms_targets import expand, reshape, shape_readers
 from normopt.rewriter.graph import (
+    Refuse,
     constant_shape,
     constant_value,
     folded_value,
     forwards,
-    int_list,
     is_op,
     rank,
     readers,
     sole_reader,
-    static_shape,
 )
 from normopt.rewriter.norms import NormMatch
 from normopt.rewriter.stream import StreamAnalysis
-from normopt.rewriter.stream_plan import Refuse, hidden_through
-
-# a row sums to 0 within this fraction of its absolute sum: its entries were centred in float64,
-# then each rounded to the dtype (at most half an ulp: 2^-24, 2^-11 of its size), with margin
-CENTRED = {np.dtype(np.float32): 1e-4, np.dtype(np.float16): 1e-3}
-
-
-@dataclass
-class Cut:
-    node: ir.Node
-    index: int  # the input holding the constant
-    new: np.ndarray  # its values once cut (a table's first d-1 columns, a shape's d -> d-1)
-
-
-@dataclass
-class Reader:
-    node: ir.Node  # MatMul / Gemm reading a norm's output as input 0
-    trans_b: bool  # a Gemm's weight is [out, d]
-
-    def weight(self, current: np.ndarray, gamma: np.ndarray) -> np.ndarray:
-        """W' from the weight as it is now (a writer's cut may have cut its columns) and the
-        norm's gamma, in float64, rounded once: g_i W[i] - g_{d-1} W[d-1] (i < d-1)."""
-        w = (current.T if self.trans_b else current).astype(np.float64) * gamma[:, None]
-        w = w[:-1] - w[-1]
-        return w.T if self.trans_b else w
-
-
-@dataclass
-class Affine:
-    gamma: np.ndarray  # [d]
-    beta: np.ndarray | None  # [d], the constant of a bias Add after the norm
-    add: ir.Node | None  # that Add
-
-
-@dataclass
-class CRMSPlan:
-    d: int
-    stream: list[ir.Value]
-    cuts: list[Cut] = field(default_factory=list)
-    norms: list[NormMatch] = field(default_factory=list)
-    readers: dict[int, list[Reader]] = field(default_factory=dict)  # id(norm) -> its readers
-    affines: dict[int, Affine] = field(
-        default_factory=dict
-    )  # id(norm) -> its gamma and beta, folded into its readers
-    # values between writers and the stream, norms and readers, with their hidden axis (None: last)
-    carried: list[tuple[ir.Value, int | None]] = field(default_factory=list)
-    shapes: list[ir.Value] = field(
-        default_factory=list
-    )  # computed Reshape targets with a piece cut
-    carriers: list[ir.Node] = field(default_factory=list)  # Reshapes between a norm and its readers
-    reshapes: set[ir.Node] = field(default_factory=set)  # every Reshape carrying a cut value
-    slices: list[ir.Value] = field(
-        default_factory=list
-    )  # explicit recentrings: a Slice to d-1 after each
-    # float16: each norm outputs the whole d-vector [y', -sum(y')] (computed in float32) and its
-    # readers keep their weights: folding W[:d-1] - W[d-1] would round every fp16 weight again
-    # (measured: 1.1x to 4.6x the fp16 model's error against float32 on the corpus)
-    whole: bool = False
-    shape_reads: list[tuple[ir.Node, int]] = field(
-        default_factory=list
-    )  # Shape nodes reading a cut value (and its hidden axis): d restored there
-    own_shapes: set[ir.Node] = field(
-        default_factory=set
-    )  # ... except those building that value's own Reshape target
-    expands: list[tuple[ir.Node, int]] = field(
-        default_factory=list
-    )  # Expands whose computed shape gets 1 at this entry
-    exposed: list[ir.Value] = field(
-        default_factory=list
-    )  # stream values that are graph outputs, output whole: x' and -sum(x')
-    exposed_norms: dict[int, list[ir.Value]] = field(
-        default_factory=dict
-    )  # id(norm) -> its graph outputs (its own, a Reshape's), output whole
-    follows: list[tuple[ir.Value, int, ir.Node]] = field(
-        default_factory=list
-    )  # (value, axis, Shape): a target entry read from a value that must be cut there
-
-    def describe(self) -> str:
-        return (
-            f"a stream of width {self.d} -> {self.d - 1}: {len(self.norms)} norm(s), "
-            f"{len(self.cuts)} constant(s) cut"
-        )
 
 
 def _centred(array: np.ndarray, what: str) -> None:
@@ -171,100 +88,43 @@ def _constant(node: ir.Node, index: int, axis: int, plan: CRMSPlan, what: str) -
 def _writer(value: ir.Value, hidden: int | None, plan: CRMSPlan) -> None:
     """Plan the cuts that make `value` (added into the stream) d-1 wide along its `hidden` axis
     (non-negative; None: the last), or Refuse."""
-    node, r = value.producer(), rank(value)
-    if node is None:
-        raise Refuse(f"'{value.name}' (written into the stream) is a graph input")
-    if r is None:
-        raise Refuse(f"the rank of '{value.name}' (written into the stream) is unknown")
-    hidden = r - 1 if hidden is None else hidden
-    last, op = hidden == r - 1, node.op_type
-    if last and _recentring(
-        node
-    ):  # x - mean(x): zero-mean by construction; a Slice after it cuts it
-        plan.slices.append(value)
-        return
-    if is_op(node, "Add", "Concat"):
-        if op == "Concat" and node.attributes.get_int("axis", 0) % r == hidden:
-            raise Refuse(f"Concat {node.name} joins pieces along the hidden axis")
-        done = set()
-        for i, v in enumerate(node.inputs):
-            if constant_shape(v) is not None:
-                _constant(node, i, hidden - r, plan, f"the constant '{v.name}' of {op} {node.name}")
-            elif v not in done:
-                done.add(v)
-                rv = rank(v)
-                if rv is None or rv < r - hidden:
-                    raise Refuse(
-                        f"'{v.name}' is added along the whole hidden axis of '{value.name}' (or "
-                        "its rank is unknown)"
-                    )
-                _through(v, node, rv - (r - hidden), plan)
-        return
-    weight = constant_shape(node.inputs[1]) if len(node.inputs) > 1 else None
-    if op == "MatMul" and last and weight is not None and len(weight) == 2:
-        _constant(node, 1, -1, plan, f"the weight of {node.name}")
-        return
-    if op == "Gemm" and last and weight is not None:
-        _constant(
-            node,
-            1,
-            -2 if node.attributes.get_int("transB", 0) else -1,
-            plan,
-            f"the weight of {node.name}",
-        )
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            _constant(node, 2, -1, plan, f"the bias of {node.name}")
-        return
-    if op == "Conv" and hidden == 1 and weight is not None:  # output channels
-        if node.attributes.get_int("group", 1) != 1:
-            raise Refuse(
-                f"grouped Conv {node.name} writes into the stream: cutting a channel changes its "
-                "groups"
-            )
-        _constant(node, 1, -len(weight), plan, f"the weight of {node.name}")
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            _constant(node, 2, -1, plan, f"the bias of {node.name}")
-        return
-    if (
-        op == "Gather"
-        and last
-        and node.attributes.get_int("axis", 0) == 0
-        and constant_shape(node.inputs[0])
-    ):
-        _constant(node, 0, -1, plan, f"the table of {node.name}")
-        return
-    if (
-        op == "Mul"
-        and [
-            constant_shape(v) is not None and folded_value(v).size == 1 for v in node.inputs
-        ].count(True)
-        == 1
-    ):
-        scaled = next(
-            v for v in node.inputs if constant_shape(v) is None
-        )  # a scalar scale commutes with the cut
-        _through(
-            scaled, node, hidden - r + rank(scaled) if rank(scaled) is not None else None, plan
-        )
-        return
-    if op in ("Cast", "Identity", "Expand", "Slice", "Transpose", "Reshape"):
-        axis = hidden_through(node, hidden)
-        if op == "Reshape":
-            _reshape(node, hidden, axis, plan)
-        if op == "Expand":
-            _expand(node, hidden, plan)
-        if constant_shape(node.inputs[0]) is not None:
-            _constant(
-                node,
-                0,
-                axis - rank(node.inputs[0]),
-                plan,
-                f"the constant '{node.inputs[0].name}' of {node.name}",
-            )
-        else:
-            _through(node.inputs[0], node, axis, plan)
-        return
-    raise Refuse(f"{op} {node.name} writes into the stream: not a cut CRMS can make")
+    writers.walk(value, hidden, _Cutting(plan))
+
+
+class _Cutting:
+    """The writer walk's leaves for preln-to-crmsnorm: constants cut to d-1 entries along the
+    hidden axis (normopt.rewriter.writers); an explicit recentring is sliced after it."""
+
+    combines = ("Add", "Concat")
+    where = " (written into the stream)"
+
+    def __init__(self, plan: CRMSPlan) -> None:
+        self.plan = plan
+
+    def special(self, node: ir.Node, value: ir.Value, hidden: int, depth: int) -> bool:
+        r = rank(value)
+        if hidden == r - 1 and _recentring(node):  # zero-mean by construction: a Slice cuts it
+            self.plan.slices.append(value)
+            return True
+        scalars = [constant_shape(v) is not None and folded_value(v).size == 1 for v in node.inputs]
+        if is_op(node, "Mul") and scalars.count(True) == 1:  # a scalar commutes with the cut
+            scaled = node.inputs[scalars.index(False)]
+            rs = rank(scaled)
+            _through(scaled, node, hidden - r + rs if rs is not None else None, self.plan)
+            return True
+        return False
+
+    def constant(self, node: ir.Node, index: int, axis: int, what: str) -> None:
+        _constant(node, index, axis, self.plan, what)
+
+    def recurse(self, node: ir.Node, value: ir.Value, hidden: int | None, depth: int) -> None:
+        _through(value, node, hidden, self.plan)
+
+    def moved(self, node: ir.Node, out_hidden: int, in_hidden: int) -> None:
+        if is_op(node, "Reshape"):
+            reshape(node, out_hidden, in_hidden, self.plan)
+        if is_op(node, "Expand"):
+            expand(node, out_hidden, self.plan)
 
 
 def _recentring(node: ir.Node) -> bool:
@@ -287,171 +147,12 @@ def _recentring(node: ir.Node) -> bool:
     )
 
 
-def _entry(
-    node: ir.Node, entry: int, out_hidden: int, in_hidden: int, d: int, what: str
-) -> int | None:
-    """What a Reshape target's entry at the hidden axis becomes once cut (None: it follows the
-    cut by itself: -1 infers d-1, 0 copies the input's d-1), or Refuse."""
-    if entry == -1 or (
-        entry == 0 and out_hidden == in_hidden and not node.attributes.get_int("allowzero", 0)
-    ):
-        return None
-    if entry != d:
-        raise Refuse(f"{what} gives the hidden axis {entry} entries, not its size {d}")
-    return entry - 1
-
-
-def _reshape(node: ir.Node, out_hidden: int, in_hidden: int, plan: CRMSPlan) -> None:
-    """A Reshape carrying the hidden axis (in_hidden -> out_hidden): its target's entry there
-    must follow the cut: a constant d becomes d-1 (the target, or the constant piece of the
-    Concat that builds it), -1 and 0 follow by themselves, and so does an entry read from the
-    input's own shape at its hidden axis (TorchScript's `x.view(-1, x.size(-1))`)."""
-    plan.reshapes.add(node)
-    target = folded_value(node.inputs[1])
-    if target is not None:
-        if target.ndim != 1 or target.size <= out_hidden:
-            raise Refuse(f"Reshape {node.name}'s target does not reach the hidden axis")
-        new = _entry(
-            node,
-            int(target[out_hidden]),
-            out_hidden,
-            in_hidden,
-            plan.d,
-            f"Reshape {node.name}'s target",
-        )
-        if new is not None:
-            plan.cuts.append(
-                Cut(
-                    node,
-                    1,
-                    np.concatenate([target[:out_hidden], [new], target[out_hidden + 1 :]]).astype(
-                        target.dtype
-                    ),
-                )
-            )
-        return
-    concat, offset = node.inputs[1].producer(), 0
-    if not is_op(concat, "Concat"):
-        raise Refuse(
-            f"Reshape {node.name}'s target shape is computed: its hidden size is not a constant to "
-            "cut"
-        )
-    for index, piece in enumerate(concat.inputs):  # noqa: B007 (both read after the loop)
-        size = static_shape(piece)
-        if size is None or len(size) != 1:
-            raise Refuse(f"Reshape {node.name}'s target is built from pieces of unknown length")
-        if offset + size[0] > out_hidden:
-            break
-        offset += size[0]
-    k = out_hidden - offset
-    array = folded_value(piece)
-    if array is not None:
-        new = _entry(
-            node, int(array[k]), out_hidden, in_hidden, plan.d, f"Reshape {node.name}'s target"
-        )
-        if new is not None:
-            plan.cuts.append(
-                Cut(
-                    concat,
-                    index,
-                    np.concatenate([array[:k], [new], array[k + 1 :]]).astype(array.dtype),
-                )
-            )
-            plan.shapes.append(node.inputs[1])
-        return
-    shape = _own_dim(piece, k, node.inputs[0], in_hidden, concat, plan)
-    if shape is None:
-        raise Refuse(
-            f"Reshape {node.name}'s target shape is computed: its hidden size is not a constant to "
-            "cut"
-        )
-    plan.own_shapes.add(shape)
-
-
-def _own_dim(
-    piece: ir.Value, k: int, x: ir.Value, hidden: int, concat: ir.Node, plan: CRMSPlan
-) -> ir.Node | None:
-    """The Shape node when entry k of `piece` is x's size along its hidden axis, read by a
-    chain used only to build this target (Shape(x) sliced or gathered, a one-entry piece
-    squeezed and unsqueezed on the way: TorchScript's `x.size(-1)`); that size is cut with x,
-    as it must be."""
-    node, chain = piece.producer(), []
-    while is_op(node, "Unsqueeze", "Squeeze"):
-        chain.append(node)
-        node = node.inputs[0].producer()
-    if is_op(node, "Gather") and node.attributes.get_int("axis", 0) == 0:
-        index = folded_value(node.inputs[1])
-        at = None if index is None or index.size != 1 else int(index.reshape(-1)[0])
-    elif is_op(node, "Slice"):
-        starts, steps = folded_value(node.inputs[1]), int_list(node, "", 4)
-        at = (
-            None
-            if starts is None or starts.size != 1 or steps not in (None, [1])
-            else int(starts[0]) + k
-        )
-    else:
-        return None
-    chain.append(node)
-    shape = node.inputs[0].producer()
-    if (
-        at is None
-        or not is_op(shape, "Shape")
-        or shape.attributes.get_int("start", 0) != 0
-        or "end" in shape.attributes
-    ):
-        return None
-    for link, reader in zip([shape, *reversed(chain)], [*reversed(chain), concat]):
-        if readers(link.outputs[0]) != [reader] or link.outputs[0].is_graph_output():
-            return None
-    y, r = shape.inputs[0], rank(shape.inputs[0])
-    if r is None or (y is x and at % r != hidden):
-        return None
-    if (
-        y is not x
-    ):  # another value's size (GPT-2 keeps the embeddings' x.size(-1)): it must be cut there too
-        plan.follows.append((y, at % r, shape))
-    return shape
-
-
-def _expand(node: ir.Node, out_hidden: int, plan: CRMSPlan) -> None:
-    """Expand(x, s): s's entry at the hidden axis is 1 or d (x has d there); once x has d-1 it
-    must be 1: a constant entry d is cut to 1, a computed one is set to 1 in the graph."""
-    size = static_shape(node.inputs[1])
-    out_rank = rank(node.outputs[0])
-    if size is None or out_rank is None:
-        raise Refuse(f"Expand {node.name}'s shape has an unknown length")
-    k = out_hidden - (out_rank - size[0])
-    if k < 0:
-        return
-    target = folded_value(node.inputs[1])
-    if target is None:
-        plan.expands.append((node, k))
-    elif int(target[k]) != 1:
-        plan.cuts.append(
-            Cut(node, 1, np.concatenate([target[:k], [1], target[k + 1 :]]).astype(target.dtype))
-        )
-
-
-def _shape_readers(value: ir.Value, hidden: int | None, plan: CRMSPlan) -> None:
-    """Shape nodes reading `value`, which is cut: their entry at the hidden axis gets d back
-    (TorchScript's `b, n, d = x.shape` must keep computing with d), unless the shape only
-    builds the target of value's own Reshape (CRMSPlan.own_shapes). Size would need numel:
-    refused."""
-    for node in readers(value):
-        if is_op(node, "Size"):
-            raise Refuse(f"Size {node.name} reads '{value.name}', which is cut")
-        if is_op(node, "Shape"):
-            if value.shape is None:
-                raise Refuse(f"Shape {node.name} reads '{value.name}', whose rank is unknown")
-            plan.shape_reads.append((node, len(value.shape) - 1 if hidden is None else hidden))
-
-
 def _through(value: ir.Value, reader: ir.Node, hidden: int | None, plan: CRMSPlan) -> None:
     if sole_reader(value, numbers_only=True) is not reader:
         raise Refuse(
             f"'{value.name}' is read elsewhere too: cutting it would change what that reads"
         )
-    _shape_readers(value, hidden, plan)
+    shape_readers(value, hidden, plan)
     plan.carried.append((value, hidden))
     _writer(value, hidden, plan)
 
@@ -533,7 +234,7 @@ def _through_carriers(value: ir.Value, plan: CRMSPlan, shown: list[ir.Value]) ->
     out = []
     if value.is_graph_output():  # y = [y', -sum(y')] (y is zero-mean as x is), then gamma and beta
         shown.append(value)
-    _shape_readers(value, None, plan)
+    shape_readers(value, None, plan)
     for node in readers(value, numbers_only=True):
         if _carries(node, value, plan):
             plan.carriers.append(node)
@@ -553,9 +254,11 @@ def _carries(node: ir.Node, value: ir.Value, plan: CRMSPlan) -> bool:
         a, b = value.shape, node.outputs[0].shape
         if a is None or b is None or not len(b) or b[-1] != plan.d:
             raise Refuse(f"Reshape {node.name} does not keep the hidden axis last")
-        _reshape(node, len(b) - 1, len(a) - 1, plan)
+        reshape(node, len(b) - 1, len(a) - 1, plan)
         return True
-    return _selects_tokens(node, value)
+    # a Gather / Slice of tokens: each output hidden vector is a whole input one, still cut
+    rule = axis_rules.rule(node)
+    return rule is not None and rule.cut and axis_rules.keeps_last(node)
 
 
 def _shown(value: ir.Value) -> bool:
@@ -570,22 +273,6 @@ def _shown(value: ir.Value) -> bool:
     return value.is_graph_output() or any(
         _shown(n.outputs[0]) for n in readers(value, numbers_only=True) if passes_on(n)
     )
-
-
-def _selects_tokens(node: ir.Node, value: ir.Value) -> bool:
-    """Gather / Slice along axes other than the last of `value`: each output hidden vector is a
-    whole input one (a pooled token), still cut."""
-    r = rank(value)
-    if r is None or node.inputs[0] is not value:
-        return False
-    if is_op(node, "Gather"):
-        return node.attributes.get_int("axis", 0) % r != r - 1
-    if is_op(node, "Slice"):
-        axes = (
-            int_list(node, "", 3) if len(node.inputs) > 3 and node.inputs[3] is not None else None
-        )
-        return axes is not None and all(a % r != r - 1 for a in axes)
-    return False
 
 
 def plan_stream(
@@ -622,7 +309,7 @@ def plan_stream(
                         "outputs it whole: its d-1 entries and minus their sum)"
                     )
                 plan.exposed.append(value)
-            _shape_readers(value, None, plan)
+            shape_readers(value, None, plan)
             for node in readers(value, numbers_only=True):
                 if node in adds or node in members:
                     continue
@@ -651,7 +338,7 @@ def plan_stream(
         for r in analysis.residual_adds:
             if sole_reader(r.branch, numbers_only=True) is not r.node:
                 raise Refuse(f"the branch output '{r.branch.name}' is read elsewhere too")
-            _shape_readers(r.branch, None, plan)
+            shape_readers(r.branch, None, plan)
             plan.carried.append((r.branch, None))
             _writer(r.branch, None, plan)
         for match in norms.values():

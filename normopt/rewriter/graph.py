@@ -16,7 +16,13 @@ import onnx_ir as ir
 
 ONNX_DOMAINS = ("", "ai.onnx")
 
+
 # Linear ops whose constant weight (input 1) and bias a rewrite can edit.
+class Refuse(Exception):
+    """A precondition failed: the message is the reason a user reads (the core's one way of
+    refusing; a pass turns it into a Refusal)."""
+
+
 LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 # How an op passes its first input's elements on:

@@ -16,13 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from normopt.rewriter import numerics
+from normopt.rewriter import axis_rules, numerics
 from normopt.rewriter.edit import Editor
 from normopt.rewriter.graph import (
     LINEAR_OPS,
     constant_shape,
     folded_value,
-    int_list,
     is_op,
     rank,
     readers,
@@ -253,39 +252,14 @@ def plan_preceding(match: NormMatch, a, c) -> Fold | str:
     return Fold(a, c, "preceding", producer, bias_add)
 
 
-def token_axis_op(node: ir.Node, data_rank: int) -> int | str:
-    """Rank after a Gather/Slice/Squeeze/Unsqueeze that leaves the last (channel) axis alone,
-    or why it does not."""
-    op = node.op_type
-    if op == "Gather":
-        index = folded_value(node.inputs[1])
-        if index is None or node.attributes.get_int("axis", 0) % data_rank == data_rank - 1:
-            return "read through a Gather on the channel axis"
-        return data_rank - 1 + index.ndim
-    if op == "Slice":
-        starts = folded_value(node.inputs[1])
-        sliced = (
-            int_list(node, "", 3)
-            if len(node.inputs) > 3 and node.inputs[3] is not None
-            else (None if starts is None else list(range(starts.size)))
-        )
-        return (
-            "read through a Slice on the channel axis"
-            if sliced is None or any(a % data_rank == data_rank - 1 for a in sliced)
-            else data_rank
-        )
-    changed = int_list(node, "axes", 1)
-    if changed is None:
-        return f"read by {op} {node.name}"
-    if op == "Squeeze":  # removes axes of the input: the last one must stay
-        touches_last, out_rank = (
-            any(a % data_rank == data_rank - 1 for a in changed),
-            data_rank - len(changed),
-        )
-    else:  # inserts axes of the output: none may become the last one
-        out_rank = data_rank + len(changed)
-        touches_last = any(a % out_rank == out_rank - 1 for a in changed)
-    return f"read through a {op} at the channel axis" if touches_last else out_rank
+TOKEN_OPS = ("Gather", "Slice", "Squeeze", "Unsqueeze")
+
+
+def is_carrier(node: ir.Node | None) -> bool:
+    """Does an affine along the channel axis fold through `node` (a `carrier` row of
+    normopt.rewriter.axis_rules)?"""
+    rule = axis_rules.rule(node)
+    return rule is not None and rule.carrier
 
 
 def carried(
@@ -293,64 +267,28 @@ def carried(
 ) -> tuple[int, int, float] | str:
     """What a per-channel affine of `value` (rank r, channel axis `axis`) becomes through
     `node`: (rank, channel axis, factor on the shift c) after it, or why it does not pass.
-    Token-axis Gather/Slice/Squeeze/Unsqueeze (channel axis last); mean or sum pooling over other
+    Where the channel axis goes is the table's (normopt.rewriter.axis_rules); token selection
+    (Gather/Slice/Squeeze/Unsqueeze) with the channel axis last; mean or sum pooling over other
     axes (ReduceMean, GlobalAveragePool: mean(a*x + c) = a*mean(x) + c; ReduceSum over n
-    positions: n*c); a Reshape/Flatten of a value whose dims after the channel axis are all 1 to
-    [..., C] (its channels are contiguous already)."""
-    op, out = node.op_type, node.outputs[0]
+    positions: n*c); a Reshape/Flatten that keeps the channel axis whole and last."""
+    op = node.op_type
     if r is None or axis is None:
         return f"read through {op} {node.name} with the rank unknown"
-    if op in ("Gather", "Slice", "Squeeze", "Unsqueeze"):
-        if axis != r - 1:
-            return f"read through {op} {node.name} with the channel axis not last"
-        after = token_axis_op(node, r)
-        return after if isinstance(after, str) else (after, after - 1, 1.0)
-    if op == "GlobalAveragePool":
-        return (
-            (r, axis, 1.0) if axis == 1 else f"GlobalAveragePool {node.name} pools the channel axis"
-        )
-    if op in ("ReduceMean", "ReduceSum"):
-        axes = int_list(node, "axes", 1)
-        if axes is None:
-            return f"{op} {node.name} reduces every axis, the channel axis too"
-        axes = sorted({a % r for a in axes})
-        if axis in axes:
-            return f"{op} {node.name} reduces the channel axis"
-        factor = 1.0
-        if op == "ReduceSum":
-            sizes = [value.shape[a] if value.shape is not None else None for a in axes]
-            if not all(isinstance(n, int) for n in sizes):
-                return (
-                    f"ReduceSum {node.name} sums dims of unknown size (the shift would scale by "
-                    "their count)"
-                )
-            factor = float(np.prod(sizes))
-        if node.attributes.get_int("keepdims", 1):
-            return r, axis, factor
-        return r - len(axes), axis - sum(a < axis for a in axes), factor
-    if op in ("Reshape", "Flatten"):
-        shape, out_shape = value.shape, out.shape
-        channels = shape[axis] if shape is not None else None
-        if (
-            shape is None
-            or out_shape is None
-            or not isinstance(channels, int)
-            or out_shape[-1] != channels
-            or any(d != 1 for d in list(shape)[axis + 1 :])
-        ):
-            return f"{op} {node.name} does not keep the channel axis whole and last"
-        return len(out_shape), len(out_shape) - 1, 1.0
-    return f"read by {op} {node.name}, not by Conv/MatMul/Gemm"
-
-
-CARRIERS = (
-    "Gather",
-    "Slice",
-    "Squeeze",
-    "Unsqueeze",
-    "GlobalAveragePool",
-    "ReduceMean",
-    "ReduceSum",
-    "Reshape",
-    "Flatten",
-)
+    if not is_carrier(node):
+        return f"read by {op} {node.name}, not by Conv/MatMul/Gemm"
+    if op in TOKEN_OPS and axis != r - 1:
+        return f"read through {op} {node.name} with the channel axis not last"
+    after = axis_rules.through(node, axis, "the channel axis")
+    if isinstance(after, str):
+        return after
+    factor = 1.0
+    if op == "ReduceSum":
+        summed = axis_rules.named_axes(node, r) or []
+        sizes = [value.shape[a] if value.shape is not None else None for a in summed]
+        if not all(isinstance(n, int) for n in sizes):
+            return (
+                f"ReduceSum {node.name} sums dims of unknown size (the shift would scale by "
+                "their count)"
+            )
+        factor = float(np.prod(sizes))
+    return after[1], after[0], factor

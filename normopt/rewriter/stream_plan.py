@@ -34,10 +34,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from normopt.rewriter import axis_rules, writers
 from normopt.rewriter.graph import (
+    Refuse,
     constant_shape,
     folded_value,
-    int_list,
     is_op,
     rank,
     readers,
@@ -46,34 +47,11 @@ from normopt.rewriter.graph import (
 from normopt.rewriter.linear_fold import bias_add_after, fold_problem
 from normopt.rewriter.norms import NormMatch
 
-MAX_DEPTH = 64
 # What an explicit recentring costs, in what converting one LayerNorm saves. Measured (ORT 1.32
 # CPU, 2 threads, ops timed in a chain): save / recentring 0.9 at [2, 16, 64], 0.14 at
 # [1, 128, 768], 0.41 at [8, 512, 128], 0.93 at [8, 512, 768]; Peri-LN (9 norms, 4 recentrings,
 # 2 norms a region) measured 1.02x slower with one recentring worth one conversion.
 RECENTRING_COST = 2
-MERGING_OPS = (
-    "Add",
-    "Sub",
-    "Concat",
-    "Cast",
-    "Identity",
-    "Reshape",
-    "Transpose",
-    "Gather",
-    "Slice",
-    "Squeeze",
-    "Unsqueeze",
-    "ReduceMean",
-    "Expand",
-    "Pad",
-    "Split",
-    "Tile",
-)
-
-
-class Refuse(Exception):
-    """A precondition failed: the message is the reason a user reads."""
 
 
 @dataclass
@@ -122,112 +100,6 @@ class StreamRewrite:
             parts.append(f"fold {betas} beta(s) into the linear ops reading them")
         parts += [f"recentre '{v.name}' explicitly ({why})" for v, why in self.recentred]
         return "; ".join(parts)
-
-
-# --------------------------------------------------------------------------- hidden axis
-
-
-def _sliced_axes(node: ir.Node) -> list[int] | None:
-    """The axes a Slice slices (its `axes` input, by default the first len(starts))."""
-    if len(node.inputs) > 3 and node.inputs[3] is not None:
-        return int_list(node, "", 3)
-    starts = folded_value(node.inputs[1]) if len(node.inputs) > 1 else None
-    return None if starts is None else list(range(starts.size))
-
-
-def hidden_through(node: ir.Node, out_axis: int) -> int:
-    """The input axis that becomes `out_axis` (non-negative) of a shape-moving node's output,
-    for ops that keep each output position's hidden vector a whole input hidden vector."""
-    out_rank, in_rank = rank(node.outputs[0]), rank(node.inputs[0])
-    if node.op_type == "Expand":  # broadcasting aligns trailing axes
-        if out_rank is None or in_rank is None or out_axis - (out_rank - in_rank) < 0:
-            raise Refuse(f"Expand {node.name} adds the hidden axis (or ranks are unknown)")
-        return out_axis - (out_rank - in_rank)
-    if node.op_type in ("Cast", "Identity", "Slice"):
-        if out_rank is None or in_rank is None or out_rank != in_rank:
-            raise Refuse(f"rank unknown around {node.op_type} {node.name}")
-        if node.op_type == "Slice":
-            axes = _sliced_axes(node)
-            if axes is None or any(a % in_rank == out_axis for a in axes):
-                raise Refuse(
-                    f"Slice {node.name} slices the hidden axis (or its axes are not constant)"
-                )
-        return out_axis
-    if node.op_type == "Transpose":
-        perm = node.attributes.get_ints("perm", None) or tuple(reversed(range(out_rank or 0)))
-        return perm[out_axis]
-    if node.op_type in ("Reshape", "Flatten"):
-        a, b = node.inputs[0].shape, node.outputs[0].shape
-        if (
-            a is not None
-            and b is not None
-            and out_axis < len(a)
-            and list(a[: out_axis + 1]) == list(b[: out_axis + 1])
-        ):
-            return out_axis  # the prefix up to the hidden axis is untouched
-        if (
-            a is not None
-            and b is not None
-            and out_axis == len(b) - 1
-            and a[-1] == b[-1]
-            and isinstance(b[-1], int)
-        ):
-            return len(a) - 1  # the hidden size stays last
-        raise Refuse(f"cannot tell where the hidden axis goes through {node.op_type} {node.name}")
-    raise Refuse(f"unexpected {node.op_type}")
-
-
-def keeps_hidden(node: ir.Node) -> bool:
-    """Does `node` keep each token's hidden vector (the last axis) whole, so that a zero-mean
-    stream stays zero-mean through it? Ops it does not know keep nothing."""
-    r = rank(node.inputs[0])
-    if is_op(node, "Cast", "Identity"):
-        return True
-    if r is None:
-        return False
-    last = r - 1
-    if is_op(node, "Reshape"):
-        a, b = node.inputs[0].shape, node.outputs[0].shape
-        return a is not None and b is not None and isinstance(a[-1], int) and a[-1] == b[-1]
-    if is_op(node, "Transpose"):
-        perm = node.attributes.get_ints("perm", None)
-        return perm is not None and perm[-1] == last
-    if is_op(node, "Gather"):
-        return node.attributes.get_int("axis", 0) % r != last
-    if is_op(node, "Slice"):
-        axes = _sliced_axes(node)
-        return axes is not None and all(a % r != last for a in axes)
-    if is_op(node, "Squeeze", "Unsqueeze", "ReduceMean"):
-        axes = int_list(node, "axes", 1)
-        if not axes:  # none given: every axis (ReduceMean, Squeeze of all 1-dims)
-            return False
-        out_r = r + len(axes) if node.op_type == "Unsqueeze" else r
-        return all(a % out_r != out_r - 1 for a in axes)
-    if is_op(node, "Split"):
-        return node.attributes.get_int("axis", 0) % r != last
-    if is_op(node, "Expand", "Tile"):  # repeats tokens, never the hidden vector's entries
-        a, b = static_shape(node.inputs[0]), static_shape(node.outputs[0])
-        return a is not None and b is not None and bool(a) and a[-1] == b[-1]
-    if is_op(node, "Pad"):  # zeros added on token axes only (zero is zero-mean)
-        pads = folded_value(node.inputs[1]) if len(node.inputs) > 1 else None
-        fill = (
-            folded_value(node.inputs[2])
-            if len(node.inputs) > 2 and node.inputs[2] is not None
-            else np.zeros(())
-        )
-        plain = (
-            node.attributes.get_string("mode", "constant") == "constant" and len(node.inputs) <= 3
-        )
-        return (
-            plain
-            and pads is not None
-            and pads.size == 2 * r
-            and pads[last] == 0
-            and pads[-1] == 0
-            and fill is not None
-            and np.all(fill == 0)
-        )
-    return False
 
 
 def _broadcasts_over_last(array: np.ndarray) -> bool:
@@ -284,7 +156,8 @@ def merge_inputs(node: ir.Node | None) -> list[ir.Value] | None:
     of values with the same hidden size (and constants, centred with them); Concat along another
     axis; ops that keep every token's hidden vector whole (Cast, Reshape keeping the hidden size,
     token-axis Gather/Slice/Transpose/Expand/Pad/Split, mean pooling over tokens)."""
-    if node is None or not is_op(node, *MERGING_OPS):
+    rule = axis_rules.rule(node)
+    if node is None or not (is_op(node, "Add", "Sub", "Concat") or (rule and rule.stream)):
         return None
     data = [v for v in node.inputs if v is not None and constant_shape(v) is None]
     out = node.outputs[0]
@@ -299,7 +172,12 @@ def merge_inputs(node: ir.Node | None) -> list[ir.Value] | None:
             return None  # pieces recentred apart are not the whole recentred
         return data or None
     source = node.inputs[0] if node.inputs else None
-    if source is None or source not in data or source in node.inputs[1:] or not keeps_hidden(node):
+    if (
+        source is None
+        or source not in data
+        or source in node.inputs[1:]
+        or not axis_rules.keeps_last(node)
+    ):
         return None
     return [source]
 
@@ -488,7 +366,7 @@ class Planner:
                 if is_op(node, "Add", "Sub", "Concat"):
                     for i, v in enumerate(node.inputs):
                         if v is not None and folded_value(v) is not None:
-                            self._centre(plan, None, node, i, -1)
+                            _centre(plan, None, node, i, -1)
         except Refuse as exc:
             return str(exc)
         plan.recentred += list(region.starts.items())
@@ -555,7 +433,11 @@ class Planner:
             if value.is_graph_output():
                 return []
             for node in readers(value, numbers_only=True):
-                if is_op(node, "Reshape") and node.inputs[0] is value and keeps_hidden(node):
+                if (
+                    is_op(node, "Reshape")
+                    and node.inputs[0] is value
+                    and axis_rules.keeps_last(node)
+                ):
                     stack.append(node.outputs[0])
                 elif (
                     is_op(node, "MatMul", "Gemm")
@@ -572,106 +454,47 @@ class Planner:
         """A fresh plan centring everything that writes `value` (a component's source, whose
         readers the component has checked) along its hidden axis."""
         plan = StreamRewrite()
-        self._centre_writer(plan, value, None, 0, None)
+        writers.walk(value, None, _Centring(plan, None))
         return plan
 
-    def _recurse(
-        self,
-        plan: StreamRewrite,
-        node: ir.Node,
-        value: ir.Value,
-        hidden: int | None,
-        depth: int,
-        scale: np.ndarray | None,
-    ) -> None:
-        """Centre the writer of `value`, an input of `node`, which must be its only reader."""
-        if value.is_graph_output() or readers(value, numbers_only=True) != [node]:
-            raise Refuse(f"'{value.name}' is read by other nodes too (they would see the centring)")
-        self._centre_writer(plan, value, hidden, depth + 1, scale)
 
-    def _centre_writer(
-        self,
-        plan: StreamRewrite,
-        value: ir.Value,
-        hidden: int | None,
-        depth: int,
-        scale: np.ndarray | None,
-    ) -> None:
-        """Plan centring of what writes `value` along its (non-negative) `hidden` axis, the
-        last when None. `scale`: a LayerScale vector folded into the linear writers first."""
-        node = value.producer()
-        r = rank(value)
-        if node is None:
-            raise Refuse(f"'{value.name}' is a graph input")
-        if r is None:
-            raise Refuse(f"the rank of '{value.name}' is unknown")
-        if depth > MAX_DEPTH:
-            raise Refuse(f"'{value.name}' is written by a chain too deep to follow")
-        hidden = r - 1 if hidden is None else hidden
-        op, last = node.op_type, hidden == r - 1
-        if not is_op(node, op):
-            raise Refuse(f"{node.domain}::{op} {node.name} writes '{value.name}'")
-        if op in ("Add", "Sub", "Concat"):
-            if op == "Concat" and node.attributes.get_int("axis", 0) % r == hidden:
-                raise Refuse(f"Concat {node.name} joins pieces along the hidden axis")
-            for i, v in enumerate(node.inputs):
-                if constant_shape(v) is not None:
-                    self._centre(plan, scale, node, i, hidden - r)
-                    continue
-                rv = rank(v)
-                if rv is None or rv < r - hidden:
-                    raise Refuse(
-                        f"'{v.name}' is added along the whole hidden axis of '{value.name}' (or "
-                        "its rank is unknown)"
-                    )
-                self._recurse(plan, node, v, rv - (r - hidden), depth, scale)
-            return
-        weight = constant_shape(node.inputs[1]) if len(node.inputs) > 1 else None
-        if op == "MatMul" and weight is not None and len(weight) >= 2 and last:
-            self._centre(plan, scale, node, 1, -1)
-            return
-        if op == "Gemm" and weight is not None and last:
-            self._centre(plan, scale, node, 1, 0 if node.attributes.get_int("transB", 0) else -1)
-            if len(node.inputs) > 2 and node.inputs[2] is not None:
-                self._centre(plan, scale, node, 2, -1)
-            return
-        if op == "Conv" and weight is not None and hidden == 1:  # output channels
-            if node.attributes.get_int("group", 1) != 1:
-                raise Refuse(
-                    f"grouped Conv {node.name} writes '{value.name}': its output channels read "
-                    "different inputs"
-                )
-            self._centre(plan, scale, node, 1, 0)
-            if len(node.inputs) > 2 and node.inputs[2] is not None:
-                self._centre(plan, scale, node, 2, -1)
-            return
-        table = constant_shape(node.inputs[0]) if node.inputs else None
-        if (
-            op == "Gather"
-            and node.attributes.get_int("axis", 0) == 0
-            and table is not None
-            and len(table) >= 2
+class _Centring:
+    """The writer walk's leaves for preln-to-rmsnorm: constants centred along the hidden axis
+    (normopt.rewriter.writers); `scale`: a LayerScale vector folded into the linear writers
+    first."""
+
+    combines = ("Add", "Sub", "Concat")
+    where = ""
+
+    def __init__(self, plan: StreamRewrite, scale: np.ndarray | None) -> None:
+        self.plan, self.scale = plan, scale
+
+    def special(self, node: ir.Node, value: ir.Value, hidden: int, depth: int) -> bool:
+        last = hidden == rank(value) - 1
+        return (
+            is_op(node, "Mul")
             and last
-        ):
+            and self.scale is None
+            and self._layerscale(node, value, depth)
+        )
+
+    def constant(self, node: ir.Node, index: int, axis: int, what: str) -> None:
+        if is_op(node, "Gather") and index == 0:
             shared = node.inputs[0]
             if len(readers(shared)) > 1 or shared.is_graph_output():
                 raise Refuse(f"embedding table '{shared.name}' is shared (tied LM head?)")
-            self._centre(plan, scale, node, 0, -1)
-            return
-        if op == "Mul" and last and scale is None and self._layerscale(plan, node, value, depth):
-            return
-        if op in ("Cast", "Identity", "Expand", "Slice", "Transpose", "Reshape", "Flatten"):
-            axis = hidden_through(node, hidden)
-            if constant_shape(node.inputs[0]) is not None:
-                self._centre(plan, scale, node, 0, axis - rank(node.inputs[0]))
-            else:
-                self._recurse(plan, node, node.inputs[0], axis, depth, scale)
-            return
-        raise Refuse(
-            f"{op} {node.name} writes '{value.name}' and is not a linear op with constant weights"
-        )
+        _centre(self.plan, self.scale, node, index, axis)
 
-    def _layerscale(self, plan: StreamRewrite, node: ir.Node, value: ir.Value, depth: int) -> bool:
+    def recurse(self, node: ir.Node, value: ir.Value, hidden: int | None, depth: int) -> None:
+        """Centre the writer of `value`, an input of `node`, which must be its only reader."""
+        if value.is_graph_output() or readers(value, numbers_only=True) != [node]:
+            raise Refuse(f"'{value.name}' is read by other nodes too (they would see the centring)")
+        writers.walk(value, hidden, self, depth + 1)
+
+    def moved(self, node: ir.Node, out_hidden: int, in_hidden: int) -> None:
+        pass
+
+    def _layerscale(self, node: ir.Node, value: ir.Value, depth: int) -> bool:
         """LayerScale `z * g` (g constant, a scalar or one entry per hidden channel, shaped so
         that the product has z's shape): fold g into z's writers, then drop the Mul."""
         constant = [folded_value(v) is not None for v in node.inputs]
@@ -688,26 +511,24 @@ class Planner:
             return False
         if g.size > 1 and (z_shape is None or z_shape[-1] != g.size):
             return False
-        self._recurse(plan, node, z, None, depth, g.astype(np.float64).reshape(-1))
-        plan.layerscales.append(node)
+        _Centring(self.plan, g.astype(np.float64).reshape(-1)).recurse(node, z, None, depth)
+        self.plan.layerscales.append(node)
         return True
 
-    @staticmethod
-    def _centre(
-        plan: StreamRewrite, scale: np.ndarray | None, node: ir.Node, index: int, axis: int
-    ) -> None:
-        """Plan centring of a constant input along `axis` (negative: counted from its end). A
-        constant broadcast along the hidden axis adds the same to every hidden entry, a shift
-        the recentring removes: centred, it is zero (axis None)."""
-        array = folded_value(node.inputs[index])
-        if array.ndim < -axis or array.shape[axis] == 1:
-            if np.any(array != 0):
-                plan.centred[(node, index)] = None
-            return
-        plan.centred[(node, index)] = axis
-        if scale is not None:
-            if scale.size not in (1, array.shape[axis]):
-                raise Refuse(
-                    f"LayerScale of {scale.size} channels meets '{node.inputs[index].name}'"
-                )
-            plan.scaled[(node, index)] = scale
+
+def _centre(
+    plan: StreamRewrite, scale: np.ndarray | None, node: ir.Node, index: int, axis: int
+) -> None:
+    """Plan centring of a constant input along `axis` (negative: counted from its end). A
+    constant broadcast along the hidden axis adds the same to every hidden entry, a shift
+    the recentring removes: centred, it is zero (axis None)."""
+    array = folded_value(node.inputs[index])
+    if array.ndim < -axis or array.shape[axis] == 1:
+        if np.any(array != 0):
+            plan.centred[(node, index)] = None
+        return
+    plan.centred[(node, index)] = axis
+    if scale is not None:
+        if scale.size not in (1, array.shape[axis]):
+            raise Refuse(f"LayerScale of {scale.size} channels meets '{node.inputs[index].name}'")
+        plan.scaled[(node, index)] = scale

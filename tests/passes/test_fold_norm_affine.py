@@ -308,9 +308,8 @@ def test_the_affine_reaches_readers_through_carriers_that_keep_channels_together
         [const("idx", np.arange(D)[::-1].copy())],
         (2, 3, 5),
     )
-    assert (
-        refusal(channel[0]) == "read through a Gather on the channel axis"
-    )  # a permutation of the channels
+    # a permutation of the channels
+    assert refusal(channel[0]) == "Gather pick gathers along the channel axis"
 
 
 def test_a_scale_that_is_not_constant_is_refused():

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
-
-import typer
-
 from normopt import api
 from normopt.cli.application import command, err, out, print_json
 from normopt.cli.options import (
+    BuildBf16Opt,
+    BuildDstOpt,
+    BuildFp16Opt,
+    BuildPluginsOpt,
+    BuildShapeOpt,
+    BuildSrcOpt,
+    BuildTimingCacheOpt,
+    BuildTrtVersionOpt,
+    BuildWorkspaceOpt,
     DimOpt,
     JsonOpt,
     parse_dims,
@@ -20,44 +24,16 @@ from normopt.errors import BadInput
 
 @command
 def build(
-    src: Annotated[
-        Path, typer.Argument(metavar="IN", help="ONNX model (a --target tensorrt rewrite, or any).")
-    ],
-    dst: Annotated[Path, typer.Argument(metavar="OUT", help="Engine file (written atomically).")],
-    shape: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--shape",
-            help="NAME:MIN/OPT/MAX optimization profile of a dynamic input, each AxBxC "
-            "(repeatable).",
-        ),
-    ] = None,
+    src: BuildSrcOpt,
+    dst: BuildDstOpt,
+    shape: BuildShapeOpt = None,
     dim: DimOpt = None,
-    timing_cache: Annotated[
-        Path | None,
-        typer.Option("--timing-cache", help="TensorRT timing cache to read and update."),
-    ] = None,
-    workspace: Annotated[int, typer.Option("--workspace", help="Builder workspace, MiB.")] = 4096,
-    plugins: Annotated[
-        str, typer.Option("--plugins", help="aot (PTX in the engine, runs without Python) | jit.")
-    ] = "aot",
-    fp16: Annotated[
-        bool,
-        typer.Option(
-            "--fp16",
-            help="Build in float16: the graph is converted first (inputs and outputs stay float32; "
-            "LayerNorms reduce in float32).",
-        ),
-    ] = False,
-    bf16: Annotated[bool, typer.Option("--bf16", help="Build in bfloat16 (as --fp16).")] = False,
-    trt_version: Annotated[
-        str | None,
-        typer.Option(
-            "--trt-version",
-            help="With --fp16/--bf16: the TensorRT the fp32 norms are emitted for (default: the "
-            "installed one).",
-        ),
-    ] = None,
+    timing_cache: BuildTimingCacheOpt = None,
+    workspace: BuildWorkspaceOpt = 4096,
+    plugins: BuildPluginsOpt = "aot",
+    fp16: BuildFp16Opt = False,
+    bf16: BuildBf16Opt = False,
+    trt_version: BuildTrtVersionOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Build a TensorRT engine (strongly typed, normopt's norm plugins registered). Needs TensorRT:

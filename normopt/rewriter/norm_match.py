@@ -1,0 +1,138 @@
+"""A normalization found in a graph (`NormMatch`, what normopt.rewriter.norms returns) and the
+small queries its matchers share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from normopt.rewriter.graph import (
+    constant_value,
+    is_op,
+)
+
+
+@dataclass
+class NormMatch:
+    kind: str  # layernorm | rmsnorm | batchnorm | affine
+    form: str  # op | decomposed
+    input: ir.Value  # the normalized tensor, outside any Cast wrapper
+    output: ir.Value  # the last value of the pattern
+    nodes: list[ir.Node]  # every node of the pattern, in graph order
+    axis: int | None  # LN/RMS: first normalized axis (negative); BN/affine: channel axis
+    epsilon: float | None = None
+    scale: ir.Value | None = None
+    bias: ir.Value | None = None
+    compute_dtype: str | None = None  # dtype the statistics are computed in
+    detail: dict = field(default_factory=dict)
+    # Decomposed LN/RMSNorm: the value the core reads (after an input Cast) and the normalized
+    # value before any scale, bias or output Cast.
+    core_input: ir.Value | None = None
+    core_output: ir.Value | None = None
+    # Where the pattern reads `input`: (node, input index). Edits made since the match may have
+    # replaced the value; the entry node always reads the current one.
+    entry: tuple[ir.Node, int] | None = None
+    # Decomposed LN/RMSNorm: the core's first node (reads core_input); LN: the ReduceMean and
+    # the Sub that compute x - mean(x).
+    anchor: ir.Node | None = None
+    centring: tuple[ir.Node, ir.Node] | None = None
+
+    def current_input(self) -> ir.Value:
+        node, index = self.entry
+        return node.inputs[index]
+
+    def current_core_input(self) -> ir.Value:
+        return self.anchor.inputs[0] if self.anchor is not None else self.current_input()
+
+    @property
+    def normalized_axes(self) -> int:
+        """How many trailing axes an LN/RMSNorm normalizes over."""
+        return -self.axis if self.axis is not None else 0
+
+    @property
+    def dtype(self) -> str | None:
+        """The input's dtype; exports often leave it off intermediate values, and then the
+        parameters (always typed, and in the input's dtype in every exporter) tell."""
+        for value in (self.input, self.scale, self.bias):
+            if value is not None and value.dtype is not None:
+                return str(value.dtype)
+        return self.compute_dtype
+
+    def where(self) -> str:
+        return self.nodes[0].name or f"{self.nodes[0].op_type} reading {self.input.name}"
+
+    def to_json(self) -> dict:
+        return {
+            "kind": self.kind,
+            "form": self.form,
+            "axis": self.axis,
+            "epsilon": self.epsilon,
+            "dtype": self.dtype,
+            "compute_dtype": self.compute_dtype,
+            "scale": self.scale is not None,
+            "bias": self.bias is not None,
+            "input": self.input.name,
+            "output": self.output.name,
+            "nodes": [n.name for n in self.nodes],
+            **self.detail,
+        }
+
+
+# ----------------------------------------------------------------------------- small queries
+
+
+def other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
+    """The other input of a binary node that reads `value` once."""
+    a, b = (list(node.inputs) + [None, None])[:2]
+    if a is value and b is not value:
+        return b
+    if b is value and a is not value:
+        return a
+    return None
+
+
+def scalar(value: ir.Value | None) -> float | None:
+    array = constant_value(value)
+    if array is None or array.size != 1:
+        return None
+    return float(array.reshape(()))
+
+
+def reduce_axes(node: ir.Node) -> tuple[int, ...] | None:
+    """The axes of a ReduceMean with keepdims=1, or None when it is not such a reduction."""
+    if node.attributes.get_int("keepdims", 1) != 1:
+        return None
+    if "axes" in node.attributes:
+        axes = node.attributes.get_ints("axes")
+    elif len(node.inputs) > 1 and node.inputs[1] is not None:
+        array = constant_value(node.inputs[1])
+        axes = None if array is None else tuple(int(a) for a in array.reshape(-1))
+    else:
+        axes = None
+    return tuple(axes) if axes else None
+
+
+def trailing(axes: tuple[int, ...], rank: int | None) -> int | None:
+    """-k when `axes` are exactly the last k axes (any sign convention), else None."""
+    if rank is not None:
+        axes = tuple(a + rank if a < 0 else a for a in axes)
+        if sorted(axes) == list(range(rank - len(axes), rank)):
+            return -len(axes)
+        return None
+    if all(a < 0 for a in axes) and sorted(axes) == list(range(-len(axes), 0)):
+        return -len(axes)
+    return None
+
+
+def squares(node: ir.Node, x: ir.Value) -> bool:
+    """Pow(x, 2) or Mul(x, x)."""
+    if is_op(node, "Pow") and node.inputs[0] is x:
+        return scalar(node.inputs[1]) == 2.0
+    return is_op(node, "Mul") and node.inputs[0] is x and node.inputs[1] is x
+
+
+def broadcasts_over_last(array: np.ndarray, k: int) -> bool:
+    """A scale/bias that varies only along the last k axes (leading dims all 1)."""
+    return array.ndim <= k or all(d == 1 for d in array.shape[: array.ndim - k])
