@@ -96,14 +96,8 @@ def compare_output(
     if got.shape != ref.shape or got.dtype != ref.dtype:
         check.problem = f"second model gives {got.dtype}{list(got.shape)}"
         return check
-    is_float = np.issubdtype(ref.dtype, np.floating) or ref.dtype == ml_dtypes.bfloat16
-    if not is_float:
-        mismatches = int(np.count_nonzero(ref != got))
-        check.ok = mismatches == 0
-        check.max_abs = 0.0 if check.ok else float(mismatches)
-        if not check.ok:
-            check.problem = f"{mismatches} element(s) differ (exact match required)"
-        return check
+    if not (np.issubdtype(ref.dtype, np.floating) or ref.dtype == ml_dtypes.bfloat16):
+        return _exact(check, ref, got)
     a, b = ref.astype(np.float64), got.astype(np.float64)
     default_rtol, default_atol = TOLERANCES.get(ref.dtype, TOLERANCES[np.dtype(np.float32)])
     check.rtol = default_rtol if rtol is None else rtol
@@ -131,14 +125,22 @@ def compare_output(
         check.problem = (
             f"max abs error {check.max_abs:.3g} > {check.atol:g} + {check.rtol:g} x scale "
             f"{scale:.3g}"
-            + (
-                ""
-                if noise is None or rtol is not None or atol is not None
-                else f", and > {NOISE_FACTOR:g} x the original's own noise {noise:.3g} (or over "
-                "the cap "
-                f"{NOISE_CAP:g} x that tolerance)"
-            )
         )
+        if noise is not None and rtol is None and atol is None:
+            check.problem += (
+                f", and > {NOISE_FACTOR:g} x the original's own noise {noise:.3g} (or over the "
+                f"cap {NOISE_CAP:g} x that tolerance)"
+            )
+    return check
+
+
+def _exact(check: OutputCheck, ref: np.ndarray, got: np.ndarray) -> OutputCheck:
+    """Integer, bool and string outputs: equal element by element."""
+    mismatches = int(np.count_nonzero(ref != got))
+    check.ok = mismatches == 0
+    check.max_abs = 0.0 if check.ok else float(mismatches)
+    if not check.ok:
+        check.problem = f"{mismatches} element(s) differ (exact match required)"
     return check
 
 

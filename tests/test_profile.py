@@ -150,7 +150,8 @@ def test_a_decomposed_norm_counts_as_a_norm(corpus):
     """Found from outside: "norm ops 0.000 ms" for a model whose norms onnxruntime leaves
     decomposed (LLaMA's dynamo RMSNorm), so the rewrite's fused norms looked like a loss. The
     decomposed norms' nodes (by the matcher) count as norms."""
-    from normopt.profiler import NORM_OPS, norm_nodes, profile
+    from normopt.profiler import norm_nodes, profile
+    from normopt.profiling import NORM_OPS
 
     paths = corpus("llama-dyn18")
     assert len(norm_nodes(paths.model)) >= 5 * 6  # five RMSNorms of several nodes each

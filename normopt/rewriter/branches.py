@@ -4,11 +4,12 @@ back to where it starts: Conv, per-channel affine, AveragePool, constant Pad (DB
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_ir as ir
 
+from normopt.rewriter import numerics
 from normopt.rewriter.graph import folded_value, is_op, readers
 from normopt.rewriter.linear_fold import norm_affine
 from normopt.rewriter.norms import NormMatch
@@ -202,3 +203,160 @@ def walk(
         if only_reader(value, dead) is None:
             break
     return value, stages[::-1]
+
+
+@dataclass
+class Branch:
+    """One operand of the sum as a convolution of x: W * x + b with these attributes."""
+
+    name: str  # for messages: "Conv <name>" or the operand's value name
+    weight: np.ndarray  # float64 [C_out, C_in/group, k..]
+    bias: np.ndarray
+    pads: list[int]
+    strides: list[int]
+    dilations: list[int] | None  # None: a 1x1 kernel, any dilation
+    group: int
+    per_channel: bool  # identity / affine / pool of x only: takes the Convs' groups
+    nodes: list[ir.Node] = field(default_factory=list)
+    pending: tuple[list[int], np.ndarray] | None = None  # an explicit pad not yet read by a Conv
+
+    @property
+    def kernel(self) -> list[int]:
+        return list(self.weight.shape[2:])
+
+
+# ----------------------------------------------------------------------- composition
+
+
+def same_array(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal to float32 rounding (16 ulps of the larger magnitude)."""
+    a, b = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64))
+    return bool(
+        np.all(
+            np.abs(a - b)
+            <= 16 * np.finfo(np.float32).eps * np.maximum(np.abs(a).max(initial=0), 1e-30)
+        )
+    )
+
+
+def pointwise(branch: Branch) -> bool:
+    return (
+        all(k == 1 for k in branch.kernel)
+        and all(s == 1 for s in branch.strides)
+        and not any(branch.pads)
+    )
+
+
+def compose(below: Branch, upper: Stage, label: str) -> Branch | str:
+    """The branch `below`, then the Conv / pool `upper` (reading `below.pending`'s pad if any)."""
+    channels = below.weight.shape[0]
+    if upper.op == "pool":
+        weight, bias = (
+            numerics.per_channel_kernel(np.ones(channels), upper.kernel),
+            np.zeros(channels),
+        )
+        group, dilations = channels, [1] * len(upper.kernel)
+    else:
+        weight, bias, group, dilations = upper.weight, upper.bias, upper.group, upper.dilations
+    if weight.shape[1] * group != channels:
+        return f"{label} reads {channels} channels, its kernel {weight.shape[1] * group}"
+    pads, fill = list(upper.pads), 0.0
+    if below.pending is not None:
+        if any(pads):
+            return f"{label} pads the input another Pad already padded"
+        pads, fill = below.pending
+    one = all(k == 1 for k in weight.shape[2:]) and all(s == 1 for s in upper.strides)
+    if not pointwise(below) and not (one and not any(pads)):
+        return (
+            f"{label} reads a {below.kernel} Conv's output: one of two Convs in sequence must be "
+            "1x1"
+        )
+    if any(pads) and not same_array(fill, below.bias):
+        return (
+            f"{label} pads with {show(fill)} where the stages before it give {show(below.bias)} "
+            "for a zero input: "
+            "the merged Conv would pad with that"
+        )
+    if pointwise(below):
+        attrs = dict(
+            pads=pads,
+            strides=list(upper.strides),
+            dilations=None if all(k == 1 for k in weight.shape[2:]) else list(dilations),
+        )
+    else:
+        attrs = dict(pads=below.pads, strides=below.strides, dilations=below.dilations)
+    w, b, g = numerics.compose_kernels(weight, bias, group, below.weight, below.bias, below.group)
+    return replace(
+        below,
+        weight=w,
+        bias=b,
+        group=g,
+        per_channel=below.per_channel and upper.op == "pool",
+        nodes=below.nodes + upper.nodes,
+        pending=None,
+        name=label if upper.op == "conv" else below.name,
+        **attrs,
+    )
+
+
+def show(values) -> str:
+    v = np.asarray(values, np.float64).reshape(-1)
+    return f"{v[0]:.4g}" if v.size == 1 or np.all(v == v[0]) else f"[{v[0]:.4g}, {v[1]:.4g}, ...]"
+
+
+def identity_branch(name: str, channels: int, rank: int) -> Branch:
+    return Branch(
+        name,
+        numerics.per_channel_kernel(np.ones(channels), [1] * rank),
+        np.zeros(channels),
+        [0] * 2 * rank,
+        [1] * rank,
+        None,
+        channels,
+        True,
+    )
+
+
+def as_branch(leaf: ir.Value, stages: list[Stage], channels: int, rank: int) -> Branch | str:
+    """The stages (bottom-up, reading x: `channels` channels, `rank` spatial axes) as one
+    convolution of x."""
+    branch = identity_branch(leaf.name, channels, rank)
+    for stage in stages:
+        if stage.op in ("conv", "pool"):
+            composed = compose(
+                branch,
+                stage,
+                f"Conv {stage.nodes[0].name}"
+                if stage.op == "conv"
+                else f"AveragePool {stage.nodes[0].name}",
+            )
+            if isinstance(composed, str):
+                return composed
+            branch = composed
+        elif stage.op == "affine":
+            if {np.size(stage.scale), np.size(stage.bias)} - {1, branch.bias.size}:
+                return (
+                    f"the affine '{stage.nodes[-1].outputs[0].name}' has not one value per channel"
+                )
+            a = np.broadcast_to(np.asarray(stage.scale, np.float64).reshape(-1), branch.bias.shape)
+            c = np.broadcast_to(np.asarray(stage.bias, np.float64).reshape(-1), branch.bias.shape)
+            pending = (
+                None if branch.pending is None else (branch.pending[0], a * branch.pending[1] + c)
+            )
+            branch = replace(
+                branch,
+                weight=numerics.scale_along(branch.weight, a, 0),
+                bias=a * branch.bias + c,
+                nodes=branch.nodes + stage.nodes,
+                pending=pending,
+            )
+        else:  # pad
+            if branch.pending is not None:
+                return f"'{leaf.name}' is padded twice"
+            fill = np.broadcast_to(
+                np.asarray(stage.bias, np.float64).reshape(-1), branch.bias.shape
+            )
+            branch = replace(branch, pending=(stage.pads, fill), nodes=branch.nodes + stage.nodes)
+    if branch.pending is not None:
+        return f"'{leaf.name}' ends in a Pad"
+    return branch

@@ -187,10 +187,8 @@ def _norm(match: NormMatch, plan: CRMSPlan) -> None:
     if plan.whole and _shown(match.output):
         raise Refuse(
             f"the RMSNorm at {where} is (or is reshaped into) a graph output: in float16 its "
-            "implied last entry, minus the sum "
-            "of the others, carries all their rounding errors (CLIP's pooled output: 2.4x the fp16 "
-            "model's "
-            "error against float32)"
+            "implied last entry, minus the sum of the others, carries all their rounding errors "
+            "(CLIP's pooled output: 2.4x the fp16 model's error against float32)"
         )
     if plan.whole:  # the norm outputs [y', -sum(y')] * gamma: its readers stay as they are
         plan.affines[id(match)] = Affine(gamma, None, None)
@@ -199,33 +197,35 @@ def _norm(match: NormMatch, plan: CRMSPlan) -> None:
         return
     plan.affines[id(match)] = Affine(gamma, beta, add)
     shown = plan.exposed_norms.setdefault(id(match), [])
-    found = []
-    for node in _through_carriers(out, plan, shown):
-        w = (
-            folded_value(node.inputs[1])
-            if is_op(node, "MatMul", "Gemm") and len(node.inputs) > 1
-            else None
-        )
-        if (
-            w is None
-            or node.inputs[0].producer() not in (out.producer(), *plan.carriers)
-            or w.ndim != 2
-            or (is_op(node, "Gemm") and node.attributes.get_int("transA", 0))
-        ):
-            raise Refuse(
-                f"{node.op_type} {node.name} reads the RMSNorm at {where}: only MatMul / Gemm with "
-                "a "
-                "constant weight can take its last entry"
-            )
-        trans_b = is_op(node, "Gemm") and bool(node.attributes.get_int("transB", 0))
-        if (w.shape[1] if trans_b else w.shape[0]) != plan.d:
-            raise Refuse(
-                f"{node.op_type} {node.name}'s weight does not have the hidden size on its input "
-                "axis"
-            )
-        found.append(Reader(node, trans_b))
+    found = [_reader(node, out, plan, where) for node in _through_carriers(out, plan, shown)]
     plan.norms.append(match)
     plan.readers[id(match)] = found
+
+
+def _reader(node: ir.Node, out: ir.Value, plan: CRMSPlan, where: str) -> Reader:
+    """A linear reader of a norm's output `out` (directly or through carriers) that takes its
+    last entry into its weight: MatMul / Gemm with a constant [d, n] weight (or transB)."""
+    w = (
+        folded_value(node.inputs[1])
+        if is_op(node, "MatMul", "Gemm") and len(node.inputs) > 1
+        else None
+    )
+    if (
+        w is None
+        or node.inputs[0].producer() not in (out.producer(), *plan.carriers)
+        or w.ndim != 2
+        or (is_op(node, "Gemm") and node.attributes.get_int("transA", 0))
+    ):
+        raise Refuse(
+            f"{node.op_type} {node.name} reads the RMSNorm at {where}: only MatMul / Gemm with a "
+            "constant weight can take its last entry"
+        )
+    trans_b = is_op(node, "Gemm") and bool(node.attributes.get_int("transB", 0))
+    if (w.shape[1] if trans_b else w.shape[0]) != plan.d:
+        raise Refuse(
+            f"{node.op_type} {node.name}'s weight does not have the hidden size on its input axis"
+        )
+    return Reader(node, trans_b)
 
 
 def _through_carriers(value: ir.Value, plan: CRMSPlan, shown: list[ir.Value]) -> list[ir.Node]:
@@ -291,47 +291,14 @@ def plan_stream(
     if not isinstance(d, int) or d < 2:
         return "the stream's hidden size is not static"
     plan = CRMSPlan(d, stream)
-    adds = {r.node for r in analysis.residual_adds}
     try:
-        norms = {n.nodes[0]: n for r in analysis.residual_adds for n in r.pre} | {
-            n.nodes[0]: n for n in analysis.final_norms
-        }
-        members = {node for n in norms.values() for node in n.nodes}
-        pending = list(stream)
-        # the stream, and what carries it on whole (OPT's reshape to (-1, d), CLIP's pooled token)
-        while pending:
-            value = pending.pop()
-            if value.is_graph_output():
-                if not allow_hidden_state_change:
-                    raise Refuse(
-                        f"the stream value '{value.name}' is a graph output "
-                        "(--allow-hidden-state-change "
-                        "outputs it whole: its d-1 entries and minus their sum)"
-                    )
-                plan.exposed.append(value)
-            shape_readers(value, None, plan)
-            for node in readers(value, numbers_only=True):
-                if node in adds or node in members:
-                    continue
-                match = next((m for m in found if m.input is value and node in m.nodes), None)
-                if (
-                    match is not None
-                ):  # a norm of a carried value (CLIP's post-norm of the pooled token)
-                    norms[match.nodes[0]] = match
-                    members.update(match.nodes)
-                    continue
-                if not _carries(node, value, plan):
-                    raise Refuse(
-                        f"{node.op_type} {node.name} reads the stream value '{value.name}'"
-                    )
-                plan.carried.append((node.outputs[0], None))
-                pending.append(node.outputs[0])
+        norms = _readers(analysis, found, plan, allow_hidden_state_change)
         plan.whole = any(m.input.dtype != ir.DataType.FLOAT for m in norms.values())
         if plan.whole and plan.exposed:
             raise Refuse(
                 f"the stream value '{plan.exposed[0].name}' is a graph output: in float16 its "
-                "implied last "
-                "entry, minus the sum of the others, carries all their rounding errors"
+                "implied last entry, minus the sum of the others, carries all their rounding "
+                "errors"
             )
         for value in analysis.initial:
             _writer(value, None, plan)
@@ -343,25 +310,70 @@ def plan_stream(
             _writer(r.branch, None, plan)
         for match in norms.values():
             _norm(match, plan)
-        cut = {
-            v: len(v.shape) - 1 if axis is None else axis
-            for v, axis in [*((v, None) for v in stream), *plan.carried]
-            if v.shape is not None
-        }
-        for value, axis, shape in plan.follows:
-            if cut.get(value) != axis:
-                raise Refuse(
-                    f"{shape.op_type} {shape.name} reads the size of '{value.name}', which is not "
-                    "cut, into "
-                    "a Reshape target of a cut value"
-                )
-        for value in plan.shapes:
-            for node in readers(value):
-                if node not in plan.reshapes:
-                    raise Refuse(
-                        f"the shape '{value.name}' is read by {node.op_type} {node.name} too, "
-                        "which keeps d"
-                    )
+        _check_shapes(plan, stream)
     except Refuse as exc:
         return str(exc)
     return plan
+
+
+def _readers(
+    analysis: StreamAnalysis, found: list[NormMatch], plan: CRMSPlan, allow_hidden: bool
+) -> dict[ir.Node, NormMatch]:
+    """Walk the stream and what carries it on whole (OPT's reshape to (-1, d), CLIP's pooled
+    token): every reader is a residual Add, a norm, or a carrier. Returns the norms by their
+    first node."""
+    adds = {r.node for r in analysis.residual_adds}
+    norms = {n.nodes[0]: n for r in analysis.residual_adds for n in r.pre} | {
+        n.nodes[0]: n for n in analysis.final_norms
+    }
+    members = {node for n in norms.values() for node in n.nodes}
+    pending = list(plan.stream)
+    while pending:
+        value = pending.pop()
+        if value.is_graph_output():
+            if not allow_hidden:
+                raise Refuse(
+                    f"the stream value '{value.name}' is a graph output "
+                    "(--allow-hidden-state-change outputs it whole: its d-1 entries and minus "
+                    "their sum)"
+                )
+            plan.exposed.append(value)
+        shape_readers(value, None, plan)
+        for node in readers(value, numbers_only=True):
+            if node in adds or node in members:
+                continue
+            match = next((m for m in found if m.input is value and node in m.nodes), None)
+            if (
+                match is not None
+            ):  # a norm of a carried value (CLIP's post-norm of the pooled token)
+                norms[match.nodes[0]] = match
+                members.update(match.nodes)
+                continue
+            if not _carries(node, value, plan):
+                raise Refuse(f"{node.op_type} {node.name} reads the stream value '{value.name}'")
+            plan.carried.append((node.outputs[0], None))
+            pending.append(node.outputs[0])
+    return norms
+
+
+def _check_shapes(plan: CRMSPlan, stream: list[ir.Value]) -> None:
+    """A size read into a cut Reshape target must come from a cut value, and a shape that
+    builds one must build nothing else."""
+    cut = {
+        v: len(v.shape) - 1 if axis is None else axis
+        for v, axis in [*((v, None) for v in stream), *plan.carried]
+        if v.shape is not None
+    }
+    for value, axis, shape in plan.follows:
+        if cut.get(value) != axis:
+            raise Refuse(
+                f"{shape.op_type} {shape.name} reads the size of '{value.name}', which is not "
+                "cut, into a Reshape target of a cut value"
+            )
+    for value in plan.shapes:
+        for node in readers(value):
+            if node not in plan.reshapes:
+                raise Refuse(
+                    f"the shape '{value.name}' is read by {node.op_type} {node.name} too, "
+                    "which keeps d"
+                )

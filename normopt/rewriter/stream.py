@@ -230,31 +230,13 @@ def _classify(
         else []
     )
     if not pre and not post and not peri:
-        if seq_norms:
-            why = (
-                f"its {len(seq_norms)} LayerNorm/RMSNorm(s) read values off the stream "
-                "(e.g. a conv output), not the stream itself"
-            )
-        else:
-            other = sorted({m.kind for m in norms})
-            why = f"its norms are {', '.join(other)}" if other else "it has no norms"
+        why = _why_unnormalized(seq_norms, norms)
         return "none", [f"{n} residual Adds, none normalized by a LayerNorm or RMSNorm: {why}"]
     if len(post) == n and not pre:
         return "post-ln", [
             counts,
             "every block input is a norm's output (normalized after the residual Add)",
         ]
-    deciders = [
-        f"Add {r.node.name or r.node.outputs[0].name}: "
-        + (
-            ", ".join(
-                k for k, v in (("pre", r.pre), ("post", r.post), ("branch-output", r.peri)) if v
-            )
-            or "no norm"
-        )
-        for r in adds
-        if not (r.pre and not r.post and not r.peri)
-    ]
     kinds = {m.kind for r in pre for m in r.pre}
     if len(pre) == n and not post:
         if len(peri) == n:
@@ -270,13 +252,35 @@ def _classify(
     return "mixed", [
         counts,
         f"norm kinds before branches: {', '.join(sorted(kinds)) or 'none'}",
-        *(
-            [
-                f"not plain pre-norm: {'; '.join(deciders[:3])}"
-                + (f" (+{len(deciders) - 3} more)" if len(deciders) > 3 else "")
-            ]
-            if deciders
-            else []
-        ),
+        *_not_pre(adds),
         *start_note,
     ]
+
+
+def _why_unnormalized(seq_norms: list[NormMatch], norms: list[NormMatch]) -> str:
+    if seq_norms:
+        return (
+            f"its {len(seq_norms)} LayerNorm/RMSNorm(s) read values off the stream "
+            "(e.g. a conv output), not the stream itself"
+        )
+    other = sorted({m.kind for m in norms})
+    return f"its norms are {', '.join(other)}" if other else "it has no norms"
+
+
+def _not_pre(adds: list[ResidualAdd]) -> list[str]:
+    """The residual Adds that are not plain pre-norm, as one line (the first three)."""
+    deciders = [
+        f"Add {r.node.name or r.node.outputs[0].name}: "
+        + (
+            ", ".join(
+                k for k, v in (("pre", r.pre), ("post", r.post), ("branch-output", r.peri)) if v
+            )
+            or "no norm"
+        )
+        for r in adds
+        if not (r.pre and not r.post and not r.peri)
+    ]
+    if not deciders:
+        return []
+    more = f" (+{len(deciders) - 3} more)" if len(deciders) > 3 else ""
+    return [f"not plain pre-norm: {'; '.join(deciders[:3])}" + more]

@@ -37,7 +37,6 @@ import onnx_ir as ir
 from normopt.rewriter import axis_rules, writers
 from normopt.rewriter.graph import (
     Refuse,
-    constant_shape,
     folded_value,
     is_op,
     rank,
@@ -46,6 +45,7 @@ from normopt.rewriter.graph import (
 )
 from normopt.rewriter.linear_fold import bias_add_after, fold_problem
 from normopt.rewriter.norms import NormMatch
+from normopt.rewriter.stream_regions import Component, Region, component, regions
 
 # What an explicit recentring costs, in what converting one LayerNorm saves. Measured (ORT 1.32
 # CPU, 2 threads, ops timed in a chain): save / recentring 0.9 at [2, 16, 64], 0.14 at
@@ -110,78 +110,6 @@ def _broadcasts_over_last(array: np.ndarray) -> bool:
 # ------------------------------------------------------------------------------ planner
 
 
-@dataclass
-class Component:
-    """Values linked by merges (see `merge_inputs`): recentring a value changes every value it
-    flows into through one, and a merge's output is recentred by its writers only if all its
-    data inputs are. `norms`: the LayerNorms over the hidden axis reading its values;
-    `blockers`: values whose numbers must not change (a reader would see it), with why."""
-
-    values: list[ir.Value] = field(default_factory=list)
-    merges: list[ir.Node] = field(default_factory=list)
-    norms: list[NormMatch] = field(default_factory=list)
-    blockers: dict[ir.Value, str] = field(default_factory=dict)
-
-
-@dataclass
-class Region:
-    """The part of a component that is recentred: `values` change; `starts` are recentred by
-    an explicit `x - ReduceMean(x)` (their own numbers stay, their readers read the recentred
-    ones) because a merge input of theirs must keep its numbers; `merges` are those whose
-    output changes (their constants are centred)."""
-
-    values: list[ir.Value]
-    norms: list[NormMatch]
-    merges: list[ir.Node]
-    starts: dict[ir.Value, str]  # -> why its inputs keep their numbers
-
-    def changed_outputs(self) -> list[str]:
-        return [v.name for v in self.values if v.is_graph_output() and v not in self.starts]
-
-    def sources(self) -> list[ir.Value]:
-        """Values whose writers are centred (or recentred explicitly when they cannot be)."""
-        merges, starts = set(self.merges), set(self.starts)
-        return [v for v in self.values if v.producer() not in merges and v not in starts]
-
-
-def _hidden_size(value: ir.Value) -> int | None:
-    """The static size of a value's last axis, or None."""
-    shape = value.shape
-    return shape[-1] if shape is not None and len(shape) and isinstance(shape[-1], int) else None
-
-
-def merge_inputs(node: ir.Node | None) -> list[ir.Value] | None:
-    """The data inputs through which `node` carries a recentring on to its output unchanged in
-    kind (x - mean(x) at every position, along the hidden axis, the last), or None: Add/Sub
-    of values with the same hidden size (and constants, centred with them); Concat along another
-    axis; ops that keep every token's hidden vector whole (Cast, Reshape keeping the hidden size,
-    token-axis Gather/Slice/Transpose/Expand/Pad/Split, mean pooling over tokens)."""
-    rule = axis_rules.rule(node)
-    if node is None or not (is_op(node, "Add", "Sub", "Concat") or (rule and rule.stream)):
-        return None
-    data = [v for v in node.inputs if v is not None and constant_shape(v) is None]
-    out = node.outputs[0]
-    if is_op(node, "Add", "Sub"):
-        hidden = _hidden_size(out)
-        if len(node.inputs) != 2 or hidden is None or any(_hidden_size(v) != hidden for v in data):
-            return None
-        return data or None
-    if is_op(node, "Concat"):
-        r = rank(out)
-        if r is None or node.attributes.get_int("axis", 0) % r == r - 1:
-            return None  # pieces recentred apart are not the whole recentred
-        return data or None
-    source = node.inputs[0] if node.inputs else None
-    if (
-        source is None
-        or source not in data
-        or source in node.inputs[1:]
-        or not axis_rules.keeps_last(node)
-    ):
-        return None
-    return [source]
-
-
 def _has_bias(linear: ir.Node) -> bool:
     """A Gemm with its C input, or a MatMul with a constant bias Add right after it."""
     if is_op(linear, "Gemm"):
@@ -202,155 +130,18 @@ class Planner:
         self.no_gain = no_gain
         self.norm_of = {n: m for m in norms if m.kind in ("layernorm", "rmsnorm") for n in m.nodes}
 
-    # ---------------------------------------------------------------------- components
+    regions = staticmethod(regions)
+
     def components(self, seeds: list[ir.Value]) -> list[Component]:
         """The components holding `seeds` (the inputs of the LayerNorms), each found once."""
         found: list[Component] = []
         seen: set[ir.Value] = set()
         for seed in seeds:
             if seed not in seen:
-                found.append(self._component(seed, seen))
+                found.append(
+                    component(seed, seen, self.norm_of, self.allow_hidden, self.norm_problem)
+                )
         return found
-
-    def _component(self, seed: ir.Value, seen: set[ir.Value]) -> Component:
-        comp, queue, merges, norms = Component(), [seed], set(), set()
-
-        def block(value: ir.Value, why: str) -> None:
-            comp.blockers.setdefault(value, why)
-
-        while queue:
-            value = queue.pop()
-            if value in seen:
-                continue
-            seen.add(value)
-            comp.values.append(value)
-            if value.is_graph_output() and not self.allow_hidden:
-                block(
-                    value,
-                    f"'{value.name}' is a graph output: it would change (pass "
-                    "--allow-hidden-state-change to accept that)",
-                )
-            producer = value.producer()
-            inputs = merge_inputs(producer)
-            if inputs is not None:
-                if producer not in merges:
-                    merges.add(producer)
-                    comp.merges.append(producer)
-                queue.extend(inputs)
-            for node in readers(value, numbers_only=True):  # shape/dtype-only readers see no change
-                match = self.norm_of.get(node)
-                if match is not None and match.input is value:
-                    problem = self.norm_problem(match)
-                    if problem:
-                        block(value, problem)
-                    elif id(match) not in norms:
-                        norms.add(id(match))
-                        comp.norms.append(match)
-                    continue
-                inputs = merge_inputs(node)
-                if inputs is not None and value in inputs:
-                    if node not in merges:
-                        merges.add(node)
-                        comp.merges.append(node)
-                    queue.extend(node.outputs)
-                    continue
-                if is_op(node, "Concat"):
-                    block(
-                        value,
-                        f"Concat {node.name} joins '{value.name}' with other pieces along the "
-                        "hidden "
-                        "axis: recentred apart, the pieces would shift by different amounts, which "
-                        "a norm "
-                        "over the whole sees",
-                    )
-                else:
-                    block(
-                        value,
-                        f"{node.op_type} {node.name} reads '{value.name}' and would see the "
-                        "recentred "
-                        "values (not shift-invariant)",
-                    )
-        return comp
-
-    @staticmethod
-    def regions(comp: Component) -> tuple[list[Region], dict[ir.Value, str]]:
-        """The parts of `comp` that can be recentred, and the values that must keep their
-        numbers (with why). A blocked value keeps its numbers, and so does everything flowing
-        into it; a merge fed by such a value is recentred explicitly at its output, which in
-        turn fixes all of its inputs. What is left falls apart into regions along its merges."""
-        merges = set(comp.merges)
-        frozen: dict[ir.Value, str] = {}
-        closed: set[ir.Value] = set()
-
-        def freeze(value: ir.Value, why: str) -> None:  # it, and all that flows into it
-            stack = [value]
-            while stack:
-                v = stack.pop()
-                frozen.setdefault(v, why)
-                if v not in closed:
-                    closed.add(v)
-                    if v.producer() in merges:
-                        stack.extend(merge_inputs(v.producer()))
-
-        for value, why in comp.blockers.items():
-            freeze(value, why)
-        starts: dict[ir.Value, str] = {}
-        changed = True
-        while changed:
-            changed = False
-            for value in comp.values:
-                producer = value.producer()
-                if value in frozen or value in starts or producer not in merges:
-                    continue
-                inputs = merge_inputs(producer)
-                kept = next((v for v in inputs if v in frozen), None)
-                if kept is not None:  # its inputs keep their numbers: recentre it explicitly
-                    starts[value] = (
-                        f"it is computed from '{kept.name}', which must keep its numbers: "
-                        f"{frozen[kept]}"
-                    )
-                    for v in inputs:
-                        freeze(v, frozen[kept])
-                    changed = True
-        free = [v for v in comp.values if v not in frozen]
-        region_of: dict[ir.Value, int] = {}
-        groups: list[list[ir.Value]] = []
-        for value in free:  # regions: linked by merges whose output and inputs all change
-            if value in region_of:
-                continue
-            group, stack = [], [value]
-            region_of[value] = len(groups)
-            while stack:
-                v = stack.pop()
-                group.append(v)
-                linked = []
-                producer = v.producer()
-                if producer in merges and v not in starts:
-                    linked += merge_inputs(producer)
-                for node in readers(v, numbers_only=True):
-                    if node in merges and v in merge_inputs(node):
-                        linked += [o for o in node.outputs if o not in starts]
-                for other in linked:
-                    if other not in frozen and other not in region_of:
-                        region_of[other] = len(groups)
-                        stack.append(other)
-            groups.append(group)
-        regions = []
-        for group in groups:
-            members = set(group)
-            regions.append(
-                Region(
-                    values=group,
-                    norms=[m for m in comp.norms if m.input in members],
-                    merges=[
-                        n
-                        for n in comp.merges
-                        if any(o in members and o not in starts for o in n.outputs)
-                    ],
-                    starts={v: why for v, why in starts.items() if v in members},
-                )
-            )
-        return regions, frozen
 
     def plan(self, region: Region) -> StreamRewrite | str:
         """A plan recentring the region and converting its LayerNorms, or why not: the

@@ -933,7 +933,7 @@ def test_patch_merging_is_not_recentred(monkeypatch):
     stay, named); stage 2, which starts at the reduction, converts. Treating the Concat as
     carrying the recentring (a zero-mean concat of zero-mean pieces) would be wrong, as the
     second half shows."""
-    from normopt.rewriter import stream_plan
+    from normopt.rewriter import stream_regions
 
     model, feeds = _patch_merging()
     result, rewritten = _run(model)
@@ -946,14 +946,14 @@ def test_patch_merging_is_not_recentred(monkeypatch):
         )
     _assert_same(model, rewritten, feeds)
 
-    merge = stream_plan.merge_inputs
+    merge = stream_regions.merge_inputs
 
     def concat_carries_it(node):  # the unsound rule: a Concat of zero-mean pieces is zero-mean
         if node is not None and node.op_type == "Concat":
             return [v for v in node.inputs if folded_value(v) is None]
         return merge(node)
 
-    monkeypatch.setattr(stream_plan, "merge_inputs", concat_carries_it)
+    monkeypatch.setattr(stream_regions, "merge_inputs", concat_carries_it)
     result, wrong = _run(model)
     assert result.stats["converted"] == 4
     before, after = ort_run(model, feeds)["y"], ort_run(wrong, feeds)["y"]
