@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Generic, Literal, TypeVar
 
 import onnx_ir as ir
 
@@ -73,9 +73,15 @@ class Refusal:
         return not (self.idle or self.settled)
 
 
+A = TypeVar("A")  # a pass's action type: what one planned edit carries
+
+
 @dataclass
-class Plan:
-    actions: list[Any] = field(default_factory=list)
+class Plan(Generic[A]):
+    """A pass's plan: `actions` of the pass's own type `A` (each deciding everything its edit
+    needs), refusals for the candidates it skips, and what the report shows of it."""
+
+    actions: list[A] = field(default_factory=list)
     refusals: list[Refusal] = field(default_factory=list)
     # graph outputs the rewrite changes on the user's request (verification skips them)
     changed_outputs: list[str] = field(default_factory=list)
@@ -90,7 +96,7 @@ class Plan:
     def applies(self) -> bool:
         return bool(self.actions)
 
-    def decide(self, candidate: str, outcome: Any) -> None:
+    def decide(self, candidate: str, outcome: A | str) -> None:
         """Record a candidate's outcome: an action, or (a string) the reason it is refused."""
         if isinstance(outcome, str):
             self.refusals.append(Refusal(candidate, outcome))
@@ -198,7 +204,9 @@ class PassResult:
         }
 
 
-class Pass(abc.ABC):
+class Pass(abc.ABC, Generic[A]):
+    """A rewrite: `plan` finds its actions (type A), `apply` carries them out."""
+
     name: ClassVar[str]
     summary: ClassVar[str]
     # Plan and apply again until nothing applies (an edit can make another candidate possible).
@@ -208,11 +216,11 @@ class Pass(abc.ABC):
         self.options = options or Options()
 
     @abc.abstractmethod
-    def plan(self, model: ir.Model) -> Plan:
+    def plan(self, model: ir.Model) -> Plan[A]:
         """Find candidates; never edit the model."""
 
     @abc.abstractmethod
-    def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
+    def apply(self, model: ir.Model, plan: Plan[A]) -> list[Change]:
         """Carry out `plan.actions`; return a record of every edit."""
 
     def run(self, model: ir.Model, max_rounds: int = 64) -> PassResult:

@@ -186,11 +186,11 @@ def _apply_one(edit: Editor, fusion: Fusion) -> Change:
     return change
 
 
-class CanonicalizeNorms(Pass):
+class CanonicalizeNorms(Pass[Fusion]):
     name = "canonicalize-norms"
     summary = "replace decomposed LayerNorm/RMSNorm by the fused op the target supports"
 
-    def plan(self, model: ir.Model) -> Plan:
+    def plan(self, model: ir.Model) -> Plan[Fusion]:
         opset = default_opset(model)
         native_rms = (
             self.options.target != "tensorrt"
@@ -224,7 +224,7 @@ class CanonicalizeNorms(Pass):
             plan.idle = "no decomposed LayerNorm or RMSNorm"
         return plan
 
-    def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
+    def apply(self, model: ir.Model, plan: Plan[Fusion]) -> list[Change]:
         edit = Editor(model.graph)
         if any(fusion.domain == DOMAIN for fusion in plan.actions):
             model.opset_imports.setdefault(DOMAIN, 1)

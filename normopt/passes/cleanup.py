@@ -48,11 +48,11 @@ def _signature(model: ir.Model) -> dict:
     }
 
 
-class Cleanup(Pass):
+class Cleanup(Pass[str]):
     name = "cleanup"
     summary = "remove dead nodes and unused initializers, sort nodes topologically"
 
-    def plan(self, model: ir.Model) -> Plan:
+    def plan(self, model: ir.Model) -> Plan[str]:
         graph = model.graph
         dead = dead_nodes(graph)
         actions: list[str] = []
@@ -70,7 +70,7 @@ class Cleanup(Pass):
             idle=None if actions else "no dead nodes, unused initializers or unsorted nodes",
         )
 
-    def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
+    def apply(self, model: ir.Model, plan: Plan[str]) -> list[Change]:
         before = _signature(model)
         TopologicalSortPass()(model)
         RemoveUnusedNodesPass()(model)

@@ -252,14 +252,14 @@ def _set_bias(edit: Editor, fold: Fold, new_bias: ir.Value, base: str) -> str | 
     return fold.bias_add.name if fold.bias_add is not None else None
 
 
-class ConvBNTune(Pass):
+class ConvBNTune(Pass[TuneBlock]):
     name = "convbn-tune"
     summary = (
         "Conv/Gemm/MatMul -> BatchNorm as one op whose weight the graph computes from the named BN "
         "parameters"
     )
 
-    def plan(self, model: ir.Model) -> Plan:
+    def plan(self, model: ir.Model) -> Plan[TuneBlock]:
         plan = Plan()  # (a linear op's output is read by its BN alone: no two blocks share an op)
         tuned = {r.node: r.bn for r in tune_record.read(model)}
         for node in model.graph:
@@ -271,7 +271,7 @@ class ConvBNTune(Pass):
             plan.idle = "no BatchNormalization"
         return plan
 
-    def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
+    def apply(self, model: ir.Model, plan: Plan[TuneBlock]) -> list[Change]:
         edit = Editor(model.graph)
         blocks: list[TuneBlock] = plan.actions
         params = [

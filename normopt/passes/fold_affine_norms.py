@@ -121,14 +121,14 @@ def _apply_one(edit: Editor, action: NormFold) -> Change:
     return change
 
 
-class FoldAffineNorms(Pass):
+class FoldAffineNorms(Pass[NormFold]):
     name = "fold-affine-norms"
     summary = (
         "fold BatchNorm / RepBN / per-channel affine norms into the adjacent Conv, Gemm or MatMul"
     )
     repeats = True  # Conv -> BN -> BN: the second BN reaches the Conv once the first is folded
 
-    def plan(self, model: ir.Model) -> Plan:
+    def plan(self, model: ir.Model) -> Plan[NormFold]:
         plan, used = Plan(), set()
         matches = find_norms(model.graph)
         matched = {n for m in matches for n in m.nodes}
@@ -161,6 +161,6 @@ class FoldAffineNorms(Pass):
             plan.idle = "no BatchNorm or per-channel affine norm"
         return plan
 
-    def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
+    def apply(self, model: ir.Model, plan: Plan[NormFold]) -> list[Change]:
         edit = Editor(model.graph)
         return [_apply_one(edit, action) for action in plan.actions]

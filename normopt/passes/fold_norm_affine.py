@@ -157,14 +157,14 @@ def _apply_one(edit: Editor, action: AffineFold) -> Change:
     return change
 
 
-class FoldNormAffine(Pass):
+class FoldNormAffine(Pass[AffineFold]):
     name = "fold-norm-affine"
     summary = (
         "fold LayerNorm/RMSNorm gamma and beta into the MatMul/Gemm reading them (affine-free "
         "norms)"
     )
 
-    def plan(self, model: ir.Model) -> Plan:
+    def plan(self, model: ir.Model) -> Plan[AffineFold]:
         plan = Plan()
         for match in find_norms(model.graph):
             if match.kind not in ("layernorm", "rmsnorm"):
@@ -174,6 +174,6 @@ class FoldNormAffine(Pass):
             plan.idle = "no LayerNorm or RMSNorm"
         return plan
 
-    def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
+    def apply(self, model: ir.Model, plan: Plan[AffineFold]) -> list[Change]:
         edit = Editor(model.graph)
         return [_apply_one(edit, action) for action in plan.actions]

@@ -244,7 +244,10 @@ def _computed_kernel(conv: ir.Node) -> Materialize | None:
     return Materialize(conv, array, bias_array)
 
 
-class MergeBranches(Pass):
+MergeAction = Merge | Materialize
+
+
+class MergeBranches(Pass[MergeAction]):
     name = "merge-branches"
     summary = (
         "merge parallel branches of one input (RepVGG, ACNet, DBB: Conv, identity, BN, pool, 1x1 "
@@ -252,7 +255,7 @@ class MergeBranches(Pass):
         "into one Conv; a kernel computed in the graph (DEConv) becomes a constant"
     )
 
-    def plan(self, model: ir.Model) -> Plan:
+    def plan(self, model: ir.Model) -> Plan[MergeAction]:
         plan, claimed, dead = Plan(), set(), set(dead_nodes(model.graph))
         affines = {
             m.output: m
@@ -281,7 +284,7 @@ class MergeBranches(Pass):
             )
         return plan
 
-    def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
+    def apply(self, model: ir.Model, plan: Plan[MergeAction]) -> list[Change]:
         edit = Editor(model.graph)
         changes = []
         for action in plan.actions:

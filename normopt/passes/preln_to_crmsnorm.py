@@ -193,13 +193,13 @@ def _expand_to_one(edit: Editor, node: ir.Node, k: int) -> None:
     node.replace_input_with(1, fixed.outputs[0])
 
 
-class PreLNToCRMSNorm(Pass):
+class PreLNToCRMSNorm(Pass[CRMSPlan]):
     name = "preln-to-crmsnorm"
     summary = (
         "carry a zero-mean Pre-RMSNorm stream in d-1 coordinates; its RMSNorms become CRMSNorms"
     )
 
-    def plan(self, model: ir.Model) -> Plan:
+    def plan(self, model: ir.Model) -> Plan[CRMSPlan]:
         norms = find_norms(model.graph)
         if not any(m.kind == "rmsnorm" for m in norms):
             return Plan(idle="no RMSNorm (run preln-to-rmsnorm first)")
@@ -212,7 +212,7 @@ class PreLNToCRMSNorm(Pass):
             plan.stats["width"] = outcome.d
         return plan
 
-    def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
+    def apply(self, model: ir.Model, plan: Plan[CRMSPlan]) -> list[Change]:
         edit, opset = Editor(model.graph), default_opset(model)
         plugin = self.options.target == "tensorrt"
         changes = []

@@ -188,11 +188,11 @@ def _no_gain(match: NormMatch, opset: int, target: str, shared: set[ir.Value]) -
     )
 
 
-class PreLNToRMSNorm(Pass):
+class PreLNToRMSNorm(Pass[StreamRewrite]):
     name = "preln-to-rmsnorm"
     summary = "recentre a Pre-LN transformer's residual stream; its LayerNorms become RMSNorms"
 
-    def plan(self, model: ir.Model) -> Plan:
+    def plan(self, model: ir.Model) -> Plan[StreamRewrite]:
         norms = find_norms(model.graph)
         layernorms = [m for m in norms if m.kind == "layernorm"]
         if not layernorms:
@@ -241,7 +241,7 @@ class PreLNToRMSNorm(Pass):
         }
         return plan
 
-    def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
+    def apply(self, model: ir.Model, plan: Plan[StreamRewrite]) -> list[Change]:
         edit = Editor(model.graph)
         opset = default_opset(model)
         rewrite: StreamRewrite = plan.actions[0]

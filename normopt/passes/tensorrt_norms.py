@@ -37,19 +37,38 @@ from normopt.rewriter.graph import constant_value, is_op, rank
 LOW_PRECISION = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
-@dataclass
-class Action:
-    kind: str  # plugin | fuse | fp32
-    node: ir.Node  # the norm
-    add: ir.Node | None = None  # fuse: the residual Add
+@dataclass(frozen=True)
+class ToPlugin:
+    """An RMSNorm TensorRT cannot import natively -> NormoptRMSNorm."""
+
+    node: ir.Node
 
     def describe(self) -> str:
-        what = {
-            "plugin": "-> NormoptRMSNorm",
-            "fuse": f"and Add {self.add.name if self.add else ''} -> NormoptAddRMSNorm",
-            "fp32": "computed in float32",
-        }[self.kind]
-        return f"{self.node.op_type} {self.node.name} {what}"
+        return f"{self.node.op_type} {self.node.name} -> NormoptRMSNorm"
+
+
+@dataclass(frozen=True)
+class InFloat32:
+    """An fp16/bf16 LayerNormalization computed in float32 (Casts around it)."""
+
+    node: ir.Node
+
+    def describe(self) -> str:
+        return f"{self.node.op_type} {self.node.name} computed in float32"
+
+
+@dataclass(frozen=True)
+class Fuse:
+    """A residual Add + NormoptRMSNorm (now or planned) -> NormoptAddRMSNorm."""
+
+    node: ir.Node
+    add: ir.Node
+
+    def describe(self) -> str:
+        return f"{self.node.op_type} {self.node.name} and Add {self.add.name} -> NormoptAddRMSNorm"
+
+
+TensorRTAction = ToPlugin | InFloat32 | Fuse
 
 
 def _last_axis_only(node: ir.Node) -> str | None:
@@ -75,14 +94,14 @@ def _fusable(node: ir.Node) -> ir.Node | None:
     return add
 
 
-class TensorRTNorms(Pass):
+class TensorRTNorms(Pass[TensorRTAction]):
     name = "tensorrt-norms"
     summary = (
         "--target tensorrt: RMSNorms TensorRT cannot import as normopt's plugins, residual Add + "
         "RMSNorm fused, fp16 norms in fp32"
     )
 
-    def plan(self, model: ir.Model) -> Plan:
+    def plan(self, model: ir.Model) -> Plan[TensorRTAction]:
         if self.options.target != "tensorrt":
             return Plan(idle="the target is not tensorrt")
         native_rms = target_version(self.options.trt_version) >= NATIVE_RMSNORM
@@ -91,9 +110,7 @@ class TensorRTNorms(Pass):
             if is_op(node, "SimplifiedLayerNormalization") or (
                 is_op(node, "RMSNormalization") and not native_rms
             ):
-                plan.decide(
-                    f"{node.op_type} {node.name}", _last_axis_only(node) or Action("plugin", node)
-                )
+                plan.decide(f"{node.op_type} {node.name}", _last_axis_only(node) or ToPlugin(node))
             elif is_op(node, "LayerNormalization") and node.inputs[0].dtype in LOW_PRECISION:
                 extra = any(o.uses() or o.is_graph_output() for o in node.outputs[1:])
                 plan.decide(
@@ -101,26 +118,26 @@ class TensorRTNorms(Pass):
                     f"LayerNormalization {node.name}: its Mean/InvStdDev outputs "
                     "are read (they would become float32)"
                     if extra
-                    else Action("fp32", node),
+                    else InFloat32(node),
                 )
-        planned = {a.node for a in plan.actions if a.kind == "plugin"}
+        planned = {a.node for a in plan.actions if isinstance(a, ToPlugin)}
         for node in model.graph:  # plugins now and those this plan makes
             if (node.domain == DOMAIN and node.op_type == RMS_NORM.op_type) or node in planned:
                 add = _fusable(node)
                 if add is not None and add not in fused:
                     fused.add(add)
-                    plan.actions.append(Action("fuse", node, add))
+                    plan.actions.append(Fuse(node, add))
         if not plan.actions and not plan.refusals:
             plan.idle = "no norm TensorRT needs otherwise"
         return plan
 
-    def apply(self, model: ir.Model, plan: Plan) -> list[Change]:
+    def apply(self, model: ir.Model, plan: Plan[TensorRTAction]) -> list[Change]:
         edit = Editor(model.graph)
         model.opset_imports.setdefault(DOMAIN, 1)
         plugins: dict[ir.Node, ir.Node] = {}  # a norm -> the plugin that replaced it
         changes = []
         for action in plan.actions:
-            if action.kind == "plugin":
+            if isinstance(action, ToPlugin):
                 plugins[action.node] = _to_plugin(edit, action.node)
                 changes.append(
                     Change(
@@ -130,7 +147,7 @@ class TensorRTNorms(Pass):
                         (plugins[action.node].outputs[0].name,),
                     )
                 )
-            elif action.kind == "fp32":
+            elif isinstance(action, InFloat32):
                 _in_fp32(edit, action.node)
                 changes.append(
                     Change(

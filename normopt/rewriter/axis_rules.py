@@ -228,7 +228,7 @@ RULES: dict[str, Rule] = {
     "Identity": Rule(_same, _back_same, elementwise=True, stream=True),
     "Cast": Rule(_same, _back_same, elementwise=True, stream=True),
     "Reshape": Rule(_reshape, _back_reshape, stream=True, carrier=True, cut=True),
-    "Flatten": Rule(_reshape, _back_reshape, carrier=True),
+    "Flatten": Rule(_reshape, _back_reshape, stream=True, carrier=True),
     "Transpose": Rule(_transpose, _back_transpose, stream=True),
     "Gather": Rule(_gather, stream=True, carrier=True, cut=True),
     "Slice": Rule(_slice, _back_same, stream=True, carrier=True, cut=True),

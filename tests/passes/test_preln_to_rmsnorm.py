@@ -977,3 +977,68 @@ def test_an_rmsnorm_reading_the_stream_keeps_it():
     }
     assert "is not shift-invariant" in recentred(result)["x1"]
     _assert_same(model, rewritten, {"ids": np.array([[1, 5, 7, 2], [3, 3, 0, 9]], np.int64)})
+
+
+def _flattened_stream(axis: int, d: int = 6, tokens: int = 4):
+    """Two Pre-LN blocks with the stream flattened between them: [1, T, d] -> Flatten(axis)."""
+    inits = [
+        const("w_in", rng.standard_normal((3, d)).astype(np.float32)),
+        const("w1", rng.standard_normal((d, d)).astype(np.float32)),
+        const("w2", rng.standard_normal((d, d)).astype(np.float32)),
+        const("g", (1 + 0.3 * rng.standard_normal(d)).astype(np.float32)),
+        const("b", (0.3 * rng.standard_normal(d)).astype(np.float32)),
+    ]
+
+    def ln(x, out):
+        return helper.make_node(
+            "LayerNormalization", [x, "g", "b"], [out], axis=-1, name=f"ln_{out}"
+        )
+
+    flat = d if axis == 2 else tokens * d
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_in"], ["s0"]),
+        ln("s0", "n1"),
+        helper.make_node("MatMul", ["n1", "w1"], ["b1"]),
+        helper.make_node("Add", ["s0", "b1"], ["s1"]),
+        helper.make_node("Flatten", ["s1"], ["f"], axis=axis, name="flatten"),
+        ln("f", "n2"),
+        helper.make_node("MatMul", ["n2", "w2" if axis == 2 else "w_wide"], ["b2"]),
+        helper.make_node("Add", ["f", "b2"], ["s2"]),
+        ln("s2", "y"),
+    ]
+    if axis != 2:  # [1, T*d]: the norms read the whole flattened row
+        inits = [
+            *inits[:3],
+            const("g", np.ones(flat, np.float32)),
+            const("b", np.zeros(flat, np.float32)),
+            const("w_wide", rng.standard_normal((flat, flat)).astype(np.float32)),
+        ]
+        nodes[1] = helper.make_node(
+            "LayerNormalization", ["s0", "g_d", "b_d"], ["n1"], axis=-1, name="ln_n1"
+        )
+        inits += [const("g_d", np.ones(d, np.float32)), const("b_d", np.zeros(d, np.float32))]
+    out_shape = (tokens, d) if axis == 2 else (1, flat)
+    model = make_model(
+        nodes, [tensor("x", shape=(1, tokens, 3))], [tensor("y", shape=out_shape)], inits
+    )
+    return model, {"x": rng.standard_normal((1, tokens, 3)).astype(np.float32)}
+
+
+def test_a_flatten_that_keeps_the_hidden_axis_carries_the_stream():
+    """Flatten [1, T, d] -> [T, d] keeps every hidden vector whole: a recentring passes
+    through it (axis_rules: Flatten's `stream` column), so all three LayerNorms convert with no
+    explicit recentring. Before Flatten was on the stream, the Flatten blocked s1."""
+    model, feeds = _flattened_stream(axis=2)
+    result, rewritten = _run(model)
+    assert result.stats["converted"] == 3 and not recentred(result)
+    _assert_same(model, rewritten, feeds)
+
+
+def test_a_flatten_that_joins_hidden_vectors_blocks_the_stream():
+    """Flatten [1, T, d] -> [1, T*d] joins the tokens' hidden vectors: recentred apart, they
+    would shift by different amounts, which the norm over the joined row sees."""
+    model, feeds = _flattened_stream(axis=1)
+    result, rewritten = _run(model)
+    reasons = {r.candidate: r.reason for r in result.refusals}
+    assert "Flatten flatten reads 's1'" in reasons["layernorm at ln_n1"]
+    _assert_same(model, rewritten, feeds)
