@@ -208,7 +208,7 @@ class _Run:
         before = op_histogram(model)
         with timed("passes"):
             self.passes = run_pipeline(
-                model, names, request.options, on_pass=lambda n: step(f"pass {n}")
+                model, names, request.options, lambda n: step(f"pass {n}"), request.settings()
             )
         self.histograms = (before, op_histogram(model))
         self.check_applied(names)

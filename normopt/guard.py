@@ -12,13 +12,13 @@ step's figures are reported.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from normopt.files import StagedModel
 from normopt.passes.base import PassResult
+from normopt.passes.canonicalize_norms import CanonicalizeNorms, CanonicalizeSettings
 from normopt.passes.pipeline import FINAL_PASSES
 from normopt.profiling import Figure
 from normopt.variants import Variants
@@ -83,12 +83,11 @@ def _variant(
     """IN rewritten with only the `kept` units, staged (nothing kept: IN's graph as it is)."""
     if not kept:
         return variants.build(None).staged
-    options = variants.request.options
-    skip = {s for u in every if u not in kept for s in u.sites or ()}
+    skip = frozenset(s for u in every if u not in kept for s in u.sites or ())
     dropped_passes = {u.pass_name for u in every if u.sites is None and u not in kept}
     names = [n for n in names if n not in dropped_passes]
-    options = dataclasses.replace(options, skip_sites=options.skip_sites | frozenset(skip))
-    return variants.build(names, options).staged
+    settings = {CanonicalizeNorms.name: CanonicalizeSettings(skip)} if skip else {}
+    return variants.build(names, settings).staged
 
 
 def guard_speed(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from normopt.errors import BadInput
 from normopt.passes.base import Options
-from normopt.passes.pipeline import resolve
+from normopt.passes.pipeline import resolve, settings_of
 from normopt.verification import VerifyOptions
 
 CRMS_PASS = "preln-to-crmsnorm"
@@ -78,7 +78,7 @@ class RewriteRequest:
         stream must be Pre-RMSNorm first) to the default pipeline; named passes are the
         user's. auto for --target tensorrt is refused: onnxruntime cannot time plugin nodes
         (engines are compared with `normopt build` and `profile --backend tensorrt`)."""
-        mode, names = self.crms, list(resolve(self.passes))
+        mode, names = self.crms, resolve(self.passes)
         if mode not in (None, *CRMS_MODES):
             raise BadInput(f"--crms takes off, on or auto, not '{mode}'")
         if mode is None:
@@ -97,6 +97,10 @@ class RewriteRequest:
             at = names.index("preln-to-rmsnorm") + 1 if "preln-to-rmsnorm" in names else 0
             names.insert(at, CRMS_PASS)
         return names, mode
+
+    def settings(self) -> dict[str, object]:
+        """The per-pass settings `passes` carries (`name{field=value}`), by pass name."""
+        return settings_of(self.passes)
 
     @property
     def timed(self) -> bool:

@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 from normopt.errors import InternalError
 from normopt.files import StagedModel, Transaction, same_file
-from normopt.passes.base import Options, PassResult
+from normopt.passes.base import PassResult
 from normopt.passes.pipeline import run_pipeline
 from normopt.profiling import Figure, compare
 from normopt.request import RewriteRequest
@@ -72,12 +72,15 @@ class Variants:
             progress=lambda i, n: self.step(f"saving {dst.name}: tensor {i}/{n}"),
         )
 
-    def build(self, names: Sequence[str] | None, options: Options | None = None) -> Variant:
-        """IN through the passes `names` (None: IN's graph as it is), staged."""
+    def build(
+        self, names: Sequence[str] | None, settings: Mapping[str, object] | None = None
+    ) -> Variant:
+        """IN through the passes `names` (None: IN's graph as it is) with the request's options
+        and per-pass settings (`settings` override them), staged."""
         model = io.load(self.request.src)
-        results = (
-            [] if names is None else run_pipeline(model, names, options or self.request.options)
-        )
+        settings = {**self.request.settings(), **(settings or {})}
+        options = self.request.options
+        results = [] if names is None else run_pipeline(model, names, options, settings=settings)
         histogram = op_histogram(model)
         return Variant(self.stage(model), results, histogram)
 

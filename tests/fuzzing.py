@@ -21,7 +21,6 @@ a graph, e.g. a grouped ConvTranspose, onnxruntime on a float32 copy is the refe
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import traceback
@@ -933,17 +932,13 @@ def _lowered(model: onnx.ModelProto) -> onnx.ModelProto:
     return ir.serde.serialize_model(ir_model) if lower(ir_model) else model
 
 
-@contextlib.contextmanager
-def recentring_cost(cost: int | None):
-    """Within the block preln-to-rmsnorm prices an explicit recentring at `cost` (None: as is)."""
-    from normopt.rewriter import stream_plan
-
-    saved = stream_plan.RECENTRING_COST
-    stream_plan.RECENTRING_COST = saved if cost is None else cost
-    try:
-        yield
-    finally:
-        stream_plan.RECENTRING_COST = saved
+def priced(names, cost: int | None) -> list[str]:
+    """The pass names with preln-to-rmsnorm's recentring priced at `cost` (None: as is), in the
+    pipeline string's settings form."""
+    return [
+        f"{n}{{recentring_cost={cost}}}" if n == "preln-to-rmsnorm" and cost is not None else n
+        for n in names
+    ]
 
 
 def judge(case: Case, names, options) -> Verdict:
@@ -965,15 +960,15 @@ def judge(case: Case, names, options) -> Verdict:
         evaluate = reference32
         reference = evaluate(case.model, case.feeds)
     try:
-        with recentring_cost(case.recentring_cost):
-            model = ir.serde.deserialize_model(
-                onnx.ModelProto.FromString(case.model.SerializeToString())
-            )
-            results = run_pipeline(model, names, options)
-            rewritten = ir.serde.serialize_model(model)
-            onnx.checker.check_model(rewritten, full_check=full_check)
-            got = ort_run(_lowered(rewritten), case.feeds)
-            again = run_pipeline(ir.serde.deserialize_model(rewritten), names, options)
+        names = priced(names, case.recentring_cost)
+        model = ir.serde.deserialize_model(
+            onnx.ModelProto.FromString(case.model.SerializeToString())
+        )
+        results = run_pipeline(model, names, options)
+        rewritten = ir.serde.serialize_model(model)
+        onnx.checker.check_model(rewritten, full_check=full_check)
+        got = ort_run(_lowered(rewritten), case.feeds)
+        again = run_pipeline(ir.serde.deserialize_model(rewritten), names, options)
     except Exception:
         return Verdict([], crash=traceback.format_exc(limit=6))
     verdict = Verdict([r.name for r in results if r.modified])

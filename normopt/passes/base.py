@@ -29,15 +29,14 @@ TUNE_PARAMS = ("constants", "inputs", "inputs:all")
 
 @dataclass(frozen=True)
 class Options:
-    """Settings every pass may read. `target` picks which fused ops a pass may emit;
-    `allow_hidden_state_change` lets preln-to-rmsnorm rewrite models that output stream values;
-    `skip_sites`: sites (named in a result's `units`) to leave as they are, because the speed
-    guard measured their rewrite slower; `tune_params`: which parameters convbn-tune makes
-    graph inputs (constants: none; inputs: the BatchNorms'; inputs:all: the weights too)."""
+    """What a rewrite asks of every pass (a pass's own knobs are its `Settings`). `target` picks
+    which fused ops a pass may emit; `allow_hidden_state_change` lets preln-to-rmsnorm and
+    preln-to-crmsnorm rewrite models that output stream values; `tune_params`: which
+    parameters convbn-tune makes graph inputs (constants: none; inputs: the BatchNorms';
+    inputs:all: the weights too)."""
 
     target: Target = "onnx"
     allow_hidden_state_change: bool = False
-    skip_sites: frozenset[str] = frozenset()
     tune_params: Literal["constants", "inputs", "inputs:all"] = "constants"
     # --target tensorrt: the TensorRT to emit for (default: installed, else newest)
     trt_version: str | None = None
@@ -204,16 +203,28 @@ class PassResult:
         }
 
 
+@dataclass(frozen=True)
+class NoSettings:
+    """A pass without knobs of its own."""
+
+
 class Pass(abc.ABC, Generic[A]):
-    """A rewrite: `plan` finds its actions (type A), `apply` carries them out."""
+    """A rewrite: `plan` finds its actions (type A), `apply` carries them out. `Settings`: the
+    pass's own frozen options dataclass (the pipeline string may set them:
+    `name{field=value field=value}`)."""
+
+    Settings: ClassVar[type] = NoSettings
 
     name: ClassVar[str]
     summary: ClassVar[str]
     # Plan and apply again until nothing applies (an edit can make another candidate possible).
     repeats: ClassVar[bool] = False
 
-    def __init__(self, options: Options | None = None) -> None:
+    def __init__(self, options: Options | None = None, settings: object | None = None) -> None:
         self.options = options or Options()
+        self.settings = settings if settings is not None else self.Settings()
+        if not isinstance(self.settings, self.Settings):
+            raise TypeError(f"{self.name} takes {self.Settings.__name__}, not {settings!r}")
 
     @abc.abstractmethod
     def plan(self, model: ir.Model) -> Plan[A]:

@@ -186,7 +186,17 @@ def _apply_one(edit: Editor, fusion: Fusion) -> Change:
     return change
 
 
+@dataclass(frozen=True)
+class CanonicalizeSettings:
+    """`skip_sites`: sites (named in a result's `units`) to leave as they are, because the
+    speed guard measured their rewrite slower."""
+
+    skip_sites: frozenset[str] = frozenset()
+
+
 class CanonicalizeNorms(Pass[Fusion]):
+    Settings = CanonicalizeSettings
+
     name = "canonicalize-norms"
     summary = "replace decomposed LayerNorm/RMSNorm by the fused op the target supports"
 
@@ -200,7 +210,7 @@ class CanonicalizeNorms(Pass[Fusion]):
         for match in find_norms(model.graph):
             if match.kind not in ("layernorm", "rmsnorm") or match.form != "decomposed":
                 continue
-            if match.where() in self.options.skip_sites:
+            if match.where() in self.settings.skip_sites:
                 plan.refusals.append(
                     Refusal(
                         f"{match.kind} at {match.where()}",

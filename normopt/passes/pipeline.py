@@ -12,7 +12,8 @@ changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 
 import onnx_ir as ir
 
@@ -57,19 +58,61 @@ FINAL_PASSES: tuple[str, ...] = ("cleanup",)
 MAX_ROUNDS = 8
 
 
+def parse(text: str) -> tuple[str, object | None]:
+    """`name` or `name{field=value field=value}` -> (name, the pass's Settings or None);
+    BadInput for an unknown pass, field or value."""
+    name, _, rest = text.partition("{")
+    name = name.strip()
+    if name not in PASSES:
+        return name, None  # resolve() names it among the unknown passes
+    if not rest:
+        return name, None
+    if not rest.endswith("}"):
+        raise BadInput(f"pass '{text}': settings go in braces, name{{field=value}}")
+    cls = PASSES[name].Settings
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    values = {}
+    for item in rest[:-1].split():
+        key, sep, value = item.partition("=")
+        key = key.replace("-", "_")
+        if not sep or key not in fields:
+            known = ", ".join(fields) or "none"
+            raise BadInput(f"pass '{name}' has no setting '{key}' (it has: {known})")
+        kind = {int: "int", float: "float", str: "str"}.get(fields[key], fields[key])
+        kind = str(kind).removesuffix(" | None")
+        if kind not in ("int", "float", "str"):
+            raise BadInput(f"pass '{name}': {key} cannot be set in a pipeline string")
+        try:
+            values[key] = {"int": int, "float": float, "str": str}[kind](value)
+        except ValueError:
+            raise BadInput(f"pass '{name}': {key} takes a {kind}, not '{value}'") from None
+    return name, cls(**values)
+
+
+def bare(names: Sequence[str]) -> list[str]:
+    """The pass names without their settings."""
+    return [parse(n)[0] for n in names]
+
+
 def resolve(names: Sequence[str] | None) -> list[str]:
-    """Validate pass names (None means the default pipeline; an empty list is an error)."""
+    """Validate pass names (None means the default pipeline; an empty list is an error); a
+    name keeps its settings (`name{field=value}`)."""
     if names is None:
         return list(DEFAULT_PIPELINE)
     if not names:
         raise BadInput(f"--passes names no pass; known passes: {', '.join(sorted(PASSES))}")
-    unknown = [n for n in names if n not in PASSES]
+    unknown = [n for n in bare(names) if n not in PASSES]
     if unknown:
         raise BadInput(
             f"unknown pass {', '.join(repr(n) for n in unknown)}; "
             f"known passes: {', '.join(sorted(PASSES))}"
         )
-    return list(dict.fromkeys(names))
+    return list(dict.fromkeys(bare(names)))
+
+
+def settings_of(names: Sequence[str] | None) -> dict[str, object]:
+    """The settings the names carry, by pass name."""
+    return {n: s for n, s in (parse(n) for n in names or ()) if s is not None}
 
 
 def run_pipeline(
@@ -77,9 +120,14 @@ def run_pipeline(
     names: Sequence[str],
     options: Options | None = None,
     on_pass: Callable[[str], None] | None = None,
+    settings: Mapping[str, object] | None = None,
 ) -> list[PassResult]:
     """Run `names` then the final passes; then again those that refused a candidate while a pass
-    after them changed the model, until none does. One result per pass, in run order."""
+    after them changed the model, until none does. One result per pass, in run order. A name
+    may carry its pass's settings (`name{field=value}`); `settings` gives them as objects by
+    pass name (they win)."""
+    settings = {**settings_of(names), **(settings or {})}
+    names = bare(names)
     results: dict[str, PassResult] = {}
     finals = [n for n in FINAL_PASSES if n not in names]
     order = [*names, *finals]
@@ -96,7 +144,7 @@ def run_pipeline(
                 if on_pass:
                     on_pass(name)
                 with step(f"pass {name}"):
-                    result = PASSES[name](options).run(model)
+                    result = PASSES[name](options, settings.get(name)).run(model)
                 results[name] = results[name].then(result) if name in results else result
                 ran.append((name, result.modified))
         # again: the passes that refused a candidate a later pass's edits may have freed

@@ -31,6 +31,7 @@ runs next, fuses them for --target ort.
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -188,7 +189,18 @@ def _no_gain(match: NormMatch, opset: int, target: str, shared: set[ir.Value]) -
     )
 
 
+@dataclass(frozen=True)
+class PreLNSettings:
+    """`recentring_cost`: what an explicit recentring costs, in LayerNorm conversions saved
+    (None: stream_plan.RECENTRING_COST, measured on ORT CPU); a region converts only where its
+    conversions outweigh its recentrings at this price."""
+
+    recentring_cost: int | None = None
+
+
 class PreLNToRMSNorm(Pass[StreamRewrite]):
+    Settings = PreLNSettings
+
     name = "preln-to-rmsnorm"
     summary = "recentre a Pre-LN transformer's residual stream; its LayerNorms become RMSNorms"
 
@@ -208,6 +220,7 @@ class PreLNToRMSNorm(Pass[StreamRewrite]):
             norms,
             self.options.allow_hidden_state_change,
             lambda m: _no_gain(m, opset, self.options.target, shared),
+            self.settings.recentring_cost,
         )
         rewrite, plan = StreamRewrite(), Plan()
         decided: set[int] = set()

@@ -8,6 +8,7 @@ every walk through a graph: `LINEAR_OPS` (ops with a weight normopt can rewrite)
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 from collections.abc import Iterator
 
@@ -319,20 +320,20 @@ _FOLDABLE = set(_ELEMENTWISE) | {
 }
 
 
-_memo: dict[tuple[int, int], tuple[ir.Value, np.ndarray | None]] | None = None
+# folded_value's answers while the graph is frozen (per thread and context, not per process)
+_MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("normopt_fold", default=None)
 
 
 @contextlib.contextmanager
 def frozen_graph() -> Iterator[None]:
     """Within the block the graph is not edited, so `folded_value` may remember its answers
     (analysis asks the same values again and again: every Mul and Add of a norm search)."""
-    global _memo
-    outer = _memo
-    _memo = {} if outer is None else outer
+    outer = _MEMO.get()
+    token = _MEMO.set({} if outer is None else outer)
     try:
         yield
     finally:
-        _memo = outer
+        _MEMO.reset(token)
 
 
 def folded_value(value: ir.Value | None, depth: int = 8) -> np.ndarray | None:
@@ -340,16 +341,17 @@ def folded_value(value: ir.Value | None, depth: int = 8) -> np.ndarray | None:
     unfolded: elementwise math (`sqrt(running_var + eps)`), a Linear's `Transpose(W)`, and the
     shape arithmetic dynamo uses for a conv bias (`Expand(CastLike(0, x), Shape(W)[0:1])`).
     Analysis only: nothing is written back to the graph."""
-    if _memo is not None and value is not None:
+    memo = _MEMO.get()
+    if memo is not None and value is not None:
         key = (
             id(value),
             depth,
         )  # by depth too: a shallower search may give up where a deeper one folds
-        hit = _memo.get(key)
+        hit = memo.get(key)
         if hit is not None and hit[0] is value:
             return hit[1]
         result = _folded(value, depth)
-        _memo[key] = (value, result)
+        memo[key] = (value, result)
         return result
     return _folded(value, depth)
 

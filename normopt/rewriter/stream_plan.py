@@ -123,10 +123,14 @@ class Planner:
         norms: list[NormMatch],
         allow_hidden: bool,
         no_gain: Callable[[NormMatch], str | None] = lambda _m: None,
+        recentring_cost: int | None = None,
     ) -> None:
         """`no_gain(norm)`: why converting that norm would not pay on the target (it then stays a
-        LayerNorm, which a recentred input does not change, and buys no recentring)."""
+        LayerNorm, which a recentred input does not change, and buys no recentring);
+        `recentring_cost`: an explicit recentring's price in conversions (None:
+        RECENTRING_COST)."""
         self.allow_hidden = allow_hidden
+        self.recentring_cost = RECENTRING_COST if recentring_cost is None else recentring_cost
         self.no_gain = no_gain
         self.norm_of = {n: m for m in norms if m.kind in ("layernorm", "rmsnorm") for n in m.nodes}
 
@@ -167,14 +171,12 @@ class Planner:
             except Refuse as exc:
                 plan.recentred.append((source, str(exc)))
         gaining = [m for m in region.norms if id(m) not in kept]
-        if RECENTRING_COST * len(plan.recentred) >= len(gaining):
+        if self.recentring_cost * len(plan.recentred) >= len(gaining):
             why = "; ".join(f"'{v.name}': {reason}" for v, reason in plan.recentred[:2])
             return (
                 f"{len(gaining)} LayerNorm(s) would need {len(plan.recentred)} explicit "
-                "recentring(s), "
-                "which cost more than converting them saves (a recentring costs about "
-                f"{RECENTRING_COST} "
-                f"conversions) ({why})"
+                "recentring(s), which cost more than converting them saves (a recentring costs "
+                f"about {self.recentring_cost} conversions) ({why})"
             )
         plan.conversions = [Conversion(m, self._beta_readers(m)) for m in gaining]
         plan.kept = [(m, kept[id(m)]) for m in region.norms if id(m) in kept]

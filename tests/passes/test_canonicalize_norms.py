@@ -10,7 +10,7 @@ import pytest
 from models.corpus import CORPUS
 from normopt import files
 from normopt.passes.base import Options
-from normopt.passes.canonicalize_norms import CanonicalizeNorms
+from normopt.passes.canonicalize_norms import CanonicalizeNorms, CanonicalizeSettings
 from normopt.rewriter import io
 from tests.helpers import assert_matches_reference
 from tests.norm_graphs import Variant, build
@@ -156,7 +156,7 @@ def test_fusions_come_in_groups_by_layout_and_a_skipped_site_stays_with_its_reas
 ):
     """timm's ConvNeXt (TorchScript 14): the LayerNorm2d norms (stem, downsampling, head) sit
     between permutes, the block norms do not; the speed guard drops such a group through
-    `Options.skip_sites`, and those norms stay decomposed, saying why."""
+    `CanonicalizeSettings.skip_sites`, and those norms stay decomposed, saying why."""
     paths = corpus("convnext2d-ts14")
     model = io.load(paths.model)
     result = CanonicalizeNorms(Options(target="ort")).run(model)
@@ -166,7 +166,7 @@ def test_fusions_come_in_groups_by_layout_and_a_skipped_site_stays_with_its_reas
     }
     skip = frozenset(result.units["layernorm -> LayerNormalization between Transposes"])
     model = io.load(paths.model)
-    result = CanonicalizeNorms(Options(target="ort", skip_sites=skip)).run(model)
+    result = CanonicalizeNorms(Options(target="ort"), CanonicalizeSettings(skip)).run(model)
     assert list(result.units) == ["layernorm -> LayerNormalization"] and result.lines == [
         "fused 4 decomposed layernorm -> LayerNormalization"
     ]

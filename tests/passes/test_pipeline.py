@@ -211,3 +211,30 @@ def test_a_later_round_sees_the_shapes_of_what_an_earlier_round_created(monkeypa
     )
     pipeline.run_pipeline(model, ["creates", "later"])
     assert seen[0] == [] and seen[1] == [ir.Shape([2, 8]), ir.Shape([2, 8])]
+
+
+def test_a_pipeline_string_carries_a_pass_s_own_settings():
+    """`name{field=value}` sets the pass's Settings (xDSL style); what the pass has not is
+    refused by name, before any work."""
+    from normopt.errors import BadInput
+    from normopt.passes.pipeline import parse, resolve, settings_of
+    from normopt.passes.preln_to_rmsnorm import PreLNSettings
+
+    assert parse("preln-to-rmsnorm{recentring_cost=0}") == (
+        "preln-to-rmsnorm",
+        PreLNSettings(recentring_cost=0),
+    )
+    assert parse("preln-to-rmsnorm{recentring-cost=3}")[1].recentring_cost == 3
+    assert resolve(["preln-to-rmsnorm{recentring_cost=1}", "cleanup"]) == [
+        "preln-to-rmsnorm",
+        "cleanup",
+    ]
+    assert settings_of(["cleanup"]) == {}
+    with pytest.raises(BadInput, match="has no setting 'cost' \\(it has: recentring_cost\\)"):
+        resolve(["preln-to-rmsnorm{cost=1}"])
+    with pytest.raises(BadInput, match="recentring_cost takes a int, not 'many'"):
+        resolve(["preln-to-rmsnorm{recentring_cost=many}"])
+    with pytest.raises(BadInput, match="skip_sites cannot be set in a pipeline string"):
+        resolve(["canonicalize-norms{skip_sites=a}"])
+    with pytest.raises(BadInput, match="has no setting 'x' \\(it has: none\\)"):
+        resolve(["cleanup{x=1}"])
