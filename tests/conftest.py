@@ -10,6 +10,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the models/ package lives beside normopt/, not inside it
 
 
+def pytest_configure(config):
+    """Tests run onnx.checker on graphs with onnxruntime's contrib norms themselves."""
+    from normopt.rewriter import ort_ops
+
+    ort_ops.register()
+
+
 @pytest.fixture(scope="session")
 def corpus():
     """corpus(name) -> Paths of a built corpus model (built once, then cached on disk)."""

@@ -946,6 +946,9 @@ def judge(case: Case, names, options) -> Verdict:
     import onnx_ir as ir
 
     from normopt.passes.pipeline import run_pipeline
+    from normopt.rewriter import ort_ops
+
+    ort_ops.register()  # the checker below sees onnxruntime's contrib norms
 
     original = ort_run(case.model, case.feeds)
     try:  # the output must pass the checker as strictly as the original does

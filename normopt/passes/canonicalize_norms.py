@@ -32,7 +32,6 @@ import onnx_ir as ir
 
 from normopt.passes.base import Change, Pass, Plan, Refusal
 from normopt.plugins.spec import DOMAIN, NATIVE_RMSNORM, RMS_NORM, target_version
-from normopt.rewriter import ort_ops  # noqa: F401  (the checker must know ORT's contrib norm ops)
 from normopt.rewriter.edit import Editor
 from normopt.rewriter.graph import constant_value, default_opset, permuted_around
 from normopt.rewriter.norms import NormMatch, find_norms

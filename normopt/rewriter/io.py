@@ -22,7 +22,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from normopt.errors import BadInput
-from normopt.rewriter import ort_ops  # noqa: F401  (checker knows ORT's contrib norm ops)
+from normopt.rewriter import ort_ops
 from normopt.timings import step
 
 # The upper bounds are what onnxruntime 1.31 (which verifies every rewrite) can load.
@@ -202,7 +202,8 @@ def structure_proto(model: ir.Model) -> onnx.ModelProto:
 
 def check_structure(model: ir.Model) -> str | None:
     """What onnx.checker finds wrong with the model's graph (its large tensors checked only for
-    type and shape), or None."""
+    type and shape), or None. onnxruntime's contrib norms are known to it (ort_ops)."""
+    ort_ops.register()
     try:
         onnx.checker.check_model(structure_proto(model))
     except Exception as exc:  # ValidationError, or a graph the serializer rejects

@@ -70,10 +70,9 @@ SCHEMAS = [
 
 
 def register() -> None:
-    """Idempotent: registers each schema once per process."""
+    """Idempotent: registers each schema once per process (onnx's schema registry is the
+    process's). Called where onnx checks or infers a graph normopt made (io.check_structure,
+    shapes.annotated); tests and the fuzzer that call onnx.checker themselves call it too."""
     for schema in SCHEMAS:
         if not onnx.defs.has(schema.name, 1, ""):  # a schema valid at opset 1 is ours
             onnx.defs.register_schema(schema)
-
-
-register()

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import onnx
 import onnx_ir as ir
 
+from normopt.rewriter import ort_ops
 from normopt.rewriter.io import structure_proto
 from normopt.timings import step
 
@@ -33,6 +34,7 @@ def _values(model: ir.Model) -> Iterator[ir.Value]:
 
 
 def _infer(proto: onnx.ModelProto) -> onnx.ModelProto:
+    ort_ops.register()  # onnxruntime's contrib norms infer too
     return onnx.shape_inference.infer_shapes(
         proto, check_type=False, strict_mode=False, data_prop=True
     )

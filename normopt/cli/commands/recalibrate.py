@@ -12,6 +12,7 @@ from normopt.cli import render
 from normopt.cli.application import command, err, print_json, progress
 from normopt.cli.options import (
     JsonOpt,
+    ReportOpt,
 )
 
 
@@ -49,10 +50,7 @@ def recalibrate(
         ),
     ] = "torch",
     json_out: JsonOpt = False,
-    report_path: Annotated[
-        Path | None,
-        typer.Option("--report", help="Also write the JSON document to this file (atomically)."),
-    ] = None,
+    report_path: ReportOpt = None,
 ) -> None:
     """Re-estimate every BatchNorm's running mean and variance from calibration data (AdaBN),
     streaming over batches. Exit 0 written; 2 bad input (model or data)."""

@@ -15,6 +15,7 @@ from normopt.cli.options import (
     DimOpt,
     InputsOpt,
     JsonOpt,
+    ReportOpt,
     RtolOpt,
     SeedOpt,
     ShapeOpt,
@@ -36,10 +37,7 @@ def verify(
     trials: TrialsOpt = 2,
     shape: ShapeOpt = None,
     json_out: JsonOpt = False,
-    report_path: Annotated[
-        Path | None,
-        typer.Option("--report", help="Also write the JSON document to this file (atomically)."),
-    ] = None,
+    report_path: ReportOpt = None,
 ) -> None:
     """Run A and B in onnxruntime (CPU, no graph optimizations) on the same inputs and compare
     outputs. Exit 0 all within tolerance; 1 not; 2 bad input."""
