@@ -15,7 +15,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from normopt.passes.base import Change, Pass, Plan
-from normopt.rewriter.graph import dead_nodes
+from normopt.rewriter.graph import dead_nodes, is_sorted
+from normopt.rewriter.io import SORTED_ON_LOAD
 
 
 def _unused_initializers(graph: ir.Graph, dead: list[ir.Node]) -> list[str]:
@@ -26,17 +27,6 @@ def _unused_initializers(graph: ir.Graph, dead: list[ir.Node]) -> list[str]:
         for name, v in graph.initializers.items()
         if v not in keep and all(use.node in dead_set for use in v.uses())
     ]
-
-
-def _is_sorted(graph: ir.Graph) -> bool:
-    seen: set[ir.Value] = set(graph.inputs) | set(graph.initializers.values())
-    for node in graph:
-        for value in node.inputs:
-            if value is not None and value.producer() is not None and value not in seen:
-                if value.producer().graph is graph:
-                    return False
-        seen.update(node.outputs)
-    return True
 
 
 def _signature(model: ir.Model) -> dict:
@@ -61,8 +51,10 @@ class Cleanup(Pass[str]):
         unused = _unused_initializers(graph, dead)
         if unused:
             actions.append(f"remove {len(unused)} unused initializer(s)")
-        if not _is_sorted(graph):
+        if not is_sorted(graph):
             actions.append("sort nodes topologically")
+        elif model.meta.get(SORTED_ON_LOAD):  # load sorted IN's nodes: the output shows it
+            actions.append("report the nodes sorted on load")
         if any(dead_nodes(f) for f in model.functions.values()):
             actions.append("remove dead nodes in model-local functions")
         return Plan(
@@ -94,4 +86,8 @@ class Cleanup(Pass[str]):
             )
         if "sort nodes topologically" in plan.actions:
             changes.append(Change("sorted", "graph(s) topologically"))
+        if model.meta.pop(SORTED_ON_LOAD, False):
+            changes.append(
+                Change("sorted", "graph(s) topologically (IN's nodes were out of order)")
+            )
         return changes

@@ -418,3 +418,15 @@ def op_histogram(model: ir.Model) -> dict[str, int]:
 
 def default_opset(model: ir.Model) -> int:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+
+
+def is_sorted(graph: ir.Graph) -> bool:
+    """Whether every node of `graph` comes after the producers of its inputs."""
+    seen: set[ir.Value] = set(graph.inputs) | set(graph.initializers.values())
+    for node in graph:
+        for value in node.inputs:
+            if value is not None and value.producer() is not None and value not in seen:
+                if value.producer().graph is graph:
+                    return False
+        seen.update(node.outputs)
+    return True

@@ -23,13 +23,17 @@ from google.protobuf.message import DecodeError
 
 from normopt.errors import BadInput
 from normopt.rewriter import ort_ops
+from normopt.rewriter.graph import is_sorted
 from normopt.timings import step
 
-# The upper bounds are what onnxruntime 1.31 (which verifies every rewrite) can load.
+# The upper bounds are the installed onnx's (what it reads, checks and writes); a model the
+# installed onnxruntime cannot load is refused by verification with onnxruntime's own reason.
 MIN_OPSET = 13
-MAX_OPSET = 26
+MAX_OPSET = onnx.defs.onnx_opset_version()
 MIN_IR_VERSION = 7
-MAX_IR_VERSION = 13
+MAX_IR_VERSION = onnx.IR_VERSION
+# model.meta key: IN's nodes were out of topological order and were sorted on load
+SORTED_ON_LOAD = "normopt.sorted_on_load"
 # Initializers up to this size keep their values in `structure_proto`.
 SMALL_TENSOR_BYTES = 1024
 # A protobuf cannot exceed 2 GiB; leave room for the graph itself.
@@ -67,7 +71,7 @@ def _check_versions(proto: onnx.ModelProto, path: Path) -> None:
     if not MIN_IR_VERSION <= proto.ir_version <= MAX_IR_VERSION:
         raise BadInput(
             f"'{path}' has IR version {proto.ir_version}; normopt supports IR versions "
-            f"{MIN_IR_VERSION}-{MAX_IR_VERSION}"
+            f"{MIN_IR_VERSION}-{MAX_IR_VERSION} (those of the installed onnx {onnx.__version__})"
         )
     opsets = {o.domain: o.version for o in proto.opset_import}
     default = opsets.get("", opsets.get("ai.onnx"))
@@ -147,6 +151,9 @@ def load(path: str | os.PathLike) -> ir.Model:
         except Exception as exc:
             raise BadInput(f"'{path}' fails onnx.checker: {first_line(exc)}") from None
         del proto
+    if not is_sorted(model.graph):  # onnxruntime runs it; onnx's checker would refuse it
+        model.graph.sort()
+        model.meta[SORTED_ON_LOAD] = True
     # The checker reads the graph, not the weights (the whole file would be parsed again:
     # +25% on an embedded GPT-2's rewrite); their sizes were checked above, their values are
     # read where a pass needs them.

@@ -123,7 +123,10 @@ def test_truncated_external_data_file(tmp_path):
         io.load(path)
 
 
-@pytest.mark.parametrize("opset,message", [(11, "opset 11.*13-26.*convert"), (27, "opset 27")])
+@pytest.mark.parametrize(
+    "opset,message",
+    [(11, "opset 11.*13-.*convert"), (io.MAX_OPSET + 1, f"opset {io.MAX_OPSET + 1}")],
+)
 def test_unsupported_opset(tmp_path, opset, message):
     model = mlp()
     model.opset_import[0].version = opset
@@ -132,7 +135,7 @@ def test_unsupported_opset(tmp_path, opset, message):
         io.load(path)
 
 
-@pytest.mark.parametrize("version", [3, 14])
+@pytest.mark.parametrize("version", [3, onnx.IR_VERSION + 1])
 def test_unsupported_ir_version(tmp_path, version):
     model = mlp()
     model.ir_version = version
@@ -242,3 +245,33 @@ def test_an_initializer_with_a_quantization_annotation_is_saved_by_onnx_ir_and_k
     assert [(a.tensor_name, a.quant_parameter_tensor_names[0].value) for a in saved] == [
         ("w2", "b1")
     ]
+
+
+def test_the_installed_onnx_s_ir_version_loads(tmp_path):
+    """A model saved by the installed onnx (1.23 writes IR 14) is read, as onnxruntime reads it."""
+    model = mlp()
+    model.ir_version = onnx.IR_VERSION
+    assert io.load(save(model, tmp_path / "m.onnx")).ir_version == onnx.IR_VERSION
+
+
+def test_nodes_out_of_order_are_sorted_on_load_and_reported(tmp_path):
+    """onnxruntime's float16 converter leaves nodes out of topological order; onnxruntime runs
+    such a file, so normopt sorts it on load (and cleanup reports the sort) instead of refusing."""
+    from normopt.passes.cleanup import Cleanup
+
+    model = mlp()
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(nodes))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(model)
+    loaded = io.load(path)
+    assert [n.op_type for n in loaded.graph] == [n.op_type for n in nodes]
+    result = Cleanup().run(loaded)
+    assert "sorted 1 graph(s) topologically (IN's nodes were out of order)" in result.lines
+    x = {"x": np.ones((3, 8), np.float32)}
+    np.testing.assert_array_equal(
+        run_ort(path, x)["y"], run_ort(save(mlp(), tmp_path / "s.onnx"), x)["y"]
+    )
