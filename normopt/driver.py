@@ -35,7 +35,7 @@ from normopt.files import (
     write_json_atomic,
 )
 from normopt.guard import GuardReport, guard_speed
-from normopt.inputs import fallback_trials, input_trials
+from normopt.inputs import cache_note, fallback_trials, input_trials
 from normopt.passes.base import PassResult
 from normopt.passes.pipeline import run_pipeline
 from normopt.request import RewriteRequest
@@ -235,7 +235,9 @@ class _Run:
         if request.verification is not None or request.timed:
             self.trials = input_trials(model, request.checks)
             self.fallback = fallback_trials(model, request.checks)
-            self.inputs = inputs_json(self.trials, request.checks.inputs, request.checks.seed)
+            checks = request.checks
+            note = cache_note(model, checks)
+            self.inputs = inputs_json(self.trials, checks.inputs, checks.seed, note)
 
     def check_applied(self, names: list[str]) -> None:
         """--require-change: some pass changed the model; --passes: each named pass did."""

@@ -223,6 +223,12 @@ def input_trials(spec: ir.Model, options: InputOptions) -> list[dict[str, np.nda
         return [check_feeds(spec, options.inputs, "the inputs given")]
     if options.inputs is not None:
         return [load_inputs(options.inputs, spec)]
+    layout = cache_layout(spec)
+    if layout is not None:  # a decoder: a decode step, then a prefill (trials 1: the step)
+        points = [DECODE, PREFILL][: options.trials]
+        return [
+            _cache_inputs(spec, layout, p, options, options.seed + i) for i, p in enumerate(points)
+        ]
     return [
         make_inputs(spec, options.dims, options.seed + i, options.shapes)
         for i in range(options.trials)
@@ -234,7 +240,124 @@ def fallback_trials(spec: ir.Model, options: InputOptions) -> list[dict[str, np.
     at 1 (a model that runs only at batch 1, or at its exported size), to retry with once."""
     if options.inputs is not None:
         return None
+    layout = cache_layout(spec)
+    if layout is not None:  # one step of one token after one, at batch 1
+        return [_cache_inputs(spec, layout, (1, 1), options, options.seed)]
     return [
         make_inputs(spec, options.dims, options.seed + i, options.shapes, unset=1)
         for i in range(options.trials)
     ]
+
+
+# ----------------------------------------------------------------- decoders with a KV cache
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """A decoder's KV cache as the graph ties it: each past input with its sequence axis (the
+    axis a Concat joins it on with the new keys or values), the token input (its axis 1 is the
+    new length), the attention mask (past + new long) and the position ids (past .. past + new
+    - 1). Verification runs a decode step (past > 0, one new token) and a prefill (past 0)."""
+
+    past: dict[str, int]
+    tokens: str | None
+    mask: str | None
+    positions: str | None
+
+    def sizes(self, past: int, new: int) -> str:
+        return f"past {past}, new {new}" + (f", mask {past + new}" if self.mask else "")
+
+
+# the points verification runs a decoder at: (past length, new tokens)
+DECODE, PREFILL = (4, 1), (0, 4)
+
+
+def _read_through_casts(value: ir.Value) -> list[tuple[ir.Node, ir.Value]]:
+    """(reader, the value it reads) for `value` and what Cast/Identity pass it on to."""
+    found, stack = [], [value]
+    while stack:
+        v = stack.pop()
+        for node in {use.node for use in v.uses()}:
+            if node.op_type in ("Cast", "Identity"):
+                stack.extend(node.outputs)
+            else:
+                found.append((node, v))
+    return found
+
+
+def cache_layout(model: ir.Model) -> CacheLayout | None:
+    """The KV cache of a decoder export, or None: past inputs are float inputs that a Concat
+    joins with values the graph computes (the new keys / values)."""
+    past: dict[str, int] = {}
+    inputs = model_inputs(model)
+    for value in inputs:
+        if value.dtype is None or not value.dtype.is_floating_point() or value.shape is None:
+            continue
+        for node, read in _read_through_casts(value):
+            computed = [v for v in node.inputs if v is not read and v is not None]
+            if node.op_type == "Concat" and any(not v.is_graph_input() for v in computed):
+                past[value.name] = node.attributes.get_int("axis", 0) % len(value.shape)
+    if not past:
+        return None
+    names = {v.name: v for v in inputs}
+    tokens = next((v.name for v in inputs if _gather_bound(v) is not None), None)
+    mask = next((n for n, v in names.items() if "mask" in n.lower() and _rank(v) == 2), None)
+    positions = next((n for n in names if "position" in n.lower()), None)
+    return CacheLayout(past, tokens, mask, positions)
+
+
+def _rank(value: ir.Value) -> int | None:
+    return len(value.shape) if value.shape is not None else None
+
+
+def _cache_shapes(
+    model: ir.Model, layout: CacheLayout, point: tuple[int, int], options: InputOptions, batch: int
+) -> dict[str, tuple[int, ...]]:
+    """Whole shapes of the cache's inputs at (past, new): symbolic batch, sequence, mask and
+    position dims tied; static dims as they are; inputs the user shaped are left alone."""
+    past_len, new = point
+    shapes = {}
+    for value in model_inputs(model):
+        name = value.name
+        if name in options.shapes or value.shape is None:
+            continue
+        tied = {0: batch}
+        if name in layout.past:
+            tied[layout.past[name]] = past_len
+        elif name == layout.tokens and len(value.shape) > 1:
+            tied[1] = new
+        elif name == layout.mask:
+            tied[1] = past_len + new
+        elif name == layout.positions:
+            tied = {0: new} if len(value.shape) == 1 else {0: batch, len(value.shape) - 1: new}
+        else:
+            continue
+        dims = _resolve_shape(value, options.dims, {})
+        shapes[name] = tuple(
+            tied.get(k, d) if not isinstance(value.shape[k], int) else d for k, d in enumerate(dims)
+        )
+    return shapes
+
+
+def _cache_inputs(
+    model: ir.Model, layout: CacheLayout, point: tuple[int, int], options: InputOptions, seed: int
+) -> dict[str, np.ndarray]:
+    """Random inputs at a cache point; masks all ones, position ids past .. past + new - 1."""
+    batch = 1 if point == (1, 1) else default_dim("batch")
+    shapes = {**_cache_shapes(model, layout, point, options, batch), **options.shapes}
+    feeds = make_inputs(model, options.dims, seed, shapes)
+    if layout.positions is not None and layout.positions not in options.shapes:
+        array = feeds[layout.positions]
+        steps = np.arange(point[0], point[0] + point[1], dtype=array.dtype)
+        feeds[layout.positions] = np.broadcast_to(steps, array.shape).copy()
+    return feeds
+
+
+def cache_note(spec: ir.Model, options: InputOptions) -> str | None:
+    """How generated inputs tie a decoder's cache (for the report), or None."""
+    layout = cache_layout(spec) if options.inputs is None else None
+    if layout is None:
+        return None
+    points = [("decode step", DECODE), ("prefill", PREFILL)][: options.trials]
+    runs = "; ".join(f"{what}: {layout.sizes(*point)}" for what, point in points)
+    return f"KV cache of {len(layout.past)} past input(s), dims tied: {runs}"

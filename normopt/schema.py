@@ -49,11 +49,14 @@ def versions() -> dict[str, str | None]:
     }
 
 
-def inputs_json(trials: Sequence[Mapping[str, np.ndarray]], source: object, seed: int) -> dict:
+def inputs_json(
+    trials: Sequence[Mapping[str, np.ndarray]], source: object, seed: int, cache: str | None = None
+) -> dict:
     """The input sets a command ran on: where they came from (`generated`, the .npz path, or
-    `given` for arrays passed from Python), the seed of generated ones, and per draw each
-    array's dtype, shape and sha256 of its bytes (C order)."""
+    `given` for arrays passed from Python), the seed of generated ones, per draw each array's
+    dtype, shape and sha256 of its bytes (C order), and for a decoder how its cache was tied."""
     generated = source is None
+    extra = {"cache": cache} if cache is not None else {}
     return {
         "source": "generated"
         if generated
@@ -72,7 +75,7 @@ def inputs_json(trials: Sequence[Mapping[str, np.ndarray]], source: object, seed
             }
             for feeds in trials
         ],
-    }
+    } | extra
 
 
 def _plain(value):

@@ -62,7 +62,7 @@ def check_session(path: str | os.PathLike, optimized: bool = False):
         if optimized
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # its errors come back as exceptions, not raw log lines
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types, all one-line worthy
@@ -163,7 +163,7 @@ def timing_session(
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # its errors come back as exceptions, not raw log lines
     if profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix

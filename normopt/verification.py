@@ -29,7 +29,7 @@ import ml_dtypes
 import numpy as np
 
 from normopt.errors import BadInput
-from normopt.inputs import InputOptions, fallback_trials, input_trials
+from normopt.inputs import InputOptions, cache_note, fallback_trials, input_trials
 from normopt.rewriter.io import check_readable_file
 from normopt.schema import document, inputs_json
 from normopt.sessions import ModelRunError, run_ort_all
@@ -234,14 +234,16 @@ def verify(
     step = on_step or (lambda _m: None)
     model_a, model_b = Path(model_a), Path(model_b)
     check_readable_file(model_b)
+    note = None
     if trials is None:
         spec = load(model_a)
         trials, fallback = input_trials(spec, options), fallback_trials(spec, options)
+        note = cache_note(spec, options)
         del spec
     report = VerifyReport(str(model_a), str(model_b))
     step(f"running {model_a.name}")
     refs, trials, report.note = _reference(model_a, trials, fallback)
-    report.inputs = inputs_json(trials, options.inputs, options.seed)
+    report.inputs = inputs_json(trials, options.inputs, options.seed, note)
     step(f"running {model_b.name}")
     gots = run_ort_all(model_b, trials)
     checks = _checks(refs, gots, options)
@@ -281,7 +283,9 @@ def _reference(
             ) from None
         note = (
             f"'{model_a.name}' failed on the generated inputs {generated} ({exc}); "
-            f"verified with every symbolic dim not set at 1: {_shapes_text(fallback[0])}"
+            f"verified with every symbolic dim not set at 1: {_shapes_text(fallback[0])} (a dim "
+            "of 1 can hide a broadcast: set the sizes the model runs at with --dim NAME=VALUE "
+            "or --shape NAME=AxB)"
         )
         return refs, fallback, note
 
