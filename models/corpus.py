@@ -50,6 +50,7 @@ class Entry:
             "scaledpool": transformer.scaledpool,
             "gpt2": hf.gpt2,
             "gpt2hidden": hf.gpt2hidden,
+            "gpt2kv": hf.gpt2kv,
             "gpt2narrow": hf.gpt2narrow,
             "opt": hf.opt,
             "gptneox": hf.gptneox,
@@ -90,6 +91,7 @@ class Paths:
 FAMILIES = [
     "gpt2",
     "gpt2hidden",
+    "gpt2kv",
     "opt",
     "gptneox",
     "vit",
@@ -115,7 +117,11 @@ FAMILIES = [
     "repblocks",
 ]
 # Exports per family where not all of them work (Whisper: TorchScript cannot export aten::diff).
-FAMILY_EXPORTS = {"llama": ("ts14", "ts17", "dyn18", "dyn23"), "whisper": ("dyn18",)}
+FAMILY_EXPORTS = {
+    "llama": ("ts14", "ts17", "dyn18", "dyn23"),
+    "whisper": ("dyn18",),
+    "gpt2kv": ("ts17", "dyn18"),  # a KV-cache decoder: both exporters
+}
 CORPUS: dict[str, Entry] = {}
 for _family in FAMILIES:
     for _suffix in FAMILY_EXPORTS.get(_family, ("ts14", "ts17", "dyn18")):

@@ -75,6 +75,51 @@ def gpt2(large: bool = False) -> Built:
     return _text(T.GPT2LMHeadModel(cfg))
 
 
+class _CachedDecoder(torch.nn.Module):
+    """One decoding step with the KV cache as tensors, as LLMs are exported for serving:
+    (input_ids, attention_mask over past + new, past key and value per layer) -> (logits,
+    present key and value per layer)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, pk0, pv0, pk1, pv1):
+        cache = _transformers().DynamicCache()
+        for i, (k, v) in enumerate(((pk0, pv0), (pk1, pv1))):
+            cache.update(k, v, i)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        return (out.logits, *present)
+
+
+def gpt2kv() -> Built:
+    """GPT-2 (2 layers) exported with its KV cache: past 3 tokens, 2 new."""
+    T = _transformers()
+    cfg = _small(
+        T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=POSITIONS)
+    )
+    cfg.use_cache = True
+    past, new = 3, 2
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "input_ids": torch.randint(0, VOCAB, (BATCH, new), generator=g),
+        "attention_mask": torch.ones(BATCH, past + new, dtype=torch.long),
+    }
+    names = [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    for name in names:
+        inputs[name] = torch.randn(BATCH, 4, past, 16, generator=g)
+    outputs = ["logits"] + [n.replace("past_key_values", "present") for n in names]
+    dynamic = {"input_ids": TEXT_AXES, "attention_mask": {0: "batch", 1: "total"}}
+    dynamic |= {n: {0: "batch", 2: "past"} for n in names}
+    return Built(_CachedDecoder(T.GPT2LMHeadModel(cfg)).eval(), inputs, outputs, dynamic)
+
+
 def gpt2narrow(large: bool = True) -> Built:
     """A norm-heavy GPT-2 for benchmarks: 128 wide, 4 layers, 1024 positions (long sequences)."""
     T = _transformers()

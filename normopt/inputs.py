@@ -273,12 +273,15 @@ DECODE, PREFILL = (4, 1), (0, 4)
 
 
 def _read_through_casts(value: ir.Value) -> list[tuple[ir.Node, ir.Value]]:
-    """(reader, the value it reads) for `value` and what Cast/Identity pass it on to."""
+    """(reader, the value it reads) for `value` and what Cast / Identity / a Concat of it alone
+    (TorchScript's first cache update) pass it on to."""
     found, stack = [], [value]
     while stack:
         v = stack.pop()
         for node in {use.node for use in v.uses()}:
-            if node.op_type in ("Cast", "Identity"):
+            if node.op_type in ("Cast", "Identity") or (
+                node.op_type == "Concat" and len(node.inputs) == 1
+            ):
                 stack.extend(node.outputs)
             else:
                 found.append((node, v))

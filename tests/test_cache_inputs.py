@@ -142,3 +142,18 @@ def test_a_decoder_is_rewritten_without_inputs_at_a_decode_step_and_a_prefill(tm
     if positions:
         feeds["position_ids"] = np.array([[3, 4], [3, 4]], np.int64)
     assert normopt.verify(src, out, inputs=feeds).ok
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt2kv-ts17", "gpt2kv-dyn18"])
+def test_a_gpt2_kv_cache_export_is_rewritten_with_no_options(corpus, tmp_path, name):
+    """Both exporters' GPT-2 with its KV cache (dynamo names every dim apart; TorchScript's
+    first cache update is a Concat of the past alone): `normopt rewrite IN OUT` exits 0,
+    verified at a decode step and a prefill, and equal on the export's own inputs (3 cached
+    tokens, 2 new)."""
+    paths = corpus(name)
+    out, report = normopt.rewrite(paths.model, tmp_path / "o.onnx")
+    assert report.written and report.verification.ok and report.verification.note is None
+    assert report.to_json()["inputs"]["cache"].startswith("KV cache of 4 past input(s)")
+    assert any(p.name == "preln-to-rmsnorm" and p.modified for p in report.passes)
+    assert normopt.verify(paths.model, out, inputs=paths.load_inputs()).ok

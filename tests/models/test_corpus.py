@@ -14,6 +14,7 @@ from tests.helpers import assert_matches_reference, rewrite_file
 LN_COUNTS = {
     "gpt2": 5,
     "gpt2hidden": 5,
+    "gpt2kv": 5,
     "opt": 5,
     "gptneox": 5,
     "vit": 5,
@@ -51,6 +52,12 @@ def test_export_has_the_structure_it_claims(corpus, name):
     """The corpus is only useful if each export really has the form it is named for."""
     entry, count = CORPUS[name], ops(corpus(name).model)
     assert onnx.load(str(corpus(name).model)).opset_import[0].version == entry.opset
+    if entry.family == "gpt2kv":  # the cache goes in and out: a past and a present per layer
+        graph = onnx.load(str(corpus(name).model)).graph
+        assert [i.name for i in graph.input][2:] == [
+            f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")
+        ]
+        assert len(graph.output) == 5 and count["Concat"] >= 4
     if entry.family in LN_COUNTS:
         # TorchScript decomposes LayerNorm below opset 17 (two ReduceMeans per LN).
         n = LN_COUNTS[entry.family]  # (mean pooling adds a ReduceMean of its own)
