@@ -27,6 +27,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+import onnx
 
 from normopt.errors import BadInput
 from normopt.inputs import InputOptions, cache_note, fallback_trials, input_trials
@@ -44,6 +45,37 @@ TOLERANCES: dict[np.dtype, tuple[float, float]] = {
 NOISE_FACTOR = 4.0
 NOISE_CAP = 10.0
 INPUT_NUDGE = 1e-7  # relative change of the float inputs for the second noise probe
+# a dtype's unit roundoff: what one rounding can change, relatively
+ROUNDOFF = {
+    np.dtype(np.float64): 2.0**-53,
+    np.dtype(np.float32): 2.0**-24,
+    np.dtype(np.float16): 2.0**-11,
+    np.dtype(ml_dtypes.bfloat16): 2.0**-8,
+}
+
+
+def compute_dtype(path: str | os.PathLike) -> np.dtype:
+    """The least precise float type the graph computes in: its float weights and the targets of
+    its Casts (onnxruntime's float16 converter keeps float32 inputs and outputs around a
+    float16 graph: the outputs' dtype does not say how they were computed)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    types = {t.data_type for t in proto.graph.initializer}
+    types |= {
+        a.i for n in proto.graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"
+    }
+    for onnx_type, dtype in (
+        (onnx.TensorProto.BFLOAT16, ml_dtypes.bfloat16),
+        (onnx.TensorProto.FLOAT16, np.float16),
+    ):
+        if onnx_type in types:
+            return np.dtype(dtype)
+    return np.dtype(np.float32)
+
+
+def _less_precise(a: np.dtype, b: np.dtype | None) -> np.dtype:
+    if b is None or ROUNDOFF.get(b, 0.0) <= ROUNDOFF.get(a, 0.0):
+        return a
+    return b
 
 
 @dataclass(frozen=True)
@@ -86,9 +118,12 @@ def compare_output(
     rtol: float | None,
     atol: float | None,
     noise: float | None = None,
+    compute: np.dtype | None = None,
 ) -> OutputCheck:
     """Judge `got` against `ref`; `noise` (max abs change of the original under harmless
-    evaluations) lets an error through that tolerance alone rejects, unless rtol/atol were set."""
+    evaluations) lets an error through that tolerance alone rejects, unless rtol/atol were set.
+    The default tolerance is the output dtype's, or `compute`'s where the graph computes in a
+    less precise type (a float16 graph with float32 outputs)."""
     check = OutputCheck(name, str(ref.dtype), list(ref.shape), ok=False)
     if got is None:
         check.problem = "missing from the second model"
@@ -99,7 +134,8 @@ def compare_output(
     if not (np.issubdtype(ref.dtype, np.floating) or ref.dtype == ml_dtypes.bfloat16):
         return _exact(check, ref, got)
     a, b = ref.astype(np.float64), got.astype(np.float64)
-    default_rtol, default_atol = TOLERANCES.get(ref.dtype, TOLERANCES[np.dtype(np.float32)])
+    judged = _less_precise(ref.dtype, compute)
+    default_rtol, default_atol = TOLERANCES.get(judged, TOLERANCES[np.dtype(np.float32)])
     check.rtol = default_rtol if rtol is None else rtol
     check.atol = default_atol if atol is None else atol
     finite = np.isfinite(a)
@@ -160,10 +196,12 @@ def _noise(ref: dict, probes: list[dict]) -> dict[str, float]:
     return out
 
 
-def _nudged(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The float inputs scaled by 1 + INPUT_NUDGE (others as they are)."""
+def _nudged(feeds: Mapping[str, np.ndarray], compute: np.dtype | None = None) -> dict:
+    """The float inputs scaled by 1 + INPUT_NUDGE, or by one unit roundoff of `compute` where
+    the graph computes less precisely (a smaller nudge would round away); others as they are."""
+    nudge = max(INPUT_NUDGE, ROUNDOFF.get(compute, 0.0) * 2) if compute is not None else INPUT_NUDGE
     return {
-        k: (v * v.dtype.type(1 + INPUT_NUDGE)).astype(v.dtype)
+        k: (v * v.dtype.type(1 + nudge)).astype(v.dtype)
         if np.issubdtype(v.dtype, np.floating)
         else v
         for k, v in feeds.items()
@@ -246,11 +284,13 @@ def verify(
     report.inputs = inputs_json(trials, options.inputs, options.seed, note)
     step(f"running {model_b.name}")
     gots = run_ort_all(model_b, trials)
-    checks = _checks(refs, gots, options)
+    compute = compute_dtype(model_a)
+    checks = _checks(refs, gots, options, compute=compute)
     judged_by_noise = options.rtol is None and options.atol is None
     if judged_by_noise and any(not c.ok and c.rtol is not None for trial in checks for c in trial):
         step(f"measuring {model_a.name}'s own noise")
-        checks = _checks(refs, gots, options, _own_noise(model_a, trials, refs))
+        noise = _own_noise(model_a, trials, refs, compute)
+        checks = _checks(refs, gots, options, noise, compute)
     report.outputs = [_worst([trial[i] for trial in checks]) for i in range(len(checks[0]))]
     for check in report.outputs:  # outputs the user asked to change are reported, not required
         if changed_on_request and check.name in changed_on_request:
@@ -291,13 +331,23 @@ def _reference(
 
 
 def _checks(
-    refs: list[dict], gots: list[dict], options: VerifyOptions, noise: list[dict] | None = None
+    refs: list[dict],
+    gots: list[dict],
+    options: VerifyOptions,
+    noise: list[dict] | None = None,
+    compute: np.dtype | None = None,
 ) -> list[list[OutputCheck]]:
     """Every output of every trial, against the tolerance (and A's own noise, when measured)."""
     return [
         [
             compare_output(
-                n, r, got.get(n), options.rtol, options.atol, noise[t].get(n) if noise else None
+                n,
+                r,
+                got.get(n),
+                options.rtol,
+                options.atol,
+                noise[t].get(n) if noise else None,
+                compute,
             )
             for n, r in ref.items()
         ]
@@ -306,14 +356,14 @@ def _checks(
 
 
 def _own_noise(
-    model_a: Path, trials: list[Mapping[str, np.ndarray]], refs: list[dict]
+    model_a: Path, trials: list[Mapping[str, np.ndarray]], refs: list[dict], compute: np.dtype
 ) -> list[dict[str, float]]:
     """A's own noise per trial and output: A under ORT_ENABLE_ALL and on nudged inputs."""
     try:
         optimized = run_ort_all(model_a, trials, optimized=True)
     except ModelRunError:  # onnxruntime's optimizer can break a valid graph (fp16 LayerNorm
         optimized = [None] * len(trials)  # fusions): that probe is then not available
-    nudged = run_ort_all(model_a, [_nudged(f) for f in trials])
+    nudged = run_ort_all(model_a, [_nudged(f, compute) for f in trials])
     return [
         _noise(ref, [p for p in (o, n) if p is not None])
         for ref, o, n in zip(refs, optimized, nudged)
