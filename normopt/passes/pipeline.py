@@ -24,6 +24,7 @@ from normopt.passes.cleanup import Cleanup
 from normopt.passes.convbn_tune import ConvBNTune
 from normopt.passes.fold_affine_norms import FoldAffineNorms
 from normopt.passes.fold_norm_affine import FoldNormAffine
+from normopt.passes.inline_norm_functions import InlineNormFunctions
 from normopt.passes.merge_branches import MergeBranches
 from normopt.passes.preln_to_crmsnorm import PreLNToCRMSNorm
 from normopt.passes.preln_to_rmsnorm import PreLNToRMSNorm
@@ -34,6 +35,7 @@ from normopt.timings import step
 PASSES: dict[str, type[Pass]] = {
     p.name: p
     for p in (
+        InlineNormFunctions,
         PreLNToRMSNorm,
         CanonicalizeNorms,
         FoldAffineNorms,
@@ -47,6 +49,7 @@ PASSES: dict[str, type[Pass]] = {
 }
 # The default pipeline, in order.
 DEFAULT_PIPELINE: tuple[str, ...] = (
+    "inline-norm-functions",
     "preln-to-rmsnorm",
     "canonicalize-norms",
     "fold-affine-norms",

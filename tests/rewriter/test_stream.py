@@ -14,6 +14,7 @@ from tests.helpers import const, make_model, tensor
 EXPECTED = {
     "gpt2": "pre-ln",
     "gpt2hidden": "pre-ln",
+    "gpt2kv": "pre-ln",
     "opt": "pre-ln",
     "gptneox": "pre-ln",
     "vit": "pre-ln",
@@ -41,6 +42,7 @@ EXPECTED = {
 RESIDUAL_ADDS = {
     "gpt2": 4,
     "gpt2hidden": 4,
+    "gpt2kv": 4,
     "opt": 4,
     "gptneox": 2,
     "vit": 4,
