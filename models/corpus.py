@@ -51,6 +51,8 @@ class Entry:
             "gpt2": hf.gpt2,
             "gpt2hidden": hf.gpt2hidden,
             "gpt2kv": hf.gpt2kv,
+            "optkv": hf.optkv,
+            "gptneoxkv": hf.gptneoxkv,
             "gpt2narrow": hf.gpt2narrow,
             "opt": hf.opt,
             "gptneox": hf.gptneox,
@@ -92,6 +94,8 @@ FAMILIES = [
     "gpt2",
     "gpt2hidden",
     "gpt2kv",
+    "optkv",
+    "gptneoxkv",
     "opt",
     "gptneox",
     "vit",
@@ -120,7 +124,7 @@ FAMILIES = [
 FAMILY_EXPORTS = {
     "llama": ("ts14", "ts17", "dyn18", "dyn23"),
     "whisper": ("dyn18",),
-    "gpt2kv": ("ts17", "dyn18"),  # a KV-cache decoder: both exporters
+    **{f: ("ts17", "dyn18") for f in ("gpt2kv", "optkv", "gptneoxkv")},  # KV-cache decoders
 }
 CORPUS: dict[str, Entry] = {}
 for _family in FAMILIES:

@@ -98,13 +98,10 @@ class _CachedDecoder(torch.nn.Module):
         return (out.logits, *present)
 
 
-def gpt2kv() -> Built:
-    """GPT-2 (2 layers) exported with its KV cache: past 3 tokens, 2 new."""
-    T = _transformers()
-    cfg = _small(
-        T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=POSITIONS)
-    )
-    cfg.use_cache = True
+def _with_cache(built: Built, heads: int, head_dim: int) -> Built:
+    """`built`'s causal LM (2 layers) exported with its KV cache: past 3 tokens, 2 new."""
+    model = built.module.model
+    model.config.use_cache = True
     past, new = 3, 2
     g = torch.Generator().manual_seed(0)
     inputs = {
@@ -113,11 +110,26 @@ def gpt2kv() -> Built:
     }
     names = [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
     for name in names:
-        inputs[name] = torch.randn(BATCH, 4, past, 16, generator=g)
+        inputs[name] = torch.randn(BATCH, heads, past, head_dim, generator=g)
     outputs = ["logits"] + [n.replace("past_key_values", "present") for n in names]
     dynamic = {"input_ids": TEXT_AXES, "attention_mask": {0: "batch", 1: "total"}}
     dynamic |= {n: {0: "batch", 2: "past"} for n in names}
-    return Built(_CachedDecoder(T.GPT2LMHeadModel(cfg)).eval(), inputs, outputs, dynamic)
+    return Built(_CachedDecoder(model).eval(), inputs, outputs, dynamic)
+
+
+def gpt2kv() -> Built:
+    """GPT-2 with its KV cache (the family's decoding step)."""
+    return _with_cache(gpt2(), 4, 16)
+
+
+def optkv() -> Built:
+    """OPT with its KV cache."""
+    return _with_cache(opt(), 4, 16)
+
+
+def gptneoxkv() -> Built:
+    """GPT-NeoX (parallel blocks, rotary) with its KV cache."""
+    return _with_cache(gptneox(), 4, 16)
 
 
 def gpt2narrow(large: bool = True) -> Built:

@@ -11,7 +11,18 @@ from models.corpus import CORPUS
 from normopt.inspection import inspect_model
 from normopt.rewriter.stream import ARCHITECTURES
 
-LN = {"gpt2", "gpt2hidden", "gpt2kv", "opt", "gptneox", "vit", "bert", "preln"}
+LN = {
+    "gpt2",
+    "gpt2hidden",
+    "gpt2kv",
+    "optkv",
+    "gptneoxkv",
+    "opt",
+    "gptneox",
+    "vit",
+    "bert",
+    "preln",
+}
 # (kind, form) -> count, per family; form depends on the export for LN / RMSNorm
 NORMS = {
     "llama": lambda e: {("rmsnorm", "op" if e.opset >= 23 else "decomposed"): 5},
