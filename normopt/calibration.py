@@ -17,6 +17,7 @@ layer's change and the outputs' drift on the first calibration batch.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,7 +60,8 @@ def find_sites(model: ir.Model) -> list[Site]:
         if isinstance(site, str):
             problems.append(site)
         else:
-            sites.append(site)
+            name = _unique(site.name or "batchnorm", {s.name for s in sites})
+            sites.append(dataclasses.replace(site, name=name))
     for site in sites:
         _check_statistics(
             site, f"BatchNorm '{site.name}' (tuned into {site.y.producer().op_type})", problems
@@ -73,7 +75,7 @@ def find_sites(model: ir.Model) -> list[Site]:
             continue
         sites.append(
             Site(
-                node.name or f"batchnorm{len(sites)}",
+                _unique(node.name or "batchnorm", {s.name for s in sites}),
                 node.inputs[0],
                 node.outputs[0],
                 *node.inputs[1:5],
@@ -87,6 +89,15 @@ def find_sites(model: ir.Model) -> list[Site]:
     if not sites:
         raise BadInput("the model has no BatchNormalization to recalibrate")
     return sites
+
+
+def _unique(name: str, used: set[str]) -> str:
+    """`name`, or `name#k` with the first k that no site has: statistics are kept by site name,
+    and two BatchNorms must never share them (unnamed ones, or one named like another)."""
+    k, found = 2, name
+    while found in used:
+        found, k = f"{name}#{k}", k + 1
+    return found
 
 
 def _check_statistics(site: Site, where: str, problems: list[str]) -> None:
@@ -238,6 +249,12 @@ class Moments:
     m2: np.ndarray | float = 0.0
 
     def add(self, mean: np.ndarray, var_biased: np.ndarray, n: int) -> None:
+        """One batch's moments (non-finite ones propagate silently: recalibrate refuses them
+        when it reads the result)."""
+        with np.errstate(all="ignore"):
+            self._add(mean, var_biased, n)
+
+    def _add(self, mean: np.ndarray, var_biased: np.ndarray, n: int) -> None:
         self.batches += 1
         self.mean_sum = self.mean_sum + mean
         self.var_sum = self.var_sum + var_biased * n / (n - 1)

@@ -26,6 +26,14 @@ from normopt.sessions import run_ort_all
 STATS = ("torch", "pooled")
 
 
+def _check_finite(arrays: dict[str, np.ndarray], path: Path) -> None:
+    """NaN or Inf in calibration data would make every statistic NaN: refused, by input."""
+    for name, array in arrays.items():
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            bad = int(array.size - np.isfinite(array).sum())
+            raise BadInput(f"--data file '{path}': input '{name}' holds {bad} NaN or Inf value(s)")
+
+
 def calibration_batches(
     data: Path, spec: ir.Model, batch_size: int, limit: int | None
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -37,6 +45,11 @@ def calibration_batches(
     files = [data] if data.is_file() else sorted(data.glob("*.npz")) if data.is_dir() else []
     if not files:
         raise BadInput(f"--data '{data}' is neither an .npz file nor a folder holding .npz files")
+    if data.is_file() and data.suffix != ".npz":
+        raise BadInput(
+            f"--data '{data}' is not an .npz: give arrays by input name (np.savez(path, x=...)) "
+            "or a folder of .npz files"
+        )
     pending: dict[str, list[np.ndarray]] = {}
     held, produced = 0, 0
     for path in files:
@@ -46,6 +59,7 @@ def calibration_batches(
         except (OSError, ValueError, EOFError) as exc:
             raise BadInput(f"cannot read --data file '{path}': {exc}") from None
         arrays = check_feeds(spec, arrays, f"--data file '{path}'", any_first_dim=True)
+        _check_finite(arrays, path)
         counts = {k: (a.shape[0] if a.ndim else 0) for k, a in arrays.items()}
         if len(set(counts.values())) != 1:
             raise BadInput(
@@ -223,6 +237,11 @@ def _update(
     layer's change recorded in the report."""
     for name, (mean_name, var_name, eps, old_mean, old_var) in before.items():
         mean, var = moments[name].result(stats)
+        if not (np.isfinite(mean).all() and np.isfinite(var).all()):
+            raise BadInput(
+                f"BatchNorm '{name}': its statistics on the data are not finite (values too large "
+                "for float64 sums?); nothing written"
+            )
         for value, array in (
             (model.graph.initializers[mean_name], mean),
             (model.graph.initializers[var_name], var),

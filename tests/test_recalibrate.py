@@ -316,3 +316,74 @@ def test_shared_and_training_mode_statistics_are_refused(tmp_path, cli_env):
         2,
         "BatchNormalization 'bn' runs in training mode",
     )
+
+
+def _two_unnamed_bns() -> onnx.ModelProto:
+    """Conv -> BN -> Conv -> BN, both BatchNorms without a name (or named like the fallback)."""
+    inits = [
+        const("w1", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)),
+        const("w2", rng.standard_normal((4, 4, 3, 3)).astype(np.float32)),
+        *(
+            const(f"{p}{i}", np.full(4, v, np.float32))
+            for i in (1, 2)
+            for p, v in zip("gbmv", (1, 0, 0, 1))
+        ),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "g1", "b1", "m1", "v1"], ["y1"]),
+        helper.make_node("Conv", ["y1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "BatchNormalization", ["c2", "g2", "b2", "m2", "v2"], ["y"], name="batchnorm"
+        ),
+    ]
+    return make_model(
+        nodes, [tensor("x", shape=("n", 3, 8, 8))], [tensor("y", shape=("n", 4, 8, 8))], inits
+    )
+
+
+def test_batchnorms_without_names_keep_their_own_statistics(tmp_path, cli_env):
+    """Found from outside: BatchNorms named '' (and one named like the fallback) were merged
+    into one site, each getting the other's statistics."""
+    src, out = save(_two_unnamed_bns(), tmp_path / "m.onnx"), tmp_path / "o.onnx"
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((8, 3, 8, 8)).astype(np.float32) * 3 + 1)
+    proc = run("recalibrate", src, out, "--data", tmp_path / "d.npz", "--json", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    layers = json.loads(proc.stdout)["layers"]
+    assert len({layer["name"] for layer in layers}) == 2
+    stats = _stats(out)
+    assert not np.allclose(stats["m1"], stats["m2"]) and not np.allclose(stats["v1"], stats["v2"])
+
+
+def test_data_that_is_not_finite_or_not_an_npz_is_refused(tmp_path, bn_file, cli_env):
+    out = tmp_path / "o.onnx"
+    x = np.ones((4, 3, 8, 8), np.float32)
+    x[1, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x)
+    assert_one_line_error(
+        run("recalibrate", bn_file, out, "--data", tmp_path / "nan.npz", env=cli_env),
+        2,
+        "input 'x' holds 1 NaN or Inf value(s)",
+    )
+    np.save(tmp_path / "x.npy", np.ones((4, 3, 8, 8), np.float32))
+    assert_one_line_error(
+        run("recalibrate", bn_file, out, "--data", tmp_path / "x.npy", env=cli_env),
+        2,
+        "is not an .npz",
+    )
+    overflowing = bn_model()  # a Conv of ones over 27 taps of 3e38 overflows float32
+    overflowing.graph.initializer[0].CopyFrom(const("w", np.ones((4, 3, 3, 3), np.float32)))
+    np.savez(tmp_path / "big.npz", x=np.full((4, 3, 8, 8), 3e38, np.float32))
+    assert_one_line_error(
+        run(
+            "recalibrate",
+            save(overflowing, tmp_path / "ones.onnx"),
+            out,
+            "--data",
+            tmp_path / "big.npz",
+            env=cli_env,
+        ),
+        2,
+        "statistics on the data are not finite",
+    )
+    assert not out.exists()

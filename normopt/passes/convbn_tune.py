@@ -155,7 +155,7 @@ def _apply_one(edit: Editor, block: TuneBlock) -> tuple[Change, TuneRecord]:
     bn, fold, linear = block.bn, block.fold, block.fold.linear
     gamma, beta, mean, var = bn.inputs[1:5]
     weight, old_bias = linear.inputs[1], bias_of(fold)
-    for node in (linear, fold.bias_add):  # the record finds them by name
+    for node in (bn, linear, fold.bias_add):  # the record finds them by name
         if node is not None and not node.name:
             node.name = edit.node_name(node.op_type)
     dtype = weight.dtype or ir.DataType.FLOAT
