@@ -118,6 +118,9 @@ def _plan_one(
     ):
         return None  # not parallel branches of one input (a residual Add, ...)
     x = sources.pop()
+    problem = _operand_problem(root, leaves)
+    if problem:
+        return problem
     for leaf in leaves:
         if leaf is not x and only_reader(leaf, dead) is None:
             return f"the branch '{leaf.name}' is read elsewhere too"
@@ -162,7 +165,10 @@ def _window(root, x, branches: list[Branch], chain) -> Merge | str:
             if b.weight.shape[0] != out_channels:
                 return f"{name} keeps {b.weight.shape[0]} channels, the Convs give {out_channels}"
             if b.dilations is None and b.kernel == [1] * rank:
-                same = [dilations[i % rank] * (kernel[i % rank] - 1) // 2 for i in range(2 * rank)]
+                # its tap sits at index (k-1)//2 of the merged kernel: x itself only where
+                # the pads put that tap at offset 0 (an even kernel with dilation has no such tap)
+                begin = [dilations[i] * ((kernel[i] - 1) // 2) for i in range(rank)]
+                same = begin + [dilations[i] * (kernel[i] - 1) - begin[i] for i in range(rank)]
                 if pads != same:
                     return f"{name} needs 'same' pads {same}, the Convs have {pads}"
                 continue
@@ -182,6 +188,28 @@ def _window(root, x, branches: list[Branch], chain) -> Merge | str:
             grouped = numerics.regroup(numerics.ungroup(b.weight, b.group), group)
             branches[i] = replace(b, weight=grouped, group=group)
     return Merge(root, x, branches, chain, kernel, pads, first.strides, dilations, group)
+
+
+def _operand_problem(root: ir.Node, leaves: list[ir.Value]) -> str | None:
+    """Operands one Conv cannot stand for: one summed twice, or one broadcast (a shape other
+    than the sum's: 1 channel beside 4, a [C, 1, 1] map beside [C, H, W])."""
+    seen: set[ir.Value] = set()
+    for leaf in leaves:
+        if leaf in seen:
+            return f"'{leaf.name}' is summed more than once"
+        seen.add(leaf)
+    shapes = [leaf.shape for leaf in leaves if leaf.shape is not None]
+    if not shapes:
+        return None
+    rank = max(len(shape) for shape in shapes)
+    for axis in range(rank):
+        dims = [shape[axis] if len(shape) == rank else None for shape in shapes]
+        sizes = {d for d in dims if isinstance(d, int)}
+        # a broadcast operand: fewer axes, two sizes, or a 1 beside a size not known to be 1
+        if None in dims or len(sizes) > 1 or (sizes == {1} and len(set(map(str, dims))) > 1):
+            shown = ", ".join(str(list(s)) for s in shapes)
+            return f"the sum broadcasts an operand along axis {axis} ({shown})"
+    return None
 
 
 def _stride(strides: list[int]) -> str:

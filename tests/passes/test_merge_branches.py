@@ -192,7 +192,9 @@ def test_mismatches_are_refused_with_their_reason():
     wide = summed([conv("a", (3, 3), [1, 1, 1, 1], cin=1, cout=8), "x"], cin=1)[
         0
     ]  # x broadcasts over channels
-    assert refusal(wide) == "the identity branch 'x' keeps 1 channels, the Convs give 8"
+    assert refusal(wide) == (
+        "the sum broadcasts an operand along axis 1 ([2, 8, 6, 6], [2, 1, 6, 6])"
+    )
 
 
 def test_a_branch_read_elsewhere_is_refused():
@@ -460,3 +462,30 @@ def test_dbb_padding_by_slice_assignment_is_left_and_the_rest_merges(tmp_path):
     assert (
         ops["ScatterND"] and ops["Conv"] == 4
     )  # merged kxk+1x1, the pool branch's 1x1, the 1x1 -> kxk pair
+
+
+def test_an_identity_between_the_taps_of_an_even_dilated_kernel_is_refused():
+    """Found from outside: kernel 2, dilation 2, pads 1 reads x-1 and x+1; an identity branch
+    beside it falls between the taps, and was added to the first tap (wrong before the gate).
+    Kernel 4, dilation 2 (pads 3) was exit 4."""
+    for k, pad in ((2, 1), (4, 3)):
+        model, _ = summed([conv("c", (k, k), [pad] * 4, dilation=2), "x"])
+        result, _ = merge(model, expect_modified=False)
+        assert "the identity branch 'x' needs 'same' pads" in result.refusals[0].reason
+
+
+def test_operands_summed_twice_or_broadcast_are_refused():
+    """Found from outside: Add(y, y) was exit 4; a [C, 1, 1] branch (a Conv as wide as the map)
+    added to [C, H, W] was merged into one Conv of the wrong shape (wrong before the gate)."""
+    node, inits = conv("c", (3, 3), [1, 1, 1, 1])
+    twice = make_model(
+        [node, helper.make_node("Add", ["c", "c"], ["y"], name="add")],
+        [tensor("x", shape=(2, 8, 6, 6))],
+        [tensor("y", shape=(2, 8, 6, 6))],
+        inits,
+    )
+    result, _ = merge(twice, expect_modified=False)
+    assert result.refusals[0].reason == "'c' is summed more than once"
+    whole = summed([conv("a", (3, 3), [1, 1, 1, 1]), conv("b", (6, 6), [0, 0, 0, 0])])[0]
+    result, _ = merge(whole, expect_modified=False)
+    assert "broadcasts an operand along axis 2" in result.refusals[0].reason
