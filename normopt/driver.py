@@ -41,7 +41,7 @@ from normopt.passes.pipeline import run_pipeline
 from normopt.request import RewriteRequest
 from normopt.rewriter import io
 from normopt.rewriter.graph import op_histogram
-from normopt.schema import document, inputs_json
+from normopt.schema import document, inputs_json, now
 from normopt.sessions import ModelRunError
 from normopt.timings import recording
 from normopt.timings import step as timed
@@ -67,6 +67,9 @@ class RewriteReport:
     inputs: dict | None = None
     # the first input set they ran on (what --profile times); not in the document
     feeds: dict | None = field(default=None, repr=False)
+
+    # the document's stamp, one per report: every copy of the document carries it
+    created: str = field(default_factory=now, repr=False)
 
     @property
     def changed(self) -> bool:
@@ -95,6 +98,7 @@ class RewriteReport:
             error=self.error,
             seconds=self.seconds,
             inputs=self.inputs,
+            created=self.created,
         )
 
 

@@ -26,7 +26,7 @@ from normopt.profiling import (
     norm_ms,
     summarize,
 )
-from normopt.schema import document, inputs_json
+from normopt.schema import document, inputs_json, now
 from normopt.sessions import timing_session
 
 
@@ -43,6 +43,9 @@ class ProfileReport:
     )  # fused norm ops and decomposed norms' nodes
     seconds: dict[str, float] = field(default_factory=dict)
 
+    # the document's stamp, one per report: every copy of the document carries it
+    created: str = field(default_factory=now, repr=False)
+
     def to_json(self) -> dict:
         """`normopt profile`'s document (normopt.schema)."""
         return document(
@@ -57,6 +60,7 @@ class ProfileReport:
             },
             seconds=self.seconds,
             inputs=self.inputs,
+            created=self.created,
         )
 
 

@@ -20,7 +20,7 @@ from normopt.calibration import Moments, Site, calibration_model, find_sites
 from normopt.errors import BadInput, InternalError
 from normopt.files import Transaction, temp_folder
 from normopt.rewriter import io
-from normopt.schema import document
+from normopt.schema import document, now
 from normopt.sessions import run_ort_all
 
 STATS = ("torch", "pooled")
@@ -103,6 +103,9 @@ class RecalibrateReport:
     seconds: dict[str, float] = field(default_factory=dict)
     written: bool = False
 
+    # the document's stamp, one per report: every copy of the document carries it
+    created: str = field(default_factory=now, repr=False)
+
     def to_json(self) -> dict:
         """`normopt recalibrate`'s document (normopt.schema)."""
         calibration = self.seconds.get("calibration") or 0.0
@@ -124,6 +127,7 @@ class RecalibrateReport:
                 "drift": self.drift,
             },
             seconds=self.seconds,
+            created=self.created,
         )
 
 

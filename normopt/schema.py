@@ -96,6 +96,11 @@ def _plain(value):
     return value
 
 
+def now() -> str:
+    """The `created` stamp: UTC, to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def document(
     command: str,
     body: Mapping,
@@ -104,14 +109,16 @@ def document(
     error: str | None = None,
     seconds: Mapping[str, float] | None = None,
     inputs: dict | None = None,
+    created: str | None = None,
 ) -> dict:
-    """The versioned envelope around a command's own fields."""
+    """The versioned envelope around a command's own fields; `created` (default: now) lets
+    every copy of one report (the --report file, stdout) carry the same stamp."""
     assert command in COMMANDS, command
     head = {
         "schema_version": SCHEMA_VERSION,
         "command": command,
         "versions": versions(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": created or now(),
         "ok": exit_code == 0,
         "exit_code": exit_code,
         "error": error,

@@ -32,7 +32,7 @@ import onnx
 from normopt.errors import BadInput
 from normopt.inputs import InputOptions, cache_note, fallback_trials, input_trials
 from normopt.rewriter.io import check_readable_file
-from normopt.schema import document, inputs_json
+from normopt.schema import document, inputs_json, now
 from normopt.sessions import ModelRunError, run_ort_all
 
 # (rtol against the output's max |value|, atol), per output dtype.
@@ -217,6 +217,9 @@ class VerifyReport:
     note: str | None = None  # how the inputs had to change (a retry with dims at 1)
     seconds: dict[str, float] = field(default_factory=dict)
 
+    # the document's stamp, one per report: every copy of the document carries it
+    created: str = field(default_factory=now, repr=False)
+
     @property
     def ok(self) -> bool:
         return all(o.ok for o in self.outputs)
@@ -242,6 +245,7 @@ class VerifyReport:
             exit_code=0 if self.ok else 1,
             seconds=self.seconds,
             inputs=self.inputs,
+            created=self.created,
         )
 
 
