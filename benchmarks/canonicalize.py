@@ -38,13 +38,13 @@ CASES = [
 
 
 def main() -> int:
-    from common import rewrite_file
     from rich.console import Console
     from rich.table import Table
 
     from models.corpus import build
     from normopt.passes.base import Options
     from normopt.verification import VerifyOptions
+    from tests.helpers import rewrite_file
 
     parser = timing_parser(__doc__, rounds=40)
     args = parser.parse_args()

@@ -90,11 +90,3 @@ def write(name: str, data: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, default=float))
     return path
-
-
-def rewrite_file(src, dst, **fields):
-    """The rewrite driver on a request (normopt.request.RewriteRequest fields by keyword)."""
-    from normopt.driver import rewrite
-    from normopt.request import RewriteRequest
-
-    return rewrite(RewriteRequest(src, dst, **fields))

@@ -52,7 +52,6 @@ def eval_with_inputs(src: Path, dst: Path) -> Path:
 
 
 def main() -> int:
-    from common import rewrite_file
     from rich.console import Console
     from rich.table import Table
 
@@ -60,6 +59,7 @@ def main() -> int:
     from normopt.passes.base import Options
     from normopt.recalibration import recalibrate
     from normopt.verification import VerifyOptions
+    from tests.helpers import rewrite_file
 
     parser = timing_parser(__doc__)
     parser.add_argument(

@@ -49,7 +49,6 @@ def crms_nodes(path: Path) -> set[str]:
 
 
 def main() -> int:
-    from common import rewrite_file
     from rich.console import Console
     from rich.table import Table
 
@@ -58,6 +57,7 @@ def main() -> int:
     from normopt.passes.base import Options
     from normopt.request import Timing
     from normopt.verification import VerifyOptions
+    from tests.helpers import rewrite_file
 
     parser = timing_parser(__doc__)
     parser.add_argument("--only", help="run only the models whose label contains this")

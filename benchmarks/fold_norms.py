@@ -29,12 +29,12 @@ from common import CELLS, cells, compare, environment, feeds, timing_parser, wri
 
 
 def main() -> int:
-    from common import rewrite_file
     from rich.console import Console
     from rich.table import Table
 
     from models.corpus import build
     from normopt.verification import VerifyOptions
+    from tests.helpers import rewrite_file
 
     parser = timing_parser(__doc__)
     args = parser.parse_args()

@@ -43,11 +43,10 @@ def independent_ratio(a: Path, b: Path, feeds: dict, runs: int, threads: int = 2
 
 
 def main() -> int:
-    from common import rewrite_file
-
     from models.corpus import build
     from normopt.profiler import profile
     from normopt.verification import VerifyOptions
+    from tests.helpers import rewrite_file
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=60)

@@ -47,13 +47,13 @@ def node_changes(a: Path, b: Path, example: dict, threads: int, top: int) -> lis
 
 
 def main() -> int:
-    from common import rewrite_file
     from rich.console import Console
     from rich.table import Table
 
     from models.corpus import CORPUS, LARGE, build
     from normopt.passes.base import Options
     from normopt.verification import VerifyOptions
+    from tests.helpers import rewrite_file
 
     parser = timing_parser(__doc__, rounds=20)
     parser.add_argument("--large", action="store_true", help="the benchmark-size exports too")

@@ -24,7 +24,6 @@ from common import CELLS, cells, compare, feeds, write
 
 
 def main() -> int:
-    from common import rewrite_file
     from rich.console import Console
     from rich.table import Table
 
@@ -34,6 +33,7 @@ def main() -> int:
     from normopt.engine.trt import load_tensorrt
     from normopt.errors import BadInput
     from normopt.passes.base import Options
+    from tests.helpers import rewrite_file
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(

@@ -102,24 +102,23 @@ def _verify_options(inputs, dims, shapes, rtol, atol, seed, trials):
 def _documented(
     models: Sequence[Path],
     report: str | os.PathLike | None,
-    others: Mapping[str, Any] | None = None,
+    outputs: Mapping[str, str | os.PathLike | None] | None = None,
+    inputs: object = None,
 ) -> Iterator[Callable[[dict], None]]:
-    """The outputs of a command that writes only documents and plots: `report` and the paths in
-    `others` (what -> path) checked before any work (a writable folder, never an input: the
-    models, their data files, an inputs file named `others["inputs"]`); yields the writer of
-    the document."""
+    """The outputs of a command that writes documents, plots or engines: `report` and
+    `outputs` (what -> path) checked before any work (a writable folder, never an input: the
+    models, their data files, `inputs` where it is a file); yields the document's writer."""
     from normopt.files import Transaction
     from normopt.rewriter import io
 
     with Transaction() as transaction:
-        others = others or {}
-        wanted = {w: p for w, p in {"--report": report, **others}.items() if p is not None}
+        wanted = {w: p for w, p in {"--report": report, **(outputs or {})}.items() if p}
         for model in models:
             io.check_readable_file(model)
             if wanted:
                 transaction.protect_model(model)
-        if isinstance(wanted.pop("inputs", None), (str, os.PathLike)):
-            transaction.protect(others["inputs"], "inputs file")
+        if isinstance(inputs, (str, os.PathLike)):
+            transaction.protect(inputs, "inputs file")
         for what, path in wanted.items():
             transaction.output(path, what)
         yield lambda doc: report is not None and transaction.write_json(report, doc, "--report")
@@ -233,7 +232,7 @@ def verify(
         tempfile.TemporaryDirectory(prefix="normopt-") as tmp,
         _as_file(model_a, Path(tmp), "a.onnx") as a,
         _as_file(model_b, Path(tmp), "b.onnx") as b,
-        _documented([a, b], report, {"inputs": inputs}) as write,
+        _documented([a, b], report, inputs=inputs) as write,
     ):
         result = run(a, b, options, on_step=on_step)
         write(result.to_json())
@@ -300,7 +299,7 @@ def recalibrate(
     from normopt.recalibration import recalibrate as run
 
     data_file = Path(data) if Path(data).is_file() else None
-    with _documented([Path(model)], report, {"inputs": data_file}) as write:
+    with _documented([Path(model)], report, inputs=data_file) as write:
         result = run(
             model,
             output,
@@ -339,7 +338,7 @@ def profile(
     paths = [Path(m) for m in models]
     if plot is not None:
         check_plot_path(plot)
-    with _documented(paths, report, {"--plot": plot, "inputs": inputs}) as write:
+    with _documented(paths, report, {"--plot": plot}, inputs) as write:
         result = profile_models(
             paths,
             backend=backend,

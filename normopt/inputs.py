@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from normopt.errors import BadInput
-from normopt.rewriter.graph import FORWARDS, dim_list, dims_text
+from normopt.rewriter.graph import FORWARDS, dim_list, dims_text, forwards, is_op
 from normopt.rewriter.io import check_readable_file
 
 DEFAULT_SEED = 0
@@ -279,9 +279,7 @@ def _read_through_casts(value: ir.Value) -> list[tuple[ir.Node, ir.Value]]:
     while stack:
         v = stack.pop()
         for node in {use.node for use in v.uses()}:
-            if node.op_type in ("Cast", "Identity") or (
-                node.op_type == "Concat" and len(node.inputs) == 1
-            ):
+            if forwards(node, "value") or (is_op(node, "Concat") and len(node.inputs) == 1):
                 stack.extend(node.outputs)
             else:
                 found.append((node, v))

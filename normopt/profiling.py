@@ -22,17 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from normopt.rewriter.norms import NORM_OPS
 from normopt.schema import versions
 from normopt.sessions import timing_session
-
-NORM_OPS = {
-    "LayerNormalization",
-    "SimplifiedLayerNormalization",
-    "RMSNormalization",
-    "SkipLayerNormalization",
-    "SkipSimplifiedLayerNormalization",
-    "BatchNormalization",
-}
 
 
 def interleaved(

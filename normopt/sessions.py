@@ -11,12 +11,15 @@ onnxruntime is imported inside these functions: it is heavy, and `inspect` never
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 
@@ -43,13 +46,38 @@ def ort_message(exc: Exception) -> str:
     return re.sub(r"\S*onnxruntime_src\S* (\S+\(.*?\) )?", "", line)
 
 
-def uses_plugins(path: str | os.PathLike) -> bool:
-    """Whether the graph has a node of normopt's plugin domain (read without external data)."""
+@dataclass(frozen=True)
+class GraphFacts:
+    """What the sessions need to know of a model file before running it: whether it has
+    normopt's plugin nodes (then it is lowered first), and the least precise float type it
+    computes in (its float weights and the targets of its Casts: onnxruntime's float16
+    converter keeps float32 inputs and outputs around a float16 graph)."""
+
+    plugins: bool
+    compute: np.dtype
+
+
+def graph_facts(path: str | os.PathLike) -> GraphFacts:
+    """The file's facts, read once per file version (a verification runs A up to three times
+    and B once: one scan, not four parses of a model that may be GBs)."""
+    st = os.stat(path)
+    return _graph_facts(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _graph_facts(path: str, _size: int, _mtime: int) -> GraphFacts:
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        graph = onnx.load(path, load_external_data=False).graph
     except Exception:  # unreadable: onnxruntime says why when it loads the file
-        return False
-    return any(n.domain == PLUGIN_DOMAIN for n in proto.graph.node)
+        return GraphFacts(False, np.dtype(np.float32))
+    types = {t.data_type for t in graph.initializer}
+    types |= {a.i for n in graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"}
+    compute = np.dtype(np.float32)
+    if onnx.TensorProto.FLOAT16 in types:
+        compute = np.dtype(np.float16)
+    if onnx.TensorProto.BFLOAT16 in types:
+        compute = np.dtype(ml_dtypes.bfloat16)
+    return GraphFacts(any(n.domain == PLUGIN_DOMAIN for n in graph.node), compute)
 
 
 def check_session(path: str | os.PathLike, optimized: bool = False):
@@ -99,7 +127,7 @@ def run_ort_all(
 def _runnable(path: Path) -> Iterator[Path]:
     """`path`, or for a --target tensorrt graph a copy with its plugin nodes lowered to their
     float64 references, in a temporary folder beside it."""
-    if not uses_plugins(path):
+    if not graph_facts(path).plugins:
         yield path
         return
     from normopt.files import save, temp_folder

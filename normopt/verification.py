@@ -27,13 +27,12 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-import onnx
 
 from normopt.errors import BadInput
 from normopt.inputs import InputOptions, cache_note, fallback_trials, input_trials
 from normopt.rewriter.io import check_readable_file
 from normopt.schema import document, inputs_json, now
-from normopt.sessions import ModelRunError, run_ort_all
+from normopt.sessions import ModelRunError, graph_facts, run_ort_all
 
 # (rtol against the output's max |value|, atol), per output dtype.
 TOLERANCES: dict[np.dtype, tuple[float, float]] = {
@@ -55,21 +54,8 @@ ROUNDOFF = {
 
 
 def compute_dtype(path: str | os.PathLike) -> np.dtype:
-    """The least precise float type the graph computes in: its float weights and the targets of
-    its Casts (onnxruntime's float16 converter keeps float32 inputs and outputs around a
-    float16 graph: the outputs' dtype does not say how they were computed)."""
-    proto = onnx.load(str(path), load_external_data=False)
-    types = {t.data_type for t in proto.graph.initializer}
-    types |= {
-        a.i for n in proto.graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"
-    }
-    for onnx_type, dtype in (
-        (onnx.TensorProto.BFLOAT16, ml_dtypes.bfloat16),
-        (onnx.TensorProto.FLOAT16, np.float16),
-    ):
-        if onnx_type in types:
-            return np.dtype(dtype)
-    return np.dtype(np.float32)
+    """The least precise float type the graph at `path` computes in (sessions.graph_facts)."""
+    return graph_facts(path).compute
 
 
 def _less_precise(a: np.dtype, b: np.dtype | None) -> np.dtype:

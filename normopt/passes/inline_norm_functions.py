@@ -19,20 +19,12 @@ import onnx_ir as ir
 from onnx_ir.passes.common import InlinePass
 
 from normopt.passes.base import Change, Pass, Plan
-
-NORM_OPS = {
-    "LayerNormalization",
-    "RMSNormalization",
-    "SimplifiedLayerNormalization",
-    "SkipLayerNormalization",
-    "SkipSimplifiedLayerNormalization",
-    "BatchNormalization",
-    "ReduceMean",
-}
+from normopt.rewriter.norms import NORM_OPS
 
 
 def _holds_norm(function: ir.Function) -> bool:
-    return any(node.op_type in NORM_OPS for node in function.all_nodes())
+    # a fused norm, or the ReduceMean every decomposed LayerNorm / RMSNorm starts from
+    return any(n.op_type in NORM_OPS or n.op_type == "ReduceMean" for n in function.all_nodes())
 
 
 class InlineNormFunctions(Pass[ir.OperatorIdentifier]):

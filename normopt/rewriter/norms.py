@@ -42,6 +42,16 @@ from normopt.rewriter.norms_decomposed import match_layernorm, match_rmsnorm
 
 # ------------------------------------------------------------------------------ fused ops
 
+# The fused norm ops (what `_match_op` and match_batchnorm read; profiling counts them as norms)
+NORM_OPS = {
+    "LayerNormalization",
+    "SimplifiedLayerNormalization",
+    "RMSNormalization",
+    "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "BatchNormalization",
+}
+
 
 def _float_attr(node: ir.Node, name: str, default: float) -> float:
     attr = node.attributes.get(name)
