@@ -21,6 +21,8 @@ class Built:
     outputs: list[str]
     dynamic: dict[str, dict[int, str]] = field(default_factory=dict)  # by input and output name
     keep_bn: bool = False  # export without folding BatchNorm into the preceding Conv
+    # module types TorchScript exports as model-local functions (export_modules_as_functions)
+    functions: tuple[type, ...] = ()
 
 
 def randomize_norms_and_biases(module: torch.nn.Module, seed: int) -> None:
@@ -74,6 +76,7 @@ def export(built: Built, path: Path, *, exporter: str, opset: int) -> None:
                 output_names=built.outputs,
                 dynamic_axes=built.dynamic or None,
                 do_constant_folding=not built.keep_bn,
+                export_modules_as_functions=set(built.functions) or False,
             )
         elif exporter == "dynamo":
             shapes = tuple(

@@ -3,6 +3,7 @@ converted; a function without a norm is left as it is, with the reason."""
 
 import numpy as np
 import onnx
+import pytest
 from onnx import helper
 
 import normopt
@@ -86,3 +87,31 @@ def test_a_model_without_functions_is_idle(tmp_path):
     _, report = normopt.rewrite(save(mlp(), tmp_path / "m.onnx"), tmp_path / "o.onnx")
     inlined = next(p for p in report.passes if p.name == "inline-norm-functions")
     assert not inlined.modified and inlined.refusals[0].reason == "no model-local function"
+
+
+@pytest.mark.slow
+def test_a_torchscript_export_with_layernorm_functions_converts_and_stays_equal(tmp_path):
+    """The hand-written Pre-LN model exported with `export_modules_as_functions={LayerNorm}`:
+    its five LayerNorms are function calls; inlined, all convert, and the rewrite equals torch
+    on the export's inputs."""
+    import torch
+
+    from models.common import export, randomize_norms_and_biases
+    from models.corpus import CORPUS
+    from normopt.sessions import run_ort
+
+    built = CORPUS["preln-ts17"].builder()()
+    randomize_norms_and_biases(built.module, seed=1)
+    built.functions = (torch.nn.LayerNorm,)
+    src = tmp_path / "fn.onnx"
+    export(built, src, exporter="ts", opset=17)
+    assert [f.name for f in onnx.load(src).functions] == ["LayerNorm"]
+    feeds = {k: v.numpy() for k, v in built.inputs.items()}
+    out, report = normopt.rewrite(src, tmp_path / "out.onnx", inputs=feeds)
+    results = {p.name: p for p in report.passes}
+    assert results["inline-norm-functions"].modified
+    assert results["preln-to-rmsnorm"].stats["converted"] == 5
+    with torch.no_grad():
+        want = built.module(*built.inputs.values()).numpy()
+    got = run_ort(out, feeds)[built.outputs[0]]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
