@@ -23,6 +23,23 @@ class Built:
     keep_bn: bool = False  # export without folding BatchNorm into the preceding Conv
     # module types TorchScript exports as model-local functions (export_modules_as_functions)
     functions: tuple[type, ...] = ()
+    # (model_type, heads, hidden): the export is run through onnxruntime's transformers
+    # optimizer (opt_level 0: its fusions only), as many published ONNX transformers are
+    ort_fused: tuple[str, int, int] | None = None
+
+
+def ort_fuse(built: Built, path: Path) -> None:
+    """Rewrite the export at `path` in place with onnxruntime's transformers optimizer
+    (SkipLayerNormalization, EmbedLayerNormalization, Attention, FastGelu/BiasGelu fusions)."""
+    from onnxruntime.transformers import optimizer
+
+    model_type, heads, hidden = built.ort_fused
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        fused = optimizer.optimize_model(
+            str(path), model_type=model_type, num_heads=heads, hidden_size=hidden, opt_level=0
+        )
+    fused.save_model_to_file(str(path))
 
 
 def randomize_norms_and_biases(module: torch.nn.Module, seed: int) -> None:

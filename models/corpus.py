@@ -54,6 +54,9 @@ class Entry:
             "optkv": hf.optkv,
             "gptneoxkv": hf.gptneoxkv,
             "gpt2narrow": hf.gpt2narrow,
+            "gpt2fused": hf.gpt2fused,
+            "vitfused": hf.vitfused,
+            "bertfused": hf.bertfused,
             "opt": hf.opt,
             "gptneox": hf.gptneox,
             "vit": hf.vit,
@@ -100,6 +103,9 @@ FAMILIES = [
     "gptneox",
     "vit",
     "bert",
+    "gpt2fused",
+    "vitfused",
+    "bertfused",
     "clip",
     "bloom",
     "swin",
@@ -125,6 +131,9 @@ FAMILY_EXPORTS = {
     "llama": ("ts14", "ts17", "dyn18", "dyn23"),
     "whisper": ("dyn18",),
     **{f: ("ts17", "dyn18") for f in ("gpt2kv", "optkv", "gptneoxkv")},  # KV-cache decoders
+    # onnxruntime's transformers optimizer fuses the LayerNormalization op exports (>= 17)
+    **{f: ("ts17", "dyn18") for f in ("gpt2fused", "vitfused")},
+    "bertfused": ("ts17",),
 }
 CORPUS: dict[str, Entry] = {}
 for _family in FAMILIES:
@@ -211,7 +220,7 @@ def build(name: str) -> Paths:
 def _build_into(entry: Entry, folder: Path) -> None:
     import torch
 
-    from models.common import export, randomize_norms_and_biases
+    from models.common import export, ort_fuse, randomize_norms_and_biases
     from normopt.sessions import run_ort
     from normopt.verification import compare_output
 
@@ -221,6 +230,8 @@ def _build_into(entry: Entry, folder: Path) -> None:
         built.keep_bn = entry.keep_bn
     randomize_norms_and_biases(built.module, seed=1)
     export(built, folder / "model.onnx", exporter=entry.exporter, opset=entry.opset)
+    if built.ort_fused:
+        ort_fuse(built, folder / "model.onnx")
     feeds = {k: v.numpy() for k, v in built.inputs.items()}
     reference = run_ort(folder / "model.onnx", feeds)
     with torch.no_grad():

@@ -424,3 +424,25 @@ def whisper() -> Built:
             "logits": {0: "batch", 1: "target"},
         },
     )
+
+
+def _fused(built: Built, model_type: str) -> Built:
+    """`built` as onnxruntime's transformers optimizer leaves it (small configs: 4 heads, 64)."""
+    built.ort_fused = (model_type, 4, 64)
+    return built
+
+
+def gpt2fused() -> Built:
+    """GPT-2 fused by onnxruntime: a LayerNormalization, 4 SkipLayerNormalization, FastGelu."""
+    return _fused(gpt2(), "gpt2")
+
+
+def vitfused() -> Built:
+    """ViT fused by onnxruntime: a LayerNormalization, 4 SkipLayerNormalization, BiasGelu."""
+    return _fused(vit(), "vit")
+
+
+def bertfused() -> Built:
+    """BERT (Post-LN) fused by onnxruntime: EmbedLayerNormalization, Attention, 4
+    SkipLayerNormalization, BiasGelu."""
+    return _fused(bert(), "bert")

@@ -11,11 +11,13 @@ from onnx import TensorProto, helper, numpy_helper
 IR_VERSION = 10  # onnx's helper defaults to the newest IR, newer than onnxruntime loads
 
 
-def make_model(nodes, inputs, outputs, initializers=(), opset=17, **kwargs) -> onnx.ModelProto:
+def make_model(
+    nodes, inputs, outputs, initializers=(), opset=17, domains=(), **kwargs
+) -> onnx.ModelProto:
+    """A checked model; `domains`: further opset imports (name, version)."""
     graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION, **kwargs
-    )
+    imports = [helper.make_opsetid("", opset), *(helper.make_opsetid(*d) for d in domains)]
+    model = helper.make_model(graph, opset_imports=imports, ir_version=IR_VERSION, **kwargs)
     onnx.checker.check_model(model)
     return model
 

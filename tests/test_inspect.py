@@ -51,6 +51,11 @@ NORMS = {
         }.items()
     },
     **{f: (lambda e: {("layernorm", "decomposed" if e.opset < 17 else "op"): 5}) for f in LN},
+    # onnxruntime-fused: a LayerNormalization and 4 SkipLayerNormalization (BERT: 4, its
+    # embedding LayerNorm is inside EmbedLayerNormalization, which is no norm match)
+    "gpt2fused": lambda e: {("layernorm", "op"): 5},
+    "vitfused": lambda e: {("layernorm", "op"): 5},
+    "bertfused": lambda e: {("layernorm", "op"): 4},
 }
 
 

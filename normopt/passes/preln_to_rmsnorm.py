@@ -47,6 +47,7 @@ from normopt.rewriter.graph import (
     permuted_around,
 )
 from normopt.rewriter.linear_fold import Fold, fold_weights
+from normopt.rewriter.norm_match import is_skip, skip_sum
 from normopt.rewriter.norms import NormMatch, find_norms
 from normopt.rewriter.stream_plan import Conversion, Planner, StreamRewrite
 
@@ -117,6 +118,9 @@ def _convert(edit: Editor, conversion: Conversion, opset: int) -> None:
             edit.graph.remove(add, safe=True)
         return
     ln = match.nodes[0]
+    if is_skip(ln):
+        _convert_skip(edit, conversion)
+        return
     x, gamma = ln.inputs[0], ln.inputs[1]
     beta = ln.inputs[2] if len(ln.inputs) > 2 else None
     stash, name = ln.attributes.get_int("stash_type", 1), ln.name or "layernorm"
@@ -147,6 +151,40 @@ def _convert(edit: Editor, conversion: Conversion, opset: int) -> None:
     _fold_beta(edit, conversion)
 
 
+def _convert_skip(edit: Editor, conversion: Conversion) -> None:
+    """SkipLayerNormalization(input, skip, gamma, beta, bias) -> SkipSimplifiedLayerNormalization
+    (input, skip, gamma, bias) [+ beta]: the sum it normalizes is zero-mean now (its residual
+    bias centred with the stream), and its output 3, the sum, stays where it is read."""
+    ln = conversion.match.nodes[0]
+    bias = ln.inputs[4] if len(ln.inputs) > 4 else None
+    name = ln.name or "skiplayernorm"
+    skip = ir.node(
+        "SkipSimplifiedLayerNormalization",
+        [*ln.inputs[:3], *([bias] if bias is not None else [])],
+        {"epsilon": float(conversion.match.epsilon)},
+        domain="com.microsoft",
+        name=edit.node_name(f"{name}.rms"),
+        num_outputs=4,
+    )
+    y, total = skip.outputs[0], skip.outputs[3]
+    y.name, total.name = edit.value_name(f"{name}.y"), edit.value_name(f"{name}.sum")
+    nodes = [skip]
+    beta = ln.inputs[3] if len(ln.inputs) > 3 else None
+    beta_array = folded_value(beta)
+    if (
+        beta is not None
+        and not conversion.beta_readers
+        and (beta_array is None or np.any(beta_array != 0))
+    ):
+        nodes.append(edit.node("Add", [y, beta], name=f"{name}.bias", like=ln.outputs[0]))
+    edit.graph.insert_after(ln, nodes)
+    edit.take_over(ln.outputs[0], nodes[-1].outputs[0])
+    if skip_sum(ln) is not None:
+        edit.take_over(ln.outputs[3], total)
+    edit.graph.remove(ln, safe=True)
+    _fold_beta(edit, conversion)
+
+
 def _fold_beta(edit: Editor, conversion: Conversion) -> None:
     """y = z + beta read by linear ops: y @ W + b = z @ W + (b + beta @ W)."""
     if not conversion.beta_readers:
@@ -168,7 +206,7 @@ def _no_gain(match: NormMatch, opset: int, target: str, shared: set[ir.Value]) -
       shares the two decomposed norms' statistics and fuses neither (GPT-NeoX, opset 17: 1.02x
       slower).
     --target ort emits a fused op there, opset >= 23 RMSNormalization."""
-    if match.form != "op" or opset >= 23 or target == "ort":
+    if match.form != "op" or is_skip(match.nodes[0]) or opset >= 23 or target == "ort":
         return None
     if match.input in shared:
         return (
@@ -214,7 +252,9 @@ class PreLNToRMSNorm(Pass[StreamRewrite]):
                 + (": its norms are RMSNorms already, nothing to recentre" if rms else "")
             )
         opset = default_opset(model)
-        readers = collections.Counter(m.input for m in layernorms if m.form == "op")
+        readers = collections.Counter(
+            m.input for m in layernorms if m.form == "op" and not is_skip(m.nodes[0])
+        )
         shared = {v for v, n in readers.items() if n > 1}
         planner = Planner(
             norms,
@@ -224,12 +264,13 @@ class PreLNToRMSNorm(Pass[StreamRewrite]):
         )
         rewrite, plan = StreamRewrite(), Plan()
         decided: set[int] = set()
-        for comp in planner.components([m.input for m in layernorms]):
+        for comp in planner.components([v for m in layernorms for v in m.reads()]):
             regions, frozen = planner.regions(comp)
             for m in comp.norms:
-                if m.input in frozen:
+                kept = next((v for v in m.reads() if v in frozen), None)
+                if kept is not None:
                     decided.add(id(m))
-                    plan.refusals.append(Refusal(f"layernorm at {m.where()}", frozen[m.input]))
+                    plan.refusals.append(Refusal(f"layernorm at {m.where()}", frozen[kept]))
             for region in regions:
                 result = planner.plan(region)
                 decided.update(id(m) for m in region.norms)

@@ -60,6 +60,13 @@ class NormMatch:
                 return str(value.dtype)
         return self.compute_dtype
 
+    def reads(self) -> tuple[ir.Value, ...]:
+        """The values whose sum the norm normalizes: a fused Skip norm's input and skip (with
+        its constant residual bias), any other norm its input alone."""
+        if is_skip(self.nodes[0]):
+            return tuple(self.nodes[0].inputs[:2])
+        return (self.input,)
+
     def where(self) -> str:
         return self.nodes[0].name or f"{self.nodes[0].op_type} reading {self.input.name}"
 
@@ -81,6 +88,29 @@ class NormMatch:
 
 
 # ----------------------------------------------------------------------------- small queries
+
+# onnxruntime's fused residual add + norm: y = norm(input + skip + bias) [* gamma + beta], with
+# the sum itself as the optional output 3
+SKIP_OPS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+
+
+def is_skip(node: ir.Node | None) -> bool:
+    """`node` is one of onnxruntime's fused residual-add norms (com.microsoft)."""
+    return node is not None and node.domain == "com.microsoft" and node.op_type in SKIP_OPS
+
+
+def skip_bias_index(node: ir.Node) -> int:
+    """Where a Skip norm takes its residual bias: after gamma and beta (SkipLayerNormalization)
+    or after gamma (SkipSimplifiedLayerNormalization)."""
+    return 4 if node.op_type == "SkipLayerNormalization" else 3
+
+
+def skip_sum(node: ir.Node) -> ir.Value | None:
+    """A Skip norm's output 3 (input + skip + bias) where something reads it, else None."""
+    if len(node.outputs) < 4:
+        return None
+    total = node.outputs[3]
+    return total if total.uses() or total.is_graph_output() else None
 
 
 def other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:

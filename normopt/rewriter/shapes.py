@@ -34,6 +34,16 @@ def _values(model: ir.Model) -> Iterator[ir.Value]:
 
 
 def _infer(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx's shape inference; for a graph with onnxruntime's com.microsoft ops (which onnx
+    cannot see through: SkipLayerNormalization, FastGelu, Attention, ...), onnxruntime's own
+    symbolic shape inference, which knows them."""
+    if any(n.domain == "com.microsoft" for n in proto.graph.node):
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        try:
+            return SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+        except Exception:  # it refuses some graphs; onnx's inference still helps there
+            pass
     ort_ops.register()  # onnxruntime's contrib norms infer too
     return onnx.shape_inference.infer_shapes(
         proto, check_type=False, strict_mode=False, data_prop=True

@@ -44,8 +44,14 @@ from normopt.rewriter.graph import (
     static_shape,
 )
 from normopt.rewriter.linear_fold import bias_add_after, fold_problem
-from normopt.rewriter.norms import NormMatch
-from normopt.rewriter.stream_regions import Component, Region, component, regions
+from normopt.rewriter.norm_match import NormMatch, is_skip
+from normopt.rewriter.stream_regions import (
+    Component,
+    Region,
+    component,
+    merge_constants,
+    regions,
+)
 
 # What an explicit recentring costs, in what converting one LayerNorm saves. Measured (ORT 1.32
 # CPU, 2 threads, ops timed in a chain): save / recentring 0.9 at [2, 16, 64], 0.14 at
@@ -156,12 +162,13 @@ class Planner:
         if len(kept) == len(region.norms):
             return next(iter(kept.values()))
         plan = StreamRewrite()
+        # constants added into the region are centred with it (a converted Skip norm's too:
+        # it normalizes input + skip + bias, all three in the region)
+        fused = [m.nodes[0] for m in region.norms if is_skip(m.nodes[0])]
         try:
-            for node in region.merges:  # constants added into the region are centred with it
-                if is_op(node, "Add", "Sub", "Concat"):
-                    for i, v in enumerate(node.inputs):
-                        if v is not None and folded_value(v) is not None:
-                            _centre(plan, None, node, i, -1)
+            for node in dict.fromkeys(region.merges + fused):
+                for i in merge_constants(node):
+                    _centre(plan, None, node, i, -1)
         except Refuse as exc:
             return str(exc)
         plan.recentred += list(region.starts.items())
@@ -188,18 +195,19 @@ class Planner:
         where = match.where()
         if match.kind != "layernorm":
             return f"{match.kind} {where} is not shift-invariant (already an RMSNorm?)"
-        if match.form == "op" and not is_op(match.nodes[0], "LayerNormalization"):
-            return f"{match.nodes[0].op_type} {where} is a fused op normopt does not convert"
+        node = match.nodes[0]
+        if match.form == "op" and not (
+            is_op(node, "LayerNormalization") or node.op_type == "SkipLayerNormalization"
+        ):
+            return f"{node.op_type} {where} is a fused op normopt does not convert"
         if match.axis != -1:
             return (
                 f"LayerNorm {where} normalizes the last {match.normalized_axes} axes, not the "
                 "hidden "
                 "axis alone: it would see each token's own shift"
             )
-        if match.form == "op" and any(
-            o.uses() or o.is_graph_output() for o in match.nodes[0].outputs[1:]
-        ):
-            return f"LayerNormalization {where}'s Mean/InvStdDev outputs are read"
+        if match.form == "op" and any(o.uses() or o.is_graph_output() for o in node.outputs[1:3]):
+            return f"{node.op_type} {where}'s Mean/InvStdDev outputs are read"
         return None
 
     @staticmethod

@@ -12,11 +12,12 @@ import onnx_ir as ir
 from normopt.rewriter import axis_rules
 from normopt.rewriter.graph import (
     constant_shape,
+    folded_value,
     is_op,
     rank,
     readers,
 )
-from normopt.rewriter.norms import NormMatch
+from normopt.rewriter.norm_match import NormMatch, is_skip, skip_bias_index, skip_sum
 
 
 # What an explicit recentring costs, in what converting one LayerNorm saves. Measured (ORT 1.32
@@ -54,7 +55,7 @@ class Region:
     def sources(self) -> list[ir.Value]:
         """Values whose writers are centred (or recentred explicitly when they cannot be)."""
         merges, starts = set(self.merges), set(self.starts)
-        return [v for v in self.values if v.producer() not in merges and v not in starts]
+        return [v for v in self.values if merged_from(v, merges) is None and v not in starts]
 
 
 def _hidden_size(value: ir.Value) -> int | None:
@@ -66,17 +67,20 @@ def _hidden_size(value: ir.Value) -> int | None:
 def merge_inputs(node: ir.Node | None) -> list[ir.Value] | None:
     """The data inputs through which `node` carries a recentring on to its output unchanged in
     kind (x - mean(x) at every position, along the hidden axis, the last), or None: Add/Sub
-    of values with the same hidden size (and constants, centred with them); Concat along another
-    axis; ops that keep every token's hidden vector whole (Cast, Reshape keeping the hidden size,
-    token-axis Gather/Slice/Transpose/Expand/Pad/Split, mean pooling over tokens)."""
+    of values with the same hidden size (and constants, centred with them); a fused Skip norm's
+    input + skip (+ its constant bias: the sum, its output 3, `merge_outputs`); Concat along
+    another axis; ops that keep every token's hidden vector whole (Cast, Reshape keeping the
+    hidden size, token-axis Gather/Slice/Transpose/Expand/Pad/Split, mean pooling over tokens)."""
     rule = axis_rules.rule(node)
-    if node is None or not (is_op(node, "Add", "Sub", "Concat") or (rule and rule.stream)):
+    skip = is_skip(node)
+    if node is None or not (skip or is_op(node, "Add", "Sub", "Concat") or (rule and rule.stream)):
         return None
-    data = [v for v in node.inputs if v is not None and constant_shape(v) is None]
+    added = node.inputs[:2] if skip else node.inputs
+    data = [v for v in added if v is not None and constant_shape(v) is None]
     out = node.outputs[0]
-    if is_op(node, "Add", "Sub"):
+    if skip or is_op(node, "Add", "Sub"):
         hidden = _hidden_size(out)
-        if len(node.inputs) != 2 or hidden is None or any(_hidden_size(v) != hidden for v in data):
+        if len(added) != 2 or hidden is None or any(_hidden_size(v) != hidden for v in data):
             return None
         return data or None
     if is_op(node, "Concat"):
@@ -93,6 +97,37 @@ def merge_inputs(node: ir.Node | None) -> list[ir.Value] | None:
     ):
         return None
     return [source]
+
+
+def merge_outputs(node: ir.Node) -> list[ir.Value]:
+    """The values a merge carries its inputs' recentring to: a Skip norm's sum where something
+    reads it (none otherwise: its normalized output is no merge output), else its outputs."""
+    if is_skip(node):
+        total = skip_sum(node)
+        return [] if total is None else [total]
+    return list(node.outputs)
+
+
+def merge_constants(node: ir.Node) -> list[int]:
+    """The constant inputs a merge adds into its output (centred with the region): Add/Sub/
+    Concat's constants; a Skip norm's constant input or skip and its residual bias."""
+    if is_skip(node):
+        bias = skip_bias_index(node)
+        has_bias = len(node.inputs) > bias and node.inputs[bias] is not None
+        added = [0, 1, bias] if has_bias else [0, 1]
+    elif is_op(node, "Add", "Sub", "Concat"):
+        added = list(range(len(node.inputs)))
+    else:
+        return []
+    return [i for i in added if folded_value(node.inputs[i]) is not None]
+
+
+def merged_from(value: ir.Value, merges: set[ir.Node]) -> list[ir.Value] | None:
+    """The inputs of the merge among `merges` whose output `value` is, or None."""
+    producer = value.producer()
+    if producer not in merges or value not in merge_outputs(producer):
+        return None
+    return merge_inputs(producer)
 
 
 def component(
@@ -123,27 +158,28 @@ def component(
             )
         producer = value.producer()
         inputs = merge_inputs(producer)
-        if inputs is not None:
+        if inputs is not None and value in merge_outputs(producer):
             if producer not in merges:
                 merges.add(producer)
                 comp.merges.append(producer)
             queue.extend(inputs)
         for node in readers(value, numbers_only=True):  # shape/dtype-only readers see no change
             match = norm_of.get(node)
-            if match is not None and match.input is value:
+            if match is not None and value in match.reads():
                 problem = norm_problem(match)
-                if problem:
-                    block(value, problem)
-                elif id(match) not in norms:
+                for read in match.reads() if problem else ():  # a Skip norm reads their sum
+                    block(read, problem)
+                if not problem and id(match) not in norms:
                     norms.add(id(match))
                     comp.norms.append(match)
-                continue
+                if not is_skip(node):
+                    continue
             inputs = merge_inputs(node)
             if inputs is not None and value in inputs:
                 if node not in merges:
                     merges.add(node)
                     comp.merges.append(node)
-                queue.extend(node.outputs)
+                queue.extend(merge_outputs(node) + inputs)
                 continue
             block(value, _blocked_by(node, value))
     return comp
@@ -176,11 +212,11 @@ def regions(comp: Component) -> tuple[list[Region], dict[ir.Value, str]]:
         found.append(
             Region(
                 values=group,
-                norms=[m for m in comp.norms if m.input in members],
+                norms=[m for m in comp.norms if all(v in members for v in m.reads())],
                 merges=[
                     n
                     for n in comp.merges
-                    if any(o in members and o not in starts for o in n.outputs)
+                    if any(o in members and o not in starts for o in merge_outputs(n))
                 ],
                 starts={v: why for v, why in starts.items() if v in members},
             )
@@ -203,8 +239,7 @@ def _frozen(
             frozen.setdefault(v, why)
             if v not in closed:
                 closed.add(v)
-                if v.producer() in merges:
-                    stack.extend(merge_inputs(v.producer()))
+                stack.extend(merged_from(v, merges) or [])
 
     for value, why in comp.blockers.items():
         freeze(value, why)
@@ -213,10 +248,9 @@ def _frozen(
     while changed:
         changed = False
         for value in comp.values:
-            producer = value.producer()
-            if value in frozen or value in starts or producer not in merges:
+            inputs = merged_from(value, merges)
+            if value in frozen or value in starts or inputs is None:
                 continue
-            inputs = merge_inputs(producer)
             kept = next((v for v in inputs if v in frozen), None)
             if kept is not None:  # its inputs keep their numbers: recentre it explicitly
                 starts[value] = (
@@ -244,12 +278,12 @@ def _groups(
             v = stack.pop()
             group.append(v)
             linked = []
-            producer = v.producer()
-            if producer in merges and v not in starts:
-                linked += merge_inputs(producer)
+            if v not in starts:
+                linked += merged_from(v, merges) or []
             for node in readers(v, numbers_only=True):
-                if node in merges and v in merge_inputs(node):
-                    linked += [o for o in node.outputs if o not in starts]
+                if node in merges and v in merge_inputs(node):  # its output, and the inputs
+                    linked += [o for o in merge_outputs(node) if o not in starts]
+                    linked += merge_inputs(node)  # added with v (a Skip norm may output none)
             for other in linked:
                 if other not in frozen and other not in region_of:
                     region_of[other] = len(groups)
