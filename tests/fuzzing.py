@@ -21,6 +21,7 @@ a graph, e.g. a grouped ConvTranspose, onnxruntime on a float32 copy is the refe
 
 from __future__ import annotations
 
+import collections
 import math
 import random
 import traceback
@@ -518,7 +519,99 @@ def transformer(c) -> Case:
 
     cost = c.pick([1, RECENTRING_COST])
     notes.append(f"recentring_cost={cost}")
-    return Case("transformer", b.model(opset), b.feeds, notes, cost)
+    model = b.model(opset)
+    if c.coin(0.4):
+        model = ort_fused(model, c, notes)
+    return Case("transformer", model, b.feeds, notes, cost)
+
+
+def ort_fused(model: onnx.ModelProto, c, notes: list) -> onnx.ModelProto:
+    """What onnxruntime's transformers optimizer does to a Pre-LN graph: a LayerNormalization
+    (last axis, 1-D scale and bias) reading `Add(a, b)` of two same-shaped rank-3 values becomes
+    com.microsoft SkipLayerNormalization(a, b, scale, bias[, residual bias]), a constant bias
+    Add on `a` read only there joining as its residual bias; the sum stays its output 3 where
+    anything else reads it. Each candidate is fused or not by a coin."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {
+        v.name: [
+            d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim
+        ]
+        for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+    }
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    nodes = list(model.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    reads = collections.Counter(i for n in nodes for i in n.input)
+    outputs = {o.name for o in model.graph.output}
+    fused = 0
+    for ln in [n for n in nodes if n.op_type == "LayerNormalization"]:
+        add = producer.get(ln.input[0])
+        axis = next((a.i for a in ln.attribute if a.name == "axis"), -1)
+        if add is None or add.op_type != "Add" or len(ln.input) < 3 or len(ln.output) > 1:
+            continue
+        a, b = add.input
+        shape = shapes.get(a)
+        if (
+            axis not in (-1, 2)
+            or shape is None
+            or len(shape) != 3
+            or None in shape
+            or shapes.get(b) != shape
+            or any(inits.get(v) is None or inits[v].shape != (shape[2],) for v in ln.input[1:3])
+            or not c.coin(0.7)
+        ):
+            continue
+        inputs = [a, b, *ln.input[1:3]]
+        bias_add = producer.get(a)
+        if (
+            bias_add is not None
+            and bias_add.op_type == "Add"
+            and reads[a] == 1
+            and a not in outputs
+            and inits.get(bias_add.input[1]) is not None
+            and inits[bias_add.input[1]].shape == (shape[2],)
+            and c.coin()
+        ):
+            inputs = [bias_add.input[0], b, *ln.input[1:3], bias_add.input[1]]
+            nodes.remove(bias_add)
+        eps = next((a.f for a in ln.attribute if a.name == "epsilon"), 1e-5)
+        total = add.output[0]
+        keep_sum = reads[total] > 1 or total in outputs
+        skip = helper.make_node(
+            "SkipLayerNormalization",
+            inputs,
+            [ln.output[0], "", "", total] if keep_sum else [ln.output[0]],
+            domain="com.microsoft",
+            epsilon=eps,
+        )
+        nodes[nodes.index(ln)] = skip
+        nodes.remove(add)
+        producer.update({total: skip, ln.output[0]: skip})  # a second norm of the sum stays
+        fused += 1
+    if not fused:
+        return model
+    notes.append(f"ort_fused={fused}")
+    fused_model = onnx.ModelProto.FromString(model.SerializeToString())
+    del fused_model.graph.node[:]
+    fused_model.graph.node.extend(_sorted(nodes, [i.name for i in model.graph.input], inits))
+    fused_model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return fused_model
+
+
+def _sorted(nodes, inputs, inits) -> list:
+    """`nodes` in a topological order (a fused node takes the place of the norm it replaces,
+    which may come before its residual bias Add's inputs are computed)."""
+    ready, done, pending = set(inputs) | set(inits) | {""}, [], list(nodes)
+    while pending:
+        for node in pending:
+            if all(i in ready for i in node.input):
+                done.append(node)
+                ready.update(node.output)
+                pending.remove(node)
+                break
+        else:
+            raise AssertionError("a cycle in a fused graph")
+    return done
 
 
 def layer_norm_two_axes(c, b: Builder, x: str, tokens: int, d: int, opset: int) -> str:

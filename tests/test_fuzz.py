@@ -164,3 +164,14 @@ def test_a_float16_norm_with_a_float32_output_keeps_its_type():
     the graph failed the checker. Its output type is the norm output's."""
     case = fuzzing.transformer(fuzzing.RandomChoices(822840))
     _check(case, ["preln-to-rmsnorm", "preln-to-crmsnorm"], Options())
+
+
+def test_crms_never_cuts_under_a_fused_skip_norm():
+    """Found by the fuzzer once it drew onnxruntime-fused graphs (seed 5310: a Post-LN block,
+    then Pre-LN ones as SkipLayerNormalization): after preln-to-rmsnorm made them
+    SkipSimplifiedLayerNormalization, preln-to-crmsnorm took one for an RMSNorm of its first
+    input alone and cut the stream under it (0.52 off at scale 1.8)."""
+    choices = fuzzing.RandomChoices(5310)
+    case = fuzzing.graph(choices)
+    assert any(n.startswith("ort_fused") for n in case.notes)
+    _check(case, ["preln-to-rmsnorm", "preln-to-crmsnorm"], fuzzing.pipeline_choice(choices)[1])

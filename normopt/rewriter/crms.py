@@ -45,7 +45,7 @@ from normopt.rewriter.graph import (
     readers,
     sole_reader,
 )
-from normopt.rewriter.norms import NormMatch
+from normopt.rewriter.norm_match import NormMatch, is_skip
 from normopt.rewriter.stream import StreamAnalysis
 
 
@@ -163,6 +163,8 @@ def _norm(match: NormMatch, plan: CRMSPlan) -> None:
         raise Refuse(
             f"the {match.kind} at {where} reads the stream (only RMSNorms become CRMSNorm)"
         )
+    if is_skip(match.nodes[0]):  # it normalizes input + skip, not the value cut
+        raise Refuse(f"the RMSNorm at {where} is fused with a residual Add (onnxruntime's)")
     if match.axis not in (-1, None):
         raise Refuse(f"the RMSNorm at {where} normalizes more than the last axis")
     if match.input.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
@@ -283,6 +285,12 @@ def plan_stream(
     if analysis.architecture != "pre-rmsnorm":
         first = " (run preln-to-rmsnorm first)" if analysis.architecture == "pre-ln" else ""
         return f"the stream is {analysis.architecture}, not Pre-RMSNorm{first}"
+    fused = next((r.node for r in analysis.residual_adds if is_skip(r.node)), None)
+    if fused is not None:
+        return (
+            f"{fused.op_type} {fused.name} (onnxruntime's fused residual Add + norm) writes the "
+            "stream: CRMS cuts only plain Adds and norms"
+        )
     stream = list(
         dict.fromkeys([*analysis.initial, *(r.node.outputs[0] for r in analysis.residual_adds)])
     )

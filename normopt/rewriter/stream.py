@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from normopt.rewriter.graph import LINEAR_OPS, constant_value, forwards, is_op, readers
-from normopt.rewriter.norms import NormMatch
+from normopt.rewriter.norm_match import NormMatch, is_skip, skip_sum
 
 ARCHITECTURES = ("pre-ln", "post-ln", "pre-rmsnorm", "peri-ln", "mixed", "none")
 
@@ -87,12 +87,15 @@ def _source(value: ir.Value) -> ir.Value:
 
 def _reaches_through_linear(source: ir.Value, target: ir.Value, order: dict[ir.Node, int]) -> bool:
     """Is `target` computed from `source` along a path through a linear op? (backward search,
-    pruned at nodes that come before `source`'s producer)"""
-    floor = order.get(source.producer(), -1)
+    pruned at nodes that come before `source`'s producer; a fused Skip norm's normalized output
+    is computed from its sum, `source` then)"""
+    producer = source.producer()
+    floor = order.get(producer, -1)
+    found = set(producer.outputs) if is_skip(producer) else {source}
     stack, seen = [(target, False)], set()
     while stack:
         value, linear = stack.pop()
-        if value is source:
+        if value in found:
             if linear:
                 return True
             continue
@@ -121,35 +124,47 @@ def find_residual_adds(
     norm_inputs = norm_inputs or {}
     candidates = []
     for node in graph:
-        if not is_op(node, "Add") or len(node.inputs) != 2:
+        # a fused Skip norm (onnxruntime's) is a residual Add too
+        if not (is_skip(node) or is_op(node, "Add") and len(node.inputs) == 2):
             continue
-        a, b = node.inputs
+        a, b = node.inputs[:2]
         if a is None or b is None or a is b:
             continue
         for skip, branch in ((a, b), (b, a)):
             # a constant is never the stream (a beta two norms share reaches the later one's input)
             if (
-                len(readers(skip)) > 1
+                (len(readers(skip)) > 1 or is_skip(skip.producer()))  # the Skip's norm reads it
                 and constant_value(skip) is None
                 and _reaches_through_linear(skip, branch, order)
             ):
                 candidates.append(ResidualAdd(node, skip, branch))
                 break
-    outputs = {r.node.outputs[0] for r in candidates}
+    outputs = {total(r.node) for r in candidates}
     fed = {_carried_from(r.skip, norm_inputs) for r in candidates}
     linked = [
         r
         for r in candidates
-        if r.node.outputs[0] in fed or _carried_from(r.skip, norm_inputs) in outputs
+        if total(r.node) in fed or _carried_from(r.skip, norm_inputs) in outputs
     ]
     return linked or candidates
 
 
-def _carried_from(skip: ir.Value, norm_inputs: dict[ir.Value, ir.Value]) -> ir.Value:
+def total(node: ir.Node) -> ir.Value | ir.Node:
+    """What a residual Add outputs: an Add's output; a fused Skip norm's sum, or the node itself
+    where it outputs none (its own norm reads the sum inside it)."""
+    return (skip_sum(node) or node) if is_skip(node) else node.outputs[0]
+
+
+def _norm_reads(norm: NormMatch) -> ir.Value | ir.Node:
+    """The stream value a norm reads (a fused Skip norm: its residual Add's `total`)."""
+    return total(norm.nodes[0]) if is_skip(norm.nodes[0]) else _source(norm.input)
+
+
+def _carried_from(skip: ir.Value, norm_inputs: dict) -> ir.Value | ir.Node:
     """The stream value a skip carries: through reshapes and casts, and through the norm
-    that a Post-LN block applies after its residual Add."""
+    that a Post-LN block applies after its residual Add (`norm_inputs`: from `_norm_reads`)."""
     value = _source(skip)
-    return _source(norm_inputs[value]) if value in norm_inputs else value
+    return norm_inputs.get(value, value)
 
 
 def analyze(graph: ir.Graph, norms: list[NormMatch]) -> StreamAnalysis:
@@ -159,11 +174,11 @@ def analyze(graph: ir.Graph, norms: list[NormMatch]) -> StreamAnalysis:
     by_input: dict[ir.Value, list[NormMatch]] = {}
     by_output: dict[ir.Value, NormMatch] = {}
     for n in seq_norms:
-        by_input.setdefault(_source(n.input), []).append(n)
+        by_input.setdefault(_norm_reads(n), []).append(n)
         by_output[n.output] = n
-    norm_inputs = {n.output: n.input for n in seq_norms}
+    norm_inputs = {n.output: _norm_reads(n) for n in seq_norms}
     adds = find_residual_adds(graph, norm_inputs)
-    by_add_output = {r.node.outputs[0]: r for r in adds}
+    by_add_output = {total(r.node): r for r in adds}
     for r in adds:
         skip = _source(r.skip)
         r.pre = [
@@ -173,7 +188,7 @@ def analyze(graph: ir.Graph, norms: list[NormMatch]) -> StreamAnalysis:
         ]
         r.peri = by_output.get(r.branch)
         norm = by_output.get(skip)
-        previous = by_add_output.get(_source(norm.input)) if norm is not None else None
+        previous = by_add_output.get(_norm_reads(norm)) if norm is not None else None
         if previous is not None:  # Post-LN: this block reads the previous block's sum, normalized
             r.post = norm
             previous.post = previous.post or norm
@@ -181,10 +196,10 @@ def analyze(graph: ir.Graph, norms: list[NormMatch]) -> StreamAnalysis:
             norm is not None
         ):  # a norm before the first block (embeddings, pre-encoder, stage start)
             r.start_norm = norm
-    outputs = {r.node.outputs[0] for r in adds}
+    outputs = {total(r.node) for r in adds}
     carried = [_carried_from(r.skip, norm_inputs) for r in adds]
     initial = [v for v in dict.fromkeys(carried) if v not in outputs]
-    stream = {_source(r.skip) for r in adds} | outputs
+    stream = {_source(r.skip) for r in adds} | {v for v in outputs if isinstance(v, ir.Value)}
     last = [v for v in outputs if v not in carried]
     final_norms = [n for v in last for n in by_input.get(v, [])]
     other: dict[str, list[str]] = {}

@@ -163,3 +163,28 @@ def test_branch_read_elsewhere_is_recentred_not_centred(monkeypatch):
     result, rewritten = _run(model, allow_hidden_state_change=False)
     assert any("Relu" in r.reason for r in result.refusals), result.refusals
     _assert_same(model, rewritten)
+
+
+@pytest.mark.parametrize("post_ln_first", [False, True])
+def test_crms_refuses_a_stream_of_fused_skip_norms(post_ln_first):
+    """A stream of Skip norms (SkipSimplified after preln-to-rmsnorm) is classified as one
+    (each Skip is a residual Add) and preln-to-crmsnorm refuses it by name: a Skip norm
+    normalizes input + skip, not a value CRMS could cut (tests/test_fuzz.py has the case where
+    it did)."""
+    from normopt.passes.pipeline import run_pipeline
+
+    model = _fused()
+    if post_ln_first:  # the first block's output normalized after its residual Add
+        graph = model.graph
+        ln = next(n for n in graph.node if n.op_type == "LayerNormalization")
+        post = helper.make_node("LayerNormalization", ["x0", "g0", "b0"], ["x0n"], epsilon=1e-5)
+        graph.node.insert(list(graph.node).index(ln), post)
+        ln.input[0] = "x0n"
+        next(n for n in graph.node if n.op_type == "SkipLayerNormalization").input[1] = "x0n"
+    ir_model = ir.serde.deserialize_model(model)
+    annotate(ir_model)
+    results = run_pipeline(ir_model, ["preln-to-rmsnorm", "preln-to-crmsnorm"], Options())
+    crms = results[1]
+    assert not crms.modified
+    assert any("fused" in r.reason for r in crms.refusals), crms.refusals
+    _assert_same(model, ir.serde.serialize_model(ir_model))

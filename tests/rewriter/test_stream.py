@@ -22,6 +22,10 @@ EXPECTED = {
     "vit": "pre-ln",
     "preln": "pre-ln",
     "bert": "post-ln",
+    # onnxruntime-fused: each SkipLayerNormalization is a residual Add and the next block's norm
+    "gpt2fused": "pre-ln",
+    "vitfused": "pre-ln",
+    "bertfused": "post-ln",
     "llama": "pre-rmsnorm",
     "resnet18": "none",
     "mobilenetv2": "none",
@@ -54,14 +58,15 @@ RESIDUAL_ADDS = {
     "bert": 4,
     "llama": 4,
     "clip": 4,
+    "gpt2fused": 4,
+    "vitfused": 4,
+    "bertfused": 4,
 }
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))
 def test_corpus_architecture(corpus, name):
     family = CORPUS[name].family
-    if family.endswith("fused"):
-        pytest.skip("the classification does not see a fused Skip norm as a residual Add yet")
     graph = load(corpus(name).model).graph
     result = analyze(graph, find_norms(graph))
     assert result.architecture == EXPECTED[family], result.reasons
