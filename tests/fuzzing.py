@@ -25,6 +25,7 @@ import collections
 import math
 import random
 import traceback
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -521,8 +522,35 @@ def transformer(c) -> Case:
     notes.append(f"recentring_cost={cost}")
     model = b.model(opset)
     if c.coin(0.4):
-        model = ort_fused(model, c, notes)
+        model = _runnable(ort_fused(model, c, notes), model, b.feeds, notes)
+    fused = any(n.startswith("ort_fused") for n in notes)
+    if not fused and dtype == np.float32 and c.coin(0.15):  # (the converter and Skip norms
+        model = _runnable(fp16_compute(model, c, notes), model, b.feeds, notes)  # clash)
     return Case("transformer", model, b.feeds, notes, cost)
+
+
+def _runnable(made: onnx.ModelProto, before: onnx.ModelProto, feeds, notes) -> onnx.ModelProto:
+    """`made` where onnxruntime runs it, else `before`: a transform of a tool outside normopt may
+    produce what onnxruntime rejects (the float16 converter next to a SkipLayerNormalization)."""
+    try:
+        ort_run(made, feeds)
+    except Exception:
+        notes.append("transform dropped: onnxruntime rejects its result")
+        return before
+    return made
+
+
+def fp16_compute(model: onnx.ModelProto, c, notes: list) -> onnx.ModelProto:
+    """The usual mixed-precision recipe: onnxruntime's float16 converter with the inputs and
+    outputs kept in float32 (and, by a coin, LayerNormalization kept in float32 too)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    keep = ["LayerNormalization"] if c.coin() else []
+    notes.append("fp16_compute" + ("(LayerNormalization kept)" if keep else ""))
+    copy = onnx.ModelProto.FromString(model.SerializeToString())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns of constants it clamps to float16's range
+        return convert_float_to_float16(copy, keep_io_types=True, op_block_list=keep)
 
 
 def ort_fused(model: onnx.ModelProto, c, notes: list) -> onnx.ModelProto:
@@ -1071,6 +1099,7 @@ def judge(case: Case, names, options) -> Verdict:
     verdict.silent = [r.name for r in results if not r.modified and not r.refusals]
     verdict.not_idempotent = [r.name for r in again if r.modified]
     changed = {o for r in results for o in r.changed_outputs}
+    computes_fp16 = _computes_in_float16(case.model)
     moved: list[dict] = []  # the original with its weights moved by one ulp: evaluated on demand
     for name, ref in reference.items():
         if name in changed:
@@ -1093,12 +1122,12 @@ def judge(case: Case, names, options) -> Verdict:
         finite = np.isfinite(a) & np.isfinite(ref)
         if not finite.any():
             continue
+        # a graph computing in float16 behind float32 outputs is held to float16's tolerance
+        tolerance = TOLERANCE[np.dtype(np.float16 if computes_fp16 else original[name].dtype)]
         scale = float(np.abs(ref[finite]).max())
         err = float(np.abs(g - ref)[finite].max())
         own = float(np.abs(a - ref)[finite].max())
-        allowed = max(
-            TOLERANCE[np.dtype(original[name].dtype)] * max(scale, 1e-3), OWN_NOISE_FACTOR * own
-        )
+        allowed = max(tolerance * max(scale, 1e-3), OWN_NOISE_FACTOR * own)
         if (
             err > allowed and not moved
         ):  # before calling it wrong: how sensitive is the graph itself?
@@ -1123,3 +1152,13 @@ def judge(case: Case, names, options) -> Verdict:
                 f"own {own:.3g})"
             )
     return verdict
+
+
+def _computes_in_float16(model: onnx.ModelProto) -> bool:
+    """Float16 weights or a Cast to float16 anywhere (normopt.verification reads the graph the
+    same way)."""
+    fp16 = TensorProto.FLOAT16
+    return any(t.data_type == fp16 for t in model.graph.initializer) or any(
+        n.op_type == "Cast" and any(a.name == "to" and a.i == fp16 for a in n.attribute)
+        for n in model.graph.node
+    )

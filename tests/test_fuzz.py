@@ -175,3 +175,15 @@ def test_crms_never_cuts_under_a_fused_skip_norm():
     case = fuzzing.graph(choices)
     assert any(n.startswith("ort_fused") for n in case.notes)
     _check(case, ["preln-to-rmsnorm", "preln-to-crmsnorm"], fuzzing.pipeline_choice(choices)[1])
+
+
+def test_a_float32_norm_inside_a_float16_graph_keeps_its_output_type_through_crms():
+    """Found by the fuzzer once it drew mixed-precision graphs (seed 30175: onnxruntime's float16
+    converter with LayerNormalization kept in float32): preln-to-rmsnorm left the new RMSNorm's
+    scaled output untyped, and preln-to-crmsnorm then cast its CRMSNorm to the stream's float16
+    ahead of the float32 beta Add: onnxruntime rejected the graph. The new values carry the
+    LayerNorm output's type, and CRMS reads the scale's dtype where an output has none."""
+    choices = fuzzing.RandomChoices(30175)
+    case = fuzzing.graph(choices)
+    assert any(n.startswith("fp16_compute") for n in case.notes)
+    _check(case, ["preln-to-rmsnorm", "preln-to-crmsnorm"], fuzzing.pipeline_choice(choices)[1])

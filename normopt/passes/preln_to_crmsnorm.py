@@ -61,9 +61,10 @@ def _crms_norm(
         nodes.append(
             edit.node("Concat", [y, nodes[-1].outputs[0]], {"axis": -1}, name=f"{name}.whole")
         )
-    out = (
-        match.output.dtype or match.input.dtype
-    )  # an fp16 norm may output float32 (its Cast back left out)
+    # an fp16 norm may output float32 (its Cast back left out); where the output is untyped
+    # (a value a pass made), the scale multiplied into it has its dtype
+    scale = match.scale.dtype if match.scale is not None else None
+    out = match.output.dtype or scale or match.input.dtype
     if out != ir.DataType.FLOAT:
         nodes.append(edit.node("Cast", [nodes[-1].outputs[0]], {"to": out}, name=f"{name}.back"))
     if whole is not None and np.any(whole != 1):

@@ -143,8 +143,10 @@ def _convert(edit: Editor, conversion: Conversion, opset: int) -> None:
     ):
         nodes.append(edit.node("Add", [nodes[-1].outputs[0], beta], name=f"{name}.bias"))
     out = ln.outputs[0]
+    for node in nodes[-2:]:  # the scaled norm and its beta Add: the LayerNorm output's type
+        if node.op_type in ("Mul", "Add", "RMSNormalization"):
+            node.outputs[0].type, node.outputs[0].shape = out.type, out.shape
     y = nodes[-1].outputs[0]
-    y.type, y.shape = out.type, out.shape
     edit.graph.insert_after(ln, nodes)
     edit.take_over(out, y)
     edit.graph.remove(ln, safe=True)
