@@ -53,6 +53,9 @@ class Entry:
             "gpt2kv": hf.gpt2kv,
             "optkv": hf.optkv,
             "gptneoxkv": hf.gptneoxkv,
+            "bloomkv": hf.bloomkv,
+            "falconkv": hf.falconkv,
+            "phikv": hf.phikv,
             "gpt2narrow": hf.gpt2narrow,
             "gpt2fused": hf.gpt2fused,
             "vitfused": hf.vitfused,
@@ -99,6 +102,9 @@ FAMILIES = [
     "gpt2kv",
     "optkv",
     "gptneoxkv",
+    "bloomkv",
+    "falconkv",
+    "phikv",
     "opt",
     "gptneox",
     "vit",
@@ -126,11 +132,12 @@ FAMILIES = [
     "repvgg",
     "repblocks",
 ]
+KV_FAMILIES = ("gpt2kv", "optkv", "gptneoxkv", "bloomkv", "falconkv", "phikv")
 # Exports per family where not all of them work (Whisper: TorchScript cannot export aten::diff).
 FAMILY_EXPORTS = {
     "llama": ("ts14", "ts17", "dyn18", "dyn23"),
     "whisper": ("dyn18",),
-    **{f: ("ts17", "dyn18") for f in ("gpt2kv", "optkv", "gptneoxkv")},  # KV-cache decoders
+    **{f: ("ts17", "dyn18") for f in KV_FAMILIES},  # KV-cache decoders
     # onnxruntime's transformers optimizer fuses the LayerNormalization op exports (>= 17)
     **{f: ("ts17", "dyn18") for f in ("gpt2fused", "vitfused")},
     "bertfused": ("ts17",),

@@ -132,6 +132,50 @@ def gptneoxkv() -> Built:
     return _with_cache(gptneox(), 4, 16)
 
 
+def bloomkv() -> Built:
+    """BLOOM (ALiBi, a LayerNorm on the embeddings) with its KV cache."""
+    return _with_cache(bloom(), 4, 16)
+
+
+def falconkv() -> Built:
+    """Falcon (multi-query attention: one key/value head; parallel attention and MLP reading one
+    LayerNorm; rotary) with its KV cache."""
+    T = _transformers()
+
+    cfg = _small(
+        T.FalconConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=VOCAB,
+            multi_query=True,
+            parallel_attn=True,
+            new_decoder_architecture=False,
+            bias=True,
+        )
+    )
+    return _with_cache(_text(T.FalconForCausalLM(cfg)), 1, 16)
+
+
+def phikv() -> Built:
+    """Phi (one LayerNorm feeds a parallel attention and MLP; partial rotary; an LM head with a
+    bias) with its KV cache."""
+    T = _transformers()
+
+    cfg = _small(
+        T.PhiConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            vocab_size=VOCAB,
+            max_position_embeddings=POSITIONS,
+            partial_rotary_factor=0.5,
+        )
+    )
+    return _with_cache(_text(T.PhiForCausalLM(cfg)), 4, 16)
+
+
 def gpt2narrow(large: bool = True) -> Built:
     """A norm-heavy GPT-2 for benchmarks: 128 wide, 4 layers, 1024 positions (long sequences)."""
     T = _transformers()

@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import normopt
+from models.corpus import KV_FAMILIES
 from normopt.inputs import DECODE, PREFILL, InputOptions, cache_layout, input_trials
 from normopt.rewriter import io
 from tests.helpers import const, make_model
@@ -145,14 +146,12 @@ def test_a_decoder_is_rewritten_without_inputs_at_a_decode_step_and_a_prefill(tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name", [f"{f}kv-{e}" for f in ("gpt2", "opt", "gptneox") for e in ("ts17", "dyn18")]
-)
+@pytest.mark.parametrize("name", [f"{f}-{e}" for f in KV_FAMILIES for e in ("ts17", "dyn18")])
 def test_a_kv_cache_export_is_rewritten_with_no_options(corpus, tmp_path, name):
-    """Both exporters' GPT-2, OPT and GPT-NeoX with their KV cache (dynamo names every dim
-    apart; TorchScript's first cache update is a Concat of the past alone): `normopt rewrite IN
-    OUT` exits 0, verified at a decode step and a prefill, and equal on the export's own inputs
-    (3 cached tokens, 2 new)."""
+    """Both exporters' GPT-2, OPT, GPT-NeoX, BLOOM (ALiBi), Falcon (multi-query: one key/value
+    head) and Phi with their KV cache (dynamo names every dim apart; TorchScript's first cache
+    update is a Concat of the past alone): `normopt rewrite IN OUT` exits 0, verified at a decode
+    step and a prefill, and equal on the export's own inputs (3 cached tokens, 2 new)."""
     paths = corpus(name)
     out, report = normopt.rewrite(paths.model, tmp_path / "o.onnx")
     assert report.written and report.verification.ok and report.verification.note is None

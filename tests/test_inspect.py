@@ -54,6 +54,9 @@ NORMS = {
     # onnxruntime-fused: a LayerNormalization and 4 SkipLayerNormalization (BERT: 4, its
     # embedding LayerNorm is inside EmbedLayerNormalization, which is no norm match)
     "gpt2fused": lambda e: {("layernorm", "op"): 5},
+    "bloomkv": lambda e: {("layernorm", "op"): 6},
+    "falconkv": lambda e: {("layernorm", "op"): 3},
+    "phikv": lambda e: {("layernorm", "op"): 3},
     "vitfused": lambda e: {("layernorm", "op"): 5},
     "bertfused": lambda e: {("layernorm", "op"): 4},
 }

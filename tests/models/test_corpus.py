@@ -17,6 +17,9 @@ LN_COUNTS = {
     "gpt2kv": 5,
     "optkv": 5,
     "gptneoxkv": 5,
+    "bloomkv": 6,  # a LayerNorm on the embeddings
+    "falconkv": 3,  # one LayerNorm per parallel block
+    "phikv": 3,
     "opt": 5,
     "gptneox": 5,
     "vit": 5,
