@@ -7,8 +7,9 @@ After:  x0' = x0 - mean(x0)      x'_{i+1} = x'_i + W'_i(f_i(RMSNorm(x'_i)))  y =
         with every writer centred (W' = W - W.mean(out axis), b' = b - mean(b)), so x'_i =
         x_i - mean(x_i) and RMSNorm(x'_i) = LN(x_i) exactly (same epsilon, same gamma/beta).
 Decided per LayerNorm (the analysis is rewriter.stream_plan); each norm that stays says why:
-  1. the norm normalizes the hidden axis alone (a LayerNormalization op or a decomposed LN; not a
-     fused Skip* op; its Mean/InvStdDev outputs unread);
+  1. the norm normalizes the hidden axis alone (a LayerNormalization op, a decomposed LN, or
+     onnxruntime's SkipLayerNormalization, which normalizes input + skip + its residual bias;
+     its Mean/InvStdDev outputs unread);
   2. every value recentred with its input is read only by such norms, by merges that carry the
      recentring on (residual Adds, Cast, Reshape keeping the hidden size, token-axis
      Gather/Slice/Transpose/Expand/Pad/Split, mean pooling, Concat along a token axis), or by
@@ -23,9 +24,10 @@ Decided per LayerNorm (the analysis is rewriter.stream_plan); each norm that sta
 Conversion: a decomposed LN loses its ReduceMean and Sub (d = x - mean(x) = x now), which
 leaves the decomposed RMSNorm form onnxruntime fuses; a LayerNormalization op becomes
 RMSNormalization (opset >= 23) or that decomposed form (statistics in float32 for fp16/bf16
-inputs, as stash_type=1 says), gamma as the scale. A beta read only by MatMul/Gemm ops folds
-into their biases (b' = b + beta W); otherwise it stays an Add. `canonicalize-norms`, which
-runs next, fuses them for --target ort.
+inputs, as stash_type=1 says), gamma as the scale; a SkipLayerNormalization becomes
+SkipSimplifiedLayerNormalization, its residual bias centred with the stream. A beta read only
+by MatMul/Gemm ops folds into their biases (b' = b + beta W); otherwise it stays an Add.
+`canonicalize-norms`, which runs next, fuses them for --target ort.
 """
 
 from __future__ import annotations
