@@ -188,3 +188,20 @@ def test_crms_refuses_a_stream_of_fused_skip_norms(post_ln_first):
     assert not crms.modified
     assert any("fused" in r.reason for r in crms.refusals), crms.refusals
     _assert_same(model, ir.serde.serialize_model(ir_model))
+
+
+def test_fused_post_ln_bert_stays_with_the_reason(corpus):
+    """BERT fused by onnxruntime (EmbedLayerNormalization, Attention, SkipLayerNormalization):
+    Post-LN, the stream is each norm's output, which the next block's Attention or MLP reads."""
+    from normopt.rewriter import io
+    from normopt.rewriter.norms import find_norms
+    from normopt.rewriter.stream import analyze
+
+    model = io.load(corpus("bertfused-ts17").model)
+    assert analyze(model.graph, find_norms(model.graph)).architecture == "post-ln"
+    annotate(model)
+    result = PreLNToRMSNorm().run(model)
+    assert not result.modified and len(result.refusals) == 4
+    for refusal in result.refusals:
+        assert refusal.reason.startswith(("Attention ", "MatMul ")), refusal
+        assert "would see the recentred values" in refusal.reason
