@@ -92,7 +92,7 @@ def _check_versions(proto: onnx.ModelProto, path: Path) -> None:
 def _check_external_files(proto: onnx.ModelProto, path: Path) -> None:
     """Every external data file must exist and hold offset+length bytes, for every tensor."""
     needed: dict[str, int] = {}
-    for tensor in _all_initializer_protos(proto.graph):
+    for tensor in _all_tensor_protos(proto.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in tensor.external_data}
@@ -110,7 +110,7 @@ def _check_external_files(proto: onnx.ModelProto, path: Path) -> None:
             )
         needed[location] = max(needed.get(location, 0), offset + length)
     for location, end in needed.items():
-        data = path.parent / location
+        data = _contained(path, location)
         if not data.is_file():
             raise BadInput(f"'{path}' references external data file '{data}', which is missing")
         stat = data.stat()
@@ -126,15 +126,38 @@ def _check_external_files(proto: onnx.ModelProto, path: Path) -> None:
             )
 
 
-def _all_initializer_protos(graph: onnx.GraphProto):
+def _contained(path: Path, location: str) -> Path:
+    """The data file `location` names, which must lie in the model's folder once every symlink
+    is resolved (normopt's own check: onnx's checker stopped refusing escapes in onnx 1.23)."""
+    folder = path.parent.resolve()
+    if not location:
+        raise BadInput(f"'{path}' names an external data file with an empty location")
+    if Path(location).is_absolute() or Path(location).drive:
+        raise BadInput(
+            f"'{path}' names external data at the absolute location '{location}'; a location "
+            "must be relative to the model's folder"
+        )
+    data = path.parent / location
+    if not data.resolve().is_relative_to(folder):
+        raise BadInput(
+            f"'{path}' names external data at '{location}', which resolves to "
+            f"'{data.resolve()}', outside the model's folder '{folder}'"
+        )
+    return data
+
+
+def _all_tensor_protos(graph: onnx.GraphProto):
+    """Every tensor of the graph and its subgraphs: initializers and attribute tensors."""
     yield from graph.initializer
     for node in graph.node:
         for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_initializer_protos(attr.g)
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensor_protos(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    yield from _all_initializer_protos(g)
+                    yield from _all_tensor_protos(g)
 
 
 def load(path: str | os.PathLike) -> ir.Model:

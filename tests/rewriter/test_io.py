@@ -275,3 +275,58 @@ def test_nodes_out_of_order_are_sorted_on_load_and_reported(tmp_path):
     np.testing.assert_array_equal(
         run_ort(path, x)["y"], run_ort(save(mlp(), tmp_path / "s.onnx"), x)["y"]
     )
+
+
+def _relocated(path, location):
+    """The external-data model at `path` with every tensor's location set to `location`."""
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("escape", ["absolute", "parent", "sub_parent", "symlink"])
+def test_external_data_outside_the_model_folder_is_refused_by_normopt(tmp_path, escape):
+    """Found from outside: onnx 1.23's checker no longer refuses a location that escapes the
+    model's folder, and onnx-ir raised at save (exit 4). normopt checks each location itself at
+    load, after resolving symlinks, whatever onnx's version: exit 2 naming it, nothing written."""
+    from typer.testing import CliRunner
+
+    from normopt.cli import app
+
+    folder, outside = tmp_path / "model", tmp_path / "outside"
+    folder.mkdir()
+    outside.mkdir()
+    path = save(mlp(), folder / "m.onnx", external=True)
+    data = folder / "m.onnx.data"
+    target = outside / "w.data"
+    os.replace(data, target)
+    (folder / "sub").mkdir()
+    location = {
+        "absolute": str(target),
+        "parent": "../outside/w.data",
+        "sub_parent": "sub/../../outside/w.data",
+        "symlink": "link.data",
+    }[escape]
+    if escape == "symlink":
+        (folder / "link.data").symlink_to(target)
+    _relocated(path, location)
+    with pytest.raises(BadInput, match="external data at .*(absolute|outside the model's folder)"):
+        io.load(path)
+    result = CliRunner().invoke(app, ["rewrite", str(path), str(tmp_path / "out.onnx")])
+    assert result.exit_code == 2 and "external data" in result.output
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("inside", ["subfolder", "symlink"])
+def test_external_data_in_the_model_folder_loads(tmp_path, inside):
+    path = save(mlp(), tmp_path / "m.onnx", external=True)
+    (tmp_path / "sub").mkdir()
+    os.replace(tmp_path / "m.onnx.data", tmp_path / "sub" / "w.data")
+    if inside == "symlink":  # a link that stays inside the folder
+        (tmp_path / "link.data").symlink_to(tmp_path / "sub" / "w.data")
+    _relocated(path, "sub/w.data" if inside == "subfolder" else "link.data")
+    assert io.uses_external_data(io.load(path))
