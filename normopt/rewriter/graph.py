@@ -151,11 +151,7 @@ def constant_value(value: ir.Value | None) -> np.ndarray | None:
         source = constant_value(node.inputs[0])
         if source is None or node.op_type == "Identity":
             return source
-        target = ir.DataType(node.attributes["to"].as_int())
-        try:
-            return source.astype(target.numpy())
-        except (TypeError, ValueError, NotImplementedError):
-            return None
+        return _cast(source, ir.DataType(node.attributes["to"].as_int()))
     if is_op(node, "Constant") and len(node.attributes) == 1:
         return _constant_attribute(next(iter(node.attributes.values())))
     return None
@@ -220,19 +216,16 @@ def _fold_node(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | Non
         shape = static_shape(node.inputs[0]) if array is None else array.shape
         if shape is None:
             return None
+        # start and end clamp as Python slices do; end=0 is empty (not "to the end")
         return np.array(shape, np.int64)[
-            attrs.get_int("start", 0) : attrs.get_int("end", len(shape)) or None
+            attrs.get_int("start", 0) : attrs.get_int("end", len(shape))
         ]
     if any(a is None for a in args[:1]):
         return None
     if op == "CastLike":
         target = args[1] if args[1] is not None else None
-        dtype = (
-            target.dtype
-            if target is not None
-            else (node.inputs[1].dtype.numpy() if node.inputs[1].dtype else None)
-        )
-        return None if dtype is None else args[0].astype(dtype)
+        dtype = target.dtype if target is not None else node.inputs[1].dtype
+        return _cast(args[0], dtype)
     if op == "Expand" and args[1] is not None:
         return np.broadcast_to(args[0], np.broadcast_shapes(args[0].shape, tuple(args[1]))).copy()
     if op == "Reshape" and args[1] is not None:
@@ -263,13 +256,36 @@ def _fold_node(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | Non
     return _fold_indexing(node, args)
 
 
+# Casts numpy computes as ONNX does (IEEE rounding to nearest even, truncation to integers).
+# Not the 8-bit and 4-bit floats: ONNX's Cast saturates (saturate=1) where ml_dtypes gives
+# NaN/Inf (a fake-quant kernel computed through FLOAT8E4M3FN would fold wrong).
+_CASTABLE = {
+    ir.DataType.FLOAT,
+    ir.DataType.FLOAT16,
+    ir.DataType.DOUBLE,
+    ir.DataType.BOOL,
+    *(getattr(ir.DataType, f"{k}INT{n}") for k in ("", "U") for n in (8, 16, 32, 64)),
+}
+
+
+def _cast(array: np.ndarray, dtype: ir.DataType | np.dtype | None) -> np.ndarray | None:
+    """`array` cast to `dtype` where numpy casts as ONNX does (both ends), else None."""
+    try:
+        target = dtype if isinstance(dtype, ir.DataType) else ir.DataType.from_numpy(dtype)
+        source = ir.DataType.from_numpy(array.dtype)
+    except (TypeError, ValueError):  # no ONNX dtype (None, strings)
+        return None
+    if target not in _CASTABLE or source not in _CASTABLE:
+        return None
+    return array.astype(target.numpy())
+
+
 def _fold_indexing(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | None:
     """Cast, Slice, Gather(ND), ReduceSum on constants: the ops of kernels computed in forward
     (DEA-Net's difference convolutions take taps by index, slice and sum them)."""
     op, attrs, data = node.op_type, node.attributes, args[0]
     if op == "Cast":
-        dtype = ir.DataType(attrs.get_int("to")).numpy()
-        return data.astype(dtype)
+        return _cast(data, ir.DataType(attrs.get_int("to")))
     if op == "ConstantOfShape":
         fill = (
             attrs["value"].as_tensor().numpy().reshape(-1)

@@ -127,3 +127,41 @@ def test_readers_of_numbers_leave_out_shape_readers():
     x = model.graph.inputs[0]
     assert [n.op_type for n in readers(x)] == ["Shape", "Relu"]
     assert sole_reader(x, numbers_only=True).op_type == "Relu" and sole_reader(x) is None
+
+
+def _folded(nodes, name, inits=()):
+    from normopt.rewriter.graph import folded_value
+
+    model = ir.serde.deserialize_model(
+        make_model(nodes, [tensor("x", shape=(1, 2))], [tensor("y", shape=(1, 2))], inits, opset=21)
+    )
+    return folded_value(ir.convenience.create_value_mapping(model.graph)[name])
+
+
+def test_shape_with_end_zero_folds_to_an_empty_shape():
+    """Found from outside: Shape(end=0) was read as "to the end" (a kernel computed with it
+    raised in merge-branches, exit 4). ONNX slices the shape: end 0 is empty."""
+    w = const("w", np.ones((3, 4), np.float32))
+    nodes = [
+        helper.make_node("Shape", ["w"], ["s0"], end=0),
+        helper.make_node("Shape", ["w"], ["s1"], start=-1),
+        helper.make_node("Add", ["x", "x"], ["y"]),
+    ]
+    assert _folded(nodes, "s0", [w]).tolist() == []
+    assert _folded(nodes, "s1", [w]).tolist() == [4]
+
+
+@pytest.mark.parametrize("to", [TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2])
+def test_casts_numpy_does_not_compute_as_onnx_are_not_folded(to):
+    """Found from outside: a fake-quant kernel computed through Cast to FLOAT8 was folded with
+    ml_dtypes, which gives NaN/Inf where ONNX's Cast saturates: the rewrite was wrong before the
+    gate. Those casts are not folded (the kernel is not a constant to normopt); float16 is."""
+    w = const("w", np.array([[1000.0, -0.3]], np.float32))
+    nodes = [
+        helper.make_node("Cast", ["w"], ["q"], to=to),
+        helper.make_node("Cast", ["q"], ["dq"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["w"], ["h"], to=TensorProto.FLOAT16),
+        helper.make_node("Add", ["x", "dq"], ["y"]),
+    ]
+    assert _folded(nodes, "dq", [w]) is None
+    assert _folded(nodes, "h", [w]).dtype == np.float16
