@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -94,6 +95,7 @@ def _check_external_files(proto: onnx.ModelProto, path: Path) -> None:
     needed: dict[str, int] = {}
     for tensor in _all_tensor_protos(proto.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            _check_raw_data(tensor, path)
             continue
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
@@ -124,6 +126,35 @@ def _check_external_files(proto: onnx.ModelProto, path: Path) -> None:
             raise BadInput(
                 f"external data file '{data}' is truncated: {size} bytes, tensors need {end}"
             )
+
+
+# 4-bit types pack two elements a byte (FLOAT4E2M1 since onnx 1.18)
+_HALF_BYTE = {
+    getattr(onnx.TensorProto, n)
+    for n in ("INT4", "UINT4", "FLOAT4E2M1")
+    if hasattr(onnx.TensorProto, n)
+}
+
+
+def _check_raw_data(tensor: onnx.TensorProto, path: Path) -> None:
+    """An embedded tensor's raw bytes must be as long as its shape and dtype say (a short one
+    made numpy raise where a pass read it: exit 4)."""
+    if not tensor.HasField("raw_data") or tensor.data_type == onnx.TensorProto.STRING:
+        return
+    count = math.prod(tensor.dims)
+    if tensor.data_type in _HALF_BYTE:
+        expected = (count + 1) // 2
+    else:
+        try:
+            size = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            return  # a dtype onnx does not map: the checker or onnxruntime judge it
+        expected = count * size
+    if len(tensor.raw_data) != expected:
+        raise BadInput(
+            f"'{path}': tensor '{tensor.name}' of shape {list(tensor.dims)} holds "
+            f"{len(tensor.raw_data)} bytes of data, not {expected}"
+        )
 
 
 def _contained(path: Path, location: str) -> Path:
