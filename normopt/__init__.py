@@ -14,8 +14,6 @@ The Python API (normopt/api.py), model in and model out; a model is a path, an
 No submodule shares a name with these functions, so `normopt.rewrite` is always the function.
 """
 
-from normopt.api import build, inspect, list_passes, profile, recalibrate, rewrite, verify
-
 __version__ = "0.1.0"
 __all__ = [
     "__version__",
@@ -27,3 +25,13 @@ __all__ = [
     "rewrite",
     "verify",
 ]
+
+
+def __getattr__(name: str):
+    """The API functions, imported on first use (the command line installs its signal
+    handlers before it pays for onnx, onnxruntime and numpy)."""
+    if name in __all__ and name != "__version__":
+        from normopt import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'normopt' has no attribute {name!r}")

@@ -431,3 +431,14 @@ def test_models_onnxruntime_runs_are_rewritten_unsorted_or_at_the_newest_ir(tmp_
         assert result.returncode == 0 and doc["written"] and doc["verification"]["ok"], name
         onnx.checker.check_model(onnx.load(out))
     assert doc["changed"] and any("out of order" in c["what"] for c in doc["changes"])
+
+
+def test_debug_is_accepted_after_the_command_too(tmp_path):
+    """Found from outside: the exit-4 hint says "rerun with --debug", but `normopt rewrite ...
+    --debug` was "No such option". It means `normopt --debug rewrite ...` wherever it stands."""
+    missing = tmp_path / "missing.onnx"
+    plain = run("rewrite", missing, tmp_path / "o.onnx")
+    assert_one_line_error(plain, 2, "does not exist")
+    debug = run("rewrite", missing, tmp_path / "o.onnx", "--debug")
+    assert "No such option" not in debug.stderr and "Traceback" in debug.stderr
+    assert "does not exist" in debug.stderr

@@ -262,3 +262,28 @@ def test_profile_never_writes_over_a_model_it_times(tmp_path, cli_env):
         run("profile", src, "--runs", "1", "--report", src, env=cli_env), 2, "--report"
     )
     assert digests(tmp_path) == before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("delay", [0.05, 0.3, 0.8, 1.5])
+def test_a_signal_from_the_first_instruction_is_a_clean_exit(tmp_path, cli_env, sig, delay):
+    """Found from outside: SIGTERM in the first ~0.5 s (imports, argument parsing) gave exit 1
+    ("Aborted!", or a traceback). From the first instruction of the entry point on it is 143 for
+    SIGTERM and 130 for SIGINT, one line at most, never a traceback; before that (Python
+    itself starting) the signal's default action ends the process."""
+    src = save(mlp(), tmp_path / "m.onnx")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "normopt", "rewrite", str(src), str(tmp_path / "o.onnx")],
+        env=cli_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(delay)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the rewrite finished before the signal")
+    assert proc.returncode in (128 + sig, -sig), (proc.returncode, stderr)
+    assert "Traceback" not in stderr and "Aborted" not in stderr, stderr
+    assert not (tmp_path / "o.onnx").exists()

@@ -14,6 +14,7 @@ import functools
 import inspect
 import json
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -48,11 +49,17 @@ INTERNAL_ERROR = 4
 
 
 class Terminated(BaseException):
-    """SIGTERM, raised where Python runs next, so every cleanup runs as for Ctrl-C."""
+    """SIGTERM or SIGINT, raised where Python runs next, so every cleanup runs; not a
+    KeyboardInterrupt, which Click turns into "Aborted!" and exit 1 while it parses arguments."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.exit_code = 128 + signum  # 143 for SIGTERM, 130 for SIGINT
+        self.message = "terminated" if signum == signal.SIGTERM else "interrupted"
 
 
-def _on_sigterm(_signum, _frame) -> None:
-    raise Terminated()
+def _on_signal(signum, _frame) -> None:
+    raise Terminated(signum)
 
 
 def command(fn: Callable) -> Callable:
@@ -79,9 +86,6 @@ def command(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             err.print("normopt: interrupted")
             raise typer.Exit(130) from None
-        except Terminated:
-            err.print("normopt: terminated")
-            raise typer.Exit(143) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:
@@ -147,6 +151,22 @@ def _main(
         raise typer.Exit(0)
 
 
+def _debug_first(args: list[str]) -> list[str]:
+    """`--debug` is an option of normopt itself; accepted after the command too (the
+    internal-error hint says "rerun with --debug")."""
+    if "--debug" in args[1:]:
+        args = ["--debug", *(a for a in args if a != "--debug")]
+    return args
+
+
 def main() -> None:
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    app(prog_name="normopt")
+    """The console entry point: SIGTERM and SIGINT, from the first instruction here on (argument
+    parsing included), end with exit 143 / 130 and one line, never a traceback; before this
+    point (Python importing normopt) the default action ends the process by the signal."""
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        app(args=_debug_first(sys.argv[1:]), prog_name="normopt")
+    except Terminated as exc:  # wherever it arrived, cleanups ran on the way out
+        err.print(f"normopt: {exc.message}")
+        raise SystemExit(exc.exit_code) from None
