@@ -163,7 +163,9 @@ def rewrite(
     from normopt.request import Timing
 
     if trt_version is not None and target != "tensorrt":
-        raise BadInput("--trt-version goes with --target tensorrt")
+        raise BadInput("trt_version (--trt-version) goes with target='tensorrt'")
+    if isinstance(passes, str):  # a string is a sequence too: of one-letter "pass names"
+        raise BadInput(f"passes is a list of pass names, not the string {passes!r}")
     options = Options(
         target, allow_hidden_state_change, tune_params=tune_params, trt_version=trt_version
     )

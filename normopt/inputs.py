@@ -33,17 +33,25 @@ class InputOptions:
     trials: int = 2  # input draws (generated inputs; given inputs are one trial)
 
     def __post_init__(self) -> None:
-        if self.trials < 1:
-            raise BadInput(f"--trials must be at least 1, got {self.trials}")
-        if self.seed < 0:
-            raise BadInput(f"--seed must be at least 0, got {self.seed}")
+        # named as the API and the CLI name them (trials / --trials)
+        if not _whole(self.trials) or self.trials < 1:
+            raise BadInput(f"trials (--trials) must be an integer >= 1, got {self.trials!r}")
+        if not _whole(self.seed) or self.seed < 0:
+            raise BadInput(f"seed (--seed) must be an integer >= 0, got {self.seed!r}")
         for name, size in self.dims.items():
-            if size < 1:
-                raise BadInput(f"--dim {name}={size}: a dimension must be at least 1")
+            if not _whole(size) or size < 1:
+                raise BadInput(f"dims (--dim) {name}={size!r}: a dimension is an integer >= 1")
         for name, shape in self.shapes.items():
+            if not all(_whole(size) for size in shape):
+                raise BadInput(f"shapes (--shape) {name}={shape!r}: sizes are integers")
             if any(size < 1 for size in shape):
                 shape_text = "x".join(map(str, shape))
                 raise BadInput(f"--shape {name}={shape_text}: every dimension must be at least 1")
+
+
+def _whole(value: object) -> bool:
+    """An integer (numpy's too), not a bool or a float."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def default_dim(name: str | None) -> int:

@@ -75,8 +75,9 @@ class VerifyOptions(InputOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name, value in (("rtol", self.rtol), ("atol", self.atol)):
-            if value is not None and not (value >= 0 and np.isfinite(value)):
-                raise BadInput(f"--{name} must be a finite number >= 0, got {value}")
+            number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+            if value is not None and not (number and value >= 0 and np.isfinite(value)):
+                raise BadInput(f"{name} (--{name}) must be a finite number >= 0, got {value!r}")
 
 
 @dataclass

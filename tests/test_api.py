@@ -75,7 +75,7 @@ def test_errors_carry_the_cli_exit_codes():
     with pytest.raises(NotApplied, match="preln-to-rmsnorm") as info:
         normopt.rewrite(mlp(), passes=["preln-to-rmsnorm"])
     assert info.value.exit_code == 3
-    with pytest.raises(BadInput, match="--trials must be at least 1"):
+    with pytest.raises(BadInput, match="trials \\(--trials\\) must be an integer >= 1"):
         normopt.rewrite(mlp(), trials=0)
 
 
@@ -162,3 +162,25 @@ def test_inspect_never_edits_the_callers_model(corpus):
         and not crms["applies"]
         and sorted(n.op_type for n in model.graph) == ops
     )
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"seed": -1}, r"seed \(--seed\) must be an integer >= 0"),
+        ({"seed": 1.5}, r"seed \(--seed\) must be an integer >= 0"),
+        ({"trials": 2.5}, r"trials \(--trials\) must be an integer >= 1"),
+        ({"trials": True}, r"trials \(--trials\) must be an integer >= 1"),
+        ({"dims": {"batch": 2.0}}, r"dims \(--dim\) batch=2.0"),
+        ({"shapes": {"x": (2, 8.0)}}, r"shapes \(--shape\) x=.*integers"),
+        ({"rtol": "1e-3"}, r"rtol \(--rtol\) must be a finite number"),
+        ({"target": "tensorrt", "trt_version": 10.9}, r"trt_version .* version string"),
+        ({"passes": "preln-to-rmsnorm"}, "passes is a list of pass names, not the string"),
+    ],
+)
+def test_bad_api_arguments_are_bad_input_in_api_words(kwargs, message):
+    """Found from outside: seed=-1, trials=2.5, trt_version=10.9 (a float) and passes="name"
+    (split into one-letter names) raised plain TypeError/ValueError/AttributeError. Each is a
+    BadInput naming the argument as the API does (and the CLI flag)."""
+    with pytest.raises(BadInput, match=message):
+        normopt.rewrite(mlp(), **kwargs)

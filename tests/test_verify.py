@@ -164,7 +164,7 @@ def test_verify_run_failure_is_bad_input_with_a_hint(tmp_path):
     "field,value", [("rtol", -1.0), ("atol", float("nan")), ("rtol", float("inf"))]
 )
 def test_tolerances_must_be_finite_and_not_negative(field, value):
-    with pytest.raises(BadInput, match=f"--{field} must be a finite number >= 0"):
+    with pytest.raises(BadInput, match=f"{field} \\(--{field}\\) must be a finite number >= 0"):
         VerifyOptions(**{field: value})
 
 
@@ -231,7 +231,7 @@ def test_inputs_are_drawn_per_trial_and_the_worst_trial_is_reported(tmp_path):
         path, path, VerifyOptions(inputs={"x": np.ones((2, 8), np.float32)}, trials=3)
     ).inputs
     assert given["source"] == "given" and given["seed"] is None and len(given["trials"]) == 1
-    with pytest.raises(BadInput, match="--trials must be at least 1"):
+    with pytest.raises(BadInput, match="trials \\(--trials\\) must be an integer >= 1"):
         VerifyOptions(trials=0)
 
 

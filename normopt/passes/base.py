@@ -49,6 +49,11 @@ class Options:
                 f"--tune-params takes constants, inputs or inputs:all, not '{self.tune_params}'"
             )
         if self.trt_version is not None:
+            if not isinstance(self.trt_version, str):
+                raise BadInput(
+                    "trt_version (--trt-version) is a version string such as '10.9', got "
+                    f"{self.trt_version!r}"
+                )
             try:
                 parse_version(self.trt_version)
             except ValueError as exc:
