@@ -45,7 +45,7 @@ from normopt.rewriter.branches import (
     walk,
 )
 from normopt.rewriter.edit import Editor
-from normopt.rewriter.graph import constant_value, dead_nodes, is_op, sole_reader
+from normopt.rewriter.graph import constant_value, dead_nodes, is_op, rank, sole_reader
 from normopt.rewriter.norms import NormMatch, find_norms
 
 
@@ -79,16 +79,26 @@ class Materialize:
 
 
 def _leaves(node: ir.Node, chain: list[ir.Node]) -> list[ir.Value]:
-    """The operands of an Add/Sum tree rooted at `node` (inner sums read only by their parent)."""
+    """The operands of an Add/Sum tree rooted at `node` (inner sums read only by their parent),
+    leaving out a constant scalar zero (TorchScript's MobileOne starts its sum at 0.0)."""
     out = []
     for value in node.inputs:
         inner = value.producer()
         if is_op(inner, "Add", "Sum") and sole_reader(value) is node and inner.graph is node.graph:
             chain.append(inner)
             out += _leaves(inner, chain)
-        else:
+        elif not _zero_scalar(value, node):
             out.append(value)
     return out
+
+
+def _zero_scalar(value: ir.Value, node: ir.Node) -> bool:
+    """A constant single 0 of no higher rank than the sum `node` makes (adding it changes
+    nothing: one element broadcasts without adding axes)."""
+    array = constant_value(value)
+    if array is None or array.size != 1 or np.any(array):
+        return False
+    return array.ndim == 0 or array.ndim <= (rank(node.outputs[0]) or 0)
 
 
 def _plan_one(

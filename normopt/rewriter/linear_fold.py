@@ -227,7 +227,11 @@ def expects_channel(
 def plan_preceding(match: NormMatch, a, c) -> Fold | str:
     """The fold of `a*x + c` into the linear op (and its bias Add) that produces the norm's
     input, or why there is none."""
-    producer = match.input.producer()
+    traced = _reshaped_from(match)
+    if isinstance(traced, str):
+        return traced
+    value, r, axis = traced
+    producer = value.producer()
     bias_add = None
     linear_out = bias_add_data(producer)
     if linear_out is not None and is_op(linear_out.producer(), "MatMul"):
@@ -240,16 +244,40 @@ def plan_preceding(match: NormMatch, a, c) -> Fold | str:
             f"not produced by {'/'.join(sorted(LINEAR_OPS))} (by "
             f"{producer.op_type if producer else 'a graph input'})"
         )
-    reader = single_reader(match.input)
+    reader = single_reader(value)
     if not isinstance(reader, ir.Node):
         return reader
-    r = norm_rank(match, producer)
-    problem = expects_channel(
-        producer, channel_axis(match, r), r, input_side=False
-    ) or fold_problem(producer, match.input, a.size, input_side=False)
+    if r is None:
+        r = norm_rank(match, producer)
+        axis = channel_axis(match, r)
+    problem = expects_channel(producer, axis, r, input_side=False) or fold_problem(
+        producer, value, a.size, input_side=False
+    )
     if problem:
         return problem
     return Fold(a, c, "preceding", producer, bias_add)
+
+
+def _reshaped_from(match: NormMatch) -> tuple[ir.Value, int | None, int | None] | str:
+    """The value a linear op must produce for a preceding fold, with its rank and channel
+    axis: the norm's input, or, back through Reshape/Flatten ops each read only by the next
+    (LeViT's Linear -> Flatten -> BatchNorm1d), the value they reshape, where a reshape keeps
+    each channel vector whole and last (axis_rules' `back`: a per-channel affine commutes
+    with it)."""
+    value = match.input
+    r = norm_rank(match, value.producer())
+    axis = channel_axis(match, r)
+    node = value.producer()
+    while is_op(node, "Reshape", "Flatten") and axis is not None:
+        reader = single_reader(value)
+        if not isinstance(reader, ir.Node):
+            return reader
+        back = axis_rules.back(node, axis)
+        if isinstance(back, str):
+            return back
+        value, axis = node.inputs[0], back
+        r, node = rank(value), value.producer()
+    return value, r, axis
 
 
 TOKEN_OPS = ("Gather", "Slice", "Squeeze", "Unsqueeze")

@@ -519,3 +519,43 @@ def test_pooling_that_reads_the_channels_or_sums_unknown_counts_is_refused():
         opset=18,
     )
     assert "ReduceSum pool sums dims of unknown size" in refusal(unknown)
+
+
+def _linear_bn1d(flatten: bool, bias: bool, mix: bool = False):
+    """LeViT's Linear + BatchNorm1d: [B, N, C] @ W (+ b) -> [B*N, C] -> BN -> [B, N, C].
+    `mix`: the reshape folds channels into tokens ([B, N*C/2, 2]) instead."""
+    c, n = 6, 5
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"])]
+    inits = [const("w", rng.standard_normal((c, c)).astype(np.float32))]
+    if bias:
+        nodes.append(helper.make_node("Add", ["h", "bias"], ["hb"]))
+        inits.append(const("bias", rng.standard_normal(c).astype(np.float32)))
+    h = "hb" if bias else "h"
+    flat, channels = (2 * n * c // 2, 2) if mix else (2 * n, c)
+    if flatten and not mix:
+        nodes.append(helper.make_node("Flatten", [h], ["flat"], axis=2))  # [B*N, C]
+    else:
+        inits.append(const("to2", np.array([flat, channels], np.int64)))
+        nodes.append(helper.make_node("Reshape", [h, "to2"], ["flat"]))
+    node, bn_inits = bn("bn", "flat", "normed", channels)
+    inits += [*bn_inits, const("back", np.array([2, n, c], np.int64))]
+    nodes += [node, helper.make_node("Reshape", ["normed", "back"], ["y"])]
+    model = make_model(nodes, [tensor("x", shape=(2, n, c))], [tensor("y", shape=(2, n, c))], inits)
+    return model, {"x": rng.standard_normal((2, n, c)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_then_reshape_then_batchnorm1d_folds(flatten, bias):
+    """Found from outside: LeViT's Linear -> Flatten -> BatchNorm1d -> Reshape was refused
+    "not produced by Conv/ConvTranspose/Gemm/MatMul (by Flatten)" (13 of its 14 BNs stayed).
+    The fold traces the channel axis back through reshapes that keep each channel vector whole
+    and last."""
+    model, feeds = _linear_bn1d(flatten, bias)
+    result, ir_model = run_fold(model, feeds)
+    assert not any(n.op_type == "BatchNormalization" for n in ir_model.graph)
+
+
+def test_a_reshape_that_splits_the_channel_vectors_stops_the_fold():
+    model, _ = _linear_bn1d(flatten=False, bias=True, mix=True)
+    assert "cannot tell where the hidden axis goes through Reshape" in refusal(model)

@@ -116,6 +116,16 @@ CASES = {
         [conv("c3", (3, 3), [1, 1, 1, 1], stride=2), conv("c1", (1, 1), [0, 0, 0, 0], stride=2)],
         out_shape=(2, 8, 3, 3),
     ),
+    # TorchScript's MobileOne / FastViT: the sum starts at 0.0 (found from outside: the block
+    # stayed, with no refusal); a [1, 1, 1, 1] zero broadcasts without adding axes too
+    "MobileOne, the sum starts at a scalar 0": lambda: summed(
+        ["zero", conv("c3", (3, 3), [1, 1, 1, 1]), conv("c1", (1, 1), [0, 0, 0, 0]), bn_of_x()],
+        extra_inits=[const("zero", np.array(0.0, np.float32))],
+    ),
+    "a [1, 1, 1, 1] zero among the branches": lambda: summed(
+        [conv("c3", (3, 3), [1, 1, 1, 1]), "zero", conv("c1", (1, 1), [0, 0, 0, 0]), "x"],
+        extra_inits=[const("zero", np.zeros((1, 1, 1, 1), np.float32))],
+    ),
     "dilated": lambda: summed(
         [
             conv("c3", (3, 3), [2, 2, 2, 2], dilation=2),
