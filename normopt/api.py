@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -200,11 +199,13 @@ def _rewrite(model: Any, output, on_step: Step | None, **fields) -> tuple[Any, R
         raise BadInput(
             "an in-memory model is returned, not written: leave out `output` (or pass a path)"
         )
+    from normopt.files import scratch_folder
+
     with (
-        tempfile.TemporaryDirectory(prefix="normopt-") as tmp,
-        _as_file(model, Path(tmp), "input.onnx") as src,
+        scratch_folder() if kind != "path" else contextlib.nullcontext(None) as tmp,
+        _as_file(model, tmp, "input.onnx") as src,
     ):
-        dst = Path(output) if output is not None else Path(tmp) / "output.onnx"
+        dst = Path(output) if output is not None else tmp / "output.onnx"
         request = RewriteRequest(src, dst, **fields)
         names = None if kind == "path" else (IN_MEMORY, IN_MEMORY)
         result = run(request, on_step, names)
@@ -230,10 +231,12 @@ def verify(
     from normopt.verification import verify as run
 
     options = _verify_options(inputs, dims, shapes, rtol, atol, seed, trials)
+    from normopt.files import scratch_folder
+
     with (
-        tempfile.TemporaryDirectory(prefix="normopt-") as tmp,
-        _as_file(model_a, Path(tmp), "a.onnx") as a,
-        _as_file(model_b, Path(tmp), "b.onnx") as b,
+        scratch_folder() as tmp,
+        _as_file(model_a, tmp, "a.onnx") as a,
+        _as_file(model_b, tmp, "b.onnx") as b,
         _documented([a, b], report, inputs=inputs) as write,
     ):
         result = run(a, b, options, on_step=on_step)

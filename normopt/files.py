@@ -95,6 +95,17 @@ def temp_folder(beside: Path):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def scratch_folder():
+    """A temporary folder in the system's temp folder (profiler traces, an in-memory model's
+    files), named after this run like `temp_folder`; the leftovers of killed runs there are
+    removed first."""
+    system = Path(tempfile.gettempdir())
+    remove_stale_temps(system)
+    with temp_folder(system / "scratch") as folder:
+        yield folder
+
+
 def remove_stale_temps(folder: Path) -> list[Path]:
     """Remove temp files and folders a killed normopt run on this host left in `folder`
     (SIGKILL leaves them: no handler runs). Returns what was removed."""

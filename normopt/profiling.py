@@ -14,7 +14,6 @@ import os
 import platform
 import random
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from normopt.files import scratch_folder
 from normopt.rewriter.norms import NORM_OPS
 from normopt.schema import versions
 from normopt.sessions import timing_session
@@ -207,8 +207,8 @@ def node_breakdown(
 ) -> dict[tuple[str, str], float]:
     """Milliseconds per run spent in each node of the graph onnxruntime runs after its fusions,
     keyed `(node name, op type)`, from its profiler; the first (warm-up) run is left out."""
-    with tempfile.TemporaryDirectory() as tmp:
-        s = timing_session(path, backend, threads, profile_prefix=str(Path(tmp) / "profile"))
+    with scratch_folder() as tmp:
+        s = timing_session(path, backend, threads, profile_prefix=str(tmp / "profile"))
         for _ in range(1 + runs):
             s.run(None, dict(feeds))
         events = json.loads(Path(s.end_profiling()).read_text())

@@ -159,13 +159,15 @@ def _debug_first(args: list[str]) -> list[str]:
     return args
 
 
-def main() -> None:
-    """The console entry point: SIGTERM and SIGINT, from the first instruction here on (argument
-    parsing included), end with exit 143 / 130 and one line, never a traceback; before this
-    point (Python importing normopt) the default action ends the process by the signal."""
+def main(release: Callable[[], object] | None = None) -> None:
+    """The console entry point (after normopt.cli.main's imports): SIGTERM and SIGINT, held
+    back until `release` runs, and from then on (argument parsing included) end with exit
+    143 / 130 and one line, never a traceback."""
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     try:
+        if release is not None:
+            release()  # a signal that came during the imports is raised here
         app(args=_debug_first(sys.argv[1:]), prog_name="normopt")
     except Terminated as exc:  # wherever it arrived, cleanups ran on the way out
         err.print(f"normopt: {exc.message}")

@@ -62,10 +62,10 @@ def build(
     """`normopt build`'s body: the optimization profile from `shapes` (name -> min/opt/max)
     and `dims`, the graph lowered to `precision` first (a strongly typed engine computes in
     the graph's types), the engine built; returns the document's fields."""
-    import tempfile
+    from normopt.files import scratch_folder
 
     profiles = profile_shapes(input_dims(src), shapes, dims)
-    with tempfile.TemporaryDirectory(prefix="normopt-build-") as tmp:
+    with scratch_folder() as tmp:
         graph, lowered = src, None
         if precision is not None:
             from normopt.engine.precision import convert
