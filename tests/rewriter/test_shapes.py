@@ -40,18 +40,19 @@ def test_sequence_values_keep_their_type():
     """Found from outside (a dynamo export with optimize=False): shape inference's element
     dtype merged into a sequence value made it a tensor, and onnxruntime refused the output."""
     nodes = [
-        helper.make_node("SplitToSequence", ["x"], ["parts"], axis=1),
+        helper.make_node("SplitToSequence", ["x", "halves"], ["parts"], axis=1),
         helper.make_node("SequenceAt", ["parts", "zero"], ["first"]),
         helper.make_node("LayerNormalization", ["first", "g", "b"], ["y"], axis=-1),
     ]
     proto = make_model(
         nodes,
         [tensor("x", shape=(2, 4))],
-        [tensor("y", shape=(2, 1))],
+        [tensor("y", shape=(2, 2))],
         [
+            const("halves", np.array([2, 2], np.int64)),
             const("zero", np.array(0, np.int64)),
-            const("g", np.ones(1, np.float32)),
-            const("b", np.zeros(1, np.float32)),
+            const("g", np.ones(2, np.float32)),
+            const("b", np.zeros(2, np.float32)),
         ],
     )
     model = ir.serde.deserialize_model(proto)

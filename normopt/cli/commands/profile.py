@@ -73,9 +73,14 @@ def profile(
 def timed(models, *, json_out: bool = False, **settings) -> None:
     """Profile with a progress bar on a terminal; the tables (or the document); what was
     written (also for `rewrite --profile`)."""
-    with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
-        task = bar.add_task("profiling", total=settings.get("runs", 30))
-        report = api.profile(models, on_round=lambda r: bar.update(task, completed=r), **settings)
+    if not err.is_terminal:  # no bar (rich before 15 writes a blank line for a disabled one)
+        report = api.profile(models, **settings)
+    else:
+        with Progress(console=err, transient=True) as bar:
+            task = bar.add_task("profiling", total=settings.get("runs", 30))
+            report = api.profile(
+                models, on_round=lambda r: bar.update(task, completed=r), **settings
+            )
     if json_out:
         print_json(report.to_json())
     else:
