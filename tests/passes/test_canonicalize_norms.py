@@ -72,6 +72,10 @@ def test_refusals_name_the_opset():
 
 
 def test_rmsnormalization_at_opset_23():
+    from tests.helpers import supported_opset
+
+    if supported_opset() < 23:
+        pytest.skip("opset 23 needs a newer onnx and onnxruntime than installed")
     proto = build(Variant(kind="rmsnorm", axes_as_input=True))[0]
     proto.opset_import[0].version = 23
     model = ir.serde.deserialize_model(proto)
