@@ -66,6 +66,13 @@ def calibration_batches(
                 f"--data file '{path}': the inputs hold different numbers of samples {counts}"
             )
         for k, a in arrays.items():
+            held_shape = pending[k][0].shape[1:] if pending.get(k) else a.shape[1:]
+            if a.shape[1:] != held_shape:  # the batch would mix sample shapes
+                raise BadInput(
+                    f"--data file '{path}': input '{k}' holds samples of shape "
+                    f"{list(a.shape[1:])}, the files before it {list(held_shape)}: a batch takes "
+                    "one shape (one folder of .npz per sample shape)"
+                )
             pending.setdefault(k, []).append(a)
         held += next(iter(counts.values()))
         while held >= batch_size:

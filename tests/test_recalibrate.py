@@ -387,3 +387,30 @@ def test_data_that_is_not_finite_or_not_an_npz_is_refused(tmp_path, bn_file, cli
         "statistics on the data are not finite",
     )
     assert not out.exists()
+
+
+def test_a_folder_of_files_with_different_sample_shapes_is_refused(tmp_path, cli_env):
+    """Found from outside: a folder of .npz files whose spatial sizes differ was exit 4 (a
+    batch concatenated them). One batch takes one sample shape: exit 2 naming the file."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn"),
+    ]
+    inits = [
+        const("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)),
+        *(const(n, np.full(4, 1.0 if n in "gv" else 0.0, np.float32)) for n in "gbmv"),
+    ]
+    model = make_model(
+        nodes,
+        [tensor("x", shape=("n", 3, "h", "w"))],
+        [tensor("y", shape=("n", 4, "h", "w"))],
+        inits,
+    )
+    data = tmp_path / "data"
+    data.mkdir()
+    np.savez(data / "a.npz", x=np.ones((3, 3, 8, 8), np.float32))
+    np.savez(data / "b.npz", x=np.ones((3, 3, 12, 12), np.float32))
+    out = tmp_path / "o.onnx"
+    proc = run("recalibrate", save(model, tmp_path / "m.onnx"), out, "--data", data, env=cli_env)
+    assert_one_line_error(proc, 2, "b.npz': input 'x' holds samples of shape [3, 12, 12]")
+    assert not out.exists()
