@@ -777,6 +777,25 @@ def _parallel(c, b: Builder, x: str, ch: int, notes: list) -> str:
     elif extra == "identity":
         branches.append(x)
     notes.append(f"parallel branches ({len(branches)}, k={k}, groups={groups})")
+    # what merge-branches must take (a zero) or refuse (one branch summed twice, a branch
+    # broadcast from [N, C, 1, 1])
+    edge = c.pick(["none"] * 5 + ["zero", "duplicate", "broadcast"])
+    if edge == "zero":
+        branches.insert(c.integer(0, len(branches)), b.const(np.array(0.0), "zero"))
+    elif edge == "duplicate":
+        branches.append(branches[c.integer(0, len(branches) - 1)])
+    elif edge == "broadcast":
+        pooled = b.op("GlobalAveragePool", [x])
+        branches.append(
+            b.op(
+                "Conv",
+                [pooled, b.weight((ch, ch // groups, 1, 1))],
+                group=groups,
+                kernel_shape=[1, 1],
+            )
+        )
+    if edge != "none":
+        notes.append(f"sum edge: {edge}")
     if c.coin(0.3):
         return b.op("Sum", branches)
     out = branches[0]
