@@ -272,13 +272,13 @@ def inspect(
 
 def list_passes(*, report: str | os.PathLike | None = None) -> dict:
     """The passes (name -> one line), the default pipeline and what always runs last."""
-    from normopt.passes.pipeline import DEFAULT_PIPELINE, FINAL_PASSES, PASSES
+    from normopt.passes.pipeline import DEFAULT_PIPELINE, FINAL_PASSES, PASSES, ordered
     from normopt.schema import document
 
     doc = document(
         "passes",
         {
-            "passes": {n: cls.summary for n, cls in sorted(PASSES.items())},
+            "passes": {n: PASSES[n].summary for n in ordered()},  # the pipeline's order
             "default_pipeline": list(DEFAULT_PIPELINE),
             "always_after": list(FINAL_PASSES),
         },

@@ -59,6 +59,16 @@ def test_version_and_passes(cli_env):
     assert listing.returncode == 0 and "cleanup" in listing.stdout
     data = json.loads(run("passes", "--json", env=cli_env).stdout)
     assert "cleanup" in data["passes"] and data["always_after"] == ["cleanup"]
+    # in the order they run: the default pipeline, the opt-in passes, what always runs last
+    names = list(data["passes"])
+    assert names[: len(DEFAULT_PIPELINE)] == list(DEFAULT_PIPELINE) and names[-1] == "cleanup"
+
+
+def test_a_mistyped_pass_name_gets_a_suggestion(tmp_path, model, cli_env):
+    proc = run("rewrite", model, tmp_path / "o.onnx", "--passes", "preln-to-rmsnrom", env=cli_env)
+    assert_one_line_error(
+        proc, 2, "unknown pass 'preln-to-rmsnrom' (did you mean 'preln-to-rmsnorm'?)"
+    )
 
 
 def test_verify_same_model_exits_0_and_perturbed_exits_1(tmp_path, model, cli_env):

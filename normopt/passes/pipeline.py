@@ -13,6 +13,7 @@ changes nothing.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Callable, Mapping, Sequence
 
 import onnx_ir as ir
@@ -97,18 +98,27 @@ def bare(names: Sequence[str]) -> list[str]:
     return [parse(n)[0] for n in names]
 
 
+def ordered() -> list[str]:
+    """Every pass name in the order a user reads them: the default pipeline as it runs, the
+    passes run only on request, then those that always run last."""
+    rest = sorted(set(PASSES) - set(DEFAULT_PIPELINE) - set(FINAL_PASSES))
+    return [*DEFAULT_PIPELINE, *rest, *FINAL_PASSES]
+
+
 def resolve(names: Sequence[str] | None) -> list[str]:
     """Validate pass names (None means the default pipeline; an empty list is an error); a
     name keeps its settings (`name{field=value}`)."""
     if names is None:
         return list(DEFAULT_PIPELINE)
     if not names:
-        raise BadInput(f"--passes names no pass; known passes: {', '.join(sorted(PASSES))}")
+        raise BadInput(f"--passes names no pass; known passes: {', '.join(ordered())}")
     unknown = [n for n in bare(names) if n not in PASSES]
     if unknown:
+        guesses = [g for n in unknown for g in difflib.get_close_matches(n, PASSES, n=1)]
+        hint = f" (did you mean {', '.join(repr(g) for g in guesses)}?)" if guesses else ""
         raise BadInput(
-            f"unknown pass {', '.join(repr(n) for n in unknown)}; "
-            f"known passes: {', '.join(sorted(PASSES))}"
+            f"unknown pass {', '.join(repr(n) for n in unknown)}{hint}; "
+            f"known passes: {', '.join(ordered())}"
         )
     return list(dict.fromkeys(bare(names)))
 
