@@ -19,6 +19,7 @@ from normopt import files
 from normopt.calibration import Moments, Site, calibration_model, find_sites
 from normopt.errors import BadInput, InternalError
 from normopt.files import Transaction, temp_folder
+from normopt.recalibration_check import check
 from normopt.rewriter import io
 from normopt.schema import document, now
 from normopt.sessions import run_ort_all
@@ -107,6 +108,7 @@ class RecalibrateReport:
     samples: int = 0
     layers: list[dict] = field(default_factory=list)
     drift: list[dict] = field(default_factory=list)
+    check: str | None = None  # the statistics against an independent evaluation
     seconds: dict[str, float] = field(default_factory=dict)
     written: bool = False
 
@@ -132,6 +134,7 @@ class RecalibrateReport:
                 },
                 "layers": self.layers,
                 "drift": self.drift,
+                "check": self.check,
             },
             seconds=self.seconds,
             created=self.created,
@@ -167,17 +170,9 @@ def recalibrate(
         model = io.load(src)
         external = io.uses_external_data(model)
         sites = find_sites(model)
-        before = {
-            s.name: (
-                s.mean.name,
-                s.var.name,
-                s.epsilon,
-                s.mean.const_value.numpy().astype(np.float64),
-                s.var.const_value.numpy().astype(np.float64),
-            )
-            for s in sites
-        }
+        before = _statistics(sites)
         spec = _input_spec(model)
+        model_bytes = io.initializer_bytes(model)
         batches_of = calibration_batches(data, spec, batch_size, batches)
         names = calibration_model(model, sites)
         with temp_folder(dst) as tmp:
@@ -185,6 +180,10 @@ def recalibrate(
             files.save(model, calibrating, external_data=True)
             del model
             moments, first = _calibrate(calibrating, sites, names, batches_of, spec, report, step)
+            if first is not None:
+                step("checking the statistics against an independent float64 evaluation")
+                feeds = {k: v for k, v in first.items() if k in {i.name for i in spec.graph.inputs}}
+                report.check = check(src, sites, _session(calibrating), names, feeds, model_bytes)
         step(f"writing {dst.name}")
         out = io.load(src)
         _update(out, before, moments, stats, report)
@@ -197,6 +196,20 @@ def recalibrate(
     report.written = True
     report.seconds["total"] = time.perf_counter() - start
     return report
+
+
+def _statistics(sites: list[Site]) -> dict[str, tuple]:
+    """Per site: the names of its running mean and variance, its epsilon, their values now."""
+    return {
+        s.name: (
+            s.mean.name,
+            s.var.name,
+            s.epsilon,
+            s.mean.const_value.numpy().astype(np.float64),
+            s.var.const_value.numpy().astype(np.float64),
+        )
+        for s in sites
+    }
 
 
 def _calibrate(

@@ -414,3 +414,30 @@ def test_a_folder_of_files_with_different_sample_shapes_is_refused(tmp_path, cli
     proc = run("recalibrate", save(model, tmp_path / "m.onnx"), out, "--data", data, env=cli_env)
     assert_one_line_error(proc, 2, "b.npz': input 'x' holds samples of shape [3, 12, 12]")
     assert not out.exists()
+
+
+def test_the_statistics_are_checked_against_an_independent_evaluation(tmp_path, monkeypatch):
+    """recalibrate's output check: the calibration copy's statistics against onnx's reference
+    evaluator running the original graph with a train-mode BatchNorm in float64. A calibration
+    copy broken on purpose (its variance off by 1%) is exit 1 with nothing written."""
+    import normopt
+    from normopt import calibration
+    from normopt.errors import VerificationFailed
+
+    src = save(bn_model(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 3, 8, 8)).astype(np.float32))
+    report = normopt.recalibrate(src, tmp_path / "ok.onnx", tmp_path / "d.npz", batch_size=8)
+    assert report.check == "1 BatchNorm(s) checked on 8 sample(s) against float64"
+
+    original = calibration._batch_normalized
+
+    def variance_off_by_one_percent(edit, site, opset):
+        nodes, y, (mean, var, size) = original(edit, site, opset)
+        k = edit.initializer(f"{site.name}.k", np.array(1.01))
+        nodes.append(edit.node("Mul", [var, k], name=f"{site.name}.wrong_var"))
+        return nodes, y, [mean, nodes[-1].outputs[0], size]
+
+    monkeypatch.setattr(calibration, "_batch_normalized", variance_off_by_one_percent)
+    with pytest.raises(VerificationFailed, match="differ from an independent float64"):
+        normopt.recalibrate(src, tmp_path / "bad.onnx", tmp_path / "d.npz", batch_size=8)
+    assert not (tmp_path / "bad.onnx").exists()

@@ -266,3 +266,5 @@ def recalibration(result) -> None:
     for d in result.drift:
         drift.add_row(escape(d["output"]), fmt(d["max_abs"]), fmt(d["max_rel"]))
     out.print(drift)
+    if result.check:
+        out.print(f"statistics: {result.check}", markup=False, highlight=False)
