@@ -19,6 +19,7 @@ the exception carries it (`exc.report`: how far the run got). When asked for, it
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -218,6 +219,7 @@ class _Run:
         self.check_applied(names)
         staged = variants.stage(model)
         del model
+        gc.collect()  # the IR holds reference cycles: its weights go before onnxruntime loads
         self.verify(staged.path)
         variants.feeds = self.trials[0] if self.trials else None
         if crms == "auto" and crms_choice.applied(self.passes):

@@ -6,6 +6,7 @@ the others on the inputs verification ran on (profiling.compare)."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,10 @@ class Variants:
         options = self.request.options
         results = [] if names is None else run_pipeline(model, names, options, settings=settings)
         histogram = op_histogram(model)
-        return Variant(self.stage(model), results, histogram)
+        staged = self.stage(model)
+        del model
+        gc.collect()  # the IR holds reference cycles: free it before onnxruntime loads models
+        return Variant(staged, results, histogram)
 
     def verify(self, staged: StagedModel) -> None:
         """As the rewrite was verified (nothing when verification is off)."""
