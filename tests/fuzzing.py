@@ -751,8 +751,8 @@ def _parallel(c, b: Builder, x: str, ch: int, notes: list) -> str:
     pads, with an identity or BN(x) branch, by Adds or a Sum; now and then one branch's window
     shifted (merge-branches must refuse it). Keeps the channels and the spatial size."""
     groups = c.pick(_divisors(ch))
-    k = c.pick([1, 3])
-    dilation = c.integer(1, 2) if k == 3 else 1
+    k = c.pick([1, 3, 3, 2])  # 2: an even kernel, dilated 2 (its taps straddle the centre)
+    dilation = c.integer(1, 2) if k == 3 else 2 if k == 2 else 1
     branches = []
     for shape in c.pick([[(k, k), (1, 1)], [(k, k), (1, k), (k, 1)], [(k, k)]]):
         pads = [dilation * (shape[0] - 1) // 2, dilation * (shape[1] - 1) // 2] * 2
