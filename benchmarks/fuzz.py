@@ -1,14 +1,17 @@
 """The long graph-fuzz campaign: random Pre-LN and Conv/BN/affine graphs through normopt's
 pipelines, judged in onnxruntime against a float64 evaluation, without normopt's own check.
 
-    python benchmarks/fuzz.py --n 10000 [--seed 0] [--jobs 2] [--save-failures DIR] [--crms]
+    python benchmarks/fuzz.py --n 10000 [--seed 0] [--jobs 2] [--save-failures DIR]
+        [--crms | --reparam]
 
 Prints the counts (graphs, applied per pass, wrong, exit 4 = crash or invalid output, passes
 silent about why they did nothing, not idempotent) and writes results/fuzz.json with the seed
 and notes of every failure; `--save-failures` writes each failing graph as an .onnx file to
 turn into a regression test. `--crms`: the Pre-CRMSNorm campaign instead, every graph a
 transformer through preln-to-rmsnorm + preln-to-crmsnorm (--allow-hidden-state-change on odd
-seeds). The generator and the judge are tests/fuzzing.py, which the test suite runs with
+seeds). `--reparam`: the re-parameterization campaign, CNNs with parallel branches only (the
+other seeds are skipped), through merge-branches alone (odd seeds) or the default pipeline. The
+generator and the judge are tests/fuzzing.py, which the test suite runs with
 hypothesis on a few hundred graphs.
 """
 
@@ -25,12 +28,19 @@ import onnx
 from common import ROOT, write  # noqa: F401  (puts the repository root on the path)
 
 from normopt.passes.base import Options
+from normopt.passes.pipeline import DEFAULT_PIPELINE
 from tests import fuzzing
 
 
-def one(seed: int, crms: bool = False) -> dict:
+def one(seed: int, crms: bool = False, reparam: bool = False) -> dict:
     choices = fuzzing.RandomChoices(seed)
-    if crms:
+    if reparam:  # CNNs with parallel branches (others are skipped), merge-branches alone or
+        case = fuzzing.cnn(choices)  # the default pipeline, by the seed's parity
+        if not any(n.startswith("parallel branches") for n in case.notes):
+            return {"seed": seed, "family": case.family, "skipped": True}
+        names = ["merge-branches"] if seed % 2 else list(DEFAULT_PIPELINE)
+        options = Options()
+    elif crms:
         case = fuzzing.transformer(choices)
         names, options = (
             ["preln-to-rmsnorm", "preln-to-crmsnorm"],
@@ -74,16 +84,24 @@ def main() -> None:
         action="store_true",
         help="the Pre-CRMSNorm campaign: transformers through preln-to-rmsnorm + preln-to-crmsnorm",
     )
+    parser.add_argument(
+        "--reparam",
+        action="store_true",
+        help="the re-parameterization campaign: CNNs with parallel branches (the others skipped)",
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     counts: collections.Counter = collections.Counter()
     failures = []
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
         for result in pool.imap_unordered(
-            functools.partial(one, crms=args.crms),
+            functools.partial(one, crms=args.crms, reparam=args.reparam),
             range(args.seed, args.seed + args.n),
             chunksize=8,
         ):
+            if result.get("skipped"):
+                counts["skipped (no parallel branches)"] += 1
+                continue
             counts["graphs"] += 1
             counts[f"graphs {result['family']}"] += 1
             if "invalid" in result:
@@ -119,6 +137,7 @@ def main() -> None:
         "silent refusals",
         "not idempotent",
         "invalid graphs (generator)",
+        "skipped (no parallel branches)",
     ]:
         print(f"{key:<{width}}  {counts.get(key, 0)}")
     print(f"{'seconds':<{width}}  {seconds:.0f}")
