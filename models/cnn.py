@@ -211,6 +211,17 @@ def repvgg(large: bool = False) -> Built:
     return _image(_repvgg_module(large), size=224 if large else IMAGE, batch=1 if large else 2)
 
 
+def mobileone() -> Built:
+    """timm's MobileOne-S0 in its training form (per block: k over-parameterized Conv+BN branches,
+    a 1x1 scale branch and an identity BN where the shapes allow, summed; depthwise and pointwise
+    blocks in turn), 10 classes at 64x64. TorchScript exports its sum starting at 0.0."""
+    import timm
+
+    import models._torchvision_shim  # noqa: F401  (timm imports torchvision)
+
+    return _image(timm.create_model("mobileone_s0", pretrained=False, num_classes=10))
+
+
 def repvgg_deploy(large: bool = False) -> Built:
     """The same RepVGG after timm's own reparameterize_model(): one 3x3 Conv per block (the
     model's own deploy form, the peer merge-branches is measured against)."""

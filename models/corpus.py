@@ -74,6 +74,7 @@ class Entry:
             "convnext": cnn.convnext,
             "convnext2d": cnn.convnext2d,
             "repvgg": cnn.repvgg,
+            "mobileone": cnn.mobileone,
             "repvggdeploy": cnn.repvgg_deploy,
             "repblocks": reparam.repblocks,
         }
@@ -131,6 +132,7 @@ FAMILIES = [
     "convnext2d",
     "repvgg",
     "repblocks",
+    "mobileone",
 ]
 KV_FAMILIES = ("gpt2kv", "optkv", "gptneoxkv", "bloomkv", "falconkv", "phikv")
 # Exports per family where not all of them work (Whisper: TorchScript cannot export aten::diff).
@@ -141,6 +143,7 @@ FAMILY_EXPORTS = {
     # onnxruntime's transformers optimizer fuses the LayerNormalization op exports (>= 17)
     **{f: ("ts17", "dyn18") for f in ("gpt2fused", "vitfused")},
     "bertfused": ("ts17",),
+    "mobileone": ("ts17", "dyn18"),
 }
 CORPUS: dict[str, Entry] = {}
 for _family in FAMILIES:

@@ -34,6 +34,7 @@ NORMS = {
         ("batchnorm", "op"): 19 if e.keep_bn is None else 3
     },  # the exporter folds Conv+BN
     "repblocks": lambda e: {("batchnorm", "op"): 9},
+    "mobileone": lambda e: {("batchnorm", "op"): 226},
     "unifiednorm": lambda e: {("affine", "decomposed"): 5},
     "convnext": lambda e: {("layernorm", "decomposed"): 2},
     **{

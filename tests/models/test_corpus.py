@@ -41,6 +41,7 @@ BN_COUNTS = {
     "repbnpool": 5,
     "repvgg": 19,
     "repblocks": 9,
+    "mobileone": 226,
 }
 
 

@@ -499,3 +499,20 @@ def test_operands_summed_twice_or_broadcast_are_refused():
     whole = summed([conv("a", (3, 3), [1, 1, 1, 1]), conv("b", (6, 6), [0, 0, 0, 0])])[0]
     result, _ = merge(whole, expect_modified=False)
     assert "broadcasts an operand along axis 2" in result.refusals[0].reason
+
+
+@pytest.mark.parametrize("name", ["mobileone-ts17", "mobileone-dyn18"])
+def test_timm_mobileone_becomes_one_conv_per_block(corpus, tmp_path, name):
+    """Found from outside: TorchScript's MobileOne starts each block's sum at 0.0, and
+    merge-branches left those blocks (110 Adds, 18 BatchNorms stayed) with no refusal, while the
+    dynamo export merged. Both exports now end as one Conv per block (43, one per Relu)."""
+    from normopt.verification import VerifyOptions
+    from tests.helpers import assert_matches_reference, rewrite_file
+
+    paths = corpus(name)
+    out = tmp_path / "out.onnx"
+    rewrite_file(paths.model, out, checks=VerifyOptions(inputs=paths.load_inputs()))
+    ops = collections.Counter(n.op_type for n in onnx.load(out).graph.node)
+    blocks = collections.Counter(n.op_type for n in onnx.load(paths.model).graph.node)["Relu"]
+    assert ops["BatchNormalization"] == 0 and ops["Add"] == 0 and ops["Conv"] == blocks == 43
+    assert_matches_reference(out, paths)

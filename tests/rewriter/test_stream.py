@@ -47,6 +47,7 @@ EXPECTED = {
     "convnext2d": "none",
     "repvgg": "none",
     "repblocks": "none",
+    "mobileone": "none",
 }
 RESIDUAL_ADDS = {
     "gpt2": 4,
