@@ -3,6 +3,7 @@ onnxruntime against a float64 evaluation, without normopt's own output check. Ev
 either refuses with a reason or leaves every output equal; nothing raises; a second run
 changes nothing. The long campaign is `python benchmarks/fuzz.py --n 10000`."""
 
+import re
 import warnings
 
 import pytest
@@ -63,16 +64,33 @@ def test_the_judge_catches_a_wrong_rewrite(monkeypatch):
     assert wrong > 0
 
 
+# the gate's float32 default tolerances (normopt.verification): max|a - b| <= ATOL + RTOL * scale
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _beyond_the_gate(wrong: list[str]) -> bool:
+    """Whether the judge's error on some output exceeds what the gate's float32 tolerances allow
+    by contract. The judge is stricter on outputs of scale < 0.01 (1e-4 of the scale, where the
+    gate's absolute 1e-6 allows more): found at pyproject's floors, BN folded without epsilon on
+    an output of scale 0.0011 was off by 4.7e-7, which the gate passes by design."""
+    for line in wrong:
+        found = re.search(r"error (\S+) > .*\(scale (\S+),", line)
+        if found is None or float(found[1]) > ATOL + RTOL * float(found[2]):
+            return True
+    return False
+
+
 def _wrong_cases(monkeypatch, family, names, mutate, seeds):
     """The fuzzer's graphs that a pass made wrong on purpose (`mutate`) turns wrong, by the
-    judge."""
+    judge, beyond the gate's tolerances."""
     mutate(monkeypatch)
     found = []
     for seed in seeds:
         case = family(fuzzing.RandomChoices(seed))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            if fuzzing.judge(case, names, Options()).wrong:
+            wrong = fuzzing.judge(case, names, Options()).wrong
+            if wrong and _beyond_the_gate(wrong):
                 found.append(case)
     monkeypatch.undo()
     return found
