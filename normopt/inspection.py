@@ -13,7 +13,7 @@ import time
 import onnx_ir as ir
 
 from normopt.passes.base import Options
-from normopt.passes.pipeline import PASSES
+from normopt.passes.pipeline import PASSES, ordered
 from normopt.passes.preln_to_crmsnorm import PreLNToCRMSNorm
 from normopt.passes.preln_to_rmsnorm import PreLNToRMSNorm
 from normopt.rewriter import io
@@ -88,7 +88,7 @@ def _describe(model: ir.Model, path: str, target: str, scratch: bool) -> dict:
         "operators": op_histogram(model),
         "passes": {},
     }
-    for name, cls in sorted(PASSES.items()):
+    for name, cls in ((n, PASSES[n]) for n in ordered()):  # the pipeline's order
         plan = cls(Options(target=target)).plan(model)
         info["passes"][name] = {
             "applies": plan.applies,
