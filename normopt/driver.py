@@ -46,7 +46,7 @@ from normopt.schema import document, inputs_json, now
 from normopt.sessions import ModelRunError
 from normopt.timings import recording
 from normopt.timings import step as timed
-from normopt.variants import Variants
+from normopt.variants import COLLECT_BYTES, Variants
 from normopt.verification import VerifyReport, verify
 
 
@@ -217,9 +217,11 @@ class _Run:
             )
         self.histograms = (before, op_histogram(model))
         self.check_applied(names)
+        big = io.initializer_bytes(model) >= COLLECT_BYTES
         staged = variants.stage(model)
         del model
-        gc.collect()  # the IR holds reference cycles: its weights go before onnxruntime loads
+        if big:  # the IR holds reference cycles: its weights go before onnxruntime loads
+            gc.collect()
         self.verify(staged.path)
         variants.feeds = self.trials[0] if self.trials else None
         if crms == "auto" and crms_choice.applied(self.passes):
