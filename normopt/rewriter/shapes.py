@@ -38,10 +38,8 @@ def _infer(proto: onnx.ModelProto) -> onnx.ModelProto:
     cannot see through: SkipLayerNormalization, FastGelu, Attention, ...), onnxruntime's own
     symbolic shape inference, which knows them."""
     if any(n.domain == "com.microsoft" for n in proto.graph.node):
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
         try:
-            return SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+            return _symbolic(proto)
         except Exception:  # it refuses some graphs; onnx's inference still helps there
             pass
     ort_ops.register()  # onnxruntime's contrib norms infer too
@@ -60,6 +58,21 @@ def _inferred(model: ir.Model) -> dict[str, ir.Value]:
     for graph in inferred.graphs():
         found.update(ir.convenience.create_value_mapping(graph))
     return found
+
+
+def _symbolic(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's symbolic shape inference, its steps as `SymbolicShapeInference.infer_shapes`
+    takes them, but keeping what it found where it finds not everything: that function then
+    saves the model to `sym_shape_infer_temp.onnx` in the working directory (a file in the
+    user's folder) and raises. (The same steps in onnxruntime 1.21 to 1.32.)"""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    inference = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, ...
+    inference._preprocess(proto)
+    while inference.run_:
+        inference._infer_impl()
+    inference._update_output_from_vi()
+    return inference.out_mp_
 
 
 def _refined(shape: ir.Shape | None, inferred: ir.Shape) -> ir.Shape | None:

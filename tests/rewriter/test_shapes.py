@@ -83,3 +83,35 @@ def test_a_graph_output_a_pass_creates_stays_typed():
     rewritten = ir.serde.serialize_model(model)
     onnx.checker.check_model(rewritten, full_check=True)
     assert rewritten.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+
+
+def test_a_fused_graph_symbolic_inference_cannot_finish_writes_nothing(tmp_path, monkeypatch):
+    """Found in review: onnxruntime's SymbolicShapeInference.infer_shapes, where it cannot infer
+    every value (here an op of a custom domain), saves the model as sym_shape_infer_temp.onnx in
+    the working directory, the user's folder, and raises. normopt takes its steps itself: the
+    shapes it found are kept and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    h = 4
+    nodes = [
+        helper.make_node(
+            "SkipLayerNormalization", ["x", "s", "g", "b"], ["n"], domain="com.microsoft"
+        ),
+        helper.make_node("MatMul", ["n", "w"], ["m"]),
+        helper.make_node("Mystery", ["m"], ["y"], domain="custom.domain"),
+    ]
+    inits = [const(k, np.ones(h, np.float32)) for k in "gb"]
+    inits.append(const("w", np.ones((h, h), np.float32)))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [tensor("x", shape=(2, 3, h)), tensor("s", shape=(2, 3, h))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    opsets = [helper.make_opsetid(d, v) for d, v in (("", 17), ("com.microsoft", 1))]
+    opsets.append(helper.make_opsetid("custom.domain", 1))
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=opsets))
+    with annotated(model):
+        m = _values(model)["m"]
+        assert m.dtype == ir.DataType.FLOAT and list(m.shape) == [2, 3, h]  # found before it
+    assert list(tmp_path.iterdir()) == []
