@@ -85,10 +85,12 @@ def _recentre(edit: Editor, value: ir.Value, opset: int) -> None:
 
 
 def _rms_nodes(
-    edit: Editor, x: ir.Value, gamma: ir.Value, eps: float, stash_type: int, opset: int, name: str
+    edit: Editor, ln: ir.Node, eps: float, stash_type: int, opset: int, name: str
 ) -> list[ir.Node]:
-    """x / Sqrt(ReduceMean(x^2, -1) + eps) * gamma, in float32 for a 16-bit x when stash_type=1
-    (the form onnxruntime fuses into its RMSNorm)."""
+    """x / Sqrt(ReduceMean(x^2, -1) + eps) * gamma for the LayerNormalization `ln` (x, gamma its
+    inputs), in float32 for a 16-bit x when stash_type=1 (the form onnxruntime fuses into its
+    RMSNorm); the scaled output typed as `ln`'s output (a later pass reads its dtype)."""
+    x, gamma = ln.inputs[0], ln.inputs[1]
     dtype = x.dtype
     wide = stash_type == 1 and dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
     compute = np.float32 if wide else dtype.numpy()
@@ -101,7 +103,8 @@ def _rms_nodes(
         nodes.append(
             edit.node("Cast", [nodes[-1].outputs[0]], {"to": dtype}, name=f"{name}.to_input_dtype")
         )
-    nodes.append(edit.node("Mul", [nodes[-1].outputs[0], gamma], name=f"{name}.scale"))
+    scaled = [nodes[-1].outputs[0], gamma]
+    nodes.append(edit.node("Mul", scaled, name=f"{name}.scale", like=ln.outputs[0]))
     return nodes
 
 
@@ -123,31 +126,28 @@ def _convert(edit: Editor, conversion: Conversion, opset: int) -> None:
     if is_skip(ln):
         _convert_skip(edit, conversion)
         return
-    x, gamma = ln.inputs[0], ln.inputs[1]
+    out = ln.outputs[0]
     beta = ln.inputs[2] if len(ln.inputs) > 2 else None
     stash, name = ln.attributes.get_int("stash_type", 1), ln.name or "layernorm"
     if opset >= 23:
         nodes = [
             edit.node(
                 "RMSNormalization",
-                [x, gamma],
+                ln.inputs[:2],
                 {"axis": -1, "epsilon": float(match.epsilon), "stash_type": stash},
                 name=f"{name}.rms",
+                like=out,
             )
         ]
     else:
-        nodes = _rms_nodes(edit, x, gamma, float(match.epsilon), stash, opset, name)
+        nodes = _rms_nodes(edit, ln, float(match.epsilon), stash, opset, name)
     beta_array = folded_value(beta)
     if (
         beta is not None
         and not conversion.beta_readers
         and (beta_array is None or np.any(beta_array != 0))
     ):
-        nodes.append(edit.node("Add", [nodes[-1].outputs[0], beta], name=f"{name}.bias"))
-    out = ln.outputs[0]
-    for node in nodes[-2:]:  # the scaled norm and its beta Add: the LayerNorm output's type
-        if node.op_type in ("Mul", "Add", "RMSNormalization"):
-            node.outputs[0].type, node.outputs[0].shape = out.type, out.shape
+        nodes.append(edit.node("Add", [nodes[-1].outputs[0], beta], name=f"{name}.bias", like=out))
     y = nodes[-1].outputs[0]
     edit.graph.insert_after(ln, nodes)
     edit.take_over(out, y)
@@ -162,16 +162,19 @@ def _convert_skip(edit: Editor, conversion: Conversion) -> None:
     ln = conversion.match.nodes[0]
     bias = ln.inputs[4] if len(ln.inputs) > 4 else None
     name = ln.name or "skiplayernorm"
+    summed = skip_sum(ln) is not None  # output 3 only where it is read
     skip = ir.node(
         "SkipSimplifiedLayerNormalization",
         [*ln.inputs[:3], *([bias] if bias is not None else [])],
         {"epsilon": float(conversion.match.epsilon)},
         domain="com.microsoft",
         name=edit.node_name(f"{name}.rms"),
-        num_outputs=4,
+        num_outputs=4 if summed else 1,
     )
-    y, total = skip.outputs[0], skip.outputs[3]
-    y.name, total.name = edit.value_name(f"{name}.y"), edit.value_name(f"{name}.sum")
+    y = skip.outputs[0]
+    y.name = edit.value_name(f"{name}.y")
+    for unused in skip.outputs[1:3]:  # no statistics outputs: onnxruntime would compute them
+        unused.name = ""
     nodes = [skip]
     beta = ln.inputs[3] if len(ln.inputs) > 3 else None
     beta_array = folded_value(beta)
@@ -183,8 +186,8 @@ def _convert_skip(edit: Editor, conversion: Conversion) -> None:
         nodes.append(edit.node("Add", [y, beta], name=f"{name}.bias", like=ln.outputs[0]))
     edit.graph.insert_after(ln, nodes)
     edit.take_over(ln.outputs[0], nodes[-1].outputs[0])
-    if skip_sum(ln) is not None:
-        edit.take_over(ln.outputs[3], total)
+    if summed:
+        edit.take_over(ln.outputs[3], skip.outputs[3])
     edit.graph.remove(ln, safe=True)
     _fold_beta(edit, conversion)
 
