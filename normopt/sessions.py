@@ -70,14 +70,19 @@ def _graph_facts(path: str, _size: int, _mtime: int) -> GraphFacts:
         graph = onnx.load(path, load_external_data=False).graph
     except Exception:  # unreadable: onnxruntime says why when it loads the file
         return GraphFacts(False, np.dtype(np.float32))
+    return GraphFacts(any(n.domain == PLUGIN_DOMAIN for n in graph.node), compute_of(graph))
+
+
+def compute_of(graph: onnx.GraphProto) -> np.dtype:
+    """The least precise float type `graph` computes in: its float weights and the targets of
+    its Casts (float32 unless float16 or bfloat16 appear there)."""
     types = {t.data_type for t in graph.initializer}
     types |= {a.i for n in graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"}
-    compute = np.dtype(np.float32)
-    if onnx.TensorProto.FLOAT16 in types:
-        compute = np.dtype(np.float16)
     if onnx.TensorProto.BFLOAT16 in types:
-        compute = np.dtype(ml_dtypes.bfloat16)
-    return GraphFacts(any(n.domain == PLUGIN_DOMAIN for n in graph.node), compute)
+        return np.dtype(ml_dtypes.bfloat16)
+    if onnx.TensorProto.FLOAT16 in types:
+        return np.dtype(np.float16)
+    return np.dtype(np.float32)
 
 
 def check_session(path: str | os.PathLike, optimized: bool = False):

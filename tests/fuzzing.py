@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from normopt.sessions import compute_of
 from tests.helpers import ort_run, supported_opset
 
 IR_VERSION = 10
@@ -1115,7 +1116,7 @@ def judge(case: Case, names, options) -> Verdict:
     verdict.silent = [r.name for r in results if not r.modified and not r.refusals]
     verdict.not_idempotent = [r.name for r in again if r.modified]
     changed = {o for r in results for o in r.changed_outputs}
-    computes_fp16 = _computes_in_float16(case.model)
+    computes_fp16 = compute_of(case.model.graph) != np.float32  # as normopt's gate reads it
     moved: list[dict] = []  # the original with its weights moved by one ulp: evaluated on demand
     for name, ref in reference.items():
         if name in changed:
@@ -1181,13 +1182,3 @@ def _finiteness_moves(case: Case, name: str, defined, finite) -> bool:
         if not np.array_equal(np.isfinite(moved)[defined], finite[defined]):
             return True
     return False
-
-
-def _computes_in_float16(model: onnx.ModelProto) -> bool:
-    """Float16 weights or a Cast to float16 anywhere (normopt.verification reads the graph the
-    same way)."""
-    fp16 = TensorProto.FLOAT16
-    return any(t.data_type == fp16 for t in model.graph.initializer) or any(
-        n.op_type == "Cast" and any(a.name == "to" and a.i == fp16 for a in n.attribute)
-        for n in model.graph.node
-    )
