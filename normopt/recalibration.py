@@ -182,8 +182,7 @@ def recalibrate(
             moments, first = _calibrate(calibrating, sites, names, batches_of, spec, report, step)
             if first is not None:
                 step("checking the statistics against an independent float64 evaluation")
-                feeds = {k: v for k, v in first.items() if k in {i.name for i in spec.graph.inputs}}
-                report.check = check(src, sites, _session(calibrating), names, feeds, model_bytes)
+                report.check = check(src, sites, _session(calibrating), names, first, model_bytes)
         step(f"writing {dst.name}")
         out = io.load(src)
         _update(out, before, moments, stats, report)
@@ -191,7 +190,7 @@ def recalibrate(
         del out
         if first is not None:
             step("measuring the outputs' drift")
-            report.drift = _drift(src, staged.path, first, spec)
+            report.drift = _drift(src, staged.path, first)
         transaction.commit(staged)
     report.written = True
     report.seconds["total"] = time.perf_counter() - start
@@ -222,19 +221,17 @@ def _calibrate(
     step: Callable[[str], None],
 ) -> tuple[dict[str, Moments], dict[str, np.ndarray] | None]:
     """Every BatchNorm's moments over the batches, streamed through the calibration model at
-    `path`; and the first batch (what the drift is measured on)."""
+    `path`; and the first batch, as the model's inputs (what the check and the drift run on)."""
     spec_inputs = {v.name for v in spec.graph.inputs}
     moments = {s.name: Moments() for s in sites}
     first: dict[str, np.ndarray] | None = None
     session = _session(path)
     t0 = time.perf_counter()
     for batch in batches:
-        first = first if first is not None else batch
+        feeds = {k: v for k, v in batch.items() if k in spec_inputs}
+        first = first if first is not None else feeds
         step(f"calibrating: batch {report.batches + 1} ({report.samples} samples so far)")
-        outputs = session.run(
-            [n for triple in names for n in triple],
-            {k: v for k, v in batch.items() if k in spec_inputs},
-        )
+        outputs = session.run([n for triple in names for n in triple], feeds)
         for i, site in enumerate(sites):
             mean, var, size = outputs[3 * i : 3 * i + 3]
             n = int(size) // mean.size
@@ -287,9 +284,8 @@ def _update(
         )
 
 
-def _drift(src: Path, staged: Path, batch: dict[str, np.ndarray], spec: ir.Model) -> list[dict]:
-    """How far each output moved on `batch`, recalibrated against the original."""
-    feeds = {k: v for k, v in batch.items() if k in {v.name for v in spec.graph.inputs}}
+def _drift(src: Path, staged: Path, feeds: dict[str, np.ndarray]) -> list[dict]:
+    """How far each output moved on `feeds`, recalibrated against the original."""
     a, b = run_ort_all(src, [feeds])[0], run_ort_all(staged, [feeds])[0]
     drift = []
     for name, ref in a.items():
