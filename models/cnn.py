@@ -222,6 +222,17 @@ def mobileone() -> Built:
     return _image(timm.create_model("mobileone_s0", pretrained=False, num_classes=10))
 
 
+def levit() -> Built:
+    """timm's LeViT-128S at 64x64, 10 classes: attention blocks whose every Linear is followed by
+    a BatchNorm1d over the flattened tokens (Linear -> Flatten/Reshape -> BatchNorm -> Reshape),
+    HardSwish activations, a BatchNorm'd head after mean pooling."""
+    import timm
+
+    import models._torchvision_shim  # noqa: F401  (timm imports torchvision)
+
+    return _image(timm.create_model("levit_128s", pretrained=False, num_classes=10, img_size=64))
+
+
 def repvgg_deploy(large: bool = False) -> Built:
     """The same RepVGG after timm's own reparameterize_model(): one 3x3 Conv per block (the
     model's own deploy form, the peer merge-branches is measured against)."""

@@ -75,6 +75,7 @@ class Entry:
             "convnext2d": cnn.convnext2d,
             "repvgg": cnn.repvgg,
             "mobileone": cnn.mobileone,
+            "levit": cnn.levit,
             "repvggdeploy": cnn.repvgg_deploy,
             "repblocks": reparam.repblocks,
         }
@@ -133,6 +134,7 @@ FAMILIES = [
     "repvgg",
     "repblocks",
     "mobileone",
+    "levit",
 ]
 KV_FAMILIES = ("gpt2kv", "optkv", "gptneoxkv", "bloomkv", "falconkv", "phikv")
 # Exports per family where not all of them work (Whisper: TorchScript cannot export aten::diff).
@@ -143,7 +145,7 @@ FAMILY_EXPORTS = {
     # onnxruntime's transformers optimizer fuses the LayerNormalization op exports (>= 17)
     **{f: ("ts17", "dyn18") for f in ("gpt2fused", "vitfused")},
     "bertfused": ("ts17",),
-    "mobileone": ("ts17", "dyn18"),
+    **{f: ("ts17", "dyn18") for f in ("mobileone", "levit")},
 }
 CORPUS: dict[str, Entry] = {}
 for _family in FAMILIES:

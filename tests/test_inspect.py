@@ -35,6 +35,7 @@ NORMS = {
     },  # the exporter folds Conv+BN
     "repblocks": lambda e: {("batchnorm", "op"): 9},
     "mobileone": lambda e: {("batchnorm", "op"): 226},
+    "levit": lambda e: {("batchnorm", "op"): 52},
     "unifiednorm": lambda e: {("affine", "decomposed"): 5},
     "convnext": lambda e: {("layernorm", "decomposed"): 2},
     **{

@@ -225,7 +225,7 @@ def _back_reshape(node: ir.Node, out_axis: int) -> int | str:
 # ------------------------------------------------------------------------------ the table
 
 RULES: dict[str, Rule] = {
-    "Identity": Rule(_same, _back_same, elementwise=True, stream=True),
+    "Identity": Rule(_same, _back_same, elementwise=True, stream=True, carrier=True),
     "Cast": Rule(_same, _back_same, elementwise=True, stream=True),
     "Reshape": Rule(_reshape, _back_reshape, stream=True, carrier=True, cut=True),
     "Flatten": Rule(_reshape, _back_reshape, stream=True, carrier=True),

@@ -42,6 +42,7 @@ BN_COUNTS = {
     "repvgg": 19,
     "repblocks": 9,
     "mobileone": 226,
+    "levit": 52,
 }
 
 

@@ -1,5 +1,7 @@
 """fold-affine-norms: every fold form exact in ORT, every precondition refused with its reason."""
 
+import collections
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -559,3 +561,20 @@ def test_linear_then_reshape_then_batchnorm1d_folds(flatten, bias):
 def test_a_reshape_that_splits_the_channel_vectors_stops_the_fold():
     model, _ = _linear_bn1d(flatten=False, bias=True, mix=True)
     assert "cannot tell where the hidden axis goes through Reshape" in refusal(model)
+
+
+@pytest.mark.parametrize("name", ["levit-ts17", "levit-dyn18"])
+def test_timm_levit_folds_every_batchnorm(corpus, tmp_path, name):
+    """Found from outside: LeViT's Linear -> Flatten -> BatchNorm1d -> Reshape was refused "not
+    produced by Conv/ConvTranspose/Gemm/MatMul (by Flatten)" (13 of 14 BNs stayed); the dynamo
+    export's head BN, after the mean pooling, is read through an Identity. All 52 fold now, each
+    into the MatMul/Gemm beside it, equal to the export's reference."""
+    from normopt.verification import VerifyOptions
+    from tests.helpers import rewrite_file
+
+    paths = corpus(name)
+    out = tmp_path / "out.onnx"
+    report = rewrite_file(paths.model, out, checks=VerifyOptions(inputs=paths.load_inputs()))
+    ops = collections.Counter(n.op_type for n in onnx.load(out).graph.node)
+    assert ops["BatchNormalization"] == 0 and report.verification.ok
+    assert_matches_reference(out, paths)

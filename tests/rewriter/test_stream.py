@@ -48,6 +48,7 @@ EXPECTED = {
     "repvgg": "none",
     "repblocks": "none",
     "mobileone": "none",
+    "levit": "none",
 }
 RESIDUAL_ADDS = {
     "gpt2": 4,
