@@ -32,7 +32,7 @@ def test_the_compute_dtype_is_read_from_the_graph(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["gpt2-dyn18", "vit-dyn18"])
+@pytest.mark.parametrize("name", ["gpt2-dyn18", "vit-dyn18", "gpt2fused-ts17", "vitfused-dyn18"])
 def test_a_mixed_precision_export_is_rewritten_and_stays_as_close_to_float32(
     corpus, tmp_path, name
 ):
