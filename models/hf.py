@@ -13,6 +13,10 @@ import models._torchvision_shim  # noqa: F401  (before transformers imports torc
 from models.common import Built
 
 VOCAB, POSITIONS, BATCH, SEQ = 128, 64, 2, 16
+# the small size the families are built at (the config names most of transformers shares)
+SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+SMALL_TEXT = {**SMALL, "intermediate_size": 128, "vocab_size": VOCAB}
+SMALL_TEXT["max_position_embeddings"] = POSITIONS
 TEXT_AXES = {0: "batch", 1: "sequence"}
 
 
@@ -144,9 +148,7 @@ def falconkv() -> Built:
 
     cfg = _small(
         T.FalconConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            **SMALL,
             vocab_size=VOCAB,
             multi_query=True,
             parallel_attn=True,
@@ -162,17 +164,7 @@ def phikv() -> Built:
     bias) with its KV cache."""
     T = _transformers()
 
-    cfg = _small(
-        T.PhiConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=128,
-            vocab_size=VOCAB,
-            max_position_embeddings=POSITIONS,
-            partial_rotary_factor=0.5,
-        )
-    )
+    cfg = _small(T.PhiConfig(**SMALL_TEXT, partial_rotary_factor=0.5))
     return _with_cache(_text(T.PhiForCausalLM(cfg)), 4, 16)
 
 
@@ -214,9 +206,7 @@ def opt() -> Built:
 
     cfg = _small(
         T.OPTConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            **SMALL,
             ffn_dim=128,
             vocab_size=VOCAB,
             max_position_embeddings=POSITIONS,
@@ -233,12 +223,7 @@ def gptneox() -> Built:
 
     cfg = _small(
         T.GPTNeoXConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=128,
-            vocab_size=VOCAB,
-            max_position_embeddings=POSITIONS,
+            **SMALL_TEXT,
             use_parallel_residual=True,
             rotary_pct=0.25,
             tie_word_embeddings=False,
@@ -251,17 +236,7 @@ def bert() -> Built:
     """Post-LN encoder (embedding LN, LN after each residual add); hidden states out."""
     T = _transformers()
 
-    cfg = _small(
-        T.BertConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=128,
-            vocab_size=VOCAB,
-            max_position_embeddings=POSITIONS,
-            type_vocab_size=2,
-        )
-    )
+    cfg = _small(T.BertConfig(**SMALL_TEXT, type_vocab_size=2))
     return _text(T.BertModel(cfg, add_pooling_layer=False), "last_hidden_state", "token_type_ids")
 
 
@@ -302,9 +277,7 @@ def vit(large: bool = False) -> Built:
         cfg = T.ViTConfig(num_labels=1000)  # ViT-B/16 at 224x224
     else:
         cfg = T.ViTConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            **SMALL,
             intermediate_size=128,
             image_size=32,
             patch_size=8,
