@@ -125,7 +125,10 @@ def child(variant: str, src: str, dst: str) -> None:
             code = 0
         except SystemExit as exc:
             code = exc.code
-        steps = {"import": imported, **json.loads(report.read_text())["seconds"]}
+        document = json.loads(report.read_text())
+        steps = {"import": imported, **document["seconds"]}
+        if document.get("verification"):
+            steps["verified by"] = document["verification"]["method"]
         report.unlink()
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -134,6 +137,30 @@ def child(variant: str, src: str, dst: str) -> None:
             {"variant": variant, "seconds": seconds, "peak_rss": peak, "exit": code, "steps": steps}
         )
     )
+
+
+def measure(src: Path, variants: list[str], rounds: int, folder: Path) -> dict | None:
+    """Each variant on `src` `rounds` times, in alternating order, each in a fresh subprocess;
+    their results by variant (None, with the failing run's stderr printed, on a failure)."""
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for r in range(rounds):
+        for v in variants if r % 2 == 0 else reversed(variants):
+            dst = folder / f"out-{v}.onnx"
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", v, str(src), str(dst)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            lines = proc.stdout.strip().splitlines()
+            result = json.loads(lines[-1]) if lines else {"exit": proc.returncode}
+            if result["exit"] != 0:
+                print(proc.stderr, file=sys.stderr)
+                return None
+            runs[v].append(result)
+            dst.unlink()
+            dst.with_name(dst.name + ".data").unlink(missing_ok=True)
+    return runs
 
 
 def main() -> int:
@@ -173,23 +200,9 @@ def main() -> int:
             make_model(args.dir, args.gb)
         model_bytes = src.stat().st_size + (args.dir / "big.onnx.data").stat().st_size
     variants = ["plain", "rewrite-no-verify"] + (["rewrite"] if args.verify else [])
-    runs: dict[str, list[dict]] = {v: [] for v in variants}
-    for r in range(args.rounds):
-        for v in variants if r % 2 == 0 else reversed(variants):
-            dst = args.dir / f"out-{v}.onnx"
-            proc = subprocess.run(
-                [sys.executable, __file__, "--child", v, str(src), str(dst)],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
-            if result["exit"] != 0:
-                print(proc.stderr, file=sys.stderr)
-                return 1
-            runs[v].append(result)
-            (args.dir / f"out-{v}.onnx").unlink()
-            (args.dir / f"out-{v}.onnx.data").unlink(missing_ok=True)
+    runs = measure(src, variants, args.rounds, args.dir)
+    if runs is None:
+        return 1
     plain_s = statistics.median(x["seconds"] for x in runs["plain"])
     plain_rss = statistics.median(x["peak_rss"] for x in runs["plain"])
     kind = Path(args.model).name if args.model else "embedded" if args.embedded else "external-data"

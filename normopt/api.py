@@ -83,10 +83,15 @@ def _read_back(path: Path, kind: str) -> Any:
     return proto if kind == "proto" else ir.from_proto(proto)
 
 
-def _verify_options(inputs, dims, shapes, rtol, atol, seed, trials):
+def _verify_options(inputs, dims, shapes, rtol, atol, seed, trials, method, max_memory):
+    from normopt.memory import parse_size
     from normopt.verification import VerifyOptions
 
+    if isinstance(max_memory, str):
+        max_memory = parse_size(max_memory)
     return VerifyOptions(
+        method=method,
+        max_memory=max_memory,
         inputs=inputs,
         dims=dict(dims or {}),
         shapes={k: tuple(v) for k, v in (shapes or {}).items()},
@@ -133,6 +138,8 @@ def rewrite(
     tune_params: str = "constants",
     trt_version: str | None = None,
     verify: bool = True,
+    verify_method: str = "auto",
+    max_memory: int | str | None = None,
     inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
     dims: Mapping[str, int] | None = None,
     shapes: Mapping[str, Sequence[int]] | None = None,
@@ -149,32 +156,26 @@ def rewrite(
     on_step: Step | None = None,
 ) -> tuple[ModelLike, RewriteReport]:
     """Rewrite `model` with `passes` (None: the default pipeline) for `target` (onnx | ort |
-    tensorrt), verified in onnxruntime unless `verify=False` (inputs: arrays by name, an .npz
-    path, or generated from `dims`/`shapes`/`seed`, `trials` draws), with `speed_guard` never
-    slower than the original on the target's backend; `crms` off | on | auto (None: auto where
-    `passes` names preln-to-crmsnorm: kept only where it times faster than Pre-RMSNorm). A
-    path needs `output` (written only on success, never over `model` unless `in_place`); an
-    in-memory model comes back as the same kind. Returns (rewritten model, RewriteReport);
-    `report.to_json()` is the CLI's --json document, also written to `report` when given.
-    `on_step(message)` hears each step."""
-    from normopt.errors import BadInput
-    from normopt.passes.base import Options
+    tensorrt), verified in onnxruntime unless `verify=False` (on `inputs`: arrays by name, an
+    .npz path, or generated from `dims`/`shapes`/`seed`, `trials` draws; `verify_method` auto |
+    full | local: whole models, or a segment at a time where they do not fit in `max_memory`),
+    with `speed_guard` never slower than the original on the target's backend; `crms` off | on
+    | auto (None: auto where `passes` names preln-to-crmsnorm). A path needs `output` (written
+    only on success, never over `model` unless `in_place`); an in-memory model comes back as
+    the same kind. Returns (rewritten model, RewriteReport); `report.to_json()` is the CLI's
+    --json document, also written to `report`. `on_step(message)` hears each step."""
     from normopt.request import Timing
 
-    if trt_version is not None and target != "tensorrt":
-        raise BadInput("trt_version (--trt-version) goes with target='tensorrt'")
-    if isinstance(passes, str):  # a string is a sequence too: of one-letter "pass names"
-        raise BadInput(f"passes is a list of pass names, not the string {passes!r}")
-    options = Options(
-        target, allow_hidden_state_change, tune_params=tune_params, trt_version=trt_version
-    )
+    options = _options(passes, target, allow_hidden_state_change, tune_params, trt_version)
     return _rewrite(
         model,
         output,
         on_step,
         passes=tuple(passes) if passes is not None else None,
         options=options,
-        checks=_verify_options(inputs, dims, shapes, rtol, atol, seed, trials),
+        checks=_verify_options(
+            inputs, dims, shapes, rtol, atol, seed, trials, verify_method, max_memory
+        ),
         verify=verify,
         timing=Timing(threads=threads),
         speed_guard=speed_guard,
@@ -182,6 +183,20 @@ def rewrite(
         require_change=require_change,
         in_place=in_place,
         report_path=Path(report) if report is not None else None,
+    )
+
+
+def _options(passes, target, allow_hidden_state_change, tune_params, trt_version):
+    """The passes' Options; BadInput for arguments that do not go together."""
+    from normopt.errors import BadInput
+    from normopt.passes.base import Options
+
+    if trt_version is not None and target != "tensorrt":
+        raise BadInput("trt_version (--trt-version) goes with target='tensorrt'")
+    if isinstance(passes, str):  # a string is a sequence too: of one-letter "pass names"
+        raise BadInput(f"passes is a list of pass names, not the string {passes!r}")
+    return Options(
+        target, allow_hidden_state_change, tune_params=tune_params, trt_version=trt_version
     )
 
 
@@ -223,14 +238,17 @@ def verify(
     atol: float | None = None,
     seed: int = 0,
     trials: int = 2,
+    method: str = "auto",
+    max_memory: int | str | None = None,
     report: str | os.PathLike | None = None,
     on_step: Step | None = None,
 ) -> VerifyReport:
     """Run A and B in onnxruntime on the same inputs and compare every output (`report.ok`;
-    `report.to_json()` is the CLI's --json document). Tolerances as in `normopt verify`."""
+    `report.to_json()` is the CLI's --json document). Tolerances as in `normopt verify`;
+    `method` auto | full | local and `max_memory` as in `rewrite`."""
     from normopt.verification import verify as run
 
-    options = _verify_options(inputs, dims, shapes, rtol, atol, seed, trials)
+    options = _verify_options(inputs, dims, shapes, rtol, atol, seed, trials, method, max_memory)
     from normopt.files import scratch_folder
 
     with (
@@ -348,7 +366,7 @@ def profile(
             paths,
             backend=backend,
             threads=threads,
-            options=_verify_options(inputs, dims, shapes, None, None, seed, 1),
+            options=_verify_options(inputs, dims, shapes, None, None, seed, 1, "auto", None),
             warmup=warmup,
             runs=runs,
             feeds=feeds,

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from normopt import crms_choice
+from normopt import crms_choice, memory
 from normopt.crms_choice import CRMSChoice
 from normopt.errors import BadInput, InternalError, NormoptError, NotApplied, VerificationFailed
 from normopt.files import (
@@ -143,6 +143,7 @@ class _Run:
         self.passes: list[PassResult] = []
         self.histograms: tuple[dict[str, int], dict[str, int]] = ({}, {})
         self.verification: VerifyReport | None = None
+        self.plan: memory.VerifyPlan | None = None
         self.trials: list[dict] | None = None
         self.fallback: list[dict] | None = None
         self.inputs: dict | None = None
@@ -208,6 +209,7 @@ class _Run:
             model = io.load(src)
         transaction.protect_model(src, model)
         self.guard_outputs(transaction)
+        self.plan_verification(model)
         self.choose_inputs(model)
         variants = Variants(request, transaction, io.uses_external_data(model), self.verify, step)
         before = op_histogram(model)
@@ -235,6 +237,13 @@ class _Run:
                 staged, self.guard = guard_speed(variants, staged, names, self.passes)
         transaction.commit(staged)
         self.written = True
+
+    def plan_verification(self, model) -> None:
+        """How verification will run (whole or by segments), decided from IN's weights before
+        any work: where neither fits, BadInput with the figures (exit 2, nothing written)."""
+        checks = self.request.verification
+        if checks is not None:
+            self.plan = memory.plan(memory.ir_weights(model), checks.method, checks.max_memory)
 
     def choose_inputs(self, model) -> None:
         """The input sets verification and timing run on, from the model as loaded (no second
@@ -286,6 +295,7 @@ class _Run:
                     fallback=self.fallback,
                     on_step=self.step,
                     changed_on_request=changed,
+                    plan=self.plan,
                 )
             except ModelRunError as exc:
                 if exc.path == staged:  # the original runs, the rewrite does not: our failure

@@ -28,11 +28,13 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from normopt import memory
 from normopt.errors import BadInput
 from normopt.inputs import InputOptions, cache_note, fallback_trials, input_trials
+from normopt.memory import VerifyPlan
 from normopt.rewriter.io import check_readable_file
 from normopt.schema import document, inputs_json, now
-from normopt.sessions import ModelRunError, graph_facts, run_ort_all
+from normopt.sessions import ModelRunError, graph_facts, run_local, run_ort_all
 
 # (rtol against the output's max |value|, atol), per output dtype.
 TOLERANCES: dict[np.dtype, tuple[float, float]] = {
@@ -67,13 +69,25 @@ def _less_precise(a: np.dtype, b: np.dtype | None) -> np.dtype:
 @dataclass(frozen=True)
 class VerifyOptions(InputOptions):
     """What verification runs on (InputOptions) and how it judges: `rtol` / `atol` override
-    the per-dtype defaults for every float output."""
+    the per-dtype defaults for every float output. `method`: run each model whole ("full"), a
+    segment at a time ("local", normopt.segments), or whichever fits ("auto", normopt.memory);
+    `max_memory`: the bytes it may use (default: what the machine has available)."""
 
     rtol: float | None = None
     atol: float | None = None
+    method: str = "auto"
+    max_memory: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.method not in memory.METHODS:
+            raise BadInput(
+                f"method (--verify) {self.method!r}: choose one of {', '.join(memory.METHODS)}"
+            )
+        if self.max_memory is not None and not (
+            isinstance(self.max_memory, (int, np.integer)) and self.max_memory > 0
+        ):
+            raise BadInput(f"max_memory (--max-memory) must be bytes > 0, got {self.max_memory!r}")
         for name, value in (("rtol", self.rtol), ("atol", self.atol)):
             number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
             if value is not None and not (number and value >= 0 and np.isfinite(value)):
@@ -199,6 +213,8 @@ def _nudged(feeds: Mapping[str, np.ndarray], compute: np.dtype | None = None) ->
 class VerifyReport:
     model_a: str
     model_b: str
+    plan: VerifyPlan | None = None  # how it ran (whole or by segments) and why
+    segments: dict[str, int] = field(default_factory=dict)  # model_a/model_b: how many (local)
     inputs: dict | None = None  # what it ran on (normopt.schema.inputs_json)
     outputs: list[OutputCheck] = field(default_factory=list)
     note: str | None = None  # how the inputs had to change (a retry with dims at 1)
@@ -221,6 +237,9 @@ class VerifyReport:
             "model_b": self.model_b,
             "ok": self.ok,
             "note": self.note,
+            "method": None
+            if self.plan is None
+            else {**self.plan.to_json(), "segments": self.segments},
             "outputs": [vars(o) for o in self.outputs],
         }
 
@@ -245,6 +264,7 @@ def verify(
     fallback: list[Mapping[str, np.ndarray]] | None = None,
     on_step: Callable[[str], None] | None = None,
     changed_on_request: Mapping[str, str] | None = None,
+    plan: VerifyPlan | None = None,
 ) -> VerifyReport:
     """Run A then B on the same inputs and compare every output of A by name.
 
@@ -253,8 +273,9 @@ def verify(
     them), else those `options` name or generate from A's input specs. Where an output fails
     the tolerance, A's own noise is measured (A again under ORT_ENABLE_ALL and on nudged
     inputs) and judged against. `changed_on_request` maps outputs a rewrite changes at the
-    user's request to the reason (compared and reported, not required to match). Raises
-    BadInput when A cannot be loaded or run.
+    user's request to the reason (compared and reported, not required to match). `plan`: how
+    to run them (default: planned here from both models' weights, normopt.memory). Raises
+    BadInput when A cannot be loaded or run, or the models cannot be run in memory.
     """
     from normopt.rewriter.io import load
 
@@ -263,24 +284,25 @@ def verify(
     step = on_step or (lambda _m: None)
     model_a, model_b = Path(model_a), Path(model_b)
     check_readable_file(model_b)
+    if plan is None:
+        plan = plan_for(model_a, model_b, options)
     note = None
     if trials is None:
         spec = load(model_a)
         trials, fallback = input_trials(spec, options), fallback_trials(spec, options)
         note = cache_note(spec, options)
         del spec
-    report = VerifyReport(str(model_a), str(model_b))
-    step(f"running {model_a.name}")
-    refs, trials, report.note = _reference(model_a, trials, fallback)
+    report = VerifyReport(str(model_a), str(model_b), plan)
+    run = _Runner(plan, report.segments, {model_a: "model_a", model_b: "model_b"}, step)
+    refs, trials, report.note = _reference(run, model_a, trials, fallback)
     report.inputs = inputs_json(trials, options.inputs, options.seed, note)
-    step(f"running {model_b.name}")
-    gots = run_ort_all(model_b, trials)
+    gots = run(model_b, trials)
     compute = compute_dtype(model_a)
     checks = _checks(refs, gots, options, compute=compute)
     judged_by_noise = options.rtol is None and options.atol is None
     if judged_by_noise and any(not c.ok and c.rtol is not None for trial in checks for c in trial):
         step(f"measuring {model_a.name}'s own noise")
-        noise = _own_noise(model_a, trials, refs, compute)
+        noise = _own_noise(run, model_a, trials, refs, compute)
         checks = _checks(refs, gots, options, noise, compute)
     report.outputs = [_worst([trial[i] for trial in checks]) for i in range(len(checks[0]))]
     for check in report.outputs:  # outputs the user asked to change are reported, not required
@@ -290,20 +312,51 @@ def verify(
     return report
 
 
+def plan_for(model_a: Path, model_b: Path, options: VerifyOptions) -> VerifyPlan:
+    """The verification that fits both models (the larger one's weights); BadInput where one
+    is not a readable ONNX file."""
+    from normopt.rewriter.file_checks import parse_checked
+
+    weights = [memory.proto_weights(parse_checked(p).graph) for p in (model_a, model_b)]
+    return memory.plan(max(weights, key=lambda w: w.full()), options.method, options.max_memory)
+
+
+class _Runner:
+    """Runs a model on input sets as `plan` says: whole (run_ort_all) or by segments."""
+
+    def __init__(
+        self, plan: VerifyPlan, segments: dict[str, int], roles: dict[Path, str], step
+    ) -> None:
+        self.plan, self.segments, self.roles, self.step = plan, segments, roles, step
+
+    def __call__(
+        self, path: Path, trials: list[Mapping[str, np.ndarray]], optimized: bool = False
+    ) -> list[dict]:
+        if self.plan.method == "full":
+            self.step(f"running {path.name}")
+            return run_ort_all(path, trials, optimized)
+        self.step(f"running {path.name} by segments")
+        outputs, self.segments[self.roles[path]] = run_local(
+            path, trials, self.plan.budget, optimized
+        )
+        return outputs
+
+
 def _reference(
+    run: _Runner,
     model_a: Path,
     trials: list[Mapping[str, np.ndarray]],
     fallback: list[Mapping[str, np.ndarray]] | None,
 ) -> tuple[list[dict], list[Mapping[str, np.ndarray]], str | None]:
     """A's outputs on `trials`, or where A fails on them, on `fallback` (then with a note)."""
     try:
-        return run_ort_all(model_a, trials), trials, None
+        return run(model_a, trials), trials, None
     except ModelRunError as exc:
         if not exc.running or fallback is None:
             raise
         generated = _shapes_text(trials[0])
         try:
-            refs = run_ort_all(model_a, fallback)
+            refs = run(model_a, fallback)
         except ModelRunError:
             raise ModelRunError(
                 model_a,
@@ -347,14 +400,18 @@ def _checks(
 
 
 def _own_noise(
-    model_a: Path, trials: list[Mapping[str, np.ndarray]], refs: list[dict], compute: np.dtype
+    run: _Runner,
+    model_a: Path,
+    trials: list[Mapping[str, np.ndarray]],
+    refs: list[dict],
+    compute: np.dtype,
 ) -> list[dict[str, float]]:
     """A's own noise per trial and output: A under ORT_ENABLE_ALL and on nudged inputs."""
     try:
-        optimized = run_ort_all(model_a, trials, optimized=True)
+        optimized = run(model_a, trials, optimized=True)
     except ModelRunError:  # onnxruntime's optimizer can break a valid graph (fp16 LayerNorm
         optimized = [None] * len(trials)  # fusions): that probe is then not available
-    nudged = run_ort_all(model_a, [_nudged(f, compute) for f in trials])
+    nudged = run(model_a, [_nudged(f, compute) for f in trials])
     return [
         _noise(ref, [p for p in (o, n) if p is not None])
         for ref, o, n in zip(refs, optimized, nudged)

@@ -6,6 +6,7 @@ changes nothing. The long campaign is `python benchmarks/fuzz.py --n 10000`."""
 import re
 import warnings
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -119,6 +120,15 @@ def _centre_the_wrong_axis(monkeypatch):
     )
 
 
+def _half_the_beta_fold(monkeypatch):
+    from normopt.rewriter import numerics
+
+    fold = numerics.into_matmul_input
+    monkeypatch.setattr(
+        numerics, "into_matmul_input", lambda w, b, a, c: fold(w, b, a, 0.5 * np.asarray(c))
+    )
+
+
 def _batchnorm_without_epsilon(monkeypatch):
     from normopt.rewriter import numerics
 
@@ -135,15 +145,17 @@ def _batchnorm_without_epsilon(monkeypatch):
     [
         (fuzzing.transformer, ["preln-to-rmsnorm"], _no_axis_check),
         (fuzzing.transformer, ["preln-to-rmsnorm"], _centre_the_wrong_axis),
+        (fuzzing.transformer, ["preln-to-rmsnorm"], _half_the_beta_fold),
         (fuzzing.cnn, ["fold-affine-norms"], _batchnorm_without_epsilon),
     ],
-    ids=["no-axis-check", "wrong-centring-axis", "bn-without-eps"],
+    ids=["no-axis-check", "wrong-centring-axis", "wrong-beta-fold", "bn-without-eps"],
 )
 def test_the_default_verification_rejects_every_wrong_rewrite_the_fuzzer_finds(
     monkeypatch, tmp_path, family, names, mutate
 ):
     """normopt's own gate (noise-aware by default) must still reject what the judge calls
-    wrong: each pass made wrong on purpose, the graphs it breaks, verified as `rewrite` does."""
+    wrong: each pass made wrong on purpose, the graphs it breaks, verified as `rewrite` does,
+    running the models whole and a segment at a time (--verify local)."""
     import onnx
 
     from normopt.errors import VerificationFailed
@@ -153,17 +165,23 @@ def test_the_default_verification_rejects_every_wrong_rewrite_the_fuzzer_finds(
     wrong = _wrong_cases(monkeypatch, family, names, mutate, range(150))
     assert wrong, "the mutation broke no graph: the test would prove nothing"
     mutate(monkeypatch)
+    segmented = 0
     for i, case in enumerate(wrong):
         src = tmp_path / f"{i}.onnx"
         onnx.save(case.model, src)
-        with warnings.catch_warnings(), pytest.raises(VerificationFailed):
-            warnings.simplefilter("ignore", RuntimeWarning)
-            rewrite_file(
-                src,
-                tmp_path / f"{i}.out.onnx",
-                passes=fuzzing.priced(names, case.recentring_cost),
-                checks=VerifyOptions(inputs=case.feeds),
-            )
+        for method in ("full", "local"):
+            with warnings.catch_warnings(), pytest.raises(VerificationFailed) as failed:
+                warnings.simplefilter("ignore", RuntimeWarning)
+                rewrite_file(
+                    src,
+                    tmp_path / f"{i}.out.onnx",
+                    passes=fuzzing.priced(names, case.recentring_cost),
+                    checks=VerifyOptions(inputs=case.feeds, method=method),
+                )
+            verification = failed.value.report.verification
+            assert verification.plan.method == method
+            segmented += min(verification.segments.values(), default=0) >= 2
+    assert segmented, "no wrong model was run in segments: --verify local went untested"
 
 
 def test_an_ill_conditioned_graph_is_judged_by_its_float32_sensitivity():

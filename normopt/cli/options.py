@@ -106,6 +106,29 @@ RewriteJsonOpt = Annotated[
         "failure).",
     ),
 ]
+VerifyMethodOpt = Annotated[
+    str,
+    typer.Option(
+        "--verify",
+        help="auto | full | local: run each model whole, or a segment at a time (weights of one "
+        "segment in memory); auto: whole where it fits in --max-memory.",
+    ),
+]
+MethodOpt = Annotated[
+    str,
+    typer.Option(
+        "--method",
+        help="auto | full | local: run each model whole, or a segment at a time (weights of one "
+        "segment in memory); auto: whole where it fits in --max-memory.",
+    ),
+]
+MaxMemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory",
+        help="Memory verification may use, e.g. 16G (default: what the machine has available).",
+    ),
+]
 NoVerifyOpt = Annotated[
     bool, typer.Option("--no-verify", help="Skip the onnxruntime equivalence check.")
 ]

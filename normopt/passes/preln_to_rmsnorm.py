@@ -39,7 +39,7 @@ import numpy as np
 import onnx_ir as ir
 
 from normopt.passes.base import Change, Pass, Plan, Refusal
-from normopt.rewriter import numerics
+from normopt.rewriter import numerics, streamed
 from normopt.rewriter.edit import Editor
 from normopt.rewriter.graph import (
     NCHW_TO_NHWC,
@@ -66,7 +66,7 @@ def _centre_input(
         values = original
         if (node, index) in rewrite.scaled:
             values = numerics.scale_along(values, rewrite.scaled[(node, index)], axis)
-        centred = numerics.center(values, axis, original.dtype)
+        centred = streamed.centred(values, axis, original.dtype)
     edit.set_constant_input(node, index, centred, f"{node.name}.centred")
 
 

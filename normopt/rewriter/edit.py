@@ -147,10 +147,11 @@ class Editor:
         nodes.append(self.node("Div", [x, nodes[-1].outputs[0]], name=f"{name}.normalize"))
         return nodes
 
-    def initializer(self, base: str, array: np.ndarray) -> ir.Value:
-        """Register `array` as a new initializer named after `base`."""
+    def initializer(self, base: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:
+        """Register `array` (or a tensor: a StreamedTensor) as a new initializer named after
+        `base`."""
         name = self.value_name(base)
-        value = ir.Value(name=name, const_value=ir.Tensor(np.asarray(array), name=name))
+        value = ir.Value(name=name, const_value=_tensor(array, name))
         self.graph.register_initializer(value)
         return value
 
@@ -177,14 +178,16 @@ class Editor:
         node.replace_input_with(index, copy)
         return copy
 
-    def set_constant_input(self, node: ir.Node, index: int, array: np.ndarray, base: str) -> None:
-        """Make `node.inputs[index]` hold `array`: an initializer private to this input is
-        edited (copy-on-write); anything else (a Constant node, a computed constant, a missing
-        optional input) is replaced by a new initializer."""
+    def set_constant_input(
+        self, node: ir.Node, index: int, array: np.ndarray | ir.TensorProtocol, base: str
+    ) -> None:
+        """Make `node.inputs[index]` hold `array` (or a tensor): an initializer private to this
+        input is edited (copy-on-write); anything else (a Constant node, a computed constant, a
+        missing optional input) is replaced by a new initializer."""
         value = node.inputs[index] if index < len(node.inputs) else None
         if value is not None and value.is_initializer() and not value.is_graph_input():
             value = self.private_initializer(node, index)
-            value.const_value = ir.Tensor(np.asarray(array), name=value.name)
+            value.const_value = _tensor(array, value.name)
             value.shape, value.dtype = ir.Shape(array.shape), value.const_value.dtype
             return
         if index >= len(node.inputs):
@@ -212,3 +215,11 @@ class Editor:
         self.take_over(out, new.outputs[0])  # readers and graph outputs now read the result ...
         new.replace_input_with(0, out)  # ... which reads the node's own output
         return new
+
+
+def _tensor(array: np.ndarray | ir.TensorProtocol, name: str) -> ir.TensorProtocol:
+    """`array` as a named IR tensor (a tensor as it is)."""
+    if isinstance(array, ir.TensorProtocol):
+        array.name = name
+        return array
+    return ir.Tensor(np.asarray(array), name=name)

@@ -90,7 +90,7 @@ def _check_external_files(proto: onnx.ModelProto, path: Path) -> None:
             )
         needed[location] = max(needed.get(location, 0), offset + length)
     for location, end in needed.items():
-        data = _contained(path, location)
+        data = contained_data_file(path, location)
         if not data.is_file():
             raise BadInput(f"'{path}' references external data file '{data}', which is missing")
         stat = data.stat()
@@ -135,7 +135,7 @@ def _check_raw_data(tensor: onnx.TensorProto, path: Path) -> None:
         )
 
 
-def _contained(path: Path, location: str) -> Path:
+def contained_data_file(path: Path, location: str) -> Path:
     """The data file `location` names, which must lie in the model's folder once every symlink
     is resolved (normopt's own check: onnx's checker stopped refusing escapes in onnx 1.23)."""
     folder = path.parent.resolve()

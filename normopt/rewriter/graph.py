@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
+from normopt.rewriter.fold_ops import cast, fold_indexing
+
 ONNX_DOMAINS = ("", "ai.onnx")
 
 
@@ -151,7 +153,7 @@ def constant_value(value: ir.Value | None) -> np.ndarray | None:
         source = constant_value(node.inputs[0])
         if source is None or node.op_type == "Identity":
             return source
-        return _cast(source, ir.DataType(node.attributes["to"].as_int()))
+        return cast(source, ir.DataType(node.attributes["to"].as_int()))
     if is_op(node, "Constant") and len(node.attributes) == 1:
         return _constant_attribute(next(iter(node.attributes.values())))
     return None
@@ -225,7 +227,7 @@ def _fold_node(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | Non
     if op == "CastLike":
         target = args[1] if args[1] is not None else None
         dtype = target.dtype if target is not None else node.inputs[1].dtype
-        return _cast(args[0], dtype)
+        return cast(args[0], dtype)
     if op == "Expand" and args[1] is not None:
         return np.broadcast_to(args[0], np.broadcast_shapes(args[0].shape, tuple(args[1]))).copy()
     if op == "Reshape" and args[1] is not None:
@@ -253,69 +255,7 @@ def _fold_node(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | Non
         return np.transpose(args[0], perm)
     if op == "Concat" and all(a is not None for a in args):
         return np.concatenate(args, axis=attrs.get_int("axis", 0))
-    return _fold_indexing(node, args)
-
-
-# Casts numpy computes as ONNX does (IEEE rounding to nearest even, truncation to integers).
-# Not the 8-bit and 4-bit floats: ONNX's Cast saturates (saturate=1) where ml_dtypes gives
-# NaN/Inf (a fake-quant kernel computed through FLOAT8E4M3FN would fold wrong).
-_CASTABLE = {
-    ir.DataType.FLOAT,
-    ir.DataType.FLOAT16,
-    ir.DataType.DOUBLE,
-    ir.DataType.BOOL,
-    *(getattr(ir.DataType, f"{k}INT{n}") for k in ("", "U") for n in (8, 16, 32, 64)),
-}
-
-
-def _cast(array: np.ndarray, dtype: ir.DataType | np.dtype | None) -> np.ndarray | None:
-    """`array` cast to `dtype` where numpy casts as ONNX does (both ends), else None."""
-    try:
-        target = dtype if isinstance(dtype, ir.DataType) else ir.DataType.from_numpy(dtype)
-        source = ir.DataType.from_numpy(array.dtype)
-    except (TypeError, ValueError):  # no ONNX dtype (None, strings)
-        return None
-    if target not in _CASTABLE or source not in _CASTABLE:
-        return None
-    return array.astype(target.numpy())
-
-
-def _fold_indexing(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | None:
-    """Cast, Slice, Gather(ND), ReduceSum on constants: the ops of kernels computed in forward
-    (DEA-Net's difference convolutions take taps by index, slice and sum them)."""
-    op, attrs, data = node.op_type, node.attributes, args[0]
-    if op == "Cast":
-        return _cast(data, ir.DataType(attrs.get_int("to")))
-    if op == "ConstantOfShape":
-        fill = (
-            attrs["value"].as_tensor().numpy().reshape(-1)
-            if "value" in attrs
-            else np.zeros(1, np.float32)
-        )
-        return np.full(tuple(int(d) for d in data), fill[0], dtype=fill.dtype)
-    if op == "Gather" and args[1] is not None:
-        return np.take(data, args[1].astype(np.int64), axis=attrs.get_int("axis", 0))
-    if op == "GatherND" and args[1] is not None and attrs.get_int("batch_dims", 0) == 0:
-        index = args[1].astype(np.int64)
-        return data[tuple(np.moveaxis(index, -1, 0))]
-    if op == "Slice" and all(a is not None for a in args):
-        starts, ends = args[1], args[2]
-        axes = args[3] if len(args) > 3 else np.arange(len(starts))
-        steps = args[4] if len(args) > 4 else np.ones(len(starts), np.int64)
-        index = [slice(None)] * data.ndim
-        for start, end, axis, step in zip(starts, ends, axes, steps):
-            index[int(axis)] = slice(int(start), int(end), int(step))  # numpy clamps as ONNX does
-        return data[tuple(index)]
-    if op == "ReduceSum" and all(a is not None for a in args):
-        axes = tuple(attrs.get_ints("axes", ())) or (
-            tuple(int(a) for a in args[1]) if len(args) > 1 else ()
-        )
-        if not axes and attrs.get_int("noop_with_empty_axes", 0):
-            return data
-        return np.sum(data, axis=axes or None, keepdims=bool(attrs.get_int("keepdims", 1))).astype(
-            data.dtype
-        )
-    return None
+    return fold_indexing(node, args)
 
 
 _FOLDABLE = set(_ELEMENTWISE) | {
@@ -381,12 +321,40 @@ def _folded(value: ir.Value | None, depth: int) -> np.ndarray | None:
         return None
     if node.op_type == "Shape":
         return _fold_node(node, [])
+    if not all(_may_be_constant(v, depth - 1) for v in _value_inputs(node)):
+        return None  # before computing any: a big weight's value is not read for nothing
     args: list[np.ndarray | None] = []
     for i, v in enumerate(node.inputs):  # stop at the first input that is not constant
         args.append(folded_value(v, depth - 1) if v is not None else None)
         if args[-1] is None and not (node.op_type == "CastLike" and i == 1):
             return None
     return _fold_node(node, args)
+
+
+def _value_inputs(node: ir.Node) -> list[ir.Value | None]:
+    """The inputs whose numbers a fold needs (CastLike's second gives only its dtype)."""
+    return [v for i, v in enumerate(node.inputs) if not (node.op_type == "CastLike" and i == 1)]
+
+
+def _may_be_constant(value: ir.Value | None, depth: int) -> bool:
+    """False where `folded_value(value, depth)` is None by the graph's structure alone (a graph
+    input, a missing input, an op it does not fold), found without computing any value."""
+    if value is None or value.is_graph_input():
+        return False
+    if value.const_value is not None:
+        return True
+    node = value.producer()
+    if node is None:
+        return False
+    if is_op(node, "Constant"):
+        return True
+    if forwards(node, "value") and node.inputs and _may_be_constant(node.inputs[0], depth):
+        return True
+    if depth == 0 or node.domain not in ONNX_DOMAINS or node.op_type not in _FOLDABLE:
+        return False
+    return node.op_type == "Shape" or all(
+        _may_be_constant(v, depth - 1) for v in _value_inputs(node)
+    )
 
 
 # --------------------------------------------------------------------------- shapes, ops

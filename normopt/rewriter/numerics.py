@@ -1,8 +1,9 @@
 """All of normopt's weight math. Pure numpy, no graph types; each docstring is the formula.
 
-Every function computes in float64 and returns float64; callers cast back to the tensor's
-own dtype. Folding: a per-channel affine `y = a*x + c` (`a`, `c` 1-D, one entry per channel)
-into the linear op before or after it, with s = gamma / sqrt(var + eps), t = beta - mean * s
+Every function computes in float64 and returns float64 (callers cast back to the tensor's own
+dtype), except `center`, which computes a 16/32-bit result in float32 with float64 means.
+Folding: a per-channel affine `y = a*x + c` (`a`, `c` 1-D, one entry per channel) into the
+linear op before or after it, with s = gamma / sqrt(var + eps), t = beta - mean * s
 for a BatchNorm (docs/rewrites.md, section 3). Centring: a residual-stream writer made
 zero-mean along the hidden axis (section 1).
 """
@@ -10,7 +11,9 @@ zero-mean along the hidden axis (section 1).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -139,24 +142,76 @@ def center(
     b' = b - mean(b). Embedding table [V, D]: axis=-1 (each row). MatMul weight W[in, out]:
     axis=-1 (over outputs). Gemm transB weight W[out, in]: axis=0. Conv weight [C_out, ...]:
     axis=0 (over output channels). A bias [D]: axis=-1.
-    Computed in float64 a block of slices at a time (about `block_bytes` of float64: a GPT-2
-    embedding table never exists whole in float64) and returned in `dtype` (float64 if None);
-    `diffuse`: rounded to `dtype` by `diffused` (the slices' sums stay 0 within an ulp)."""
+    Computed a block of slices at a time (about `block_bytes` of float64; blocks in parallel
+    threads for a large array: no whole-tensor copy) and returned in `dtype` (float64 if None).
+    For a float32/16-bit `dtype` the mean is accumulated in float64 and m = fl32(mean) is
+    subtracted in float32: each entry is fl(x - m), within one float32 ulp of max(|m|, |x - m|)
+    of the float64 result (for float16, within 2^-13 of its own ulp besides its rounding).
+    `diffuse`: in float64, rounded to `dtype` by `diffused` (the slices' sums stay 0 within an
+    ulp)."""
     a = np.asarray(array)
     out = np.empty(a.shape, np.float64 if dtype is None else dtype)
+    blocks = _blocks(a, axis, block_bytes)
+    _each(lambda b: out.__setitem__(b, _centred(a[b], axis, out.dtype, diffuse)), blocks)
+    return out
+
+
+def centred_rows(
+    array, axis: int, dtype, block_bytes: int = 1 << 22
+) -> Iterator[np.ndarray] | None:
+    """`center(array, axis, dtype)` as consecutive blocks of leading rows (their bytes in
+    order are the result's: a writer streams it to a file without the whole result in memory),
+    computed a few blocks ahead in threads; None where the mean runs over the leading axis
+    (blocks of columns are not contiguous)."""
+    a = np.asarray(array)
+    if a.ndim >= 2 and axis % a.ndim == 0:
+        return None
+    blocks = _blocks(a, axis, block_bytes)
+    window = 2 * (os.cpu_count() or 1)
+
+    def rows() -> Iterator[np.ndarray]:
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            for start in range(0, len(blocks), window):
+                work = blocks[start : start + window]
+                yield from pool.map(lambda b: _centred(a[b], axis, np.dtype(dtype)), work)
+
+    return rows()
+
+
+def _centred(part: np.ndarray, axis: int, dtype: np.dtype, diffuse: bool = False) -> np.ndarray:
+    """One block of `center`, in `dtype`."""
+    if diffuse or dtype.itemsize > 4 or part.dtype.itemsize > 4:
+        part = _f64(part)
+        centred = part - part.mean(axis=axis, keepdims=True)
+        return diffused(centred, axis, dtype) if diffuse else centred.astype(dtype)
+    mean = part.mean(axis=axis, keepdims=True, dtype=np.float64)
+    return np.subtract(part, mean.astype(np.float32), dtype=np.float32).astype(dtype, copy=False)
+
+
+def _blocks(a: np.ndarray, axis: int, block_bytes: int) -> list[tuple]:
+    """Index tuples of about `block_bytes` of float64 each, along an axis the mean over `axis`
+    does not run over (the whole array for a vector)."""
     if a.ndim < 2:
-        centred = _f64(a) - _f64(a).mean(axis=axis, keepdims=True)
-        out[...] = diffused(centred, axis, out.dtype) if diffuse else centred
-        return out
-    other = 1 if axis % a.ndim == 0 else 0  # blocks along an axis the mean does not run over
+        return [(slice(None),)]
+    other = 1 if axis % a.ndim == 0 else 0
     per = max(1, block_bytes // max(1, 8 * a.size // max(1, a.shape[other])))
+    blocks = []
     for start in range(0, a.shape[other], per):
         block = [slice(None)] * a.ndim
         block[other] = slice(start, start + per)
-        part = _f64(a[tuple(block)])
-        centred = part - part.mean(axis=axis, keepdims=True)
-        out[tuple(block)] = diffused(centred, axis, out.dtype) if diffuse else centred
-    return out
+        blocks.append(tuple(block))
+    return blocks
+
+
+def _each(work, blocks: list) -> None:
+    """work(block) for every block; in threads where there are several (numpy releases the
+    GIL in its loops: the blocks of a large tensor are computed on every core)."""
+    if len(blocks) < 4:
+        for block in blocks:
+            work(block)
+        return
+    with ThreadPoolExecutor(min(len(blocks), os.cpu_count() or 1)) as pool:
+        list(pool.map(work, blocks))
 
 
 def diffused(array: np.ndarray, axis: int, dtype) -> np.ndarray:

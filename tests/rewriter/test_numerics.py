@@ -1,5 +1,6 @@
 """The folding formulas against direct float64 computation (torch as the reference conv)."""
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -94,14 +95,45 @@ def test_matmul_both_sides():
     "shape,axis", [((50, 7), -1), ((50, 7), 0), ((3, 4, 5, 6), 0), ((3, 4, 5, 6), -1), ((9,), -1)]
 )
 def test_center_in_blocks_equals_the_whole_computation(shape, axis):
-    """Large tables are centred a block at a time (bounded float64 memory): same numbers."""
+    """Large tables are centred a block at a time (bounded memory, blocks in threads): the same
+    numbers as at once; the rows streamed to a file are the result's bytes."""
     a = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     whole = a.astype(np.float64) - a.astype(np.float64).mean(axis=axis, keepdims=True)
+    at_once = am.center(a, axis, np.float32, block_bytes=1 << 26)
     for block_bytes in (8, 1 << 26):
         assert np.array_equal(am.center(a, axis, block_bytes=block_bytes), whole)
-        assert np.array_equal(
-            am.center(a, axis, np.float32, block_bytes=block_bytes), whole.astype(np.float32)
-        )
+        assert np.array_equal(am.center(a, axis, np.float32, block_bytes=block_bytes), at_once)
+        rows = am.centred_rows(a, axis, np.float32, block_bytes=block_bytes)
+        if len(shape) > 1 and axis == 0:
+            assert rows is None  # blocks of columns are not contiguous
+        else:
+            assert b"".join(r.tobytes() for r in rows) == at_once.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_center_in_float32_is_within_its_error_bound_of_the_float64_result(dtype, axis):
+    """A 16/32-bit result is computed in float32 with float64 means (no float64 copy of the
+    tensor): within one float32 ulp of max(|mean|, |x - mean|) of the float64 result, and for
+    a 16-bit dtype one of its own ulps more (its rounding)."""
+    rng = np.random.default_rng(1)
+    a = (rng.standard_normal((256, 96)) * 0.05 + 0.3).astype(dtype)  # an offset: a large mean
+    wide = a.astype(np.float64)
+    mean = wide.mean(axis=axis, keepdims=True)
+    exact = wide - mean
+    got = am.center(a, axis, dtype, block_bytes=1 << 12).astype(np.float64)
+    assert got.dtype == np.float64 and np.any(got != exact)  # not the float64 path
+    bound = np.spacing(np.maximum(np.abs(mean), np.abs(exact)).astype(np.float32))
+    if dtype != np.float32:
+        bound = bound + _ulp(dtype, exact)
+    assert np.all(np.abs(got - exact) <= bound)
+
+
+def _ulp(dtype, values):
+    """One ulp of `dtype` at each value's magnitude (float64)."""
+    info = ml_dtypes.finfo(dtype) if dtype == ml_dtypes.bfloat16 else np.finfo(dtype)
+    magnitude = np.maximum(np.abs(values), float(info.smallest_normal))
+    return 2.0 ** (np.floor(np.log2(magnitude)) - info.nmant)
 
 
 def test_a_shift_alone_leaves_the_weight_and_moves_the_bias_exactly():

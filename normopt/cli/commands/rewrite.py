@@ -18,6 +18,7 @@ from normopt.cli.options import (
     GuardOpt,
     InPlaceOpt,
     InputsOpt,
+    MaxMemoryOpt,
     NoVerifyOpt,
     PassesOpt,
     ProfileAfterOpt,
@@ -34,6 +35,7 @@ from normopt.cli.options import (
     TrialsOpt,
     TrtVersionOpt,
     TuneParamsOpt,
+    VerifyMethodOpt,
     parse_dims,
     parse_shapes,
 )
@@ -55,6 +57,7 @@ PASSED_ON = (
     "require_change",
     "in_place",
     "report",
+    "max_memory",
 )
 
 
@@ -67,6 +70,8 @@ def rewrite(
     report: RewriteReportOpt = None,
     json_out: RewriteJsonOpt = False,
     no_verify: NoVerifyOpt = False,
+    verify: VerifyMethodOpt = "auto",
+    max_memory: MaxMemoryOpt = None,
     explain: ExplainOpt = False,
     in_place: InPlaceOpt = False,
     allow_hidden_state_change: AllowHiddenStateChangeOpt = False,
@@ -96,6 +101,7 @@ def rewrite(
     settings = {name: given[name] for name in PASSED_ON} | {
         "passes": names,
         "verify": not no_verify,
+        "verify_method": verify,
         "dims": parse_dims(dim),
         "shapes": parse_shapes(shape),
         "speed_guard": guard == "speed",

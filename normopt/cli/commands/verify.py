@@ -15,6 +15,8 @@ from normopt.cli.options import (
     DimOpt,
     InputsOpt,
     JsonOpt,
+    MaxMemoryOpt,
+    MethodOpt,
     ReportOpt,
     RtolOpt,
     SeedOpt,
@@ -36,6 +38,8 @@ def verify(
     seed: SeedOpt = 0,
     trials: TrialsOpt = 2,
     shape: ShapeOpt = None,
+    method: MethodOpt = "auto",
+    max_memory: MaxMemoryOpt = None,
     json_out: JsonOpt = False,
     report_path: ReportOpt = None,
 ) -> None:
@@ -52,6 +56,8 @@ def verify(
             atol=atol,
             seed=seed,
             trials=trials,
+            method=method,
+            max_memory=max_memory,
             report=report_path,
             on_step=step,
         )
