@@ -58,6 +58,8 @@ class RewriteReport:
     verification: VerifyReport | None = None
     nodes_before: dict[str, int] = field(default_factory=dict)
     nodes_after: dict[str, int] = field(default_factory=dict)
+    bytes_before: int | None = None  # IN's files (model and external data)
+    bytes_after: int | None = None  # OUT's, once written
     seconds: dict[str, float] = field(default_factory=dict)
     written: bool = False
     error: str | None = None
@@ -88,6 +90,8 @@ class RewriteReport:
             "changes": [c.to_json(p.name) for p in self.passes for c in p.changes],
             "nodes_before": self.nodes_before,
             "nodes_after": self.nodes_after,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
             "verification": self.verification.body() if self.verification else None,
             "speed_guard": self.guard.to_json() if self.guard else None,
             "crms_choice": self.crms.to_json() if self.crms else None,
@@ -150,6 +154,7 @@ class _Run:
         self.crms: CRMSChoice | None = None
         self.guard: GuardReport | None = None
         self.written = False
+        self.sizes: list[int | None] = [None, None]  # IN's and OUT's files, bytes
 
     def report(self, error: NormoptError | None = None) -> RewriteReport:
         return RewriteReport(
@@ -159,6 +164,8 @@ class _Run:
             verification=self.verification,
             nodes_before=self.histograms[0],
             nodes_after=self.histograms[1],
+            bytes_before=self.sizes[0],
+            bytes_after=self.sizes[1],
             seconds=self.seconds,
             written=self.written,
             error=str(error) if error else None,
@@ -208,6 +215,7 @@ class _Run:
         with timed("load"):
             model = io.load(src)
         transaction.protect_model(src, model)
+        self.sizes[0] = _file_bytes([src, *io.external_data_files(model)])
         self.guard_outputs(transaction)
         self.plan_verification(model)
         self.choose_inputs(model)
@@ -237,6 +245,8 @@ class _Run:
                 staged, self.guard = guard_speed(variants, staged, names, self.passes)
         transaction.commit(staged)
         self.written = True
+        data = [dst.parent / staged.data_name] if staged.data_name else []
+        self.sizes[1] = _file_bytes([dst, *data])
 
     def plan_verification(self, model) -> None:
         """How verification will run (whole or by segments), decided from IN's weights before
@@ -315,3 +325,7 @@ class _Run:
                 f"rewritten model differs from the original (nothing written): "
                 f"output '{worst.name}': {worst.problem}"
             )
+
+
+def _file_bytes(paths: list[Path]) -> int:
+    return sum(p.stat().st_size for p in paths if p.exists())

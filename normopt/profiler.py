@@ -140,6 +140,8 @@ def profile_models(
         from normopt.rewriter import io
 
         feeds = input_trials(io.load(paths[0]), options)[0]
+    if not any(engines):
+        _check_inputs(paths, feeds)
     source = options.inputs if isinstance(options.inputs, (str, os.PathLike)) else None
     return profile(
         paths,
@@ -155,6 +157,25 @@ def profile_models(
 
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+
+
+def _check_inputs(paths: Sequence[Path], feeds: Mapping[str, np.ndarray]) -> None:
+    """Models timed side by side run on the same inputs: each must take exactly those names
+    (BadInput naming the first model that does not, before any timing)."""
+    from normopt.rewriter.file_checks import parse_checked
+
+    for path in paths:
+        graph = parse_checked(path).graph
+        weights = {t.name for t in graph.initializer}
+        needed = {v.name for v in graph.input} - weights
+        missing, extra = sorted(needed - set(feeds)), sorted(set(feeds) - needed)
+        if missing or extra:
+            given = ", ".join(sorted(feeds)) or "none"
+            raise BadInput(
+                f"'{path}' takes the inputs {', '.join(sorted(needed)) or 'none'}, not the ones "
+                f"every model is timed on ({given}); models timed side by side run on the same "
+                "inputs"
+            )
 
 
 def _profile_engines(names, paths, warmup, runs, seed, on_round, start) -> ProfileReport:

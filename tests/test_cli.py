@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 
@@ -410,7 +411,7 @@ def test_a_rewrite_that_changes_nothing_says_so_and_require_change_makes_it_exit
     assert not out.exists()
 
 
-def test_a_failing_verification_shows_its_table_on_stderr_too(
+def test_a_failing_verification_has_its_table_once_and_one_fail_line_on_stderr(
     tmp_path, model, broken_passes, cli_env
 ):
     broken = tmp_path / "broken.onnx"
@@ -421,7 +422,25 @@ def test_a_failing_verification_shows_its_table_on_stderr_too(
         == 0
     )
     proc = run("verify", model, broken, env=cli_env)
-    assert proc.returncode == 1 and "FAIL" in proc.stderr and "FAIL" in proc.stdout
+    assert proc.returncode == 1 and "FAIL" in proc.stdout
+    assert proc.stderr.startswith("FAIL: 1 of 1 output(s) outside tolerance (output 'y': max abs")
+    assert len(proc.stderr.splitlines()) == 1  # with 2>&1 the table is not there twice
+
+
+def test_the_rewrite_ends_with_a_summary(tmp_path, cli_env, corpus):
+    """Op diff, node count, sizes, time, the verdict in one line, and why the graph grew."""
+    src = corpus("gpt2-ts17").model
+    proc = run("rewrite", src, tmp_path / "o.onnx", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    ops = next(line for line in lines if line.startswith("ops: "))
+    assert "LayerNormalization -" in ops and "ReduceMean +" in ops
+    facts = next(line for line in lines if line.startswith("nodes "))
+    assert re.fullmatch(r"nodes \d+ -> \d+ \(\+\d+\), size [\d.]+ MB -> [\d.]+ MB, [\d.]+ s", facts)
+    assert any(re.match(r"verified \(full\): \d output\(s\) within tolerance", x) for x in lines)
+    assert any(line.startswith("the graph grew: below opset 23") for line in lines)
+    ort = run("rewrite", src, tmp_path / "p.onnx", "--target", "ort", "--no-verify", env=cli_env)
+    assert "not verified (--no-verify)" in ort.stdout and "the graph grew" not in ort.stdout
 
 
 def test_models_onnxruntime_runs_are_rewritten_unsorted_or_at_the_newest_ir(tmp_path, cli_env):
@@ -452,3 +471,19 @@ def test_debug_is_accepted_after_the_command_too(tmp_path):
     debug = run("rewrite", missing, tmp_path / "o.onnx", "--debug")
     assert "No such option" not in debug.stderr and "Traceback" in debug.stderr
     assert "does not exist" in debug.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["rewrite", "a.onnx", "b.onnx", "--verfy", "local"], "No such option: --verfy"),
+        (["rewrit"], "No such command 'rewrit'. Did you mean 'rewrite'?"),
+        (["verify", "a.onnx"], "Missing argument 'B'"),
+    ],
+)
+def test_usage_errors_are_one_line(cli_env, args, message):
+    """Click's usage errors come as one line like normopt's own (not a 5-line box)."""
+    proc = run(*args, env=cli_env)
+    assert proc.returncode == 2 and not proc.stdout
+    assert proc.stderr.startswith(f"normopt: error: {message}")
+    assert len(proc.stderr.splitlines()) == 1 and "--help')" in proc.stderr

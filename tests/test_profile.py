@@ -76,6 +76,24 @@ def test_profile_bad_options(corpus, tmp_path, args, message):
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_models_with_other_inputs_are_refused_before_any_timing(corpus, tmp_path):
+    """Models timed side by side run on the same inputs: one that takes others is exit 2
+    naming them (it was an internal error, exit 4, once onnxruntime got the wrong feeds)."""
+    import onnx
+
+    a = corpus("preln-ts17").model
+    other = onnx.load(str(a))
+    old = other.graph.input[0].name
+    other.graph.input[0].name = "renamed"
+    for node in other.graph.node:
+        node.input[:] = ["renamed" if i == old else i for i in node.input]
+    b = tmp_path / "b.onnx"
+    onnx.save(other, str(b))
+    proc = run("profile", a, b, "--runs", "1", "--warmup", "0")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"'{b}' takes the inputs renamed, not the ones every model is timed on" in proc.stderr
+
+
 def test_interleaving_and_paired_ratio_are_computed_per_round():
     calls = []
     times = interleaved(

@@ -159,6 +159,10 @@ def _debug_first(args: list[str]) -> list[str]:
     return args
 
 
+# Click's base exception: typer >= 0.2x vendors click (typer._click), older typer uses click
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main(release: Callable[[], object] | None = None) -> None:
     """The console entry point (after normopt.cli.main's imports): SIGTERM and SIGINT, held
     back until `release` runs, and from then on (argument parsing included) end with exit
@@ -168,7 +172,20 @@ def main(release: Callable[[], object] | None = None) -> None:
     try:
         if release is not None:
             release()  # a signal that came during the imports is raised here
-        app(args=_debug_first(sys.argv[1:]), prog_name="normopt")
+        code = app(args=_debug_first(sys.argv[1:]), prog_name="normopt", standalone_mode=False)
+    except _CLICK_ERROR as exc:  # a usage error: one line, not Click's box
+        where = getattr(getattr(exc, "ctx", None), "command_path", None) or "normopt"
+        if exc.format_message():  # none after the help no arguments print
+            err.print(
+                f"normopt: error: {exc.format_message()} (see '{where} --help')",
+                markup=False,
+                highlight=False,
+            )
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:
+        err.print("normopt: aborted")
+        raise SystemExit(1) from None
     except Terminated as exc:  # wherever it arrived, cleanups ran on the way out
         err.print(f"normopt: {exc.message}")
         raise SystemExit(exc.exit_code) from None
+    raise SystemExit(code if isinstance(code, int) else 0)  # typer.Exit's code (--help: 0)

@@ -138,9 +138,11 @@ def rewrite_result(result, explain: bool, timings: bool, threads: int, stdout: b
             )
         if timings:
             timings_table(result.seconds)
+        if result.passes:
+            summary(result)
     if result.verification is not None:
-        if not result.verification.ok:  # a failing check belongs in the error log too
-            err.print(verify_table(result.verification))
+        if not result.verification.ok:  # one line in the error log, the table is on stdout
+            fail_line(result.verification)
         warn_note(result.verification)
 
 
@@ -171,8 +173,6 @@ def _rewrite_table(result, explain: bool) -> None:
                 escape(f"{first.candidate}: {first.reason}") if first else "nothing to do",
             )
     out.print(table)
-    before, after = sum(result.nodes_before.values()), sum(result.nodes_after.values())
-    out.print(f"nodes: {before} -> {after}")
     if explain:
         refusals = Table(title="refusals")
         for col in ("pass", "candidate", "reason"):
@@ -195,6 +195,57 @@ def _rewrite_table(result, explain: bool) -> None:
                     escape(c.why),
                 )
         out.print(changes if changes.row_count else "no changes")
+
+
+def summary(result) -> None:
+    """The rewrite in a few lines: op diff, nodes, size, time, verdict, and why it grew."""
+    before, after = result.nodes_before, result.nodes_after
+    diff = {op: after.get(op, 0) - before.get(op, 0) for op in {**before, **after}}
+    changed = sorted((d for d in diff.items() if d[1]), key=lambda d: (-abs(d[1]), d[0]))
+    shown = ", ".join(f"{op} {n:+d}" for op, n in changed[:8])
+    more = f", {len(changed) - 8} more" if len(changed) > 8 else ""
+    lines = [f"ops: {shown}{more}" if changed else "ops: unchanged"]
+    nodes = (sum(before.values()), sum(after.values()))
+    facts = [f"nodes {nodes[0]} -> {nodes[1]} ({nodes[1] - nodes[0]:+d})"]
+    if result.bytes_before is not None and result.bytes_after is not None:
+        facts.append(f"size {_size(result.bytes_before)} -> {_size(result.bytes_after)}")
+    if "total" in result.seconds:
+        facts.append(f"{result.seconds['total']:.1f} s")
+    lines.append(", ".join(facts))
+    check = result.verification
+    if check is None:
+        lines.append("not verified (--no-verify)")
+    elif check.ok:
+        worst = max((o.max_rel or 0.0 for o in check.outputs), default=0.0)
+        method = check.plan.method if check.plan else "full"
+        lines.append(
+            f"verified ({method}): {len(check.outputs)} output(s) within tolerance, worst "
+            f"max rel {worst:.2g}"
+        )
+    if nodes[1] > nodes[0] and diff.get("ReduceMean", 0) > 0 and not diff.get("RMSNormalization"):
+        lines += [
+            "the graph grew: below opset 23 --target onnx writes each RMSNorm as its primitive",
+            "ops (onnxruntime fuses them back when it loads the model); --target ort writes one",
+            "SimplifiedLayerNormalization each",
+        ]
+    for line in lines:
+        out.print(line, markup=False, highlight=False)
+
+
+def fail_line(report) -> None:
+    """A failing verification in one line on stderr."""
+    failing = report.failures()
+    worst = failing[0]
+    err.print(
+        f"FAIL: {len(failing)} of {len(report.outputs)} output(s) outside tolerance "
+        f"(output '{worst.name}': {worst.problem})",
+        markup=False,
+        highlight=False,
+    )
+
+
+def _size(count: int) -> str:
+    return f"{count / 1e9:.2f} GB" if count >= 1e9 else f"{count / 1e6:.1f} MB"
 
 
 def profile_tables(report) -> None:

@@ -9,7 +9,7 @@ import typer
 
 from normopt import api
 from normopt.cli import render
-from normopt.cli.application import command, err, out, print_json, progress
+from normopt.cli.application import command, out, print_json, progress
 from normopt.cli.options import (
     AtolOpt,
     DimOpt,
@@ -66,7 +66,7 @@ def verify(
     else:
         out.print(render.verify_table(report))
     if not report.ok:
-        err.print(render.verify_table(report))
+        render.fail_line(report)
     render.warn_note(report)
     if not report.ok:
         raise typer.Exit(1)
