@@ -60,6 +60,8 @@ class RewriteReport:
     nodes_after: dict[str, int] = field(default_factory=dict)
     bytes_before: int | None = None  # IN's files (model and external data)
     bytes_after: int | None = None  # OUT's, once written
+    tensorrt: str | None = None  # --target tensorrt: the TensorRT version written for
+    data_file: str | None = None  # OUT's external data file, by name (None: embedded)
     seconds: dict[str, float] = field(default_factory=dict)
     written: bool = False
     error: str | None = None
@@ -92,6 +94,8 @@ class RewriteReport:
             "nodes_after": self.nodes_after,
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
+            "tensorrt": self.tensorrt,
+            "data_file": self.data_file,
             "verification": self.verification.body() if self.verification else None,
             "speed_guard": self.guard.to_json() if self.guard else None,
             "crms_choice": self.crms.to_json() if self.crms else None,
@@ -155,6 +159,7 @@ class _Run:
         self.guard: GuardReport | None = None
         self.written = False
         self.sizes: list[int | None] = [None, None]  # IN's and OUT's files, bytes
+        self.data_file: str | None = None
 
     def report(self, error: NormoptError | None = None) -> RewriteReport:
         return RewriteReport(
@@ -166,6 +171,8 @@ class _Run:
             nodes_after=self.histograms[1],
             bytes_before=self.sizes[0],
             bytes_after=self.sizes[1],
+            tensorrt=self.tensorrt_version(),
+            data_file=self.data_file,
             seconds=self.seconds,
             written=self.written,
             error=str(error) if error else None,
@@ -175,6 +182,15 @@ class _Run:
             inputs=self.inputs,
             feeds=self.trials[0] if self.trials else None,
         )
+
+    def tensorrt_version(self) -> str | None:
+        """MAJOR.MINOR of the TensorRT a --target tensorrt rewrite is written for."""
+        options = self.request.options
+        if options.target != "tensorrt":
+            return None
+        from normopt.plugins.spec import target_version
+
+        return ".".join(map(str, target_version(options.trt_version)))
 
     def protect_inputs(self, transaction: Transaction) -> None:
         transaction.protect(self.request.src, "input model")
@@ -246,7 +262,7 @@ class _Run:
         transaction.commit(staged)
         self.written = True
         data = [dst.parent / staged.data_name] if staged.data_name else []
-        self.sizes[1] = _file_bytes([dst, *data])
+        self.sizes[1], self.data_file = _file_bytes([dst, *data]), staged.data_name
 
     def plan_verification(self, model) -> None:
         """How verification will run (whole or by segments), decided from IN's weights before

@@ -379,18 +379,24 @@ def test_input_shapes_by_name_and_unknown_names(model, cli_env):
     )
 
 
-def test_logs_without_a_terminal_are_full_width(corpus, tmp_path, cli_env):
+def test_logs_without_a_terminal_wrap_at_160_columns_and_cut_nothing(corpus, tmp_path, cli_env):
     """Found from outside: in CI (no terminal, 80 columns) rich cut cells to "hidden_s…" and
-    reasons mid-word; without a terminal normopt prints full-width text."""
+    reasons mid-word; then, at full width, `--explain` lines ran to 1,401 characters. Without a
+    terminal normopt wraps at 160 columns (ASCII tables, cells folded, never cut), and the
+    explained rewrite of a GPT-2 export ends with its op diff and sizes."""
     env = {**cli_env, "COLUMNS": "80"}
     proc = run(
-        "rewrite", corpus("bert-ts17").model, tmp_path / "o.onnx", "--explain", "--timings", env=env
+        "rewrite", corpus("gpt2-ts17").model, tmp_path / "o.onnx", "--explain", "--timings", env=env
     )
     assert proc.returncode == 0, proc.stderr
-    assert "…" not in proc.stdout + proc.stderr
-    assert (
-        "opset 17 has no RMSNormalization (needs >= 23); --target ort emits onnxruntime's "
-        "SimplifiedLayerNormalization" in proc.stdout
+    assert "…" not in proc.stdout + proc.stderr and "━" not in proc.stdout
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 160
+    assert "opset 17 has no RMSNormalization (needs >= 23)" in proc.stdout
+    assert re.search(r"^ops: .*LayerNormalization -5", proc.stdout, re.M)
+    assert re.search(r"^nodes \d+ -> \d+ \(\+\d+\), size [\d.]+ MB -> [\d.]+ MB", proc.stdout, re.M)
+    assert re.search(
+        r"\| preln-to-rmsnorm +\| converted +\| .* \| 5 +\| /model/transformer/h\.0/ln_1,",
+        proc.stdout,
     )
     proc = run("inspect", corpus("bert-ts17").model, env=env)
     assert proc.returncode == 0 and "…" not in proc.stdout
@@ -487,3 +493,20 @@ def test_usage_errors_are_one_line(cli_env, args, message):
     assert proc.returncode == 2 and not proc.stdout
     assert proc.stderr.startswith(f"normopt: error: {message}")
     assert len(proc.stderr.splitlines()) == 1 and "--help')" in proc.stderr
+
+
+def test_a_tensorrt_rewrite_names_its_version_and_the_plugins_it_needs(tmp_path, cli_env, corpus):
+    proc = run(
+        "rewrite",
+        corpus("gpt2-ts17").model,
+        tmp_path / "o.onnx",
+        "--target",
+        "tensorrt",
+        "--trt-version",
+        "10.9",
+        env=cli_env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("written for TensorRT"))
+    assert line.startswith("written for TensorRT 10.9 (--trt-version); it uses normopt's plugins")
+    assert "NormoptRMSNorm" in line and "normopt build" in line

@@ -140,6 +140,10 @@ def test_in_place_never_replaces_in_data_while_in_points_into_it(tmp_path, cli_e
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "m.onnx.data").read_bytes() == old_data
     assert (tmp_path / "m.onnx.1.data").exists()
+    assert (
+        "normopt: note: m.onnx now reads its weights from m.onnx.1.data; m.onnx.data, the "
+        "input's data file, was left as it was" in proc.stderr
+    )
     assert run("verify", src, src, env=cli_env).returncode == 0
 
 

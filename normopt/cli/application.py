@@ -3,8 +3,8 @@
 Results go to stdout: tables, or with --json one JSON document (normopt.schema; also on an
 error, then with `error` and `exit_code`); --report FILE writes the same document to a file.
 Progress, warnings and errors go to stderr. Exit codes are in normopt.errors. User errors print
-one line and never a traceback (--debug shows it). Without a terminal, output is full width
-(nothing cut to 80 columns) and progress is a periodic line.
+one line and never a traceback (--debug shows it). Without a terminal, output wraps at 160
+columns (nothing cut to 80), tables are ASCII, and progress is a periodic line.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from collections.abc import Callable, Iterator
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.table import Table
 
 from normopt import __version__
 from normopt.errors import NormoptError
@@ -31,15 +33,37 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # plain help, no boxes: readable piped and in 80 columns (Click's layout, wrapped at 100)
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 100},
     help="Exact norm rewrites for ONNX graphs.",
 )
 
 
+LOG_WIDTH = 160  # without a terminal (CI logs, pipes): lines wrap here, whatever COLUMNS says
+
+
+class _Console(Console):
+    """Tables wrap their cells, never cut them ("hidden_s…", names cut to one prefix); without
+    a terminal they are drawn in ASCII."""
+
+    def print(self, *objects, **kwargs) -> None:
+        for table in objects:
+            if isinstance(table, Table):
+                for column in table.columns:
+                    column.overflow = "fold"
+                if not self.is_terminal:
+                    table.box = box.ASCII
+        super().print(*objects, **kwargs)
+
+
 def _console(stderr: bool = False) -> Console:
-    """Rich on a terminal; without one (CI logs, pipes) the same text at full width: nothing is
-    cut to 80 columns ("hidden_s…"), whatever COLUMNS says."""
-    console = Console(stderr=stderr, soft_wrap=True)
-    return console if console.is_terminal else Console(stderr=stderr, soft_wrap=True, width=100_000)
+    """Rich on a terminal; without one (CI logs, pipes) at LOG_WIDTH columns whatever COLUMNS
+    says: stdout wraps there, stderr's lines (one line per error) are never wrapped."""
+    console = _Console(stderr=stderr, soft_wrap=stderr)
+    if console.is_terminal:
+        return console
+    return _Console(stderr=stderr, soft_wrap=stderr, width=LOG_WIDTH)
 
 
 out = _console()
@@ -104,7 +128,8 @@ def command(fn: Callable) -> Callable:
         "_context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context
     )
     wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), context])
-    return app.command()(wrapper)
+    first = " ".join((fn.__doc__ or "").split()).split(". ")[0].rstrip(".")
+    return app.command(short_help=first)(wrapper)  # the command list shows it uncut
 
 
 @contextlib.contextmanager

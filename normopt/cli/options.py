@@ -11,22 +11,30 @@ from normopt.errors import BadInput
 
 DimOpt = Annotated[
     list[str] | None,
-    typer.Option("--dim", help="Symbolic dim size, NAME=VALUE (repeatable)."),
+    typer.Option("--dim", metavar="NAME=VALUE", help="Symbolic dim size, NAME=VALUE (repeatable)."),
 ]
 ShapeOpt = Annotated[
     list[str] | None,
     typer.Option(
-        "--shape", help="An input's whole shape, NAME=AxB (repeatable; e.g. input_ids=1x128)."
+        "--shape",
+        metavar="NAME=AxB",
+        help="An input's whole shape, NAME=AxB (repeatable; e.g. input_ids=1x128).",
     ),
 ]
-InputsOpt = Annotated[Path | None, typer.Option("--inputs", help="Inputs by name in an .npz file.")]
-RtolOpt = Annotated[
-    float | None, typer.Option("--rtol", help="Relative tolerance (x output scale).")
+InputsOpt = Annotated[
+    Path | None,
+    typer.Option("--inputs", metavar="FILE.npz", help="Inputs by name in an .npz file."),
 ]
-AtolOpt = Annotated[float | None, typer.Option("--atol", help="Absolute tolerance.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random inputs.")]
+RtolOpt = Annotated[
+    float | None, typer.Option("--rtol", metavar="X", help="Relative tolerance (x output scale).")
+]
+AtolOpt = Annotated[float | None, typer.Option("--atol", metavar="X", help="Absolute tolerance.")]
+SeedOpt = Annotated[int, typer.Option("--seed", metavar="N", help="Seed for random inputs.")]
 TrialsOpt = Annotated[
-    int, typer.Option("--trials", help="Random input draws to verify on (ignored with --inputs).")
+    int,
+    typer.Option(
+        "--trials", metavar="N", help="Random input draws to verify on (ignored with --inputs)."
+    ),
 ]
 JsonOpt = Annotated[
     bool,
@@ -36,7 +44,9 @@ JsonOpt = Annotated[
 ]
 ReportOpt = Annotated[
     Path | None,
-    typer.Option("--report", help="Also write the JSON document to this file (atomically)."),
+    typer.Option(
+        "--report", metavar="FILE", help="Also write the JSON document to this file (atomically)."
+    ),
 ]
 
 
@@ -89,14 +99,23 @@ DstOpt = Annotated[
 ]
 PassesOpt = Annotated[
     str | None,
-    typer.Option("--passes", help="Comma-separated pass names (default pipeline if omitted)."),
+    typer.Option(
+        "--passes",
+        metavar="NAMES",
+        help="Comma-separated pass names (default pipeline if omitted).",
+    ),
 ]
 TargetOpt = Annotated[
-    str, typer.Option("--target", help="onnx | ort | tensorrt: which fused ops to emit.")
+    str,
+    typer.Option(
+        "--target", metavar="TARGET", help="onnx | ort | tensorrt: which fused ops to emit."
+    ),
 ]
 RewriteReportOpt = Annotated[
     Path | None,
-    typer.Option("--report", help="Write the JSON document here (also on failure)."),
+    typer.Option(
+        "--report", metavar="FILE", help="Write the JSON document here (also on failure)."
+    ),
 ]
 RewriteJsonOpt = Annotated[
     bool,
@@ -110,6 +129,7 @@ VerifyMethodOpt = Annotated[
     str,
     typer.Option(
         "--verify",
+        metavar="METHOD",
         help="auto | full | local: run each model whole, or a segment at a time (weights of one "
         "segment in memory); auto: whole where it fits in --max-memory.",
     ),
@@ -118,6 +138,7 @@ MethodOpt = Annotated[
     str,
     typer.Option(
         "--method",
+        metavar="METHOD",
         help="auto | full | local: run each model whole, or a segment at a time (weights of one "
         "segment in memory); auto: whole where it fits in --max-memory.",
     ),
@@ -126,6 +147,7 @@ MaxMemoryOpt = Annotated[
     str | None,
     typer.Option(
         "--max-memory",
+        metavar="SIZE",
         help="Memory verification may use, e.g. 16G (default: what the machine has available).",
     ),
 ]
@@ -152,6 +174,7 @@ GuardOpt = Annotated[
     str | None,
     typer.Option(
         "--guard",
+        metavar="speed",
         help="speed: time OUT against IN on the target's backend and drop the changes that "
         "make it slower.",
     ),
@@ -160,6 +183,7 @@ CrmsOpt = Annotated[
     str | None,
     typer.Option(
         "--crms",
+        metavar="MODE",
         help="off | on | auto: Pre-CRMSNorm (preln-to-crmsnorm, a d-1 stream); auto (the "
         "default where --passes names it; on / auto add it to the default pipeline) keeps "
         "it only where it times faster than Pre-RMSNorm.",
@@ -169,6 +193,7 @@ ThreadsOpt = Annotated[
     int,
     typer.Option(
         "--threads",
+        metavar="N",
         help="onnxruntime intra-op threads for --guard speed, --crms auto and --profile.",
     ),
 ]
@@ -190,6 +215,7 @@ TuneParamsOpt = Annotated[
     str,
     typer.Option(
         "--tune-params",
+        metavar="WHAT",
         help="convbn-tune: constants | inputs (BN parameters become graph inputs with their "
         "values as defaults) | inputs:all (weights and biases too).",
     ),
@@ -198,6 +224,7 @@ TrtVersionOpt = Annotated[
     str | None,
     typer.Option(
         "--trt-version",
+        metavar="X.Y",
         help="--target tensorrt: the TensorRT version to emit for (MAJOR.MINOR, >= 10.9; "
         "default: the installed one, else 11.4).",
     ),
@@ -216,6 +243,7 @@ BuildShapeOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--shape",
+        metavar="NAME=AxB",
         help="NAME:MIN/OPT/MAX optimization profile of a dynamic input, each AxBxC (repeatable).",
     ),
 ]
@@ -240,6 +268,7 @@ BuildTrtVersionOpt = Annotated[
     str | None,
     typer.Option(
         "--trt-version",
+        metavar="X.Y",
         help="With --fp16/--bf16: the TensorRT the fp32 norms are emitted for (default: the "
         "installed one).",
     ),

@@ -174,27 +174,66 @@ def _rewrite_table(result, explain: bool) -> None:
             )
     out.print(table)
     if explain:
-        refusals = Table(title="refusals")
-        for col in ("pass", "candidate", "reason"):
-            refusals.add_column(col)
-        for p in result.passes:
-            for r in p.refusals:
-                refusals.add_row(p.name, escape(r.candidate), escape(r.reason))
-        out.print(refusals if refusals.row_count else "no refusals")
-        changes = Table(title="changes")
-        for col in ("pass", "kind", "what", "nodes", "values", "why"):
-            changes.add_column(col)
-        for p in result.passes:
-            for c in p.changes:
-                changes.add_row(
-                    p.name,
-                    c.kind,
-                    escape(c.what),
-                    escape(", ".join(c.nodes)),
-                    escape(", ".join(c.values)),
-                    escape(c.why),
-                )
-        out.print(changes if changes.row_count else "no changes")
+        _explain(result)
+
+
+def _explain(result) -> None:
+    """--explain: refusals grouped by reason, changes by kind, with counts and two examples
+    each (a norm by its module path, not its nodes); passes with nothing to do in one line."""
+    idle = [(p.name, r.reason) for p in result.passes for r in p.refusals if r.candidate == "model"]
+    refusals = _grouped(
+        ((p.name, r.reason), r.candidate)
+        for p in result.passes
+        for r in p.refusals
+        if r.candidate != "model"
+    )
+    changes = _grouped(
+        ((p.name, c.kind, c.what, c.why or ""), _example(c))
+        for p in result.passes
+        for c in p.changes
+    )
+    for title, groups, columns in (
+        ("refusals (by reason)", refusals, ("pass", "reason")),
+        ("changes (by kind)", changes, ("pass", "kind", "what", "why")),
+    ):
+        if not groups:
+            out.print(f"no {title.split()[0]}")
+            continue
+        keep = [i for i, _ in enumerate(columns) if any(key[i] for key in groups)]
+        table = Table(title=title)
+        for col in [columns[i] for i in keep] + ["count", "e.g."]:
+            table.add_column(col)
+        for key, examples in groups.items():
+            named = list(dict.fromkeys(examples))  # a writer's weight and bias: one module
+            more = f" (+{len(named) - 2})" if len(named) > 2 else ""
+            table.add_row(
+                *(escape(key[i]) for i in keep),
+                str(len(examples)),
+                escape(", ".join(named[:2]) + more),
+            )
+        out.print(table)
+    for name, reason in idle:
+        out.print(f"{name}: nothing to do ({reason})", markup=False, highlight=False)
+
+
+def _grouped(items) -> dict[tuple, list[str]]:
+    groups: dict[tuple, list[str]] = {}
+    for key, example in items:
+        groups.setdefault(key, []).append(example)
+    return groups
+
+
+def _example(change) -> str:
+    """What names a change record: its first node's module, else its first value."""
+    if change.nodes:
+        return _module(change.nodes[0])
+    return change.values[0] if change.values else change.what
+
+
+def _module(node: str) -> str:
+    """A node by its module path: '/model/h.0/ln_1/LayerNormalization' -> '/model/h.0/ln_1'."""
+    head, _, last = node.rstrip("/").rpartition("/")
+    return head if head and last[:1].isupper() else node
 
 
 def summary(result) -> None:
@@ -228,6 +267,17 @@ def summary(result) -> None:
             "ops (onnxruntime fuses them back when it loads the model); --target ort writes one",
             "SimplifiedLayerNormalization each",
         ]
+    if result.tensorrt is not None:
+        plugins = sorted(op.split("::")[1] for op in after if "::Normopt" in op)
+        lines.append(
+            f"written for TensorRT {result.tensorrt} (--trt-version)"
+            + (
+                f"; it uses normopt's plugins ({', '.join(plugins)}): build it with `normopt "
+                "build`, or register them (normopt.plugins) before TensorRT parses it"
+                if plugins
+                else ""
+            )
+        )
     for line in lines:
         out.print(line, markup=False, highlight=False)
 

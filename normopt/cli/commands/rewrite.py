@@ -110,6 +110,13 @@ def rewrite(
     if json_out:
         print_json(result.to_json())
     render.rewrite_result(result, **shown)
+    _written(result, dst, in_place)
+    if profile_after:  # on the inputs verification used (generated only with --no-verify)
+        timed([src, dst], threads=threads, feeds=result.feeds, inputs=inputs, seed=seed)
+
+
+def _written(result, dst: Path, in_place: bool) -> None:
+    """What was written, on stderr; where --in-place left IN's data file, that too."""
     if result.changed:
         err.print(f"wrote {dst}", highlight=False)
     else:
@@ -119,8 +126,14 @@ def rewrite(
             highlight=False,
             markup=False,
         )
-    if profile_after:  # on the inputs verification used (generated only with --no-verify)
-        timed([src, dst], threads=threads, feeds=result.feeds, inputs=inputs, seed=seed)
+    if in_place and result.data_file not in (None, f"{dst.name}.data"):
+        err.print(
+            f"normopt: note: {dst.name} now reads its weights from {result.data_file}; "
+            f"{dst.name}.data, the input's data file, was left as it was (delete it once "
+            "nothing else reads it)",
+            highlight=False,
+            markup=False,
+        )
 
 
 def _rewrite(src: Path, dst: Path, settings: dict, shown: dict):
