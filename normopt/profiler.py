@@ -19,12 +19,15 @@ from normopt.errors import BadInput
 from normopt.files import write_bytes_atomic
 from normopt.inputs import InputOptions, input_trials
 from normopt.profiling import (
+    CONTROL,
     by_op_type,
     environment,
     interleaved,
     node_breakdown,
     norm_ms,
+    ratio_interval,
     summarize,
+    verdict,
 )
 from normopt.schema import document, inputs_json, now
 from normopt.sessions import timing_session
@@ -45,6 +48,17 @@ class ProfileReport:
 
     # the document's stamp, one per report: every copy of the document carries it
     created: str = field(default_factory=now, repr=False)
+
+    @property
+    def labels(self) -> list[str]:
+        """Each model by the shortest end of its path that tells it apart from the others
+        (`x.onnx`; `models/x.onnx` and `out/x.onnx`; a model given twice keeps its `#2`)."""
+        parts = [Path(name).parts or (name,) for name in self.models]
+        for k in range(1, max(len(p) for p in parts) + 1):
+            labels = ["/".join(p[-k:]) for p in parts]
+            if len(set(labels)) == len(labels):
+                return labels
+        return list(self.models)
 
     def to_json(self) -> dict:
         """`normopt profile`'s document (normopt.schema)."""
@@ -90,6 +104,8 @@ def profile(
     if backend == "tensorrt" and all(Path(p).suffix in ENGINE_SUFFIXES for p in paths):
         return _profile_engines(names, paths, warmup, runs, seed, on_round, start)
     sessions = {n: timing_session(p, backend, threads) for n, p in zip(names, paths)}
+    control = names[0] + CONTROL  # the first model in a second session: what no change gives
+    sessions[control] = timing_session(paths[0], backend, threads)
     runners = {n: (lambda s=s: s.run(None, dict(feeds))) for n, s in sessions.items()}
     times = interleaved(runners, rounds=runs, warmup=warmup, seed=seed, on_round=on_round)
     del sessions, runners
@@ -100,7 +116,7 @@ def profile(
         ops[n], norms[n] = by_op_type(per_node), norm_ms(per_node, norm_nodes(p))
     return ProfileReport(
         names,
-        summarize(times, names[0], batch),
+        _verdicts(summarize(times, names[0], batch), times, names[0], control, seed),
         ops,
         {n: [t * 1e3 for t in ts] for n, ts in times.items()},
         environment(threads, backend),
@@ -108,6 +124,25 @@ def profile(
         norms,
         {"total": time.perf_counter() - start},
     )
+
+
+def _verdicts(summary: dict, times: dict, first: str, control: str, seed: int) -> dict:
+    """Each model's paired ratio to the first with its bootstrap 95% interval and a verdict
+    against the A/A control's interval (normopt.profiling: the speed guard's rules)."""
+    intervals = {
+        n: ratio_interval([t / b for t, b in zip(ts, times[first])], seed)
+        for n, ts in times.items()
+    }
+    for name, row in summary.items():
+        row["ci95"] = list(intervals[name])
+        row["verdict"] = (
+            "baseline"
+            if name == first
+            else verdict(
+                row["ratio"], *intervals[name], None if name == control else intervals[control]
+            )
+        )
+    return summary
 
 
 def profile_models(
@@ -226,10 +261,7 @@ def plot(report: ProfileReport, out: str | os.PathLike) -> Path:
     """A PNG (or an HTML page embedding it and the tables): latency distributions and time per
     op type, side by side; written atomically."""
     out = check_plot_path(out)
-    labels = [
-        Path(n).name if "#" not in n else Path(n.split("#")[0]).name + "#" + n.split("#")[1]
-        for n in report.models
-    ]
+    labels = report.labels
     png = _png(report, labels)
     data = png if out.suffix == ".png" else _html(report, labels, png).encode()
     write_bytes_atomic(out, data)

@@ -41,6 +41,11 @@ def test_profile_two_models_json_and_plots(corpus, tmp_path):
     assert first["ratio"] == 1.0 and second["ratio"] > 0 and second["runs"] == 3
     assert {"median_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "throughput_per_s"} <= set(first)
     assert data["ops_ms_per_run"][str(a)] and data["environment"]["threads"] == 2
+    control = data["summary"][f"{a} (A/A)"]  # the first model in a second session
+    assert control["runs"] == 3 and control["verdict"] in ("within noise", "faster", "slower")
+    assert first["verdict"] == "baseline" and len(second["ci95"]) == 2
+    assert second["ci95"][0] <= second["ratio"] <= second["ci95"][1]
+    assert "one profiled run each" in proc.stdout and "r.onnx" in proc.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert run("profile", a, a, "--runs", "2", "--plot", html).returncode == 0
     assert (
@@ -92,6 +97,17 @@ def test_models_with_other_inputs_are_refused_before_any_timing(corpus, tmp_path
     proc = run("profile", a, b, "--runs", "1", "--warmup", "0")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"'{b}' takes the inputs renamed, not the ones every model is timed on" in proc.stderr
+
+
+def test_models_are_labelled_by_the_shortest_path_end_that_tells_them_apart():
+    from normopt.profiler import ProfileReport
+
+    def labels(*models):
+        return ProfileReport(list(models), {}, {}, {}, {}).labels
+
+    assert labels("models/x.onnx", "out/x.onnx") == ["models/x.onnx", "out/x.onnx"]
+    assert labels("/a/b/x.onnx", "/a/c/y.onnx") == ["x.onnx", "y.onnx"]
+    assert labels("/a/x.onnx", "/a/x.onnx#2") == ["x.onnx", "x.onnx#2"]
 
 
 def test_interleaving_and_paired_ratio_are_computed_per_round():

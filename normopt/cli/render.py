@@ -304,10 +304,21 @@ def profile_tables(report) -> None:
         title=f"latency, {report.environment['backend']}, {report.environment['threads']} threads, "
         f"{report.summary[first]['runs']} interleaved runs each"
     )
-    for col in ("model", "median ms", "p90", "p99", "mean", "std", "samples/s", "x first (paired)"):
-        table.add_column(col, justify="right" if col != "model" else "left")
-    for n in report.models:
+    for col in (
+        "model",
+        "median ms",
+        "p90",
+        "p99",
+        "mean",
+        "std",
+        "samples/s",
+        "x first (paired) [95% CI]",
+        "verdict",
+    ):
+        table.add_column(col, justify="right" if col not in ("model", "verdict") else "left")
+    for n in report.summary:
         s = report.summary[n]
+        ci = s.get("ci95")
         table.add_row(
             escape(n),
             f"{s['median_ms']:.3f}",
@@ -316,13 +327,14 @@ def profile_tables(report) -> None:
             f"{s['mean_ms']:.3f}",
             f"{s['std_ms']:.3f}",
             f"{s['throughput_per_s']:.1f}",
-            f"{s['ratio']:.3f}",
+            f"{s['ratio']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""),
+            s.get("verdict", ""),
         )
     out.print(table)
-    ops = Table(title="time per op type (ms per run, share of the model's op time)")
+    ops = Table(title="time per op type (ms per run, share; one profiled run each: indicative)")
     ops.add_column("op")
-    for i, _ in enumerate(report.models):
-        ops.add_column(f"model {i + 1}", justify="right")
+    for label in report.labels:
+        ops.add_column(escape(label), justify="right")
     totals = {n: sum(report.ops[n].values()) or 1.0 for n in report.models}
     names = sorted(
         {op for n in report.models for op in report.ops[n]},
