@@ -43,7 +43,7 @@ from normopt.request import RewriteRequest
 from normopt.rewriter import io
 from normopt.rewriter.graph import op_histogram
 from normopt.schema import document, inputs_json, now
-from normopt.sessions import ModelRunError
+from normopt.sessions import ModelRunError, check_loadable
 from normopt.timings import recording
 from normopt.timings import step as timed
 from normopt.variants import COLLECT_BYTES, Variants
@@ -266,10 +266,15 @@ class _Run:
 
     def plan_verification(self, model) -> None:
         """How verification will run (whole or by segments), decided from IN's weights before
-        any work: where neither fits, BadInput with the figures (exit 2, nothing written)."""
+        any work: where neither fits, BadInput with the figures (exit 2, nothing written); and
+        for a full one, whether onnxruntime loads IN at all."""
         checks = self.request.verification
-        if checks is not None:
-            self.plan = memory.plan(memory.ir_weights(model), checks.method, checks.max_memory)
+        if checks is None:
+            return
+        self.plan = memory.plan(memory.ir_weights(model), checks.method, checks.max_memory)
+        if self.plan.method == "full":  # one it cannot load is said now, not after the passes
+            with timed("load check"):
+                check_loadable(self.request.src)
 
     def choose_inputs(self, model) -> None:
         """The input sets verification and timing run on, from the model as loaded (no second
