@@ -3,14 +3,16 @@ original: the list of rewrites slower than their noise. Run it before resolving 
 changes emitted graphs.
 
     python benchmarks/sweep.py [--large] [--only SUBSTRING] [--rounds 20] [--reps 2] [--threads 2]
-                               [--nodes N]
+                               [--nodes N] [--backends ort-cpu,openvino]
 
 Per export and target: `normopt rewrite` (verified), then `normopt.profiling.compare` (the
 original, its A/A control, the rewrite; paired per-round ratios, bootstrap 95% interval,
 `--reps` repetitions with fresh sessions), on the export's own example inputs, or for the
 benchmark-size exports the inputs the other benchmarks use (BENCH_SIZES). A rewrite slower
 beyond noise is listed with, with `--nodes N`, the N nodes of onnxruntime's optimized graph whose
-time changed most (its profiler, node level). Writes results/sweep.json.
+time changed most (its profiler, node level). `--backends ort-cpu,openvino` times every rewrite
+on each engine (OpenVINO's CPU plugin next to onnxruntime's), a column group each. Writes
+results/sweep.json (sweep_<backends>.json for other backends).
 """
 
 from __future__ import annotations
@@ -64,17 +66,22 @@ def main() -> int:
         default=0,
         help="for each slower rewrite, the N nodes that changed most",
     )
+    parser.add_argument("--backends", default="ort-cpu", help="comma-separated: ort-cpu,openvino")
     args = parser.parse_args()
+    backends = args.backends.split(",")
     env = environment(args.threads)
     names = [
         n for n in [*CORPUS, *(LARGE if args.large else ())] if not args.only or args.only in n
     ]
     table = Table(
-        title=f"default pipeline vs original, ORT {env['onnxruntime']} CPU, ORT_ENABLE_ALL, "
-        f"{args.threads} threads, {args.reps} x {args.rounds} interleaved rounds"
+        title=f"default pipeline vs original on {', '.join(backends)} (ORT {env['onnxruntime']} "
+        f"ORT_ENABLE_ALL), {args.threads} threads, {args.reps} x {args.rounds} interleaved rounds"
     )
-    for col in ("export", "target", "applied", "A/A", *CELLS):
+    for col in ("export", "target", "applied"):
         table.add_column(col)
+    for backend in backends:
+        for col in ("A/A", *CELLS):
+            table.add_column(f"{backend}: {col}" if len(backends) > 1 else col)
     results, slower = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -92,43 +99,50 @@ def main() -> int:
                     ", ".join(p.name for p in report.passes if p.modified and p.name != "cleanup")
                     or "-"
                 )
-                figures = compare(
-                    {"original": paths.model, "rewritten": out},
-                    "original",
-                    example,
-                    threads=args.threads,
-                    rounds=args.rounds,
-                    reps=args.reps,
-                )
-                figure, control = figures["rewritten"], figures["original (A/A)"]
-                row = {
-                    "export": name,
-                    "target": target,
-                    "applied": applied,
-                    "control": control.to_json(),
-                    **figure.to_json(),
-                }
-                if figure.verdict == "slower":
-                    row["nodes"] = (
-                        node_changes(paths.model, out, example, args.threads, args.nodes)
-                        if args.nodes
-                        else []
+                shown = [name, target, applied]
+                for backend in backends:
+                    figures = compare(
+                        {"original": paths.model, "rewritten": out},
+                        "original",
+                        example,
+                        backend=backend,
+                        threads=args.threads,
+                        rounds=args.rounds,
+                        reps=args.reps,
                     )
-                    slower.append(row)
-                results.append(row)
-                table.add_row(name, target, applied, f"{control.ratio:.3f}", *cells(figure))
+                    figure, control = figures["rewritten"], figures["original (A/A)"]
+                    row = {
+                        "export": name,
+                        "target": target,
+                        "backend": backend,
+                        "applied": applied,
+                        "control": control.to_json(),
+                        **figure.to_json(),
+                    }
+                    if figure.verdict == "slower":
+                        row["nodes"] = (
+                            node_changes(paths.model, out, example, args.threads, args.nodes)
+                            if args.nodes
+                            else []
+                        )
+                        slower.append(row)
+                    results.append(row)
+                    shown += [f"{control.ratio:.3f}", *cells(figure)]
+                table.add_row(*shown)
     console = Console(width=200)
     console.print(table)
     console.print(f"{len(slower)} of {len(results)} rewrites slower than their noise")
     for row in slower:
         console.print(
-            f"  {row['export']} --target {row['target']} ({row['applied']}): {row['ratio']:.3f} "
+            f"  {row['export']} --target {row['target']} on {row['backend']} ({row['applied']}): "
+            f"{row['ratio']:.3f} "
             f"[{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}]"
         )
         for line in row.get("nodes", []):
             console.print(f"      {line}")
     document = {"environment": env, "rounds": args.rounds, "reps": args.reps, "results": results}
-    print(f"wrote {write('sweep', document)}")
+    stem = "sweep" if backends == ["ort-cpu"] else "sweep_" + "_".join(backends)
+    print(f"wrote {write(stem, document)}")
     return 0
 
 

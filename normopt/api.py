@@ -83,7 +83,9 @@ def _read_back(path: Path, kind: str) -> Any:
     return proto if kind == "proto" else ir.from_proto(proto)
 
 
-def _verify_options(inputs, dims, shapes, rtol, atol, seed, trials, method, max_memory):
+def _verify_options(
+    inputs, dims, shapes, rtol, atol, seed, trials, method, max_memory, backend="ort-cpu"
+):
     from normopt.memory import parse_size
     from normopt.verification import VerifyOptions
 
@@ -92,6 +94,7 @@ def _verify_options(inputs, dims, shapes, rtol, atol, seed, trials, method, max_
     return VerifyOptions(
         method=method,
         max_memory=max_memory,
+        backend=backend,
         inputs=inputs,
         dims=dict(dims or {}),
         shapes={k: tuple(v) for k, v in (shapes or {}).items()},
@@ -150,6 +153,7 @@ def rewrite(
     speed_guard: bool = False,
     crms: str | None = None,
     threads: int = 2,
+    backend: str | None = None,
     require_change: bool = False,
     in_place: bool = False,
     report: str | os.PathLike | None = None,
@@ -159,11 +163,11 @@ def rewrite(
     tensorrt), verified in onnxruntime unless `verify=False` (on `inputs`: arrays by name, an
     .npz path, or generated from `dims`/`shapes`/`seed`, `trials` draws; `verify_method` auto |
     full | local: whole models, or a segment at a time where they do not fit in `max_memory`),
-    with `speed_guard` never slower than the original on the target's backend; `crms` off | on
-    | auto (None: auto where `passes` names preln-to-crmsnorm). A path needs `output` (written
-    only on success, never over `model` unless `in_place`); an in-memory model comes back as
-    the same kind. Returns (rewritten model, RewriteReport); `report.to_json()` is the CLI's
-    --json document, also written to `report`. `on_step(message)` hears each step."""
+    with `speed_guard` never slower than the original on `backend` (None: the target's; also
+    what `crms` auto times: off | on | auto, None: auto where `passes` names it). A path needs
+    `output` (written only on success, never over `model` unless `in_place`); an in-memory model
+    comes back as the same kind. Returns (rewritten model, RewriteReport); `report.to_json()` is
+    the CLI's --json document, also written to `report`. `on_step(message)` hears each step."""
     from normopt.request import Timing
 
     options = _options(passes, target, allow_hidden_state_change, tune_params, trt_version)
@@ -177,7 +181,7 @@ def rewrite(
             inputs, dims, shapes, rtol, atol, seed, trials, verify_method, max_memory
         ),
         verify=verify,
-        timing=Timing(threads=threads),
+        timing=Timing(backend=backend, threads=threads),
         speed_guard=speed_guard,
         crms=crms,
         require_change=require_change,
@@ -240,15 +244,19 @@ def verify(
     trials: int = 2,
     method: str = "auto",
     max_memory: int | str | None = None,
+    backend: str = "ort-cpu",
     report: str | os.PathLike | None = None,
     on_step: Step | None = None,
 ) -> VerifyReport:
     """Run A and B in onnxruntime on the same inputs and compare every output (`report.ok`;
     `report.to_json()` is the CLI's --json document). Tolerances as in `normopt verify`;
-    `method` auto | full | local and `max_memory` as in `rewrite`."""
+    `method` auto | full | local and `max_memory` as in `rewrite`; `backend` ort-cpu | openvino
+    (both models on OpenVINO's CPU plugin)."""
     from normopt.verification import verify as run
 
-    options = _verify_options(inputs, dims, shapes, rtol, atol, seed, trials, method, max_memory)
+    options = _verify_options(
+        inputs, dims, shapes, rtol, atol, seed, trials, method, max_memory, backend
+    )
     from normopt.files import scratch_folder
 
     with (

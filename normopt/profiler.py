@@ -45,6 +45,8 @@ class ProfileReport:
         default_factory=dict
     )  # fused norm ops and decomposed norms' nodes
     seconds: dict[str, float] = field(default_factory=dict)
+    # OpenVINO: each model's compiled layers by type (what it fused); None on other backends
+    runtime_ops: dict[str, dict[str, int]] | None = None
 
     # the document's stamp, one per report: every copy of the document carries it
     created: str = field(default_factory=now, repr=False)
@@ -69,6 +71,7 @@ class ProfileReport:
                 "summary": self.summary,
                 "ops_ms_per_run": self.ops,
                 "norms_ms_per_run": self.norms_ms,
+                "runtime_ops": self.runtime_ops,
                 "times_ms": self.times_ms,
                 "environment": self.environment,
             },
@@ -123,7 +126,14 @@ def profile(
         inputs_json([feeds], inputs_from, seed),
         norms,
         {"total": time.perf_counter() - start},
+        _runtime_ops(names, paths, threads) if backend == "openvino" else None,
     )
+
+
+def _runtime_ops(names, paths, threads: int) -> dict[str, dict[str, int]]:
+    from normopt.engine.openvino import Session
+
+    return {n: Session(p, threads).runtime_ops() for n, p in zip(names, paths)}
 
 
 def _verdicts(summary: dict, times: dict, first: str, control: str, seed: int) -> dict:

@@ -206,7 +206,10 @@ def node_breakdown(
     runs: int = 10,
 ) -> dict[tuple[str, str], float]:
     """Milliseconds per run spent in each node of the graph onnxruntime runs after its fusions,
-    keyed `(node name, op type)`, from its profiler; the first (warm-up) run is left out."""
+    keyed `(node name, op type)`, from its profiler; the first (warm-up) run is left out.
+    OpenVINO: its layers (fused as it compiled them) from its performance counters."""
+    if backend == "openvino":
+        return _openvino_layers(path, feeds, threads, runs)
     with scratch_folder() as tmp:
         s = timing_session(path, backend, threads, profile_prefix=str(tmp / "profile"))
         for _ in range(1 + runs):
@@ -228,6 +231,17 @@ def node_breakdown(
     return dict(sorted(spent.items(), key=lambda kv: -kv[1]))
 
 
+def _openvino_layers(path, feeds, threads: int, runs: int) -> dict[tuple[str, str], float]:
+    session = timing_session(path, "openvino", threads, profile_prefix="on")
+    session.run(None, dict(feeds))  # warm-up
+    spent: dict[tuple[str, str], float] = {}
+    for _ in range(runs):
+        session.run(None, dict(feeds))
+        for key, ms in session.layer_ms().items():
+            spent[key] = spent.get(key, 0.0) + ms / runs
+    return dict(sorted(spent.items(), key=lambda kv: -kv[1]))
+
+
 def by_op_type(per_node: Mapping[tuple[str, str], float]) -> dict[str, float]:
     """A node breakdown summed per op type, largest first."""
     per_op: dict[str, float] = {}
@@ -240,7 +254,13 @@ def norm_ms(per_node: Mapping[tuple[str, str], float], members: set[str]) -> flo
     """Milliseconds per run in the model's norms: fused norm ops, and the nodes of every norm
     onnxruntime left decomposed (`members`: `norm_nodes` of the model; ORT keeps an unfused
     node's name), so a decomposed original and its fused rewrite compare alike."""
-    return sum(ms for (node, op), ms in per_node.items() if op in NORM_OPS or node in members)
+    from normopt.engine.openvino import NORM_LAYERS
+
+    return sum(
+        ms
+        for (node, op), ms in per_node.items()
+        if op in NORM_OPS or op in NORM_LAYERS or node in members
+    )
 
 
 def environment(threads: int, backend: str) -> dict:

@@ -27,7 +27,7 @@ from normopt.errors import BadInput
 from normopt.plugins.spec import DOMAIN as PLUGIN_DOMAIN
 from normopt.rewriter.io import first_line
 
-BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt")
+BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt", "openvino")
 
 
 class ModelRunError(BadInput):
@@ -239,11 +239,16 @@ def timing_session(
     threads: int = 2,
     profile_prefix: str | None = None,
 ):
-    """A session set up for timing (see the module docstring)."""
+    """A session set up for timing (see the module docstring); for backend openvino an
+    OpenVINO compiled model run the same way (normopt.engine.openvino)."""
     import onnxruntime as ort
 
     if backend not in BACKENDS:
         raise BadInput(f"--backend must be one of {', '.join(BACKENDS)}, not '{backend}'")
+    if backend == "openvino":
+        from normopt.engine.openvino import Session
+
+        return Session(path, threads, profiling=profile_prefix is not None)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads

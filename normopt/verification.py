@@ -43,6 +43,7 @@ TOLERANCES: dict[np.dtype, tuple[float, float]] = {
     np.dtype(np.float16): (1e-2, 1e-3),
     np.dtype(ml_dtypes.bfloat16): (5e-2, 1e-2),
 }
+VERIFY_BACKENDS = ("ort-cpu", "openvino")
 NOISE_FACTOR = 4.0
 NOISE_CAP = 10.0
 INPUT_NUDGE = 1e-7  # relative change of the float inputs for the second noise probe
@@ -77,6 +78,7 @@ class VerifyOptions(InputOptions):
     atol: float | None = None
     method: str = "auto"
     max_memory: int | None = None
+    backend: str = "ort-cpu"  # or "openvino": both models run on OpenVINO's CPU plugin
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -84,6 +86,12 @@ class VerifyOptions(InputOptions):
             raise BadInput(
                 f"method (--verify) {self.method!r}: choose one of {', '.join(memory.METHODS)}"
             )
+        if self.backend not in VERIFY_BACKENDS:
+            raise BadInput(
+                f"backend (--backend) {self.backend!r}: verify runs on {', '.join(VERIFY_BACKENDS)}"
+            )
+        if self.backend == "openvino" and self.method == "local":
+            raise BadInput("--method local runs on onnxruntime (--backend ort-cpu) only")
         if self.max_memory is not None and not (
             isinstance(self.max_memory, (int, np.integer)) and self.max_memory > 0
         ):
@@ -294,6 +302,7 @@ def verify(
         del spec
     report = VerifyReport(str(model_a), str(model_b), plan)
     run = _Runner(plan, report.segments, {model_a: "model_a", model_b: "model_b"}, step)
+    run.backend = options.backend
     refs, trials, report.note = _reference(run, model_a, trials, fallback)
     report.inputs = inputs_json(trials, options.inputs, options.seed, note)
     gots = run(model_b, trials)
@@ -328,10 +337,16 @@ class _Runner:
         self, plan: VerifyPlan, segments: dict[str, int], roles: dict[Path, str], step
     ) -> None:
         self.plan, self.segments, self.roles, self.step = plan, segments, roles, step
+        self.backend = "ort-cpu"
 
     def __call__(
         self, path: Path, trials: list[Mapping[str, np.ndarray]], optimized: bool = False
     ) -> list[dict]:
+        if self.backend == "openvino":  # one compilation: its noise probe is the nudged run
+            from normopt.engine.openvino import run_all
+
+            self.step(f"running {path.name} on OpenVINO")
+            return run_all(path, trials)
         if self.plan.method == "full":
             self.step(f"running {path.name}")
             return run_ort_all(path, trials, optimized)

@@ -125,6 +125,15 @@ RewriteJsonOpt = Annotated[
         "failure).",
     ),
 ]
+TimingBackendOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--backend",
+        metavar="BACKEND",
+        help="What --guard speed, --crms auto and --profile time on: ort-cpu | ort-cuda | "
+        "tensorrt | openvino (default: the target's, ORT CPU or TensorRT).",
+    ),
+]
 VerifyMethodOpt = Annotated[
     str,
     typer.Option(

@@ -355,6 +355,22 @@ def profile_tables(report) -> None:
         *(f"{norm_ms[n]:.3f} ({100 * norm_ms[n] / totals[n]:.1f}%)" for n in report.models),
     )
     out.print(ops)
+    if report.runtime_ops:
+        _runtime_ops(report)
+
+
+def _runtime_ops(report) -> None:
+    """OpenVINO's compiled layers by type, per model: what it fused (MVN, RMS, ...)."""
+    layers = Table(title="OpenVINO layers by type")
+    layers.add_column("layer")
+    for label in report.labels:
+        layers.add_column(escape(label), justify="right")
+    kinds = sorted({k for n in report.models for k in report.runtime_ops[n]})
+    for kind in sorted(
+        kinds, key=lambda k: -max(report.runtime_ops[n].get(k, 0) for n in report.models)
+    ):
+        layers.add_row(kind, *(str(report.runtime_ops[n].get(kind, 0)) for n in report.models))
+    out.print(layers)
 
 
 def recalibration(result) -> None:

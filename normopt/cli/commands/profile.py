@@ -31,7 +31,7 @@ def profile(
         ),
     ],
     backend: Annotated[
-        str, typer.Option("--backend", help="ort-cpu | ort-cuda | tensorrt.")
+        str, typer.Option("--backend", help="ort-cpu | ort-cuda | tensorrt | openvino.")
     ] = "ort-cpu",
     threads: Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads.")] = 2,
     dim: DimOpt = None,

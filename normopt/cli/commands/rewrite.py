@@ -31,6 +31,7 @@ from normopt.cli.options import (
     SrcOpt,
     TargetOpt,
     ThreadsOpt,
+    TimingBackendOpt,
     TimingsOpt,
     TrialsOpt,
     TrtVersionOpt,
@@ -54,6 +55,7 @@ PASSED_ON = (
     "trials",
     "crms",
     "threads",
+    "backend",
     "require_change",
     "in_place",
     "report",
@@ -79,6 +81,7 @@ def rewrite(
     guard: GuardOpt = None,
     crms: CrmsOpt = None,
     threads: ThreadsOpt = 2,
+    backend: TimingBackendOpt = None,
     timings: TimingsOpt = False,
     require_change: RequireChangeOpt = False,
     tune_params: TuneParamsOpt = "constants",
@@ -112,7 +115,14 @@ def rewrite(
     render.rewrite_result(result, **shown)
     _written(result, dst, in_place)
     if profile_after:  # on the inputs verification used (generated only with --no-verify)
-        timed([src, dst], threads=threads, feeds=result.feeds, inputs=inputs, seed=seed)
+        timed(
+            [src, dst],
+            threads=threads,
+            feeds=result.feeds,
+            inputs=inputs,
+            seed=seed,
+            backend=backend or "ort-cpu",
+        )
 
 
 def _written(result, dst: Path, in_place: bool) -> None:

@@ -40,6 +40,14 @@ def verify(
     shape: ShapeOpt = None,
     method: MethodOpt = "auto",
     max_memory: MaxMemoryOpt = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend",
+            metavar="BACKEND",
+            help="ort-cpu | openvino: the engine both models run on.",
+        ),
+    ] = "ort-cpu",
     json_out: JsonOpt = False,
     report_path: ReportOpt = None,
 ) -> None:
@@ -58,6 +66,7 @@ def verify(
             trials=trials,
             method=method,
             max_memory=max_memory,
+            backend=backend,
             report=report_path,
             on_step=step,
         )
