@@ -62,6 +62,7 @@ class RewriteReport:
     bytes_after: int | None = None  # OUT's, once written
     tensorrt: str | None = None  # --target tensorrt: the TensorRT version written for
     data_file: str | None = None  # OUT's external data file, by name (None: embedded)
+    replaced_data_file: bool = False  # that file existed, and no OUT before read it
     seconds: dict[str, float] = field(default_factory=dict)
     written: bool = False
     error: str | None = None
@@ -96,6 +97,7 @@ class RewriteReport:
             "bytes_after": self.bytes_after,
             "tensorrt": self.tensorrt,
             "data_file": self.data_file,
+            "replaced_data_file": self.replaced_data_file,
             "verification": self.verification.body() if self.verification else None,
             "speed_guard": self.guard.to_json() if self.guard else None,
             "crms_choice": self.crms.to_json() if self.crms else None,
@@ -160,6 +162,7 @@ class _Run:
         self.written = False
         self.sizes: list[int | None] = [None, None]  # IN's and OUT's files, bytes
         self.data_file: str | None = None
+        self.replaced_data = False
 
     def report(self, error: NormoptError | None = None) -> RewriteReport:
         return RewriteReport(
@@ -173,6 +176,7 @@ class _Run:
             bytes_after=self.sizes[1],
             tensorrt=self.tensorrt_version(),
             data_file=self.data_file,
+            replaced_data_file=self.replaced_data,
             seconds=self.seconds,
             written=self.written,
             error=str(error) if error else None,
@@ -259,6 +263,8 @@ class _Run:
         if request.speed_guard:
             with timed("speed guard"):
                 staged, self.guard = guard_speed(variants, staged, names, self.passes)
+        if staged.data_name:  # a data file OUT did not use: another model's, maybe
+            self.replaced_data = (dst.parent / staged.data_name).exists() and not dst.exists()
         transaction.commit(staged)
         self.written = True
         data = [dst.parent / staged.data_name] if staged.data_name else []

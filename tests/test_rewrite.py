@@ -311,3 +311,16 @@ def test_scratch_files_outside_the_output_folder_are_named_and_swept(tmp_path, m
     stale.mkdir()
     normopt.rewrite(mlp())  # an in-memory model: its files go to a scratch folder
     assert not stale.exists() and not list(tmp_path.iterdir())
+
+
+def test_an_existing_data_file_no_output_read_is_replaced_with_a_note(tmp_path, cli_env):
+    """OUT's data file name was taken by a file no OUT read (another model's?): it is
+    replaced, and the run says so in one line."""
+    src = _external(tmp_path)
+    out = tmp_path / "o.onnx"
+    (tmp_path / "o.onnx.data").write_bytes(b"someone else's weights")
+    proc = run("rewrite", src, out, "--no-verify", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    assert "normopt: note: o.onnx.data existed and no o.onnx read it" in proc.stderr
+    again = run("rewrite", src, out, "--no-verify", env=cli_env)  # now OUT's own: no note
+    assert again.returncode == 0 and "existed" not in again.stderr

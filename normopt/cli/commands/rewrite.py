@@ -136,6 +136,13 @@ def _written(result, dst: Path, in_place: bool) -> None:
             highlight=False,
             markup=False,
         )
+    if result.replaced_data_file:
+        err.print(
+            f"normopt: note: {result.data_file} existed and no {dst.name} read it (another "
+            "model's data file?): it was replaced by this output's",
+            highlight=False,
+            markup=False,
+        )
     if in_place and result.data_file not in (None, f"{dst.name}.data"):
         err.print(
             f"normopt: note: {dst.name} now reads its weights from {result.data_file}; "
