@@ -512,3 +512,24 @@ def test_a_tensorrt_rewrite_names_its_version_and_the_plugins_it_needs(tmp_path,
     line = next(x for x in proc.stdout.splitlines() if x.startswith("written for TensorRT"))
     assert line.startswith("written for TensorRT 10.9 (--trt-version); it uses normopt's plugins")
     assert "NormoptRMSNorm" in line and "normopt build" in line
+
+
+def test_in_a_120_column_terminal_nothing_is_cut_to_one_prefix(corpus, tmp_path, cli_env):
+    """On a terminal the tables fit its width and fold long cells: the norms keep their own
+    names (they were all cut to `/model/transformer/h.0/…`)."""
+    env = {**cli_env, "COLUMNS": "120", "FORCE_COLOR": "1"}
+    env.pop("NO_COLOR", None)
+    proc = run(
+        "rewrite",
+        corpus("gpt2-ts17").model,
+        tmp_path / "o.onnx",
+        "--explain",
+        "--no-verify",
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout)
+    if "┃" not in text:
+        pytest.skip("this rich does not take FORCE_COLOR for a terminal")
+    assert max(len(line) for line in text.splitlines()) <= 120 and "…" not in text
+    assert "/model/transformer/h.0/ln_1" in text and "/model/transformer/h.0/ln_2" in text
