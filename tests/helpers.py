@@ -164,3 +164,17 @@ def rewrite_file(src, dst, **fields):
     from normopt.request import RewriteRequest
 
     return rewrite(RewriteRequest(src, dst, **fields))
+
+
+def cli(*args, env=None, timeout: int = 600):
+    """`normopt ARGS...` in a subprocess (arguments as strings), its CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "normopt", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )

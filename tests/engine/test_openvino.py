@@ -2,7 +2,7 @@
 what its compiler makes of normopt's rewrites (an RMSNorm becomes one RMS layer)."""
 
 import json
-import subprocess
+import os
 import sys
 
 import numpy as np
@@ -11,18 +11,13 @@ import pytest
 
 import normopt
 from normopt.errors import BadInput
+from tests.helpers import cli
 
 pytest.importorskip("openvino")
 
 
 def run(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "normopt", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={"COLUMNS": "200", "NO_COLOR": "1", "PATH": "/usr/bin:/bin"},
-    )
+    return cli(*args, env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"})
 
 
 @pytest.fixture(scope="module")
