@@ -43,11 +43,12 @@ from normopt.request import RewriteRequest
 from normopt.rewriter import io
 from normopt.rewriter.graph import op_histogram
 from normopt.schema import document, inputs_json, now
-from normopt.sessions import ModelRunError, check_loadable
+from normopt.sessions import ModelRunError
 from normopt.timings import recording
 from normopt.timings import step as timed
 from normopt.variants import COLLECT_BYTES, Variants
 from normopt.verification import VerifyReport, verify
+from normopt.verify_runs import Reference, run_reference
 
 
 @dataclass
@@ -154,6 +155,7 @@ class _Run:
         self.histograms: tuple[dict[str, int], dict[str, int]] = ({}, {})
         self.verification: VerifyReport | None = None
         self.plan: memory.VerifyPlan | None = None
+        self.reference: Reference | None = None  # IN's outputs, run once before the passes
         self.trials: list[dict] | None = None
         self.fallback: list[dict] | None = None
         self.inputs: dict | None = None
@@ -237,8 +239,8 @@ class _Run:
         transaction.protect_model(src, model)
         self.sizes[0] = _file_bytes([src, *io.external_data_files(model)])
         self.guard_outputs(transaction)
-        self.plan_verification(model)
         self.choose_inputs(model)
+        self.run_original(model)
         variants = Variants(request, transaction, io.uses_external_data(model), self.verify, step)
         before = op_histogram(model)
         with timed("passes"):
@@ -270,17 +272,18 @@ class _Run:
         data = [dst.parent / staged.data_name] if staged.data_name else []
         self.sizes[1], self.data_file = _file_bytes([dst, *data]), staged.data_name
 
-    def plan_verification(self, model) -> None:
-        """How verification will run (whole or by segments), decided from IN's weights before
-        any work: where neither fits, BadInput with the figures (exit 2, nothing written); and
-        for a full one, whether onnxruntime loads IN at all."""
+    def run_original(self, model) -> None:
+        """Before any work: how verification will run (whole or by segments, from IN's weights;
+        where neither fits, BadInput with the figures), then IN on its inputs, once for every
+        comparison (one onnxruntime cannot load or run is exit 2 before the passes)."""
         checks = self.request.verification
         if checks is None:
             return
         self.plan = memory.plan(memory.ir_weights(model), checks.method, checks.max_memory)
-        if self.plan.method == "full":  # one it cannot load is said now, not after the passes
-            with timed("load check"):
-                check_loadable(self.request.src)
+        with timed("verify: original"):
+            self.reference = run_reference(
+                self.request.src, self.trials, self.fallback, self.plan, checks.backend, self.step
+            )
 
     def choose_inputs(self, model) -> None:
         """The input sets verification and timing run on, from the model as loaded (no second
@@ -328,11 +331,10 @@ class _Run:
                     self.request.src,
                     staged,
                     checks,
-                    trials=self.trials,
-                    fallback=self.fallback,
                     on_step=self.step,
                     changed_on_request=changed,
                     plan=self.plan,
+                    reference=self.reference,
                 )
             except ModelRunError as exc:
                 if exc.path == staged:  # the original runs, the rewrite does not: our failure

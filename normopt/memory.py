@@ -150,10 +150,9 @@ class VerifyPlan:
 
 
 def plan(weights: Weights, method: str = "auto", max_memory: int | None = None) -> VerifyPlan:
-    """The verification to run on models of `weights` (the larger of the two), or BadInput
-    (exit 2) with the figures where the chosen method cannot fit."""
-    if method not in METHODS:
-        raise BadInput(f"verification method {method!r}: choose one of {', '.join(METHODS)}")
+    """The verification to run on models of `weights` (the larger of the two) by `method`
+    (one of METHODS, checked by VerifyOptions), or BadInput (exit 2) with the figures where it
+    cannot fit."""
     available = max_memory if max_memory is not None else available_bytes()
     usable = int(HEADROOM * available)
     source = "--max-memory" if max_memory is not None else "available"

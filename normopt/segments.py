@@ -90,12 +90,12 @@ def plan(graph: onnx.GraphProto, budget: int) -> list[Segment]:
     sizes = {t.name: tensor_bytes(t) for t in graph.initializer}
     segments = [Segment()]
     for node in topological(graph.node):
-        new = {n for n in node_reads(node) if n in sizes} - segments[-1].weights
+        reads = {n for n in node_reads(node) if n in sizes}
+        new = reads - segments[-1].weights
         extra = sum(sizes[n] for n in new)
         if segments[-1].nodes and segments[-1].bytes + extra > budget:
             segments.append(Segment())
-            new = {n for n in node_reads(node) if n in sizes}
-            extra = sum(sizes[n] for n in new)
+            new, extra = reads, sum(sizes[n] for n in reads)
         segments[-1].nodes.append(node)
         segments[-1].weights |= new
         segments[-1].bytes += extra
@@ -126,10 +126,8 @@ class _Weights:
                 copy.data_location = onnx.TensorProto.DEFAULT
                 del copy.external_data[:]
                 embedded.append(copy)
-            else:
-                stub = onnx.TensorProto()
-                stub.CopyFrom(tensor)
-                embedded.append(stub)
+            else:  # its proto stays external: onnxruntime takes the array for it
+                embedded.append(tensor)
                 mapped[name] = array
         return embedded, mapped
 

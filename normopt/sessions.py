@@ -149,12 +149,6 @@ def run_ort_all(
             ) from None
 
 
-def check_loadable(path: str | os.PathLike) -> None:
-    """ModelRunError (exit 2) where onnxruntime cannot load the model: said before any work."""
-    with _runnable(Path(path)) as runnable:
-        check_session(runnable, name=path)
-
-
 def run_local(
     path: str | os.PathLike,
     feed_sets: list[Mapping[str, np.ndarray]],

@@ -34,7 +34,8 @@ from normopt.inputs import InputOptions, cache_note, fallback_trials, input_tria
 from normopt.memory import VerifyPlan
 from normopt.rewriter.io import check_readable_file
 from normopt.schema import document, inputs_json, now
-from normopt.sessions import ModelRunError, graph_facts, run_local, run_ort_all
+from normopt.sessions import ModelRunError, graph_facts
+from normopt.verify_runs import Reference, Runner, plan_for, run_reference, segment_counts
 
 # (rtol against the output's max |value|, atol), per output dtype.
 TOLERANCES: dict[np.dtype, tuple[float, float]] = {
@@ -273,18 +274,19 @@ def verify(
     on_step: Callable[[str], None] | None = None,
     changed_on_request: Mapping[str, str] | None = None,
     plan: VerifyPlan | None = None,
+    reference: Reference | None = None,
 ) -> VerifyReport:
     """Run A then B on the same inputs and compare every output of A by name.
 
     The inputs are `trials` when given (input sets already checked: A is then not loaded
-    here; `fallback`: the generated ones with unset dims at 1, to retry with once when A fails on
-    them), else those `options` name or generate from A's input specs. Where an output fails
-    the tolerance, A's own noise is measured (A again under ORT_ENABLE_ALL and on nudged
-    inputs) and judged against. `changed_on_request` maps outputs a rewrite changes at the
-    user's request to the reason (compared and reported, not required to match). `plan`: how
-    to run them (default: planned here from both models' weights, normopt.memory). Raises
-    BadInput when A cannot be loaded or run, or the models cannot be run in memory.
-    """
+    here; `fallback`: the generated ones with unset dims at 1, to retry with once when A fails
+    on them), else those `options` name or generate from A's input specs; with `reference`,
+    A's outputs computed already (`run_reference`: a rewrite runs IN once, before its passes).
+    Where an output fails the tolerance, A's own noise is measured (A again under
+    ORT_ENABLE_ALL and on nudged inputs) and judged against. `changed_on_request` maps outputs
+    a rewrite changes at the user's request to the reason (compared and reported, not required
+    to match). `plan`: how to run them (default: planned from both models' weights). BadInput
+    where A cannot be loaded or run, or the models cannot be run in memory."""
     from normopt.rewriter.io import load
 
     start = time.perf_counter()
@@ -292,20 +294,22 @@ def verify(
     step = on_step or (lambda _m: None)
     model_a, model_b = Path(model_a), Path(model_b)
     check_readable_file(model_b)
-    if plan is None:
-        plan = plan_for(model_a, model_b, options)
-    note = None
-    if trials is None:
+    note, weights_a = None, None
+    if reference is None and trials is None:
         spec = load(model_a)
         trials, fallback = input_trials(spec, options), fallback_trials(spec, options)
-        note = cache_note(spec, options)
+        note, weights_a = cache_note(spec, options), memory.ir_weights(spec)
         del spec
-    report = VerifyReport(str(model_a), str(model_b), plan)
-    run = _Runner(plan, report.segments, {model_a: "model_a", model_b: "model_b"}, step)
-    run.backend = options.backend
-    refs, trials, report.note = _reference(run, model_a, trials, fallback)
+    if plan is None:
+        plan = plan_for(model_a, model_b, options.method, options.max_memory, weights_a)
+    if reference is None:
+        reference = run_reference(model_a, trials, fallback, plan, options.backend, step)
+    refs, trials = reference.outputs, reference.trials
+    report = VerifyReport(str(model_a), str(model_b), plan, note=reference.note)
+    run = Runner(plan, options.backend, step)
     report.inputs = inputs_json(trials, options.inputs, options.seed, note)
     gots = run(model_b, trials)
+    report.segments = segment_counts(reference.segments, run.segments)
     compute = compute_dtype(model_a)
     checks = _checks(refs, gots, options, compute=compute)
     judged_by_noise = options.rtol is None and options.atol is None
@@ -319,74 +323,6 @@ def verify(
             check.ok, check.skipped = True, changed_on_request[check.name]
     report.seconds["total"] = time.perf_counter() - start
     return report
-
-
-def plan_for(model_a: Path, model_b: Path, options: VerifyOptions) -> VerifyPlan:
-    """The verification that fits both models (the larger one's weights); BadInput where one
-    is not a readable ONNX file."""
-    from normopt.rewriter.file_checks import parse_checked
-
-    weights = [memory.proto_weights(parse_checked(p).graph) for p in (model_a, model_b)]
-    return memory.plan(max(weights, key=lambda w: w.full()), options.method, options.max_memory)
-
-
-class _Runner:
-    """Runs a model on input sets as `plan` says: whole (run_ort_all) or by segments."""
-
-    def __init__(
-        self, plan: VerifyPlan, segments: dict[str, int], roles: dict[Path, str], step
-    ) -> None:
-        self.plan, self.segments, self.roles, self.step = plan, segments, roles, step
-        self.backend = "ort-cpu"
-
-    def __call__(
-        self, path: Path, trials: list[Mapping[str, np.ndarray]], optimized: bool = False
-    ) -> list[dict]:
-        if self.backend == "openvino":  # one compilation: its noise probe is the nudged run
-            from normopt.engine.openvino import run_all
-
-            self.step(f"running {path.name} on OpenVINO")
-            return run_all(path, trials)
-        if self.plan.method == "full":
-            self.step(f"running {path.name}")
-            return run_ort_all(path, trials, optimized)
-        self.step(f"running {path.name} by segments")
-        outputs, self.segments[self.roles[path]] = run_local(
-            path, trials, self.plan.budget, optimized
-        )
-        return outputs
-
-
-def _reference(
-    run: _Runner,
-    model_a: Path,
-    trials: list[Mapping[str, np.ndarray]],
-    fallback: list[Mapping[str, np.ndarray]] | None,
-) -> tuple[list[dict], list[Mapping[str, np.ndarray]], str | None]:
-    """A's outputs on `trials`, or where A fails on them, on `fallback` (then with a note)."""
-    try:
-        return run(model_a, trials), trials, None
-    except ModelRunError as exc:
-        if not exc.running or fallback is None:
-            raise
-        generated = _shapes_text(trials[0])
-        try:
-            refs = run(model_a, fallback)
-        except ModelRunError:
-            raise ModelRunError(
-                model_a,
-                f"{exc} (on generated inputs {generated}, and again with every symbolic "
-                "dim at 1: set the sizes the model runs at with --dim NAME=VALUE or --shape "
-                "NAME=AxB, or pass --inputs FILE.npz)",
-                running=True,
-            ) from None
-        note = (
-            f"'{model_a.name}' failed on the generated inputs {generated} ({exc}); "
-            f"verified with every symbolic dim not set at 1: {_shapes_text(fallback[0])} (a dim "
-            "of 1 can hide a broadcast: set the sizes the model runs at with --dim NAME=VALUE "
-            "or --shape NAME=AxB)"
-        )
-        return refs, fallback, note
 
 
 def _checks(
@@ -415,7 +351,7 @@ def _checks(
 
 
 def _own_noise(
-    run: _Runner,
+    run: Runner,
     model_a: Path,
     trials: list[Mapping[str, np.ndarray]],
     refs: list[dict],
@@ -423,7 +359,7 @@ def _own_noise(
 ) -> list[dict[str, float]]:
     """A's own noise per trial and output: A under ORT_ENABLE_ALL and on nudged inputs."""
     try:
-        optimized = run(model_a, trials, optimized=True)
+        optimized = run(model_a, trials, optimized=True) if run.levels else [None] * len(trials)
     except ModelRunError:  # onnxruntime's optimizer can break a valid graph (fp16 LayerNorm
         optimized = [None] * len(trials)  # fusions): that probe is then not available
     nudged = run(model_a, [_nudged(f, compute) for f in trials])
@@ -431,10 +367,6 @@ def _own_noise(
         _noise(ref, [p for p in (o, n) if p is not None])
         for ref, o, n in zip(refs, optimized, nudged)
     ]
-
-
-def _shapes_text(feeds: Mapping[str, np.ndarray]) -> str:
-    return ", ".join(f"{k} {'x'.join(map(str, v.shape)) or 'scalar'}" for k, v in feeds.items())
 
 
 def _worst(checks: list[OutputCheck]) -> OutputCheck:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -280,3 +282,23 @@ def test_dim_and_shape_names_the_model_lacks_are_errors_that_list_the_real_ones(
         verify(path, path, VerifyOptions(shapes={"x": (1, 9)}))
     assert verify(path, path, VerifyOptions(shapes={"x": (1, 8)})).note is None
     assert verify(path, path, VerifyOptions(dims={"batch": 1})).note is None
+
+
+def test_a_rewrite_runs_its_original_once_for_every_comparison(tmp_path, monkeypatch, corpus):
+    """IN's outputs are computed once, before the passes, and each variant --crms auto builds
+    (CRMS, then plain RMS) is compared with them: IN is not run again per comparison."""
+    import normopt
+    from normopt import verify_runs
+
+    runs = []
+    real = verify_runs.run_ort_all
+
+    def counted(path, *args, **kwargs):
+        runs.append(Path(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(verify_runs, "run_ort_all", counted)
+    src = corpus("gpt2-ts17").model
+    _, report = normopt.rewrite(src, tmp_path / "o.onnx", crms="auto")
+    assert report.verification.ok and report.crms is not None
+    assert runs.count(src) == 1 and len(runs) >= 3  # IN once; the CRMS and RMS variants
