@@ -165,3 +165,27 @@ def test_casts_numpy_does_not_compute_as_onnx_are_not_folded(to):
     ]
     assert _folded(nodes, "dq", [w]) is None
     assert _folded(nodes, "h", [w]).dtype == np.float16
+
+
+def test_a_fold_reads_no_weight_an_input_makes_useless():
+    """Found at LLM scale: Gather(table, input_ids) computed the (centred, lazily computed)
+    table each time a pass asked whether the Gather is constant. The structure says it is not
+    before any value is read; a Gather of constants still folds."""
+    from normopt.rewriter.graph import folded_value
+
+    table = ir.Value(name="table")
+    read = []
+
+    def computed():
+        read.append(1)
+        return ir.Tensor(np.arange(6, dtype=np.float32).reshape(3, 2))
+
+    table.const_value = ir.LazyTensor(computed, dtype=ir.DataType.FLOAT, shape=ir.Shape([3, 2]))
+    ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([2]))
+    gather = ir.node("Gather", [table, ids], {"axis": 0})
+    graph = ir.Graph([ids], gather.outputs, nodes=[gather], initializers=[table])
+    assert folded_value(gather.outputs[0]) is None and not read
+    index = ir.Value(name="index", const_value=ir.Tensor(np.array([2, 0], np.int64)))
+    graph.register_initializer(index)
+    gather.replace_input_with(1, index)
+    assert folded_value(gather.outputs[0]).tolist() == [[4.0, 5.0], [0.0, 1.0]] and read
