@@ -2,17 +2,20 @@
 pipelines, judged in onnxruntime against a float64 evaluation, without normopt's own check.
 
     python benchmarks/fuzz.py --n 10000 [--seed 0] [--jobs 2] [--save-failures DIR]
-        [--crms | --reparam]
+        [--crms | --rotate | --reparam]
 
 Prints the counts (graphs, applied per pass, wrong, exit 4 = crash or invalid output, passes
 silent about why they did nothing, not idempotent) and writes results/fuzz.json with the seed
-and notes of every failure; `--save-failures` writes each failing graph as an .onnx file to
-turn into a regression test. `--crms`: the Pre-CRMSNorm campaign instead, every graph a
-transformer through preln-to-rmsnorm + preln-to-crmsnorm (--allow-hidden-state-change on odd
-seeds). `--reparam`: the re-parameterization campaign, CNNs with parallel branches only (the
-other seeds are skipped), through merge-branches alone (odd seeds) or the default pipeline. The
-generator and the judge are tests/fuzzing.py, which the test suite runs with
-hypothesis on a few hundred graphs.
+and notes of every failure (a campaign: results/fuzz_CAMPAIGN.json); `--save-failures` writes
+each failing graph as an .onnx file to turn into a regression test. `--crms`: the Pre-CRMSNorm
+campaign instead, every graph a transformer through preln-to-rmsnorm + preln-to-crmsnorm
+(--allow-hidden-state-change on odd seeds). `--rotate`: the rotation campaign, every graph a
+transformer through preln-to-rmsnorm + rotate-stream (a random orthogonal Q on odd seeds, a
+randomized Hadamard one on even ones; --allow-hidden-state-change on every third; canonicalize-norms
+after, --target ort, on every fourth). `--reparam`: the re-parameterization campaign,
+CNNs with parallel branches only (the other seeds are skipped), through merge-branches alone
+(odd seeds) or the default pipeline. The generator and the judge are tests/fuzzing.py, which
+the test suite runs with hypothesis on a few hundred graphs.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from normopt.passes.pipeline import DEFAULT_PIPELINE
 from tests import fuzzing
 
 
-def one(seed: int, crms: bool = False, reparam: bool = False) -> dict:
+def one(seed: int, crms: bool = False, reparam: bool = False, rotate: bool = False) -> dict:
     choices = fuzzing.RandomChoices(seed)
     if reparam:  # CNNs with parallel branches (others are skipped), merge-branches alone or
         case = fuzzing.cnn(choices)  # the default pipeline, by the seed's parity
@@ -46,6 +49,13 @@ def one(seed: int, crms: bool = False, reparam: bool = False) -> dict:
             ["preln-to-rmsnorm", "preln-to-crmsnorm"],
             Options(allow_hidden_state_change=bool(seed % 2)),
         )
+    elif rotate:
+        case = fuzzing.transformer(choices)
+        kind = "random" if seed % 2 else "hadamard"
+        names = ["preln-to-rmsnorm", f"rotate-stream{{kind={kind} seed={seed}}}"]
+        names += ["canonicalize-norms"] if seed % 4 == 0 else []
+        target = "ort" if seed % 4 == 0 else "onnx"
+        options = Options(target=target, allow_hidden_state_change=seed % 3 == 0)
     else:
         case = fuzzing.graph(choices)
         names, options = fuzzing.pipeline_choice(choices)
@@ -85,6 +95,11 @@ def main() -> None:
         help="the Pre-CRMSNorm campaign: transformers through preln-to-rmsnorm + preln-to-crmsnorm",
     )
     parser.add_argument(
+        "--rotate",
+        action="store_true",
+        help="the rotation campaign: transformers through preln-to-rmsnorm + rotate-stream",
+    )
+    parser.add_argument(
         "--reparam",
         action="store_true",
         help="the re-parameterization campaign: CNNs with parallel branches (the others skipped)",
@@ -95,7 +110,7 @@ def main() -> None:
     failures = []
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
         for result in pool.imap_unordered(
-            functools.partial(one, crms=args.crms, reparam=args.reparam),
+            functools.partial(one, crms=args.crms, reparam=args.reparam, rotate=args.rotate),
             range(args.seed, args.seed + args.n),
             chunksize=8,
         ):
@@ -150,8 +165,9 @@ def main() -> None:
             or f["not_idempotent"]
         )
         print(f"  seed {f['seed']} ({f['family']}, {f.get('passes')}, {f.get('target')}): {what}")
+    campaign = next((k for k in ("crms", "rotate", "reparam") if getattr(args, k)), None)
     path = write(
-        "fuzz",
+        f"fuzz_{campaign}" if campaign else "fuzz",
         {
             "n": args.n,
             "seed": args.seed,

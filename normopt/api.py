@@ -152,6 +152,8 @@ def rewrite(
     trials: int = 2,
     speed_guard: bool = False,
     crms: str | None = None,
+    rotate: str | None = None,
+    rotate_seed: int = 0,
     threads: int = 2,
     backend: str | None = None,
     require_change: bool = False,
@@ -164,7 +166,9 @@ def rewrite(
     .npz path, or generated from `dims`/`shapes`/`seed`, `trials` draws; `verify_method` auto |
     full | local: whole models, or a segment at a time where they do not fit in `max_memory`),
     with `speed_guard` never slower than the original on `backend` (None: the target's; also
-    what `crms` auto times: off | on | auto, None: auto where `passes` names it). A path needs
+    what `crms` auto times: off | on | auto, None: auto where `passes` names it); `rotate`
+    hadamard | random rotates the residual stream (rotate-stream, seeded by `rotate_seed`),
+    quantization-ready. A path needs
     `output` (written only on success, never over `model` unless `in_place`); an in-memory model
     comes back as the same kind. Returns (rewritten model, RewriteReport); `report.to_json()` is
     the CLI's --json document, also written to `report`. `on_step(message)` hears each step."""
@@ -184,6 +188,8 @@ def rewrite(
         timing=Timing(backend=backend, threads=threads),
         speed_guard=speed_guard,
         crms=crms,
+        rotate=rotate,
+        rotate_seed=rotate_seed,
         require_change=require_change,
         in_place=in_place,
         report_path=Path(report) if report is not None else None,

@@ -10,10 +10,12 @@ from pathlib import Path
 from normopt.errors import BadInput
 from normopt.passes.base import Options
 from normopt.passes.pipeline import resolve, settings_of
+from normopt.passes.rotate_stream import RotateSettings
 from normopt.verification import VerifyOptions
 
 CRMS_PASS = "preln-to-crmsnorm"
 CRMS_MODES = ("off", "on", "auto")
+ROTATE_PASS = "rotate-stream"
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,8 @@ class RewriteRequest:
     (normopt.guard); `crms` off | on | auto (None: auto where `passes` names
     preln-to-crmsnorm; normopt.crms_choice), both timed by `timing`; `require_change`: a run
     where no pass changed the model writes nothing (exit 3); `in_place`: `dst` may be `src`
-    (replaced by a rename); `report_path`: the JSON document, written also on failure."""
+    (replaced by a rename); `report_path`: the JSON document, written also on failure;
+    `rotate` hadamard | random (None: off) adds rotate-stream with `rotate_seed`."""
 
     src: Path
     dst: Path
@@ -55,6 +58,8 @@ class RewriteRequest:
     timing: Timing = field(default_factory=Timing)
     speed_guard: bool = False
     crms: str | None = None
+    rotate: str | None = None
+    rotate_seed: int = 0
     require_change: bool = False
     in_place: bool = False
     report_path: Path | None = None
@@ -89,6 +94,8 @@ class RewriteRequest:
                 "plugin nodes: pass --crms on (compare engines with normopt build and profile "
                 "--backend tensorrt) or --crms off"
             )
+        if self.rotate is not None:
+            self._with_rotation(names, mode)
         if mode == "off":
             return [n for n in names if n != CRMS_PASS], mode
         if CRMS_PASS not in names:
@@ -98,9 +105,28 @@ class RewriteRequest:
             names.insert(at, CRMS_PASS)
         return names, mode
 
+    def _with_rotation(self, names: list[str], mode: str) -> None:
+        """--rotate: rotate-stream in `names`, added right after preln-to-rmsnorm (before the
+        norms are fused) to the default pipeline."""
+        RotateSettings(self.rotate, self.rotate_seed)  # refuses an unknown kind
+        if mode != "off":
+            raise BadInput(
+                f"--rotate and --crms {mode} do not go together: a rotated stream is not "
+                "zero-mean, and a d-1 stream has no RMSNorms to rotate"
+            )
+        if ROTATE_PASS not in names:
+            if self.passes is not None:
+                raise BadInput(f"--rotate: --passes does not name {ROTATE_PASS}")
+            at = names.index("preln-to-rmsnorm") + 1 if "preln-to-rmsnorm" in names else 0
+            names.insert(at, ROTATE_PASS)
+
     def settings(self) -> dict[str, object]:
-        """The per-pass settings `passes` carries (`name{field=value}`), by pass name."""
-        return settings_of(self.passes)
+        """The per-pass settings `passes` carries (`name{field=value}`), by pass name; --rotate's
+        for rotate-stream."""
+        found = settings_of(self.passes)
+        if self.rotate is not None:
+            found[ROTATE_PASS] = RotateSettings(self.rotate, self.rotate_seed)
+        return found
 
     @property
     def timed(self) -> bool:

@@ -1046,6 +1046,8 @@ def pipeline_choice(c):
             ["convbn-tune"],
             ["canonicalize-norms", "fold-norm-affine"],
             ["preln-to-rmsnorm", "preln-to-crmsnorm"],
+            ["preln-to-rmsnorm", "rotate-stream", "canonicalize-norms"],
+            ["preln-to-rmsnorm", "rotate-stream{kind=random seed=3}"],
         ]
     )
     return names, Options(

@@ -194,6 +194,16 @@ def test_an_ill_conditioned_graph_is_judged_by_its_float32_sensitivity():
     _check(case, ["preln-to-rmsnorm"], Options())
 
 
+def test_a_stream_carried_through_transposes_is_rotated_once():
+    """Found by the rotation campaign (seed 6337): the stream passes two Transposes between
+    blocks, so the stream analysis starts a new stream value after them; rotate-stream walked
+    that value's writers back into the rotated stream, could not go on (the stream is read by
+    its norm too) and rotated it online: twice (1.47 off at scale 0.44). A value the stream
+    carries is rotated with it; the writer walk stops there."""
+    case = fuzzing.transformer(fuzzing.RandomChoices(6337))
+    _check(case, ["preln-to-rmsnorm", "rotate-stream"], Options())
+
+
 def test_a_float16_norm_with_a_float32_output_keeps_its_type():
     """Found by a CRMS campaign (seed 822840): a float16 model's RMSNorm computed in float32 whose
     output stays float32 (no Cast back); the CRMSNorm cast its output to the input's float16 and

@@ -198,6 +198,20 @@ CrmsOpt = Annotated[
         "it only where it times faster than Pre-RMSNorm.",
     ),
 ]
+RotateOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--rotate",
+        metavar="KIND",
+        help="hadamard | random: rotate the Pre-RMSNorm residual stream by an orthogonal matrix "
+        "(rotate-stream, added after preln-to-rmsnorm): outlier channels spread over all "
+        "channels, so int8 / 4-bit quantization loses less; the model stays exact.",
+    ),
+]
+RotateSeedOpt = Annotated[
+    int,
+    typer.Option("--rotate-seed", metavar="N", help="Seed of --rotate's random signs / matrix."),
+]
 ThreadsOpt = Annotated[
     int,
     typer.Option(

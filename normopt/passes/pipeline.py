@@ -29,6 +29,7 @@ from normopt.passes.inline_norm_functions import InlineNormFunctions
 from normopt.passes.merge_branches import MergeBranches
 from normopt.passes.preln_to_crmsnorm import PreLNToCRMSNorm
 from normopt.passes.preln_to_rmsnorm import PreLNToRMSNorm
+from normopt.passes.rotate_stream import RotateStream
 from normopt.passes.tensorrt_norms import TensorRTNorms
 from normopt.rewriter.shapes import annotated
 from normopt.timings import step
@@ -44,6 +45,7 @@ PASSES: dict[str, type[Pass]] = {
         TensorRTNorms,
         FoldNormAffine,
         PreLNToCRMSNorm,
+        RotateStream,
         ConvBNTune,
         Cleanup,
     )

@@ -103,7 +103,7 @@ class _Cutting:
 
     def special(self, node: ir.Node, value: ir.Value, hidden: int, depth: int) -> bool:
         r = rank(value)
-        if hidden == r - 1 and _recentring(node):  # zero-mean by construction: a Slice cuts it
+        if hidden == r - 1 and recentring(node):  # zero-mean by construction: a Slice cuts it
             self.plan.slices.append(value)
             return True
         scalars = [constant_shape(v) is not None and folded_value(v).size == 1 for v in node.inputs]
@@ -127,7 +127,7 @@ class _Cutting:
             expand(node, out_hidden, self.plan)
 
 
-def _recentring(node: ir.Node) -> bool:
+def recentring(node: ir.Node) -> bool:
     """Sub(x, ReduceMean(x) over the last axis): an explicit recentring (preln-to-rmsnorm's)."""
     if not is_op(node, "Sub"):
         return False

@@ -336,3 +336,103 @@ def per_channel_kernel(scale, kernel: Sequence[int]) -> np.ndarray:
     return np.broadcast_to(
         s.reshape(-1, 1, *[1] * len(kernel)) / np.prod(kernel), (s.size, 1, *kernel)
     ).copy()
+
+
+class Rotation:
+    """An orthogonal d x d matrix Q (Q Q^T = I) for rotating a residual stream: x -> x Q.
+    `hadamard` (QuaRot's): Q = diag(s) kron(A, H_n), s seeded random signs, H_n the normalized
+    Sylvester-Hadamard matrix of a power of two n, A of order p = d / n: 1, or a normalized
+    Paley Hadamard matrix (p = q + 1, q a prime = 3 mod 4: 768 = 12 x 64), else a seeded random
+    orthogonal matrix of d's odd part. `random`: a seeded random orthogonal d x d (the Q of a
+    Gaussian's QR, signs fixed). Either spreads one channel over all d. Applied in float64:
+    O(d (log n + p)) per vector for `hadamard` (a fast Walsh-Hadamard transform), O(d^2) for
+    `random`."""
+
+    def __init__(self, d: int, kind: str = "hadamard", seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.d, self.kind, self.seed = d, kind, seed
+        if kind == "random":
+            self.p, self.n, self.signs = d, 1, np.ones(d)
+            self.factor, self.a = "random orthogonal", _random_orthogonal(d, rng)
+            return
+        self.signs = rng.choice([-1.0, 1.0], d)
+        self.p, self.a = _paley_factor(d)
+        self.n = d // self.p
+        self.factor = f"Paley Hadamard of order {self.p}" if self.a is not None else ""
+        if self.a is None:
+            self.factor = f"random orthogonal of order {self.p}"
+            self.a = _random_orthogonal(self.p, rng)
+
+    def describe(self) -> str:
+        if self.kind == "random":
+            return f"random orthogonal {self.d} x {self.d} (seed {self.seed})"
+        parts = ([f"Hadamard {self.n}"] if self.n > 1 else []) + (
+            [self.factor] if self.p > 1 else []
+        )
+        return f"randomized {' x '.join(parts)} (d = {self.d}, seed {self.seed})"
+
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        """x Q for the rows of x ([r, d], float64)."""
+        y = (x * self.signs).reshape(len(x), self.p, self.n)
+        h = 1
+        while h < self.n:  # Sylvester order: pairs h apart become (a + b, a - b)
+            y = y.reshape(len(x), self.p, self.n // (2 * h), 2, h)
+            a, b = y[:, :, :, :1], y[:, :, :, 1:]
+            y = np.concatenate([a + b, a - b], 3)
+            h *= 2
+        y = np.swapaxes(y.reshape(len(x), self.p, self.n), 1, 2) / math.sqrt(self.n)
+        y = y.reshape(-1, self.p) @ self.a  # one product for every (row, Hadamard index)
+        return np.swapaxes(y.reshape(len(x), self.n, self.p), 1, 2).reshape(len(x), self.d)
+
+    def matrix(self) -> np.ndarray:
+        """Q itself (float64)."""
+        return self.rows(np.eye(self.d))
+
+
+def rotate(array, axis: int, q: Rotation, scale=None, dtype=None) -> np.ndarray:
+    """`array` with every vector v along `axis` replaced by (v * scale) Q, computed in float64
+    a block at a time and rounded once to `dtype` (the array's own if None). A stream writer
+    W [in, d] becomes W Q (axis -1); a reader's weight W [d, out] becomes Q^T diag(g) W
+    (axis 0: its columns are those vectors); a Conv writer's output channels: axis 0."""
+    a = np.moveaxis(np.asarray(array), axis, -1)
+    out = np.empty(a.shape, a.dtype if dtype is None else dtype)
+    flat, res = a.reshape(-1, a.shape[-1]), out.reshape(-1, a.shape[-1])
+    g = np.ones(a.shape[-1]) if scale is None else _f64(scale).reshape(-1)
+    per = max(1, (1 << 22) // (8 * a.shape[-1]))
+    blocks = [slice(s, s + per) for s in range(0, len(flat), per)]
+    _each(lambda b: res.__setitem__(b, q.rows(_f64(flat[b]) * g)), [(b,) for b in blocks])
+    return np.moveaxis(out, -1, axis)
+
+
+def _paley_factor(d: int) -> tuple[int, np.ndarray | None]:
+    """(p, A): d = p n with n a power of two and A a normalized Paley Hadamard matrix of order
+    p (None where no such p exists: p is d's odd part then)."""
+    odd = d
+    while odd % 2 == 0:
+        odd //= 2
+    if odd == 1:
+        return 1, np.ones((1, 1))
+    p = odd * 4
+    while d % p == 0:
+        q = p - 1
+        if all(q % k for k in range(2, math.isqrt(q) + 1)):
+            return p, _paley(q) / math.sqrt(p)
+        p *= 2
+    return odd, None
+
+
+def _paley(q: int) -> np.ndarray:
+    """Paley's construction I, q prime = 3 mod 4: H = I + S, S = [[0, 1^T], [-1, J]] with J the
+    Jacobsthal matrix J[i, j] = chi(j - i) (the Legendre symbol mod q); H H^T = (q + 1) I."""
+    squares = {(k * k) % q for k in range(1, q)}
+    chi = np.array([0.0] + [1.0 if k in squares else -1.0 for k in range(1, q)])
+    jac = chi[(np.arange(q)[None, :] - np.arange(q)[:, None]) % q]
+    s = np.zeros((q + 1, q + 1))
+    s[0, 1:], s[1:, 0], s[1:, 1:] = 1.0, -1.0, jac
+    return np.eye(q + 1) + s
+
+
+def _random_orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
+    """The Q of a Gaussian matrix's QR, its columns' signs fixed (Haar-distributed)."""
+    q, r = np.linalg.qr(rng.standard_normal((n, n)))
+    return q * np.sign(np.diag(r))
