@@ -34,7 +34,9 @@ CASES = [
     ("phikv-ts17", "Phi, KV cache (corpus)", True),
     ("vit-ts17", "ViT (corpus)", False),
     ("gpt2-768x12-ts17", "GPT-2 124M", True),
+    ("opt-512x8-ts17", "OPT 512x8", True),
     ("bloom-512x8-ts17", "BLOOM 512x8", True),
+    ("phi-512x8-ts17", "Phi 512x8", True),
 ]
 OPS = ["MatMul", "Gemm"]  # the linear layers (W8A8); its default also makes embedding tables int8
 QUANTS = ("int8", "int8 linear", "4-bit")

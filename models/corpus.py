@@ -56,6 +56,7 @@ class Entry:
             "bloomkv": hf.bloomkv,
             "falconkv": hf.falconkv,
             "phikv": hf.phikv,
+            "phi": hf.phi,
             "gpt2narrow": hf.gpt2narrow,
             "gpt2fused": hf.gpt2fused,
             "vitfused": hf.vitfused,
@@ -185,6 +186,8 @@ LARGE = {
     "repblocks-64-dyn18": Entry("repblocks-64-dyn18", "repblocks", "dynamo", 18, large=True),
     "swin-t-ts17": Entry("swin-t-ts17", "swin", "ts", 17, large=True),
     "bloom-512x8-ts17": Entry("bloom-512x8-ts17", "bloom", "ts", 17, large=True),
+    "opt-512x8-ts17": Entry("opt-512x8-ts17", "opt", "ts", 17, large=True),
+    "phi-512x8-ts17": Entry("phi-512x8-ts17", "phi", "ts", 17, large=True),
 }
 
 

@@ -159,13 +159,21 @@ def falconkv() -> Built:
     return _with_cache(_text(T.FalconForCausalLM(cfg)), 1, 16)
 
 
-def phikv() -> Built:
-    """Phi (one LayerNorm feeds a parallel attention and MLP; partial rotary; an LM head with a
-    bias) with its KV cache."""
+def phi(large: bool = False) -> Built:
+    """Phi: one LayerNorm feeds a parallel attention and MLP; partial rotary; an LM head with a
+    bias. Large: 512 wide, 8 layers, 8 heads (vocab kept small)."""
     T = _transformers()
 
-    cfg = _small(T.PhiConfig(**SMALL_TEXT, partial_rotary_factor=0.5))
-    return _with_cache(_text(T.PhiForCausalLM(cfg)), 4, 16)
+    size = SMALL_TEXT
+    if large:
+        size = {**SMALL_TEXT, "hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
+                "intermediate_size": 2048}  # fmt: skip
+    return _text(T.PhiForCausalLM(_small(T.PhiConfig(**size, partial_rotary_factor=0.5))))
+
+
+def phikv() -> Built:
+    """Phi with its KV cache."""
+    return _with_cache(phi(), 4, 16)
 
 
 def gpt2narrow(large: bool = True) -> Built:
@@ -200,17 +208,21 @@ def gpt2hidden() -> Built:
     return built
 
 
-def opt() -> Built:
-    """Pre-LN (do_layer_norm_before), learned positions with offset 2, tied LM head."""
+def opt(large: bool = False) -> Built:
+    """Pre-LN (do_layer_norm_before), learned positions with offset 2, tied LM head. Large: 512
+    wide, 8 layers, 8 heads (vocab kept small)."""
     T = _transformers()
 
+    d, layers, heads = (512, 8, 8) if large else (64, 2, 4)
     cfg = _small(
         T.OPTConfig(
-            **SMALL,
-            ffn_dim=128,
+            hidden_size=d,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            ffn_dim=4 * d if large else 128,
             vocab_size=VOCAB,
             max_position_embeddings=POSITIONS,
-            word_embed_proj_dim=64,
+            word_embed_proj_dim=d,
             do_layer_norm_before=True,
         )
     )

@@ -167,20 +167,17 @@ def rewrite(
     full | local: whole models, or a segment at a time where they do not fit in `max_memory`),
     with `speed_guard` never slower than the original on `backend` (None: the target's; also
     what `crms` auto times: off | on | auto, None: auto where `passes` names it); `rotate`
-    hadamard | random rotates the residual stream (rotate-stream, seeded by `rotate_seed`),
-    quantization-ready. A path needs
-    `output` (written only on success, never over `model` unless `in_place`); an in-memory model
-    comes back as the same kind. Returns (rewritten model, RewriteReport); `report.to_json()` is
-    the CLI's --json document, also written to `report`. `on_step(message)` hears each step."""
+    hadamard | random: rotate-stream, seeded by `rotate_seed`. A path needs `output` (written on
+    success, never over `model` unless `in_place`); an in-memory model comes back as such. Returns
+    (model, RewriteReport: to_json() is the --json, also `report`); `on_step(text)` hears steps."""
     from normopt.request import Timing
 
-    options = _options(passes, target, allow_hidden_state_change, tune_params, trt_version)
     return _rewrite(
         model,
         output,
         on_step,
         passes=tuple(passes) if passes is not None else None,
-        options=options,
+        options=_options(passes, target, allow_hidden_state_change, tune_params, trt_version),
         checks=_verify_options(
             inputs, dims, shapes, rtol, atol, seed, trials, verify_method, max_memory
         ),

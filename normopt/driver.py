@@ -39,7 +39,7 @@ from normopt.guard import GuardReport, guard_speed
 from normopt.inputs import cache_note, fallback_trials, input_trials
 from normopt.passes.base import PassResult
 from normopt.passes.pipeline import run_pipeline
-from normopt.request import RewriteRequest
+from normopt.request import ROTATE_PASS, RewriteRequest
 from normopt.rewriter import io
 from normopt.rewriter.graph import op_histogram
 from normopt.schema import document, inputs_json, now
@@ -297,7 +297,8 @@ class _Run:
             self.inputs = inputs_json(self.trials, checks.inputs, checks.seed, note)
 
     def check_applied(self, names: list[str]) -> None:
-        """--require-change: some pass changed the model; --passes: each named pass did."""
+        """--require-change: some pass changed the model; --passes: each named pass did (and
+        --rotate: rotate-stream did)."""
         if self.request.require_change and not any(p.modified for p in self.passes):
             reasons = "; ".join(
                 f"{r.name}: {r.refusals[0].candidate}: {r.refusals[0].reason}"
@@ -307,9 +308,10 @@ class _Run:
             raise NotApplied(
                 f"no pass changed the model (--require-change); nothing written: {reasons}"
             )
-        if self.request.passes is None:
-            return
-        idle = [r for r in self.passes if r.name in names and not r.modified]
+        asked = set(names) if self.request.passes is not None else set()
+        if self.request.rotate is not None:  # --rotate asks for rotate-stream by name
+            asked.add(ROTATE_PASS)
+        idle = [r for r in self.passes if r.name in asked and not r.modified]
         if idle:
             reasons = "; ".join(
                 f"{r.name}: " + "; ".join(f"{x.candidate}: {x.reason}" for x in r.refusals[:3])

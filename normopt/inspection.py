@@ -16,6 +16,7 @@ from normopt.passes.base import Options
 from normopt.passes.pipeline import PASSES, ordered
 from normopt.passes.preln_to_crmsnorm import PreLNToCRMSNorm
 from normopt.passes.preln_to_rmsnorm import PreLNToRMSNorm
+from normopt.passes.rotate_stream import RotateStream
 from normopt.rewriter import io
 from normopt.rewriter.graph import dim_list, op_histogram
 from normopt.rewriter.norms import find_norms
@@ -35,8 +36,8 @@ def inspect_model(path: str | os.PathLike, target: str = "onnx") -> dict:
     """`normopt inspect`'s document (normopt.schema): `architecture` (pre-ln|post-ln|
     pre-rmsnorm|peri-ln|mixed|none), `norms` (kind, form, axis, epsilon, nodes, ...), `passes`
     ({name: {applies, reason}}), `crms` (would the stream carry d-1 coordinates, after
-    preln-to-rmsnorm where it needs that); plus `architecture_reasons`, `stream`, `model` and
-    `operators`."""
+    preln-to-rmsnorm where it needs that), `rotation` (could it be rotated, likewise); plus
+    `architecture_reasons`, `stream`, `model` and `operators`."""
     start = time.perf_counter()
     return describe(io.load(path), str(path), target, start)
 
@@ -95,21 +96,29 @@ def _describe(model: ir.Model, path: str, target: str, scratch: bool) -> dict:
             "reason": plan.summary() if plan.applies else plan.why_not(),
             **({"stats": plan.stats} if plan.stats else {}),
         }
-    info["crms"] = _crms(model, info["passes"], target, scratch)
+    info.update(_after_rms(model, info["passes"], target, scratch))
     return info
 
 
-def _crms(model: ir.Model, passes: dict, target: str, scratch: bool) -> dict:
-    """Would the stream carry d-1 coordinates (`rewrite --crms on`)? On a Pre-LN model that
-    needs preln-to-rmsnorm first: it runs here, on the loaded copy (nothing is written), and
-    preln-to-crmsnorm is asked for its plan after it. Last of all: the model is edited."""
-    crms, rms = passes[PreLNToCRMSNorm.name], passes[PreLNToRMSNorm.name]
-    if crms["applies"] or not rms["applies"] or not scratch:
-        return {"applies": crms["applies"], "after": None, "reason": crms["reason"]}
+def _after_rms(model: ir.Model, passes: dict, target: str, scratch: bool) -> dict:
+    """Would the stream carry d-1 coordinates (`rewrite --crms on`), could it be rotated
+    (`rewrite --rotate`)? On a Pre-LN model both need preln-to-rmsnorm first: it runs here, on
+    the loaded copy (nothing is written), and each pass is asked for its plan after it. Last of
+    all: the model is edited."""
+    asked = {"crms": PreLNToCRMSNorm, "rotation": RotateStream}
+    found = {
+        key: {"applies": passes[cls.name]["applies"], "after": None,
+              "reason": passes[cls.name]["reason"]}
+        for key, cls in asked.items()
+    }  # fmt: skip
+    if all(f["applies"] for f in found.values()) or not passes[PreLNToRMSNorm.name]["applies"]:
+        return found
+    if not scratch:
+        return found
     PreLNToRMSNorm(Options(target=target)).run(model)
-    plan = PreLNToCRMSNorm(Options(target=target)).plan(model)
-    return {
-        "applies": plan.applies,
-        "after": PreLNToRMSNorm.name,
-        "reason": plan.summary() if plan.applies else plan.why_not(),
-    }
+    for key, cls in asked.items():
+        if not found[key]["applies"]:
+            plan = cls(Options(target=target)).plan(model)
+            reason = plan.summary() if plan.applies else plan.why_not()
+            found[key] = {"applies": plan.applies, "after": PreLNToRMSNorm.name, "reason": reason}
+    return found

@@ -105,14 +105,15 @@ def inspection(info: dict, title: str) -> None:
     for name, p in info["passes"].items():
         table.add_row(name, "[green]yes[/]" if p["applies"] else "no", escape(p["reason"]))
     out.print(table)
-    crms = info["crms"]
-    after = f" after {crms['after']}" if crms["after"] else ""
-    out.print(
-        f"Pre-CRMSNorm (rewrite --crms on|auto){after}: {'applies' if crms['applies'] else 'no'}: "
-        f"{crms['reason']}",
-        markup=False,
-        highlight=False,
-    )
+    for key, label in (("crms", "Pre-CRMSNorm (rewrite --crms on|auto)"),
+                       ("rotation", "Rotation (rewrite --rotate hadamard|random)")):  # fmt: skip
+        answer = info[key]
+        after = f" after {answer['after']}" if answer["after"] else ""
+        out.print(
+            f"{label}{after}: {'applies' if answer['applies'] else 'no'}: {answer['reason']}",
+            markup=False,
+            highlight=False,
+        )
 
 
 def rewrite_result(result, explain: bool, timings: bool, threads: int, stdout: bool) -> None:

@@ -80,7 +80,7 @@ class RotateStream(Pass[RotationPlan]):
     def apply(self, model: ir.Model, plan: Plan[RotationPlan]) -> list[Change]:
         edit, rotation = Editor(model.graph), plan.actions[0]
         q = numerics.Rotation(rotation.d, self.settings.kind, self.settings.seed)
-        changes = []
+        changes = [Change("rotated", f"residual stream(s) by Q = {q.describe()}")]
         for value, match in rotation.outputs:  # first: a beta Add's output is still there
             affine = rotation.affines[id(match)] if match is not None else None
             _unrotate(edit, value, q.matrix().T, affine)
@@ -116,7 +116,7 @@ def _writers(edit: Editor, rotation: RotationPlan, q: numerics.Rotation) -> list
         edit.set_constant_input(
             node, index, np.ascontiguousarray(numerics.rotate(array, axis, q)), name
         )
-        what = "writer constant(s) rotated along the hidden axis: W Q"
+        what = "writer constant(s) along the hidden axis: W Q"
         changes.append(Change("rotated", what, (node.name,), (node.inputs[index].name,)))
     return changes
 
@@ -137,7 +137,7 @@ def _readers(
         axis = reader_axis(node, node.inputs[0], d)
         w = numerics.rotate(current, axis, q, scale=affine.gamma)
         edit.set_constant_input(node, 1, np.ascontiguousarray(w), f"{node.name}.rotated_weight")
-        what = "reader weight(s) rotated on their input axis: Q^T diag(g) W"
+        what = "reader weight(s) on their input axis: Q^T diag(g) W"
         changes.append(Change("rotated", what, (node.name,), (node.inputs[1].name,)))
     if affine.gamma is not None:  # the scale leaves the norm: ones in its place
         node = next(n for n in match.nodes if match.scale in n.inputs)

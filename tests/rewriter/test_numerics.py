@@ -162,3 +162,57 @@ def test_diffused_rounding_keeps_float16_rows_summing_to_zero():
     assert np.all(np.abs(diffused.sum(-1)) <= ulp)
     assert np.mean(np.abs(plain.sum(-1)) > ulp) > 0.5  # what the entry-by-entry rounding leaves
     assert np.all(np.abs(diffused - centred) <= ulp[:, None])
+
+
+@pytest.mark.parametrize("d", [1, 2, 7, 12, 30, 48, 64, 96, 768, 1600, 2560])
+@pytest.mark.parametrize("kind", ["hadamard", "random"])
+def test_rotations_are_orthogonal_and_applied_as_their_matrix(d, kind):
+    """Q Q^T = I for every width (a Paley factor where d has one: 768 = 12 x 64, 1600 = 200 x 8,
+    2560 = 20 x 128; a random orthogonal factor of d's odd part otherwise: 7, 30); `rotate`
+    along either axis is the product with Q (or Q^T), computed in float64."""
+    from normopt.rewriter.numerics import Rotation, rotate
+
+    q = Rotation(d, kind, seed=5)
+    m = q.matrix()
+    np.testing.assert_allclose(m @ m.T, np.eye(d), atol=1e-12)
+    w = np.random.default_rng(0).standard_normal((3, d))
+    np.testing.assert_allclose(rotate(w, -1, q), w @ m, atol=1e-12)
+    np.testing.assert_allclose(rotate(w.T, 0, q), m.T @ w.T, atol=1e-12)
+    if kind == "hadamard" and d in (
+        12,
+        48,
+        64,
+        768,
+        2560,
+    ):  # a true Hadamard matrix: |Q| = 1/sqrt(d)
+        np.testing.assert_allclose(np.abs(m), 1 / np.sqrt(d), rtol=1e-12)
+
+
+def test_a_rotation_spreads_one_channel_over_all():
+    from normopt.rewriter.numerics import Rotation, rotate
+
+    x = np.zeros((1, 768))
+    x[0, 5] = 40.0
+    y = rotate(x, -1, Rotation(768))
+    np.testing.assert_allclose(np.abs(y), 40 / np.sqrt(768), rtol=1e-12)
+
+
+def test_a_float16_weight_is_rotated_in_float64_and_rounded_once():
+    from normopt.rewriter.numerics import Rotation, rotate
+
+    q = Rotation(96, "hadamard", seed=1)
+    w = np.random.default_rng(2).standard_normal((40, 96)).astype(np.float16)
+    g = np.linspace(0.5, 3, 96)
+    got = rotate(w.T, 0, q, scale=g)
+    assert got.dtype == np.float16
+    want = (q.matrix().T @ (g[:, None] * w.T.astype(np.float64))).astype(np.float16)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("q", [3, 7, 11, 19, 23, 43, 59, 199])
+def test_paley_matrices_are_hadamard(q):
+    from normopt.rewriter.numerics import _paley
+
+    h = _paley(q)
+    assert set(np.unique(h)) == {-1.0, 1.0}
+    np.testing.assert_array_equal(h @ h.T, (q + 1) * np.eye(q + 1))

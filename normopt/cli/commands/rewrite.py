@@ -101,7 +101,7 @@ def rewrite(
     shape: ShapeOpt = None,
 ) -> None:
     """Rewrite IN into OUT. Exit 0 written; 1 verification failed; 2 bad input; 3 a requested pass
-    applied nowhere (or, with --require-change, none changed the model)."""
+    (--passes, --rotate) applied nowhere (or, with --require-change, none changed the model)."""
     if guard not in (None, "speed"):
         raise BadInput(f"--guard takes 'speed', not '{guard}'")
     names = [n.strip() for n in passes.split(",") if n.strip()] if passes is not None else None
@@ -121,14 +121,8 @@ def rewrite(
     render.rewrite_result(result, **shown)
     _written(result, dst, in_place)
     if profile_after:  # on the inputs verification used (generated only with --no-verify)
-        timed(
-            [src, dst],
-            threads=threads,
-            feeds=result.feeds,
-            inputs=inputs,
-            seed=seed,
-            backend=backend or "ort-cpu",
-        )
+        feeds = {"feeds": result.feeds, "inputs": inputs, "seed": seed}
+        timed([src, dst], threads=threads, backend=backend or "ort-cpu", **feeds)
 
 
 def _written(result, dst: Path, in_place: bool) -> None:
