@@ -13,8 +13,9 @@ tables float, as in QuaRot); and its
 --rotate hadamard`). Error against the float32 original's first output: max |y - ref| / max
 |ref|, mean |y - ref| / mean |ref|, and for the LMs top-1 agreement of the logits. rotate-stream's
 inserted online rotations (an x Q MatMul after a writer no constant holds: BLOOM's embedding
-LayerNorm) are left unquantized, as QuaRot leaves its online Hadamards. Then the int8
-and 4-bit rotated models' latency against the float32 original (paired rounds, A/A control).
+LayerNorm) are left unquantized, as QuaRot leaves its online Hadamards. Then the rotated
+model's latency, float32 and quantized, against the float32 original (paired rounds, A/A
+control).
 Writes results/quantize.json.
 """
 
@@ -206,7 +207,8 @@ def main() -> int:
                 ref = run(src, feeds)
                 found = variants(Path(src), tmp, feeds)
                 row = results[label][outliers] = {}
-                timed = {"original": found["original"]}  # the rotated model, quantized
+                # the rotated model, in float32 and quantized
+                timed = {"original": found["original"], "rotated float32": found["rotated"]}
                 for quant in QUANTS:
                     for name, path in found.items():
                         q = tmp / f"{entry}-{outliers}-{name}-{quant}.onnx"

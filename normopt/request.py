@@ -3,6 +3,7 @@ API, which the CLI calls) and read by the driver, the variants and the report.""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,12 +11,14 @@ from pathlib import Path
 from normopt.errors import BadInput
 from normopt.passes.base import Options
 from normopt.passes.pipeline import resolve, settings_of
+from normopt.passes.preln_to_rmsnorm import PreLNSettings
 from normopt.passes.rotate_stream import RotateSettings
 from normopt.verification import VerifyOptions
 
 CRMS_PASS = "preln-to-crmsnorm"
 CRMS_MODES = ("off", "on", "auto")
 ROTATE_PASS = "rotate-stream"
+PRELN_PASS = "preln-to-rmsnorm"
 
 
 @dataclass(frozen=True)
@@ -117,15 +120,17 @@ class RewriteRequest:
         if ROTATE_PASS not in names:
             if self.passes is not None:
                 raise BadInput(f"--rotate: --passes does not name {ROTATE_PASS}")
-            at = names.index("preln-to-rmsnorm") + 1 if "preln-to-rmsnorm" in names else 0
+            at = names.index(PRELN_PASS) + 1 if PRELN_PASS in names else 0
             names.insert(at, ROTATE_PASS)
 
     def settings(self) -> dict[str, object]:
         """The per-pass settings `passes` carries (`name{field=value}`), by pass name; --rotate's
         for rotate-stream."""
         found = settings_of(self.passes)
-        if self.rotate is not None:
+        if self.rotate is not None:  # and every stream LayerNorm converted, where it pays or not
             found[ROTATE_PASS] = RotateSettings(self.rotate, self.rotate_seed)
+            preln = found.get(PRELN_PASS, PreLNSettings())
+            found[PRELN_PASS] = dataclasses.replace(preln, convert_all=1)
         return found
 
     @property

@@ -238,9 +238,12 @@ def _no_gain(match: NormMatch, opset: int, target: str, shared: set[ir.Value]) -
 class PreLNSettings:
     """`recentring_cost`: what an explicit recentring costs, in LayerNorm conversions saved
     (None: stream_plan.RECENTRING_COST, measured on ORT CPU); a region converts only where its
-    conversions outweigh its recentrings at this price."""
+    conversions outweigh its recentrings at this price. `convert_all` 1: every LayerNorm that
+    can be converted is, also where it does not pay on ORT CPU (`_no_gain`) and whatever its
+    recentrings cost: what a rotation of the stream needs (`rewrite --rotate` sets it)."""
 
     recentring_cost: int | None = None
+    convert_all: int = 0
 
 
 class PreLNToRMSNorm(Pass[StreamRewrite]):
@@ -263,11 +266,12 @@ class PreLNToRMSNorm(Pass[StreamRewrite]):
             m.input for m in layernorms if m.form == "op" and not is_skip(m.nodes[0])
         )
         shared = {v for v, n in readers.items() if n > 1}
+        every = bool(self.settings.convert_all)
         planner = Planner(
             norms,
             self.options.allow_hidden_state_change,
-            lambda m: _no_gain(m, opset, self.options.target, shared),
-            self.settings.recentring_cost,
+            lambda m: None if every else _no_gain(m, opset, self.options.target, shared),
+            0 if every else self.settings.recentring_cost,
         )
         rewrite, plan = StreamRewrite(), Plan()
         decided: set[int] = set()

@@ -240,7 +240,12 @@ def plan_rotation(analysis: StreamAnalysis, found: list[NormMatch]) -> RotationP
     """The rotation plan of the graph's residual stream (`found`: the graph's norms), or why
     there is none."""
     if analysis.architecture != "pre-rmsnorm":
-        first = " (run preln-to-rmsnorm first)" if analysis.architecture == "pre-ln" else ""
+        first = (
+            ": LayerNorms read it (preln-to-rmsnorm converts them; where it did not, its "
+            "refusals say why)"
+            if analysis.architecture == "pre-ln"
+            else ""
+        )
         return f"the stream is {analysis.architecture}, not Pre-RMSNorm{first}"
     sums = [total(r.node) for r in analysis.residual_adds]  # a fused Skip norm's sum output
     stream = list(dict.fromkeys([*analysis.initial, *(v for v in sums if isinstance(v, ir.Value))]))
