@@ -11,11 +11,12 @@ each failing graph as an .onnx file to turn into a regression test. `--crms`: th
 campaign instead, every graph a transformer through preln-to-rmsnorm + preln-to-crmsnorm
 (--allow-hidden-state-change on odd seeds). `--rotate`: the rotation campaign, every graph a
 transformer through preln-to-rmsnorm + rotate-stream (a random orthogonal Q on odd seeds, a
-randomized Hadamard one on even ones; --allow-hidden-state-change on every third; canonicalize-norms
-after, --target ort, on every fourth). `--reparam`: the re-parameterization campaign,
-CNNs with parallel branches only (the other seeds are skipped), through merge-branches alone
-(odd seeds) or the default pipeline. The generator and the judge are tests/fuzzing.py, which
-the test suite runs with hypothesis on a few hundred graphs.
+randomized Hadamard one on even ones; --allow-hidden-state-change on every third; preln-to-rmsnorm
+converting every norm, as --rotate has it, on three seeds in five; canonicalize-norms
+after, --target ort, on every fourth). `--reparam`: the re-parameterization campaign, CNNs with
+parallel branches only (the other seeds are skipped), through merge-branches alone (odd seeds)
+or the default pipeline. The generator and the judge are tests/fuzzing.py, which the test suite
+runs with hypothesis on a few hundred graphs.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def one(seed: int, crms: bool = False, reparam: bool = False, rotate: bool = Fal
     elif rotate:
         case = fuzzing.transformer(choices)
         kind = "random" if seed % 2 else "hadamard"
-        names = ["preln-to-rmsnorm", f"rotate-stream{{kind={kind} seed={seed}}}"]
+        preln = "preln-to-rmsnorm{convert_all=1}" if seed % 5 < 3 else "preln-to-rmsnorm"
+        names = [preln, f"rotate-stream{{kind={kind} seed={seed}}}"]
         names += ["canonicalize-norms"] if seed % 4 == 0 else []
         target = "ort" if seed % 4 == 0 else "onnx"
         options = Options(target=target, allow_hidden_state_change=seed % 3 == 0)

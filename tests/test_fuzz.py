@@ -204,6 +204,16 @@ def test_a_stream_carried_through_transposes_is_rotated_once():
     _check(case, ["preln-to-rmsnorm", "rotate-stream"], Options())
 
 
+def test_converting_every_norm_for_a_rotation_stays_idempotent():
+    """Found by the rotation campaign (seed 20107): with --rotate's convert_all, preln-to-rmsnorm
+    also priced recentrings at 0, and a Mix-LN block's recentring followed by its RMSNorm was
+    matched as a LayerNorm and converted again, with another recentring, on every run. The
+    recentring keeps its price; a second run changes nothing."""
+    case = fuzzing.transformer(fuzzing.RandomChoices(20107))
+    _check(case, ["preln-to-rmsnorm{convert_all=1}", "rotate-stream{kind=random seed=20107}"],
+           Options())  # fmt: skip
+
+
 def test_a_float16_norm_with_a_float32_output_keeps_its_type():
     """Found by a CRMS campaign (seed 822840): a float16 model's RMSNorm computed in float32 whose
     output stays float32 (no Cast back); the CRMSNorm cast its output to the input's float16 and

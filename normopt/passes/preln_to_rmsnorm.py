@@ -238,9 +238,11 @@ def _no_gain(match: NormMatch, opset: int, target: str, shared: set[ir.Value]) -
 class PreLNSettings:
     """`recentring_cost`: what an explicit recentring costs, in LayerNorm conversions saved
     (None: stream_plan.RECENTRING_COST, measured on ORT CPU); a region converts only where its
-    conversions outweigh its recentrings at this price. `convert_all` 1: every LayerNorm that
-    can be converted is, also where it does not pay on ORT CPU (`_no_gain`) and whatever its
-    recentrings cost: what a rotation of the stream needs (`rewrite --rotate` sets it)."""
+    conversions outweigh its recentrings at this price. `convert_all` 1: a LayerNorm is
+    converted also where the conversion alone does not pay on ORT CPU (`_no_gain`: GPT-NeoX's
+    parallel norms), as a rotation of the stream needs (`rewrite --rotate` sets it); the
+    recentring price stays (at 0, a recentring and the RMSNorm after it would be matched as a
+    LayerNorm and converted again on every run: found by the rotation campaign, seed 20107)."""
 
     recentring_cost: int | None = None
     convert_all: int = 0
@@ -271,7 +273,7 @@ class PreLNToRMSNorm(Pass[StreamRewrite]):
             norms,
             self.options.allow_hidden_state_change,
             lambda m: None if every else _no_gain(m, opset, self.options.target, shared),
-            0 if every else self.settings.recentring_cost,
+            self.settings.recentring_cost,
         )
         rewrite, plan = StreamRewrite(), Plan()
         decided: set[int] = set()

@@ -156,19 +156,33 @@ def _readers(
 FOLDED = "RMSNorm scale(s) (and beta) into their readers"
 
 
+def _product(edit: Editor, value: ir.Value, m: np.ndarray, name: str) -> list[ir.Node]:
+    """Nodes computing value @ m, in float32 for a 16-bit value (Cast in, Cast back: a float16
+    Q would round every entry, and the products in float16 lose what a recentring left)."""
+    dtype = value.dtype if value.dtype is not None else ir.DataType.FLOAT
+    wide = dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+    nodes, x = [], value
+    if wide:
+        nodes.append(edit.node("Cast", [x], {"to": ir.DataType.FLOAT}, name=f"{name}.to_float"))
+        x = nodes[-1].outputs[0]
+    matrix = edit.initializer(name, m.astype(np.float32 if wide else dtype.numpy()))
+    nodes.append(edit.node("MatMul", [x, matrix], name=name, like=None if wide else value))
+    if wide:
+        nodes.append(edit.node("Cast", [nodes[-1].outputs[0]], {"to": dtype}, name=f"{name}.back"))
+    nodes[-1].outputs[0].type, nodes[-1].outputs[0].shape = value.type, value.shape
+    return nodes
+
+
 def _online(edit: Editor, value: ir.Value, q: np.ndarray) -> None:
     """Insert y = value @ Q and make every reader of `value` read y."""
     uses = list(value.uses())
-    base = value.name or "stream"
-    dtype = value.dtype.numpy() if value.dtype is not None else np.float32
-    matrix = edit.initializer(f"{base}.rotation", q.astype(dtype))
-    node = edit.node("MatMul", [value, matrix], name=f"{base}.rotated", like=value)
+    nodes = _product(edit, value, q, f"{value.name or 'stream'}.rotation")
     if value.producer() is None:  # a graph input
-        edit.graph.insert_before(next(iter(edit.graph)), node)
+        edit.graph.insert_before(next(iter(edit.graph)), nodes)
     else:
-        edit.graph.insert_after(value.producer(), node)
+        edit.graph.insert_after(value.producer(), nodes)
     for use in uses:
-        use.node.replace_input_with(use.idx, node.outputs[0])
+        use.node.replace_input_with(use.idx, nodes[-1].outputs[0])
 
 
 def _unrotate(edit: Editor, value: ir.Value, qt: np.ndarray, affine) -> None:
@@ -176,22 +190,14 @@ def _unrotate(edit: Editor, value: ir.Value, qt: np.ndarray, affine) -> None:
     output, whose affine went to its readers); its readers keep reading `value`."""
     dtype = value.dtype.numpy() if value.dtype is not None else np.float32
     base = value.name
-    nodes = [
-        edit.node(
-            "MatMul",
-            [value, edit.initializer(f"{base}.unrotation", qt.astype(dtype))],
-            name=f"{base}.unrotated",
-            like=value,
-        )
-    ]
+    nodes = _product(edit, value, qt, f"{base}.unrotation")
     for op, vector in (("Mul", affine and affine.gamma), ("Add", affine and affine.beta)):
         if vector is not None:
             constant = edit.initializer(f"{base}.{op.lower()}", vector.astype(dtype))
             nodes.append(
-                edit.node(
-                    op, [nodes[-1].outputs[0], constant], name=f"{base}.{op.lower()}", like=value
-                )
-            )
+                edit.node(op, [nodes[-1].outputs[0], constant], name=f"{base}.{op.lower()}",
+                          like=value)
+            )  # fmt: skip
     edit.graph.insert_after(value.producer(), nodes)
     out = nodes[-1].outputs[0]
     readers = [(u.node, u.idx) for u in value.uses() if u.node is not nodes[0]]
