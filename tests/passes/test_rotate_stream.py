@@ -270,7 +270,10 @@ def test_a_norm_op_with_a_computed_scale_is_refused():
     import onnx_ir as ir
 
     from normopt.passes.rotate_stream import RotateStream
-    from tests.helpers import annotate
+    from tests.helpers import annotate, supported_opset
+
+    if supported_opset() < 23:
+        pytest.skip("opset 23 needs a newer onnx and onnxruntime than installed")
 
     model = prermsnorm()
     graph = model.graph
