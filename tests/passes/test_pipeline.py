@@ -230,7 +230,9 @@ def test_a_pipeline_string_carries_a_pass_s_own_settings():
         "cleanup",
     ]
     assert settings_of(["cleanup"]) == {}
-    with pytest.raises(BadInput, match="has no setting 'cost' \\(it has: recentring_cost\\)"):
+    with pytest.raises(
+        BadInput, match="has no setting 'cost' \\(it has: recentring_cost, convert_all\\)"
+    ):
         resolve(["preln-to-rmsnorm{cost=1}"])
     with pytest.raises(BadInput, match="recentring_cost takes a int, not 'many'"):
         resolve(["preln-to-rmsnorm{recentring_cost=many}"])
