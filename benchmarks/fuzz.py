@@ -11,12 +11,13 @@ each failing graph as an .onnx file to turn into a regression test. `--crms`: th
 campaign instead, every graph a transformer through preln-to-rmsnorm + preln-to-crmsnorm
 (--allow-hidden-state-change on odd seeds). `--rotate`: the rotation campaign, every graph a
 transformer through preln-to-rmsnorm + rotate-stream (a random orthogonal Q on odd seeds, a
-randomized Hadamard one on even ones; --allow-hidden-state-change on every third; preln-to-rmsnorm
-converting every norm, as --rotate has it, on three seeds in five; canonicalize-norms
-after, --target ort, on every fourth). `--reparam`: the re-parameterization campaign, CNNs with
-parallel branches only (the other seeds are skipped), through merge-branches alone (odd seeds)
-or the default pipeline. The generator and the judge are tests/fuzzing.py, which the test suite
-runs with hypothesis on a few hundred graphs.
+randomized Hadamard one on even ones; --allow-hidden-state-change on every third seed;
+preln-to-rmsnorm converting every norm, as --rotate has it, on three seeds in five;
+canonicalize-norms after, --target ort, on every fourth; DiT's adaLN on every seventh).
+`--reparam`: the re-parameterization campaign, CNNs with parallel branches only (the other
+seeds are skipped), through merge-branches alone (odd seeds) or the default pipeline. The
+generator and the judge are tests/fuzzing.py, which the test suite runs with hypothesis on a
+few hundred graphs.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def one(seed: int, crms: bool = False, reparam: bool = False, rotate: bool = Fal
             Options(allow_hidden_state_change=bool(seed % 2)),
         )
     elif rotate:
-        case = fuzzing.transformer(choices)
+        case = fuzzing.transformer(choices, adaln=seed % 7 == 0)
         kind = "random" if seed % 2 else "hadamard"
         preln = "preln-to-rmsnorm{convert_all=1}" if seed % 5 < 3 else "preln-to-rmsnorm"
         names = [preln, f"rotate-stream{{kind={kind} seed={seed}}}"]

@@ -272,6 +272,13 @@ EXTRAS = (
 )
 
 
+def _modulated(b: Builder, h: str, cond: str, d: int) -> str:
+    """DiT's adaLN modulation of a norm output: h * (1 + c W_s) + c W_t, c a conditioning
+    input (one vector per batch row, broadcast over tokens)."""
+    scale = b.op("Add", [b.op("MatMul", [cond, b.weight((d, d))]), b.const(np.ones(d), "one")])
+    return b.op("Add", [b.op("Mul", [h, scale]), b.op("MatMul", [cond, b.weight((d, d))])])
+
+
 def _embedding(
     c, b: Builder, start: str, shape: tuple, d: int, rank2: bool, extras: set, notes: list
 ):
@@ -356,7 +363,10 @@ def _embedding(
     return x, table
 
 
-def transformer(c) -> Case:
+def transformer(c, adaln: bool = False) -> Case:
+    """A random Pre-LN transformer; `adaln`: DiT's adaLN in every block (a conditioning input
+    modulates each norm output and gates each branch; asked for, not drawn, so that every seed
+    keeps its graph)."""
     dtype = c.pick([np.float32, np.float32, np.float32, np.float16])
     b = Builder(np.random.default_rng(c.integer(0, 2**31 - 1)), dtype)
     notes: list[str] = []
@@ -369,7 +379,7 @@ def transformer(c) -> Case:
         if not rank2
         else ["ids", "features", "stream_input"]
     )
-    extras = {e for e in EXTRAS if c.coin(0.05)}
+    extras = {e for e in EXTRAS if c.coin(0.05)} | ({"adaln"} if adaln else set())
     notes.append(f"start={start} d={d} rank2={rank2} opset={opset} dtype={np.dtype(dtype)}")
     notes.append("extras=" + ",".join(sorted(extras)))
     x, table = _embedding(c, b, start, shape, d, rank2, extras, notes)
@@ -379,6 +389,7 @@ def transformer(c) -> Case:
     if "embedding_ln" in extras:  # the stream starts at a LayerNorm's output
         x = layer_norm(c, b, x, d, opset, len(shape))
     side: list[tuple[str, int]] = []  # (value, width) computed from stream readers; added into y
+    cond = b.input((1, d) if rank2 else (batch, 1, d), base="cond") if "adaln" in extras else None
     layers = c.integer(1, 3) if c.coin(0.9) else 0
     shared_w = None
     for i in range(layers):
@@ -390,7 +401,11 @@ def transformer(c) -> Case:
                 h = layer_norm_two_axes(c, b, x, tokens, d, opset)
             else:
                 h = layer_norm(c, b, x, d, opset, len(shape), norm_kind)
+            if cond is not None:  # DiT's adaLN: h * (1 + scale(c)) + shift(c), the branch gated
+                h = _modulated(b, h, cond, d)
             br = _branch(c, b, h, d, rank2)
+            if cond is not None:
+                br = b.op("Mul", [br, b.op("MatMul", [cond, b.weight((d, d))])])
             if "shared_weight" in extras:
                 if shared_w is None:
                     shared_w = b.weight((d, d))

@@ -32,7 +32,13 @@ def _check(case, names, options):
     assert verdict.ok, (verdict, case.notes, names, options)
 
 
-@pytest.mark.parametrize("family", [fuzzing.transformer, fuzzing.cnn], ids=["transformer", "cnn"])
+def _adaln(c):
+    return fuzzing.transformer(c, adaln=True)
+
+
+@pytest.mark.parametrize(
+    "family", [fuzzing.transformer, _adaln, fuzzing.cnn], ids=["transformer", "adaln", "cnn"]
+)
 @SETTINGS
 @given(data=st.data())
 def test_every_rewrite_of_a_random_graph_is_exact_or_refused_with_a_reason(family, data):
@@ -212,6 +218,27 @@ def test_converting_every_norm_for_a_rotation_stays_idempotent():
     case = fuzzing.transformer(fuzzing.RandomChoices(20107))
     _check(case, ["preln-to-rmsnorm{convert_all=1}", "rotate-stream{kind=random seed=20107}"],
            Options())  # fmt: skip
+
+
+def test_an_adaln_block_is_converted_exactly_and_not_rotated():
+    """DiT's adaLN (the fuzzer's `adaln` transformers): a norm output modulated by
+    h * (1 + c W_s) + c W_t from a conditioning input, the branch gated by c W_g.
+    preln-to-rmsnorm converts what it can exactly (the gate makes the branch no constant writer
+    of the stream); rotate-stream refuses: the modulation Mul reads the norm, no Q^T for it."""
+    import onnx_ir as ir
+
+    from normopt.passes.pipeline import run_pipeline
+
+    case = fuzzing.transformer(fuzzing.RandomChoices(35), adaln=True)
+    rotated = ["preln-to-rmsnorm{convert_all=1}", "rotate-stream"]
+    for names in (["preln-to-rmsnorm"], rotated):
+        _check(case, names, Options())
+    model = ir.serde.deserialize_model(case.model)
+    results = {r.name: r for r in run_pipeline(model, rotated, Options())}
+    assert not results["rotate-stream"].modified
+    assert results["preln-to-rmsnorm"].modified
+    reason = results["rotate-stream"].refusals[0].reason
+    assert reason.startswith("Mul ") and "reads the RMSNorm" in reason
 
 
 def test_a_float16_norm_with_a_float32_output_keeps_its_type():
