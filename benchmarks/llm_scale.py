@@ -36,6 +36,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/normopt-llm-scale"))
     parser.add_argument("--keep", action="store_true", help="keep the built models")
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"of {', '.join(VARIANTS)}, rotate-no-verify, rotate (rewrite --rotate hadamard)",
+    )
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     rows = {}
@@ -47,7 +52,7 @@ def main() -> int:
             print(f"building {size} ({shape.params / 1e9:.2f}B parameters)", file=sys.stderr)
             build(src, shape)
         model_bytes = src.stat().st_size + data.stat().st_size
-        runs = measure(src, VARIANTS, args.rounds, args.dir)
+        runs = measure(src, args.variants.split(","), args.rounds, args.dir)
         if not args.keep:
             src.unlink()
             data.unlink()
@@ -79,7 +84,8 @@ def main() -> int:
 
 
 def _print_row(size: str, row: dict) -> None:
-    """One Markdown table row: the model, then each variant's time and RSS (medians)."""
+    """One Markdown table row: the model, then each variant's time and RSS (medians) next to
+    the round trip's."""
     med = {
         v: (
             statistics.median(r["seconds"] for r in runs),
@@ -88,13 +94,14 @@ def _print_row(size: str, row: dict) -> None:
         for v, runs in row["runs"].items()
     }
     plain = med["plain"][0]
-    method = row["runs"]["rewrite"][0]["steps"].get("verified by", {}).get("method", "-")
+    verified = [r for v, runs in row["runs"].items() for r in runs if "verified by" in r["steps"]]
+    method = verified[0]["steps"]["verified by"]["method"] if verified else "-"
     gb = row["model_bytes"] / 1e9
     cells = [f"{size} {row['dtype']}", f"{gb:.2f} GB", f"{plain:.1f} s"]
-    for v in ("rewrite-no-verify", "rewrite"):
+    for v in (v for v in row["runs"] if v != "plain"):
         seconds, rss = med[v]
         cells += [
-            f"{seconds:.1f} s ({seconds / plain:.2f}x)",
+            f"{v}: {seconds:.1f} s ({seconds / plain:.2f}x)",
             f"{rss / 1e9:.2f} GB ({rss / row['model_bytes']:.2f}x)",
         ]
     print("| " + " | ".join([*cells, method]) + " |", flush=True)
@@ -102,8 +109,6 @@ def _print_row(size: str, row: dict) -> None:
 
 if __name__ == "__main__":
     print(
-        "| model | file | round trip | rewrite --no-verify | peak RSS | rewrite (verified) | "
-        "peak RSS | verified by |\n|" + " --- |" * 8,
-        flush=True,
+        "| model | file | round trip | variant: time | peak RSS | ... | verified by |", flush=True
     )
     sys.exit(main())

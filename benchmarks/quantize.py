@@ -51,6 +51,7 @@ class _Writers:
 
     combines = ("Add", "Sub", "Concat")
     where = ""
+    through_scalars = True  # scaling a channel commutes with a scalar
 
     def __init__(self) -> None:
         self.found: dict = {}

@@ -117,9 +117,9 @@ def child(variant: str, src: str, dst: str) -> None:
 
         imported = time.perf_counter() - t
         report = Path(dst).with_suffix(".report.json")
-        args = ["rewrite", src, dst, "--report", str(report)] + (
-            ["--no-verify"] if variant == "rewrite-no-verify" else []
-        )
+        args = ["rewrite", src, dst, "--report", str(report)]
+        args += ["--no-verify"] if variant.endswith("-no-verify") else []
+        args += ["--rotate", "hadamard"] if variant.startswith("rotate") else []
         try:
             app(args, prog_name="normopt", standalone_mode=False)
             code = 0

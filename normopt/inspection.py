@@ -111,9 +111,8 @@ def _after_rms(model: ir.Model, passes: dict, target: str, scratch: bool) -> dic
               "reason": passes[cls.name]["reason"]}
         for key, cls in asked.items()
     }  # fmt: skip
-    if all(f["applies"] for f in found.values()) or not passes[PreLNToRMSNorm.name]["applies"]:
-        return found
-    if not scratch:
+    settled = all(f["applies"] for f in found.values())
+    if settled or not passes[PreLNToRMSNorm.name]["applies"] or not scratch:
         return found
     PreLNToRMSNorm(Options(target=target)).run(model)
     for key, cls in asked.items():

@@ -27,12 +27,12 @@ import onnx_ir as ir
 
 from normopt.errors import BadInput
 from normopt.passes.base import Change, Pass, Plan
-from normopt.rewriter import numerics
+from normopt.rewriter import numerics, streamed
 from normopt.rewriter.edit import Editor
-from normopt.rewriter.graph import constant_value, folded_value
+from normopt.rewriter.graph import constant_shape, constant_value, folded_value
 from normopt.rewriter.linear_fold import Fold, bias_add_after, fold_weights
-from normopt.rewriter.norms import NormMatch, find_norms
-from normopt.rewriter.rotation import RotationPlan, plan_rotation, reader_axis
+from normopt.rewriter.norms import find_norms
+from normopt.rewriter.rotation import NormAffine, RotationPlan, plan_rotation, reader_axis
 from normopt.rewriter.stream import analyze
 
 MARK = "normopt.rotation"
@@ -81,15 +81,15 @@ class RotateStream(Pass[RotationPlan]):
         edit, rotation = Editor(model.graph), plan.actions[0]
         q = numerics.Rotation(rotation.d, self.settings.kind, self.settings.seed)
         changes = [Change("rotated", f"residual stream(s) by Q = {q.describe()}")]
-        for value, match in rotation.outputs:  # first: a beta Add's output is still there
-            affine = rotation.affines[id(match)] if match is not None else None
-            _unrotate(edit, value, q.matrix().T, affine)
+        matrix = q.matrix() if rotation.outputs or rotation.online else None
+        for value, norm in rotation.outputs:  # first: a beta Add's output is still there
+            _unrotate(edit, value, matrix.T, norm)
             changes.append(Change("restored", UNROTATED, (), (value.name,)))
         changes += _writers(edit, rotation, q)
-        for match in rotation.norms:
-            changes += _readers(edit, rotation, match, q)
+        for norm in rotation.norms:
+            changes += _readers(edit, norm, q)
         for value, why in rotation.online.items():
-            _online(edit, value, q.matrix())
+            _online(edit, value, matrix)
             changes.append(Change("rotated", ONLINE, (), (value.name,), why))
         model.metadata_props[MARK] = json.dumps(
             {"kind": q.kind, "seed": q.seed, "d": q.d, "q": q.describe()}
@@ -106,37 +106,34 @@ def _writers(edit: Editor, rotation: RotationPlan, q: numerics.Rotation) -> list
     along it first spread to d entries)."""
     changes = []
     for (node, index), axis in rotation.writers.items():
-        array = folded_value(node.inputs[index])
-        if array.ndim < -axis or array.shape[axis] == 1:
+        shape = constant_shape(node.inputs[index])
+        if len(shape) < -axis or shape[axis] == 1:  # spread to d entries (a small constant)
+            array = folded_value(node.inputs[index])
             array = array.reshape((1,) * (-axis - array.ndim) + array.shape)
             array = np.broadcast_to(
                 array, (*array.shape[:axis], rotation.d, *array.shape[axis:][1:])
             )
+            new = numerics.rotate(array, axis, q)
+        else:
+            new = _rotated(node.inputs[index], axis, q)
         name = f"{node.inputs[index].name or node.name}.rotated"
-        edit.set_constant_input(
-            node, index, np.ascontiguousarray(numerics.rotate(array, axis, q)), name
-        )
+        edit.set_constant_input(node, index, new, name)
         what = "writer constant(s) along the hidden axis: W Q"
         changes.append(Change("rotated", what, (node.name,), (node.inputs[index].name,)))
     return changes
 
 
-def _readers(
-    edit: Editor, rotation: RotationPlan, match: NormMatch, q: numerics.Rotation
-) -> list[Change]:
+def _readers(edit: Editor, affine: NormAffine, q: numerics.Rotation) -> list[Change]:
     """The norm's beta into its readers' biases (b + beta W), its gamma and Q^T into their
     weights (Q^T diag(g) W, rounded once); the norm left with scale 1 and no beta Add."""
-    affine, d = rotation.affines[id(match)], rotation.d
-    changes = []
+    match, changes = affine.match, []
     for node in affine.readers:
         if affine.beta is not None:
-            fold_weights(
-                edit, Fold(np.ones(d), affine.beta, "following", node, bias_add_after(node))
-            )
-        current = folded_value(node.inputs[1])
-        axis = reader_axis(node, node.inputs[0], d)
-        w = numerics.rotate(current, axis, q, scale=affine.gamma)
-        edit.set_constant_input(node, 1, np.ascontiguousarray(w), f"{node.name}.rotated_weight")
+            fold = Fold(np.ones(q.d), affine.beta, "following", node, bias_add_after(node))
+            fold_weights(edit, fold)
+        axis = reader_axis(node, node.inputs[0], q.d)
+        w = _rotated(node.inputs[1], axis, q, affine.gamma)
+        edit.set_constant_input(node, 1, w, f"{node.name}.rotated_weight")
         what = "reader weight(s) on their input axis: Q^T diag(g) W"
         changes.append(Change("rotated", what, (node.name,), (node.inputs[1].name,)))
     if affine.gamma is not None:  # the scale leaves the norm: ones in its place
@@ -154,6 +151,18 @@ def _readers(
 
 
 FOLDED = "RMSNorm scale(s) (and beta) into their readers"
+
+
+def _rotated(value: ir.Value, axis: int, q: numerics.Rotation, scale=None):
+    """The constant `value` rotated along `axis` (streamed.rotated): an initializer's tensor is
+    read when the result is saved (memory-mapped, or a pass's own streamed value); a computed
+    constant (a tied head's Transpose of its table) now."""
+    tensor = value.const_value if value.is_initializer() else None
+    if tensor is None:
+        array = folded_value(value)
+        return streamed.rotated(lambda: array, array.shape, array.dtype, axis, q, scale)
+    shape, dtype = tuple(int(n) for n in tensor.shape), tensor.dtype.numpy()
+    return streamed.rotated(tensor.numpy, shape, dtype, axis, q, scale)
 
 
 def _product(edit: Editor, value: ir.Value, m: np.ndarray, name: str) -> list[ir.Node]:
@@ -185,7 +194,7 @@ def _online(edit: Editor, value: ir.Value, q: np.ndarray) -> None:
         use.node.replace_input_with(use.idx, nodes[-1].outputs[0])
 
 
-def _unrotate(edit: Editor, value: ir.Value, qt: np.ndarray, affine) -> None:
+def _unrotate(edit: Editor, value: ir.Value, qt: np.ndarray, affine: NormAffine | None) -> None:
     """The graph output slot of the rotated `value` reads value @ Q^T (* gamma + beta: a norm's
     output, whose affine went to its readers); its readers keep reading `value`."""
     dtype = value.dtype.numpy() if value.dtype is not None else np.float32

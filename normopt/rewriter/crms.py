@@ -45,7 +45,7 @@ from normopt.rewriter.graph import (
     readers,
     sole_reader,
 )
-from normopt.rewriter.norm_match import NormMatch, is_skip
+from normopt.rewriter.norm_match import NormMatch, is_skip, scale_and_shift
 from normopt.rewriter.stream import StreamAnalysis
 
 
@@ -97,6 +97,7 @@ class _Cutting:
 
     combines = ("Add", "Concat")
     where = " (written into the stream)"
+    through_scalars = True
 
     def __init__(self, plan: CRMSPlan) -> None:
         self.plan = plan
@@ -105,12 +106,6 @@ class _Cutting:
         r = rank(value)
         if hidden == r - 1 and recentring(node):  # zero-mean by construction: a Slice cuts it
             self.plan.slices.append(value)
-            return True
-        scalars = [constant_shape(v) is not None and folded_value(v).size == 1 for v in node.inputs]
-        if is_op(node, "Mul") and scalars.count(True) == 1:  # a scalar commutes with the cut
-            scaled = node.inputs[scalars.index(False)]
-            rs = rank(scaled)
-            _through(scaled, node, hidden - r + rs if rs is not None else None, self.plan)
             return True
         return False
 
@@ -172,20 +167,8 @@ def _norm(match: NormMatch, plan: CRMSPlan) -> None:
             f"the RMSNorm at {where} reads {match.input.dtype}: CRMSNorm is built for float32 and "
             "float16"
         )
-    gamma = np.ones(plan.d) if match.scale is None else folded_value(match.scale)
-    if gamma is None or gamma.size not in (1, plan.d):
-        raise Refuse(f"the RMSNorm at {where} has no constant per-entry scale")
-    gamma = np.broadcast_to(gamma.astype(np.float64).reshape(-1), (plan.d,))
-    out, beta, add = match.output, None, sole_reader(match.output, numbers_only=True)
-    consts = [constant_value(v) for v in add.inputs] if is_op(add, "Add") else []
-    if sum(c is not None for c in consts) == 1:  # the LayerNorm's beta, left as an Add
-        beta = next(c for c in consts if c is not None)
-        if beta.size not in (1, plan.d) or beta.ndim > 1 and any(d != 1 for d in beta.shape[:-1]):
-            raise Refuse(f"Add {add.name} after the RMSNorm at {where} adds no per-entry constant")
-        beta = np.broadcast_to(beta.astype(np.float64).reshape(-1), (plan.d,))
-        out = add.outputs[0]
-    else:
-        add = None
+    gamma, beta, add = scale_and_shift(match, plan.d)
+    out = match.output if add is None else add.outputs[0]
     if plan.whole and _shown(match.output):
         raise Refuse(
             f"the RMSNorm at {where} is (or is reshaped into) a graph output: in float16 its "

@@ -9,8 +9,11 @@ import numpy as np
 import onnx_ir as ir
 
 from normopt.rewriter.graph import (
+    Refuse,
     constant_value,
+    folded_value,
     is_op,
+    sole_reader,
 )
 
 
@@ -111,6 +114,31 @@ def skip_sum(node: ir.Node) -> ir.Value | None:
         return None
     total = node.outputs[3]
     return total if total.uses() or total.is_graph_output() else None
+
+
+def scale_and_shift(
+    match: NormMatch, d: int
+) -> tuple[np.ndarray, np.ndarray | None, ir.Node | None]:
+    """An RMSNorm's per-entry scale (float64 [d]; ones without one) and the constant Add that
+    alone reads its output (a LayerNorm's beta, left as an Add: float64 [d] and the Add; None,
+    None without one), which a pass folds into the norm's readers; Refuse where either is not a
+    constant per hidden entry."""
+    where = match.where()
+    gamma = np.ones(d) if match.scale is None else folded_value(match.scale)
+    if gamma is None or gamma.size not in (1, d):
+        raise Refuse(
+            f"the RMSNorm at {where} has no constant per-entry scale (it cannot be folded into "
+            "its readers)"
+        )
+    gamma = np.broadcast_to(gamma.astype(np.float64).reshape(-1), (d,))
+    add = sole_reader(match.output, numbers_only=True)
+    consts = [constant_value(v) for v in add.inputs] if is_op(add, "Add") else []
+    if sum(c is not None for c in consts) != 1:
+        return gamma, None, None
+    beta = next(c for c in consts if c is not None)
+    if beta.size not in (1, d) or beta.ndim > 1 and any(n != 1 for n in beta.shape[:-1]):
+        raise Refuse(f"Add {add.name} after the RMSNorm at {where} adds no per-entry constant")
+    return gamma, np.broadcast_to(beta.astype(np.float64).reshape(-1), (d,)), add
 
 
 def other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:

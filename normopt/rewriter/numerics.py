@@ -166,16 +166,15 @@ def centred_rows(
     a = np.asarray(array)
     if a.ndim >= 2 and axis % a.ndim == 0:
         return None
-    blocks = _blocks(a, axis, block_bytes)
+    return _ahead(lambda b: _centred(a[b], axis, np.dtype(dtype)), _blocks(a, axis, block_bytes))
+
+
+def _ahead(compute, blocks: list) -> Iterator[np.ndarray]:
+    """compute(block) for every block, in order, a few blocks ahead in threads."""
     window = 2 * (os.cpu_count() or 1)
-
-    def rows() -> Iterator[np.ndarray]:
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            for start in range(0, len(blocks), window):
-                work = blocks[start : start + window]
-                yield from pool.map(lambda b: _centred(a[b], axis, np.dtype(dtype)), work)
-
-    return rows()
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        for start in range(0, len(blocks), window):
+            yield from pool.map(compute, blocks[start : start + window])
 
 
 def _centred(part: np.ndarray, axis: int, dtype: np.dtype, diffuse: bool = False) -> np.ndarray:
@@ -351,25 +350,20 @@ class Rotation:
     def __init__(self, d: int, kind: str = "hadamard", seed: int = 0) -> None:
         rng = np.random.default_rng(seed)
         self.d, self.kind, self.seed = d, kind, seed
-        if kind == "random":
-            self.p, self.n, self.signs = d, 1, np.ones(d)
-            self.factor, self.a = "random orthogonal", _random_orthogonal(d, rng)
-            return
-        self.signs = rng.choice([-1.0, 1.0], d)
-        self.p, self.a = _paley_factor(d)
-        self.n = d // self.p
-        self.factor = f"Paley Hadamard of order {self.p}" if self.a is not None else ""
+        self.signs = np.ones(d) if kind == "random" else rng.choice([-1.0, 1.0], d)
+        self.p, self.a = (d, None) if kind == "random" else _paley_factor(d)
+        self.n, self.factor = d // self.p, f"Paley Hadamard of order {self.p}"
         if self.a is None:
-            self.factor = f"random orthogonal of order {self.p}"
-            self.a = _random_orthogonal(self.p, rng)
+            self.factor, self.a = (
+                f"random orthogonal of order {self.p}",
+                _random_orthogonal(self.p, rng),
+            )
 
     def describe(self) -> str:
-        if self.kind == "random":
+        if self.n == 1 and self.p > 1:  # no Hadamard factor
             return f"random orthogonal {self.d} x {self.d} (seed {self.seed})"
-        parts = ([f"Hadamard {self.n}"] if self.n > 1 else []) + (
-            [self.factor] if self.p > 1 else []
-        )
-        return f"randomized {' x '.join(parts)} (d = {self.d}, seed {self.seed})"
+        factor = f" x {self.factor}" if self.p > 1 else ""
+        return f"randomized Hadamard {self.n}{factor} (d = {self.d}, seed {self.seed})"
 
     def rows(self, x: np.ndarray) -> np.ndarray:
         """x Q for the rows of x ([r, d], float64)."""
@@ -396,12 +390,28 @@ def rotate(array, axis: int, q: Rotation, scale=None, dtype=None) -> np.ndarray:
     (axis 0: its columns are those vectors); a Conv writer's output channels: axis 0."""
     a = np.moveaxis(np.asarray(array), axis, -1)
     out = np.empty(a.shape, a.dtype if dtype is None else dtype)
-    flat, res = a.reshape(-1, a.shape[-1]), out.reshape(-1, a.shape[-1])
-    g = np.ones(a.shape[-1]) if scale is None else _f64(scale).reshape(-1)
-    per = max(1, (1 << 22) // (8 * a.shape[-1]))
-    blocks = [slice(s, s + per) for s in range(0, len(flat), per)]
-    _each(lambda b: res.__setitem__(b, q.rows(_f64(flat[b]) * g)), [(b,) for b in blocks])
+    flat, res, g = a.reshape(-1, q.d), out.reshape(-1, q.d), _scale(scale, q.d)
+    _each(lambda b: res.__setitem__(b, q.rows(_f64(flat[b]) * g)), _row_blocks(len(flat), q.d))
     return np.moveaxis(out, -1, axis)
+
+
+def rotated_rows(array, q: Rotation, scale=None, dtype=None) -> Iterator[np.ndarray]:
+    """`rotate(array, -1, q, scale, dtype)` as consecutive blocks of leading rows (their bytes in
+    order are the result's: a writer streams it to a file without the whole in memory),
+    computed a few blocks ahead in threads."""
+    flat, g = np.asarray(array).reshape(-1, q.d), _scale(scale, q.d)
+    out = flat.dtype if dtype is None else dtype
+    yield from _ahead(lambda b: q.rows(_f64(flat[b]) * g).astype(out), _row_blocks(len(flat), q.d))
+
+
+def _scale(scale, d: int) -> np.ndarray:
+    return np.ones(d) if scale is None else _f64(scale).reshape(-1)
+
+
+def _row_blocks(rows: int, d: int) -> list[tuple[slice]]:
+    """Slices of about 4 MB of float64 rows of width d."""
+    per = max(1, (1 << 22) // (8 * d))
+    return [(slice(s, s + per),) for s in range(0, rows, per)]
 
 
 def _paley_factor(d: int) -> tuple[int, np.ndarray | None]:

@@ -37,21 +37,22 @@ from normopt.rewriter.crms import recentring
 from normopt.rewriter.graph import (
     Refuse,
     constant_shape,
-    constant_value,
     folded_value,
     is_op,
     rank,
     readers,
     sole_reader,
 )
-from normopt.rewriter.norm_match import NormMatch, is_skip, skip_bias_index
+from normopt.rewriter.norm_match import NormMatch, is_skip, scale_and_shift, skip_bias_index
 from normopt.rewriter.stream import StreamAnalysis, total
 
 
 @dataclass
 class NormAffine:
-    """A stream norm's gamma (None: 1), its beta and the Add holding it (folded into readers)."""
+    """A stream norm, its gamma (None: 1) and beta with the Add holding it (both folded into its
+    readers), and those readers."""
 
+    match: NormMatch
     gamma: np.ndarray | None
     beta: np.ndarray | None = None
     add: ir.Node | None = None
@@ -61,17 +62,16 @@ class NormAffine:
 @dataclass
 class RotationPlan:
     d: int
-    norms: list[NormMatch] = field(default_factory=list)
-    affines: dict[int, NormAffine] = field(default_factory=dict)  # id(norm) -> its affine
+    norms: list[NormAffine] = field(default_factory=list)
     # (node, input) -> the axis (negative) the constant writes the hidden axis along
     writers: dict[tuple[ir.Node, int], int] = field(default_factory=dict)
     # values followed by an inserted x Q, and why no constant writes them
     online: dict[ir.Value, str] = field(default_factory=dict)
-    # graph outputs to un-rotate, with the norm whose gamma / beta they take (None: stream)
-    outputs: list[tuple[ir.Value, NormMatch | None]] = field(default_factory=list)
+    # graph outputs to un-rotate, with the norm whose gamma / beta they take back (None: stream)
+    outputs: list[tuple[ir.Value, NormAffine | None]] = field(default_factory=list)
 
     def reader_count(self) -> int:
-        return sum(len(a.readers) for a in self.affines.values())
+        return sum(len(n.readers) for n in self.norms)
 
     def describe(self) -> str:
         online = f", {len(self.online)} online" if self.online else ""
@@ -116,6 +116,7 @@ class _Rotating:
 
     combines = ("Add", "Sub", "Concat")
     where = " (written into the stream)"
+    through_scalars = True  # a scalar commutes with Q
 
     def __init__(self, plan: RotationPlan, rotated: set[ir.Value]) -> None:
         self.plan, self.rotated = plan, rotated
@@ -124,8 +125,6 @@ class _Rotating:
         """Plan what writes `value`: its constants rotated where the writer walk reaches them
         all, else `value` itself rotated online (all or nothing: a walk that fails part-way
         leaves no constant planned)."""
-        if value in self.rotated:  # a stream value, carried on (rotated with the stream)
-            return
         if value.producer() is None:
             self._online(value, hidden, "a graph input")
             return
@@ -149,28 +148,27 @@ class _Rotating:
         if recentring(node):  # x - mean(x) is no linear writer of its own: rotated after
             self._online(value, hidden, "an explicit recentring")
             return True
-        scalars = [constant_shape(v) is not None and folded_value(v).size == 1 for v in node.inputs]
-        if is_op(node, "Mul") and scalars.count(True) == 1:  # a scalar commutes with Q
-            scaled = node.inputs[scalars.index(False)]
-            rs, r = rank(scaled), rank(value)
-            self.recurse(node, scaled, None if rs is None else hidden - r + rs, depth)
-            return True
         return False
 
     def constant(self, node: ir.Node, index: int, axis: int, what: str) -> None:
-        array = folded_value(node.inputs[index])
-        if array is None:
+        """Plan the rotation of a writer's constant from its shape and dtype (its data is read
+        only for a small constant broadcast along the hidden axis: zeros stay as they are)."""
+        value = node.inputs[index]
+        shape = constant_shape(value)
+        if shape is None:
             raise Refuse(f"{what} is not a constant")
-        if (array.ndim < -axis or array.shape[axis] == 1) and not np.any(array):
-            return  # zeros, broadcast along the hidden axis: zeros still
-        if array.ndim >= -axis and array.shape[axis] not in (1, self.plan.d):
-            raise Refuse(f"{what} has {array.shape[axis]} entries along the hidden axis")
-        if array.dtype.kind != "f":
-            raise Refuse(f"{what} is {array.dtype}, not floating point")
+        broadcast = len(shape) < -axis or shape[axis] == 1
+        if broadcast and not np.any(folded_value(value)):
+            return
+        if not broadcast and shape[axis] != self.plan.d:
+            raise Refuse(f"{what} has {shape[axis]} entries along the hidden axis")
+        dtype = value.dtype.numpy() if value.dtype is not None else folded_value(value).dtype
+        if np.dtype(dtype).kind != "f":
+            raise Refuse(f"{what} is {dtype}, not floating point")
         self.plan.writers[(node, index)] = axis
 
     def recurse(self, node: ir.Node, value: ir.Value, hidden: int | None, depth: int) -> None:
-        if value in self.rotated:
+        if value in self.rotated:  # the stream, carried on: rotated with it
             return
         if value.is_graph_output() or readers(value, numbers_only=True) != [node]:
             raise Refuse(
@@ -196,42 +194,26 @@ def _norm(match: NormMatch, plan: RotationPlan) -> None:
         raise Refuse(f"the fused RMSNorm at {where} outputs its statistics")
     if match.axis not in (-1, None):
         raise Refuse(f"the RMSNorm at {where} normalizes more than the last axis")
-    gamma = None if match.scale is None else folded_value(match.scale)
-    if match.scale is not None and (gamma is None or gamma.size not in (1, plan.d)):
-        raise Refuse(
-            f"the RMSNorm at {where} has no constant per-entry scale (its weight cannot be "
-            "folded into its readers, and it does not commute with a rotation)"
-        )
-    if gamma is not None:
-        gamma = np.broadcast_to(gamma.astype(np.float64).reshape(-1), (plan.d,))
-        gamma = None if np.all(gamma == 1) else gamma
-    affine, out = NormAffine(gamma), match.output
-    add = sole_reader(out, numbers_only=True)
-    consts = [constant_value(v) for v in add.inputs] if is_op(add, "Add") else []
-    if sum(c is not None for c in consts) == 1:  # a beta left as an Add
-        beta = next(c for c in consts if c is not None)
-        if beta.size not in (1, plan.d) or any(n != 1 for n in beta.shape[:-1]):
-            raise Refuse(f"Add {add.name} after the RMSNorm at {where} adds no per-entry constant")
-        affine.beta = np.broadcast_to(beta.astype(np.float64).reshape(-1), (plan.d,))
-        affine.add, out = add, add.outputs[0]
-    affine.readers = _readers(out, match, plan)
-    plan.affines[id(match)] = affine
-    plan.norms.append(match)
+    gamma, beta, add = scale_and_shift(match, plan.d)
+    norm = NormAffine(match, None if np.all(gamma == 1) else gamma, beta, add)
+    norm.readers = _readers(match.output if add is None else add.outputs[0], norm, plan)
+    plan.norms.append(norm)
 
 
-def _readers(value: ir.Value, match: NormMatch, plan: RotationPlan) -> list[ir.Node]:
+def _readers(value: ir.Value, norm: NormAffine, plan: RotationPlan) -> list[ir.Node]:
     """The linear readers of a norm's output, through carriers; graph outputs noted."""
     if value.is_graph_output():
-        plan.outputs.append((value, match))
+        plan.outputs.append((value, norm))
     found = []
     for node in readers(value, numbers_only=True):
         if _carries(node, value):
             for out in node.outputs:
-                found += _readers(out, match, plan) if out is not None else []
+                found += _readers(out, norm, plan) if out is not None else []
             continue
         axis = reader_axis(node, value, plan.d)
         if isinstance(axis, str):
-            raise Refuse(f"{node.op_type} {node.name} reads the RMSNorm at {match.where()}: {axis}")
+            where = norm.match.where()
+            raise Refuse(f"{node.op_type} {node.name} reads the RMSNorm at {where}: {axis}")
         found.append(node)
     return found
 
@@ -255,13 +237,13 @@ def plan_rotation(analysis: StreamAnalysis, found: list[NormMatch]) -> RotationP
         return "the stream's hidden size is not static"
     plan = RotationPlan(d)
     try:
-        rotated: set[ir.Value] = set()
-        norms = _stream_readers(analysis, found, stream, plan, rotated)
+        rotated: set[ir.Value] = set()  # the stream and what carries it
+        carried: set[ir.Value] = set()  # ... through a carrier from another stream value
+        norms = _stream_readers(analysis, found, stream, plan, (rotated, carried))
         visitor = _Rotating(plan, rotated)
-        for value in analysis.initial:  # its writers (none where the stream carries it)
-            rotated.discard(value)
-            visitor.start(value, None)
-            rotated.add(value)
+        for value in analysis.initial:  # its writers; none where the stream carries it there
+            if value not in carried:  # (a stream passed through Transposes between blocks)
+                visitor.start(value, None)
         for r in analysis.residual_adds:
             if sole_reader(r.branch, numbers_only=True) is not r.node:
                 raise Refuse(f"the branch output '{r.branch.name}' is read elsewhere too")
@@ -284,11 +266,12 @@ def _stream_readers(
     found: list[NormMatch],
     stream: list[ir.Value],
     plan: RotationPlan,
-    seen: set[ir.Value],
+    found_values: tuple[set[ir.Value], set[ir.Value]],
 ) -> dict[ir.Node, NormMatch]:
     """Walk the stream and what carries it on whole: every reader is a residual Add, a norm or
-    a carrier; graph outputs noted; `seen` gets every value walked. Returns the norms by their
-    first node."""
+    a carrier; graph outputs noted; `found_values` get every value walked and those a carrier
+    output. Returns the norms by their first node."""
+    seen, carried = found_values
     adds = {r.node for r in analysis.residual_adds}
     norms = {n.nodes[0]: n for r in analysis.residual_adds for n in r.pre} | {
         n.nodes[0]: n for n in analysis.final_norms
@@ -310,7 +293,9 @@ def _stream_readers(
                 norms[match.nodes[0]] = match
                 members.update(match.nodes)
             elif _carries(node, value):
-                pending.extend(v for v in node.outputs if v is not None)
+                outputs = [v for v in node.outputs if v is not None]
+                carried.update(outputs)
+                pending.extend(outputs)
             else:
                 raise Refuse(f"{node.op_type} {node.name} reads the stream value '{value.name}'")
     return norms

@@ -266,6 +266,7 @@ class _Centring:
 
     combines = ("Add", "Sub", "Concat")
     where = ""
+    through_scalars = False  # a scalar Mul is a LayerScale, folded into the writers
 
     def __init__(self, plan: StreamRewrite, scale: np.ndarray | None) -> None:
         self.plan, self.scale = plan, scale

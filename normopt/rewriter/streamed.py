@@ -1,7 +1,8 @@
 """A weight computed while it is written: a tensor whose value is a function of other weights
-(a centred writer, normopt.rewriter.numerics.centred_rows), evaluated block by block when the
-model is saved, so a rewrite never holds a whole modified copy of a multi-GB model in memory.
-Anything that reads its value (`numpy()`) computes it whole, every time (nothing is cached)."""
+(a centred writer, normopt.rewriter.numerics.centred_rows; a rotated one), evaluated block by
+block when the model is saved, so a rewrite never holds a whole modified copy of a multi-GB
+model in memory. Anything that reads its value (`numpy()`) computes it whole, every time
+(nothing is cached)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,22 @@ def centred(values: np.ndarray, axis: int, dtype) -> np.ndarray | StreamedTensor
         dtype,
         tuple(values.shape),
     )
+
+
+def rotated(
+    source: Callable[[], np.ndarray], shape: tuple[int, ...], dtype, axis: int, q, scale=None
+) -> np.ndarray | StreamedTensor:
+    """numerics.rotate(source(), axis, q, scale) in `dtype`, computed now, or for a large array
+    a StreamedTensor computing it as it is saved (`source` is read then: a memory-mapped weight,
+    or a StreamedTensor's value, is never held whole before): by blocks of rows where the
+    rotation runs along the last axis, whole (one weight at a time) where it runs along
+    another."""
+    dtype = np.dtype(dtype)
+    whole = lambda: numerics.rotate(source(), axis, q, scale)  # noqa: E731
+    if int(np.prod(shape)) * dtype.itemsize < STREAM_BYTES:
+        return whole()
+    if axis % len(shape) == len(shape) - 1:
+        rows = lambda: numerics.rotated_rows(source(), q, scale)  # noqa: E731
+    else:
+        rows = lambda: iter([whole()])  # noqa: E731
+    return StreamedTensor(whole, rows, dtype, tuple(shape))

@@ -8,6 +8,7 @@ different leaf actions, given by a `Visitor`. What writes the value:
   a linear op with constant weights (`weight_inputs`): its weight and bias are leaves;
   an op of normopt.rewriter.axis_rules with a `back` rule (Cast, Reshape, Transpose, Expand, ...):
      the input axis the hidden axis comes from, walked on (or a constant leaf);
+  a Mul by a constant scalar, where the visitor's map commutes with it: its other input;
   anything else, or an op the visitor handles itself first (`special`), refuses.
 """
 
@@ -18,7 +19,7 @@ from typing import Protocol
 import onnx_ir as ir
 
 from normopt.rewriter import axis_rules
-from normopt.rewriter.graph import Refuse, constant_shape, is_op, rank
+from normopt.rewriter.graph import Refuse, constant_shape, folded_value, is_op, rank
 
 MAX_DEPTH = 64
 
@@ -26,6 +27,9 @@ MAX_DEPTH = 64
 class Visitor(Protocol):
     combines: tuple[str, ...]  # which of Add / Sub / Concat are walked through
     where: str  # how refusals name a written value: "" or " (written into the stream)"
+    # a Mul by one constant scalar is walked through (the leaves' map commutes with it: a cut,
+    # a rotation; a centring folds it as a LayerScale instead)
+    through_scalars: bool
 
     def special(self, node: ir.Node, value: ir.Value, hidden: int, depth: int) -> bool:
         """Handle `node` itself (LayerScale, a recentring, a scalar Mul); True when done."""
@@ -84,6 +88,11 @@ def walk(value: ir.Value, hidden: int | None, visitor: Visitor, depth: int = 0) 
         raise Refuse(f"{node.domain}::{op} {node.name} writes '{value.name}'")
     if visitor.special(node, value, hidden, depth):
         return
+    scaled = _scaled(node) if visitor.through_scalars else None
+    if scaled is not None:
+        rs = rank(scaled)
+        visitor.recurse(node, scaled, None if rs is None else hidden - r + rs, depth)
+        return
     if op in visitor.combines:
         _combined(node, value, hidden, r, visitor, depth)
         return
@@ -100,6 +109,14 @@ def walk(value: ir.Value, hidden: int | None, visitor: Visitor, depth: int = 0) 
         f"{op} {node.name} writes '{value.name}'{visitor.where} and is not a linear op with "
         "constant weights"
     )
+
+
+def _scaled(node: ir.Node) -> ir.Value | None:
+    """z of Mul(z, s) (either order) with s a constant scalar, else None."""
+    if not is_op(node, "Mul") or len(node.inputs) != 2:
+        return None
+    scalars = [constant_shape(v) is not None and folded_value(v).size == 1 for v in node.inputs]
+    return node.inputs[scalars.index(False)] if scalars.count(True) == 1 else None
 
 
 def _combined(
