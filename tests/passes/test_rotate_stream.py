@@ -40,12 +40,21 @@ def _rms(nodes, inits, x: str, tag: str, gamma: np.ndarray | None, gamma_input: 
     return f"{tag}.y"
 
 
-def prermsnorm(reader: str = "MatMul", stream_output: bool = False, gamma_input: bool = False,
-               writer: str = "table", seed: int = 0) -> onnx.ModelProto:  # fmt: skip
+def prermsnorm(
+    reader: str = "MatMul",
+    stream_output: bool = False,
+    gamma_input: bool = False,
+    writer: str = "table",
+    extra: str = "",
+    seed: int = 0,
+) -> onnx.ModelProto:
     """ids -> table (a planted outlier column x40) -> one block x + W2 relu(RMSNorm(x) g W1) ->
     RMSNorm g -> head. `reader`: what reads the block's norm (MatMul, or Relu then MatMul);
     `stream_output`: the block's sum is a graph output too; `gamma_input`: the block norm's
-    scale is a graph input; `writer`: "table", or "tanh" (the embedding through a Tanh)."""
+    scale is a graph input; `writer`: "table", or "tanh" (the embedding through a Tanh);
+    `extra`: "beta" (a per-entry constant Add after the final norm), "token_beta" (a constant
+    per token there), "stream_reader" (a ReduceMax of the stream as an output), "branch_reader"
+    (the branch output an output too)."""
     rng = np.random.default_rng(seed)
     table = rng.standard_normal((VOCAB, D)).astype(np.float32)
     table[:, 3] *= 40.0
@@ -78,10 +87,20 @@ def prermsnorm(reader: str = "MatMul", stream_output: bool = False, gamma_input:
         helper.make_node("Add", [x0, "branch"], ["x1"]),
     ]
     yf = _rms(nodes, inits, "x1", "lnf", gamma[::-1].copy())
+    if extra in ("beta", "token_beta"):
+        shift = rng.standard_normal(D if extra == "beta" else (4, D)).astype(np.float32)
+        inits.append(numpy_helper.from_array(shift, "beta"))
+        nodes.append(helper.make_node("Add", [yf, "beta"], ["yf.beta"]))
+        yf = "yf.beta"
     nodes.append(helper.make_node("MatMul", [yf, "head"], ["logits"]))
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 4, VOCAB])]
     if stream_output:
         outputs.append(helper.make_tensor_value_info("x1", TensorProto.FLOAT, [2, 4, D]))
+    if extra == "stream_reader":
+        nodes.append(helper.make_node("ReduceMax", ["x1"], ["peak"], axes=[-1]))
+        outputs.append(helper.make_tensor_value_info("peak", TensorProto.FLOAT, [2, 4]))
+    if extra == "branch_reader":
+        outputs.append(helper.make_tensor_value_info("branch", TensorProto.FLOAT, [2, 4, D]))
     graph = helper.make_graph(nodes, "prermsnorm", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -127,10 +146,10 @@ def test_the_rotation_is_exact_and_spreads_the_outliers(tmp_path):
     _equal(src, out, _feeds())
     model = onnx.load(str(out))
     weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    table = next(w for k, w in weights.items() if k.startswith("table"))
     original = numpy_helper.to_array(prermsnorm().graph.initializer[0])
-    assert np.abs(table).max() < 0.5 * np.abs(original).max()
-    assert all(np.all(w == 1) for k, w in weights.items() if "gamma" in k)
+    assert np.abs(_table(out)).max() < 0.5 * np.abs(original).max()
+    gammas = [w for k, w in weights.items() if "gamma" in k]
+    assert len(gammas) == 2 and all(np.all(w == 1) for w in gammas)
     mark = json.loads({p.key: p.value for p in model.metadata_props}[MARK])
     assert mark == {
         "kind": "hadamard",
@@ -154,8 +173,15 @@ def test_random_rotations_by_seed_are_exact_and_differ(tmp_path):
         out = tmp_path / f"r{seed}.onnx"
         rewrite_file(src, out, rotate="random", rotate_seed=seed, passes=None, verify=False)
         _equal(src, out, _feeds())
-        tables.append(numpy_helper.to_array(onnx.load(str(out)).graph.initializer[0]))
+        tables.append(_table(out))
     assert not np.allclose(*tables)
+
+
+def _table(path) -> np.ndarray:
+    """The embedding table the model's Gather reads."""
+    graph = onnx.load(str(path)).graph
+    name = next(n.input[0] for n in graph.node if n.op_type == "Gather")
+    return numpy_helper.to_array(next(i for i in graph.initializer if i.name == name))
 
 
 def test_a_stream_output_is_un_rotated(tmp_path):
@@ -178,16 +204,33 @@ def test_a_writer_no_constant_holds_is_rotated_online(tmp_path):
     _equal(src, out, _feeds())
 
 
+def test_a_beta_after_a_norm_goes_into_its_readers_biases(tmp_path):
+    """A LayerNorm's beta left as an Add after the final RMSNorm: b + beta W in the head's new
+    bias, the Add gone; equal to the original."""
+    src = save(prermsnorm(extra="beta"), tmp_path / "a.onnx")
+    out = tmp_path / "b.onnx"
+    _rotate(src, out)
+    _equal(src, out, _feeds())
+    graph = onnx.load(str(out)).graph
+    assert "beta" not in {i.name for i in graph.initializer}
+    assert any(n.op_type == "Add" and n.name.endswith("folded_bias") for n in graph.node)
+
+
 @pytest.mark.parametrize(
     ("fields", "reason"),
     [
         ({"reader": "Relu"}, "Relu node_[0-9]+ reads the RMSNorm at .*: only MatMul / Gemm"),
         ({"gamma_input": True}, "Mul node_[0-9]+ reads the RMSNorm at .*: only MatMul / Gemm"),
+        ({"extra": "token_beta"}, "Add node_[0-9]+ after the RMSNorm at .* adds no per-entry"),
+        ({"extra": "stream_reader"}, "ReduceMax node_[0-9]+ reads the stream value 'x1'"),
+        ({"extra": "branch_reader"}, "the branch output 'branch' is read elsewhere too"),
     ],
 )
 def test_preconditions_that_fail_are_named(tmp_path, fields, reason):
     """A non-linear reader of a norm cannot take Q^T; nor can a norm scale the graph computes
-    (adaLN's modulation): it cannot be folded into the readers, and does not commute with Q."""
+    (adaLN's modulation): it cannot be folded into the readers, and does not commute with Q; a
+    constant added per token after a norm is no beta to fold; a stream value or branch output
+    something else reads would change for it."""
     model = prermsnorm(**fields)
     for i, node in enumerate(model.graph.node):
         node.name = node.name or f"node_{i}"
@@ -288,3 +331,31 @@ def test_a_norm_op_with_a_computed_scale_is_refused():
     plan = RotateStream().plan(ir_model)
     assert not plan.applies
     assert "has no constant per-entry scale" in plan.why_not()
+
+
+def test_a_post_ln_stream_is_refused(corpus, tmp_path):
+    with pytest.raises(NotApplied, match="the stream is post-ln, not Pre-RMSNorm"):
+        rewrite_file(corpus("bert-ts17").model, tmp_path / "b.onnx", rotate="hadamard")
+
+
+def test_a_fused_norm_whose_statistics_are_read_is_refused(corpus):
+    """onnxruntime's SkipSimplifiedLayerNormalization (GPT-2 as its optimizer fuses it, through
+    preln-to-rmsnorm) with a statistics output the graph reads: refused (a mean of the input
+    changes with its rotation; the mean and inverse-std outputs are refused alike)."""
+    import onnx_ir as ir
+
+    from normopt.passes.base import Options
+    from normopt.passes.pipeline import run_pipeline
+    from normopt.passes.rotate_stream import RotateStream
+    from tests.helpers import annotate
+
+    model = ir.load(str(corpus("gpt2fused-ts17").model))
+    run_pipeline(model, ["preln-to-rmsnorm"], Options())
+    skip = next(n for n in model.graph if n.op_type == "SkipSimplifiedLayerNormalization")
+    if len(skip.outputs) < 3:
+        skip.resize_outputs(3)
+    skip.outputs[2].name = "inv_std"
+    model.graph.outputs.append(skip.outputs[2])
+    annotate(model)
+    plan = RotateStream().plan(model)
+    assert not plan.applies and "outputs its statistics" in plan.why_not()
