@@ -37,7 +37,7 @@ class Entry:
     keep_bn: bool | None = None  # override the builder: False lets the exporter fold Conv+BN
 
     def builder(self) -> Callable:
-        from models import cnn, hf, reparam, transformer
+        from models import cnn, dit, evonorm, hf, reparam, transformer
 
         families = {
             "clip": hf.clip,
@@ -79,6 +79,11 @@ class Entry:
             "levit": cnn.levit,
             "repvggdeploy": cnn.repvgg_deploy,
             "repblocks": reparam.repblocks,
+            "evonorms": evonorm.evonorms,
+            "regnetzevos": evonorm.regnetz_evos,
+            "resnetv2evos": evonorm.resnetv2_evo,
+            "resnetv2evob": evonorm.resnetv2_evob,
+            "dit": dit.dit,
         }
         build = families[self.family]
         return (lambda: build(large=True)) if self.large else build
@@ -136,6 +141,11 @@ FAMILIES = [
     "repblocks",
     "mobileone",
     "levit",
+    "evonorms",
+    "regnetzevos",
+    "resnetv2evos",
+    "resnetv2evob",
+    "dit",
 ]
 KV_FAMILIES = ("gpt2kv", "optkv", "gptneoxkv", "bloomkv", "falconkv", "phikv")
 # Exports per family where not all of them work (Whisper: TorchScript cannot export aten::diff).
@@ -147,6 +157,10 @@ FAMILY_EXPORTS = {
     **{f: ("ts17", "dyn18") for f in ("gpt2fused", "vitfused")},
     "bertfused": ("ts17",),
     **{f: ("ts17", "dyn18") for f in ("mobileone", "levit")},
+    # EvoNorm CNNs (every variant in evonorms) and a DiT, both exporters
+    **{f: ("ts17", "dyn18") for f in ("evonorms", "regnetzevos", "dit")},
+    "resnetv2evos": ("ts17",),
+    "resnetv2evob": ("dyn18",),
 }
 CORPUS: dict[str, Entry] = {}
 for _family in FAMILIES:
@@ -188,6 +202,12 @@ LARGE = {
     "bloom-512x8-ts17": Entry("bloom-512x8-ts17", "bloom", "ts", 17, large=True),
     "opt-512x8-ts17": Entry("opt-512x8-ts17", "opt", "ts", 17, large=True),
     "phi-512x8-ts17": Entry("phi-512x8-ts17", "phi", "ts", 17, large=True),
+    # timm's regnetz_b16_evos and resnetv2_50d_evos at their real sizes (64x64)
+    "regnetz-b16-evos-ts17": Entry("regnetz-b16-evos-ts17", "regnetzevos", "ts", 17, large=True),
+    "resnetv2-50d-evos-ts17": Entry("resnetv2-50d-evos-ts17", "resnetv2evos", "ts", 17, large=True),
+    "resnetv2-50d-evob-dyn18": Entry(
+        "resnetv2-50d-evob-dyn18", "resnetv2evob", "dynamo", 18, large=True
+    ),
 }
 
 

@@ -14,7 +14,10 @@ from tests.helpers import annotate
 CANDIDATES = {
     "preln-to-rmsnorm": lambda m: m.kind == "layernorm",
     "canonicalize-norms": lambda m: m.kind in ("layernorm", "rmsnorm") and m.form == "decomposed",
-    "fold-affine-norms": lambda m: m.kind in ("batchnorm", "affine"),
+    "fold-affine-norms": lambda m: (
+        m.kind in ("batchnorm", "affine") or m.kind == "evonorm" and m.scale is not None
+    ),
+    "simplify-evonorm": lambda m: m.kind == "evonorm" and m.detail["variant"].startswith("B"),
     "fold-norm-affine": lambda m: m.kind in ("layernorm", "rmsnorm") and m.form == "op",
 }
 

@@ -37,6 +37,13 @@ NORMS = {
     "mobileone": lambda e: {("batchnorm", "op"): 226},
     "levit": lambda e: {("batchnorm", "op"): 52},
     "unifiednorm": lambda e: {("affine", "decomposed"): 5},
+    # every EvoNorm variant (B0, B1, B2, S0, S0a with group size, S1, S2, S0a without act), and
+    # two without their activation: pure affines (timm's S0 and B0 with apply_act=False)
+    "evonorms": lambda e: {("evonorm", "decomposed"): 8, ("affine", "decomposed"): 2},
+    "regnetzevos": lambda e: {("evonorm", "decomposed"): 26},
+    "resnetv2evos": lambda e: {("evonorm", "decomposed"): 15},
+    "resnetv2evob": lambda e: {("evonorm", "decomposed"): 15},
+    "dit": lambda e: {("layernorm", "op"): 5},
     "convnext": lambda e: {("layernorm", "decomposed"): 2},
     **{
         f: (lambda e, n=n: {("layernorm", "decomposed" if e.opset < 17 else "op"): n})
@@ -74,6 +81,21 @@ def test_inspect_finds_every_norm(corpus, name):
         assert n["nodes"] and n["dtype"] == "FLOAT"
         if n["kind"] in ("layernorm", "rmsnorm"):
             assert n["axis"] == -1 and 0 < n["epsilon"] < 1e-4
+    if entry.family == "evonorms":
+        variants = [(n["variant"], n["groups"]) for n in info["norms"] if n["kind"] == "evonorm"]
+        assert variants == [
+            ("B0", None),
+            ("B1", None),
+            ("B2", None),
+            ("S0", 4),
+            ("S0", 2),  # S0a with its activation: S0's formula (group size 8: 2 groups)
+            ("S1", 2),
+            ("S2", 4),
+            ("S0a", 4),
+        ]
+        assert [n["epsilon"] for n in info["norms"][:8]] == pytest.approx(
+            [1e-3, 1e-5, 1e-5, 1e-5, 1e-3, 1e-5, 1e-5, 1e-3]
+        )
     if entry.family in ("repbn", "repbnpool"):
         assert all(n["transposed"] and n["repbn_alpha"] > 0 for n in info["norms"])
 

@@ -63,6 +63,14 @@ def warn_note(report) -> None:
         err.print(f"normopt: warning: {report.note}", markup=False, highlight=False)
 
 
+def _norm_kind(norm: dict) -> str:
+    """A norm's kind; an EvoNorm's with its variant and groups (per channel: instance)."""
+    if norm["kind"] != "evonorm":
+        return norm["kind"]
+    groups = f"{norm['groups']} groups" if norm["groups"] else "per channel"
+    return f"evonorm {norm['variant']} ({groups})"
+
+
 def inspection(info: dict, title: str) -> None:
     """`normopt inspect`'s tables."""
     summary = Table(title=escape(title), show_header=False)
@@ -85,7 +93,7 @@ def inspection(info: dict, title: str) -> None:
     for n in info["norms"]:
         eps = "-" if n["epsilon"] is None else f"{n['epsilon']:.3g}"
         norms.add_row(
-            n["kind"],
+            _norm_kind(n),
             n["form"],
             str(n["axis"]),
             eps,

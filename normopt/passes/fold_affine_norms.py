@@ -5,7 +5,8 @@ Before: Conv|ConvTranspose|Gemm|MatMul[+Add b] -> y = a*x + c          (precedin
         space, a Reshape/Flatten to [..., C]] -> MatMul|Gemm|Conv   (following)
         where y = a*x + c is BatchNormalization (also between Transposes, and SLAB's RepBN
         BN(x) + alpha*x) or a chain of per-channel constant Mul/Add/Sub/Div (Unified Norm,
-        PowerNorm's affine).
+        PowerNorm's affine), or the trailing `* gamma + beta` of an EvoNorm (following only:
+        it comes after the EvoNorm's nonlinear division).
 After:  the linear op alone, with folded weights (a new bias Add only where none existed and
         the folded bias is non-zero).
 Conditions:
@@ -55,6 +56,7 @@ from normopt.rewriter.linear_fold import (
     single_reader,
 )
 from normopt.rewriter.norms import NormMatch, find_norms
+from normopt.rewriter.norms_evo import trailing_affine
 
 
 @dataclass
@@ -106,9 +108,10 @@ def _plan_following(match: NormMatch, a, c) -> Fold | str:
 
 def _apply_one(edit: Editor, action: NormFold) -> Change:
     m, fold = action.match, action.fold
+    kind = "evonorm affine" if "of" in m.detail else m.kind
     change = Change(
         "folded",
-        f"{m.kind} into {fold.side} {fold.linear.op_type}",
+        f"{kind} into {fold.side} {fold.linear.op_type}",
         (*(n.name for n in m.nodes), fold.linear.name),
         (m.output.name,),
     )
@@ -124,7 +127,8 @@ def _apply_one(edit: Editor, action: NormFold) -> Change:
 class FoldAffineNorms(Pass[NormFold]):
     name = "fold-affine-norms"
     summary = (
-        "fold BatchNorm / RepBN / per-channel affine norms into the adjacent Conv, Gemm or MatMul"
+        "fold BatchNorm / RepBN / per-channel affine norms (and EvoNorms' trailing affines) into "
+        "the adjacent Conv, Gemm or MatMul"
     )
     repeats = True  # Conv -> BN -> BN: the second BN reaches the Conv once the first is folded
 
@@ -142,12 +146,20 @@ class FoldAffineNorms(Pass[NormFold]):
                     )
                 )
         for match in matches:
-            if match.kind not in ("batchnorm", "affine"):
+            if match.kind == "evonorm":  # its trailing affine, after the division: following
+                where = f"evonorm {match.detail['variant']} at {match.where()}"
+                match = trailing_affine(match)
+                if match is None:
+                    continue
+                before = "it follows the EvoNorm's division"
+                fold = _plan_following(match, *norm_affine(match))
+            elif match.kind in ("batchnorm", "affine"):
+                where = f"{match.kind} at {match.where()}"
+                affine = norm_affine(match)
+                before = plan_preceding(match, *affine)
+                fold = before if isinstance(before, Fold) else _plan_following(match, *affine)
+            else:
                 continue
-            where = f"{match.kind} at {match.where()}"
-            affine = norm_affine(match)
-            before = plan_preceding(match, *affine)
-            fold = before if isinstance(before, Fold) else _plan_following(match, *affine)
             if isinstance(fold, Fold) and fold.linear in used:
                 fold = f"{fold.linear.op_type} {fold.linear.name} already takes another norm"
             if isinstance(fold, Fold):
@@ -158,7 +170,7 @@ class FoldAffineNorms(Pass[NormFold]):
                     Refusal(where, f"cannot fold before ({before}) or after ({fold})")
                 )
         if not plan.actions and not plan.refusals:
-            plan.idle = "no BatchNorm or per-channel affine norm"
+            plan.idle = "no BatchNorm, per-channel affine norm or EvoNorm affine"
         return plan
 
     def apply(self, model: ir.Model, plan: Plan[NormFold]) -> list[Change]:

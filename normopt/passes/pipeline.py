@@ -30,6 +30,7 @@ from normopt.passes.merge_branches import MergeBranches
 from normopt.passes.preln_to_crmsnorm import PreLNToCRMSNorm
 from normopt.passes.preln_to_rmsnorm import PreLNToRMSNorm
 from normopt.passes.rotate_stream import RotateStream
+from normopt.passes.simplify_evonorm import SimplifyEvoNorm
 from normopt.passes.tensorrt_norms import TensorRTNorms
 from normopt.rewriter.shapes import annotated
 from normopt.timings import step
@@ -40,6 +41,7 @@ PASSES: dict[str, type[Pass]] = {
         InlineNormFunctions,
         PreLNToRMSNorm,
         CanonicalizeNorms,
+        SimplifyEvoNorm,
         FoldAffineNorms,
         MergeBranches,
         TensorRTNorms,
@@ -55,6 +57,7 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "inline-norm-functions",
     "preln-to-rmsnorm",
     "canonicalize-norms",
+    "simplify-evonorm",
     "fold-affine-norms",
     "merge-branches",
     "tensorrt-norms",

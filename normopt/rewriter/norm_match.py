@@ -19,12 +19,12 @@ from normopt.rewriter.graph import (
 
 @dataclass
 class NormMatch:
-    kind: str  # layernorm | rmsnorm | batchnorm | affine
+    kind: str  # layernorm | rmsnorm | batchnorm | affine | evonorm
     form: str  # op | decomposed
     input: ir.Value  # the normalized tensor, outside any Cast wrapper
     output: ir.Value  # the last value of the pattern
     nodes: list[ir.Node]  # every node of the pattern, in graph order
-    axis: int | None  # LN/RMS: first normalized axis (negative); BN/affine: channel axis
+    axis: int | None  # LN/RMS: first normalized axis (negative); BN/affine/EvoNorm: channel axis
     epsilon: float | None = None
     scale: ir.Value | None = None
     bias: ir.Value | None = None

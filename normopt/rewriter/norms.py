@@ -17,7 +17,8 @@ Decomposed forms (x may come through a Cast, the "compute precision" wrapper):
 Ops: LayerNormalization, RMSNormalization (opset 23), ORT's SimplifiedLayerNormalization,
 com.microsoft Skip(Simplified)LayerNormalization, BatchNormalization (also between two
 Transposes, and SLAB's RepBN `BN(x) + alpha*x`), and chains of two or more per-channel
-constant Mul/Add/Sub/Div with a Mul or Div among them (Unified Norm, PowerNorm's affine).
+constant Mul/Add/Sub/Div with a Mul or Div among them (Unified Norm, PowerNorm's affine), and
+EvoNorm B0/B1/B2/S0/S0a/S1/S2 (normopt.rewriter.norms_evo has their forms).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from normopt.rewriter.norm_match import (
     scalar,
 )
 from normopt.rewriter.norms_decomposed import match_layernorm, match_rmsnorm
+from normopt.rewriter.norms_evo import match_evonorm
 
 # ------------------------------------------------------------------------------ fused ops
 
@@ -257,6 +259,8 @@ def find_norms(graph: ir.Graph) -> list[NormMatch]:
             take(_match_op(node))
             if node.op_type == "ReduceMean":
                 take(match_layernorm(node, claimed))
+            elif node.op_type == "Div":
+                take(match_evonorm(node, claimed))
     for node in graph:
         if node.op_type in ("Pow", "Mul") and node not in claimed:
             take(match_rmsnorm(node, claimed))

@@ -45,6 +45,8 @@ BN_COUNTS = {
     "levit": 52,
 }
 
+EVONORMS = {"evonorms": 8, "regnetzevos": 26, "resnetv2evos": 15, "resnetv2evob": 15}
+
 
 def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -90,6 +92,18 @@ def test_export_has_the_structure_it_claims(corpus, name):
         # 9 LayerNorms (5 of them timm's LayerNorm2d), each between permutes to and from NHWC
         assert count["Transpose"] == 18
         assert count["LayerNormalization"] == (0 if entry.opset < 17 else 9)
+    elif entry.family in EVONORMS:
+        # every EvoNorm divides by its statistic (B: by a Max); statistics squared and averaged
+        variants_with_max = {"evonorms": 3, "regnetzevos": 0, "resnetv2evos": 0}
+        assert count["Div"] >= EVONORMS[entry.family]
+        assert count["Max"] == variants_with_max.get(entry.family, EVONORMS[entry.family])
+        assert count["ReduceMean"] >= EVONORMS[entry.family] and not count["BatchNormalization"]
+    elif entry.family == "dit":
+        # 5 LayerNorms without affine (two per block and the final one), each modulated
+        graph = onnx.load(str(corpus(name).model)).graph
+        lns = [n for n in graph.node if n.op_type == "LayerNormalization"]
+        assert len(lns) == 5  # TorchScript feeds weight 1 and bias 0, dynamo a weight only
+        assert [i.name for i in graph.input] == ["latents", "t", "y"]
     else:
         assert entry.family == "unifiednorm"
         assert (

@@ -13,6 +13,7 @@ from normopt import files
 from normopt.passes.fold_affine_norms import FoldAffineNorms
 from normopt.rewriter import io
 from normopt.rewriter.norms import find_norms
+from tests.evo_graphs import Evo, build
 from tests.helpers import annotate, assert_matches_reference, const, make_model, ort_run, tensor
 
 rng = np.random.default_rng(0)
@@ -578,3 +579,61 @@ def test_timm_levit_folds_every_batchnorm(corpus, tmp_path, name):
     ops = collections.Counter(n.op_type for n in onnx.load(out).graph.node)
     assert ops["BatchNormalization"] == 0 and report.verification.ok
     assert_matches_reference(out, paths)
+
+
+# ------------------------------------------------------------------------------ EvoNorms
+
+EVONORM_EXPORTS = sorted(
+    n
+    for n, e in CORPUS.items()
+    if e.family in ("evonorms", "regnetzevos", "resnetv2evos", "resnetv2evob")
+)
+
+
+@pytest.mark.parametrize("name", EVONORM_EXPORTS)
+def test_evonorm_models_fold_their_affines_and_stay_equal(corpus, tmp_path, name):
+    """timm's EvoNorm layers: each trailing `* gamma + beta` followed by a Conv that can take it
+    is folded (the rest say why), equal to the reference; the EvoNorms are still found after."""
+    paths = corpus(name)
+    model = io.load(paths.model)
+    annotate(model)
+    evos = [m for m in find_norms(model.graph) if m.kind == "evonorm"]
+    result = FoldAffineNorms().run(model)
+    folded = [c for c in result.changes if c.what.startswith("evonorm affine into following ")]
+    refused = [r for r in result.refusals if r.candidate.startswith("evonorm ")]
+    assert folded and len(folded) + len(refused) == len(evos)
+    assert all(
+        "cannot fold before (it follows the EvoNorm's division)" in r.reason for r in refused
+    )
+    out = tmp_path / "out.onnx"
+    files.save(model, out, external_data=False)
+    assert_matches_reference(out, paths)
+    after = [m for m in find_norms(io.load(out).graph) if m.kind == "evonorm"]
+    assert [m.detail for m in after] == [m.detail for m in evos]
+    assert sum(m.scale is None for m in after) == len(folded)
+
+
+@pytest.mark.parametrize("variant", ["S0", "S0a", "S1", "S2", "B0", "B1", "B2"])
+def test_an_evonorm_affine_folds_into_a_following_1x1_conv(variant):
+    model, _ = build(Evo(variant))
+    x = rng.standard_normal((2, 8, 4, 4)).astype(np.float32)
+    result, out = run_fold(model, {"x": x})  # equal in onnxruntime
+    assert [c.what for c in result.changes] == ["evonorm affine into following Conv"]
+    assert not [n for n in out.graph if n.name in ("qg", "evo")]
+
+
+@pytest.mark.parametrize(
+    "follow, reason",
+    [
+        ("conv3x3", "zero-pads its input: the shift c would reach border outputs only partly"),
+        ("add", "read by Add y, not by Conv/MatMul/Gemm"),
+    ],
+)
+def test_an_evonorm_affine_that_cannot_fold_says_why(follow, reason):
+    model, _ = build(Evo("S0", follow=follow))
+    x = rng.standard_normal((2, 8, 4, 4)).astype(np.float32)
+    result, _ = run_fold(model, {"x": x}, expect_modified=False)
+    (refusal,) = result.refusals
+    assert refusal.candidate.startswith("evonorm S0 at ")
+    assert "cannot fold before (it follows the EvoNorm's division)" in refusal.reason
+    assert reason in refusal.reason

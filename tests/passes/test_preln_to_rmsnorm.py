@@ -1054,3 +1054,33 @@ def test_a_flatten_that_joins_hidden_vectors_blocks_the_stream():
     reasons = {r.candidate: r.reason for r in result.refusals}
     assert "Flatten flatten reads 's1'" in reasons["layernorm at ln_n1"]
     _assert_same(model, rewritten, feeds)
+
+
+@pytest.mark.parametrize("name", ["dit-ts17", "dit-dyn18"])
+def test_a_dit_s_gated_branches_are_refused_or_recentred_never_converted_silently(
+    corpus, tmp_path, name
+):
+    """DiT (adaLN-Zero): a per-sample, per-channel gate on each branch output breaks the zero-mean
+    stream. By default the conversion is refused, naming each gate's Mul; priced lower, it
+    recentres exactly those four gated branch outputs and is exact."""
+    paths = corpus(name)
+    model = io.load(paths.model)
+    annotate(model)
+    result = PreLNToRMSNorm().run(model)
+    assert not result.modified and len(result.refusals) == 5
+    assert all(
+        "would need 4 explicit recentring(s)" in r.reason and "is not a linear op" in r.reason
+        for r in result.refusals
+    )
+    out = tmp_path / "out.onnx"
+    report = rewrite_file(
+        paths.model,
+        out,
+        passes=["preln-to-rmsnorm{recentring_cost=1}"],
+        checks=VerifyOptions(inputs=paths.load_inputs()),
+    )
+    result = report.passes[0]
+    assert result.stats["converted"] == 5 and result.stats["recentrings"] == 4
+    assert len(recentred(result)) == 4
+    assert all("Mul" in why and "not a linear op" in why for why in recentred(result).values())
+    assert_matches_reference(out, paths)

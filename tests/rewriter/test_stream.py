@@ -49,6 +49,11 @@ EXPECTED = {
     "repblocks": "none",
     "mobileone": "none",
     "levit": "none",
+    "evonorms": "none",
+    "regnetzevos": "none",
+    "resnetv2evos": "none",
+    "resnetv2evob": "none",
+    "dit": "pre-ln",  # its branches gated per channel by the conditioning (adaLN-Zero)
 }
 RESIDUAL_ADDS = {
     "gpt2": 4,
@@ -69,6 +74,7 @@ RESIDUAL_ADDS = {
     "gpt2fused": 4,
     "vitfused": 4,
     "bertfused": 4,
+    "dit": 4,
 }
 
 

@@ -1,0 +1,455 @@
+"""EvoNorm (Liu et al. 2020, timm's EvoNorm2d*) as exporters write it: matched from its
+division, analysis only.
+
+Forms (x a 4-D NCHW tensor; statistics may run through a Cast to float32 and back; every
+statistic is broadcast back with an Expand, a grouped one then reshaped to x's shape):
+  group_std(x)   Reshape(x, [B, G, C/G, H, W]) -> d = t - ReduceMean(t) -> ReduceMean(d*d | d^2)
+                 over every axis after the group axis -> [Reshape] -> Add eps -> Sqrt
+  group_rms(x)   the same with ReduceMean(t*t | t^2)
+  instance_std / instance_rms(x)   the same over the spatial axes of x itself (no Reshape)
+  S0   x * Sigmoid(x * v) / group_std(x)          S0a without its activation: x / group_std(x)
+  S1   act(x) / group_std(x)                      S2   act(x) / group_rms(x)  (act: SiLU, ...)
+  B0   x / Max(left, x * v + instance_std(x))
+  B1   x / Max(left, (x + 1) * instance_rms(x))
+  B2   x / Max(left, instance_rms(x) - x)          left = sqrt(running_var + eps), a constant
+then the trailing per-channel affine `* gamma [+ beta]` (constants along the channel axis).
+An EvoNorm without its activation and statistics (apply_act=False S0/B*) is `x * gamma + beta`:
+an affine chain, found by normopt.rewriter.norms. Every intermediate value must be read only
+inside the pattern; the numerator and the statistics must read the same x.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from normopt.rewriter.graph import (
+    constant_value,
+    folded_value,
+    is_op,
+    readers,
+    sole_reader,
+)
+from normopt.rewriter.norm_match import NormMatch, other_input, scalar, squares
+
+# Elementwise activations an S1/S2 applies to its numerator (SiLU is matched as x * Sigmoid(x))
+_ACTIVATIONS = ("Relu", "LeakyRelu", "Elu", "Selu", "Gelu", "HardSwish", "Mish", "Tanh")
+
+
+@dataclass
+class _Stat:
+    """A per-group or per-channel statistic of x, broadcast back to x's shape."""
+
+    x: ir.Value
+    kind: str  # std | rms
+    groups: int | None  # None: per channel (instance statistics)
+    eps: float
+    compute: str
+    nodes: list[ir.Node] = field(default_factory=list)
+
+
+def _source(value: ir.Value | None) -> ir.Value | None:
+    """`value`, or what a Cast (the float32 compute wrapper) makes it from."""
+    node = value.producer() if value is not None else None
+    return node.inputs[0] if is_op(node, "Cast") else value
+
+
+def _cast_nodes(value: ir.Value) -> list[ir.Node]:
+    node = value.producer()
+    return [node] if is_op(node, "Cast") else []
+
+
+def _producer(value: ir.Value | None, *ops: str) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    return node if is_op(node, *ops) else None
+
+
+def _axes(node: ir.Node) -> tuple[int, ...] | None:
+    if "axes" in node.attributes:
+        return tuple(node.attributes.get_ints("axes"))
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        array = constant_value(node.inputs[1])
+        return None if array is None else tuple(int(a) for a in array.reshape(-1))
+    return None
+
+
+def _reduced(value: ir.Value) -> tuple[ir.Node, list[ir.Node]] | None:
+    """The ReduceMean making `value` (keepdims, or keepdims=0 then a Reshape back, which dynamo
+    may follow with an Expand to the same shape)."""
+    extra = []
+    node = value.producer()
+    if is_op(node, "Expand"):
+        extra, node = [node], _producer(node.inputs[0], "Reshape")
+    if is_op(node, "Reshape"):
+        extra, node = [*extra, node], _producer(node.inputs[0], "ReduceMean")
+        if node is None or node.attributes.get_int("keepdims", 1) != 0:
+            return None
+    elif not is_op(node, "ReduceMean") or node.attributes.get_int("keepdims", 1) != 1:
+        return None
+    return node, extra
+
+
+def _over_all_after(axes: tuple[int, ...] | None, first: int, rank: int) -> bool:
+    """`axes` are exactly the axes first..rank-1."""
+    if axes is None:
+        return False
+    return sorted(a + rank if a < 0 else a for a in axes) == list(range(first, rank))
+
+
+def _grouped(t: ir.Value) -> tuple[ir.Value, int, int, list[ir.Node]] | None:
+    """(x, groups, rank of the grouped tensor, nodes) where t = [Cast] Reshape(x, [B, G, ...]),
+    else (x, None, 4, [cast]) for a 4-D x read directly."""
+    cast = _cast_nodes(t)
+    inner = cast[0].inputs[0] if cast else t
+    reshape = _producer(inner, "Reshape")
+    if reshape is None:
+        return (inner, None, 4, cast) if _rank(inner) in (4, None) else None
+    dims = _shape_dims(reshape.inputs[1])
+    if dims is None or len(dims) not in (3, 5) or not isinstance(dims[1], int) or dims[1] <= 0:
+        return None
+    return reshape.inputs[0], dims[1], len(dims), [reshape, *cast]
+
+
+def _shape_dims(shape: ir.Value) -> list[int | None] | None:
+    """A Reshape's target, entry by entry where constant: a constant, or a Concat of
+    one-entry pieces (the dynamic-batch form: Unsqueeze(Gather(Shape(x))) for B)."""
+    array = folded_value(shape)
+    if array is not None:
+        return [int(d) for d in array.reshape(-1)] if array.ndim == 1 else None
+    concat = _producer(shape, "Concat")
+    if concat is None:
+        return None
+    dims = []
+    for piece in concat.inputs:
+        part = folded_value(piece)
+        if part is not None and part.size != 1:
+            return None
+        dims.append(None if part is None else int(part.reshape(())))
+    return dims
+
+
+def _rank(value: ir.Value) -> int | None:
+    return None if value.shape is None else len(value.shape)
+
+
+def _statistic(value: ir.Value) -> _Stat | None:
+    """`value` = [Reshape](Expand([Cast](Sqrt(Add(var | ms, eps))))) (an instance statistic
+    may broadcast without its Expand: simplify-evonorm drops it)."""
+    nodes = []
+    node = value.producer()
+    if is_op(node, "Reshape"):
+        nodes.append(node)
+        node = node.inputs[0].producer()
+        if not is_op(node, "Expand"):
+            return None
+    if is_op(node, "Expand"):  # a per-channel statistic may broadcast without one
+        nodes.append(node)
+        sqrt_out = node.inputs[0]
+    else:
+        sqrt_out = value
+    nodes += _cast_nodes(sqrt_out)
+    sqrt = _producer(_source(sqrt_out), "Sqrt")
+    add = _producer(sqrt.inputs[0], "Add") if sqrt is not None else None
+    if add is None:
+        return None
+    eps_value = next((v for v in add.inputs if folded_value(v) is not None), None)
+    eps = scalar(eps_value) if eps_value is not None else None
+    reduced = _reduced(other_input(add, eps_value)) if eps is not None and eps >= 0 else None
+    if reduced is None:
+        return None
+    var_node, extra = reduced
+    nodes += [sqrt, add, var_node, *extra]
+    square = var_node.inputs[0].producer()
+    if square is None or not squares(square, square.inputs[0]):
+        return None
+    nodes.append(square)
+    d = square.inputs[0]
+    sub = _producer(d, "Sub")
+    mean = _producer(sub.inputs[1], "ReduceMean") if sub is not None else None
+    kind, t = "rms", d
+    if mean is not None and mean.inputs[0] is sub.inputs[0] and _axes(mean) == _axes(var_node):
+        kind, t = "std", sub.inputs[0]
+        nodes += [sub, mean]
+    grouped = _grouped(t)
+    if grouped is None:
+        return None
+    x, groups, r, more = grouped
+    if not _over_all_after(_axes(var_node), 2, r) or groups is None and r != 4:
+        return None
+    array = folded_value(eps_value)
+    compute = str(ir.DataType.from_numpy(array.dtype))
+    return _Stat(x, kind, groups, eps, compute, [*nodes, *more])
+
+
+def _same(a: ir.Value | None, b: ir.Value) -> bool:
+    """`a` is x, or a Cast of x (a float32 Cast of a float32 x changes nothing)."""
+    return a is b or _source(a) is b
+
+
+def _numerator(num: ir.Value, x: ir.Value) -> tuple[str, list[ir.Node]] | None:
+    """The activation the numerator applies to x: none, swish(v) (x * Sigmoid(x * v)), silu
+    (x * Sigmoid(x)), or an activation op; with its nodes."""
+    if _same(num, x):
+        return "none", _cast_nodes(num) if num is not x else []
+    node = num.producer()
+    if is_op(node, *_ACTIVATIONS) and _same(node.inputs[0], x):
+        return node.op_type.lower(), [node]
+    if not is_op(node, "Mul"):
+        return None
+    for i in (0, 1):
+        sig = _producer(node.inputs[1 - i], "Sigmoid")
+        if sig is None or not _same(node.inputs[i], x):
+            continue
+        arg = sig.inputs[0]
+        if _same(arg, x):
+            return "silu", [node, sig]
+        mul = _producer(arg, "Mul")
+        if mul is not None and any(_same(v, x) for v in mul.inputs):
+            other = next(v for v in mul.inputs if not _same(v, x))
+            if _per_channel(folded_value(other)):
+                return "swish(v)", [node, sig, mul]
+    return None
+
+
+def _per_channel(array: np.ndarray | None, rank: int = 4) -> bool:
+    """A constant that varies along the channel axis (1) of a rank-4 tensor at most."""
+    if array is None or array.ndim > rank:
+        return False
+    shape = (1,) * (rank - array.ndim) + array.shape
+    return all(d == 1 for i, d in enumerate(shape) if i != 1)
+
+
+def _spread_channels(array: np.ndarray) -> np.ndarray | None:
+    """The [1, C, 1, 1] slice of a 4-D constant equal along its batch and spatial axes."""
+    if array.ndim != 4:
+        return None
+    first = array[:1, :, :1, :1]
+    return first.copy() if (array == first).all() else None
+
+
+def _b_right(right: ir.Value) -> tuple[str, _Stat, list[ir.Node]] | None:
+    """B0: x * v + instance_std(x); B1: (x + 1) * instance_rms(x); B2: instance_rms(x) - x."""
+    node = right.producer()
+    for i in (0, 1):
+        if not is_op(node, "Add", "Mul", "Sub") or (node.op_type == "Sub" and i == 1):
+            continue
+        stat = _statistic(node.inputs[i])
+        if stat is None or stat.groups is not None:
+            continue
+        other, x = node.inputs[1 - i], stat.x
+        inner = other.producer()
+        if node.op_type == "Sub" and stat.kind == "rms" and _same(other, x):
+            return "B2", stat, [node]
+        if node.op_type == "Mul" and stat.kind == "rms" and is_op(inner, "Add"):
+            if any(_same(v, x) for v in inner.inputs) and any(
+                scalar(v) == 1.0 for v in inner.inputs
+            ):
+                return "B1", stat, [node, inner]
+        if node.op_type == "Add" and stat.kind == "std" and is_op(inner, "Mul"):
+            v = next((v for v in inner.inputs if not _same(v, x)), None)
+            if any(_same(u, x) for u in inner.inputs) and _per_channel(folded_value(v)):
+                return "B0", stat, [node, inner]
+    return None
+
+
+def _b_left(value: ir.Value) -> list[ir.Node] | None:
+    """sqrt(running_var + eps): a per-channel constant, folded by the exporter to a constant of
+    any broadcast shape or expanded to x's shape (its Expand and Shape nodes returned)."""
+    expand = _producer(value, "Expand")
+    if expand is not None and _per_channel(folded_value(expand.inputs[0])):
+        shape = _producer(expand.inputs[1], "Shape")
+        return [expand] + ([shape] if shape is not None else [])
+    array = folded_value(value)
+    if array is None or not (_per_channel(array) or _spread_channels(array) is not None):
+        return None
+    return []
+
+
+def _core(div: ir.Node) -> tuple[str, _Stat, str, list[ir.Node]] | None:
+    """(variant, statistic, activation, nodes) of the EvoNorm whose division is `div`."""
+    num, den = div.inputs[0], div.inputs[1]
+    maximum = _producer(den, "Max")
+    if maximum is not None and len(maximum.inputs) == 2:
+        for i in (0, 1):
+            right = _b_right(maximum.inputs[i])
+            left = _b_left(maximum.inputs[1 - i]) if right is not None else None
+            if right is None or left is None or not _same(num, right[1].x):
+                continue
+            variant, stat, nodes = right
+            return variant, stat, "none", [*left, maximum, *nodes, *_cast_nodes(num), div]
+        return None
+    stat = _statistic(den)
+    if stat is None or stat.groups is None:
+        return None
+    found = _numerator(num, stat.x)
+    if found is None:
+        return None
+    act, nodes = found
+    if stat.kind == "rms":
+        variant = "S2"
+    else:
+        variant = {"swish(v)": "S0", "none": "S0a"}.get(act, "S1")
+    return variant, stat, act, [*nodes, div]
+
+
+def _affine_tail(y: ir.Value) -> tuple[ir.Value, list[ir.Node], ir.Value | None, ir.Value | None]:
+    """After the division: [Mul gamma] [Add beta], per-channel constants, each read alone."""
+    nodes, scale, bias = [], None, None
+    for op in ("Mul", "Add"):
+        node = sole_reader(y)
+        other = other_input(node, y) if is_op(node, op) else None
+        if other is None or not _per_channel(folded_value(other)):
+            continue
+        nodes.append(node)
+        scale, bias = (other, bias) if op == "Mul" else (scale, other)
+        y = node.outputs[0]
+    return y, nodes, scale, bias
+
+
+def _closed(nodes: list[ir.Node], output: ir.Value, x: ir.Value) -> bool:
+    """Every value the pattern makes, but its output, is read only inside it."""
+    inside = set(nodes)
+    for node in nodes:
+        for value in node.outputs:
+            if value is output or value is x:
+                continue
+            if value.is_graph_output() or not set(readers(value, numbers_only=True)) <= inside:
+                return False
+    return True
+
+
+def match_evonorm(div: ir.Node, claimed: set[ir.Node]) -> NormMatch | None:
+    """The EvoNorm whose division is `div`, with its trailing affine."""
+    if not is_op(div, "Div") or len(div.inputs) != 2:
+        return None
+    core = _core(div)
+    if core is None:
+        return None
+    variant, stat, act, nodes = core
+    output, tail, scale, bias = _affine_tail(div.outputs[0])
+    nodes = list(dict.fromkeys([*nodes, *stat.nodes, *tail]))
+    if claimed.intersection(nodes) or not _closed(nodes, output, stat.x):
+        return None
+    detail = {
+        "variant": variant,
+        "groups": stat.groups,
+        "statistic": f"{'group' if stat.groups else 'instance'}_{stat.kind}",
+        "activation": act,
+    }
+    entry = next(((n, i) for n in nodes for i, v in enumerate(n.inputs) if v is stat.x), (div, 0))
+    return NormMatch(
+        "evonorm",
+        "decomposed",
+        stat.x,
+        output,
+        nodes,
+        -3,
+        stat.eps,
+        scale,
+        bias,
+        stat.compute,
+        detail,
+        core_output=div.outputs[0],
+        entry=entry,
+    )
+
+
+def trailing_affine(match: NormMatch) -> NormMatch | None:
+    """An EvoNorm's trailing `* gamma + beta` as an affine match of its own (what
+    fold-affine-norms folds into the following linear op), or None without one."""
+    inside, nodes, y = set(match.nodes), [], match.core_output
+    while (node := sole_reader(y)) in inside and node is not None:
+        nodes.append(node)
+        y = node.outputs[0]
+    if not nodes:
+        return None
+    return NormMatch(
+        "affine",
+        "decomposed",
+        match.core_output,
+        match.output,
+        nodes,
+        -3,
+        compute_dtype=match.compute_dtype,
+        detail={"ops": [n.op_type for n in nodes], "of": f"evonorm {match.detail['variant']}"},
+        entry=(nodes[0], list(nodes[0].inputs).index(match.core_output)),
+    )
+
+
+@dataclass
+class Broadcast:
+    """An operand of a B-variant EvoNorm's elementwise op that holds a per-channel (or
+    per-instance) value spread to x's full shape: the op can broadcast it instead. `source` is
+    what the op reads then: the Expand's input, or the constant's one [1, C, 1, 1] slice."""
+
+    node: ir.Node
+    index: int
+    source: ir.Value | np.ndarray
+    what: str
+
+
+def _spreads_to_x(expand: ir.Node, x: ir.Value) -> bool:
+    """`expand` spreads its input to x's shape: its shape is Shape(x), or a constant equal to
+    x's static shape, or its result has x's shape by shape inference, dim by dim (sizes, or
+    named dims: one name is one size)."""
+    node = expand.inputs[1].producer()
+    if is_op(node, "Shape") and _same(node.inputs[0], x) and not node.attributes:
+        return True
+    dims = _known(x.shape)
+    array = folded_value(expand.inputs[1])
+    if array is not None:
+        return dims is not None and [int(d) for d in array.reshape(-1)] == dims
+    out = _known(expand.outputs[0].shape)
+    return dims is not None and out == dims
+
+
+def _known(shape: ir.Shape | None) -> list[int | str] | None:
+    """Every dim of `shape` as a size or a name; None if any is unknown."""
+    if shape is None:
+        return None
+    dims = [d if isinstance(d, int) else d.value for d in shape]
+    return None if any(d is None for d in dims) else dims
+
+
+def broadcasts(match: NormMatch) -> list[Broadcast]:
+    """In a B0/B1/B2 match: the Expands to x's shape read by the Max or by the op combining x
+    with its instance statistic, and the running-variance branch folded by the exporter into
+    a constant of x's full shape. Dropping either is exact: the op's other operand is x
+    combined elementwise with per-channel constants, so it has x's full shape already, and the
+    op's result keeps its shape and every entry."""
+    found, x, inside = [], match.input, set(match.nodes)
+    if not match.detail.get("variant", "").startswith("B"):
+        return found
+
+    def full(value: ir.Value, depth: int = 2) -> bool:
+        """x, or x combined inside the match with anything (Max's right: one level more)."""
+        node = value.producer()
+        return _same(value, x) or (
+            depth > 0
+            and node in inside
+            and is_op(node, "Add", "Mul", "Sub")
+            and any(full(v, depth - 1) for v in node.inputs)
+        )
+
+    for node in match.nodes:
+        if not is_op(node, "Max", "Add", "Mul", "Sub") or len(node.inputs) != 2:
+            continue
+        for i, value in enumerate(node.inputs):
+            if not full(node.inputs[1 - i]):
+                continue  # the other operand must have x's shape (not the eps Add's)
+            expand = _producer(value, "Expand")
+            array = folded_value(value) if node.op_type == "Max" else None
+            if expand is not None and expand in match.nodes and _spreads_to_x(expand, x):
+                found.append(Broadcast(node, i, expand.inputs[0], f"{expand.name} dropped"))
+            elif (
+                array is not None
+                and array.ndim == 4
+                and list(array.shape) == _known(x.shape)
+                and array.size > array.shape[1]
+                and (channels := _spread_channels(array)) is not None
+            ):
+                what = f"{value.name} {list(array.shape)} -> [1, {array.shape[1]}, 1, 1]"
+                found.append(Broadcast(node, i, channels, what))
+    return found

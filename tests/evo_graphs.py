@@ -1,0 +1,177 @@
+"""Hand-built EvoNorms (every variant, both exporters' statistic forms) and the mutations that
+make them something else, with a float64 reference of timm's formulas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import helper
+
+from tests.helpers import const, make_model, tensor
+
+B, C, H, W = 2, 8, 4, 4
+
+
+@dataclass(frozen=True)
+class Evo:
+    variant: str = "S0"  # S0 | S0a (no activation) | S1 | S2 | B0 | B1 | B2
+    groups: int = 2
+    keepdims0: bool = False  # dynamo's form: ReduceMean keepdims=0, then a Reshape back
+    # B: the running-variance branch Expand(left, Shape(x)) | spread (a constant of x's shape,
+    # as dynamo folds it) | plain ([1, C, 1, 1])
+    left: str = "expand"
+    follow: str = "conv1x1"  # conv1x1 | conv3x3 (zero-padded) | add (a residual Add)
+    batch: int | str = B  # a name: the batch is symbolic
+    # none | eps_outside | other_x | leak | axes | v_per_w | left_input | left_varies
+    mutation: str = "none"
+
+    @property
+    def instance(self) -> bool:
+        return self.variant.startswith("B")
+
+
+def build(e: Evo, seed: int = 0):
+    """The model (x [B, C, H, W] -> y) and its parameters by name."""
+    rng = np.random.default_rng(seed)
+    p = {
+        "v": rng.uniform(0.5, 1.5, (1, C, 1, 1)),
+        "gamma": rng.uniform(0.5, 1.5, (1, C, 1, 1)),
+        "beta": rng.standard_normal((1, C, 1, 1)),
+        "left": np.sqrt(rng.uniform(0.5, 1.5, (1, C, 1, 1)) + 1e-3),
+        "w": rng.standard_normal((C, C, 3, 3) if e.follow == "conv3x3" else (C, C, 1, 1)) / 3,
+    }
+    if e.mutation == "v_per_w":
+        p["v"] = rng.uniform(0.5, 1.5, (1, 1, 1, W))
+    if e.mutation == "left_varies":
+        p["left"] = rng.uniform(0.5, 1.5, (B, C, H, W))
+    nodes, inits, outputs = [], [], [tensor("y", shape=(e.batch, C, H, W))]
+    inputs = [tensor("x", shape=(e.batch, C, H, W))]
+    for name, array in p.items():
+        inits.append(const(name, array.astype(np.float32)))
+
+    def node(op, ins, out, **attrs):
+        nodes.append(helper.make_node(op, ins, [out], name=out, **attrs))
+        return out
+
+    stat_of = node("Relu", ["x"], "x_relu") if e.mutation == "other_x" else "x"
+    stat = _statistic(e, node, inits, stat_of)
+    if e.mutation == "leak":
+        outputs.append(tensor("sqrt", shape=(e.batch, e.groups, 1, 1, 1)))
+    if e.instance:
+        right = {
+            "B0": lambda: node("Add", [node("Mul", ["x", "v"], "xv"), stat], "right"),
+            "B1": lambda: node("Mul", [node("Add", ["x", _one(inits)], "x1"), stat], "right"),
+            "B2": lambda: node("Sub", [stat, "x"], "right"),
+        }[e.variant]()
+        den = node("Max", [_left(e, node, inits), right], "den")
+        num = "x"
+    else:
+        den = stat
+        num = {
+            "S0": lambda: node(
+                "Mul", ["x", node("Sigmoid", [node("Mul", ["x", "v"], "xv")], "s")], "num"
+            ),
+            "S0a": lambda: "x",
+        }.get(e.variant, lambda: node("Mul", ["x", node("Sigmoid", ["x"], "s")], "num"))()
+    y = node("Add", [node("Mul", [node("Div", [num, den], "q"), "gamma"], "qg"), "beta"], "evo")
+    if e.follow == "add":
+        node("Add", [y, "x"], "y")
+    else:
+        pads = [1, 1, 1, 1] if e.follow == "conv3x3" else [0, 0, 0, 0]
+        node("Conv", [y, "w"], "y", pads=pads)
+    return make_model(nodes, inputs, outputs, inits, opset=17), p
+
+
+def _one(inits) -> str:
+    inits.append(const("one", np.float32(1.0)))
+    return "one"
+
+
+def _left(e: Evo, node, inits) -> str:
+    if e.mutation == "left_input":
+        return node("Sqrt", ["x"], "left_sqrt")
+    if e.left == "spread" or e.mutation == "left_varies":
+        if e.mutation != "left_varies":
+            inits.append(const("left_full", np.broadcast_to(_array(inits, "left"), (B, C, H, W))))
+            return "left_full"
+        return "left"
+    if e.left == "plain":
+        return "left"
+    return node("Expand", ["left", node("Shape", ["x"], "x_shape")], "left_spread")
+
+
+def _array(inits, name: str) -> np.ndarray:
+    from onnx import numpy_helper
+
+    return next(numpy_helper.to_array(i) for i in inits if i.name == name)
+
+
+def _statistic(e: Evo, node, inits, x: str) -> str:
+    """[Reshape to groups] -> std or rms -> Add eps -> Sqrt -> Expand -> [Reshape back]."""
+    groups = not e.instance
+    grouped_shape = [0, e.groups, C // e.groups, H, W]  # 0: copy the batch
+    axes = [2, 3, 4] if groups else [2, 3]
+    if e.mutation == "axes":
+        axes = axes[1:]
+    inits.append(const("axes", np.array(axes, np.int64)))
+    t = x
+    if groups:
+        inits.append(const("grouped", np.array(grouped_shape, np.int64)))
+        t = node("Reshape", [x, "grouped"], "t")
+    rms = e.variant in ("S2", "B1", "B2")
+    if not rms:
+        d = node("Sub", [t, node("ReduceMean", [t], "mean", axes=axes)], "d")
+    else:
+        d = t
+    sq = node("Mul", [d, d], "sq")
+    inits.append(const("eps", np.float32(1e-3 if e.variant in ("B0", "S0a") else 1e-5)))
+    if e.keepdims0:
+        kept = [0, e.groups if groups else C] + [1] * len(axes)  # 0: copy the batch
+        inits.append(const("kept", np.array(kept, np.int64)))
+        var = node("ReduceMean", [sq], "var0", axes=axes, keepdims=0)
+        var = node("Reshape", [var, "kept"], "var")
+    else:
+        var = node("ReduceMean", [sq], "var", axes=axes)
+    if e.mutation == "eps_outside":
+        s = node("Add", [node("Sqrt", [var], "sqrt"), "eps"], "with_eps")
+    else:
+        s = node("Sqrt", [node("Add", [var, "eps"], "var_eps")], "sqrt")
+    if groups:
+        inits.append(const("back", np.array([0, C, H, W], np.int64)))
+        spread = node("Expand", [s, node("Shape", [t], "t_shape")], "spread")
+        return node("Reshape", [spread, "back"], "stat")
+    return node("Expand", [s, node("Shape", [x], "x_shape2")], "stat")
+
+
+def reference(e: Evo, p: dict, x: np.ndarray) -> np.ndarray:
+    """timm's EvoNorm2d<variant> (float64), then the following op."""
+    x = x.astype(np.float64)
+    eps = 1e-3 if e.variant in ("B0", "S0a") else 1e-5
+    if e.instance:
+        mean = x.mean((2, 3), keepdims=True)
+        std = np.sqrt(((x - mean) ** 2).mean((2, 3), keepdims=True) + eps)
+        rms = np.sqrt((x * x).mean((2, 3), keepdims=True) + eps)
+        right = {"B0": x * p["v"] + std, "B1": (x + 1) * rms, "B2": rms - x}[e.variant]
+        y = x / np.maximum(p["left"], right)
+    else:
+        g = x.reshape(x.shape[0], e.groups, -1)
+        if e.variant == "S2":
+            s = np.sqrt((g * g).mean(-1, keepdims=True) + eps)
+        else:
+            s = np.sqrt(g.var(-1, keepdims=True) + eps)
+        s = np.broadcast_to(s, g.shape).reshape(x.shape)
+        sig = 1 / (1 + np.exp(-x * (p["v"] if e.variant == "S0" else 1)))
+        y = (x if e.variant == "S0a" else x * sig) / s
+    y = y * p["gamma"] + p["beta"]
+    if e.follow == "add":
+        return y + x
+    w = p["w"]
+    if w.shape[-1] == 1:
+        return np.einsum("oc,bchw->bohw", w[:, :, 0, 0], y)
+    padded = np.pad(y, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    out = np.zeros_like(y)
+    for i in range(3):
+        for j in range(3):
+            out += np.einsum("oc,bchw->bohw", w[:, :, i, j], padded[:, :, i : i + H, j : j + W])
+    return out

@@ -1,0 +1,65 @@
+"""EvoNorm matching: every variant in both exporters' statistic forms is found with its variant,
+groups and epsilon; every mutation that makes it compute something else is not."""
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from normopt.rewriter.norms import find_norms
+from normopt.rewriter.norms_evo import trailing_affine
+from tests.evo_graphs import Evo, build, reference
+from tests.helpers import ort_run
+
+X = np.random.default_rng(1).standard_normal((2, 8, 4, 4)).astype(np.float32)
+VARIANTS = ["S0", "S0a", "S1", "S2", "B0", "B1", "B2"]
+
+
+def evonorms(model):
+    return [m for m in find_norms(ir.serde.deserialize_model(model).graph) if m.kind == "evonorm"]
+
+
+@pytest.mark.parametrize("keepdims0", [False, True])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_is_found_with_its_variant_groups_and_eps(variant, keepdims0):
+    e = Evo(variant, keepdims0=keepdims0)
+    model, params = build(e)
+    # the graph is the variant (timm's formula), or the test would prove nothing
+    np.testing.assert_allclose(
+        ort_run(model, {"x": X})["y"], reference(e, params, X), rtol=1e-5, atol=1e-5
+    )
+    (match,) = evonorms(model)
+    assert match.detail["variant"] == variant
+    assert match.detail["groups"] == (None if e.instance else 2)
+    assert match.epsilon == pytest.approx(1e-3 if variant in ("B0", "S0a") else 1e-5)
+    assert match.input.name == "x" and match.output.name == "evo"
+    assert (match.scale.name, match.bias.name) == ("gamma", "beta")
+    affine = trailing_affine(match)
+    assert [n.name for n in affine.nodes] == ["qg", "evo"] and affine.input.name == "q"
+
+
+@pytest.mark.parametrize(
+    "variant, mutation",
+    [
+        ("S0", "eps_outside"),  # sqrt(var) + eps: not the statistic
+        ("B0", "eps_outside"),
+        ("S0", "other_x"),  # the statistic of another tensor than the numerator's
+        ("B2", "other_x"),
+        ("S1", "leak"),  # an intermediate value read outside (a graph output)
+        ("S0", "axes"),  # statistics over part of the group
+        ("B1", "axes"),
+        ("S0", "v_per_w"),  # v varies along W: no per-channel swish
+        ("B0", "left_input"),  # the running-variance branch computed from x
+        ("B0", "left_varies"),  # a constant branch that is not per channel
+    ],
+)
+def test_what_computes_something_else_is_no_evonorm(variant, mutation):
+    model, _ = build(Evo(variant, mutation=mutation))
+    assert evonorms(model) == []
+
+
+def test_the_affine_after_an_evonorm_is_no_norm_of_its_own():
+    """Its trailing `* gamma + beta` belongs to the EvoNorm (fold-affine-norms folds it as the
+    EvoNorm's), not to a separate affine match."""
+    model, _ = build(Evo("S0"))
+    kinds = [m.kind for m in find_norms(ir.serde.deserialize_model(model).graph)]
+    assert kinds == ["evonorm"]
