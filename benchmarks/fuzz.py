@@ -2,7 +2,7 @@
 pipelines, judged in onnxruntime against a float64 evaluation, without normopt's own check.
 
     python benchmarks/fuzz.py --n 10000 [--seed 0] [--jobs 2] [--save-failures DIR]
-        [--crms | --rotate | --reparam]
+        [--crms | --rotate | --reparam | --evonorm]
 
 Prints the counts (graphs, applied per pass, wrong, exit 4 = crash or invalid output, passes
 silent about why they did nothing, not idempotent) and writes results/fuzz.json with the seed
@@ -15,7 +15,9 @@ randomized Hadamard one on even ones; --allow-hidden-state-change on every third
 preln-to-rmsnorm converting every norm, as --rotate has it, on three seeds in five;
 canonicalize-norms after, --target ort, on every fourth; DiT's adaLN on every seventh).
 `--reparam`: the re-parameterization campaign, CNNs with parallel branches only (the other
-seeds are skipped), through merge-branches alone (odd seeds) or the default pipeline. The
+seeds are skipped), through merge-branches alone (odd seeds) or the default pipeline.
+`--evonorm`: CNNs with EvoNorms (every variant, both exporters' statistic forms, float16 too)
+through the default pipeline (odd seeds) or a drawn one, simplify-evonorm among them. The
 generator and the judge are tests/fuzzing.py, which the test suite runs with hypothesis on a
 few hundred graphs.
 """
@@ -37,9 +39,22 @@ from normopt.passes.pipeline import DEFAULT_PIPELINE
 from tests import fuzzing
 
 
-def one(seed: int, crms: bool = False, reparam: bool = False, rotate: bool = False) -> dict:
+def one(
+    seed: int,
+    crms: bool = False,
+    reparam: bool = False,
+    rotate: bool = False,
+    evonorm: bool = False,
+) -> dict:
     choices = fuzzing.RandomChoices(seed)
-    if reparam:  # CNNs with parallel branches (others are skipped), merge-branches alone or
+    if evonorm:  # CNNs with EvoNorms, the default pipeline (odd seeds) or a drawn one
+        case = fuzzing.cnn(choices, evonorm=True)
+        names, options = (
+            (list(DEFAULT_PIPELINE), Options())
+            if seed % 2
+            else fuzzing.pipeline_choice(choices, evonorm=True)
+        )
+    elif reparam:  # CNNs with parallel branches (others are skipped), merge-branches alone or
         case = fuzzing.cnn(choices)  # the default pipeline, by the seed's parity
         if not any(n.startswith("parallel branches") for n in case.notes):
             return {"seed": seed, "family": case.family, "skipped": True}
@@ -107,13 +122,24 @@ def main() -> None:
         action="store_true",
         help="the re-parameterization campaign: CNNs with parallel branches (the others skipped)",
     )
+    parser.add_argument(
+        "--evonorm",
+        action="store_true",
+        help="the EvoNorm campaign: CNNs with EvoNorms, default or drawn pipelines",
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     counts: collections.Counter = collections.Counter()
     failures = []
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
         for result in pool.imap_unordered(
-            functools.partial(one, crms=args.crms, reparam=args.reparam, rotate=args.rotate),
+            functools.partial(
+                one,
+                crms=args.crms,
+                reparam=args.reparam,
+                rotate=args.rotate,
+                evonorm=args.evonorm,
+            ),
             range(args.seed, args.seed + args.n),
             chunksize=8,
         ):
@@ -148,6 +174,7 @@ def main() -> None:
         "graphs",
         "graphs transformer",
         "graphs cnn",
+        "graphs evonorm",
         "applied (any pass)",
         *sorted(k for k in counts if k.startswith("applied ") and k != "applied (any pass)"),
         "wrong",
@@ -168,7 +195,7 @@ def main() -> None:
             or f["not_idempotent"]
         )
         print(f"  seed {f['seed']} ({f['family']}, {f.get('passes')}, {f.get('target')}): {what}")
-    campaign = next((k for k in ("crms", "rotate", "reparam") if getattr(args, k)), None)
+    campaign = next((k for k in ("crms", "rotate", "reparam", "evonorm") if getattr(args, k)), None)
     path = write(
         f"fuzz_{campaign}" if campaign else "fuzz",
         {

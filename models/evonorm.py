@@ -89,7 +89,9 @@ def regnetz_evos(large: bool = False) -> object:
 
 def resnetv2_evo(large: bool = False, b0: bool = False) -> object:
     """timm's resnetv2_50d_evos (pre-activation, EvoNorm-S0 with 32 groups, deep stem, avg
-    down); small: one bottleneck per stage, 1/8 width, 8 groups; `b0`: EvoNorm-B0 instead."""
+    down); small: one bottleneck per stage, 1/8 width, 8 groups; `b0`: EvoNorm-B0 instead, large
+    with two blocks per stage (ResNetV2-26d: 50 random B0 layers are chaotic, float32 and
+    float64 torch differ by 15% of the output)."""
     import functools
 
     from timm.layers import create_conv2d
@@ -99,7 +101,7 @@ def resnetv2_evo(large: bool = False, b0: bool = False) -> object:
     norm = EvoNorm2dB0 if b0 else EvoNorm2dS0
     config = dict(conv_layer=create_conv2d, stem_type="deep", avg_down=True)
     if large:
-        config.update(layers=[3, 4, 6, 3], norm_layer=norm, num_classes=1000)
+        config.update(layers=[2] * 4 if b0 else [3, 4, 6, 3], norm_layer=norm, num_classes=1000)
     else:
         config.update(
             layers=[1, 1, 1, 1],

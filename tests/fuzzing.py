@@ -116,6 +116,10 @@ class Builder:
         )
         return outs[0] if n_out == 1 else outs
 
+    def numpy(self, name: str) -> np.ndarray:
+        """An initializer's array."""
+        return next(numpy_helper.to_array(i) for i in self.inits if i.name == name)
+
     def input(self, shape, dtype=None, base: str = "x", feed=None) -> str:
         dtype = np.dtype(dtype or self.dtype)
         name = self.name(base)
@@ -870,11 +874,65 @@ def _sequential(c, b: Builder, x: str, ch: int, groups: int, dilation: int, note
     return _batchnorm(b, y, ch) if c.coin(0.5) else y
 
 
-def cnn(c) -> Case:
+def _evonorm(c, b: Builder, x: str, ch: int, batch: int, hw, opset: int, notes: list) -> str:
+    """timm's EvoNorm2d (a random variant, both exporters' statistic forms, statistics in
+    float32 for a float16 graph as timm computes them), then its affine (usually)."""
+    variant = c.pick(["S0", "S0a", "S1", "S2", "B0", "B1", "B2"])
+    instance = variant.startswith("B")
+    groups = 1 if instance else c.pick(_divisors(ch))
+    rms, keep0 = variant in ("S2", "B1", "B2"), c.coin()
+    dtype = b.dtype
+    t = b.op("Cast", [x], to=TensorProto.FLOAT) if dtype != np.float32 else x
+    shape = (batch, ch, *hw) if instance else (batch, groups, ch // groups, *hw)
+    t = t if instance else b.op("Reshape", [t, b.const(np.array(shape), "grouped", np.int64)])
+    axes = list(range(2, len(shape)))
+    d = t if rms else b.op("Sub", [t, _reduce_mean(b, t, axes, opset >= 18)])
+    sq = b.op("Mul", [d, d]) if c.coin() else b.op("Pow", [d, b.const(2.0, "two", np.float32)])
+    var = _reduce_mean(b, sq, axes, opset >= 18, keepdims=0 if keep0 else 1)
+    if keep0:
+        kept = np.array(shape[:2] + (1,) * len(axes))
+        var = b.op("Reshape", [var, b.const(kept, "kept", np.int64)])
+    eps = b.const(c.pick([1e-3, 1e-5]), "eps", np.float32)
+    s = b.op("Sqrt", [b.op("Add", [var, eps])])
+    s = b.op("Cast", [s], to=ONNX_TYPE[dtype]) if dtype != np.float32 else s
+    s = b.op("Expand", [s, b.const(np.array(shape), "spread", np.int64)])
+    if not instance:
+        s = b.op("Reshape", [s, b.const(np.array((batch, ch, *hw)), "back", np.int64)])
+    v = b.const(b.rng.uniform(0.5, 1.5, (1, ch, 1, 1)), "v")
+    if instance:
+        left = b.const(np.sqrt(b.rng.uniform(0.5, 1.5, (1, ch, 1, 1)) + 1e-3), "left")
+        if c.coin():
+            left = b.op("Expand", [left, b.op("Shape", [x])])
+        elif c.coin():
+            left = b.const(np.broadcast_to(b.numpy(left), (batch, ch, *hw)), "left_full")
+        one = b.const(1.0, "one")
+        right = {
+            "B0": lambda: b.op("Add", [b.op("Mul", [x, v]), s]),
+            "B1": lambda: b.op("Mul", [b.op("Add", [x, one]), s]),
+            "B2": lambda: b.op("Sub", [s, x]),
+        }[variant]()
+        y = b.op("Div", [x, b.op("Max", [left, right] if c.coin() else [right, left])])
+    else:
+        arg = b.op("Mul", [x, v]) if variant == "S0" else x
+        num = x if variant == "S0a" else b.op("Mul", [x, b.op("Sigmoid", [arg])])
+        y = b.op("Div", [num, s])
+    notes.append(f"evonorm {variant} groups={groups} keepdims0={keep0}")
+    if c.coin(0.9):
+        y = b.op("Mul", [y, b.const(b.rng.uniform(0.5, 1.5, (1, ch, 1, 1)), "gamma")])
+        if c.coin(0.8):
+            y = b.op("Add", [y, b.const(b.rng.standard_normal((1, ch, 1, 1)) * 0.5, "beta")])
+    return y
+
+
+def cnn(c, evonorm: bool = False) -> Case:
+    """A random CNN (images), token or feature model with BatchNorms, affine chains, RepBNs;
+    `evonorm`: images only, with EvoNorms among the norms (asked for, not drawn, so the seeds
+    of the other graphs keep their graphs)."""
     dtype = c.pick([np.float32, np.float32, np.float32, np.float16])
     b = Builder(np.random.default_rng(c.integer(0, 2**31 - 1)), dtype)
     notes: list[str] = []
-    layout = c.pick(["image", "image", "tokens", "features"])
+    layout = "image" if evonorm else c.pick(["image", "image", "tokens", "features"])
+    opset = c.pick([14, 17, 18]) if evonorm else None  # (drawn last where there is none)
     batch, ch = c.integer(1, 2), c.integer(1, 6)
     notes.append(f"layout={layout} dtype={np.dtype(dtype)}")
     if layout == "image":
@@ -899,8 +957,10 @@ def cnn(c) -> Case:
                     )
                     notes.append("separate bias Add")
             for _ in range(c.integer(0, 2)):
-                kind = c.pick(["bn", "bn", "affine", "relu"])
-                if kind == "bn":
+                kind = c.pick(["bn", "bn", "affine", "relu"] + ["evonorm"] * (2 * evonorm))
+                if kind == "evonorm":
+                    x = _evonorm(c, b, x, ch, batch, hw, opset, notes)
+                elif kind == "bn":
                     x = _batchnorm(b, x, ch, shift=c.coin(0.8))
                 elif kind == "affine":
                     x = _affine_chain(c, b, x, ch, 4, 3)
@@ -955,7 +1015,8 @@ def cnn(c) -> Case:
                 rank2 = True
         y = _linear(c, b, x, ch, c.integer(1, 4), rank2)
     b.output(y)
-    return Case("cnn", b.model(c.pick([14, 17, 18])), b.feeds, notes)
+    opset = opset or c.pick([14, 17, 18])
+    return Case("evonorm" if evonorm else "cnn", b.model(opset), b.feeds, notes)
 
 
 def graph(c) -> Case:
@@ -1050,13 +1111,17 @@ class Verdict:
         return not (self.wrong or self.crash or self.silent or self.not_idempotent)
 
 
-def pipeline_choice(c):
+def pipeline_choice(c, evonorm: bool = False):
+    """A pipeline to judge a graph by: the default one, each of its passes alone, or one of a few
+    combinations; `evonorm`: simplify-evonorm alone and before fold-affine-norms too (asked
+    for: the other graphs' seeds keep their pipelines)."""
     from normopt.passes.base import Options
     from normopt.passes.pipeline import DEFAULT_PIPELINE
 
     names = c.pick(
         [list(DEFAULT_PIPELINE)] * 3
-        + [[n] for n in DEFAULT_PIPELINE]
+        + [[n] for n in DEFAULT_PIPELINE if n != "simplify-evonorm"]
+        + [["simplify-evonorm"], ["simplify-evonorm", "fold-affine-norms"]] * evonorm
         + [
             ["convbn-tune"],
             ["canonicalize-norms", "fold-norm-affine"],

@@ -282,3 +282,26 @@ def test_a_float16_overflow_at_the_edge_of_its_range_is_the_graph_s_own():
     case = fuzzing.cnn(fuzzing.RandomChoices(111772))
     assert "dtype=float16" in case.notes[0]
     _check(case, list(DEFAULT_PIPELINE), Options())
+
+
+def _evonorm(c):
+    return fuzzing.cnn(c, evonorm=True)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_every_rewrite_of_a_random_evonorm_cnn_is_exact_or_refused_with_a_reason(data):
+    choices = fuzzing.HypothesisChoices(data)
+    case = _evonorm(choices)
+    names, options = fuzzing.pipeline_choice(choices, evonorm=True)
+    _check(case, names, options)
+
+
+def test_an_evonorm_the_simplification_frees_is_folded_in_the_same_run():
+    """Campaign seed 67 (`benchmarks/fuzz.py --evonorm`): a one-channel EvoNorm-B0 after a
+    ConvTranspose; simplify-evonorm left its dropped Expand reading the statistic until cleanup,
+    so fold-affine-norms found no EvoNorm in that round and folded only on a second run."""
+    from normopt.passes.pipeline import DEFAULT_PIPELINE
+
+    case = _evonorm(fuzzing.RandomChoices(67))
+    _check(case, list(DEFAULT_PIPELINE), Options())

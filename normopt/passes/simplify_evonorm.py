@@ -62,6 +62,9 @@ class SimplifyEvoNorm(Pass[Broadcast]):
                 b.node.replace_input_with(b.index, constant)
             else:
                 b.node.replace_input_with(b.index, b.source)
+                if not old.uses() and not old.is_graph_output():  # the dropped Expand: gone
+                    edit.graph.remove(old.producer(), safe=True)  # now, so the passes after
+                    # this one in the round still see the EvoNorm (it reads the statistic)
             changes.append(
                 Change("simplified", "EvoNorm operand broadcast", (b.node.name,), (b.what,))
             )

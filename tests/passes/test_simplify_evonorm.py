@@ -60,3 +60,18 @@ def test_a_b_variant_with_nothing_spread_says_so():
     assert not second.modified
     assert "no operand spread to its input's shape" in second.refusals[0].reason
     assert [m.detail["variant"] for m in find_norms(graph.graph)] == ["B2"]
+
+
+@pytest.mark.parametrize("variant", ["B0", "B1"])
+def test_the_passes_after_it_in_the_same_round_still_see_the_evonorm(variant):
+    """Found by the EvoNorm fuzz campaign (seed 67, tests/test_fuzz.py): the Expand it dropped
+    stayed (dead) until cleanup and still read the statistic, so fold-affine-norms, later in the
+    same round, found no EvoNorm and folded its affine only on a second run."""
+    model, _ = build(Evo(variant))
+    graph = ir.serde.deserialize_model(model)
+    first = {r.name: r for r in run_pipeline(graph, ["simplify-evonorm", "fold-affine-norms"])}
+    assert first["simplify-evonorm"].modified
+    # as the EvoNorm's (a lone affine otherwise, or nothing where it has one channel)
+    assert first["fold-affine-norms"].lines == ["folded 1 evonorm affine into following Conv"]
+    again = run_pipeline(graph, ["simplify-evonorm", "fold-affine-norms"])
+    assert not any(r.modified for r in again)
