@@ -175,3 +175,78 @@ def reference(e: Evo, p: dict, x: np.ndarray) -> np.ndarray:
         for j in range(3):
             out += np.einsum("oc,bchw->bohw", w[:, :, i, j], padded[:, :, i : i + H, j : j + W])
     return out
+
+
+def build_tf(variant: str, data_format: str, seed: int = 0):
+    """EvoNorm S0 or B0 as the authors' TensorFlow code writes it, as tf2onnx exports it:
+    tf.nn.moments (ReduceMean, SquaredDifference = Sub + Mul, ReduceMean), group_std in NHWC
+    (`channels_first` transposes there and back), instance_std broadcast without an Expand,
+    `v * x`, parameters shaped for the layout; then `* gamma + beta` and a MatMul over the
+    channels (NHWC) or a 1x1 Conv (NCHW)."""
+    rng = np.random.default_rng(seed)
+    last = data_format == "channels_last"
+    shape = (B, H, W, C) if last else (B, C, H, W)
+    pshape = (1, 1, 1, C) if last else (1, C, 1, 1)
+    groups = 2
+    p = {
+        "v": rng.uniform(0.5, 1.5, pshape),
+        "gamma": rng.uniform(0.5, 1.5, pshape),
+        "beta": rng.standard_normal(pshape),
+        "moving_variance": rng.uniform(0.5, 1.5, pshape),
+        "w": rng.standard_normal((C, C)) / 3 if last else rng.standard_normal((C, C, 1, 1)) / 3,
+    }
+    nodes, inits = [], [const(k, v.astype(np.float32)) for k, v in p.items()]
+    inits += [const("eps", np.float32(1e-5))]
+
+    def node(op, ins, out, **attrs):
+        nodes.append(helper.make_node(op, ins, [out], name=out, **attrs))
+        return out
+
+    def moments(t, axes, tag):
+        mean = node("ReduceMean", [t], f"{tag}_mean", axes=axes)
+        d = node("Sub", [t, mean], f"{tag}_d")
+        var = node("ReduceMean", [node("Mul", [d, d], f"{tag}_sq")], f"{tag}_var", axes=axes)
+        return node("Sqrt", [node("Add", [var, "eps"], f"{tag}_var_eps")], f"{tag}_std")
+
+    if variant == "S0":
+        t = "x" if last else node("Transpose", ["x"], "to_nhwc", perm=[0, 2, 3, 1])
+        inits.append(const("grouped", np.array([B, H, W, groups, C // groups], np.int64)))
+        inits.append(const("nhwc", np.array([B, H, W, C], np.int64)))
+        std = moments(node("Reshape", [t, "grouped"], "g"), [1, 2, 4], "group")
+        std = node("Expand", [std, "grouped"], "spread")
+        std = node("Reshape", [std, "nhwc"], "std")
+        std = std if last else node("Transpose", [std], "to_nchw", perm=[0, 3, 1, 2])
+        sig = node("Sigmoid", [node("Mul", ["v", "x"], "vx")], "sig")
+        q = node("Div", [node("Mul", ["x", sig], "num"), std], "q")
+    else:
+        std = moments("x", [1, 2] if last else [2, 3], "inst")
+        left = node("Sqrt", [node("Add", ["moving_variance", "eps"], "mv_eps")], "left")
+        right = node("Add", [node("Mul", ["v", "x"], "vx"), std], "right")
+        q = node("Div", ["x", node("Max", [left, right], "den")], "q")
+    y = node("Add", [node("Mul", [q, "gamma"], "qg"), "beta"], "evo")
+    if last:
+        node("MatMul", [y, "w"], "y")
+    else:
+        node("Conv", [y, "w"], "y")
+    model = make_model(nodes, [tensor("x", shape=shape)], [tensor("y", shape=shape)], inits)
+    return model, p
+
+
+def reference_tf(variant: str, data_format: str, p: dict, x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    last = data_format == "channels_last"
+    if variant == "S0":
+        t = x if last else x.transpose(0, 2, 3, 1)
+        g = t.reshape(B, H, W, 2, C // 2)
+        std = np.sqrt(g.var((1, 2, 4), keepdims=True) + 1e-5)
+        std = np.broadcast_to(std, g.shape).reshape(B, H, W, C)
+        std = std if last else std.transpose(0, 3, 1, 2)
+        q = x / (1 + np.exp(-p["v"] * x)) / std
+    else:
+        axes = (1, 2) if last else (2, 3)
+        std = np.sqrt(x.var(axes, keepdims=True) + 1e-5)
+        q = x / np.maximum(np.sqrt(p["moving_variance"] + 1e-5), p["v"] * x + std)
+    y = q * p["gamma"] + p["beta"]
+    if last:
+        return y @ p["w"]
+    return np.einsum("oc,bchw->bohw", p["w"][:, :, 0, 0], y)

@@ -20,8 +20,8 @@ import onnx_ir as ir
 
 from normopt.passes.base import Change, Pass, Plan, Refusal
 from normopt.rewriter.edit import Editor
+from normopt.rewriter.evonorm_broadcast import Broadcast, broadcasts
 from normopt.rewriter.norms import find_norms
-from normopt.rewriter.norms_evo import Broadcast, broadcasts
 
 
 class SimplifyEvoNorm(Pass[Broadcast]):

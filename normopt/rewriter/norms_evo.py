@@ -47,6 +47,7 @@ class _Stat:
     groups: int | None  # None: per channel (instance statistics)
     eps: float
     compute: str
+    channel_axis: int  # of x: 1 (NCHW, PyTorch) or 3 (NHWC, TensorFlow)
     nodes: list[ir.Node] = field(default_factory=list)
 
 
@@ -61,7 +62,7 @@ def _cast_nodes(value: ir.Value) -> list[ir.Node]:
     return [node] if is_op(node, "Cast") else []
 
 
-def _producer(value: ir.Value | None, *ops: str) -> ir.Node | None:
+def producer_of(value: ir.Value | None, *ops: str) -> ir.Node | None:
     node = value.producer() if value is not None else None
     return node if is_op(node, *ops) else None
 
@@ -81,9 +82,9 @@ def _reduced(value: ir.Value) -> tuple[ir.Node, list[ir.Node]] | None:
     extra = []
     node = value.producer()
     if is_op(node, "Expand"):
-        extra, node = [node], _producer(node.inputs[0], "Reshape")
+        extra, node = [node], producer_of(node.inputs[0], "Reshape")
     if is_op(node, "Reshape"):
-        extra, node = [*extra, node], _producer(node.inputs[0], "ReduceMean")
+        extra, node = [*extra, node], producer_of(node.inputs[0], "ReduceMean")
         if node is None or node.attributes.get_int("keepdims", 1) != 0:
             return None
     elif not is_op(node, "ReduceMean") or node.attributes.get_int("keepdims", 1) != 1:
@@ -91,25 +92,33 @@ def _reduced(value: ir.Value) -> tuple[ir.Node, list[ir.Node]] | None:
     return node, extra
 
 
-def _over_all_after(axes: tuple[int, ...] | None, first: int, rank: int) -> bool:
-    """`axes` are exactly the axes first..rank-1."""
+def _layout(axes: tuple[int, ...] | None, rank: int) -> int | None:
+    """The axis a statistic keeps besides the batch (the group axis of a grouped tensor, the
+    channel axis of x itself), from the axes it averages over: every other axis. NCHW keeps 1
+    ([B, G, C/G, H, W], [B, G, C*H*W/G] or [B, C, H, W]); NHWC, TensorFlow's layout, keeps 3
+    ([B, H, W, G, C/G] or [B, H, W, C])."""
     if axes is None:
-        return False
-    return sorted(a + rank if a < 0 else a for a in axes) == list(range(first, rank))
+        return None
+    kept = set(range(1, rank)) - {a + rank if a < 0 else a for a in axes}
+    if len(kept) != 1 or len(axes) != rank - 2:
+        return None
+    (k,) = kept
+    return k if k == 1 or k == 3 and rank in (4, 5) else None
 
 
-def _grouped(t: ir.Value) -> tuple[ir.Value, int, int, list[ir.Node]] | None:
-    """(x, groups, rank of the grouped tensor, nodes) where t = [Cast] Reshape(x, [B, G, ...]),
-    else (x, None, 4, [cast]) for a 4-D x read directly."""
+def _grouped(t: ir.Value) -> tuple[ir.Value, list[int | None] | None, int, list[ir.Node]] | None:
+    """(x, the group Reshape's target, rank of the grouped tensor, nodes) where t = [Cast]
+    Reshape(x, [B, G, ...] or [B, H, W, G, C/G]), else (x, None, 4, [cast]) for a 4-D x read
+    directly."""
     cast = _cast_nodes(t)
     inner = cast[0].inputs[0] if cast else t
-    reshape = _producer(inner, "Reshape")
+    reshape = producer_of(inner, "Reshape")
     if reshape is None:
         return (inner, None, 4, cast) if _rank(inner) in (4, None) else None
     dims = _shape_dims(reshape.inputs[1])
-    if dims is None or len(dims) not in (3, 5) or not isinstance(dims[1], int) or dims[1] <= 0:
+    if dims is None or len(dims) not in (3, 5):
         return None
-    return reshape.inputs[0], dims[1], len(dims), [reshape, *cast]
+    return reshape.inputs[0], dims, len(dims), [reshape, *cast]
 
 
 def _shape_dims(shape: ir.Value) -> list[int | None] | None:
@@ -118,7 +127,7 @@ def _shape_dims(shape: ir.Value) -> list[int | None] | None:
     array = folded_value(shape)
     if array is not None:
         return [int(d) for d in array.reshape(-1)] if array.ndim == 1 else None
-    concat = _producer(shape, "Concat")
+    concat = producer_of(shape, "Concat")
     if concat is None:
         return None
     dims = []
@@ -136,9 +145,12 @@ def _rank(value: ir.Value) -> int | None:
 
 def _statistic(value: ir.Value) -> _Stat | None:
     """`value` = [Reshape](Expand([Cast](Sqrt(Add(var | ms, eps))))) (an instance statistic
-    may broadcast without its Expand: simplify-evonorm drops it)."""
-    nodes = []
+    may broadcast without its Expand: simplify-evonorm drops it), or that between the Transposes
+    to NHWC and back."""
     node = value.producer()
+    if is_op(node, "Transpose") and list(node.attributes.get_ints("perm", ())) == [0, 3, 1, 2]:
+        return _transposed(node)
+    nodes = []
     if is_op(node, "Reshape"):
         nodes.append(node)
         node = node.inputs[0].producer()
@@ -150,8 +162,8 @@ def _statistic(value: ir.Value) -> _Stat | None:
     else:
         sqrt_out = value
     nodes += _cast_nodes(sqrt_out)
-    sqrt = _producer(_source(sqrt_out), "Sqrt")
-    add = _producer(sqrt.inputs[0], "Add") if sqrt is not None else None
+    sqrt = producer_of(_source(sqrt_out), "Sqrt")
+    add = producer_of(sqrt.inputs[0], "Add") if sqrt is not None else None
     if add is None:
         return None
     eps_value = next((v for v in add.inputs if folded_value(v) is not None), None)
@@ -166,8 +178,8 @@ def _statistic(value: ir.Value) -> _Stat | None:
         return None
     nodes.append(square)
     d = square.inputs[0]
-    sub = _producer(d, "Sub")
-    mean = _producer(sub.inputs[1], "ReduceMean") if sub is not None else None
+    sub = producer_of(d, "Sub")
+    mean = producer_of(sub.inputs[1], "ReduceMean") if sub is not None else None
     kind, t = "rms", d
     if mean is not None and mean.inputs[0] is sub.inputs[0] and _axes(mean) == _axes(var_node):
         kind, t = "std", sub.inputs[0]
@@ -175,57 +187,72 @@ def _statistic(value: ir.Value) -> _Stat | None:
     grouped = _grouped(t)
     if grouped is None:
         return None
-    x, groups, r, more = grouped
-    if not _over_all_after(_axes(var_node), 2, r) or groups is None and r != 4:
+    x, dims, r, more = grouped
+    k = _layout(_axes(var_node), r)
+    groups = None if dims is None or k is None else dims[k]
+    if k is None or dims is not None and (not isinstance(groups, int) or groups <= 0):
         return None
     array = folded_value(eps_value)
     compute = str(ir.DataType.from_numpy(array.dtype))
-    return _Stat(x, kind, groups, eps, compute, [*nodes, *more])
+    return _Stat(x, kind, groups, eps, compute, 1 if k == 1 else 3, [*nodes, *more])
 
 
-def _same(a: ir.Value | None, b: ir.Value) -> bool:
+def _transposed(back: ir.Node) -> _Stat | None:
+    """An NHWC statistic of an NCHW x (the TensorFlow code's channels_first group_std):
+    Transpose(x, [0, 2, 3, 1]) -> the statistic -> Transpose([0, 3, 1, 2])."""
+    stat = _statistic(back.inputs[0])
+    there = stat.x.producer() if stat is not None and stat.channel_axis == 3 else None
+    if not is_op(there, "Transpose") or list(there.attributes.get_ints("perm", ())) != [0, 2, 3, 1]:
+        return None
+    stat.x, stat.channel_axis = there.inputs[0], 1
+    stat.nodes += [there, back]
+    return stat
+
+
+def same_tensor(a: ir.Value | None, b: ir.Value) -> bool:
     """`a` is x, or a Cast of x (a float32 Cast of a float32 x changes nothing)."""
     return a is b or _source(a) is b
 
 
-def _numerator(num: ir.Value, x: ir.Value) -> tuple[str, list[ir.Node]] | None:
+def _numerator(num: ir.Value, x: ir.Value, axis: int) -> tuple[str, list[ir.Node]] | None:
     """The activation the numerator applies to x: none, swish(v) (x * Sigmoid(x * v)), silu
     (x * Sigmoid(x)), or an activation op; with its nodes."""
-    if _same(num, x):
+    if same_tensor(num, x):
         return "none", _cast_nodes(num) if num is not x else []
     node = num.producer()
-    if is_op(node, *_ACTIVATIONS) and _same(node.inputs[0], x):
+    if is_op(node, *_ACTIVATIONS) and same_tensor(node.inputs[0], x):
         return node.op_type.lower(), [node]
     if not is_op(node, "Mul"):
         return None
     for i in (0, 1):
-        sig = _producer(node.inputs[1 - i], "Sigmoid")
-        if sig is None or not _same(node.inputs[i], x):
+        sig = producer_of(node.inputs[1 - i], "Sigmoid")
+        if sig is None or not same_tensor(node.inputs[i], x):
             continue
         arg = sig.inputs[0]
-        if _same(arg, x):
+        if same_tensor(arg, x):
             return "silu", [node, sig]
-        mul = _producer(arg, "Mul")
-        if mul is not None and any(_same(v, x) for v in mul.inputs):
-            other = next(v for v in mul.inputs if not _same(v, x))
-            if _per_channel(folded_value(other)):
+        mul = producer_of(arg, "Mul")
+        if mul is not None and any(same_tensor(v, x) for v in mul.inputs):
+            other = next(v for v in mul.inputs if not same_tensor(v, x))
+            if _per_channel(folded_value(other), axis):
                 return "swish(v)", [node, sig, mul]
     return None
 
 
-def _per_channel(array: np.ndarray | None, rank: int = 4) -> bool:
-    """A constant that varies along the channel axis (1) of a rank-4 tensor at most."""
-    if array is None or array.ndim > rank:
+def _per_channel(array: np.ndarray | None, axis: int) -> bool:
+    """A constant that varies along the channel axis (`axis`) of a rank-4 tensor at most."""
+    if array is None or array.ndim > 4:
         return False
-    shape = (1,) * (rank - array.ndim) + array.shape
-    return all(d == 1 for i, d in enumerate(shape) if i != 1)
+    shape = (1,) * (4 - array.ndim) + array.shape
+    return all(d == 1 for i, d in enumerate(shape) if i != axis)
 
 
-def _spread_channels(array: np.ndarray) -> np.ndarray | None:
-    """The [1, C, 1, 1] slice of a 4-D constant equal along its batch and spatial axes."""
+def spread_channels(array: np.ndarray, axis: int) -> np.ndarray | None:
+    """The per-channel slice ([1, C, 1, 1] or [1, 1, 1, C]) of a 4-D constant equal along its
+    other axes."""
     if array.ndim != 4:
         return None
-    first = array[:1, :, :1, :1]
+    first = array[tuple(slice(None) if i == axis else slice(0, 1) for i in range(4))]
     return first.copy() if (array == first).all() else None
 
 
@@ -240,29 +267,31 @@ def _b_right(right: ir.Value) -> tuple[str, _Stat, list[ir.Node]] | None:
             continue
         other, x = node.inputs[1 - i], stat.x
         inner = other.producer()
-        if node.op_type == "Sub" and stat.kind == "rms" and _same(other, x):
+        if node.op_type == "Sub" and stat.kind == "rms" and same_tensor(other, x):
             return "B2", stat, [node]
         if node.op_type == "Mul" and stat.kind == "rms" and is_op(inner, "Add"):
-            if any(_same(v, x) for v in inner.inputs) and any(
+            if any(same_tensor(v, x) for v in inner.inputs) and any(
                 scalar(v) == 1.0 for v in inner.inputs
             ):
                 return "B1", stat, [node, inner]
         if node.op_type == "Add" and stat.kind == "std" and is_op(inner, "Mul"):
-            v = next((v for v in inner.inputs if not _same(v, x)), None)
-            if any(_same(u, x) for u in inner.inputs) and _per_channel(folded_value(v)):
+            v = next((v for v in inner.inputs if not same_tensor(v, x)), None)
+            if any(same_tensor(u, x) for u in inner.inputs) and _per_channel(
+                folded_value(v), stat.channel_axis
+            ):
                 return "B0", stat, [node, inner]
     return None
 
 
-def _b_left(value: ir.Value) -> list[ir.Node] | None:
+def _b_left(value: ir.Value, axis: int) -> list[ir.Node] | None:
     """sqrt(running_var + eps): a per-channel constant, folded by the exporter to a constant of
     any broadcast shape or expanded to x's shape (its Expand and Shape nodes returned)."""
-    expand = _producer(value, "Expand")
-    if expand is not None and _per_channel(folded_value(expand.inputs[0])):
-        shape = _producer(expand.inputs[1], "Shape")
+    expand = producer_of(value, "Expand")
+    if expand is not None and _per_channel(folded_value(expand.inputs[0]), axis):
+        shape = producer_of(expand.inputs[1], "Shape")
         return [expand] + ([shape] if shape is not None else [])
     array = folded_value(value)
-    if array is None or not (_per_channel(array) or _spread_channels(array) is not None):
+    if array is None or not (_per_channel(array, axis) or spread_channels(array, axis) is not None):
         return None
     return []
 
@@ -270,12 +299,12 @@ def _b_left(value: ir.Value) -> list[ir.Node] | None:
 def _core(div: ir.Node) -> tuple[str, _Stat, str, list[ir.Node]] | None:
     """(variant, statistic, activation, nodes) of the EvoNorm whose division is `div`."""
     num, den = div.inputs[0], div.inputs[1]
-    maximum = _producer(den, "Max")
+    maximum = producer_of(den, "Max")
     if maximum is not None and len(maximum.inputs) == 2:
         for i in (0, 1):
             right = _b_right(maximum.inputs[i])
-            left = _b_left(maximum.inputs[1 - i]) if right is not None else None
-            if right is None or left is None or not _same(num, right[1].x):
+            left = _b_left(maximum.inputs[1 - i], right[1].channel_axis) if right else None
+            if right is None or left is None or not same_tensor(num, right[1].x):
                 continue
             variant, stat, nodes = right
             return variant, stat, "none", [*left, maximum, *nodes, *_cast_nodes(num), div]
@@ -283,7 +312,7 @@ def _core(div: ir.Node) -> tuple[str, _Stat, str, list[ir.Node]] | None:
     stat = _statistic(den)
     if stat is None or stat.groups is None:
         return None
-    found = _numerator(num, stat.x)
+    found = _numerator(num, stat.x, stat.channel_axis)
     if found is None:
         return None
     act, nodes = found
@@ -294,13 +323,15 @@ def _core(div: ir.Node) -> tuple[str, _Stat, str, list[ir.Node]] | None:
     return variant, stat, act, [*nodes, div]
 
 
-def _affine_tail(y: ir.Value) -> tuple[ir.Value, list[ir.Node], ir.Value | None, ir.Value | None]:
+def _affine_tail(
+    y: ir.Value, axis: int
+) -> tuple[ir.Value, list[ir.Node], ir.Value | None, ir.Value | None]:
     """After the division: [Mul gamma] [Add beta], per-channel constants, each read alone."""
     nodes, scale, bias = [], None, None
     for op in ("Mul", "Add"):
         node = sole_reader(y)
         other = other_input(node, y) if is_op(node, op) else None
-        if other is None or not _per_channel(folded_value(other)):
+        if other is None or not _per_channel(folded_value(other), axis):
             continue
         nodes.append(node)
         scale, bias = (other, bias) if op == "Mul" else (scale, other)
@@ -328,7 +359,7 @@ def match_evonorm(div: ir.Node, claimed: set[ir.Node]) -> NormMatch | None:
     if core is None:
         return None
     variant, stat, act, nodes = core
-    output, tail, scale, bias = _affine_tail(div.outputs[0])
+    output, tail, scale, bias = _affine_tail(div.outputs[0], stat.channel_axis)
     nodes = list(dict.fromkeys([*nodes, *stat.nodes, *tail]))
     if claimed.intersection(nodes) or not _closed(nodes, output, stat.x):
         return None
@@ -337,6 +368,7 @@ def match_evonorm(div: ir.Node, claimed: set[ir.Node]) -> NormMatch | None:
         "groups": stat.groups,
         "statistic": f"{'group' if stat.groups else 'instance'}_{stat.kind}",
         "activation": act,
+        "layout": "NCHW" if stat.channel_axis == 1 else "NHWC",
     }
     entry = next(((n, i) for n in nodes for i, v in enumerate(n.inputs) if v is stat.x), (div, 0))
     return NormMatch(
@@ -345,7 +377,7 @@ def match_evonorm(div: ir.Node, claimed: set[ir.Node]) -> NormMatch | None:
         stat.x,
         output,
         nodes,
-        -3,
+        stat.channel_axis - 4,
         stat.eps,
         scale,
         bias,
@@ -371,85 +403,8 @@ def trailing_affine(match: NormMatch) -> NormMatch | None:
         match.core_output,
         match.output,
         nodes,
-        -3,
+        match.axis,
         compute_dtype=match.compute_dtype,
         detail={"ops": [n.op_type for n in nodes], "of": f"evonorm {match.detail['variant']}"},
         entry=(nodes[0], list(nodes[0].inputs).index(match.core_output)),
     )
-
-
-@dataclass
-class Broadcast:
-    """An operand of a B-variant EvoNorm's elementwise op that holds a per-channel (or
-    per-instance) value spread to x's full shape: the op can broadcast it instead. `source` is
-    what the op reads then: the Expand's input, or the constant's one [1, C, 1, 1] slice."""
-
-    node: ir.Node
-    index: int
-    source: ir.Value | np.ndarray
-    what: str
-
-
-def _spreads_to_x(expand: ir.Node, x: ir.Value) -> bool:
-    """`expand` spreads its input to x's shape: its shape is Shape(x), or a constant equal to
-    x's static shape, or its result has x's shape by shape inference, dim by dim (sizes, or
-    named dims: one name is one size)."""
-    node = expand.inputs[1].producer()
-    if is_op(node, "Shape") and _same(node.inputs[0], x) and not node.attributes:
-        return True
-    dims = _known(x.shape)
-    array = folded_value(expand.inputs[1])
-    if array is not None:
-        return dims is not None and [int(d) for d in array.reshape(-1)] == dims
-    out = _known(expand.outputs[0].shape)
-    return dims is not None and out == dims
-
-
-def _known(shape: ir.Shape | None) -> list[int | str] | None:
-    """Every dim of `shape` as a size or a name; None if any is unknown."""
-    if shape is None:
-        return None
-    dims = [d if isinstance(d, int) else d.value for d in shape]
-    return None if any(d is None for d in dims) else dims
-
-
-def broadcasts(match: NormMatch) -> list[Broadcast]:
-    """In a B0/B1/B2 match: the Expands to x's shape read by the Max or by the op combining x
-    with its instance statistic, and the running-variance branch folded by the exporter into
-    a constant of x's full shape. Dropping either is exact: the op's other operand is x
-    combined elementwise with per-channel constants, so it has x's full shape already, and the
-    op's result keeps its shape and every entry."""
-    found, x, inside = [], match.input, set(match.nodes)
-    if not match.detail.get("variant", "").startswith("B"):
-        return found
-
-    def full(value: ir.Value, depth: int = 2) -> bool:
-        """x, or x combined inside the match with anything (Max's right: one level more)."""
-        node = value.producer()
-        return _same(value, x) or (
-            depth > 0
-            and node in inside
-            and is_op(node, "Add", "Mul", "Sub")
-            and any(full(v, depth - 1) for v in node.inputs)
-        )
-
-    for node in match.nodes:
-        if not is_op(node, "Max", "Add", "Mul", "Sub") or len(node.inputs) != 2:
-            continue
-        for i, value in enumerate(node.inputs):
-            if not full(node.inputs[1 - i]):
-                continue  # the other operand must have x's shape (not the eps Add's)
-            expand = _producer(value, "Expand")
-            array = folded_value(value) if node.op_type == "Max" else None
-            if expand is not None and expand in match.nodes and _spreads_to_x(expand, x):
-                found.append(Broadcast(node, i, expand.inputs[0], f"{expand.name} dropped"))
-            elif (
-                array is not None
-                and array.ndim == 4
-                and list(array.shape) == _known(x.shape)
-                and array.size > array.shape[1]
-                and (channels := _spread_channels(array)) is not None
-            ):
-                what = f"{value.name} {list(array.shape)} -> [1, {array.shape[1]}, 1, 1]"
-                found.append(Broadcast(node, i, channels, what))
-    return found

@@ -13,7 +13,7 @@ from normopt import files
 from normopt.passes.fold_affine_norms import FoldAffineNorms
 from normopt.rewriter import io
 from normopt.rewriter.norms import find_norms
-from tests.evo_graphs import Evo, build
+from tests.evo_graphs import Evo, build, build_tf
 from tests.helpers import annotate, assert_matches_reference, const, make_model, ort_run, tensor
 
 rng = np.random.default_rng(0)
@@ -637,3 +637,14 @@ def test_an_evonorm_affine_that_cannot_fold_says_why(follow, reason):
     assert refusal.candidate.startswith("evonorm S0 at ")
     assert "cannot fold before (it follows the EvoNorm's division)" in refusal.reason
     assert reason in refusal.reason
+
+
+@pytest.mark.parametrize(
+    "data_format, into", [("channels_last", "MatMul"), ("channels_first", "Conv")]
+)
+@pytest.mark.parametrize("variant", ["S0", "B0"])
+def test_the_tensorflow_forms_affine_folds_along_its_layout_s_channels(variant, data_format, into):
+    model, _ = build_tf(variant, data_format)
+    shape = (2, 4, 4, 8) if data_format == "channels_last" else (2, 8, 4, 4)
+    result, _ = run_fold(model, {"x": rng.standard_normal(shape).astype(np.float32)})
+    assert [c.what for c in result.changes] == [f"evonorm affine into following {into}"]

@@ -7,7 +7,7 @@ import pytest
 
 from normopt.rewriter.norms import find_norms
 from normopt.rewriter.norms_evo import trailing_affine
-from tests.evo_graphs import Evo, build, reference
+from tests.evo_graphs import Evo, build, build_tf, reference, reference_tf
 from tests.helpers import ort_run
 
 X = np.random.default_rng(1).standard_normal((2, 8, 4, 4)).astype(np.float32)
@@ -63,3 +63,32 @@ def test_the_affine_after_an_evonorm_is_no_norm_of_its_own():
     model, _ = build(Evo("S0"))
     kinds = [m.kind for m in find_norms(ir.serde.deserialize_model(model).graph)]
     assert kinds == ["evonorm"]
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("variant", ["S0", "B0"])
+def test_the_authors_tensorflow_forms_are_found(variant, data_format):
+    """tf2onnx's export of the paper's own code: NHWC statistics (channels_first S0 transposes to
+    NHWC and back around them), instance_std without an Expand, `v * x`."""
+    model, params = build_tf(variant, data_format)
+    x = np.random.default_rng(3).standard_normal(model_input_shape(model)).astype(np.float32)
+    np.testing.assert_allclose(
+        ort_run(model, {"x": x})["y"],
+        reference_tf(variant, data_format, params, x),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    (match,) = evonorms(model)
+    last = data_format == "channels_last"
+    assert match.detail["variant"] == variant and match.detail["groups"] == (
+        2 if variant == "S0" else None
+    )
+    assert match.detail["layout"] == ("NHWC" if last else "NCHW") and match.axis == (
+        -1 if last else -3
+    )
+    assert match.input.name == "x" and match.epsilon == pytest.approx(1e-5)
+    assert [n.name for n in trailing_affine(match).nodes] == ["qg", "evo"]
+
+
+def model_input_shape(model) -> tuple[int, ...]:
+    return tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim)
