@@ -171,3 +171,14 @@ def test_inspect_says_whether_the_stream_can_carry_d_minus_1(corpus, name, appli
     crms = inspect_model(path)["crms"]
     assert (crms["applies"], crms["after"]) == (applies, after) and reason in crms["reason"]
     assert path.read_bytes() == before
+
+
+def test_the_table_names_each_evonorm_s_variant_and_groups(corpus, cli_env, tmp_path):
+    from tests.evo_graphs import build_tf
+    from tests.helpers import cli, save
+
+    text = cli("inspect", corpus("evonorms-ts17").model, env=cli_env).stdout
+    for kind in ("evonorm B0 (per channel)", "evonorm S0 (4 groups)", "evonorm S0a (4 groups)"):
+        assert kind in text
+    tf = save(build_tf("S0", "channels_last")[0], tmp_path / "tf.onnx")
+    assert "evonorm S0 (2 groups, NHWC)" in cli("inspect", tf, env=cli_env).stdout

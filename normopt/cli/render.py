@@ -68,7 +68,8 @@ def _norm_kind(norm: dict) -> str:
     if norm["kind"] != "evonorm":
         return norm["kind"]
     groups = f"{norm['groups']} groups" if norm["groups"] else "per channel"
-    return f"evonorm {norm['variant']} ({groups})"
+    layout = ", NHWC" if norm["layout"] == "NHWC" else ""
+    return f"evonorm {norm['variant']} ({groups}{layout})"
 
 
 def inspection(info: dict, title: str) -> None:
