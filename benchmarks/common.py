@@ -90,3 +90,14 @@ def write(name: str, data: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, default=float))
     return path
+
+
+def write_results(name: str, env: dict, args, results: dict) -> None:
+    """results/NAME.json: the environment, the timing arguments and the results; says where."""
+    document = {"environment": env, "rounds": args.rounds, "reps": args.reps, "results": results}
+    print(f"wrote {write(name, document)}")
+
+
+def applied(report) -> list[str]:
+    """What a rewrite report's passes changed, one line each (cleanup's housekeeping left out)."""
+    return [line for p in report.passes if p.modified and p.name != "cleanup" for line in p.lines]

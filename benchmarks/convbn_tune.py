@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from common import CELLS, cells, compare, environment, feeds, timing_parser, write
+from common import CELLS, cells, compare, environment, feeds, timing_parser, write_results
 
 CASES = (
     ("resnet18-full-dyn18", 1),
@@ -141,8 +141,7 @@ def main() -> int:
             "inference_samples_per_s": inference,
             "total_s": report.seconds["total"],
         }
-    document = {"environment": env, "rounds": args.rounds, "reps": args.reps, "results": results}
-    print(f"wrote {write('convbn_tune', document)}")
+    write_results("convbn_tune", env, args, results)
     return 0
 
 

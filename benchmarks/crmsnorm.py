@@ -17,7 +17,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from common import CELLS, CONTROL, cells, compare, environment, timing_parser, write
+from common import CELLS, CONTROL, cells, compare, environment, timing_parser, write_results
 from common import feeds as bench_feeds
 from preln import norm_time
 
@@ -127,8 +127,7 @@ def main() -> int:
                     auto.why[:160],
                 )
     Console(width=220).print(table)
-    document = {"environment": env, "rounds": args.rounds, "reps": args.reps, "results": results}
-    print(f"wrote {write('crmsnorm', document)}")
+    write_results("crmsnorm", env, args, results)
     return 0
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import onnx
 from common import (
     CELLS,
+    applied,
     by_op_type,
     cells,
     compare,
@@ -32,7 +33,7 @@ from common import (
     norm_ms,
     norm_nodes,
     timing_parser,
-    write,
+    write_results,
 )
 
 MODELS = ("regnetz-b16-evos-ts17", "resnetv2-50d-evos-ts17", "resnetv2-26d-evob-dyn18")
@@ -82,12 +83,7 @@ def main() -> int:
                 if ops["rewritten"][op] != ops["original"][op]
             }
             results[entry] = {
-                "changes": [
-                    line
-                    for p in report.passes
-                    if p.modified and p.name != "cleanup"
-                    for line in p.lines
-                ],
+                "changes": applied(report),
                 "max_rel_error": max(o.max_rel for o in report.verification.outputs),
                 "nodes": {k: sum(c.values()) for k, c in ops.items()},
                 "op_delta": delta,
@@ -129,8 +125,7 @@ def main() -> int:
                     "profile": split,
                 }
     Console(width=220).print(table)
-    document = {"environment": env, "rounds": args.rounds, "reps": args.reps, "results": results}
-    print(f"wrote {write('evonorm', document)}")
+    write_results("evonorm", env, args, results)
     return 0
 
 

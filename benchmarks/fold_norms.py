@@ -25,7 +25,16 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from common import CELLS, cells, compare, environment, feeds, timing_parser, write
+from common import (
+    CELLS,
+    applied,
+    cells,
+    compare,
+    environment,
+    feeds,
+    timing_parser,
+    write_results,
+)
 
 
 def main() -> int:
@@ -83,24 +92,18 @@ def main() -> int:
                 reps=args.reps,
                 against=against,
             )
-            applied = [
-                line
-                for p in report.passes
-                if p.modified and p.name != "cleanup"
-                for line in p.lines
-            ]
+            changes = applied(report)
             for name, figure in figures.items():
-                note = "; ".join(applied) if name == "normopt folded" else ""
+                note = "; ".join(changes) if name == "normopt folded" else ""
                 table.add_row(entry, name, *cells(figure), note)
             results[entry] = {
                 "figures": {k: f.to_json() for k, f in figures.items()},
                 "against": against,
-                "changes": applied,
+                "changes": changes,
                 "max_rel_error": max(o.max_rel for o in report.verification.outputs),
             }
     Console(width=200).print(table)
-    document = {"environment": env, "rounds": args.rounds, "reps": args.reps, "results": results}
-    print(f"wrote {write('fold_norms', document)}")
+    write_results("fold_norms", env, args, results)
     return 0
 
 

@@ -35,7 +35,7 @@ from common import (
     norm_ms,
     norm_nodes,
     timing_parser,
-    write,
+    write_results,
 )
 from common import feeds as bench_feeds
 
@@ -184,8 +184,7 @@ def main() -> int:
                     "norm_ratio": p["norm_ms"] / profiles[against.get(k, "original")]["norm_ms"],
                 }
     Console(width=200).print(table)
-    document = {"environment": env, "rounds": args.rounds, "reps": args.reps, "results": results}
-    print(f"wrote {write('preln', document)}")
+    write_results("preln", env, args, results)
     return 0
 
 
