@@ -50,8 +50,9 @@ def _known(shape: ir.Shape | None) -> list[int | str] | None:
 
 def broadcasts(match: NormMatch) -> list[Broadcast]:
     """In a B0/B1/B2 match: the Expands to x's shape read by the Max or by the op combining x
-    with its instance statistic, and the running-variance branch folded by the exporter into
-    a constant of x's full shape. Dropping either is exact: the op's other operand is x
+    with its instance statistic (directly, or through a Cast: a float16 model's Max computes in
+    float32), and the running-variance branch folded by the exporter into a constant of x's
+    full shape. Dropping either is exact: the op's other operand is x
     combined elementwise with per-channel constants, so it has x's full shape already, and the
     op's result keeps its shape and every entry."""
     found, x, inside = [], match.input, set(match.nodes)
@@ -61,6 +62,8 @@ def broadcasts(match: NormMatch) -> list[Broadcast]:
     def full(value: ir.Value, depth: int = 2) -> bool:
         """x, or x combined inside the match with anything (Max's right: one level more)."""
         node = value.producer()
+        if is_op(node, "Cast") and node in inside:  # a float16 model's Max runs in float32
+            return full(node.inputs[0], depth)
         return same_tensor(value, x) or (
             depth > 0
             and node in inside
@@ -68,16 +71,19 @@ def broadcasts(match: NormMatch) -> list[Broadcast]:
             and any(full(v, depth - 1) for v in node.inputs)
         )
 
-    for node in match.nodes:
-        if not is_op(node, "Max", "Add", "Mul", "Sub") or len(node.inputs) != 2:
+    for op in match.nodes:
+        if not is_op(op, "Max", "Add", "Mul", "Sub") or len(op.inputs) != 2:
             continue
-        for i, value in enumerate(node.inputs):
-            if not full(node.inputs[1 - i]):
+        for i, value in enumerate(op.inputs):
+            if not full(op.inputs[1 - i]):
                 continue  # the other operand must have x's shape (not the eps Add's)
+            node, index, cast = op, i, producer_of(value, "Cast")
+            if cast is not None and cast in inside:  # spread, then cast: the Cast's input
+                node, index, value = cast, 0, cast.inputs[0]
             expand = producer_of(value, "Expand")
-            array = folded_value(value) if node.op_type == "Max" else None
-            if expand is not None and expand in match.nodes and _spreads_to_x(expand, x):
-                found.append(Broadcast(node, i, expand.inputs[0], f"{expand.name} dropped"))
+            array = folded_value(value) if op.op_type == "Max" else None
+            if expand is not None and expand in inside and _spreads_to_x(expand, x):
+                found.append(Broadcast(node, index, expand.inputs[0], f"{expand.name} dropped"))
             elif (
                 array is not None
                 and array.ndim == 4
@@ -86,5 +92,5 @@ def broadcasts(match: NormMatch) -> list[Broadcast]:
                 and (channels := spread_channels(array, match.axis + 4)) is not None
             ):
                 what = f"{value.name} {list(array.shape)} -> {list(channels.shape)}"
-                found.append(Broadcast(node, i, channels, what))
+                found.append(Broadcast(node, index, channels, what))
     return found

@@ -299,15 +299,17 @@ def _b_left(value: ir.Value, axis: int) -> list[ir.Node] | None:
 def _core(div: ir.Node) -> tuple[str, _Stat, str, list[ir.Node]] | None:
     """(variant, statistic, activation, nodes) of the EvoNorm whose division is `div`."""
     num, den = div.inputs[0], div.inputs[1]
-    maximum = producer_of(den, "Max")
-    if maximum is not None and len(maximum.inputs) == 2:
+    maximum = producer_of(_source(den), "Max")  # float16 models: computed in float32, Casts
+    if maximum is not None and len(maximum.inputs) == 2:  # around it and its operands
+        casts = [*_cast_nodes(den), *(c for v in maximum.inputs for c in _cast_nodes(v))]
         for i in (0, 1):
-            right = _b_right(maximum.inputs[i])
-            left = _b_left(maximum.inputs[1 - i], right[1].channel_axis) if right else None
+            right = _b_right(_source(maximum.inputs[i]))
+            left = right and _b_left(_source(maximum.inputs[1 - i]), right[1].channel_axis)
             if right is None or left is None or not same_tensor(num, right[1].x):
                 continue
             variant, stat, nodes = right
-            return variant, stat, "none", [*left, maximum, *nodes, *_cast_nodes(num), div]
+            core = [*left, maximum, *casts, *nodes, *_cast_nodes(num), div]
+            return variant, stat, "none", core
         return None
     stat = _statistic(den)
     if stat is None or stat.groups is None:

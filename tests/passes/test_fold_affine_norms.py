@@ -648,3 +648,32 @@ def test_the_tensorflow_forms_affine_folds_along_its_layout_s_channels(variant, 
     shape = (2, 4, 4, 8) if data_format == "channels_last" else (2, 8, 4, 4)
     result, _ = run_fold(model, {"x": rng.standard_normal(shape).astype(np.float32)})
     assert [c.what for c in result.changes] == [f"evonorm affine into following {into}"]
+
+
+@pytest.mark.parametrize("name", ["evonorms-ts17", "evonorms-dyn18", "resnetv2evob-dyn18"])
+def test_evonorm_models_in_float16_stay_as_close_to_float32_as_the_original(corpus, tmp_path, name):
+    """onnxruntime's float16 converter (float32 inputs and outputs, float16 inside, as mixed
+    precision models ship): the EvoNorms are still found, the rewrite applies and its error
+    against the float32 reference stays within the fp16 original's own (x 1.5)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from normopt.verification import VerifyOptions
+    from tests.helpers import rewrite_file
+
+    paths = corpus(name)
+    src, out = tmp_path / "fp16.onnx", tmp_path / "out.onnx"
+    onnx.save(convert_float_to_float16(onnx.load(str(paths.model)), keep_io_types=True), str(src))
+    # the converter computes Max in float32: Casts around it and its operands (B variants)
+    count = 15 if name.startswith("resnetv2evob") else 8
+    assert sum(m.kind == "evonorm" for m in find_norms(io.load(src).graph)) == count
+    inputs = paths.load_inputs()
+    report = rewrite_file(src, out, checks=VerifyOptions(inputs=inputs))
+    assert report.written and report.verification.ok
+    modified = {p.name for p in report.passes if p.modified}
+    assert {"fold-affine-norms", "simplify-evonorm"} <= modified
+    reference = paths.load_reference()
+    for key, want in reference.items():
+        scale = np.abs(want).max()
+        own = np.abs(ort_run(onnx.load(str(src)), inputs)[key] - want).max() / scale
+        got = np.abs(ort_run(onnx.load(str(out)), inputs)[key] - want).max() / scale
+        assert got <= 1.5 * own + 1e-4, (got, own)
