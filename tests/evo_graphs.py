@@ -177,12 +177,12 @@ def reference(e: Evo, p: dict, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def build_tf(variant: str, data_format: str, seed: int = 0):
+def build_tf(variant: str, data_format: str, seed: int = 0, grouped=None):
     """EvoNorm S0 or B0 as the authors' TensorFlow code writes it, as tf2onnx exports it:
     tf.nn.moments (ReduceMean, SquaredDifference = Sub + Mul, ReduceMean), group_std in NHWC
     (`channels_first` transposes there and back), instance_std broadcast without an Expand,
     `v * x`, parameters shaped for the layout; then `* gamma + beta` and a MatMul over the
-    channels (NHWC) or a 1x1 Conv (NCHW)."""
+    channels (NHWC) or a 1x1 Conv (NCHW). `grouped`: another target for the group Reshape."""
     rng = np.random.default_rng(seed)
     last = data_format == "channels_last"
     shape = (B, H, W, C) if last else (B, C, H, W)
@@ -210,10 +210,11 @@ def build_tf(variant: str, data_format: str, seed: int = 0):
 
     if variant == "S0":
         t = "x" if last else node("Transpose", ["x"], "to_nhwc", perm=[0, 2, 3, 1])
-        inits.append(const("grouped", np.array([B, H, W, groups, C // groups], np.int64)))
+        target = grouped or [B, H, W, groups, C // groups]
+        inits.append(const("grouped", np.array(target, np.int64)))
         inits.append(const("nhwc", np.array([B, H, W, C], np.int64)))
         std = moments(node("Reshape", [t, "grouped"], "g"), [1, 2, 4], "group")
-        std = node("Expand", [std, "grouped"], "spread")
+        std = node("Expand", [std, "grouped"], "spread")  # (broadcast_to(std, x.shape))
         std = node("Reshape", [std, "nhwc"], "std")
         std = std if last else node("Transpose", [std], "to_nchw", perm=[0, 3, 1, 2])
         sig = node("Sigmoid", [node("Mul", ["v", "x"], "vx")], "sig")

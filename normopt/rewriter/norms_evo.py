@@ -34,6 +34,7 @@ from normopt.rewriter.graph import (
 )
 from normopt.rewriter.norm_match import NormMatch, other_input, scalar, squares
 
+_TO_NHWC, _TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)  # Transpose perms
 # Elementwise activations an S1/S2 applies to its numerator (SiLU is matched as x * Sigmoid(x))
 _ACTIVATIONS = ("Relu", "LeakyRelu", "Elu", "Selu", "Gelu", "HardSwish", "Mish", "Tanh")
 
@@ -148,7 +149,7 @@ def _statistic(value: ir.Value) -> _Stat | None:
     may broadcast without its Expand: simplify-evonorm drops it), or that between the Transposes
     to NHWC and back."""
     node = value.producer()
-    if is_op(node, "Transpose") and list(node.attributes.get_ints("perm", ())) == [0, 3, 1, 2]:
+    if _perm(node) == _TO_NCHW:
         return _transposed(node)
     nodes = []
     if is_op(node, "Reshape"):
@@ -190,11 +191,40 @@ def _statistic(value: ir.Value) -> _Stat | None:
     x, dims, r, more = grouped
     k = _layout(_axes(var_node), r)
     groups = None if dims is None or k is None else dims[k]
-    if k is None or dims is not None and (not isinstance(groups, int) or groups <= 0):
+    if k is None or dims is not None and not _splits_channels(x, dims, k):
         return None
     array = folded_value(eps_value)
     compute = str(ir.DataType.from_numpy(array.dtype))
     return _Stat(x, kind, groups, eps, compute, 1 if k == 1 else 3, [*nodes, *more])
+
+
+def _splits_channels(x: ir.Value, dims: list[int | None], k: int) -> bool:
+    """The grouped shape cuts x's channels into G groups of C/G (where C is known). NCHW: G at
+    axis 1 and every later axis averaged is a contiguous run of C/G channels, whatever the rest
+    of the target; NHWC: C/G must be the last axis (or -1, or not constant), else the groups
+    would gather channels strided."""
+    groups = dims[k]
+    if not isinstance(groups, int) or groups <= 0:
+        return False
+    c = _channels(x, 1 if k == 1 else 3)
+    if c is None:
+        return k == 1 or dims[4] in (-1, None)
+    return c % groups == 0 and (k == 1 or dims[4] in (c // groups, -1, None))
+
+
+def _perm(node: ir.Node | None) -> tuple[int, ...] | None:
+    """A Transpose's perm, else None."""
+    return tuple(node.attributes.get_ints("perm", ())) if is_op(node, "Transpose") else None
+
+
+def _channels(x: ir.Value, axis: int) -> int | None:
+    """x's channel count, from its shape or (NHWC) from the NCHW tensor it transposes."""
+    if x.shape is not None and len(x.shape) == 4 and isinstance(x.shape[axis], int):
+        return x.shape[axis]
+    node = x.producer()
+    if axis == 3 and _perm(node) == _TO_NHWC:
+        return _channels(node.inputs[0], 1)
+    return None
 
 
 def _transposed(back: ir.Node) -> _Stat | None:
@@ -202,7 +232,7 @@ def _transposed(back: ir.Node) -> _Stat | None:
     Transpose(x, [0, 2, 3, 1]) -> the statistic -> Transpose([0, 3, 1, 2])."""
     stat = _statistic(back.inputs[0])
     there = stat.x.producer() if stat is not None and stat.channel_axis == 3 else None
-    if not is_op(there, "Transpose") or list(there.attributes.get_ints("perm", ())) != [0, 2, 3, 1]:
+    if _perm(there) != _TO_NHWC:
         return None
     stat.x, stat.channel_axis = there.inputs[0], 1
     stat.nodes += [there, back]

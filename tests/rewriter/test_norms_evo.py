@@ -92,3 +92,10 @@ def test_the_authors_tensorflow_forms_are_found(variant, data_format):
 
 def model_input_shape(model) -> tuple[int, ...]:
     return tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim)
+
+
+def test_an_nhwc_reshape_that_does_not_cut_the_channels_into_groups_is_no_evonorm():
+    """[B, H, W * 2, 2, C / 4]: the "groups" along axis 3 would gather every other pair of
+    channels, not G runs of C/G."""
+    model, _ = build_tf("S0", "channels_last", grouped=[2, 4, 8, 2, 2])
+    assert evonorms(model) == []
