@@ -23,6 +23,7 @@ class Evo:
     left: str = "expand"
     follow: str = "conv1x1"  # conv1x1 | conv3x3 (zero-padded) | add (a residual Add)
     batch: int | str = B  # a name: the batch is symbolic
+    act: str = "silu"  # S1/S2's activation: silu (x * Sigmoid(x)) | an op (Relu, HardSwish, ...)
     # none | eps_outside | other_x | leak | axes | v_per_w | left_input | left_varies
     mutation: str = "none"
 
@@ -73,7 +74,7 @@ def build(e: Evo, seed: int = 0):
                 "Mul", ["x", node("Sigmoid", [node("Mul", ["x", "v"], "xv")], "s")], "num"
             ),
             "S0a": lambda: "x",
-        }.get(e.variant, lambda: node("Mul", ["x", node("Sigmoid", ["x"], "s")], "num"))()
+        }.get(e.variant, lambda: _activation(e, node))()
     y = node("Add", [node("Mul", [node("Div", [num, den], "q"), "gamma"], "qg"), "beta"], "evo")
     if e.follow == "add":
         node("Add", [y, "x"], "y")
@@ -81,6 +82,12 @@ def build(e: Evo, seed: int = 0):
         pads = [1, 1, 1, 1] if e.follow == "conv3x3" else [0, 0, 0, 0]
         node("Conv", [y, "w"], "y", pads=pads)
     return make_model(nodes, inputs, outputs, inits, opset=17), p
+
+
+def _activation(e: Evo, node) -> str:
+    if e.act == "silu":
+        return node("Mul", ["x", node("Sigmoid", ["x"], "s")], "num")
+    return node(e.act, ["x"], "num")
 
 
 def _one(inits) -> str:
@@ -162,7 +169,10 @@ def reference(e: Evo, p: dict, x: np.ndarray) -> np.ndarray:
             s = np.sqrt(g.var(-1, keepdims=True) + eps)
         s = np.broadcast_to(s, g.shape).reshape(x.shape)
         sig = 1 / (1 + np.exp(-x * (p["v"] if e.variant == "S0" else 1)))
-        y = (x if e.variant == "S0a" else x * sig) / s
+        num = x if e.variant == "S0a" else x * sig
+        if e.variant in ("S1", "S2") and e.act != "silu":
+            num = {"Relu": np.maximum(x, 0), "HardSwish": x * np.clip(x / 6 + 0.5, 0, 1)}[e.act]
+        y = num / s
     y = y * p["gamma"] + p["beta"]
     if e.follow == "add":
         return y + x

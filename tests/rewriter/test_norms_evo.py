@@ -99,3 +99,15 @@ def test_an_nhwc_reshape_that_does_not_cut_the_channels_into_groups_is_no_evonor
     channels, not G runs of C/G."""
     model, _ = build_tf("S0", "channels_last", grouped=[2, 4, 8, 2, 2])
     assert evonorms(model) == []
+
+
+@pytest.mark.parametrize("act", ["Relu", "HardSwish"])
+@pytest.mark.parametrize("variant", ["S1", "S2"])
+def test_s1_and_s2_with_another_activation_name_it(variant, act):
+    e = Evo(variant, act=act)
+    model, params = build(e)
+    np.testing.assert_allclose(
+        ort_run(model, {"x": X})["y"], reference(e, params, X), rtol=1e-5, atol=1e-5
+    )
+    (match,) = evonorms(model)
+    assert (match.detail["variant"], match.detail["activation"]) == (variant, act.lower())
