@@ -18,16 +18,22 @@ def evonorms(model):
     return [m for m in find_norms(ir.serde.deserialize_model(model).graph) if m.kind == "evonorm"]
 
 
-@pytest.mark.parametrize("keepdims0", [False, True])
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_every_variant_is_found_with_its_variant_groups_and_eps(variant, keepdims0):
-    e = Evo(variant, keepdims0=keepdims0)
+def the_evonorm(e: Evo):
+    """The one EvoNorm found in the graph `e` describes, which computes timm's formula (or the
+    test would prove nothing)."""
     model, params = build(e)
-    # the graph is the variant (timm's formula), or the test would prove nothing
     np.testing.assert_allclose(
         ort_run(model, {"x": X})["y"], reference(e, params, X), rtol=1e-5, atol=1e-5
     )
     (match,) = evonorms(model)
+    return match
+
+
+@pytest.mark.parametrize("keepdims0", [False, True])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_is_found_with_its_variant_groups_and_eps(variant, keepdims0):
+    e = Evo(variant, keepdims0=keepdims0)
+    match = the_evonorm(e)
     assert match.detail["variant"] == variant
     assert match.detail["groups"] == (None if e.instance else 2)
     assert match.epsilon == pytest.approx(1e-3 if variant in ("B0", "S0a") else 1e-5)
@@ -104,10 +110,5 @@ def test_an_nhwc_reshape_that_does_not_cut_the_channels_into_groups_is_no_evonor
 @pytest.mark.parametrize("act", ["Relu", "HardSwish"])
 @pytest.mark.parametrize("variant", ["S1", "S2"])
 def test_s1_and_s2_with_another_activation_name_it(variant, act):
-    e = Evo(variant, act=act)
-    model, params = build(e)
-    np.testing.assert_allclose(
-        ort_run(model, {"x": X})["y"], reference(e, params, X), rtol=1e-5, atol=1e-5
-    )
-    (match,) = evonorms(model)
+    match = the_evonorm(Evo(variant, act=act))
     assert (match.detail["variant"], match.detail["activation"]) == (variant, act.lower())
