@@ -65,7 +65,5 @@ class SimplifyEvoNorm(Pass[Broadcast]):
                 if not old.uses() and not old.is_graph_output():  # the dropped Expand: gone
                     edit.graph.remove(old.producer(), safe=True)  # now, so the passes after
                     # this one in the round still see the EvoNorm (it reads the statistic)
-            changes.append(
-                Change("simplified", "EvoNorm operand broadcast", (b.node.name,), (b.what,))
-            )
+            changes.append(Change("simplified", b.what, (b.node.name,), (old.name,)))
         return changes

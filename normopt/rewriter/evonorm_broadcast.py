@@ -22,7 +22,7 @@ class Broadcast:
     node: ir.Node
     index: int
     source: ir.Value | np.ndarray
-    what: str
+    what: str  # the change, in words
 
 
 def _spreads_to_x(expand: ir.Node, x: ir.Value) -> bool:
@@ -83,7 +83,8 @@ def broadcasts(match: NormMatch) -> list[Broadcast]:
             expand = producer_of(value, "Expand")
             array = folded_value(value) if op.op_type == "Max" else None
             if expand is not None and expand in inside and _spreads_to_x(expand, x):
-                found.append(Broadcast(node, index, expand.inputs[0], f"{expand.name} dropped"))
+                what = "EvoNorm Expand(s) to x's shape (the op broadcasts instead)"
+                found.append(Broadcast(node, index, expand.inputs[0], what))
             elif (
                 array is not None
                 and array.ndim == 4
@@ -91,6 +92,6 @@ def broadcasts(match: NormMatch) -> list[Broadcast]:
                 and array.size > array.shape[1]
                 and (channels := spread_channels(array, match.axis + 4)) is not None
             ):
-                what = f"{value.name} {list(array.shape)} -> {list(channels.shape)}"
+                what = "EvoNorm constant(s) of x's shape cut to their channels"
                 found.append(Broadcast(node, index, channels, what))
     return found

@@ -29,6 +29,9 @@ def test_spread_values_broadcast_and_the_output_is_unchanged(variant, left):
     assert len(result.changes) == (1 if left == "plain" else 2)
     assert live_ops(out).count("Expand") == 0
     if left == "spread":
+        assert "EvoNorm constant(s) of x's shape cut to their channels" in [
+            c.what for c in result.changes
+        ]
         (maximum,) = [n for n in out.graph.node if n.op_type == "Max"]
         (left_now,) = [i for i in out.graph.initializer if i.name == maximum.input[0]]
         assert list(left_now.dims) == [1, 8, 1, 1]
@@ -41,7 +44,8 @@ def test_a_spread_to_a_shape_not_proven_to_be_x_s_is_left():
     instead could change the result's shape (a batch of 1 would become 2)."""
     model, _ = build(Evo("B0", left="spread", batch="N"))
     result, _ = run_pass(SimplifyEvoNorm(), model)
-    assert [c.values for c in result.changes] == [("stat dropped",)]  # Expand(std, Shape(x))
+    assert [c.values for c in result.changes] == [("stat",)]  # Expand(std, Shape(x)) dropped
+    assert result.changes[0].what == "EvoNorm Expand(s) to x's shape (the op broadcasts instead)"
 
 
 def test_no_b_variant_is_idle():
