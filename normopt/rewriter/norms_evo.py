@@ -26,9 +26,10 @@ import numpy as np
 import onnx_ir as ir
 
 from normopt.rewriter.graph import (
-    constant_value,
     folded_value,
+    int_list,
     is_op,
+    rank,
     readers,
     sole_reader,
 )
@@ -68,13 +69,10 @@ def producer_of(value: ir.Value | None, *ops: str) -> ir.Node | None:
     return node if is_op(node, *ops) else None
 
 
-def _axes(node: ir.Node) -> tuple[int, ...] | None:
-    if "axes" in node.attributes:
-        return tuple(node.attributes.get_ints("axes"))
-    if len(node.inputs) > 1 and node.inputs[1] is not None:
-        array = constant_value(node.inputs[1])
-        return None if array is None else tuple(int(a) for a in array.reshape(-1))
-    return None
+def _axes_of(node: ir.Node) -> tuple[int, ...] | None:
+    """A reduction's axes (attribute, or constant input from opset 18), any keepdims."""
+    axes = int_list(node, "axes", 1)
+    return None if axes is None else tuple(axes)
 
 
 def _reduced(value: ir.Value) -> tuple[ir.Node, list[ir.Node]] | None:
@@ -115,7 +113,7 @@ def _grouped(t: ir.Value) -> tuple[ir.Value, list[int | None] | None, int, list[
     inner = cast[0].inputs[0] if cast else t
     reshape = producer_of(inner, "Reshape")
     if reshape is None:
-        return (inner, None, 4, cast) if _rank(inner) in (4, None) else None
+        return (inner, None, 4, cast) if rank(inner) in (4, None) else None
     dims = _shape_dims(reshape.inputs[1])
     if dims is None or len(dims) not in (3, 5):
         return None
@@ -138,10 +136,6 @@ def _shape_dims(shape: ir.Value) -> list[int | None] | None:
             return None
         dims.append(None if part is None else int(part.reshape(())))
     return dims
-
-
-def _rank(value: ir.Value) -> int | None:
-    return None if value.shape is None else len(value.shape)
 
 
 def _statistic(value: ir.Value) -> _Stat | None:
@@ -168,8 +162,10 @@ def _statistic(value: ir.Value) -> _Stat | None:
     if add is None:
         return None
     eps_value = next((v for v in add.inputs if folded_value(v) is not None), None)
-    eps = scalar(eps_value) if eps_value is not None else None
-    reduced = _reduced(other_input(add, eps_value)) if eps is not None and eps >= 0 else None
+    eps_array = folded_value(eps_value)
+    if eps_array is None or eps_array.size != 1 or float(eps_array.reshape(())) < 0:
+        return None
+    reduced = _reduced(other_input(add, eps_value))
     if reduced is None:
         return None
     var_node, extra = reduced
@@ -182,19 +178,19 @@ def _statistic(value: ir.Value) -> _Stat | None:
     sub = producer_of(d, "Sub")
     mean = producer_of(sub.inputs[1], "ReduceMean") if sub is not None else None
     kind, t = "rms", d
-    if mean is not None and mean.inputs[0] is sub.inputs[0] and _axes(mean) == _axes(var_node):
+    axes = _axes_of(var_node)
+    if mean is not None and mean.inputs[0] is sub.inputs[0] and _axes_of(mean) == axes:
         kind, t = "std", sub.inputs[0]
         nodes += [sub, mean]
     grouped = _grouped(t)
     if grouped is None:
         return None
     x, dims, r, more = grouped
-    k = _layout(_axes(var_node), r)
+    k = _layout(axes, r)
     groups = None if dims is None or k is None else dims[k]
     if k is None or dims is not None and not _splits_channels(x, dims, k):
         return None
-    array = folded_value(eps_value)
-    compute = str(ir.DataType.from_numpy(array.dtype))
+    eps, compute = float(eps_array.reshape(())), str(ir.DataType.from_numpy(eps_array.dtype))
     return _Stat(x, kind, groups, eps, compute, 1 if k == 1 else 3, [*nodes, *more])
 
 
