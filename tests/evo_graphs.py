@@ -18,6 +18,7 @@ class Evo:
     variant: str = "S0"  # S0 | S0a (no activation) | S1 | S2 | B0 | B1 | B2
     groups: int = 2
     keepdims0: bool = False  # dynamo's form: ReduceMean keepdims=0, then a Reshape back
+    spread_var: bool = False  # with keepdims0: the variance spread to x's shape before + eps
     # B: the running-variance branch Expand(left, Shape(x)) | spread (a constant of x's shape,
     # as dynamo folds it) | plain ([1, C, 1, 1])
     left: str = "expand"
@@ -138,6 +139,8 @@ def _statistic(e: Evo, node, inits, x: str) -> str:
         inits.append(const("kept", np.array(kept, np.int64)))
         var = node("ReduceMean", [sq], "var0", axes=axes, keepdims=0)
         var = node("Reshape", [var, "kept"], "var")
+        if e.spread_var:  # Add(spread, eps): its other operand is no x-shaped value
+            var = node("Expand", [var, node("Shape", [x], "x_shape3")], "var_spread")
     else:
         var = node("ReduceMean", [sq], "var", axes=axes)
     if e.mutation == "eps_outside":

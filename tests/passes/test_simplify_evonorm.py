@@ -79,3 +79,14 @@ def test_the_passes_after_it_in_the_same_round_still_see_the_evonorm(variant):
     assert first["fold-affine-norms"].lines == ["folded 1 evonorm affine into following Conv"]
     again = run_pipeline(graph, ["simplify-evonorm", "fold-affine-norms"])
     assert not any(r.modified for r in again)
+
+
+def test_an_expand_whose_reader_s_other_operand_is_not_x_shaped_stays():
+    """The variance spread to x's shape before `+ eps`: the Add's other operand is the scalar eps,
+    so without the Expand the Add's result would change shape; only the statistic's Expand, read
+    with `x * v`, goes."""
+    model, _ = build(Evo("B0", keepdims0=True, spread_var=True, left="plain"))
+    result, out = run_pass(SimplifyEvoNorm(), model)
+    assert [c.values for c in result.changes] == [("stat",)]
+    assert "var_spread" in [n.output[0] for n in out.graph.node if n.op_type == "Expand"]
+    np.testing.assert_array_equal(ort_run(out, {"x": X})["y"], ort_run(model, {"x": X})["y"])
