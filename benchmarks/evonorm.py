@@ -24,29 +24,24 @@ import onnx
 from common import (
     CELLS,
     applied,
-    by_op_type,
     cells,
     compare,
     environment,
     feeds,
-    node_breakdown,
-    norm_ms,
-    norm_nodes,
     timing_parser,
     write_results,
 )
+from preln import norm_time
 
 MODELS = ("regnetz-b16-evos-ts17", "resnetv2-50d-evos-ts17", "resnetv2-26d-evob-dyn18")
 CONV_OPS = ("Conv", "FusedConv", "NchwcConv", "ReorderInput", "ReorderOutput")
 
 
 def shares(path: Path, example, threads: int) -> dict:
-    """ms per run in the EvoNorms, in convolutions (and their layout reorders), in the rest."""
-    per_node = node_breakdown(path, example, "ort-cpu", threads, runs=10)
-    total, norms = sum(per_node.values()), norm_ms(per_node, norm_nodes(path))
-    per_op = by_op_type(per_node)
-    conv = sum(ms for op, ms in per_op.items() if op in CONV_OPS)
-    return {"total_ms": total, "norm_ms": norms, "conv_ms": conv, "by_op": per_op}
+    """preln.norm_time, and the ms per run in convolutions (and their layout reorders)."""
+    profile = norm_time(path, example, threads)
+    conv = sum(ms for op, ms in profile["by_op"].items() if op in CONV_OPS)
+    return {**profile, "conv_ms": conv}
 
 
 def main() -> int:

@@ -71,8 +71,8 @@ FUSED = "the optimizer's output, then normopt --target ort (x optimizer alone)"
 
 
 def norm_time(path: Path, feeds: dict, threads: int, extra: set[str] = frozenset()) -> dict:
-    """Milliseconds per run in norms (fused ops, decomposed norms' nodes and the `extra` nodes) and
-    in the other Add ops (onnxruntime's profiler)."""
+    """Milliseconds per run in norms (fused ops, decomposed norms' nodes and the `extra` nodes), in
+    the other Add ops, in all, and per op type (onnxruntime's profiler)."""
     per_node, members = (
         node_breakdown(path, feeds, "ort-cpu", threads, runs=10),
         norm_nodes(path) | extra,
@@ -84,6 +84,7 @@ def norm_time(path: Path, feeds: dict, threads: int, extra: set[str] = frozenset
         "add_ms": adds,
         "norm_plus_add_ms": norms + adds,
         "total_ms": sum(per_op.values()),
+        "by_op": per_op,
     }
 
 
